@@ -1,0 +1,1 @@
+"""The model side of toyllm: config, Llama blocks, checkpoints, tokenizer, shipped default."""

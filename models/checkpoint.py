@@ -1,0 +1,194 @@
+"""Checkpoints in Hugging Face layout: config.json + model.safetensors (or a sharded set with
+model.safetensors.index.json) + tokenizer.model. Safetensors only: nothing is unpickled.
+
+Weight names map both ways by one rule: Hugging Face's name is ours with a "model." prefix,
+except the output head (`lm_head.weight`, absent when embeddings are tied).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from models.config import ConfigError, ModelConfig, config_to_hf, load_config
+from models.llama import Transformer
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete or does not fit its config."""
+
+
+def to_hf_name(name: str) -> str:
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def from_hf_name(name: str) -> str:
+    return name.removeprefix("model.")
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter names and shapes for this config (the tied head is not listed)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    if config.tie_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+        files = sorted({directory / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names shard files that do not exist: {missing}")
+        return files
+    single = directory / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise CheckpointError(
+            f"{directory}: holds only pickled weights (.bin/.pt); toyllm loads safetensors "
+            "only (convert with transformers' save_pretrained(safe_serialization=True))"
+        )
+    raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
+def is_checkpoint_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def load_checkpoint(
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[Transformer, ModelConfig]:
+    """Load a Hugging Face-layout Llama checkpoint. dtype None keeps the stored dtype."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"checkpoint not found: {directory}")
+    if not directory.is_dir():
+        raise CheckpointError(f"expected a checkpoint directory, got a file: {directory}")
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory}: not a checkpoint (no config.json)")
+    try:
+        config = load_config(directory / "config.json")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    shapes = expected_shapes(config)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_files(directory):
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for hf_name in f.keys():
+                    tensors[from_hf_name(hf_name)] = f.get_tensor(hf_name)
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{file}: cannot read safetensors ({exc})") from None
+    if config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # some exporters write the tied copy anyway
+    missing = sorted(set(shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(shapes))
+    if missing:
+        raise CheckpointError(
+            f"{directory}: missing weights {[to_hf_name(n) for n in missing][:8]}"
+            + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"{directory}: unexpected weights {[to_hf_name(n) for n in unexpected][:8]}"
+        )
+    for name, shape in shapes.items():
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            raise CheckpointError(
+                f"{directory}: weight {to_hf_name(name)} has shape {list(got)}, expected "
+                f"{list(shape)} from config.json"
+            )
+    stored = {t.dtype for t in tensors.values()}
+    target = dtype or (stored.pop() if len(stored) == 1 else torch.float32)
+    if not target.is_floating_point:
+        raise CheckpointError(f"{directory}: weights must be floating point, got {target}")
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device=device).to(target)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name in shapes:
+            params[name].copy_(tensors[name])
+    return model.eval(), config
+
+
+def save_checkpoint(
+    model: Transformer,
+    directory: str | Path,
+    tokenizer_path: str | Path | None = None,
+    dtype: torch.dtype | None = torch.bfloat16,
+    metadata: dict[str, str] | None = None,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write config.json + safetensors (sharded past max_shard_bytes) + tokenizer.model."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    state = {}
+    for name, p in model.named_parameters():
+        if config.tie_embeddings and name == "lm_head.weight":
+            continue
+        t = p.detach()
+        state[to_hf_name(name)] = (t.to(dtype) if dtype else t).contiguous().cpu()
+    hf = config_to_hf(config)
+    hf["torch_dtype"] = str(dtype or model.dtype).removeprefix("torch.")
+    meta = {"format": "pt", **(metadata or {})}
+    stale = [directory / SINGLE_FILE, directory / INDEX_FILE]
+    for old in stale + list(directory.glob("model-*.safetensors")):
+        old.unlink(missing_ok=True)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        save_file(state, str(directory / SINGLE_FILE), metadata=meta)
+    else:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(directory / fname), metadata=meta)
+            weight_map.update(dict.fromkeys(shard, fname))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    if tokenizer_path is not None:
+        src = Path(tokenizer_path)
+        if src.resolve() != (directory / TOKENIZER_FILE).resolve():
+            shutil.copyfile(src, directory / TOKENIZER_FILE)
+    return directory
+
+
+def read_metadata(directory: str | Path) -> dict[str, str]:
+    """The string metadata stored in the (first) safetensors file of a checkpoint."""
+    files = _weight_files(Path(directory))
+    with safe_open(str(files[0]), framework="pt") as f:
+        return dict(f.metadata() or {})

@@ -1,0 +1,179 @@
+"""A Llama-style decoder: RMSNorm (fp32), RoPE, grouped-query attention, SwiGLU MLP.
+
+`Transformer.forward(tokens, positions, cache=None)` with no cache is the plain causal
+forward that the rest of the project treats as the reference. With a cache, each layer hands
+its new q/k/v to `cache.attend(layer_index, q, k, v)`, which writes K/V into the KV cache
+and attends over everything written so far (see engine/cached_attention.py); the model itself
+does not know how or where K/V are stored.
+
+Module names follow Hugging Face's LlamaForCausalLM without the "model." prefix, so the
+checkpoint mapping (models/checkpoint.py) is a prefix rule.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import ModelConfig
+from models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+
+class AttentionCache(Protocol):
+    """What a layer needs from a KV cache during a cached forward."""
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> attention output [B, T, Hq, D]."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 whatever the model dtype, then scale in the model dtype
+        # (the order Hugging Face uses, so low-precision results agree too).
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        d, hd = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(d, config.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * hd, d, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: AttentionCache | None) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if cache is None:
+            out = causal_attention(q, k, v)
+        else:
+            out = cache.attend(self.layer_index, q, k, v)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Plain causal attention over one block of tokens: q [B,T,Hq,D], k/v [B,T,Hkv,D]."""
+    group = q.shape[2] // k.shape[2]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=2)
+        v = v.repeat_interleave(group, dim=2)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+    )
+    return out.transpose(1, 2)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: AttentionCache | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        cache: AttentionCache | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """tokens, positions: int64 [B, T] -> logits [B, T, vocab] ([B, 1, vocab] if last_only).
+
+        Without a cache the T tokens attend causally to each other only (positions feed RoPE).
+        """
+        x = self.embed_tokens(tokens)  # [B, T, hidden]
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # .to(dtype) would cast the RoPE frequencies too; keep them fp32 on the new device.
+        super()._apply(fn, recurse)
+        self.inv_freq = inverse_frequencies(self.config).to(self.embed_tokens.weight.device)
+        return self
+
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random weights as Hugging Face initialises Llama: N(0, std), norms at 1.
+        Drawn on the parameters' own device (seeded per device)."""
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("layernorm.weight") or name == "norm.weight":
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, std, generator=gen)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+
+def build_model(
+    config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    seed: int | None = 0,
+) -> Transformer:
+    """A model with random weights (seeded), on `device` in `dtype`."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device=device).to(dtype)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.init_weights(seed if seed is not None else 0)
+    return model.eval()

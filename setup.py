@@ -1,0 +1,47 @@
+"""Builds the KV-cache extension `engine._C` against the installed torch.
+
+The C++ part (host class, CPU kernel, operator registration, bindings) builds everywhere.
+The CUDA part builds when the installed torch has CUDA and nvcc is present; set
+TORCH_CUDA_ARCH_LIST (for instance "9.0") to choose the architectures, and
+TOYLLM_NO_CUDA=1 to skip CUDA on purpose.
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern)))
+
+
+def _with_cuda() -> bool:
+    if os.environ.get("TOYLLM_NO_CUDA") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+cxx_flags = ["-O3", "-std=c++17"]
+if _with_cuda():
+    ext = CUDAExtension(
+        name="engine._C",
+        sources=_sources("*.cpp") + _sources("*.cu"),
+        define_macros=[("TOYLLM_WITH_CUDA", "1")],
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+        },
+    )
+else:
+    ext = CppExtension(
+        name="engine._C",
+        sources=_sources("*.cpp"),
+        extra_compile_args={"cxx": cxx_flags},
+    )
+
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})
