@@ -1,0 +1,294 @@
+"""The generation loop: prefill each prompt into the extension's KV cache, then decode one
+token per step for the whole batch until every sequence has finished.
+
+    engine = Engine(model, tokenizer)
+    result = engine.generate(["def fib(n):"], SamplingParams(max_new_tokens=32))
+    print(result.completions[0].text, result.completions[0].finish_reason)
+
+Finish reasons: "eos" (the model ended the text), "stop" (a stop string appeared; the text
+ends before it), "max_new_tokens", and "length" (the KV cache is full; never a crash).
+Positions advance only after a forward pass succeeded. One engine serves request after
+request: the cache is reset between them and reallocated only when a request needs more
+rows or positions than it has.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from engine.cached_attention import CacheStep
+from engine.kv_cache import KVCache
+from engine.sampling import SamplingParams, make_generator, sample
+from engine.stopping import StopWatcher
+from models.llama import Transformer
+from models.tokenizer import StreamDecoder, Tokenizer
+
+Prompt = str | Sequence[int]
+TextCallback = Callable[[int, str], None]
+
+
+class GenerationError(ValueError):
+    """A request the engine cannot serve (empty prompt, prompt longer than the context...)."""
+
+
+@dataclass
+class Completion:
+    index: int
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class GenerationStats:
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    cache_bytes: int = 0
+
+    @property
+    def prefill_ms(self) -> float:
+        return self.prefill_s * 1e3
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class GenerationResult:
+    completions: list[Completion]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+@dataclass
+class _Sequence:
+    index: int
+    prompt_ids: list[int]
+    decoder: StreamDecoder | None
+    watcher: StopWatcher
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+class Engine:
+    """Serves generation requests for one model on one device."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer | None = None,
+        *,
+        prefill_chunk: int | None = None,
+        cuda_graph: bool | None = None,
+        decode_kernel: bool = True,
+        max_seq_len: int | None = None,
+    ) -> None:
+        if prefill_chunk is not None and prefill_chunk <= 0:
+            raise GenerationError(
+                f"prefill_chunk: expected a positive integer, got {prefill_chunk}"
+            )
+        self.model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.device = model.device
+        self.dtype = model.dtype
+        self.prefill_chunk = prefill_chunk
+        self.decode_kernel = decode_kernel
+        self.max_seq_len = min(max_seq_len or self.config.max_seq_len, self.config.max_seq_len)
+        self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
+        if self.cuda_graph and self.device.type != "cuda":
+            raise GenerationError("CUDA graphs need a CUDA device; use cuda_graph=False on CPU")
+        self.cache: KVCache | None = None
+        self._graphs = None  # engine.cuda_graph.DecodeGraphs, built on first use
+
+    # request handling ---------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if len(prompts) == 0:
+            raise GenerationError("no prompts given: expected at least one")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if not p:
+                    raise GenerationError(f"prompt {i} is empty: expected some text")
+                if self.tokenizer is None:
+                    raise GenerationError("text prompts need a tokenizer; this engine has none")
+                ids = self.tokenizer.encode(p, bos=True)
+            else:
+                ids = [int(t) for t in p]
+                if not ids:
+                    raise GenerationError(f"prompt {i} is empty: expected at least one token")
+                bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+                if bad:
+                    raise GenerationError(
+                        f"prompt {i}: token ids must be in [0, {self.config.vocab_size}), "
+                        f"got {bad[:5]}"
+                    )
+            if len(ids) > self.max_seq_len:
+                raise GenerationError(
+                    f"prompt {i} is {len(ids)} tokens long; the model's context holds "
+                    f"{self.max_seq_len}"
+                )
+            out.append(ids)
+        return out
+
+    def prepare_cache(self, rows: int, seq_len: int) -> KVCache:
+        """A reset cache with at least `rows` rows and `seq_len` positions. It only grows
+        (rows beyond a request's own are inactive), so request after request reuses it."""
+        c = self.cache
+        if c is None or c.batch_size < rows or c.max_seq_len < seq_len:
+            if c is not None:
+                rows, seq_len = max(rows, c.batch_size), max(seq_len, c.max_seq_len)
+            self.cache = c = None
+            self._graphs = None  # graphs captured addresses of the old cache
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            c = KVCache(
+                num_layers=self.config.num_layers, max_seq_len=seq_len,
+                num_kv_heads=self.config.num_kv_heads, head_dim=self.config.head_dim,
+                dtype=self.dtype, device=self.device, batch_size=rows,
+            )
+            self.cache = c
+        else:
+            c.reset()
+        return c
+
+    def _rows_for(self, n: int) -> int:
+        if not self.cuda_graph:
+            return n
+        from engine.cuda_graph import bucket_for
+
+        return bucket_for(n)
+
+    @torch.inference_mode()
+    def prefill(self, cache: KVCache, row: int, ids: Sequence[int]) -> Tensor:
+        """Write one prompt into cache row `row` (whole or in chunks); logits of its last
+        token [vocab]. Positions advance chunk by chunk, each after its forward succeeded."""
+        chunk = self.prefill_chunk or len(ids)
+        logits = None
+        for s in range(0, len(ids), chunk):
+            piece = ids[s : s + chunk]
+            start = cache.sequence_position(row)
+            tokens = torch.tensor([piece], device=self.device)
+            positions = torch.arange(start, start + len(piece), device=self.device).unsqueeze(0)
+            logits = self.model(tokens, positions, CacheStep.prefill(cache, start, seq=row),
+                                last_only=True)
+            cache.advance_sequence(row, len(piece))
+        return logits[0, -1]
+
+    @torch.inference_mode()
+    def decode_step(self, cache: KVCache, rows: int, tokens: Tensor) -> Tensor:
+        """One token for each active row of [0, rows): logits [rows, vocab]. Advances the
+        active rows by one after the forward pass."""
+        if self.cuda_graph:
+            if self._graphs is None:
+                from engine.cuda_graph import DecodeGraphs
+
+                self._graphs = DecodeGraphs(self.model, cache, use_kernel=self.decode_kernel)
+            logits = self._graphs.run(rows, tokens)
+        else:
+            positions = cache.device_positions()[:rows].clamp(min=0).long().unsqueeze(1)
+            span = min(max(cache.positions()[:rows]) + 1, cache.max_seq_len)
+            step = CacheStep.decode(cache, rows, use_kernel=self.decode_kernel, span=span)
+            logits = self.model(tokens.view(rows, 1), positions, step)[:, -1]
+        cache.advance_position(1)
+        return logits
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt] | str,
+        params: SamplingParams | None = None,
+        on_text: TextCallback | None = None,
+    ) -> GenerationResult:
+        """Generate a completion for each prompt. on_text(index, piece) streams text."""
+        params = params or SamplingParams()
+        prompt_ids = self.encode_prompts(prompts)
+        n = len(prompt_ids)
+        rows = self._rows_for(n)
+        need = max(len(p) for p in prompt_ids) + params.max_new_tokens
+        cache = self.prepare_cache(rows, min(need, self.max_seq_len))
+        for r in range(n, cache.batch_size):
+            cache.set_active(r, False)  # rows beyond this request are never written
+        if params.stop and self.tokenizer is None:
+            raise GenerationError("stop strings need a tokenizer; this engine has none")
+        seqs = [
+            _Sequence(i, ids, StreamDecoder(self.tokenizer) if self.tokenizer else None,
+                      StopWatcher(params.stop))
+            for i, ids in enumerate(prompt_ids)
+        ]
+        gen = make_generator(params, self.device)
+        stats = GenerationStats(cache_bytes=cache.bytes_allocated())
+
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        last = torch.stack([self.prefill(cache, s.index, s.prompt_ids) for s in seqs])
+        if rows > n:
+            last = torch.cat([last, last.new_zeros(rows - n, last.shape[-1])])
+        tokens = sample(last.float(), params, gen)
+        sync()
+        stats.prefill_s = time.perf_counter() - t0
+        stats.prefill_tokens = sum(len(p) for p in prompt_ids)
+
+        t1 = time.perf_counter()
+        self._accept(cache, seqs, tokens, params, on_text)
+        while any(s.finish_reason is None for s in seqs):
+            logits = self.decode_step(cache, rows, tokens)
+            tokens = sample(logits.float(), params, gen)
+            stats.decode_steps += 1
+            stats.decode_tokens += self._accept(cache, seqs, tokens, params, on_text)
+        stats.decode_s = time.perf_counter() - t1
+        completions = [
+            Completion(s.index, s.text, s.token_ids, len(s.prompt_ids), s.finish_reason or "")
+            for s in seqs
+        ]
+        return GenerationResult(completions, stats)
+
+    def _accept(self, cache: KVCache, seqs: list[_Sequence], tokens: Tensor,
+                params: SamplingParams, on_text: TextCallback | None) -> int:
+        """Take the sampled token of every running sequence; finish those that are done."""
+        ids = tokens.tolist()  # the one host sync of a decode step
+        taken = 0
+        for s in seqs:
+            if s.finish_reason is not None:
+                continue
+            tok = ids[s.index]
+            taken += 1
+            s.token_ids.append(tok)
+            piece = ""
+            if params.stop_at_eos and tok == self.config.eos_id:
+                s.token_ids.pop()
+                s.finish_reason = "eos"
+            else:
+                if s.decoder is not None:
+                    piece = s.watcher.feed(s.decoder.feed(tok))
+                if s.watcher.stopped:
+                    s.finish_reason = "stop"
+                elif len(s.token_ids) >= params.max_new_tokens:
+                    s.finish_reason = "max_new_tokens"
+                elif cache.sequence_position(s.index) >= cache.max_seq_len:
+                    s.finish_reason = "length"  # no room left to write this token's K/V
+            if s.finish_reason is not None:
+                if s.decoder is not None and s.finish_reason != "stop":
+                    piece += s.watcher.feed(s.decoder.flush()) + s.watcher.flush()
+                cache.set_active(s.index, False)
+            if piece:
+                s.text += piece
+                if on_text is not None:
+                    on_text(s.index, piece)
+        return taken

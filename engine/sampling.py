@@ -1,0 +1,92 @@
+"""Token sampling: greedy, temperature, top-k and top-p (nucleus), seeded and repeatable.
+
+Everything stays on the logits' device, so a decode step never waits for the host to pick a
+token; the engine reads tokens back once per step to stream text and check stops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+class SamplingError(ValueError):
+    """Sampling or stopping parameters out of range."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. temperature 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens <= 0:
+            raise SamplingError(
+                f"max_new_tokens: expected a positive integer, got {self.max_new_tokens!r}"
+            )
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0 or \
+                self.temperature == float("inf"):
+            raise SamplingError(
+                f"temperature: expected a finite number >= 0, got {self.temperature!r}"
+            )
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise SamplingError(f"top_k: expected an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise SamplingError(f"stop: expected non-empty strings, got {s!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A generator seeded from params.seed (None: nondeterministic, from torch's global RNG)."""
+    if params.greedy:
+        return None
+    gen = torch.Generator(device=device)
+    if params.seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(params.seed)
+    return gen
+
+
+def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Set logits outside the top-k / top-p set to -inf. logits: [B, V] float32."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked before it already reach top_p
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
+    """logits [B, V] -> token ids int64 [B]."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    scaled = logits.float() / params.temperature
+    scaled = filter_logits(scaled, params.top_k, params.top_p)
+    probs = scaled.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
