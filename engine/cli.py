@@ -1,0 +1,197 @@
+"""`toyllm`: the command line. Each subcommand lives with the code it drives; this file only
+parses arguments, turns user mistakes into one clear line (exit 2, no traceback) and prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="toyllm",
+    help="A small, honest LLM generation engine on a C++/CUDA KV cache.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """toyllm: generate text, check the cache against a no-cache reference, run experiments."""
+
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit code 2."""
+
+
+def fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", markup=True)
+    return typer.Exit(code=2)
+
+
+def user_errors():
+    """The exception types that mean 'bad input', not 'bug'."""
+    from engine.device import DeviceError
+    from engine.generate import GenerationError
+    from engine.kv_cache import KVCacheOverflowError
+    from engine.sampling import SamplingError
+    from models.checkpoint import CheckpointError
+    from models.config import ConfigError
+    from models.model_source import ModelSourceError
+    from models.tokenizer import TokenizerError
+
+    return (UserError, DeviceError, GenerationError, SamplingError, CheckpointError, ConfigError,
+            ModelSourceError, TokenizerError, KVCacheOverflowError, OSError)
+
+
+def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
+    """Prompts from the command line, then from a file: .jsonl (a JSON string or an object
+    with "prompt" per line) or plain text (one prompt per line, blank lines skipped)."""
+    result = list(prompts)
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise UserError(f"prompts file not found: {prompts_file}")
+        lines = prompts_file.read_text(encoding="utf-8").splitlines()
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            if prompts_file.suffix == ".jsonl":
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{prompts_file}:{n}: not valid JSON ({exc})") from None
+                if isinstance(item, dict):
+                    item = item.get("prompt")
+                if not isinstance(item, str):
+                    raise UserError(
+                        f"{prompts_file}:{n}: expected a JSON string or {{\"prompt\": ...}}"
+                    )
+                result.append(item)
+            else:
+                result.append(line)
+    if not result:
+        raise UserError("no prompt given: pass PROMPT arguments or --prompts-file")
+    for i, p in enumerate(result):
+        if not p.strip():
+            raise UserError(f"prompt {i} is empty: expected some text")
+    return result
+
+
+@app.command()
+def generate(
+    prompts: Annotated[list[str] | None, typer.Argument(help="Prompt text (several allowed).")]
+    = None,
+    model: Annotated[str | None, typer.Option(
+        help="Checkpoint directory (Hugging Face layout) or config .toml; default: the "
+             "shipped model.")] = None,
+    random_weights: Annotated[bool, typer.Option(
+        help="With a config .toml: random weights (experiments).")] = False,
+    tokenizer: Annotated[Path | None, typer.Option(help="sentencepiece tokenizer.model")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(
+        help="More prompts: .jsonl or one per line.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
+    top_k: Annotated[int, typer.Option(help="0 = off.")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus mass in (0, 1].")] = 0.95,
+    seed: Annotated[int | None, typer.Option(help="Makes sampling repeatable.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")] = "auto",
+    prefill_chunk: Annotated[int | None, typer.Option(
+        help="Prefill in chunks of this many tokens.")] = None,
+    max_context: Annotated[int | None, typer.Option(
+        help="Cap the KV cache at this many positions.")] = None,
+    cuda_graph: Annotated[bool, typer.Option(
+        help="Capture decode steps in CUDA graphs (GPU only).")] = True,
+    stats: Annotated[bool, typer.Option(help="Print prefill ms, decode tok/s, cache bytes.")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output for scripts.")] = False,
+) -> None:
+    """Generate text from a model: the shipped default or your own checkpoint."""
+    try:
+        _generate(**locals())
+    except user_errors() as exc:
+        raise fail(str(exc)) from None
+
+
+def _generate(prompts, model, random_weights, tokenizer, prompts_file, max_new_tokens,
+              temperature, top_k, top_p, seed, stop, device, dtype, prefill_chunk,
+              max_context, cuda_graph, stats, as_json) -> None:
+    from engine.device import dtype_name, resolve_device, resolve_dtype
+    from engine.generate import Engine
+    from engine.sampling import SamplingParams
+    from models.model_source import load_model
+
+    texts = read_prompts(prompts or [], prompts_file)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop or ()))
+    if prefill_chunk is not None and prefill_chunk <= 0:
+        raise UserError(f"--prefill-chunk: expected a positive integer, got {prefill_chunk}")
+    if max_context is not None and max_context <= 0:
+        raise UserError(f"--max-context: expected a positive integer, got {max_context}")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    with err.status("loading model...", spinner="dots"):
+        loaded = load_model(model, dev, dt, random_weights=random_weights,
+                            tokenizer_path=tokenizer)
+    if loaded.tokenizer is None:
+        raise UserError(f"{loaded.source}: no tokenizer.model found; pass --tokenizer")
+    engine = Engine(loaded.model, loaded.tokenizer, prefill_chunk=prefill_chunk,
+                    cuda_graph=cuda_graph and dev.type == "cuda", max_seq_len=max_context)
+    stream = len(texts) == 1 and not as_json
+    if stream:
+        out.print(texts[0], style="dim", end="")
+
+        def on_text(_: int, piece: str) -> None:
+            out.print(piece, end="", markup=False)
+
+        result = engine.generate(texts, params, on_text=on_text)
+        out.print()
+    else:
+        with err.status(f"generating {len(texts)} completion(s)...", spinner="dots"):
+            result = engine.generate(texts, params)
+    st = result.stats
+    if as_json:
+        payload = {
+            "model": loaded.source,
+            "device": str(dev),
+            "dtype": dtype_name(dt),
+            "completions": [
+                {"index": c.index, "prompt": texts[c.index], "text": c.text,
+                 "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+                 "completion_tokens": c.completion_tokens, "token_ids": c.token_ids}
+                for c in result.completions
+            ],
+            "stats": {"prefill_tokens": st.prefill_tokens, "prefill_ms": st.prefill_ms,
+                      "decode_tokens": st.decode_tokens, "decode_s": st.decode_s,
+                      "decode_tok_per_s": st.decode_tok_per_s, "cache_bytes": st.cache_bytes,
+                      "load_s": loaded.load_s},
+        }
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    if not stream:
+        for c in result.completions:
+            out.rule(f"[{c.index}] {c.finish_reason}, {c.completion_tokens} tokens")
+            out.print(texts[c.index], style="dim", end="")
+            out.print(c.text, markup=False)
+    if stats:
+        reasons = ", ".join(sorted({c.finish_reason for c in result.completions}))
+        err.print(
+            f"[dim]{loaded.source} on {dev} ({dtype_name(dt)}): load {loaded.load_s * 1e3:.0f} ms,"
+            f" prefill {st.prefill_tokens} tok in {st.prefill_ms:.1f} ms, decode "
+            f"{st.decode_tokens} tok at {st.decode_tok_per_s:.1f} tok/s, KV cache "
+            f"{st.cache_bytes / 2**20:.2f} MiB, finish: {reasons}[/]"
+        )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,112 @@
+"""`toyllm generate`: works on a checkpoint, and every bad input is one clear line, exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from engine.cli import app
+from models.checkpoint import save_checkpoint
+from models.config import ModelConfig
+from models.llama import build_model
+from models.model_source import DEFAULT_MODEL_DIR
+
+TOKENIZER = DEFAULT_MODEL_DIR / "tokenizer.model"
+pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason="default tokenizer not built")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    config = ModelConfig(vocab_size=4096, hidden_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, intermediate_size=96, max_seq_len=64)
+    path = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(build_model(config, seed=1), path, tokenizer_path=TOKENIZER,
+                    dtype=torch.float32)
+    return path
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_help_lists_the_commands() -> None:
+    result = run("--help")
+    assert result.exit_code == 0
+    assert "generate" in result.output
+
+
+def test_generate_json_output(checkpoint: Path) -> None:
+    r = run("generate", "def f(x):", "import os", "--model", str(checkpoint),
+            "--max-new-tokens", "5", "--temperature", "0", "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert [c["completion_tokens"] for c in data["completions"]] == [5, 5]
+    assert data["stats"]["cache_bytes"] > 0
+
+
+def test_generate_streams_one_prompt(checkpoint: Path) -> None:
+    r = run("generate", "class A:", "--model", str(checkpoint), "--max-new-tokens", "4",
+            "--seed", "0", "--stats")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("class A:")
+    assert "tok/s" in r.stderr
+
+
+def test_prompts_file(checkpoint: Path, tmp_path: Path) -> None:
+    f = tmp_path / "p.jsonl"
+    f.write_text('"a = 1"\n{"prompt": "b = 2"}\n')
+    r = run("generate", "--prompts-file", str(f), "--model", str(checkpoint),
+            "--max-new-tokens", "3", "--json")
+    assert r.exit_code == 0, r.output
+    assert [c["prompt"] for c in json.loads(r.stdout)["completions"]] == ["a = 1", "b = 2"]
+
+
+def test_random_weights_from_a_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_text("vocab_size = 4096\nhidden_size = 32\nnum_layers = 1\nnum_heads = 2\n"
+                   "num_kv_heads = 1\nintermediate_size = 48\nmax_seq_len = 64\n")
+    r = run("generate", "x", "--model", str(cfg), "--random-weights", "--max-new-tokens", "3",
+            "--json")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["", ], "empty"),
+    (["x" * 2000, "--max-context", "64"], "context holds"),
+    (["x", "--max-new-tokens", "0"], "max_new_tokens: expected a positive integer"),
+    (["x", "--temperature", "-1"], "temperature: expected a finite number >= 0"),
+    (["x", "--top-p", "0"], r"top_p: expected a number in \(0, 1\]"),
+    (["x", "--top-p", "1.5"], r"top_p: expected a number in \(0, 1\]"),
+    (["x", "--top-k", "-2"], "top_k"),
+    (["x", "--device", "tpu"], "unknown device"),
+    (["x", "--dtype", "fp8"], "unknown dtype"),
+    (["x", "--prefill-chunk", "0"], "prefill-chunk"),
+    (["x", "--stop", ""], "stop: expected non-empty"),
+    (["--prompts-file", "/nonexistent/p.txt"], "prompts file not found"),
+    ([], "no prompt given"),
+])
+def test_bad_input_is_one_clear_line(checkpoint: Path, args: list[str], message: str) -> None:
+    r = run("generate", *args, "--model", str(checkpoint))
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    assert message.replace("\\", "") in r.stderr.replace("\n", "") or \
+        __import__("re").search(message, r.stderr.replace("\n", "")), r.stderr
+
+
+@pytest.mark.parametrize("model, message", [
+    ("/nonexistent/model", "model not found"),
+    (".", "not a checkpoint"),
+    ("configs/tiny.toml", "--random-weights"),
+    ("README.md", "expected a checkpoint directory"),
+])
+def test_bad_model_path_is_one_clear_line(model: str, message: str) -> None:
+    root = Path(__file__).resolve().parents[1]
+    r = run("generate", "x", "--model", str(root / model))
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    assert message in r.stderr.replace("\n", ""), r.stderr
