@@ -1,15 +1,12 @@
 """Attention through the extension's KV cache: the `AttentionCache` the model calls per layer.
 
-A `CacheStep` describes one forward pass over the cache:
+Two kinds of step, each an `AttentionCache` (models/llama.py) for one forward pass:
 
-* prefill of one sequence (row `seq`, new tokens at positions p..p+n-1): the layer's K/V are
-  written with `KVCache.update(..., seq=row)` and the queries attend causally over the
-  cache rows 0..p+n-1 of that sequence, read in place (a view, never a copy);
-* prefill of rows that all start at the same position (teacher forcing, equal prompts);
-* decode of a batch (one new token per active row, each row at its own position): K/V are
-  written by the extension op at the device positions, and each row attends over exactly its
-  own 0..p_b keys, through the extension's decode-attention op when it is built, otherwise
-  through SDPA with a per-row length mask over the smallest slice that holds every row.
+* `PrefillStep`: one sequence (row `seq`, new tokens at positions p..p+n-1), or rows that all
+  start at the same position; K/V are written with `KVCache.update` and the queries attend
+  causally over the cache's keys 0..p+n-1, read in place (a view, never a copy);
+* `DecodeStep`: one new token per row, each row at its own position; K/V are written by the
+  extension op at the device positions, and each row attends over exactly its own keys.
 
 Nothing here advances positions: the engine does that only after the whole step succeeded.
 """
@@ -54,65 +51,87 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -
 
 
 @dataclass
-class CacheStep:
-    """One forward pass's view of the cache. Build with `prefill(...)` or `decode(...)`."""
+class PrefillStep:
+    """Prefill through the cache: rows [0, batch) or the one row `seq`, new tokens at
+    positions start..start+n-1. K/V go in with `KVCache.update` (bounds checked on the host
+    before anything is written); queries attend causally over the row's keys 0..start+n-1,
+    read in place from the cache."""
 
     cache: KVCache
-    kind: str  # "prefill" | "decode"
-    start: int = 0  # prefill: position of the first new token (same for all rows written)
-    seq: int | None = None  # prefill: the one row written, or None for rows [0, rows)
-    rows: int = 1  # decode: rows [0, rows) of the cache take part
-    use_kernel: bool = True  # decode: use the decode-attention op when it is built
-    span: int | None = None  # decode: keys read per row for SDPA (None: max position + 1)
-
-    @classmethod
-    def prefill(cls, cache: KVCache, start: int, seq: int | None = None) -> CacheStep:
-        return cls(cache, "prefill", start=start, seq=seq)
-
-    @classmethod
-    def decode(cls, cache: KVCache, rows: int, use_kernel: bool = True,
-               span: int | None = None) -> CacheStep:
-        return cls(cache, "decode", rows=rows, use_kernel=use_kernel, span=span)
+    start: int
+    seq: int | None = None
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if self.kind == "prefill":
-            return self._prefill(layer, q, k, v)
-        return self._decode(layer, q, k, v)
-
-    # prefill ------------------------------------------------------------------------------
-    def _prefill(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        n = q.shape[1]
-        p = self.start
+        n, p = q.shape[1], self.start
         if self.seq is None:
             self.cache.update(layer, k.contiguous(), v.contiguous())
             rows = slice(0, q.shape[0])
         else:
             self.cache.update(layer, k.contiguous(), v.contiguous(), seq=self.seq)
             rows = slice(self.seq, self.seq + 1)
-        keys = self.cache.keys(layer)[rows, : p + n]  # [b, p+n, Hkv, D], in place
+        keys = self.cache.keys(layer)[rows, : p + n]  # [b, p+n, Hkv, D], a view
         values = self.cache.values(layer)[rows, : p + n]
+        if p == 0:
+            return _causal(q, keys, values)
         # query i (at position p+i) sees keys 0..p+i
         qi = torch.arange(n, device=q.device).unsqueeze(1)
         kj = torch.arange(p + n, device=q.device).unsqueeze(0)
         allowed = (kj <= qi + p).unsqueeze(0).expand(q.shape[0], n, p + n)
         return grouped_attention(q, keys, values, allowed)
 
-    # decode -------------------------------------------------------------------------------
-    def _decode(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        b = self.rows
-        positions = self.cache.device_positions()[:b]  # int32 [b], -1 for finished rows
-        k_cache = self.cache.keys(layer)[:b]  # [b, S, Hkv, D]
-        v_cache = self.cache.values(layer)[:b]
-        kv_update(k_cache, v_cache, k.contiguous(), v.contiguous(), positions)
-        seq_lens = positions.clamp(min=0) + 1  # each row sees keys 0..p_b
+
+def _causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of n queries over the same n keys (a prefill from position 0),
+    through SDPA's fused causal kernels; K/V heads are shared by their query group."""
+    b, n, hq, d = q.shape
+    hkv = k.shape[2]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+        enable_gqa=hq != hkv,
+    )
+    return out.transpose(1, 2)
+
+
+@dataclass
+class DecodeStep:
+    """One new token for each of `rows` sequences, each at its own position.
+
+    Holds only tensors (the per-layer cache views and the device positions), so the whole
+    step can be traced by torch.compile and captured in a CUDA graph. K/V are written by the
+    extension op at the device positions (rows at -1, finished, are skipped); each row then
+    attends over exactly its keys 0..p_b: through the decode-attention kernel when it is
+    built, otherwise SDPA with a per-row length mask over the first `span` positions.
+    """
+
+    k_caches: list[Tensor]  # per layer: [rows, max_seq_len, Hkv, D] views of the cache
+    v_caches: list[Tensor]
+    positions: Tensor  # int32 [rows]: where this step's token goes; -1 = finished row
+    use_kernel: bool = True
+    span: int | None = None  # keys read per row by SDPA (None: all max_seq_len)
+
+    @classmethod
+    def over(cls, cache: KVCache, rows: int, use_kernel: bool = True,
+             span: int | None = None) -> DecodeStep:
+        ks = [cache.keys(i)[:rows] for i in range(cache.num_layers)]
+        vs = [cache.values(i)[:rows] for i in range(cache.num_layers)]
+        return cls(ks, vs, cache.device_positions()[:rows], use_kernel, span)
+
+    def rope_positions(self) -> Tensor:
+        """int64 [rows, 1] RoPE positions of this step's tokens (0 for finished rows)."""
+        return self.positions.clamp(min=0).long().unsqueeze(1)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
+        rows = q.shape[0]
+        kv_update(k_cache, v_cache, k.contiguous(), v.contiguous(), self.positions)
+        seq_lens = self.positions.clamp(min=0) + 1  # row b sees keys 0..p_b
         if self.use_kernel and has_decode_attention(q.device):
-            scale = q.shape[-1] ** -0.5
             out = torch.ops.toyllm.decode_attention(
-                q.reshape(b, q.shape[2], q.shape[3]).contiguous(), k_cache, v_cache,
-                seq_lens.to(torch.int32), scale,
+                q.reshape(rows, q.shape[2], q.shape[3]).contiguous(), k_cache, v_cache,
+                seq_lens.to(torch.int32), q.shape[-1] ** -0.5,
             )
             return out.view_as(q)
         span = self.span or k_cache.shape[1]
         kj = torch.arange(span, device=q.device)
-        allowed = (kj.unsqueeze(0) < seq_lens.unsqueeze(1)).unsqueeze(1)  # [b, 1, span]
+        allowed = (kj.unsqueeze(0) < seq_lens.unsqueeze(1)).unsqueeze(1)  # [rows, 1, span]
         return grouped_attention(q, k_cache[:, :span], v_cache[:, :span], allowed)

@@ -14,12 +14,10 @@ survives.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
-
-from engine.cached_attention import CacheStep
-from engine.kv_cache import KVCache
-from models.llama import Transformer
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -33,30 +31,31 @@ def bucket_for(n: int) -> int:
 
 
 class DecodeGraphs:
-    def __init__(self, model: Transformer, cache: KVCache, use_kernel: bool = True) -> None:
-        self.model = model
-        self.cache = cache
-        self.use_kernel = use_kernel
+    """Captured decode steps, keyed by the number of rows (a bucket)."""
+
+    def __init__(
+        self,
+        decode_forward: Callable[..., Tensor],
+        views: Callable[[int], tuple[list[Tensor], list[Tensor], Tensor]],
+    ) -> None:
+        self.decode_forward = decode_forward  # (tokens, positions, k_caches, v_caches)
+        self.views = views  # rows -> per-layer cache views and device positions
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
 
-    def _step(self, rows: int, tokens: Tensor) -> Tensor:
-        positions = self.cache.device_positions()[:rows].clamp(min=0).long().unsqueeze(1)
-        step = CacheStep.decode(self.cache, rows, use_kernel=self.use_kernel)
-        return self.model(tokens, positions, step)[:, -1]
-
     @torch.inference_mode()
     def _capture(self, rows: int) -> None:
-        tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.cache.device)
+        ks, vs, positions = self.views(rows)
+        tokens = torch.zeros(rows, 1, dtype=torch.long, device=positions.device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm up: lazy inits and autotuning stay out of the graph
-                self._step(rows, tokens)
+            for _ in range(3):  # warm up: lazy inits, compilation, autotuning stay outside
+                self.decode_forward(tokens, positions, ks, vs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._step(rows, tokens)
+            logits = self.decode_forward(tokens, positions, ks, vs)
         self.graphs[rows] = (graph, tokens, logits)
 
     def run(self, rows: int, tokens: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from engine.cached_attention import CacheStep
+from engine.cached_attention import DecodeStep, PrefillStep
 from engine.kv_cache import KVCache
 from engine.sampling import SamplingParams, make_generator, sample
 from engine.stopping import StopWatcher
@@ -96,6 +96,7 @@ class Engine:
         cuda_graph: bool | None = None,
         decode_kernel: bool = True,
         max_seq_len: int | None = None,
+        compile: bool = False,
     ) -> None:
         if prefill_chunk is not None and prefill_chunk <= 0:
             raise GenerationError(
@@ -114,6 +115,35 @@ class Engine:
             raise GenerationError("CUDA graphs need a CUDA device; use cuda_graph=False on CPU")
         self.cache: KVCache | None = None
         self._graphs = None  # engine.cuda_graph.DecodeGraphs, built on first use
+        self._views: dict[int, tuple[list[Tensor], list[Tensor], Tensor]] = {}
+        self.compile = compile
+        self.decode_forward = self._make_decode_forward()
+
+    def _make_decode_forward(self) -> Callable[..., Tensor]:
+        """The decode step as a function of tensors only (tokens [rows, 1], positions
+        int32 [rows], per-layer cache views), so torch.compile can fuse it and a CUDA graph
+        can capture it. Compiled, it always reads all max_seq_len keys (static shapes)."""
+        model, use_kernel = self.model, self.decode_kernel
+
+        def decode_forward(tokens: Tensor, positions: Tensor, k_caches: list[Tensor],
+                           v_caches: list[Tensor], span: int | None = None) -> Tensor:
+            step = DecodeStep(k_caches, v_caches, positions, use_kernel, span)
+            return model(tokens, step.rope_positions(), step)[:, -1]
+
+        if self.compile:
+            return torch.compile(decode_forward, dynamic=False)
+        return decode_forward
+
+    def cache_views(self, rows: int) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Per-layer K/V views of rows [0, rows) and their device positions (made once)."""
+        if rows not in self._views:
+            c = self.cache
+            self._views[rows] = (
+                [c.keys(i)[:rows] for i in range(c.num_layers)],
+                [c.values(i)[:rows] for i in range(c.num_layers)],
+                c.device_positions()[:rows],
+            )
+        return self._views[rows]
 
     # request handling ---------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[Prompt]) -> list[list[int]]:
@@ -155,7 +185,8 @@ class Engine:
             if c is not None:
                 rows, seq_len = max(rows, c.batch_size), max(seq_len, c.max_seq_len)
             self.cache = c = None
-            self._graphs = None  # graphs captured addresses of the old cache
+            self._graphs = None  # graphs and views hold addresses of the old cache
+            self._views = {}
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             c = KVCache(
@@ -186,7 +217,7 @@ class Engine:
             start = cache.sequence_position(row)
             tokens = torch.tensor([piece], device=self.device)
             positions = torch.arange(start, start + len(piece), device=self.device).unsqueeze(0)
-            logits = self.model(tokens, positions, CacheStep.prefill(cache, start, seq=row),
+            logits = self.model(tokens, positions, PrefillStep(cache, start, seq=row),
                                 last_only=True)
             cache.advance_sequence(row, len(piece))
         return logits[0, -1]
@@ -195,17 +226,18 @@ class Engine:
     def decode_step(self, cache: KVCache, rows: int, tokens: Tensor) -> Tensor:
         """One token for each active row of [0, rows): logits [rows, vocab]. Advances the
         active rows by one after the forward pass."""
+        ks, vs, positions = self.cache_views(rows)
         if self.cuda_graph:
             if self._graphs is None:
                 from engine.cuda_graph import DecodeGraphs
 
-                self._graphs = DecodeGraphs(self.model, cache, use_kernel=self.decode_kernel)
+                self._graphs = DecodeGraphs(self.decode_forward, self.cache_views)
             logits = self._graphs.run(rows, tokens)
         else:
-            positions = cache.device_positions()[:rows].clamp(min=0).long().unsqueeze(1)
-            span = min(max(cache.positions()[:rows]) + 1, cache.max_seq_len)
-            step = CacheStep.decode(cache, rows, use_kernel=self.decode_kernel, span=span)
-            logits = self.model(tokens.view(rows, 1), positions, step)[:, -1]
+            span = None
+            if not self.compile:  # eager: read only as far as the longest row
+                span = min(max(cache.positions()[:rows]) + 1, cache.max_seq_len)
+            logits = self.decode_forward(tokens.view(rows, 1), positions, ks, vs, span)
         cache.advance_position(1)
         return logits
 
