@@ -17,9 +17,9 @@ from models.config import ModelConfig
 def inverse_frequencies(config: ModelConfig) -> Tensor:
     """inv_freq[i] = theta^(-2i/d) for i < d/2, with llama3 or linear scaling applied."""
     dim = config.head_dim
-    inv_freq = 1.0 / (
-        config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
-    )
+    # explicitly on the CPU in fp32, also when a model is built under torch.device("meta")
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
     scaling = config.rope_scaling
     if scaling is None:
         return inv_freq
