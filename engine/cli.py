@@ -34,7 +34,10 @@ class UserError(Exception):
 
 
 def fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", markup=True)
+    """Print one error line (the message is literal text, never rich markup); exit code 2."""
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True)
     return typer.Exit(code=2)
 
 
@@ -184,6 +187,7 @@ def _generate(prompts, model, random_weights, tokenizer, prompts_file, max_new_t
             out.print(texts[c.index], style="dim", end="")
             out.print(c.text, markup=False)
     if stats:
+        sys.stdout.flush()
         reasons = ", ".join(sorted({c.finish_reason for c in result.completions}))
         err.print(
             f"[dim]{loaded.source} on {dev} ({dtype_name(dt)}): load {loaded.load_s * 1e3:.0f} ms,"
@@ -191,6 +195,83 @@ def _generate(prompts, model, random_weights, tokenizer, prompts_file, max_new_t
             f"{st.decode_tokens} tok at {st.decode_tok_per_s:.1f} tok/s, KV cache "
             f"{st.cache_bytes / 2**20:.2f} MiB, finish: {reasons}[/]"
         )
+
+
+# --- toyllm check: the correctness harness (engine/check.py) ---------------------------------
+@app.command()
+def check(
+    configs: Annotated[list[str] | None, typer.Option(
+        help="Only cases whose name contains this (repeatable, or comma-separated).")] = None,
+    dtypes: Annotated[list[str] | None, typer.Option(
+        help="fp32, fp16, bf16 (repeatable, or comma-separated); fp16/bf16 need CUDA. "
+             "Default: fp32 on the CPU, all three on CUDA.")] = None,
+    device: Annotated[str, typer.Option(
+        help="auto (the CPU matrix, plus CUDA when present), cpu or cuda.")] = "auto",
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="Write the JSON report (cases, errors, margins, versions) here.")]
+    = None,
+    hf: Annotated[bool, typer.Option(
+        help="Hugging Face transformers as a third witness, when installed.")] = True,
+) -> None:
+    """Check the cached engine against the no-cache reference (and HF transformers) on a
+    matrix of models and requests; exit 1 if any case fails."""
+    from engine.check import CheckError, run_check
+
+    try:
+        code = run_check(configs, dtypes, device, json_path, out, hf=hf)
+    except (CheckError, *user_errors()) as exc:
+        raise fail(str(exc)) from None
+    raise typer.Exit(code)
+# --- end of toyllm check ---------------------------------------------------------------------
+
+
+# --- toyllm info / toyllm sweep: model-config experiments (engine/model_info.py, sweep.py) ---
+@app.command()
+def info(
+    source: Annotated[str | None, typer.Argument(
+        help="Config .toml, config.json or checkpoint directory; default: the shipped model.")]
+    = None,
+    batch: Annotated[int, typer.Option(help="Sequences whose KV cache is counted.")] = 1,
+    context: Annotated[int | None, typer.Option(
+        help="Positions per sequence; default: the config's max_seq_len.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output for scripts.")] = False,
+) -> None:
+    """Parameters by part, weight bytes and KV-cache bytes per dtype (arithmetic only)."""
+    from engine.model_info import describe, load_for_info, render_info
+    from models.config import ConfigError
+
+    try:
+        config, where = load_for_info(source)
+        result = describe(config, batch=batch, context=context, source=where)
+    except (UserError, ConfigError, OSError) as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+    else:
+        render_info(result, out)
+
+
+@app.command()
+def sweep(
+    experiment: Annotated[Path, typer.Argument(help="Experiment .toml (base config + grid).")],
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Output directory; default: runs/sweep-<name>.")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="auto, cpu, cuda, cuda:N; default: the file's device (or auto).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        help="Validate and print the arithmetic columns; measure and write nothing.")] = False,
+) -> None:
+    """Measure an experiment grid (table, CSV, JSON, PNG plots); exit 1 if a point failed."""
+    from engine.device import DeviceError
+    from engine.sweep import ExperimentError, run_experiment
+    from models.config import ConfigError
+
+    try:
+        code = run_experiment(experiment, out_dir, device, out, dry_run=dry_run)
+    except (UserError, ExperimentError, ConfigError, DeviceError, OSError) as exc:
+        raise fail(str(exc)) from None
+    raise typer.Exit(code)
+# --- end of toyllm info / toyllm sweep --------------------------------------------------------
 
 
 if __name__ == "__main__":  # pragma: no cover
