@@ -26,6 +26,13 @@ def _with_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+# Link with g++, not the C driver: on a Python whose sysconfig links extensions with
+# `gcc -shared` (the GPU machine's Python 3.12), the module then lacks libstdc++ in its NEEDED
+# list and any C++ exception raised through pybind11 crashes the interpreter instead of
+# becoming a Python error.
+for key, value in (("CC", "gcc"), ("CXX", "g++"), ("LDSHARED", "g++ -shared")):
+    os.environ.setdefault(key, value)
+
 cxx_flags = ["-O3", "-std=c++17"]
 if _with_cuda():
     ext = CUDAExtension(

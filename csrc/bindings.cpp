@@ -1,0 +1,138 @@
+// Python bindings of engine._C: the KVCache class and KVCacheOverflowError.
+// (The `toyllm::kv_update` operator is registered with the dispatcher in kv_ops.cpp and is
+// reached from Python as torch.ops.toyllm.kv_update.)
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+
+#include "kv_cache.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// Accepts a torch.device or a string such as "cpu", "cuda", "cuda:1".
+at::Device device_from_python(const py::handle& obj) {
+    if (THPDevice_Check(obj.ptr())) {
+        return reinterpret_cast<THPDevice*>(obj.ptr())->device;
+    }
+    if (py::isinstance<py::str>(obj)) {
+        const auto text = obj.cast<std::string>();
+        try {
+            return at::Device(text);
+        } catch (const c10::Error&) {
+            throw py::value_error(
+                "KVCache: expected device 'cpu', 'cuda' or 'cuda:<index>', got '" + text + "'");
+        }
+    }
+    throw py::type_error("KVCache: expected device as a torch.device or a string, got " +
+                         py::str(py::type::of(obj)).cast<std::string>());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.doc() = "toyllm KV-cache extension: KVCache (host class) and the toyllm::kv_update op";
+
+#ifdef TOYLLM_WITH_CUDA
+    m.attr("with_cuda") = true;
+#else
+    m.attr("with_cuda") = false;
+#endif
+
+    py::register_exception<toyllm::KVCacheOverflowError>(m, "KVCacheOverflowError",
+                                                         PyExc_OverflowError);
+
+    // Errors from TORCH_CHECK_VALUE / TORCH_CHECK_INDEX map to ValueError / IndexError; this
+    // translator makes that explicit for this module (without the C++ backtrace).
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) {
+                std::rethrow_exception(p);
+            }
+        } catch (const c10::ValueError& e) {
+            PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+        } catch (const c10::IndexError& e) {
+            PyErr_SetString(PyExc_IndexError, e.what_without_backtrace());
+        } catch (const c10::TypeError& e) {
+            PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
+        }
+    });
+
+    using toyllm::KVCache;
+    py::class_<KVCache>(m, "KVCache", R"doc(
+Per-layer key/value cache in one zero-initialised allocation
+[num_layers, 2, batch_size, max_seq_len, num_kv_heads, head_dim], with a position per sequence.
+
+keys(layer) / values(layer) are views [batch_size, max_seq_len, num_kv_heads, head_dim].
+update() writes new rows at the current positions (it does not advance);
+advance_position() moves the positions. device_positions() is an int32 tensor on the cache's
+device (-1 for an inactive sequence) that the update kernel reads, so updates can be captured
+in a CUDA graph.
+)doc")
+        .def(py::init([](int64_t num_layers, int64_t max_seq_len, int64_t num_kv_heads,
+                         int64_t head_dim, at::ScalarType dtype, const py::object& device,
+                         int64_t batch_size) {
+                 return KVCache(num_layers, max_seq_len, num_kv_heads, head_dim, dtype,
+                                device_from_python(device), batch_size);
+             }),
+             py::arg("num_layers"), py::arg("max_seq_len"), py::arg("num_kv_heads"),
+             py::arg("head_dim"), py::arg("dtype"), py::arg("device"), py::arg("batch_size") = 1)
+        .def_static("bytes_required", &KVCache::bytes_required, py::arg("num_layers"),
+                    py::arg("max_seq_len"), py::arg("num_kv_heads"), py::arg("head_dim"),
+                    py::arg("dtype"), py::arg("batch_size") = 1,
+                    "Bytes a cache of this shape allocates.")
+        // Spec API (batch_size == 1).
+        .def("position", &KVCache::position, "Current position (batch_size == 1 only).")
+        .def("is_full", &KVCache::is_full, "position() == max_seq_len (batch_size == 1 only).")
+        .def("remaining_capacity", &KVCache::remaining_capacity,
+             "max_seq_len - position() (batch_size == 1 only).")
+        .def("advance_position", &KVCache::advance_position, py::arg("n") = 1,
+             "Advance every active sequence by n >= 1 (KVCacheOverflowError past max_seq_len).")
+        .def("reset", &KVCache::reset, "All positions 0, all sequences active, memory zeroed.")
+        // Per-sequence API.
+        .def("positions", &KVCache::positions, "Host positions of all sequences (a list).")
+        .def("sequence_position", &KVCache::sequence_position, py::arg("seq"))
+        .def("sequence_is_full", &KVCache::sequence_is_full, py::arg("seq"))
+        .def("sequence_remaining_capacity", &KVCache::sequence_remaining_capacity, py::arg("seq"))
+        .def("advance_sequence", &KVCache::advance_sequence, py::arg("seq"), py::arg("n") = 1)
+        .def("set_active", &KVCache::set_active, py::arg("seq"), py::arg("active"))
+        .def("is_active", &KVCache::is_active, py::arg("seq"))
+        .def("reset_sequence", &KVCache::reset_sequence, py::arg("seq"),
+             "Position 0, that sequence's rows zeroed in every layer, active again.")
+        // Storage.
+        .def("keys", &KVCache::keys, py::arg("layer"),
+             "View [batch_size, max_seq_len, num_kv_heads, head_dim] of a layer's keys.")
+        .def("values", &KVCache::values, py::arg("layer"),
+             "View [batch_size, max_seq_len, num_kv_heads, head_dim] of a layer's values.")
+        .def(
+            "update",
+            [](KVCache& self, int64_t layer, const at::Tensor& new_k, const at::Tensor& new_v,
+               std::optional<int64_t> seq) {
+                if (seq.has_value()) {
+                    self.update_sequence(layer, new_k, new_v, *seq);
+                } else {
+                    self.update(layer, new_k, new_v);
+                }
+            },
+            py::arg("layer"), py::arg("new_k"), py::arg("new_v"), py::arg("seq") = py::none(),
+            R"doc(
+Write new_k/new_v [batch_size, num_tokens, num_kv_heads, head_dim] at the current positions of
+the active sequences, without advancing. With seq=b, new_k/new_v are [1, num_tokens, ...] and
+only sequence b is written. Everything is checked before anything is written.
+)doc")
+        .def("device_positions", &KVCache::device_positions,
+             "int32 [batch_size] on the cache's device: positions, -1 for inactive sequences.")
+        .def("storage", &KVCache::storage,
+             "The whole allocation [num_layers, 2, batch_size, max_seq_len, heads, head_dim].")
+        .def("bytes_allocated", &KVCache::bytes_allocated)
+        .def_property_readonly("num_layers", &KVCache::num_layers)
+        .def_property_readonly("max_seq_len", &KVCache::max_seq_len)
+        .def_property_readonly("num_kv_heads", &KVCache::num_kv_heads)
+        .def_property_readonly("head_dim", &KVCache::head_dim)
+        .def_property_readonly("batch_size", &KVCache::batch_size)
+        .def_property_readonly("dtype", &KVCache::dtype)
+        .def_property_readonly("device", &KVCache::device)
+        .def("__repr__", &KVCache::repr);
+}

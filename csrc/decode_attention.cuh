@@ -1,0 +1,65 @@
+// Raw CUDA launcher for decode attention over the KV cache (flash-decoding), plain pointers only
+// (no torch), so nvcc compiles it alone.
+//
+// One new query token per sequence attends over the first seq_lens[b] keys of its cache rows:
+//   out[b, h] = softmax(scale * q[b, h] . K[b, :L, h / G]) @ V[b, :L, h / G]
+// with G = num_q_heads / num_kv_heads query heads per KV head (GQA; G = num_q_heads is MQA),
+// fp32 accumulation and an online (running-max) softmax.
+//
+// Work split: the key range [0, max_seq_len) is cut into num_splits chunks of chunk_len keys.
+// Pass 1: a block per (chunk, KV head, batch row, group of up to kHeadsPerBlock query heads)
+// reads its K/V chunk once for all those query heads and writes an unnormalised partial output
+// with its running max and sum. Pass 2 combines the chunks of each (b, h) by log-sum-exp.
+// With one chunk, pass 1 writes the output directly and pass 2 is not launched.
+// Grid sizes depend only on shapes (never on seq_lens), so launches are CUDA-graph capturable.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace toyllm {
+
+constexpr int kDecodeAttentionMaxHeadDim = 256;
+constexpr int kDecodeAttentionHeadsPerBlock = 8;
+
+enum class AttentionDtype { kFloat32, kFloat16, kBFloat16 };
+
+// How the key range is split; depends only on shapes and the GPU, so scratch buffers can be
+// sized (and allocated) before the launch.
+struct DecodeAttentionPlan {
+    int64_t num_splits;  // chunks of the key range (1: no combine pass)
+    int64_t chunk_len;   // keys per chunk (a multiple of the kernel's key tile)
+    int64_t
+        head_blocks;  // blocks per KV head, each for up to kDecodeAttentionHeadsPerBlock q heads
+};
+
+// Plans the split for `sm_count` multiprocessors (about two blocks per SM when the context is
+// long enough, chunks of at least 128 keys).
+DecodeAttentionPlan plan_decode_attention(int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
+                                          int64_t max_seq_len, int sm_count);
+
+// Scratch sizes in floats for a plan (0 when num_splits == 1).
+int64_t decode_attention_partial_out_floats(const DecodeAttentionPlan& plan, int64_t batch,
+                                            int64_t num_q_heads, int64_t head_dim);
+int64_t decode_attention_partial_stat_floats(const DecodeAttentionPlan& plan, int64_t batch,
+                                             int64_t num_q_heads);
+
+// NOTE: seq_lens[b] is clamped to [0, max_seq_len] on the device (the host cannot check it
+// without a sync); a sequence with seq_lens[b] == 0 gets an all-zero output.
+// Returns cudaErrorInvalidValue for bad sizes (head_dim outside [1, 256], num_q_heads not a
+// multiple of num_kv_heads, ...), otherwise cudaGetLastError() after the launches.
+cudaError_t launch_decode_attention(
+    const void* q,            // [batch, num_q_heads, head_dim]
+    const void* k_cache,      // [batch, max_seq_len, num_kv_heads, head_dim]
+    const void* v_cache,      // [batch, max_seq_len, num_kv_heads, head_dim]
+    const int32_t* seq_lens,  // [batch], device memory: valid keys per sequence
+    void* out,                // [batch, num_q_heads, head_dim], q's dtype
+    float* partial_out,       // [batch, num_q_heads, num_splits, head_dim] (unused if 1 split)
+    float* partial_max,       // [batch, num_q_heads, num_splits]           (unused if 1 split)
+    float* partial_sum,       // [batch, num_q_heads, num_splits]           (unused if 1 split)
+    AttentionDtype dtype, int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
+    int64_t head_dim, int64_t max_seq_len, float scale, const DecodeAttentionPlan& plan,
+    cudaStream_t stream);
+
+}  // namespace toyllm

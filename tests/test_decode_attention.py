@@ -1,0 +1,268 @@
+"""toyllm::decode_attention against a float64 reference of masked attention: ragged seq_lens
+(0, 1 and max_seq_len included), GQA ratios 1/4/8/16 and MQA, head dims 64/128/256 and odd
+ones, fp32/fp16/bf16; long contexts that the CUDA kernel splits across blocks; CUDA-graph
+replay with new lengths; bad inputs; opcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kv_cache import decode_attention
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Largest relative error of an output row, ||out - ref|| / ||ref||, per dtype.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# (num_q_heads, num_kv_heads): GQA ratios 1, 4, 8, 16 and MQA.
+HEADS = [(4, 4), (8, 2), (16, 2), (32, 2), (8, 1)]
+HEAD_DIMS = [64, 128, 256, 72, 33]
+
+
+def reference_attention(
+    q: torch.Tensor,  # [batch, num_q_heads, head_dim]
+    k_cache: torch.Tensor,  # [batch, max_seq_len, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [batch, max_seq_len, num_kv_heads, head_dim]
+    seq_lens: list[int],
+    scale: float,
+) -> torch.Tensor:  # [batch, num_q_heads, head_dim], float64
+    """softmax(scale * q . K[:L]) @ V[:L] per sequence and query head, in float64."""
+    batch, num_q_heads, head_dim = q.shape
+    group = num_q_heads // k_cache.shape[2]
+    out = torch.zeros(batch, num_q_heads, head_dim, dtype=torch.float64)
+    for b, length in enumerate(seq_lens):
+        if length == 0:
+            continue
+        # [L, Hkv, D] -> [L, Hq, D]: query head h reads KV head h // group.
+        k = k_cache[b, :length].double().cpu().repeat_interleave(group, dim=1)
+        v = v_cache[b, :length].double().cpu().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[b].double().cpu(), k) * scale
+        out[b] = torch.einsum("hl,lhd->hd", scores.softmax(dim=-1), v)
+    return out
+
+
+def random_inputs(
+    device: str,
+    dtype: torch.dtype,
+    batch: int,
+    max_seq_len: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, num_q_heads, head_dim, generator=g)
+    k = torch.randn(batch, max_seq_len, num_kv_heads, head_dim, generator=g)
+    v = torch.randn(batch, max_seq_len, num_kv_heads, head_dim, generator=g)
+    return q.to(dtype).to(device), k.to(dtype).to(device), v.to(dtype).to(device)
+
+
+def assert_close_rows(out: torch.Tensor, ref: torch.Tensor, seq_lens: list[int], tol: float):
+    """Each (b, h) row within `tol` relative error; rows of empty sequences exactly zero."""
+    out = out.double().cpu()
+    for b, length in enumerate(seq_lens):
+        if length == 0:
+            assert torch.equal(out[b], torch.zeros_like(out[b])), f"row {b} (seq_len 0)"
+            continue
+        err = (out[b] - ref[b]).norm(dim=-1) / ref[b].norm(dim=-1).clamp_min(1e-30)
+        assert float(err.max()) <= tol, f"row {b} (seq_len {length}): rel err {float(err.max())}"
+
+
+def run_case(
+    device: str,
+    dtype: torch.dtype,
+    heads: tuple[int, int],
+    head_dim: int,
+    max_seq_len: int,
+    seq_lens: list[int],
+    seed: int = 0,
+) -> None:
+    num_q_heads, num_kv_heads = heads
+    q, k, v = random_inputs(
+        device, dtype, len(seq_lens), max_seq_len, num_q_heads, num_kv_heads, head_dim, seed
+    )
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    scale = head_dim**-0.5
+    out = torch.ops.toyllm.decode_attention(q, k, v, lens, scale)
+    assert out.shape == q.shape and out.dtype == dtype and out.device == q.device
+    assert_close_rows(
+        out, reference_attention(q, k, v, seq_lens, scale), seq_lens, TOLERANCE[dtype]
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"q{h[0]}kv{h[1]}")
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_matches_float64_reference_for_ragged_lengths(
+    device: str, dtype: torch.dtype, heads: tuple[int, int], head_dim: int
+) -> None:
+    # 257 slots: several chunks on CUDA, the last one partial; lengths max, 1, ragged, 0.
+    run_case(device, dtype, heads, head_dim, max_seq_len=257, seq_lens=[257, 1, 100, 0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference_for_a_long_context_split_across_blocks(
+    device: str, dtype: torch.dtype
+) -> None:
+    run_case(device, dtype, (32, 8), 128, max_seq_len=4096, seq_lens=[4096, 3001], seed=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference_for_a_short_cache_in_one_chunk(device: str, dtype: torch.dtype) -> None:
+    run_case(device, dtype, (8, 2), 64, max_seq_len=16, seq_lens=[16, 5, 1], seed=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference_for_a_large_batch(device: str) -> None:
+    lengths = [(7 * i) % 301 for i in range(33)]
+    run_case(device, torch.float16, (16, 4), 128, max_seq_len=300, seq_lens=lengths, seed=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_keys_and_values_past_seq_len_never_affect_the_output(
+    device: str, dtype: torch.dtype
+) -> None:
+    seq_lens = [5, 40, 0]
+    q, k, v = random_inputs(device, dtype, 3, 64, 8, 2, 64, seed=4)
+    for b, length in enumerate(seq_lens):  # poison every slot past the valid keys
+        k[b, length:] = float("nan")
+        v[b, length:] = float("inf")
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    out = torch.ops.toyllm.decode_attention(q, k, v, lens, 0.125)
+    assert bool(torch.isfinite(out).all())
+    assert_close_rows(
+        out, reference_attention(q, k, v, seq_lens, 0.125), seq_lens, TOLERANCE[dtype]
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_key_returns_its_value_exactly(device: str) -> None:
+    q, k, v = random_inputs(device, torch.float32, 2, 8, 4, 2, 16, seed=5)
+    out = torch.ops.toyllm.decode_attention(
+        q, k, v, torch.tensor([1, 1], dtype=torch.int32, device=device), 1.0
+    )
+    expected = v[:, 0].repeat_interleave(2, dim=1)  # [B, Hq, D]: softmax of one score is 1
+    assert torch.allclose(out, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_wrapper_defaults_scale_to_inverse_sqrt_head_dim(device: str) -> None:
+    q, k, v = random_inputs(device, torch.float32, 1, 10, 2, 1, 16, seed=6)
+    lens = torch.tensor([10], dtype=torch.int32, device=device)
+    expected = torch.ops.toyllm.decode_attention(q, k, v, lens, 0.25)
+    assert torch.equal(decode_attention(q, k, v, lens), expected)
+
+
+def _good_args(device: str = "cpu") -> dict:
+    q, k, v = random_inputs(device, torch.float16, 2, 8, 4, 2, 16)
+    return {
+        "q": q,
+        "k_cache": k,
+        "v_cache": v,
+        "seq_lens": torch.tensor([3, 8], dtype=torch.int32, device=device),
+        "scale": 0.25,
+    }
+
+
+BAD_CASES = {
+    "q_rank": ("q", lambda a: a["q"][0], r"expected q of 3 dims .*got shape \[4, 16\]"),
+    "cache_shape": (
+        "v_cache",
+        lambda a: a["v_cache"][:, :4],
+        r"expected v_cache of k_cache's shape \[2, 8, 2, 16\], got \[2, 4, 2, 16\]",
+    ),
+    "head_dim": (
+        "q",
+        lambda a: torch.zeros(2, 4, 8, dtype=torch.float16),
+        r"expected k_cache of shape \[2, max_seq_len, num_kv_heads, 8\] .*"
+        r"got \[2, 8, 2, 16\]",
+    ),
+    "gqa": (
+        "q",
+        lambda a: torch.zeros(2, 3, 16, dtype=torch.float16),
+        r"expected num_q_heads \(3\) to be a positive multiple of num_kv_heads, "
+        r"got num_kv_heads 2",
+    ),
+    "dtype": (
+        "k_cache",
+        lambda a: a["k_cache"].float(),
+        r"expected k_cache of dtype torch.float16 \(q's\), got torch.float32",
+    ),
+    "seq_lens_dtype": (
+        "seq_lens",
+        lambda a: a["seq_lens"].long(),
+        r"expected seq_lens of dtype torch.int32, got torch.int64",
+    ),
+    "seq_lens_shape": (
+        "seq_lens",
+        lambda a: a["seq_lens"][:1],
+        r"expected seq_lens of shape \[2\] \(q's batch\), got \[1\]",
+    ),
+    "seq_lens_range": (
+        "seq_lens",
+        lambda a: torch.tensor([3, 9], dtype=torch.int32),
+        r"expected seq_lens\[1\] in \[0, max_seq_len 8\], got 9",
+    ),
+    "negative_len": (
+        "seq_lens",
+        lambda a: torch.tensor([-1, 2], dtype=torch.int32),
+        r"expected seq_lens\[0\] in \[0, max_seq_len 8\], got -1",
+    ),
+    "non_contiguous": (
+        "q",
+        lambda a: a["q"].transpose(0, 1).contiguous().transpose(0, 1),
+        r"expected a contiguous q, got strides",
+    ),
+    "scale": ("scale", lambda a: float("nan"), r"expected a finite scale > 0, got nan"),
+    "too_wide": (
+        "q",
+        lambda a: torch.zeros(2, 4, 257, dtype=torch.float16),
+        r"expected (k_cache of shape|head_dim in \[1, 256\])",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_raises_value_error_naming_expected_and_given(case: str) -> None:
+    args = _good_args()
+    name, make_bad, pattern = BAD_CASES[case]
+    args[name] = make_bad(args)
+    with pytest.raises(ValueError, match=pattern):
+        torch.ops.toyllm.decode_attention(**args)
+
+
+def test_head_dim_above_256_is_rejected() -> None:
+    q, k, v = random_inputs("cpu", torch.float16, 1, 4, 2, 1, 264)
+    with pytest.raises(ValueError, match=r"expected head_dim in \[1, 256\], got 264"):
+        torch.ops.toyllm.decode_attention(q, k, v, torch.tensor([2], dtype=torch.int32), 0.1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_accepts_the_decode_attention_operator(device: str) -> None:
+    args = _good_args(device)
+    torch.library.opcheck(torch.ops.toyllm.decode_attention.default, tuple(args.values()))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_uses_the_new_seq_lens() -> None:
+    q, k, v = random_inputs("cuda", torch.bfloat16, 2, 1024, 16, 4, 64, seed=7)
+    lens = torch.tensor([1, 1], dtype=torch.int32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.toyllm.decode_attention(q, k, v, lens, 0.125)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.toyllm.decode_attention(q, k, v, lens, 0.125)
+    for seq_lens in ([1, 1], [700, 3], [1024, 0], [129, 1000]):
+        lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference_attention(q, k, v, seq_lens, 0.125)
+        assert_close_rows(out, ref, seq_lens, TOLERANCE[torch.bfloat16])
