@@ -189,11 +189,14 @@ class Engine:
             self._views = {}
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            c = KVCache(
-                num_layers=self.config.num_layers, max_seq_len=seq_len,
-                num_kv_heads=self.config.num_kv_heads, head_dim=self.config.head_dim,
-                dtype=self.dtype, device=self.device, batch_size=rows,
-            )
+            # a normal tensor even when the caller is in inference mode, so the cache can be
+            # reset and written both inside and outside it
+            with torch.inference_mode(False):
+                c = KVCache(
+                    num_layers=self.config.num_layers, max_seq_len=seq_len,
+                    num_kv_heads=self.config.num_kv_heads, head_dim=self.config.head_dim,
+                    dtype=self.dtype, device=self.device, batch_size=rows,
+                )
             self.cache = c
         else:
             c.reset()
