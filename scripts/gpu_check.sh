@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (no network): build the extension, run the CUDA tests, run them
+# again under compute-sanitizer (memcheck, racecheck), then the benchmarks, the correctness
+# harness and the experiments. Logs and JSON go to OUT_DIR; everything is also packed into
+# OUT_DIR/gpu_check.tar.gz (the device tool brings back few files).
+#
+#   bash scripts/gpu_check.sh OUT_DIR [STAGES]
+#
+# STAGES: comma list of build,tests,bench,check,generate,sanitizer,sweep (default: all).
+# STAGE_TIMEOUT caps each stage (s), BUDGET_S the whole run; BENCH_ARGS go to bench_decode.py; SWEEPS names the
+# experiments (configs/experiments/NAME.toml) to run.
+# A failing stage is recorded in OUT_DIR/summary.txt and the script goes on to the next.
+set -uo pipefail
+OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR [STAGES]}
+STAGES=${2:-build,tests,bench,check,generate,sanitizer,sweep}
+mkdir -p "$OUT/logs"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+PY=${PYTHON:-python3}
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+
+want() { [[ ",$STAGES," == *",$1,"* ]]; }
+STAGE_TIMEOUT=${STAGE_TIMEOUT:-900}
+DEADLINE=$(( $(date +%s) + ${BUDGET_S:-86400} - 15 ))  # leave time to pack the results
+stage() {  # stage NAME CMD...: run (at most STAGE_TIMEOUT s, never past BUDGET_S), log, rc
+    local name=$1; shift
+    local t0=$(date +%s)
+    local left=$(( DEADLINE - t0 ))
+    if (( left < 10 )); then
+        printf '%-28s skipped (time budget spent)\n' "$name" | tee -a "$SUMMARY"
+        return 0
+    fi
+    (( left > STAGE_TIMEOUT )) && left=$STAGE_TIMEOUT
+    echo "== $name: $*" | tee -a "$OUT/logs/$name.log"
+    timeout "$left" "$@" >>"$OUT/logs/$name.log" 2>&1
+    local rc=$?
+    printf '%-28s rc=%-3s %4ss\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" | tee -a "$SUMMARY"
+    tail -n 25 "$OUT/logs/$name.log"
+    return 0
+}
+
+{
+    date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    $PY -c 'import torch, sys; print(sys.version); print("torch", torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'
+    nvcc --version | tail -1
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+if want build; then
+    stage build $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+fi
+if want tests; then
+    stage pytest_cuda $PY -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml"
+fi
+if want bench; then
+    stage bench_kv_update $PY scripts/bench_kv_update.py --json "$OUT/bench_kv_update.json"
+    stage bench_decode $PY scripts/bench_decode.py ${BENCH_ARGS:-} --json "$OUT/bench_decode.json"
+fi
+if want check; then
+    stage check_gpu toyllm check --device cuda --dtypes fp32,fp16,bf16 --json "$OUT/check_gpu.json"
+fi
+if want generate; then
+    stage generate_bf16 toyllm generate "def parse_args(argv):" --device cuda --dtype bf16 \
+        --max-new-tokens 96 --seed 0 --stats
+    stage generate_fp16_batch toyllm generate "import os" "class Config:" "def main():" \
+        --device cuda --dtype fp16 --max-new-tokens 64 --seed 0 --stats
+fi
+if want sanitizer; then
+    for tool in memcheck racecheck; do
+        stage "sanitizer_$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+            $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_kv_cache_spec.py \
+            tests/test_decode_attention.py -k "not graph and not compile"
+    done
+fi
+if want sweep; then
+    for name in ${SWEEPS:-attention-variants context-length}; do
+        stage "sweep_$name" toyllm sweep "configs/experiments/$name.toml" --device cuda \
+            --out "$OUT/sweep_$name"
+    done
+fi
+tar -czf "$OUT/gpu_check.tar.gz" -C "$OUT" --exclude gpu_check.tar.gz . 2>/dev/null
+echo "== summary"; cat "$SUMMARY"
