@@ -13,7 +13,7 @@ Nothing here advances positions: the engine does that only after the whole step 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +114,9 @@ class DecodeStep:
     positions: Tensor  # int32 [rows]: where this step's token goes; -1 = finished row
     use_kernel: bool = True
     span: int | None = None  # keys read per row by SDPA (None: all max_seq_len)
+    # per step, not per layer: row b's key lengths and SDPA mask, made on first use
+    _seq_lens: Tensor | None = field(default=None, init=False, repr=False)
+    _allowed: Tensor | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def over(cls, cache: KVCache, rows: int, use_kernel: bool = True,
@@ -130,14 +133,17 @@ class DecodeStep:
         k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
         rows = q.shape[0]
         kv_update(k_cache, v_cache, k.contiguous(), v.contiguous(), self.positions)
-        seq_lens = self.positions.clamp(min=0) + 1  # row b sees keys 0..p_b
+        if self._seq_lens is None:
+            self._seq_lens = (self.positions.clamp(min=0) + 1).to(torch.int32)  # keys 0..p_b
         if self.use_kernel and has_decode_attention(q.device, rows):
             out = torch.ops.toyllm.decode_attention(
                 q.reshape(rows, q.shape[2], q.shape[3]).contiguous(), k_cache, v_cache,
-                seq_lens.to(torch.int32), q.shape[-1] ** -0.5,
+                self._seq_lens, q.shape[-1] ** -0.5,
             )
             return out.view_as(q)
         span = self.span or k_cache.shape[1]
-        kj = torch.arange(span, device=q.device)
-        allowed = (kj.unsqueeze(0) < seq_lens.unsqueeze(1)).unsqueeze(1)  # [rows, 1, span]
-        return grouped_attention(q, k_cache[:, :span], v_cache[:, :span], allowed)
+        if self._allowed is None:
+            kj = torch.arange(span, device=q.device)
+            self._allowed = (kj.unsqueeze(0) < self._seq_lens.unsqueeze(1)).unsqueeze(1)
+        # [rows, 1, span] mask: row b sees its own keys only
+        return grouped_attention(q, k_cache[:, :span], v_cache[:, :span], self._allowed)

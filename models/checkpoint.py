@@ -125,13 +125,13 @@ def load_checkpoint(
         raise CheckpointError(f"{directory}: weights must be floating point, got {target}")
     with torch.device("meta"):
         model = Transformer(config)
-    model = model.to_empty(device=device).to(target)
+    # hand the loaded tensors to the model as its parameters (no copy, no meta-tensor
+    # materialisation, which costs a second of torch._refs machinery on first use)
+    state = {name: tensors[name].to(device=device, dtype=target) for name in shapes}
+    model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name in shapes:
-            params[name].copy_(tensors[name])
+    model.inv_freq = model.inv_freq.to(device)
     return model.eval(), config
 
 
