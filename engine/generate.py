@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from engine.cached_attention import DecodeStep, PrefillStep
+from engine.cpu_layout import store_weights_input_major
 from engine.kv_cache import KVCache
 from engine.sampling import SamplingParams, make_generator, sample
 from engine.stopping import StopWatcher
@@ -96,7 +97,6 @@ class Engine:
         cuda_graph: bool | None = None,
         decode_kernel: bool = True,
         max_seq_len: int | None = None,
-        compile: bool = False,
     ) -> None:
         if prefill_chunk is not None and prefill_chunk <= 0:
             raise GenerationError(
@@ -113,16 +113,20 @@ class Engine:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise GenerationError("CUDA graphs need a CUDA device; use cuda_graph=False on CPU")
+        if self.device.type == "cpu":
+            store_weights_input_major(model)  # same values, 3x faster decode GEMVs on MKL
         self.cache: KVCache | None = None
         self._graphs = None  # engine.cuda_graph.DecodeGraphs, built on first use
         self._views: dict[int, tuple[list[Tensor], list[Tensor], Tensor]] = {}
-        self.compile = compile
         self.decode_forward = self._make_decode_forward()
 
     def _make_decode_forward(self) -> Callable[..., Tensor]:
         """The decode step as a function of tensors only (tokens [rows, 1], positions
-        int32 [rows], per-layer cache views), so torch.compile can fuse it and a CUDA graph
-        can capture it. Compiled, it always reads all max_seq_len keys (static shapes)."""
+        int32 [rows], per-layer cache views), so a CUDA graph can capture it.
+
+        NOTE: torch.compile accepts it (the extension ops have fake implementations) but is
+        not used: compiled, decode ran 20x slower than eager on the CPU (2026-11-27; not yet
+        profiled, the functionalised in-place cache update is the first suspect)."""
         model, use_kernel = self.model, self.decode_kernel
 
         def decode_forward(tokens: Tensor, positions: Tensor, k_caches: list[Tensor],
@@ -130,8 +134,6 @@ class Engine:
             step = DecodeStep(k_caches, v_caches, positions, use_kernel, span)
             return model(tokens, step.rope_positions(), step)[:, -1]
 
-        if self.compile:
-            return torch.compile(decode_forward, dynamic=False)
         return decode_forward
 
     def cache_views(self, rows: int) -> tuple[list[Tensor], list[Tensor], Tensor]:
@@ -237,9 +239,8 @@ class Engine:
                 self._graphs = DecodeGraphs(self.decode_forward, self.cache_views)
             logits = self._graphs.run(rows, tokens)
         else:
-            span = None
-            if not self.compile:  # eager: read only as far as the longest row
-                span = min(max(cache.positions()[:rows]) + 1, cache.max_seq_len)
+            # eager: read only as far as the longest row
+            span = min(max(cache.positions()[:rows]) + 1, cache.max_seq_len)
             logits = self.decode_forward(tokens.view(rows, 1), positions, ks, vs, span)
         cache.advance_position(1)
         return logits

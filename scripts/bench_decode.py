@@ -1,4 +1,4 @@
-"""Decode and prefill benchmark: toyllm (eager, CUDA graphs, compiled + graphs), the no-cache
+"""Decode and prefill benchmark: toyllm (eager, CUDA graphs), the no-cache
 reference and Hugging Face transformers (dynamic and static cache), against the roofline.
 
     python scripts/bench_decode.py --json out/bench_decode.json          # GPU: full table
@@ -196,10 +196,6 @@ def bench_model(
     engines = {"toyllm eager": dict(cuda_graph=False)}
     if on_gpu:
         engines["toyllm graph"] = dict(cuda_graph=True)
-        if args.compile:
-            engines["toyllm compiled+graph"] = dict(cuda_graph=True, compile=True)
-    elif args.compile:
-        engines["toyllm compiled"] = dict(cuda_graph=False, compile=True)
     contexts = [c for c in args.contexts if c + args.new_tokens <= config.max_seq_len]
     for batch in args.batches:
         for ctx in contexts:
@@ -342,7 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill", default=None)
     ap.add_argument("--no-hf", dest="hf", action="store_false")
     ap.add_argument("--no-reference", dest="reference", action="store_false")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd decode")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
