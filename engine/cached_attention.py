@@ -118,13 +118,6 @@ class DecodeStep:
     _seq_lens: Tensor | None = field(default=None, init=False, repr=False)
     _allowed: Tensor | None = field(default=None, init=False, repr=False)
 
-    @classmethod
-    def over(cls, cache: KVCache, rows: int, use_kernel: bool = True,
-             span: int | None = None) -> DecodeStep:
-        ks = [cache.keys(i)[:rows] for i in range(cache.num_layers)]
-        vs = [cache.values(i)[:rows] for i in range(cache.num_layers)]
-        return cls(ks, vs, cache.device_positions()[:rows], use_kernel, span)
-
     def rope_positions(self) -> Tensor:
         """int64 [rows, 1] RoPE positions of this step's tokens (0 for finished rows)."""
         return self.positions.clamp(min=0).long().unsqueeze(1)
