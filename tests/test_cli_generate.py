@@ -110,3 +110,21 @@ def test_bad_model_path_is_one_clear_line(model: str, message: str) -> None:
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output
     assert message in r.stderr.replace("\n", ""), r.stderr
+
+
+def test_a_checkpoint_written_by_transformers_runs_through_generate(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    import shutil
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
+    shutil.copyfile(TOKENIZER, tmp_path / "tokenizer.model")
+    r = run("generate", "def f(x):", "--model", str(tmp_path), "--max-new-tokens", "8",
+            "--temperature", "0", "--json")
+    assert r.exit_code == 0, r.output
+    (completion,) = json.loads(r.stdout)["completions"]
+    assert completion["completion_tokens"] == 8 or completion["finish_reason"] == "eos"
