@@ -18,6 +18,10 @@ Per case, on one random model:
 4. reset cases: a bigger request dirties the engine's cache first; the request that follows
    must match the reference and a fresh engine's output token for token.
 
+This module runs the cases; the table and the JSON report are engine/check_report.py, the
+result dataclasses (`CaseResult`, `Divergence`) engine/check_result.py, the matrix of cases
+engine/check_cases.py.
+
     from engine.check import check_model
     result = check_model(model, prompt_lens=(13, 5))
     print(result.verdict, result.max_abs, result.rel)
@@ -26,105 +30,38 @@ Per case, on one random model:
 from __future__ import annotations
 
 import copy
-import datetime
-import json
 import math
 import platform
 import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 from torch import Tensor
 
 from engine.check_cases import Case, default_matrix, weight_std
+from engine.check_report import build_report, render_report, write_report
+from engine.check_result import ERROR, FAIL, PASS, CaseResult, Divergence
 from engine.device import DTYPES, dtype_name, resolve_device
 from engine.generate import Engine
 from engine.reference import reference_greedy, reference_logits
 from engine.sampling import SamplingParams
-from engine.tolerances import HF_FP32_REL, Tolerance, tolerance_for, tolerances_report
+from engine.tolerances import HF_FP32_REL, Tolerance, tolerance_for
 from models.llama import Transformer, build_model
-
-PASS, FAIL, ERROR = "PASS", "FAIL", "ERROR"
 
 # The matrix's models are tiny: on the CPU one thread beats OpenMP's fork/join on every op,
 # and on a busy machine (CI runners, other jobs) it is 10-50x faster than spinning workers.
 CPU_THREADS = 1
-TABLE_WIDTH = 160
 
 
 class CheckError(ValueError):
     """A `toyllm check` request that cannot run (unknown dtype, fp16 on the CPU, a filter
     that matches no case...)."""
-
-
-@dataclass
-class Divergence:
-    """Where a greedy run first left the reference's tokens."""
-
-    row: int
-    step: int  # index of the first differing new token
-    expected: int  # the reference's token
-    got: int  # the engine's token
-    margin: float  # reference's top-1 minus top-2 logit at that step
-    gap: float  # reference's logit of its token minus its logit of the engine's token
-    near_tie_margin: float  # gap at or below this counts as a near-tie
-    near_tie: bool
-
-
-@dataclass
-class CaseResult:
-    """What one case measured and why it passed or failed."""
-
-    name: str
-    dtype: str
-    device: str
-    verdict: str = PASS  # PASS | FAIL | ERROR
-    # teacher-forced: engine vs no-cache reference, same dtype
-    max_abs: float | None = None  # max |a - b| over every compared logit
-    rel: float | None = None  # worst step's ||a-b|| / ||b||
-    argmax_agree: float | None = None  # fraction of steps with the same argmax
-    argmax_flips: int = 0  # argmax disagreements beyond the near-tie margin
-    steps: int = 0  # logit rows compared (all batch rows)
-    # low precision: distances from the fp32 result (same weights upcast, no cache)
-    engine_fp32_rel: float | None = None  # worst step's ||engine - fp32|| / ||fp32||
-    reference_fp32_rel: float | None = None  # worst step's ||reference - fp32|| / ||fp32||
-    # free-running greedy
-    greedy_match: bool | None = None
-    greedy_tokens: int = 0  # tokens that agreed before any divergence (all rows)
-    greedy_expected: int = 0  # tokens the reference produced (all rows)
-    divergences: list[Divergence] = field(default_factory=list)
-    min_margin: float | None = None  # smallest reference top-2 margin over the compared steps
-    # Hugging Face witness
-    hf_rel: float | None = None
-    hf_greedy_match: bool | None = None
-    hf_note: str = ""
-    # cache reset between requests
-    reset_match: bool | None = None
-    failures: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    error: str | None = None
-    traceback: str | None = None
-    seconds: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        return self.verdict == PASS
-
-    @property
-    def worst_divergence(self) -> Divergence | None:
-        """The divergence that matters most: a real one before a near-tie, then the
-        largest gap."""
-        if not self.divergences:
-            return None
-        return max(self.divergences, key=lambda d: (not d.near_tie, d.gap))
 
 
 # metrics ------------------------------------------------------------------------------------
@@ -508,31 +445,6 @@ def run_case(case: Case, hf: bool = True, hf_cache: dict[Any, Any] | None = None
 
 
 # the matrix -----------------------------------------------------------------------------------
-def versions() -> dict[str, str | None]:
-    try:
-        import transformers
-
-        hf_version: str | None = transformers.__version__
-    except ImportError:
-        hf_version = None
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": hf_version,
-        "toyllm": _toyllm_version(),
-    }
-
-
-def _toyllm_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("toyllm")
-    except PackageNotFoundError:
-        return None
-
-
 def device_names(cases: Sequence[Case]) -> dict[str, str]:
     names = {}
     for dev in sorted({c.device for c in cases}):
@@ -562,50 +474,9 @@ def run_matrix(
             results.append((case, run_case(case, hf=hf, hf_cache=hf_cache)))
     finally:
         torch.set_num_threads(threads)
-    failed = [r.name + "/" + r.dtype + "/" + r.device for _, r in results if not r.passed]
-    return _json_safe({
-        "tool": "toyllm check",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(),
-        "devices": device_names(cases),
-        "hf_witness": "on" if hf and hf_available() else
-                      ("off" if not hf else "transformers not installed"),
-        "tolerances": tolerances_report(),
-        "cases": [_case_entry(c, r) for c, r in results],
-        "summary": {
-            "total": len(results),
-            "passed": len(results) - len(failed),
-            "failed": failed,
-            "seconds": round(time.perf_counter() - t0, 2),
-            "verdict": PASS if not failed else FAIL,
-        },
-    })
-
-
-def _case_entry(case: Case, result: CaseResult) -> dict[str, Any]:
-    entry = asdict(result)
-    entry["case"] = {k: v for k, v in asdict(case).items() if k not in ("name", "dtype", "device")}
-    try:
-        entry["case"]["config"] = case.model_config().to_dict()
-    except Exception:  # the config itself is what failed (reported as the case's error)
-        pass
-    entry["margin"] = None if result.worst_divergence is None else \
-        result.worst_divergence.margin
-    entry["seconds"] = round(result.seconds, 3)
-    return entry
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and infinities as strings, so the report is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+    hf_witness = "on" if hf and hf_available() else \
+        ("off" if not hf else "transformers not installed")
+    return build_report(results, hf_witness, device_names(cases), t0)
 
 
 # the command ----------------------------------------------------------------------------------
@@ -660,85 +531,6 @@ def _on(case: Case, device: str) -> Case:
     return replace(case, device=device)
 
 
-def render_report(report: dict[str, Any], console: Console) -> None:
-    """The table (one row per case), the tolerances, the failures, the verdict line."""
-    table = Table(title="toyllm check: cached engine vs no-cache reference"
-                  + (" vs HF transformers" if report["hf_witness"] == "on" else ""))
-    for col in ("case", "dtype", "device"):
-        table.add_column(col)
-    for col in ("max|diff|", "rel", "fp32 e/r", "argmax", "greedy", "margin", "HF rel", "s"):
-        table.add_column(col, justify="right")
-    table.add_column("verdict")
-    for e in report["cases"]:
-        greedy = "-" if e["greedy_match"] is None else \
-            f"{e['greedy_tokens']}/{e['greedy_expected']}"
-        div = max(e["divergences"], key=lambda d: (not d["near_tie"], d["gap"]), default=None)
-        if div is not None:
-            greedy += " near-tie" if div["near_tie"] else " diverged"
-        # the reference's top-2 margin where the run diverged; else the smallest one met
-        margin = _fmt(div["margin"]) if div is not None else \
-            "-" if e["min_margin"] is None else f"[dim]>={_fmt(e['min_margin'])}[/]"
-        hf = _fmt(e["hf_rel"]) if e["hf_rel"] is not None else "skip" if e["hf_note"] else "-"
-        if e["hf_greedy_match"] is False:
-            hf += " tok!"
-        agree = "-" if e["argmax_agree"] is None else f"{100 * e['argmax_agree']:.1f}%"
-        # low precision: engine's distance from fp32 over the reference's own distance
-        ratio = _ratio(e["engine_fp32_rel"], e["reference_fp32_rel"])
-        style = "green" if e["verdict"] == PASS else "bold red"
-        verdict = e["verdict"]
-        table.add_row(e["name"], e["dtype"], e["device"], _fmt(e["max_abs"]), _fmt(e["rel"]),
-                      ratio, agree, greedy, margin, hf, f"{e['seconds']:.1f}",
-                      f"[{style}]{verdict}[/]")
-    _wide(console).print(table)
-    tols = report["tolerances"]
-    console.print("tolerances:", markup=False)
-    for name, t in tols["dtypes"].items():
-        console.print(f"  {name}: {t['description']}", markup=False, soft_wrap=True)
-    console.print(f"  HF transformers, fp32: ||a-b||/||b|| <= {tols['hf_fp32_rel']:g} and the "
-                  f"same greedy tokens ({report['hf_witness']})", markup=False, soft_wrap=True)
-    if any(e["engine_fp32_rel"] is not None for e in report["cases"]):
-        console.print("  e/r: the engine's distance from fp32 over the same-dtype reference's "
-                      "(<= 1: the cache path is as accurate as the no-cache path); "
-                      "diagnostic only, never a pass", markup=False, soft_wrap=True)
-    for e in report["cases"]:
-        label = f"{e['name']}/{e['dtype']}/{e['device']}"
-        for why in e["failures"]:
-            console.print(f"  [red]{label}[/]: {escape(why)}", soft_wrap=True)
-        if e["error"]:
-            console.print(f"  [red]{label}[/]: error: {escape(e['error'])}", soft_wrap=True)
-    s = report["summary"]
-    devices = "; ".join(f"{k}: {v}" for k, v in report["devices"].items())
-    if s["verdict"] == PASS:
-        console.print(f"[bold green]PASS[/]: {s['passed']}/{s['total']} cases in "
-                      f"{s['seconds']:.1f} s ({devices})")
-    else:
-        console.print(f"[bold red]FAIL[/]: {len(s['failed'])} of {s['total']} cases failed "
-                      f"in {s['seconds']:.1f} s: {', '.join(s['failed'])} ({devices})")
-
-
-def _wide(console: Console) -> Console:
-    """The table never folds its columns in a log: off a terminal (CI, a pipe, a file) it is
-    printed at TABLE_WIDTH columns whatever the console's default width."""
-    if console.is_terminal or console.width >= TABLE_WIDTH:
-        return console
-    return Console(file=console.file, width=TABLE_WIDTH, highlight=False,
-                   color_system=console.color_system, no_color=console.no_color)
-
-
-def _ratio(a: Any, b: Any) -> str:
-    if not isinstance(a, float) or not isinstance(b, float):
-        return "-" if a is None else str(a)
-    return f"{a / b:.2f}x" if b > 0 else ("1.00x" if a == 0 else "inf")
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, str):  # "nan", "inf" from _json_safe
-        return value
-    return f"{value:.2e}"
-
-
 def run_check(
     configs: Sequence[str] | None = None,
     dtypes: Sequence[str] | None = None,
@@ -762,6 +554,5 @@ def run_check(
         report = run_matrix(cases, progress=progress, hf=hf)
     render_report(report, console)
     if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        console.print(f"report written to {json_path}", markup=False)
+        write_report(report, json_path, console)
     return 0 if report["summary"]["verdict"] == PASS else 1

@@ -1,29 +1,8 @@
 """`toyllm sweep EXPERIMENT.toml`: vary a model config along axes, measure every point.
 
-An experiment file names a base config and the axes to vary::
-
-    name = "attention-variants"
-    base = "../llama-1b.toml"        # relative to the experiment file
-    device = "auto"                   # optional: auto | cpu | cuda | cuda:N
-    description = "MHA vs GQA vs MQA" # optional
-    [model]                           # optional: fixed overrides of the base config
-    max_seq_len = 4096
-    [grid]                            # the axes: every combination is one point
-    num_kv_heads = [1, 8, 32]
-    dtype = ["bf16"]
-    batch_size = [1, 16]
-    context = [1024]
-    [run]                             # optional: how each point is measured
-    prompt_tokens = 128               # or "fill": context - new_tokens
-    new_tokens = 64
-    check = true                      # the harness verdict per point
-
-Axes are ModelConfig fields (not `name` or `rope_scaling`) plus `dtype` (fp32/fp16/bf16/auto),
-`batch_size`, `context` (the KV cache's positions per sequence; default the config's
-max_seq_len) and `kv_dtype` (memory arithmetic only: the engine stores the cache in the model's
-dtype, so a point whose kv_dtype differs from its dtype is reported as analytic-only, never
-measured). Every point's ModelConfig is built, and every size checked, before any work starts;
-a mistake is an `ExperimentError` naming the key, the point and what was expected.
+The experiment file (its format, its axes, and the grid built and validated before any work,
+with `ExperimentError`) is engine/sweep_spec.py; this module runs the points and writes the
+outputs.
 
 Per point: parameters, weight bytes, KV bytes per token, KV cache bytes at the context for the
 batch (arithmetic), then, on random weights: the cache the engine allocated, prefill ms, decode
@@ -37,18 +16,16 @@ from __future__ import annotations
 import csv
 import datetime
 import gc
-import itertools
 import json
 import math
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import tomllib
 from rich.console import Console, Group
 from rich.live import Live
 from rich.markup import escape
@@ -56,22 +33,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from engine.model_info import ELEMENT_SIZES, attention_kind, format_bytes, format_count
-from models.config import ConfigError, ModelConfig, load_config
+from engine.sweep_spec import MODEL_AXES, Experiment, Point, RunSettings, load_experiment
+from engine.sweep_spec import ExperimentError as ExperimentError  # re-exported for the CLI
+from models.config import ModelConfig
 
-
-class ExperimentError(ValueError):
-    """An experiment file that cannot run: reported before any point is measured."""
-
-
-MODEL_AXES: tuple[str, ...] = tuple(
-    f.name for f in fields(ModelConfig) if f.name not in ("name", "rope_scaling")
-)
-RUN_AXES: tuple[str, ...] = ("dtype", "kv_dtype", "context", "batch_size")
-DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16",
-               "half": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
-MODES = ("eager", "graph")
 LIVE_ROWS = 20  # rows of the live table while a sweep runs (the final table has all)
-TOP_KEYS = ("name", "base", "device", "description", "model", "grid", "run")
 
 # The columns of the CSV/JSON rows, in order (ModelConfig axes outside this list are appended).
 COLUMNS: tuple[str, ...] = (
@@ -82,281 +48,6 @@ COLUMNS: tuple[str, ...] = (
     "prefill_ms", "prefill_tok_s", "decode_tok_s_eager", "decode_tok_s_graph", "check",
     "check_max_abs", "check_rel", "check_note", "seconds",
 )
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """The `[run]` table: how each point is measured."""
-
-    prompt_tokens: int | str = 32  # tokens per prompt, or "fill" (context - new_tokens)
-    new_tokens: int = 32  # decoded tokens per sequence (>= 2: the first comes from prefill)
-    check: bool = True  # run the correctness harness (engine/check.py) per model/dtype
-    check_tokens: int = 16  # harness: teacher-forced steps and greedy tokens per row
-    modes: tuple[str, ...] = ()  # eager and/or graph; () = eager, plus graph on CUDA
-    warmup: int = 1  # untimed generate calls before the timed ones (graph capture, autotune)
-    repeats: int = 1  # timed generate calls; the median is reported
-    seed: int = 0  # weights and prompts
-    measure: bool = True  # false: arithmetic columns only, no model is built
-    threads: int = 0  # torch CPU threads while the sweep runs (0: leave torch's setting)
-
-
-@dataclass(frozen=True)
-class Point:
-    """One combination of the grid, validated."""
-
-    index: int
-    values: dict[str, Any]  # axis -> this point's value, for the varied axes only
-    config: ModelConfig
-    dtype: str
-    kv_dtype: str
-    batch_size: int
-    context: int
-    prompt_tokens: int
-
-    @property
-    def label(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.values.items())
-
-    @property
-    def analytic_only(self) -> bool:
-        return self.kv_dtype != self.dtype
-
-
-@dataclass
-class Experiment:
-    name: str
-    path: Path
-    base: Path
-    description: str
-    device: str  # resolved: "cpu", "cuda:0", ...
-    grid: dict[str, list[Any]]
-    run: RunSettings
-    modes: tuple[str, ...]
-    points: list[Point] = field(default_factory=list)
-
-
-# parsing and validation ---------------------------------------------------------------------
-def load_experiment(path: str | Path, device: str | None = None) -> Experiment:
-    """Read and validate an experiment file: every point's config is built and every size is
-    checked here, so nothing runs unless the whole grid can. device overrides the file's."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExperimentError(f"experiment file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ExperimentError(f"{path}: not valid TOML ({exc})") from None
-    unknown = sorted(set(data) - set(TOP_KEYS))
-    if unknown:
-        raise ExperimentError(
-            f"{path}: unknown key(s) {unknown}; expected some of {list(TOP_KEYS)}"
-        )
-    name = _string(path, "name", data.get("name", path.stem))
-    if not name or any(c in name for c in "/\\") or name.startswith("."):
-        raise ExperimentError(f"{path}: name: expected a plain file-name word, got {name!r}")
-    base = _base_config(path, data)
-    dev = _device(path, device if device is not None else data.get("device", "auto"))
-    run = _run_settings(path, data.get("run", {}))
-    modes = _modes(path, run, dev)
-    grid = _grid(path, data.get("grid"))
-    description = _string(path, "description", data.get("description", ""))
-    exp = Experiment(name, path, path.parent / data["base"], description, dev, grid, run, modes)
-    exp.points = _points(path, base, grid, run, dev)
-    return exp
-
-
-def _string(path: Path, key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ExperimentError(f"{path}: {key}: expected a string, got {value!r}")
-    return value
-
-
-def _base_config(path: Path, data: dict[str, Any]) -> ModelConfig:
-    if "base" not in data:
-        raise ExperimentError(f"{path}: missing key 'base' (the config the grid varies)")
-    base_path = path.parent / _string(path, "base", data["base"])
-    if not base_path.exists():
-        raise ExperimentError(f"{path}: base config not found: {base_path}")
-    try:
-        config = load_config(base_path)
-    except ConfigError as exc:
-        raise ExperimentError(f"{path}: base config: {exc}") from None
-    overrides = data.get("model", {})
-    if not isinstance(overrides, dict):
-        raise ExperimentError(f"{path}: [model] must be a table, got {overrides!r}")
-    bad = sorted(set(overrides) - set(MODEL_AXES))
-    if bad:
-        raise ExperimentError(
-            f"{path}: [model]: unknown key(s) {bad}; expected ModelConfig fields "
-            f"{list(MODEL_AXES)}"
-        )
-    try:
-        return config.with_overrides(**overrides)
-    except (ConfigError, TypeError) as exc:
-        raise ExperimentError(f"{path}: [model]: {exc}") from None
-
-
-def _device(path: Path, name: Any) -> str:
-    from engine.device import DeviceError, resolve_device
-
-    if not isinstance(name, str):
-        raise ExperimentError(f"{path}: device: expected a string, got {name!r}")
-    try:
-        return str(resolve_device(name))
-    except DeviceError as exc:
-        raise ExperimentError(f"{path}: device: {exc}") from None
-
-
-def _positive(path: Path, key: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ExperimentError(
-            f"{path}: {key}: expected an integer >= {minimum}, got {value!r}"
-        )
-    return value
-
-
-def _run_settings(path: Path, table: Any) -> RunSettings:
-    if not isinstance(table, dict):
-        raise ExperimentError(f"{path}: [run] must be a table, got {table!r}")
-    known = {f.name for f in fields(RunSettings)}
-    bad = sorted(set(table) - known)
-    if bad:
-        raise ExperimentError(
-            f"{path}: [run]: unknown key(s) {bad}; expected some of {sorted(known)}"
-        )
-    kw = dict(table)
-    prompt = kw.get("prompt_tokens", RunSettings.prompt_tokens)
-    if prompt != "fill" and (isinstance(prompt, bool) or not isinstance(prompt, int)
-                             or prompt < 1):
-        raise ExperimentError(
-            f"{path}: [run] prompt_tokens: expected an integer >= 1 or \"fill\", got {prompt!r}"
-        )
-    _positive(path, "[run] new_tokens", kw.get("new_tokens", RunSettings.new_tokens), 2)
-    _positive(path, "[run] check_tokens", kw.get("check_tokens", RunSettings.check_tokens), 2)
-    _positive(path, "[run] warmup", kw.get("warmup", RunSettings.warmup), 0)
-    _positive(path, "[run] repeats", kw.get("repeats", RunSettings.repeats))
-    _positive(path, "[run] seed", kw.get("seed", RunSettings.seed), 0)
-    _positive(path, "[run] threads", kw.get("threads", RunSettings.threads), 0)
-    for flag in ("check", "measure"):
-        if not isinstance(kw.get(flag, True), bool):
-            raise ExperimentError(f"{path}: [run] {flag}: expected true or false, "
-                                  f"got {kw[flag]!r}")
-    modes = kw.get("modes", [])
-    if not isinstance(modes, list) or any(m not in MODES for m in modes):
-        raise ExperimentError(
-            f"{path}: [run] modes: expected a list of {list(MODES)}, got {modes!r}"
-        )
-    kw["modes"] = tuple(dict.fromkeys(modes))
-    return RunSettings(**kw)
-
-
-def _modes(path: Path, run: RunSettings, device: str) -> tuple[str, ...]:
-    cuda = device.startswith("cuda")
-    if not run.modes:
-        return MODES if cuda else ("eager",)
-    if "graph" in run.modes and not cuda:
-        raise ExperimentError(
-            f"{path}: [run] modes: 'graph' (CUDA graphs) needs a CUDA device, got {device}"
-        )
-    return run.modes
-
-
-def _grid(path: Path, grid: Any) -> dict[str, list[Any]]:
-    if grid is None:
-        raise ExperimentError(f"{path}: missing [grid] table (the axes to vary)")
-    if not isinstance(grid, dict):
-        raise ExperimentError(f"{path}: [grid] must be a table, got {grid!r}")
-    if not grid:
-        raise ExperimentError(
-            f"{path}: empty grid: [grid] names no axis; expected at least one of "
-            f"{list(MODEL_AXES + RUN_AXES)}"
-        )
-    out: dict[str, list[Any]] = {}
-    for axis, values in grid.items():
-        if axis not in MODEL_AXES and axis not in RUN_AXES:
-            hint = " (set it in the base config or [model])" if axis in ("name", "rope_scaling") \
-                else ""
-            raise ExperimentError(
-                f"{path}: [grid]: unknown axis {axis!r}{hint}; expected ModelConfig fields "
-                f"{list(MODEL_AXES)} or {list(RUN_AXES)}"
-            )
-        if not isinstance(values, list):
-            raise ExperimentError(
-                f"{path}: [grid] {axis}: expected a list of values, got {values!r}"
-            )
-        if not values:
-            raise ExperimentError(f"{path}: [grid] {axis}: empty list, so the grid is empty")
-        if any(isinstance(v, (dict, list)) for v in values):
-            raise ExperimentError(f"{path}: [grid] {axis}: expected plain values, got {values!r}")
-        if axis in ("dtype", "kv_dtype"):
-            values = [_dtype_word(path, axis, v) for v in values]
-        if axis in ("batch_size", "context"):
-            values = [_positive(path, f"[grid] {axis}", v) for v in values]
-        if len(set(map(repr, values))) != len(values):
-            raise ExperimentError(f"{path}: [grid] {axis}: repeated value in {values!r}")
-        out[axis] = values
-    order = [a for a in grid if a in MODEL_AXES] + [a for a in RUN_AXES if a in grid]
-    return {a: out[a] for a in order}  # batch_size last: consecutive points share a model
-
-
-def _dtype_word(path: Path, axis: str, value: Any) -> str:
-    if value == "auto":
-        return "auto"
-    word = DTYPE_NAMES.get(value.lower()) if isinstance(value, str) else None
-    if word is None:
-        raise ExperimentError(
-            f"{path}: [grid] {axis}: unknown dtype {value!r}; expected fp32, fp16, bf16 or auto"
-        )
-    return word
-
-
-def _points(path: Path, base: ModelConfig, grid: dict[str, list[Any]], run: RunSettings,
-            device: str) -> list[Point]:
-    """Every combination, shapes first (each ModelConfig is built, so its own checks run),
-    then whether the request fits each point's context."""
-    combos = [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())]
-    if not combos:  # unreachable with non-empty lists, kept as the contract
-        raise ExperimentError(f"{path}: the grid has no point")
-    configs = []
-    for index, values in enumerate(combos):
-        try:
-            configs.append(base.with_overrides(
-                **{k: v for k, v in values.items() if k in MODEL_AXES}))
-        except (ConfigError, TypeError) as exc:
-            raise ExperimentError(
-                f"{_where(path, index, values)}: impossible shape: {exc}") from None
-    auto = "bf16" if device.startswith("cuda") else "fp32"
-    points = []
-    for index, (values, config) in enumerate(zip(combos, configs, strict=True)):
-        where = _where(path, index, values)
-        dtype = values.get("dtype", "auto")
-        dtype = auto if dtype == "auto" else dtype
-        kv_dtype = values.get("kv_dtype", dtype)
-        kv_dtype = dtype if kv_dtype == "auto" else kv_dtype
-        context = values.get("context", config.max_seq_len)
-        if context > config.max_seq_len:
-            raise ExperimentError(
-                f"{where}: context {context} is longer than max_seq_len {config.max_seq_len}; "
-                "raise max_seq_len in [model] or the base config"
-            )
-        prompt = context - run.new_tokens if run.prompt_tokens == "fill" else run.prompt_tokens
-        if prompt < 1 or prompt + run.new_tokens > context:
-            raise ExperimentError(
-                f"{where}: prompt_tokens ({run.prompt_tokens}) + new_tokens ({run.new_tokens}) "
-                f"must fit in the context ({context}) with at least one prompt token"
-            )
-        if run.check and run.check_tokens >= context:
-            raise ExperimentError(
-                f"{where}: check_tokens ({run.check_tokens}) must be less than the context "
-                f"({context})"
-            )
-        points.append(Point(index, values, config, dtype, kv_dtype,
-                            values.get("batch_size", 1), context, prompt))
-    return points
-
-
-def _where(path: Path, index: int, values: dict[str, Any]) -> str:
-    return f"{path}: point {index} ({', '.join(f'{k}={v}' for k, v in values.items())})"
 
 
 # one point ------------------------------------------------------------------------------------
