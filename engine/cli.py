@@ -197,6 +197,21 @@ def _generate(prompts, model, random_weights, tokenizer, prompts_file, max_new_t
         )
 
 
+# --- toyllm bench: decode/prefill benchmark (engine/bench_decode.py) ----------------------------
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False)
+def bench(ctx: typer.Context) -> None:
+    """Decode and prefill tok/s against transformers and the roofline (`toyllm bench --help`
+    lists its options)."""
+    from engine.bench_decode import main as bench_main
+
+    try:
+        code = bench_main(list(ctx.args))
+    except user_errors() as exc:
+        raise fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
 # --- toyllm check: the correctness harness (engine/check.py) ---------------------------------
 @app.command()
 def check(

@@ -55,7 +55,7 @@ if want tests; then
 fi
 if want bench; then
     stage bench_kv_update $PY scripts/bench_kv_update.py --json "$OUT/bench_kv_update.json"
-    stage bench_decode $PY scripts/bench_decode.py ${BENCH_ARGS:-} --json "$OUT/bench_decode.json"
+    stage bench_decode toyllm bench ${BENCH_ARGS:-} --json "$OUT/bench_decode.json"
 fi
 if want check; then
     stage check_gpu toyllm check --device cuda --dtypes fp32,fp16,bf16 --json "$OUT/check_gpu.json"

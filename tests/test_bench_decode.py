@@ -1,0 +1,29 @@
+"""`toyllm bench` on the CPU: one small run writes a table and JSON with its baselines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from engine.cli import app
+
+
+def test_cpu_bench_writes_rows_for_each_engine_and_the_roofline(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(app, ["bench", "--device", "cpu", "--models", "tiny",
+                                 "--new-tokens", "6", "--no-hf", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    engines = {row["engine"] for row in report["rows"]}
+    assert {"toyllm eager", "no-cache reference"} <= engines
+    assert report["copy_bandwidth_gbs"] > 0
+    for row in report["rows"]:
+        assert row["tok_per_s"] > 0 and 0 < row["frac_roofline"] < 1, row
+
+
+def test_bench_rejects_an_unknown_option() -> None:
+    r = CliRunner().invoke(app, ["bench", "--colour", "red"])
+    assert r.exit_code == 2
+    assert "Traceback" not in r.output
