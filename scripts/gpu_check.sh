@@ -55,6 +55,8 @@ if want tests; then
 fi
 if want bench; then
     stage bench_kv_update $PY scripts/bench_kv_update.py --json "$OUT/bench_kv_update.json"
+    stage bench_decode_attention $PY scripts/bench_decode_attention.py \
+        --json "$OUT/bench_decode_attention.json"
     stage bench_decode toyllm bench ${BENCH_ARGS:-} --json "$OUT/bench_decode.json"
 fi
 if want check; then

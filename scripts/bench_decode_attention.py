@@ -1,0 +1,97 @@
+"""Decode attention: the extension's `toyllm::decode_attention` against PyTorch SDPA with a
+per-row length mask (what the engine uses otherwise), in one run on one GPU.
+
+    python scripts/bench_decode_attention.py --json out/bench_decode_attention.json
+
+Both read K/V in place from a [batch, max_seq_len, kv_heads, head_dim] cache. Times are per
+call inside a CUDA graph of 50 calls (GPU time without launch overhead), median of 5 replays;
+GB/s counts the K/V bytes each call must read (batch x seq_len x kv_heads x head_dim x 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.cached_attention import grouped_attention  # noqa: E402
+from engine.kv_cache import decode_attention  # noqa: E402
+
+# (batch, seq_len, q_heads, kv_heads, head_dim): Llama-1B heads, batch and context swept
+SHAPES = [(1, 128, 32, 8, 64), (1, 4096, 32, 8, 64), (4, 4096, 32, 8, 64),
+          (8, 8192, 32, 8, 64), (16, 4096, 32, 8, 64), (32, 4096, 32, 8, 64),
+          (1, 4096, 32, 32, 64), (1, 4096, 32, 1, 64), (16, 1024, 32, 8, 128)]
+
+
+def graph_time_us(fn, calls: int = 50, replays: int = 5) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_decode_attention: needs a CUDA GPU; none is available here")
+        return 2
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    dev = torch.device("cuda")
+    rows = []
+    print(f"{'shape (b, s, hq, hkv, d)':28} {'ours us':>9} {'sdpa us':>9} {'ours GB/s':>10} "
+          f"{'sdpa GB/s':>10} {'speed-up':>9} {'rel err':>8}")
+    for b, s, hq, hkv, d in SHAPES:
+        gen = torch.Generator(device=dev).manual_seed(0)
+        kc = torch.randn(b, s, hkv, d, device=dev, dtype=dtype, generator=gen)
+        vc = torch.randn(b, s, hkv, d, device=dev, dtype=dtype, generator=gen)
+        q = torch.randn(b, hq, d, device=dev, dtype=dtype, generator=gen)
+        lens = torch.full((b,), s, dtype=torch.int32, device=dev)
+        lens[::2] = max(1, s // 2)  # ragged rows
+        allowed = (torch.arange(s, device=dev)[None, :] < lens[:, None]).unsqueeze(1)
+        ours = partial(decode_attention, q, kc, vc, lens)
+        sdpa = partial(grouped_attention, q.unsqueeze(1), kc, vc, allowed)
+        err = ((ours().float() - sdpa()[:, 0].float()).norm() / sdpa().float().norm()).item()
+        t_ours, t_sdpa = graph_time_us(ours), graph_time_us(sdpa)
+        nbytes = 2 * int(lens.sum()) * hkv * d * kc.element_size()
+        row = dict(batch=b, seq_len=s, q_heads=hq, kv_heads=hkv, head_dim=d, ours_us=t_ours,
+                   sdpa_us=t_sdpa, ours_gbs=nbytes / t_ours / 1e3, sdpa_gbs=nbytes / t_sdpa / 1e3,
+                   speedup=t_sdpa / t_ours, rel_err=err)
+        rows.append(row)
+        print(f"{str((b, s, hq, hkv, d)):28} {t_ours:9.1f} {t_sdpa:9.1f} {row['ours_gbs']:10.0f} "
+              f"{row['sdpa_gbs']:10.0f} {row['speedup']:9.2f} {err:8.1e}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "device": torch.cuda.get_device_name(), "dtype": args.dtype,
+            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": rows,
+        }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
