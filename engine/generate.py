@@ -115,6 +115,7 @@ class Engine:
             raise GenerationError("CUDA graphs need a CUDA device; use cuda_graph=False on CPU")
         if self.device.type == "cpu":
             store_weights_input_major(model)  # same values, 3x faster decode GEMVs on MKL
+        model.fuse_projections()  # q/k/v and gate/up as one product each (views, no copy)
         self.cache: KVCache | None = None
         self._graphs = None  # engine.cuda_graph.DecodeGraphs, built on first use
         self._views: dict[int, tuple[list[Tensor], list[Tensor], Tensor]] = {}

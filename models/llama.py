@@ -57,14 +57,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(config.num_heads * hd, d, bias=False)
+        self.qkv_weight: Tensor | None = None  # set by fuse_projections(): [q; k; v] rows
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: AttentionCache | None) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        hq, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_weight is not None:
+            # one matmul for q, k and v, and one RoPE for q and k (heads side by side)
+            qkv = F.linear(x, self.qkv_weight).view(b, t, hq + 2 * hkv, hd)
+            qk = apply_rope(qkv[:, :, : hq + hkv], cos, sin)
+            q, k, v = qk[:, :, :hq], qk[:, :, hq:], qkv[:, :, hq + hkv :]
+        else:
+            q = apply_rope(self.q_proj(x).view(b, t, hq, hd), cos, sin)
+            k = apply_rope(self.k_proj(x).view(b, t, hkv, hd), cos, sin)
+            v = self.v_proj(x).view(b, t, hkv, hd)
         if cache is None:
             out = causal_attention(q, k, v)
         else:
@@ -90,9 +96,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_weight: Tensor | None = None  # set by fuse_projections(): [gate; up] rows
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class DecoderLayer(nn.Module):
@@ -148,6 +159,22 @@ class Transformer(nn.Module):
         # .to(dtype) would cast the RoPE frequencies too; keep them fp32 on the new device.
         super()._apply(fn, recurse)
         self.inv_freq = inverse_frequencies(self.config).to(self.embed_tokens.weight.device)
+        for layer in self.layers:  # fused weights were views of the old storage
+            layer.self_attn.qkv_weight = layer.mlp.gate_up_weight = None
+        return self
+
+    @torch.no_grad()
+    def fuse_projections(self) -> Transformer:
+        """Store q/k/v and gate/up of every layer as one matrix each, so a forward does 4
+        matrix products per layer instead of 7. The separate weights become views into the
+        fused storage: same values, same state_dict, no extra memory. Idempotent; undone by
+        moving the model (.to / .cuda)."""
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.qkv_weight is None:
+                attn.qkv_weight = _fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj])
+            if mlp.gate_up_weight is None:
+                mlp.gate_up_weight = _fuse_rows([mlp.gate_proj, mlp.up_proj])
         return self
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
@@ -168,6 +195,23 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
+
+
+def _fuse_rows(linears: list[nn.Linear]) -> Tensor:
+    """One [sum of out, in] weight for several linears of the same input; each linear's
+    weight becomes a view of its rows. Keeps the storage order: input-major weights (see
+    engine/cpu_layout.py) give an input-major fused matrix."""
+    weights = [lin.weight for lin in linears]
+    if all(w.stride() == (1, w.shape[0]) for w in weights):
+        fused = torch.cat([w.t() for w in weights], dim=1).t()  # [in, out] storage
+    else:
+        fused = torch.cat(list(weights), dim=0)
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight.data = fused[start : start + rows]
+        start += rows
+    return fused
 
 
 def build_model(
