@@ -85,12 +85,17 @@ def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[l
     return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(batch)]
 
 
+REPEATS = 3  # timed runs per measurement; the median is reported
+
+
 def time_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    """(decode tokens/s over all rows, ms per decode step) after one warm-up request."""
+    """(decode tokens/s over all rows, ms per decode step): median of REPEATS requests after
+    one warm-up request."""
     params = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False)
     engine.generate(prompts, SamplingParams(max_new_tokens=4, stop_at_eos=False))
-    result = engine.generate(prompts, params)
-    st = result.stats
+    runs = sorted((engine.generate(prompts, params).stats for _ in range(REPEATS)),
+                  key=lambda st: st.decode_tok_per_s)
+    st = runs[len(runs) // 2]
     return st.decode_tok_per_s, st.decode_s / max(st.decode_steps, 1) * 1e3
 
 
@@ -130,11 +135,14 @@ def time_hf(hf, prompts: list[list[int]], new_tokens: int, static: bool) -> tupl
     with torch.inference_mode():
         hf.generate(ids, **kw)  # warm-up (and, for the static cache, compilation)
         hf.generate(ids, **kw)
-        sync(hf.device)
-        t0 = time.perf_counter()
-        hf.generate(ids, **kw)
-        sync(hf.device)
-    dt = time.perf_counter() - t0
+        times = []
+        for _ in range(REPEATS):
+            sync(hf.device)
+            t0 = time.perf_counter()
+            hf.generate(ids, **kw)
+            sync(hf.device)
+            times.append(time.perf_counter() - t0)
+    dt = sorted(times)[len(times) // 2]
     # generate() also runs the prefill; subtract one prefill forward for a decode rate
     with torch.inference_mode():
         sync(hf.device)
