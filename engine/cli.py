@@ -63,7 +63,11 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     if prompts_file is not None:
         if not prompts_file.is_file():
             raise UserError(f"prompts file not found: {prompts_file}")
-        lines = prompts_file.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = prompts_file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{prompts_file}: expected UTF-8 text ({exc.reason} at byte "
+                            f"{exc.start})") from None
         for n, line in enumerate(lines, start=1):
             if not line.strip():
                 continue

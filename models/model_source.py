@@ -41,6 +41,8 @@ def load_model(
     """source None: the shipped default model. A directory: a checkpoint. A .toml: a config,
     which needs random_weights=True (its tokenizer is the default one when the vocab fits)."""
     t0 = time.perf_counter()
+    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+        raise ModelSourceError(f"tokenizer not found: {tokenizer_path}")
     path = Path(source) if source is not None else DEFAULT_MODEL_DIR
     if not path.exists():
         raise ModelSourceError(

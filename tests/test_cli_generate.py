@@ -89,6 +89,7 @@ def test_random_weights_from_a_config(tmp_path: Path) -> None:
     (["x", "--stop", ""], "stop: expected non-empty"),
     (["--prompts-file", "/nonexistent/p.txt"], "prompts file not found"),
     ([], "no prompt given"),
+    (["x", "--tokenizer", "/nonexistent/tokenizer.model"], "tokenizer not found"),
 ])
 def test_bad_input_is_one_clear_line(checkpoint: Path, args: list[str], message: str) -> None:
     r = run("generate", *args, "--model", str(checkpoint))
@@ -128,3 +129,11 @@ def test_a_checkpoint_written_by_transformers_runs_through_generate(tmp_path: Pa
     assert r.exit_code == 0, r.output
     (completion,) = json.loads(r.stdout)["completions"]
     assert completion["completion_tokens"] == 8 or completion["finish_reason"] == "eos"
+
+
+def test_prompts_file_that_is_not_utf8_is_one_clear_line(checkpoint: Path, tmp_path: Path) -> None:
+    f = tmp_path / "p.txt"
+    f.write_bytes(b"\xff\xfe not text")
+    r = run("generate", "--prompts-file", str(f), "--model", str(checkpoint))
+    assert r.exit_code == 2, r.output
+    assert "expected UTF-8 text" in r.stderr and "Traceback" not in r.output
