@@ -4,7 +4,8 @@ per-row length mask (what the engine uses otherwise), in one run on one GPU.
     python scripts/bench_decode_attention.py --json out/bench_decode_attention.json
 
 Both read K/V in place from a [batch, max_seq_len, kv_heads, head_dim] cache. Times are per
-call inside a CUDA graph of 50 calls (GPU time without launch overhead), median of 5 replays;
+call inside a CUDA graph of 50 calls (GPU time without launch overhead; bench_kv_update's
+time_graph), median of 5 replays;
 GB/s counts the K/V bytes each call must read (batch x seq_len x kv_heads x head_dim x 2).
 """
 
@@ -23,33 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.cached_attention import grouped_attention  # noqa: E402
 from engine.kv_cache import decode_attention  # noqa: E402
+from scripts.bench_kv_update import time_graph  # noqa: E402
 
 # (batch, seq_len, q_heads, kv_heads, head_dim): Llama-1B heads, batch and context swept
 SHAPES = [(1, 128, 32, 8, 64), (1, 4096, 32, 8, 64), (4, 4096, 32, 8, 64),
           (8, 8192, 32, 8, 64), (16, 4096, 32, 8, 64), (32, 4096, 32, 8, 64),
           (1, 4096, 32, 32, 64), (1, 4096, 32, 1, 64), (16, 1024, 32, 8, 128)]
-
-
-def graph_time_us(fn, calls: int = 50, replays: int = 5) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = partial(decode_attention, q, kc, vc, lens)
         sdpa = partial(grouped_attention, q.unsqueeze(1), kc, vc, allowed)
         err = ((ours().float() - sdpa()[:, 0].float()).norm() / sdpa().float().norm()).item()
-        t_ours, t_sdpa = graph_time_us(ours), graph_time_us(sdpa)
+        t_ours, t_sdpa = time_graph(ours, 50, 5), time_graph(sdpa, 50, 5)
         nbytes = 2 * int(lens.sum()) * hkv * d * kc.element_size()
         row = dict(batch=b, seq_len=s, q_heads=hq, kv_heads=hkv, head_dim=d, ours_us=t_ours,
                    sdpa_us=t_sdpa, ours_gbs=nbytes / t_ours / 1e3, sdpa_gbs=nbytes / t_sdpa / 1e3,
