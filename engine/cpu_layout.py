@@ -28,8 +28,8 @@ def store_weights_input_major(model: nn.Module) -> nn.Module:
             continue
         key = id(w)
         if key not in done:
-            if w.stride() == (1, w.shape[0]):  # already input-major
-                done[key] = w
+            if w.stride(0) == 1 and w.stride(1) >= w.shape[0]:  # already input-major (maybe
+                done[key] = w                                      # a view of a fused matrix)
                 continue
             w.data = w.data.t().contiguous().t()
             done[key] = w

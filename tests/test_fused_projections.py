@@ -42,3 +42,16 @@ def test_fusing_twice_is_a_no_op_and_moving_the_model_unfuses() -> None:
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_a_second_engine_on_a_fused_cpu_model_keeps_the_weights_shared() -> None:
+    from engine.generate import Engine
+
+    model = build_model(CONFIG, seed=4)
+    Engine(model)
+    attn = model.layers[0].self_attn
+    ptrs = (attn.qkv_weight.data_ptr(), attn.q_proj.weight.data_ptr())
+    Engine(model)  # relayout and fusion are both no-ops now
+    assert (attn.qkv_weight.data_ptr(), attn.q_proj.weight.data_ptr()) == ptrs
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == \
+        attn.qkv_weight.untyped_storage().data_ptr()
