@@ -8,6 +8,7 @@ TOYLLM_NO_CUDA=1 to skip CUDA on purpose.
 
 import glob
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -30,8 +31,9 @@ def _with_cuda() -> bool:
 # `gcc -shared` (the GPU machine's Python 3.12), the module then lacks libstdc++ in its NEEDED
 # list and any C++ exception raised through pybind11 crashes the interpreter instead of
 # becoming a Python error.
-for key, value in (("CC", "gcc"), ("CXX", "g++"), ("LDSHARED", "g++ -shared")):
-    os.environ.setdefault(key, value)
+if sys.platform.startswith("linux"):
+    for key, value in (("CC", "gcc"), ("CXX", "g++"), ("LDSHARED", "g++ -shared")):
+        os.environ.setdefault(key, value)
 
 cxx_flags = ["-O3", "-std=c++17"]
 if _with_cuda():
