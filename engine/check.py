@@ -53,6 +53,7 @@ from engine.reference import reference_greedy, reference_logits
 from engine.sampling import SamplingParams
 from engine.tolerances import HF_FP32_REL, Tolerance, tolerance_for
 from models.llama import Transformer, build_model
+from models.model_source import load_model
 
 # The matrix's models are tiny: on the CPU one thread beats OpenMP's fork/join on every op,
 # and on a busy machine (CI runners, other jobs) it is 10-50x faster than spinning workers.
@@ -409,7 +410,10 @@ def _dirty_request(engine: Engine, rows: int, vocab: int, seed: int) -> Callable
 
 # one case of the matrix ---------------------------------------------------------------------
 def build_case_model(case: Case) -> Transformer:
-    """The case's random model on its device, in its dtype (weights N(0, weight_std))."""
+    """The case's model on its device, in its dtype: random (weights N(0, weight_std)) or
+    the shipped default model."""
+    if case.shipped_weights:
+        return load_model(None, torch.device(case.device), DTYPES[case.dtype]).model
     config = case.model_config()
     model = build_model(config, device=case.device, dtype=DTYPES[case.dtype], seed=case.seed)
     model.init_weights(case.seed, std=weight_std(config))
