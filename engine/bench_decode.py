@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from engine.cached_attention import DECODE_KERNEL_MAX_ROWS
 from engine.generate import Engine
 from engine.reference import reference_logits
 from engine.sampling import SamplingParams
@@ -147,7 +148,7 @@ def time_hf(hf, prompts: list[list[int]], new_tokens: int, static: bool) -> tupl
     with torch.inference_mode():
         sync(hf.device)
         t1 = time.perf_counter()
-        hf(ids)
+        hf(ids, logits_to_keep=1)
         sync(hf.device)
     decode = max(dt - (time.perf_counter() - t1), 1e-9)
     steps = new_tokens - 1
@@ -203,6 +204,9 @@ def bench_model(
     engines = {"toyllm eager": dict(cuda_graph=False)}
     if on_gpu:
         engines["toyllm graph"] = dict(cuda_graph=True)
+        # the same graph with masked SDPA instead of the decode-attention kernel (batch 1 only:
+        # above DECODE_KERNEL_MAX_ROWS rows the engine takes SDPA anyway)
+        engines["toyllm graph, SDPA"] = dict(cuda_graph=True, decode_kernel=False)
     contexts = [c for c in args.contexts if c + args.new_tokens <= config.max_seq_len]
     for batch in args.batches:
         for ctx in contexts:
@@ -213,6 +217,8 @@ def bench_model(
             budget = (wbytes + batch * (ctx + args.new_tokens) * kv_token) / 1e9
             group: list[Row] = []
             for label, kw in engines.items():
+                if label.endswith("SDPA") and batch > DECODE_KERNEL_MAX_ROWS:
+                    continue
                 engine = Engine(model, **kw)
                 if on_gpu:
                     torch.cuda.reset_peak_memory_stats(device)
@@ -237,7 +243,10 @@ def bench_model(
             if hf is not None:
                 for static in (False, True):
                     label = "HF static" if static else "HF dynamic"
-                    if static and not on_gpu:
+                    # the static cache compiles a graph per shape (about a minute each): by
+                    # default only where its target is (batch 1, shortest context)
+                    if static and not (on_gpu and (args.hf_static_all or (
+                            batch == 1 and ctx == min(contexts)))):
                         continue
                     try:
                         tps, ms = time_hf(hf, prompts, args.new_tokens, static)
@@ -345,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill", default=None)
     ap.add_argument("--no-hf", dest="hf", action="store_false")
     ap.add_argument("--no-reference", dest="reference", action="store_false")
+    ap.add_argument("--hf-static-all", action="store_true",
+                    help="HF static cache at every batch and context (default: batch 1, "
+                    "shortest context)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -370,20 +382,28 @@ def main(argv: list[str] | None = None) -> int:
         r, ex = bench_model(name, device, dtype, bandwidth, args)
         rows += r
         extras[name] = ex
-    print_table(rows, extras, bandwidth, device_name)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {
-            "device": device_name,
-            "dtype": dtype_name(dtype),
-            "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"),
-            "copy_bandwidth_gbs": bandwidth / 1e9,
-            "rows": [asdict(r) for r in rows],
-            "models": extras,
-        }
-        args.json.write_text(json.dumps(report, indent=2, default=str))
+        # after each model, so a run cut short still leaves what it measured
+        print_table(r, {name: ex}, bandwidth, device_name)
+        if args.json:
+            write_json(args.json, rows, extras, device_name, dtype_name(dtype), bandwidth)
+    if len(args.models) > 1:
+        print_table(rows, extras, bandwidth, device_name)
     return 0
+
+
+def write_json(path: Path, rows: list[Row], extras: dict, device_name: str, dtype: str,
+               bandwidth: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "device": device_name,
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "copy_bandwidth_gbs": bandwidth / 1e9,
+        "rows": [asdict(r) for r in rows],
+        "models": extras,
+    }
+    path.write_text(json.dumps(report, indent=2, default=str))
 
 
 if __name__ == "__main__":
