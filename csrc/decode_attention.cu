@@ -207,7 +207,11 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(
             const float m_new = fmaxf(m_old, warp_max(s));  // finite: tile_n >= 1
             const float p = lane < tile_n ? expf(s - m_new) : 0.0f;
             const float tile_sum = warp_sum(p);
-            p_s[g * kTile + lane] = p;
+            // P @ V takes p rounded to the cache dtype, while l sums the unrounded p: the
+            // rounding points of flash attention, which the prefill (SDPA) and the no-cache
+            // forward use. A token's attention output then rounds the same way whether it was
+            // computed in prefill or in decode (exact for fp32; an identity there).
+            p_s[g * kTile + lane] = to_float(from_float<T>(p));
             if (lane == 0) {
                 const float alpha = expf(m_old - m_new);  // 0 on the first tile (m_old = -inf)
                 alpha_s[g] = alpha;

@@ -4,7 +4,8 @@
 // One new query token per sequence attends over the first seq_lens[b] keys of its cache rows:
 //   out[b, h] = softmax(scale * q[b, h] . K[b, :L, h / G]) @ V[b, :L, h / G]
 // with G = num_q_heads / num_kv_heads query heads per KV head (GQA; G = num_q_heads is MQA),
-// fp32 accumulation and an online (running-max) softmax.
+// fp32 accumulation and an online (running-max) softmax; as in flash attention, the
+// probabilities enter P @ V rounded to the cache dtype (the normaliser sums them unrounded).
 //
 // Work split: the key range [0, max_seq_len) is cut into num_splits chunks of chunk_len keys.
 // Pass 1: a block per (chunk, KV head, batch row, group of up to kHeadsPerBlock query heads)

@@ -48,8 +48,32 @@ stage() {  # stage NAME CMD...: run (at most STAGE_TIMEOUT s, never past BUDGET_
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
+# A C++ exception raised through the extension must come back as a Python error; a build
+# linked without libstdc++ crashes the interpreter instead (seen on this machine's Python).
+SMOKE='import torch
+from engine.kv_cache import KVCache
+c = KVCache(num_layers=1, max_seq_len=2, num_kv_heads=1, head_dim=8, dtype=torch.float16,
+            device="cuda")
+try:
+    c.advance_position(5)
+except Exception as e:
+    print("smoke: C++ exception came back as", type(e).__name__)'
+build_ext() {  # verbose pip build; keep the link line and the module's NEEDED list
+    $PY -m pip install -v --no-build-isolation --no-deps --no-index -e . >"$OUT/logs/pip_build.log" 2>&1
+    local rc=$?
+    grep -E -- "-shared" "$OUT/logs/pip_build.log" | tail -2 | cut -c1-400
+    $PY -c 'import sysconfig as s; print("LDSHARED:", s.get_config_var("LDSHARED")); print("LDCXXSHARED:", s.get_config_var("LDCXXSHARED"))'
+    readelf -d engine/_C*.so | grep NEEDED
+    (( rc == 0 )) && $PY -c "$SMOKE"
+}
+export -f build_ext
+export SMOKE PY OUT
 if want build; then
-    stage build $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+    stage build bash -c build_ext
+    if ! grep -q "smoke: C++ exception came back" "$OUT/logs/build.log"; then
+        rm -rf build engine/_C*.so
+        CC=gcc CXX=g++ LDSHARED="g++ -shared" LDCXXSHARED="g++ -shared" stage build_gxx bash -c build_ext
+    fi
 fi
 if want tests; then
     # the CUDA matrix test is the check stage below; not run twice
