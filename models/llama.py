@@ -19,7 +19,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.config import ModelConfig
+from models.layer_math import rms_norm, silu_mul
 from models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+# One-kernel CUDA versions of RMSNorm, RoPE and silu * up (engine/fused_ops.py), used for CUDA
+# tensors when the extension is built with CUDA and TOYLLM_FUSED_OPS is not 0. models/ must
+# import without the extension (training machines have no build): then the torch code of
+# layer_math.py and rope.py runs everywhere, as it does on the CPU in any case.
+try:
+    from engine import fused_ops as _fused_ops
+except ImportError:
+    _fused_ops = None
+_fused = _fused_ops if _fused_ops is not None and _fused_ops.AVAILABLE else None
 
 
 class AttentionCache(Protocol):
@@ -38,11 +49,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in fp32 whatever the model dtype, then scale in the model dtype
-        # (the order Hugging Face uses, so low-precision results agree too).
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        # (layer_math.rms_norm; one kernel instead of eight on CUDA).
+        if x.is_cuda and _fused is not None:
+            return _fused.rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -62,14 +72,15 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: AttentionCache | None) -> Tensor:
         b, t, _ = x.shape
         hq, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        rope = _fused.rope if x.is_cuda and _fused is not None else apply_rope  # 1 kernel, not 5
         if self.qkv_weight is not None:
             # one matmul for q, k and v, and one RoPE for q and k (heads side by side)
             qkv = F.linear(x, self.qkv_weight).view(b, t, hq + 2 * hkv, hd)
-            qk = apply_rope(qkv[:, :, : hq + hkv], cos, sin)
+            qk = rope(qkv[:, :, : hq + hkv], cos, sin)
             q, k, v = qk[:, :, :hq], qk[:, :, hq:], qkv[:, :, hq + hkv :]
         else:
-            q = apply_rope(self.q_proj(x).view(b, t, hq, hd), cos, sin)
-            k = apply_rope(self.k_proj(x).view(b, t, hkv, hd), cos, sin)
+            q = rope(self.q_proj(x).view(b, t, hq, hd), cos, sin)
+            k = rope(self.k_proj(x).view(b, t, hkv, hd), cos, sin)
             v = self.v_proj(x).view(b, t, hkv, hd)
         if cache is None:
             out = causal_attention(q, k, v)
@@ -98,12 +109,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.gate_up_weight: Tensor | None = None  # set by fuse_projections(): [gate; up] rows
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:  # SwiGLU
         if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)  # SwiGLU
+            gate_up = F.linear(x, self.gate_up_weight)  # [..., 2 * intermediate]: gate, up
+            if x.is_cuda and _fused is not None:
+                return self.down_proj(_fused.silu_mul(gate_up))  # one kernel, not two
+            return self.down_proj(silu_mul(gate_up))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

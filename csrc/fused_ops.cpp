@@ -1,0 +1,230 @@
+// Registers the fused elementwise operators of a Llama layer, one CUDA kernel each:
+//   toyllm::rms_norm(x, weight, eps)  RMSNorm: normalise in fp32, scale in x's dtype
+//   toyllm::rope(x, cos, sin)         rotate-half RoPE, out of place (x may be strided)
+//   toyllm::silu_mul(gate_up)         SwiGLU's silu(gate) * up on a fused [gate; up] product
+// CPU: the plain torch math of models/layer_math.py and models/rope.py in ATen ops (the same
+// ops, so the same bits). CUDA: the kernels of fused_ops.cu. The fake (meta) implementations are
+// registered from Python (engine/fused_ops.py).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "dtype_names.h"
+
+#ifdef TOYLLM_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "fused_ops.cuh"
+#endif
+
+namespace toyllm {
+namespace {
+
+bool is_supported_dtype(at::ScalarType t) {
+    return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_dtype(const char* op, const char* name, const at::Tensor& t) {
+    TORCH_CHECK_VALUE(is_supported_dtype(t.scalar_type()), op, ": expected ", name,
+                      " of dtype torch.float32, torch.float16 or torch.bfloat16, got ",
+                      dtype_name(t.scalar_type()));
+}
+
+// `t` must match `ref` (named ref_name) in dtype and device.
+void check_same_dtype_device(const char* op, const char* name, const at::Tensor& t,
+                             const char* ref_name, const at::Tensor& ref) {
+    TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), op, ": expected ", name, " of dtype ",
+                      dtype_name(ref.scalar_type()), " (", ref_name, "'s), got ",
+                      dtype_name(t.scalar_type()));
+    TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": expected ", name, " on ", ref.device(),
+                      " (", ref_name, "'s device), got ", t.device());
+}
+
+void check_last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
+    TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": expected ", name,
+                      " with a contiguous last dim (stride 1), got strides ", t.strides(),
+                      " for shape ", t.sizes());
+}
+
+#ifdef TOYLLM_WITH_CUDA
+FusedDtype fused_dtype(at::ScalarType t) {
+    if (t == at::kHalf) {
+        return FusedDtype::kFloat16;
+    }
+    if (t == at::kBFloat16) {
+        return FusedDtype::kBFloat16;
+    }
+    return FusedDtype::kFloat32;
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// rms_norm
+
+void check_rms_norm_args(const at::Tensor& x, const at::Tensor& weight, double eps) {
+    TORCH_CHECK_VALUE(x.dim() >= 1, "rms_norm: expected x of at least 1 dim [..., hidden], got ",
+                      "shape ", x.sizes());
+    const int64_t hidden = x.size(-1);
+    TORCH_CHECK_VALUE(hidden >= 1, "rms_norm: expected hidden size x.size(-1) >= 1, got ", hidden);
+    TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == hidden,
+                      "rms_norm: expected weight of shape [", hidden, "] (x's last dim), got ",
+                      weight.sizes());
+    check_dtype("rms_norm", "x", x);
+    check_same_dtype_device("rms_norm", "weight", weight, "x", x);
+    check_last_dim_contiguous("rms_norm", "x", x);
+    TORCH_CHECK_VALUE(weight.is_contiguous(),
+                      "rms_norm: expected a contiguous weight, got strides ", weight.strides());
+    TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0,
+                      "rms_norm: expected a finite eps >= 0, got ", eps);
+}
+
+// models/layer_math.py's rms_norm, op for op.
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+    check_rms_norm_args(x, weight, eps);
+    at::Tensor h = x.to(at::kFloat);
+    h = h * at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
+    return (weight * h.to(x.scalar_type())).contiguous();
+}
+
+#ifdef TOYLLM_WITH_CUDA
+at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
+    check_rms_norm_args(x, weight, eps);
+    const c10::cuda::CUDAGuard guard(x.device());
+    // The kernel reads rows at a fixed pitch: a view strided in its leading dims (the last token
+    // of a batch, say) is packed first.
+    const at::Tensor xc = x.contiguous();
+    at::Tensor out = at::empty_like(xc);
+    const int64_t hidden = x.size(-1);
+    const cudaError_t err =
+        launch_rms_norm(xc.const_data_ptr(), weight.const_data_ptr(), out.data_ptr(),
+                        fused_dtype(x.scalar_type()), xc.numel() / hidden, hidden,
+                        static_cast<float>(eps), at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == cudaSuccess,
+                "rms_norm: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    return out;
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// rope
+
+void check_rope_args(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+    TORCH_CHECK_VALUE(x.dim() == 4,
+                      "rope: expected x of 4 dims [batch, tokens, heads, head_dim], got shape ",
+                      x.sizes());
+    const int64_t batch = x.size(0);
+    const int64_t tokens = x.size(1);
+    const int64_t head_dim = x.size(3);
+    TORCH_CHECK_VALUE(head_dim % 2 == 0, "rope: expected an even head_dim (x.size(3)), got ",
+                      head_dim);
+    TORCH_CHECK_VALUE(cos.dim() == 4 && cos.size(0) == batch && cos.size(1) == tokens &&
+                          cos.size(2) == 1 && cos.size(3) == head_dim,
+                      "rope: expected cos of shape [", batch, ", ", tokens, ", 1, ", head_dim,
+                      "] (x's batch, tokens and head_dim), got ", cos.sizes());
+    TORCH_CHECK_VALUE(sin.sizes() == cos.sizes(), "rope: expected sin of cos's shape ", cos.sizes(),
+                      ", got ", sin.sizes());
+    check_dtype("rope", "x", x);
+    check_same_dtype_device("rope", "cos", cos, "x", x);
+    check_same_dtype_device("rope", "sin", sin, "x", x);
+    check_last_dim_contiguous("rope", "x", x);
+    check_last_dim_contiguous("rope", "cos", cos);
+    check_last_dim_contiguous("rope", "sin", sin);
+}
+
+// models/rope.py's apply_rope, op for op; the result is always a new contiguous tensor.
+at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+    check_rope_args(x, cos, sin);
+    const int64_t half = x.size(3) / 2;
+    const at::Tensor rotated = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+    return (x * cos + rotated * sin).contiguous();
+}
+
+#ifdef TOYLLM_WITH_CUDA
+at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+    check_rope_args(x, cos, sin);
+    const c10::cuda::CUDAGuard guard(x.device());
+    // x keeps its strides (the kernel takes them); cos and sin share one pair of strides, so
+    // they are packed when they differ (in the model both are contiguous: no copy).
+    at::Tensor c = cos;
+    at::Tensor s = sin;
+    if (c.stride(0) != s.stride(0) || c.stride(1) != s.stride(1)) {
+        c = c.contiguous();
+        s = s.contiguous();
+    }
+    at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    const cudaError_t err =
+        launch_rope(x.const_data_ptr(), c.const_data_ptr(), s.const_data_ptr(), out.data_ptr(),
+                    fused_dtype(x.scalar_type()), x.size(0), x.size(1), x.size(2), x.size(3),
+                    x.stride(0), x.stride(1), x.stride(2), c.stride(0), c.stride(1),
+                    at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == cudaSuccess, "rope: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    return out;
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// silu_mul
+
+void check_silu_mul_args(const at::Tensor& gate_up) {
+    TORCH_CHECK_VALUE(gate_up.dim() >= 1,
+                      "silu_mul: expected gate_up of at least 1 dim [..., 2 * intermediate], got "
+                      "shape ",
+                      gate_up.sizes());
+    const int64_t width = gate_up.size(-1);
+    TORCH_CHECK_VALUE(width >= 2 && width % 2 == 0,
+                      "silu_mul: expected an even last dim >= 2 (gate and up side by side), got ",
+                      width);
+    check_dtype("silu_mul", "gate_up", gate_up);
+    check_last_dim_contiguous("silu_mul", "gate_up", gate_up);
+}
+
+// models/layer_math.py's silu_mul, op for op.
+at::Tensor silu_mul_cpu(const at::Tensor& gate_up) {
+    check_silu_mul_args(gate_up);
+    const int64_t inter = gate_up.size(-1) / 2;
+    return (at::silu(gate_up.narrow(-1, 0, inter)) * gate_up.narrow(-1, inter, inter)).contiguous();
+}
+
+#ifdef TOYLLM_WITH_CUDA
+at::Tensor silu_mul_cuda(const at::Tensor& gate_up) {
+    check_silu_mul_args(gate_up);
+    const c10::cuda::CUDAGuard guard(gate_up.device());
+    const at::Tensor gu = gate_up.contiguous();  // rows at a fixed pitch (a no-op in the model)
+    const int64_t inter = gu.size(-1) / 2;
+    std::vector<int64_t> out_shape = gu.sizes().vec();
+    out_shape.back() = inter;
+    at::Tensor out = at::empty(out_shape, gu.options());
+    const cudaError_t err =
+        launch_silu_mul(gu.const_data_ptr(), out.data_ptr(), fused_dtype(gu.scalar_type()),
+                        gu.numel() / (2 * inter), inter, at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == cudaSuccess,
+                "silu_mul: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    return out;
+}
+#endif
+
+}  // namespace
+}  // namespace toyllm
+
+TORCH_LIBRARY_FRAGMENT(toyllm, m) {
+    m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+    m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+    m.def("silu_mul(Tensor gate_up) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(toyllm, CPU, m) {
+    m.impl("rms_norm", &toyllm::rms_norm_cpu);
+    m.impl("rope", &toyllm::rope_cpu);
+    m.impl("silu_mul", &toyllm::silu_mul_cpu);
+}
+
+#ifdef TOYLLM_WITH_CUDA
+TORCH_LIBRARY_IMPL(toyllm, CUDA, m) {
+    m.impl("rms_norm", &toyllm::rms_norm_cuda);
+    m.impl("rope", &toyllm::rope_cuda);
+    m.impl("silu_mul", &toyllm::silu_mul_cuda);
+}
+#endif

@@ -1,0 +1,374 @@
+// CUDA kernels for the fused elementwise ops of a Llama layer (RMSNorm, RoPE, silu * up), see
+// fused_ops.cuh for the contracts.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "fused_ops.cuh"
+
+namespace toyllm {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kMaxNormThreads = 1024;           // threads per RMSNorm block (one row), at most
+constexpr int kThreads = 256;                   // threads per block of RoPE and silu * up
+constexpr int64_t kMaxGrid = int64_t{1} << 20;  // blocks per launch (grid-stride past that)
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Round-to-nearest-even into T, as torch's casts do.
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+    return x;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+    return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+// What torch does when it writes an fp32 result to a tensor of dtype T and reads it back.
+template <typename T>
+__device__ __forceinline__ float round_to(float x) {
+    return to_float(from_float<T>(x));
+}
+
+// N elements loaded or stored as one access (16 bytes when N * sizeof(T) == 16).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+    T v[N];
+};
+
+// Elements of T per 16-byte access.
+template <typename T>
+constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+int64_t grid_for(int64_t work, int64_t per_block) {
+    return std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, kMaxGrid));
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+// Sum of `v` over the block, returned to every thread. `scratch` holds one float per warp; the
+// caller must not reuse it before the trailing __syncthreads() of the next call. Every thread
+// adds the warp sums in the same order, so all threads get the same bits.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+#pragma unroll
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+        v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    }
+    const int warp = threadIdx.x / kWarp;
+    const int num_warps = (blockDim.x + kWarp - 1) / kWarp;
+    if (threadIdx.x % kWarp == 0) {
+        scratch[warp] = v;
+    }
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < num_warps; ++w) {
+        total = __fadd_rn(total, scratch[w]);
+    }
+    __syncthreads();  // scratch is free again for the next row
+    return total;
+}
+
+// One block per row (grid-stride over rows); each thread owns every blockDim.x-th pack of N
+// elements. The row is read twice (sum of squares, then the output); the second read hits L1/L2.
+template <typename T, int N>
+__global__ void __launch_bounds__(kMaxNormThreads)
+    rms_norm_kernel(const T* __restrict__ x,       // [rows, hidden]
+                    const T* __restrict__ weight,  // [hidden]
+                    T* __restrict__ out,           // [rows, hidden]
+                    int64_t rows, int64_t hidden, float inv_hidden, float eps) {
+    __shared__ float scratch[kMaxNormThreads / kWarp];
+    using P = Pack<T, N>;
+    const int64_t packs = hidden / N;
+    const P* __restrict__ w = reinterpret_cast<const P*>(weight);
+    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const P* __restrict__ xr = reinterpret_cast<const P*>(x + r * hidden);
+        P* __restrict__ outr = reinterpret_cast<P*>(out + r * hidden);
+        // h = float(x); sum(h * h): each square rounded to fp32 as torch's h.pow(2) is.
+        float sum = 0.0f;
+        for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+            const P v = xr[p];
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                const float h = to_float(v.v[k]);
+                sum = __fadd_rn(sum, __fmul_rn(h, h));
+            }
+        }
+        sum = block_sum(sum, scratch);
+        // mean = sum * (1 / hidden) as torch's CUDA mean does, + eps, then rsqrtf (torch's
+        // CUDA rsqrt).
+        const float inv = rsqrtf(__fadd_rn(__fmul_rn(sum, inv_hidden), eps));
+        for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+            const P v = xr[p];
+            const P wv = w[p];
+            P o;
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                // n = to_dtype(h * inv); out = to_dtype(float(weight) * float(n))
+                const float n = round_to<T>(__fmul_rn(to_float(v.v[k]), inv));
+                o.v[k] = from_float<T>(__fmul_rn(to_float(wv.v[k]), n));
+            }
+            outr[p] = o;
+        }
+    }
+}
+
+template <typename T>
+cudaError_t rms_norm_for(const void* x, const void* weight, void* out, int64_t rows, int64_t hidden,
+                         float eps, cudaStream_t stream) {
+    constexpr int kVec = kVec16<T>;
+    const bool vec = hidden % kVec == 0 && aligned16(x) && aligned16(weight) && aligned16(out);
+    const int64_t packs = vec ? hidden / kVec : hidden;
+    // Enough warps to give every thread one pack, up to kMaxNormThreads (then threads loop).
+    const int threads =
+        static_cast<int>(std::min<int64_t>(kMaxNormThreads, (packs + kWarp - 1) / kWarp * kWarp));
+    const unsigned grid = static_cast<unsigned>(std::min<int64_t>(rows, kMaxGrid));
+    // torch's CUDA mean multiplies by a float factor 1 / numel.
+    const float inv_hidden = 1.0f / static_cast<float>(hidden);
+    const T* xt = static_cast<const T*>(x);
+    const T* wt = static_cast<const T*>(weight);
+    T* ot = static_cast<T*>(out);
+    if (vec) {
+        rms_norm_kernel<T, kVec>
+            <<<grid, threads, 0, stream>>>(xt, wt, ot, rows, hidden, inv_hidden, eps);
+    } else {
+        rms_norm_kernel<T, 1>
+            <<<grid, threads, 0, stream>>>(xt, wt, ot, rows, hidden, inv_hidden, eps);
+    }
+    return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE
+
+// One thread per N consecutive rotation pairs (i, i + D/2) of one (batch, token, head) row.
+// For i < D/2:  out[i]       = x[i] * cos[i]             + (-x[i + D/2]) * sin[i]
+//               out[i + D/2] = x[i + D/2] * cos[i + D/2] + x[i] * sin[i + D/2]
+// each product rounded to T, then the sum rounded to T (torch's x * cos + rotate_half(x) * sin
+// is three kernels, each writing T).
+template <typename T, int N>
+__global__ void __launch_bounds__(kThreads)
+    rope_kernel(const T* __restrict__ x,    // [batch, tokens, heads, head_dim], strided
+                const T* __restrict__ cos,  // [batch, tokens, 1, head_dim], strided
+                const T* __restrict__ sin,  // [batch, tokens, 1, head_dim], strided
+                T* __restrict__ out,        // [batch, tokens, heads, head_dim]
+                int64_t tokens, int64_t heads, int64_t half, int64_t total_packs,
+                int64_t x_stride_batch, int64_t x_stride_token, int64_t x_stride_head,
+                int64_t cs_stride_batch, int64_t cs_stride_token) {
+    using P = Pack<T, N>;
+    const int64_t packs_per_row = half / N;
+    for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < total_packs;
+         idx += static_cast<int64_t>(gridDim.x) * kThreads) {
+        const int64_t i = (idx % packs_per_row) * N;
+        const int64_t row = idx / packs_per_row;  // (b * tokens + t) * heads + h
+        const int64_t h = row % heads;
+        const int64_t bt = row / heads;
+        const int64_t t = bt % tokens;
+        const int64_t b = bt / tokens;
+        const T* xr = x + b * x_stride_batch + t * x_stride_token + h * x_stride_head;
+        const int64_t cs = b * cs_stride_batch + t * cs_stride_token;
+        T* outr = out + row * 2 * half;
+
+        const P x1 = *reinterpret_cast<const P*>(xr + i);
+        const P x2 = *reinterpret_cast<const P*>(xr + half + i);
+        const P c1 = *reinterpret_cast<const P*>(cos + cs + i);
+        const P c2 = *reinterpret_cast<const P*>(cos + cs + half + i);
+        const P s1 = *reinterpret_cast<const P*>(sin + cs + i);
+        const P s2 = *reinterpret_cast<const P*>(sin + cs + half + i);
+        P o1;
+        P o2;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            const float a1 = to_float(x1.v[k]);
+            const float a2 = to_float(x2.v[k]);
+            // negation is exact, so -(x2) * s rounds like torch's (-x2) * s
+            const float lo_a = round_to<T>(__fmul_rn(a1, to_float(c1.v[k])));
+            const float lo_b = round_to<T>(__fmul_rn(-a2, to_float(s1.v[k])));
+            const float hi_a = round_to<T>(__fmul_rn(a2, to_float(c2.v[k])));
+            const float hi_b = round_to<T>(__fmul_rn(a1, to_float(s2.v[k])));
+            o1.v[k] = from_float<T>(__fadd_rn(lo_a, lo_b));
+            o2.v[k] = from_float<T>(__fadd_rn(hi_a, hi_b));
+        }
+        *reinterpret_cast<P*>(outr + i) = o1;
+        *reinterpret_cast<P*>(outr + half + i) = o2;
+    }
+}
+
+template <typename T>
+cudaError_t rope_for(const void* x, const void* cos, const void* sin, void* out, int64_t batch,
+                     int64_t tokens, int64_t heads, int64_t head_dim, int64_t x_stride_batch,
+                     int64_t x_stride_token, int64_t x_stride_head, int64_t cs_stride_batch,
+                     int64_t cs_stride_token, cudaStream_t stream) {
+    constexpr int kVec = kVec16<T>;
+    const int64_t half = head_dim / 2;
+    // 16-byte accesses need every row start (pointer + strides) and the half offset aligned.
+    const int64_t offsets =
+        half | x_stride_batch | x_stride_token | x_stride_head | cs_stride_batch | cs_stride_token;
+    const bool vec =
+        offsets % kVec == 0 && aligned16(x) && aligned16(cos) && aligned16(sin) && aligned16(out);
+    const int64_t rows = batch * tokens * heads;
+    const T* xt = static_cast<const T*>(x);
+    const T* ct = static_cast<const T*>(cos);
+    const T* st = static_cast<const T*>(sin);
+    T* ot = static_cast<T*>(out);
+    if (vec) {
+        const int64_t total = rows * (half / kVec);
+        rope_kernel<T, kVec>
+            <<<static_cast<unsigned>(grid_for(total, kThreads)), kThreads, 0, stream>>>(
+                xt, ct, st, ot, tokens, heads, half, total, x_stride_batch, x_stride_token,
+                x_stride_head, cs_stride_batch, cs_stride_token);
+    } else {
+        const int64_t total = rows * half;
+        rope_kernel<T, 1>
+            <<<static_cast<unsigned>(grid_for(total, kThreads)), kThreads, 0, stream>>>(
+                xt, ct, st, ot, tokens, heads, half, total, x_stride_batch, x_stride_token,
+                x_stride_head, cs_stride_batch, cs_stride_token);
+    }
+    return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------------------------
+// silu(gate) * up
+
+// One thread per N consecutive outputs of a row: gate is the first half of the gate_up row, up
+// the second. silu is computed in fp32 and rounded to T (torch's F.silu writes T), then the
+// product rounded to T.
+template <typename T, int N>
+__global__ void __launch_bounds__(kThreads)
+    silu_mul_kernel(const T* __restrict__ gate_up,  // [rows, 2 * intermediate]
+                    T* __restrict__ out,            // [rows, intermediate]
+                    int64_t intermediate, int64_t total_packs) {
+    using P = Pack<T, N>;
+    const int64_t packs_per_row = intermediate / N;
+    for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < total_packs;
+         idx += static_cast<int64_t>(gridDim.x) * kThreads) {
+        const int64_t j = (idx % packs_per_row) * N;
+        const int64_t r = idx / packs_per_row;
+        const T* gr = gate_up + r * 2 * intermediate;
+        const P g = *reinterpret_cast<const P*>(gr + j);
+        const P u = *reinterpret_cast<const P*>(gr + intermediate + j);
+        P o;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            const float gf = to_float(g.v[k]);
+            // torch's CUDA silu: x / (1 + exp(-x)) in fp32 with the accurate expf
+            const float s = round_to<T>(__fdiv_rn(gf, __fadd_rn(1.0f, expf(-gf))));
+            o.v[k] = from_float<T>(__fmul_rn(s, to_float(u.v[k])));
+        }
+        *reinterpret_cast<P*>(out + r * intermediate + j) = o;
+    }
+}
+
+template <typename T>
+cudaError_t silu_mul_for(const void* gate_up, void* out, int64_t rows, int64_t intermediate,
+                         cudaStream_t stream) {
+    constexpr int kVec = kVec16<T>;
+    const bool vec = intermediate % kVec == 0 && aligned16(gate_up) && aligned16(out);
+    const T* gt = static_cast<const T*>(gate_up);
+    T* ot = static_cast<T*>(out);
+    if (vec) {
+        const int64_t total = rows * (intermediate / kVec);
+        silu_mul_kernel<T, kVec>
+            <<<static_cast<unsigned>(grid_for(total, kThreads)), kThreads, 0, stream>>>(
+                gt, ot, intermediate, total);
+    } else {
+        const int64_t total = rows * intermediate;
+        silu_mul_kernel<T, 1>
+            <<<static_cast<unsigned>(grid_for(total, kThreads)), kThreads, 0, stream>>>(
+                gt, ot, intermediate, total);
+    }
+    return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_rms_norm(const void* x, const void* weight, void* out, FusedDtype dtype,
+                            int64_t rows, int64_t hidden, float eps, cudaStream_t stream) {
+    if (rows < 0 || hidden < 0 || (rows > 0 && hidden == 0)) {
+        return cudaErrorInvalidValue;
+    }
+    if (rows == 0) {
+        return cudaSuccess;
+    }
+    if (x == nullptr || weight == nullptr || out == nullptr) {
+        return cudaErrorInvalidValue;
+    }
+    switch (dtype) {
+        case FusedDtype::kFloat32:
+            return rms_norm_for<float>(x, weight, out, rows, hidden, eps, stream);
+        case FusedDtype::kFloat16:
+            return rms_norm_for<__half>(x, weight, out, rows, hidden, eps, stream);
+        case FusedDtype::kBFloat16:
+            return rms_norm_for<__nv_bfloat16>(x, weight, out, rows, hidden, eps, stream);
+    }
+    return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_rope(const void* x, const void* cos, const void* sin, void* out,
+                        FusedDtype dtype, int64_t batch, int64_t tokens, int64_t heads,
+                        int64_t head_dim, int64_t x_stride_batch, int64_t x_stride_token,
+                        int64_t x_stride_head, int64_t cs_stride_batch, int64_t cs_stride_token,
+                        cudaStream_t stream) {
+    if (batch < 0 || tokens < 0 || heads < 0 || head_dim < 0 || head_dim % 2 != 0) {
+        return cudaErrorInvalidValue;
+    }
+    if (batch == 0 || tokens == 0 || heads == 0 || head_dim == 0) {
+        return cudaSuccess;
+    }
+    if (x == nullptr || cos == nullptr || sin == nullptr || out == nullptr) {
+        return cudaErrorInvalidValue;
+    }
+    switch (dtype) {
+        case FusedDtype::kFloat32:
+            return rope_for<float>(x, cos, sin, out, batch, tokens, heads, head_dim, x_stride_batch,
+                                   x_stride_token, x_stride_head, cs_stride_batch, cs_stride_token,
+                                   stream);
+        case FusedDtype::kFloat16:
+            return rope_for<__half>(x, cos, sin, out, batch, tokens, heads, head_dim,
+                                    x_stride_batch, x_stride_token, x_stride_head, cs_stride_batch,
+                                    cs_stride_token, stream);
+        case FusedDtype::kBFloat16:
+            return rope_for<__nv_bfloat16>(x, cos, sin, out, batch, tokens, heads, head_dim,
+                                           x_stride_batch, x_stride_token, x_stride_head,
+                                           cs_stride_batch, cs_stride_token, stream);
+    }
+    return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_silu_mul(const void* gate_up, void* out, FusedDtype dtype, int64_t rows,
+                            int64_t intermediate, cudaStream_t stream) {
+    if (rows < 0 || intermediate < 0) {
+        return cudaErrorInvalidValue;
+    }
+    if (rows == 0 || intermediate == 0) {
+        return cudaSuccess;
+    }
+    if (gate_up == nullptr || out == nullptr) {
+        return cudaErrorInvalidValue;
+    }
+    switch (dtype) {
+        case FusedDtype::kFloat32:
+            return silu_mul_for<float>(gate_up, out, rows, intermediate, stream);
+        case FusedDtype::kFloat16:
+            return silu_mul_for<__half>(gate_up, out, rows, intermediate, stream);
+        case FusedDtype::kBFloat16:
+            return silu_mul_for<__nv_bfloat16>(gate_up, out, rows, intermediate, stream);
+    }
+    return cudaErrorInvalidValue;
+}
+
+}  // namespace toyllm

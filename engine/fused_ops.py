@@ -1,0 +1,144 @@
+"""One-kernel CUDA versions of a Llama layer's elementwise pieces: RMSNorm, RoPE, silu * up.
+
+A decode step is launch-bound: in plain torch RMSNorm is 8 kernels, RoPE 5 and SwiGLU's
+silu(gate) * up 2. The operators ``torch.ops.toyllm.rms_norm``, ``.rope`` and ``.silu_mul``
+(csrc/fused_ops.cu) do each in one launch with the same rounding as the torch code of
+models/layer_math.py and models/rope.py: rope and silu_mul bit for bit, rms_norm up to the
+order of its fp32 sum of squares (an ulp of the normalising factor at most). On the CPU the
+operators run that same torch code in ATen.
+
+The wrappers below use the operator only where it pays and is safe: a CUDA tensor, an
+extension built with CUDA, no autograd graph to record (the operators have no backward, so
+training keeps the torch code), and ``TOYLLM_FUSED_OPS`` not set to ``0`` (read once, at
+import). Everything else runs the torch definitions.
+
+Example::
+
+    >>> import torch
+    >>> from engine.fused_ops import silu_mul
+    >>> silu_mul(torch.tensor([[0.0, 1.0, 2.0, 3.0]]))  # silu([0, 1]) * [2, 3]
+    tensor([[0.0000, 2.1932]])
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from engine.kv_cache import WITH_CUDA  # also loads engine._C, which defines the operators
+from models import layer_math
+from models.rope import apply_rope
+
+if not all(hasattr(torch.ops.toyllm, op) for op in ("rms_norm", "rope", "silu_mul")):
+    raise ImportError(
+        "engine._C predates the fused operators (toyllm::rms_norm, rope, silu_mul): rebuild it "
+        "from the repository root with: pip install --no-build-isolation -e ."
+    )
+
+__all__ = ["AVAILABLE", "ENABLED", "rms_norm", "rope", "silu_mul"]
+
+#: False when the environment sets TOYLLM_FUSED_OPS=0 (to compare against the torch code).
+ENABLED: bool = os.environ.get("TOYLLM_FUSED_OPS", "1") != "0"
+#: The fused CUDA kernels can run: built with CUDA and not switched off.
+AVAILABLE: bool = WITH_CUDA and ENABLED
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fusable(x: Tensor, *others: Tensor) -> bool:
+    """The CUDA operator applies: CUDA x of a supported dtype, others alike, no autograd."""
+    if not (AVAILABLE and x.is_cuda and x.dtype in _DTYPES):
+        return False
+    if any(t.dtype != x.dtype or t.device != x.device for t in others):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in others)):
+        return False
+    return True
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x [..., hidden], weight [hidden] -> [..., hidden]: models.layer_math.rms_norm."""
+    if _fusable(x, weight):
+        return torch.ops.toyllm.rms_norm(x, weight, float(eps))
+    return layer_math.rms_norm(x, weight, eps)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, T, H, D] (last dim contiguous), cos/sin [B, T, 1, D] -> models.rope.apply_rope.
+
+    The fused result is a new contiguous tensor whatever x's strides.
+    """
+    if _fusable(x, cos, sin) and x.dim() == 4 and cos.shape == (*x.shape[:2], 1, x.shape[3]):
+        return torch.ops.toyllm.rope(x, cos, sin)
+    return apply_rope(x, cos, sin)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """gate_up [..., 2 * I] -> silu(gate) * up [..., I]: models.layer_math.silu_mul."""
+    if _fusable(gate_up):
+        return torch.ops.toyllm.silu_mul(gate_up)
+    return layer_math.silu_mul(gate_up)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) implementations: the output's shape, dtype and device for torch.compile and
+# opcheck. They repeat the C++ checks of shapes, dtypes and devices (same messages), so that a
+# call mixing in meta tensors, which the dispatcher routes here, fails as eager mode does.
+
+
+def _check_like(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    if ref.dtype not in _DTYPES:
+        raise ValueError(
+            f"{op}: expected {ref_name} of dtype torch.float32, torch.float16 or torch.bfloat16, "
+            f"got {ref.dtype}"
+        )
+    if t.dtype != ref.dtype:
+        raise ValueError(
+            f"{op}: expected {name} of dtype {ref.dtype} ({ref_name}'s), got {t.dtype}"
+        )
+    if t.device != ref.device:
+        raise ValueError(
+            f"{op}: expected {name} on {ref.device} ({ref_name}'s device), got {t.device}"
+        )
+
+
+@torch.library.register_fake("toyllm::rms_norm")
+def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    if x.dim() < 1 or weight.shape != (x.shape[-1],):
+        raise ValueError(
+            "rms_norm: expected x [..., hidden] and weight [hidden], got "
+            f"x {list(x.shape)}, weight {list(weight.shape)}"
+        )
+    _check_like("rms_norm", "weight", weight, "x", x)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("toyllm::rope")
+def _rope_fake(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    if x.dim() != 4 or x.shape[3] % 2 != 0:
+        raise ValueError(
+            "rope: expected x of 4 dims [batch, tokens, heads, head_dim] with an even head_dim, "
+            f"got shape {list(x.shape)}"
+        )
+    expected = (x.shape[0], x.shape[1], 1, x.shape[3])
+    if cos.shape != expected or sin.shape != expected:
+        raise ValueError(
+            f"rope: expected cos and sin of shape {list(expected)}, "
+            f"got {list(cos.shape)} and {list(sin.shape)}"
+        )
+    _check_like("rope", "cos", cos, "x", x)
+    _check_like("rope", "sin", sin, "x", x)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("toyllm::silu_mul")
+def _silu_mul_fake(gate_up: Tensor) -> Tensor:
+    if gate_up.dim() < 1 or gate_up.shape[-1] < 2 or gate_up.shape[-1] % 2 != 0:
+        raise ValueError(
+            "silu_mul: expected gate_up [..., 2 * intermediate] with an even last dim >= 2, "
+            f"got shape {list(gate_up.shape)}"
+        )
+    _check_like("silu_mul", "gate_up", gate_up, "gate_up", gate_up)
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))

@@ -1,0 +1,32 @@
+"""The elementwise math of a Llama layer in plain torch: RMSNorm and SwiGLU's silu(gate) * up.
+
+These functions are the definition. engine/fused_ops.py has one-kernel CUDA versions that
+must give the same bits (RMSNorm: up to the order of its fp32 sum); the model calls those on
+CUDA when the extension is built and these everywhere else. RoPE, the third such piece, is
+`apply_rope` in models/rope.py. Nothing here imports the engine, so models/ stays importable
+without the extension.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x [..., hidden], weight [hidden] -> [..., hidden]: x / rms(x) * weight.
+
+    Normalises in fp32 whatever the model dtype, then scales in the model dtype (the order
+    Hugging Face uses, so low-precision results agree too).
+    """
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """gate_up [..., 2 * I] (gate then up, one fused product) -> silu(gate) * up [..., I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

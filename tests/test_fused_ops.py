@@ -1,0 +1,385 @@
+"""toyllm::rms_norm, ::rope and ::silu_mul against the torch code they replace
+(models/layer_math.py, models/rope.py): bit for bit on the CPU; on CUDA rope and silu_mul bit
+for bit and rms_norm within an ulp; fp32/fp16/bf16, odd head dims and hidden sizes, a strided
+rope input; bad inputs; opcheck; CUDA-graph replay; the Llama forward with and without them;
+models/ importable without the extension."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import engine.fused_ops as fused_ops
+import models.llama as llama
+from models import layer_math
+from models.config import ModelConfig
+from models.llama import build_model
+from models.rope import apply_rope, rope_cos_sin
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+OPS = torch.ops.toyllm
+# [..., hidden]: hidden sizes that are and are not multiples of 8 (the 16-byte loads' width).
+NORM_SHAPES = [(1, 1, 64), (2, 3, 128), (4, 36), (5, 34), (3, 7), (2, 1, 4096), (1, 100)]
+# (batch, tokens, heads, head_dim): model-like, odd head dims (34, 36), a one-pair head.
+ROPE_SHAPES = [(1, 1, 6, 64), (2, 5, 4, 128), (2, 3, 3, 34), (1, 4, 2, 36), (3, 2, 1, 2)]
+# [..., 2 * intermediate]
+SILU_SHAPES = [(1, 1, 2 * 64), (2, 3, 2 * 36), (4, 2 * 7), (2, 2 * 1), (3, 2 * 1376)]
+
+
+def randn(shape: tuple[int, ...], dtype: torch.dtype, device: str, seed: int = 0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
+
+
+def rms_norm_inputs(shape, dtype, device, seed=0):
+    x = randn(shape, dtype, device, seed, scale=3.0)
+    weight = (1.0 + 0.5 * randn((shape[-1],), torch.float32, "cpu", seed + 1)).to(dtype)
+    return x, weight.to(device), 1e-5
+
+
+def rope_inputs(shape, dtype, device, seed=0, strided=False):
+    """x [B, T, H, D]; strided=True slices it out of a wider [B, T, H + 3, D] tensor (as the
+    model slices q and k heads out of its fused qkv product)."""
+    b, t, h, d = shape
+    if strided:
+        x = randn((b, t, h + 3, d), dtype, device, seed, scale=2.0)[:, :, :h]
+        assert x.stride(1) == (h + 3) * d  # (contiguous anyway when b = t = 1)
+    else:
+        x = randn(shape, dtype, device, seed, scale=2.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    positions = torch.randint(0, 4096, (b, t), generator=g)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
+    cos, sin = rope_cos_sin(inv_freq, positions, dtype)
+    return x, cos.to(device), sin.to(device)
+
+
+def ulps(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """|out - ref| in units of the last place of ref's dtype at ref's magnitude."""
+    eps = torch.finfo(ref.dtype).eps  # the ulp of 1.0
+    ref64, out64 = ref.double(), out.double()
+    _, exponent = torch.frexp(ref64.abs().clamp_min(torch.finfo(ref.dtype).tiny))
+    ulp = eps * torch.pow(2.0, (exponent - 1).double())
+    return (out64 - ref64).abs() / ulp
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU implementation is the torch code
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+def test_rms_norm_cpu_equals_the_torch_code(shape, dtype) -> None:
+    x, weight, eps = rms_norm_inputs(shape, dtype, "cpu")
+    out = OPS.rms_norm(x, weight, eps)
+    ref = layer_math.rms_norm(x, weight, eps)
+    assert out.dtype == dtype and out.shape == x.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=0.0, rtol=1e-6)
+    assert torch.equal(out, ref)  # the same ATen ops, so the same bits
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("shape", ROPE_SHAPES)
+def test_rope_cpu_equals_the_torch_code(shape, strided, dtype) -> None:
+    x, cos, sin = rope_inputs(shape, dtype, "cpu", strided=strided)
+    out = OPS.rope(x, cos, sin)
+    assert out.is_contiguous() and out.shape == x.shape and out.dtype == dtype
+    assert torch.equal(out, apply_rope(x, cos, sin))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SILU_SHAPES)
+def test_silu_mul_cpu_equals_the_torch_code(shape, dtype) -> None:
+    gate_up = randn(shape, dtype, "cpu", scale=4.0)
+    out = OPS.silu_mul(gate_up)
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.dtype == dtype
+    assert torch.equal(out, layer_math.silu_mul(gate_up))
+
+
+def test_wrappers_on_the_cpu_run_the_torch_code() -> None:
+    x, weight, eps = rms_norm_inputs((2, 3, 64), torch.bfloat16, "cpu")
+    assert torch.equal(fused_ops.rms_norm(x, weight, eps), layer_math.rms_norm(x, weight, eps))
+    q, cos, sin = rope_inputs((2, 3, 4, 64), torch.bfloat16, "cpu", strided=True)
+    assert torch.equal(fused_ops.rope(q, cos, sin), apply_rope(q, cos, sin))
+    gate_up = randn((2, 3, 128), torch.bfloat16, "cpu")
+    assert torch.equal(fused_ops.silu_mul(gate_up), layer_math.silu_mul(gate_up))
+
+
+def test_silu_mul_doubles_as_swiglu_of_the_unfused_model() -> None:
+    """The fused-weights MLP (silu_mul of one product) equals the unfused one on the CPU."""
+    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_layers=1,
+                         num_heads=4, num_kv_heads=2, max_seq_len=16)
+    model = build_model(config)
+    tokens = torch.randint(0, 64, (2, 5))
+    positions = torch.arange(5).expand(2, 5)
+    unfused = model(tokens, positions)
+    fused = model.fuse_projections()(tokens, positions)
+    torch.testing.assert_close(fused, unfused, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: every message names what was expected and what was given
+
+
+def _bad_inputs() -> list:
+    f32, f16 = torch.float32, torch.float16
+    x = torch.randn(2, 3, 64)
+    w = torch.ones(64)
+    q = torch.randn(2, 3, 4, 8)
+    c = torch.randn(2, 3, 1, 8)
+    return [
+        ("rms_norm int x", lambda: OPS.rms_norm(x.long(), w.long(), 1e-5),
+         r"expected x of dtype torch.float32, torch.float16 or torch.bfloat16, got torch.int64"),
+        ("rms_norm dtype mix", lambda: OPS.rms_norm(x, w.to(f16), 1e-5),
+         r"expected weight of dtype torch.float32 \(x's\), got torch.float16"),
+        ("rms_norm device mix", lambda: OPS.rms_norm(x, w.to("meta"), 1e-5),
+         r"expected weight on cpu \(x's device\), got meta"),
+        ("rms_norm weight shape", lambda: OPS.rms_norm(x, torch.ones(63), 1e-5),
+         r"expected weight of shape \[64\] \(x's last dim\), got \[63\]"),
+        ("rms_norm strided last dim", lambda: OPS.rms_norm(x[..., ::2], w[:32], 1e-5),
+         r"expected x with a contiguous last dim \(stride 1\), got strides \[192, 64, 2\]"),
+        ("rms_norm bad eps", lambda: OPS.rms_norm(x, w, float("nan")),
+         r"expected a finite eps >= 0, got nan"),
+        ("rope 3-dim x", lambda: OPS.rope(x, c, c),
+         r"expected x of 4 dims \[batch, tokens, heads, head_dim\], got shape \[2, 3, 64\]"),
+        ("rope odd head_dim", lambda: OPS.rope(q[..., :7], c[..., :7], c[..., :7]),
+         r"expected an even head_dim \(x.size\(3\)\), got 7"),
+        ("rope cos shape", lambda: OPS.rope(q, c[:1], c[:1]),
+         r"expected cos of shape \[2, 3, 1, 8\] \(x's batch, tokens and head_dim\), got "
+         r"\[1, 3, 1, 8\]"),
+        ("rope sin shape", lambda: OPS.rope(q, c, c[:, :2]),
+         r"expected sin of cos's shape \[2, 3, 1, 8\], got \[2, 2, 1, 8\]"),
+        ("rope dtype mix", lambda: OPS.rope(q, c, c.to(f16)),
+         r"expected sin of dtype torch.float32 \(x's\), got torch.float16"),
+        ("rope device mix", lambda: OPS.rope(q, c.to("meta"), c),
+         r"expected cos on cpu \(x's device\), got meta"),
+        ("rope int x", lambda: OPS.rope(q.int(), c.int(), c.int()),
+         r"expected x of dtype torch.float32, torch.float16 or torch.bfloat16, got torch.int32"),
+        ("rope strided last dim", lambda: OPS.rope(q[..., ::2], c[..., :4], c[..., :4]),
+         r"expected x with a contiguous last dim \(stride 1\), got strides \[96, 32, 8, 2\]"),
+        ("silu_mul odd last dim", lambda: OPS.silu_mul(torch.randn(2, 7)),
+         r"expected an even last dim >= 2 \(gate and up side by side\), got 7"),
+        ("silu_mul int", lambda: OPS.silu_mul(torch.ones(2, 8, dtype=torch.int64)),
+         r"expected gate_up of dtype torch.float32, torch.float16 or torch.bfloat16, got "
+         r"torch.int64"),
+        ("silu_mul strided last dim", lambda: OPS.silu_mul(torch.randn(8, 4).t()),
+         r"expected gate_up with a contiguous last dim \(stride 1\), got strides \[1, 4\]"),
+        ("silu_mul 0-dim", lambda: OPS.silu_mul(torch.tensor(1.0, dtype=f32)),
+         r"expected gate_up of at least 1 dim"),
+    ]
+
+
+BAD_INPUTS = _bad_inputs()
+
+
+@pytest.mark.parametrize("call,message", [b[1:] for b in BAD_INPUTS],
+                         ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_naming_expected_and_given(call, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.cuda
+def test_cuda_inputs_mixed_with_cpu_tensors_raise() -> None:
+    x, weight, eps = rms_norm_inputs((2, 64), torch.float32, "cuda")
+    with pytest.raises(ValueError, match=r"expected weight on cuda:0 \(x's device\), got cpu"):
+        OPS.rms_norm(x, weight.cpu(), eps)
+    q, cos, sin = rope_inputs((1, 2, 3, 8), torch.float32, "cuda")
+    with pytest.raises(ValueError, match=r"expected sin on cuda:0 \(x's device\), got cpu"):
+        OPS.rope(q, cos, sin.cpu())
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck (schema, fake implementation, dispatch) on each op
+
+
+def _opcheck_cases(device: str) -> list:
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        cases.append((OPS.rms_norm.default, rms_norm_inputs((2, 3, 36), dtype, device)))
+        cases.append((OPS.rope.default, rope_inputs((2, 3, 4, 34), dtype, device, strided=True)))
+        cases.append((OPS.silu_mul.default, (randn((2, 3, 72), dtype, device),)))
+    return cases
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_accepts_the_fused_operators(device: str) -> None:
+    for op, args in _opcheck_cases(device):
+        torch.library.opcheck(op, tuple(args))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels against the torch code on CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+def test_rms_norm_cuda_is_within_an_ulp_of_the_torch_code(shape, dtype) -> None:
+    x, weight, eps = rms_norm_inputs(shape, dtype, "cuda")
+    out = OPS.rms_norm(x, weight, eps)
+    ref = layer_math.rms_norm(x, weight, eps)
+    assert out.dtype == dtype and out.shape == x.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=0.0, rtol=2e-6)
+    else:
+        # Only the fp32 sum's order differs, moving the fp32 factor by an ulp or so. That flips
+        # the rounding of the normalised value n now and then (1 ulp of n), and the product
+        # weight * n, rounded again, can then land 2 ulps away (an emulation on the CPU with
+        # the factor moved by one ulp on every row: 1-2e-5 of the elements differ, by 2 ulps
+        # at most). More would be a bug.
+        assert float(ulps(out, ref).max()) <= 2.0
+        # (in fp32 a moved factor moves most of its row by an ulp, so no such count there)
+        same = (out == ref).double().mean().item()
+        assert same >= 0.99, f"only {same:.4f} of the elements are bit-equal"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cuda_of_a_strided_view_equals_the_contiguous_copy(dtype) -> None:
+    x, weight, eps = rms_norm_inputs((3, 5, 64), dtype, "cuda")
+    last = x[:, -1:]  # the model's last_only view: rows at a pitch of 5 rows
+    packed = last.contiguous()
+    assert torch.equal(OPS.rms_norm(last, weight, eps), OPS.rms_norm(packed, weight, eps))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("shape", ROPE_SHAPES)
+def test_rope_cuda_equals_the_torch_code(shape, strided, dtype) -> None:
+    x, cos, sin = rope_inputs(shape, dtype, "cuda", strided=strided)
+    out = OPS.rope(x, cos, sin)
+    assert out.is_contiguous() and out.shape == x.shape
+    assert torch.equal(out, apply_rope(x, cos, sin))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SILU_SHAPES)
+def test_silu_mul_cuda_equals_the_torch_code(shape, dtype) -> None:
+    gate_up = randn(shape, dtype, "cuda", scale=4.0)
+    assert torch.equal(OPS.silu_mul(gate_up), layer_math.silu_mul(gate_up))
+
+
+@pytest.mark.cuda
+def test_misaligned_inputs_take_the_narrow_path_and_agree() -> None:
+    """Views starting 2 bytes into their storage cannot use 16-byte loads; same results (for
+    rms_norm up to its sum order, which differs between the two paths)."""
+    base = randn((2 * 64 + 1,), torch.float16, "cuda", scale=3.0)
+    x, weight = base[1:65].view(1, 64), base[65:129]
+    out = OPS.rms_norm(x, weight, 1e-5)
+    assert float(ulps(out, layer_math.rms_norm(x, weight, 1e-5)).max()) <= 2.0
+    assert float(ulps(out, OPS.rms_norm(x.clone(), weight.clone(), 1e-5)).max()) <= 2.0
+    gate_up = randn((3 * 128 + 1,), torch.bfloat16, "cuda")[1:].view(3, 128)
+    assert torch.equal(OPS.silu_mul(gate_up), layer_math.silu_mul(gate_up))
+
+
+@pytest.mark.cuda
+def test_wrappers_keep_the_torch_code_when_autograd_records() -> None:
+    x, weight, eps = rms_norm_inputs((2, 64), torch.float32, "cuda")
+    weight.requires_grad_(True)
+    fused_ops.rms_norm(x, weight, eps).sum().backward()
+    assert weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replay_reads_the_new_inputs(dtype) -> None:
+    x, weight, eps = rms_norm_inputs((2, 3, 128), dtype, "cuda", seed=0)
+    q, cos, sin = rope_inputs((2, 3, 4, 64), dtype, "cuda", seed=0, strided=True)
+    gate_up = randn((2, 3, 256), dtype, "cuda", seed=0)
+
+    def step():
+        return OPS.rms_norm(x, weight, eps), OPS.rope(q, cos, sin), OPS.silu_mul(gate_up)
+
+    stream = torch.cuda.Stream()  # warm up off the default stream, as capture requires
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+
+    x2, _, _ = rms_norm_inputs((2, 3, 128), dtype, "cuda", seed=5)
+    q2, cos2, sin2 = rope_inputs((2, 3, 4, 64), dtype, "cuda", seed=5, strided=True)
+    for static, new in ((x, x2), (q, q2), (cos, cos2), (sin, sin2)):
+        static.copy_(new)
+    gate_up.copy_(randn((2, 3, 256), dtype, "cuda", seed=5))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(outs, step(), strict=True):
+        assert torch.equal(got, want)
+    assert not torch.equal(outs[0], OPS.rms_norm(*rms_norm_inputs((2, 3, 128), dtype, "cuda")))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model with and without the fused ops
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2),
+                                       (torch.float16, 2e-3)])
+def test_llama_forward_with_fused_ops_matches_the_torch_code(dtype, tol, monkeypatch) -> None:
+    assert llama._fused is not None, "a CUDA build should use the fused ops"
+    config = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=344, num_layers=2,
+                         num_heads=4, num_kv_heads=2, max_seq_len=64)
+    model = build_model(config, device="cuda", dtype=dtype).fuse_projections()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (2, 9), generator=g).cuda()
+    positions = torch.arange(9, device="cuda").expand(2, 9)
+    with torch.no_grad():
+        fused = model(tokens, positions).float()
+        monkeypatch.setattr(llama, "_fused", None)
+        plain = model(tokens, positions).float()
+    if dtype == torch.float32:
+        assert float((fused - plain).abs().max()) <= tol
+    else:  # the tolerances of engine/tolerances.py: relative norm of the difference
+        assert float((fused - plain).norm() / plain.norm()) <= tol
+
+
+# ---------------------------------------------------------------------------------------------
+# Switches and layering
+
+
+def _python(code: str, **env: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": ROOT, **env},
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_models_import_without_the_extension_and_use_the_torch_code() -> None:
+    code = (
+        "import sys; sys.modules['engine._C'] = None\n"  # `from engine import _C` now fails
+        "import torch, models.llama as m\n"
+        "assert m._fused is None\n"
+        "from models.config import ModelConfig\n"
+        "cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=1,"
+        " num_heads=2, num_kv_heads=1, max_seq_len=8)\n"
+        "model = m.build_model(cfg).fuse_projections()\n"
+        "print(tuple(model(torch.zeros(1, 3, dtype=torch.long), torch.arange(3)[None]).shape))"
+    )
+    assert _python(code) == "(1, 3, 32)"
+
+
+def test_toyllm_fused_ops_0_turns_the_fused_path_off() -> None:
+    code = (
+        "import engine.fused_ops as f, models.llama as m\n"
+        "print(f.ENABLED, f.AVAILABLE, m._fused)"
+    )
+    assert _python(code, TOYLLM_FUSED_OPS="0") == "False False None"
