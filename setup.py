@@ -36,6 +36,11 @@ if sys.platform.startswith("linux"):
         os.environ.setdefault(key, value)
 
 cxx_flags = ["-O3", "-std=c++17"]
+# every source compiles to build/<stem>.o: two files with one stem (x.cpp, x.cu) would collide
+_stems = [os.path.splitext(p)[0] for p in _sources("*.cpp") + _sources("*.cu")]
+if len(_stems) != len(set(_stems)):
+    raise SystemExit(f"csrc/: two sources share a name: {sorted(_stems)}")
+
 if _with_cuda():
     ext = CUDAExtension(
         name="engine._C",

@@ -3,7 +3,7 @@
 //   toyllm::rope(x, cos, sin)         rotate-half RoPE, out of place (x may be strided)
 //   toyllm::silu_mul(gate_up)         SwiGLU's silu(gate) * up on a fused [gate; up] product
 // CPU: the plain torch math of models/layer_math.py and models/rope.py in ATen ops (the same
-// ops, so the same bits). CUDA: the kernels of fused_ops.cu. The fake (meta) implementations are
+// ops, so the same bits). CUDA: the kernels of fused_kernels.cu. The fake (meta) implementations are
 // registered from Python (engine/fused_ops.py).
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -17,7 +17,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "fused_ops.cuh"
+#include "fused_kernels.cuh"
 #endif
 
 namespace toyllm {

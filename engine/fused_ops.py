@@ -2,7 +2,7 @@
 
 A decode step is launch-bound: in plain torch RMSNorm is 8 kernels, RoPE 5 and SwiGLU's
 silu(gate) * up 2. The operators ``torch.ops.toyllm.rms_norm``, ``.rope`` and ``.silu_mul``
-(csrc/fused_ops.cu) do each in one launch with the same rounding as the torch code of
+(csrc/fused_kernels.cu) do each in one launch with the same rounding as the torch code of
 models/layer_math.py and models/rope.py: rope and silu_mul bit for bit, rms_norm up to the
 order of its fp32 sum of squares (an ulp of the normalising factor at most). On the CPU the
 operators run that same torch code in ATen.

@@ -1,12 +1,12 @@
 // CUDA kernels for the fused elementwise ops of a Llama layer (RMSNorm, RoPE, silu * up), see
-// fused_ops.cuh for the contracts.
+// fused_kernels.cuh for the contracts.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cstdint>
 
-#include "fused_ops.cuh"
+#include "fused_kernels.cuh"
 
 namespace toyllm {
 namespace {
