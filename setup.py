@@ -27,13 +27,13 @@ def _with_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
-# Link with g++, not the C driver: on a Python whose sysconfig links extensions with
-# `gcc -shared` (the GPU machine's Python 3.12), the module then lacks libstdc++ in its NEEDED
-# list and any C++ exception raised through pybind11 crashes the interpreter instead of
-# becoming a Python error.
-if sys.platform.startswith("linux"):
-    for key, value in (("CC", "gcc"), ("CXX", "g++"), ("LDSHARED", "g++ -shared")):
-        os.environ.setdefault(key, value)
+# Compile and link with the system's gcc/g++ (the compilers Python and torch's ABI go with),
+# linking with g++ so libstdc++ is in the module's NEEDED list. Seen on the GPU machine: its
+# environment sets CXX to another toolchain (/opt/gcc), whose link left libstdc++ out; any C++
+# exception raised through pybind11 then crashed the interpreter instead of becoming a Python
+# error (scripts/gpu_check.sh smoke-tests exactly that). TOYLLM_KEEP_CC=1 keeps CC/CXX as set.
+if sys.platform.startswith("linux") and os.environ.get("TOYLLM_KEEP_CC") != "1":
+    os.environ.update(CC="gcc", CXX="g++", LDSHARED="g++ -shared", LDCXXSHARED="g++ -shared")
 
 cxx_flags = ["-O3", "-std=c++17"]
 # every source compiles to build/<stem>.o: two files with one stem (x.cpp, x.cu) would collide

@@ -212,6 +212,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(
             // forward use. A token's attention output then rounds the same way whether it was
             // computed in prefill or in decode (exact for fp32; an identity there).
             p_s[g * kTile + lane] = to_float(from_float<T>(p));
+            __syncwarp();  // every lane has read m_s[g] before lane 0 overwrites it
             if (lane == 0) {
                 const float alpha = expf(m_old - m_new);  // 0 on the first tile (m_old = -inf)
                 alpha_s[g] = alpha;

@@ -7,6 +7,8 @@ Every test runs on the CPU; the `cuda` variants run where a GPU is present.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -546,7 +548,8 @@ def test_bytes_allocated_is_the_real_size_of_the_storage(device: str) -> None:
     )
     assert cache.bytes_allocated() == 4 * 2 * 128 * 4 * 64 * 2
     assert cache.storage().untyped_storage().nbytes() == cache.bytes_allocated()
-    if device == "cuda":
+    # (without the caching allocator, as under compute-sanitizer, torch does not count bytes)
+    if device == "cuda" and os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") != "1":
         grown = torch.cuda.memory_allocated() - allocated_before
         assert grown >= cache.bytes_allocated()
 
