@@ -6,14 +6,14 @@
 #
 #   bash scripts/gpu_check.sh OUT_DIR [STAGES]
 #
-# STAGES: comma list of build,tests,check,sanitizer,generate,bench,sweep (default: all, in
+# STAGES: comma list of build,tests,check,sanitizer,generate,bench,profile,sweep (default: all, in
 # that order: correctness first).
 # STAGE_TIMEOUT caps each stage (s), BUDGET_S the whole run; BENCH_ARGS go to bench_decode.py; SWEEPS names the
 # experiments (configs/experiments/NAME.toml) to run.
 # A failing stage is recorded in OUT_DIR/summary.txt and the script goes on to the next.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR [STAGES]}
-STAGES=${2:-build,tests,check,sanitizer,generate,bench,sweep}
+STAGES=${2:-build,tests,check,sanitizer,generate,bench,profile,sweep}
 mkdir -p "$OUT/logs"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -101,6 +101,11 @@ if want bench; then
     stage bench_decode_attention $PY scripts/bench_decode_attention.py \
         --json "$OUT/bench_decode_attention.json"
     stage bench_decode toyllm bench ${BENCH_ARGS:-} --json "$OUT/bench_decode.json"
+fi
+if want profile; then
+    stage profile_decode $PY scripts/profile_decode.py --model llama-1b --dtype bf16
+    TOYLLM_FUSED_OPS=0 stage profile_decode_unfused $PY scripts/profile_decode.py \
+        --model llama-1b --dtype bf16
 fi
 if want sweep; then
     for name in ${SWEEPS:-attention-variants context-length}; do

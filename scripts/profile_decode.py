@@ -1,0 +1,57 @@
+"""Kernel time breakdown of one decode step (eager, so each kernel is visible by name).
+
+    python scripts/profile_decode.py --model llama-1b --dtype bf16 --steps 16
+
+Prints the kernels by total GPU time over `steps` decode steps and the kernel launches per
+step: where a decode step's time goes beyond the weight read.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from engine.device import resolve_dtype
+from engine.generate import Engine
+from engine.sampling import SamplingParams
+from models.config import load_config
+from models.llama import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-1b")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=16)
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    model = build_model(load_config(ROOT / "configs" / f"{args.model}.toml"), device=device,
+                        dtype=resolve_dtype(args.dtype, device))
+    engine = Engine(model, cuda_graph=False)
+    prompt = [[5] * args.context]
+    engine.generate(prompt, SamplingParams(max_new_tokens=4, stop_at_eos=False))
+    cache = engine.prepare_cache(1, args.context + args.steps + 1)
+    engine.prefill(cache, 0, prompt[0])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.generate(prompt, SamplingParams(max_new_tokens=args.steps + 1, stop_at_eos=False))
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events)
+    launches = sum(e.count for e in events)
+    print(f"{args.model} {args.dtype} ctx {args.context}: {args.steps + 1} generated tokens "
+          f"(prefill included): {launches} kernels, {total / 1e3:.2f} ms GPU time")
+    for e in events[:25]:
+        print(f"{e.device_time_total / 1e3:9.3f} ms  {e.count:6d}x  {e.key[:110]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
