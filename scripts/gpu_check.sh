@@ -85,7 +85,7 @@ if want check; then
 fi
 if want sanitizer; then
     for tool in memcheck racecheck; do
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 stage "sanitizer_$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 2000 \
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 TOYLLM_TEST_NO_CUDNN_SDPA=1 stage "sanitizer_$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 2000 \
             $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_kv_cache_spec.py \
             tests/test_decode_attention.py tests/test_fused_ops.py -k "not graph and not compile"
     done
