@@ -77,7 +77,9 @@ def _gemv_fake(x: Tensor, weight: Tensor) -> Tensor:
     if weight.device != x.device:
         raise ValueError(f"gemv: expected weight on {x.device} (x's device), got {weight.device}")
     if weight.dim() != 2:
-        raise ValueError(f"gemv: expected weight of 2 dims [out, in], got shape {list(weight.shape)}")
+        raise ValueError(
+            f"gemv: expected weight of 2 dims [out, in], got shape {list(weight.shape)}"
+        )
     if x.dim() < 1:
         raise ValueError(f"gemv: expected x of at least 1 dim [..., in], got shape {list(x.shape)}")
     if x.shape[-1] != weight.shape[1]:
@@ -89,7 +91,7 @@ def _gemv_fake(x: Tensor, weight: Tensor) -> Tensor:
     if not (weight.is_contiguous() or weight.stride() == (1, max(out, 1))):
         raise ValueError(
             "gemv: expected weight [out, in] contiguous (strides [in, 1]) or the transposed view "
-            f"of a contiguous [in, out] matrix (strides [1, out]), got strides {list(weight.stride())} "
-            f"for shape {list(weight.shape)}"
+            "of a contiguous [in, out] matrix (strides [1, out]), got strides "
+            f"{list(weight.stride())} for shape {list(weight.shape)}"
         )
     return x.new_empty((*x.shape[:-1], out))
