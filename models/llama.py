@@ -31,6 +31,9 @@ try:
 except ImportError:
     _fused_ops = None
 _fused = _fused_ops if _fused_ops is not None and _fused_ops.AVAILABLE else None
+# On the CPU: the wrappers of engine/fused_ops.py, which take the operators' fp32 C++ loops for
+# rms_norm and rope (and the torch code for anything else).
+_fused_cpu = _fused_ops if _fused_ops is not None and _fused_ops.ENABLED else None
 
 # The extension's CPU matrix-vector product (engine/cpu_gemv.py) for the few-row products of
 # CPU decode; F.linear (MKL) everywhere else, and everywhere without the extension.
@@ -59,6 +62,8 @@ class RMSNorm(nn.Module):
         # (layer_math.rms_norm; one kernel instead of eight on CUDA).
         if x.is_cuda and _fused is not None:
             return _fused.rms_norm(x, self.weight, self.eps)
+        if _fused_cpu is not None and not x.is_cuda:
+            return _fused_cpu.rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -79,7 +84,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: AttentionCache | None) -> Tensor:
         b, t, _ = x.shape
         hq, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        rope = _fused.rope if x.is_cuda and _fused is not None else apply_rope  # 1 kernel, not 5
+        if x.is_cuda:
+            rope = _fused.rope if _fused is not None else apply_rope  # 1 kernel, not 5
+        else:
+            rope = _fused_cpu.rope if _fused_cpu is not None else apply_rope
         if self.qkv_weight is not None:
             # one matmul for q, k and v, and one RoPE for q and k (heads side by side)
             qkv = _linear(x, self.qkv_weight).view(b, t, hq + 2 * hkv, hd)
