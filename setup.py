@@ -36,6 +36,12 @@ if sys.platform.startswith("linux") and os.environ.get("TOYLLM_KEEP_CC") != "1":
     os.environ.update(CC="gcc", CXX="g++", LDSHARED="g++ -shared", LDCXXSHARED="g++ -shared")
 
 cxx_flags = ["-O3", "-std=c++17"]
+# at::parallel_for (csrc/cpu_gemv.cpp) is an OpenMP loop compiled into the module: without
+# -fopenmp it runs on one thread. The module then needs libgomp.so.1, which torch has loaded.
+link_flags: list[str] = []
+if sys.platform.startswith("linux"):
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 # every source compiles to build/<stem>.o: two files with one stem (x.cpp, x.cu) would collide
 _stems = [os.path.splitext(p)[0] for p in _sources("*.cpp") + _sources("*.cu")]
 if len(_stems) != len(set(_stems)):
@@ -50,12 +56,14 @@ if _with_cuda():
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
         },
+        extra_link_args=link_flags,
     )
 else:
     ext = CppExtension(
         name="engine._C",
         sources=_sources("*.cpp"),
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})

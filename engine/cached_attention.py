@@ -13,6 +13,7 @@ Nothing here advances positions: the engine does that only after the whole step 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -27,11 +28,22 @@ from engine.kv_cache import KVCache, kv_update
 DECODE_KERNEL_MAX_ROWS = 4
 
 
-def has_decode_attention(device: torch.device, rows: int = 1) -> bool:
-    """True when the extension's CUDA decode-attention kernel is the faster path for `rows`
-    sequences on `device` (on the CPU, SDPA over in-place views is already the fast path)."""
-    return (device.type == "cuda" and rows <= DECODE_KERNEL_MAX_ROWS
-            and hasattr(torch.ops.toyllm, "decode_attention"))
+# On the CPU the operator's fp32 implementation is a plain C++ loop: for a small model's decode
+# step (stories15M shape, 2026-11-27) a few us per layer where the masked SDPA path below costs
+# ~15 small ops (~100 us). TOYLLM_CPU_DECODE_ATTENTION=0 keeps SDPA (to compare).
+CPU_DECODE_KERNEL = os.environ.get("TOYLLM_CPU_DECODE_ATTENTION", "1") != "0"
+
+
+def has_decode_attention(device: torch.device, rows: int = 1,
+                         dtype: torch.dtype | None = None) -> bool:
+    """True when the extension's decode-attention operator is the faster path for `rows`
+    sequences on `device`: the CUDA kernel, or on the CPU its fp32 loop (`dtype` float32; for
+    other dtypes SDPA over in-place views is the faster path there)."""
+    if rows > DECODE_KERNEL_MAX_ROWS or not hasattr(torch.ops.toyllm, "decode_attention"):
+        return False
+    if device.type == "cpu":
+        return CPU_DECODE_KERNEL and dtype == torch.float32
+    return device.type == "cuda"
 
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
@@ -128,7 +140,7 @@ class DecodeStep:
         kv_update(k_cache, v_cache, k.contiguous(), v.contiguous(), self.positions)
         if self._seq_lens is None:
             self._seq_lens = (self.positions.clamp(min=0) + 1).to(torch.int32)  # keys 0..p_b
-        if self.use_kernel and has_decode_attention(q.device, rows):
+        if self.use_kernel and has_decode_attention(q.device, rows, q.dtype):
             out = torch.ops.toyllm.decode_attention(
                 q.reshape(rows, q.shape[2], q.shape[3]).contiguous(), k_cache, v_cache,
                 self._seq_lens, q.shape[-1] ** -0.5,

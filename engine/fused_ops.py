@@ -5,12 +5,15 @@ silu(gate) * up 2. The operators ``torch.ops.toyllm.rms_norm``, ``.rope`` and ``
 (csrc/fused_kernels.cu) do each in one launch with the same rounding as the torch code of
 models/layer_math.py and models/rope.py: rope and silu_mul bit for bit, rms_norm up to the
 order of its fp32 sum of squares (an ulp of the normalising factor at most). On the CPU the
-operators run that same torch code in ATen.
+operators run that same torch code in ATen, except in fp32, where rms_norm and rope are plain
+C++ loops (rope the same bits, rms_norm within a few ulps): a decode step of a small model spends
+more time dispatching the ATen pieces than computing them.
 
-The wrappers below use the operator only where it pays and is safe: a CUDA tensor, an
-extension built with CUDA, no autograd graph to record (the operators have no backward, so
-training keeps the torch code), and ``TOYLLM_FUSED_OPS`` not set to ``0`` (read once, at
-import). Everything else runs the torch definitions.
+The wrappers below use the operator only where it pays and is safe: a CUDA tensor and an
+extension built with CUDA, or (rms_norm and rope) an fp32 CPU tensor; no autograd graph to
+record (the operators have no backward, so training keeps the torch code), and
+``TOYLLM_FUSED_OPS`` not set to ``0`` (read once, at import). Everything else runs the torch
+definitions.
 
 Example::
 
@@ -58,9 +61,21 @@ def _fusable(x: Tensor, *others: Tensor) -> bool:
     return True
 
 
+def _cpu_loop(x: Tensor, *others: Tensor) -> bool:
+    """The operator's fp32 CPU loop applies (rms_norm, rope): fp32 CPU tensors, no autograd."""
+    if not (ENABLED and x.dtype == torch.float32 and x.device.type == "cpu"):
+        return False
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in others):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in others)):
+        return False
+    return True
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x [..., hidden], weight [hidden] -> [..., hidden]: models.layer_math.rms_norm."""
-    if _fusable(x, weight):
+    if _fusable(x, weight) or (_cpu_loop(x, weight) and x.shape[-1:] == weight.shape
+                               and x.stride(-1) == 1 and weight.is_contiguous()):
         return torch.ops.toyllm.rms_norm(x, weight, float(eps))
     return layer_math.rms_norm(x, weight, eps)
 
@@ -70,7 +85,8 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
     The fused result is a new contiguous tensor whatever x's strides.
     """
-    if _fusable(x, cos, sin) and x.dim() == 4 and cos.shape == (*x.shape[:2], 1, x.shape[3]):
+    if ((_fusable(x, cos, sin) or _cpu_loop(x, cos, sin)) and x.dim() == 4
+            and cos.shape == (*x.shape[:2], 1, x.shape[3]) and sin.shape == cos.shape):
         return torch.ops.toyllm.rope(x, cos, sin)
     return apply_rope(x, cos, sin)
 

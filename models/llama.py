@@ -31,6 +31,16 @@ try:
 except ImportError:
     _fused_ops = None
 _fused = _fused_ops if _fused_ops is not None and _fused_ops.AVAILABLE else None
+# On the CPU: the wrappers of engine/fused_ops.py, which take the operators' fp32 C++ loops for
+# rms_norm and rope (and the torch code for anything else).
+_fused_cpu = _fused_ops if _fused_ops is not None and _fused_ops.ENABLED else None
+
+# The extension's CPU matrix-vector product (engine/cpu_gemv.py) for the few-row products of
+# CPU decode; F.linear (MKL) everywhere else, and everywhere without the extension.
+try:
+    from engine.cpu_gemv import linear as _linear
+except ImportError:
+    _linear = F.linear
 
 
 class AttentionCache(Protocol):
@@ -52,6 +62,8 @@ class RMSNorm(nn.Module):
         # (layer_math.rms_norm; one kernel instead of eight on CUDA).
         if x.is_cuda and _fused is not None:
             return _fused.rms_norm(x, self.weight, self.eps)
+        if _fused_cpu is not None and not x.is_cuda:
+            return _fused_cpu.rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -72,21 +84,24 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: AttentionCache | None) -> Tensor:
         b, t, _ = x.shape
         hq, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        rope = _fused.rope if x.is_cuda and _fused is not None else apply_rope  # 1 kernel, not 5
+        if x.is_cuda:
+            rope = _fused.rope if _fused is not None else apply_rope  # 1 kernel, not 5
+        else:
+            rope = _fused_cpu.rope if _fused_cpu is not None else apply_rope
         if self.qkv_weight is not None:
             # one matmul for q, k and v, and one RoPE for q and k (heads side by side)
-            qkv = F.linear(x, self.qkv_weight).view(b, t, hq + 2 * hkv, hd)
+            qkv = _linear(x, self.qkv_weight).view(b, t, hq + 2 * hkv, hd)
             qk = rope(qkv[:, :, : hq + hkv], cos, sin)
             q, k, v = qk[:, :, :hq], qk[:, :, hq:], qkv[:, :, hq + hkv :]
         else:
-            q = rope(self.q_proj(x).view(b, t, hq, hd), cos, sin)
-            k = rope(self.k_proj(x).view(b, t, hkv, hd), cos, sin)
-            v = self.v_proj(x).view(b, t, hkv, hd)
+            q = rope(_linear(x, self.q_proj.weight).view(b, t, hq, hd), cos, sin)
+            k = rope(_linear(x, self.k_proj.weight).view(b, t, hkv, hd), cos, sin)
+            v = _linear(x, self.v_proj.weight).view(b, t, hkv, hd)
         if cache is None:
             out = causal_attention(q, k, v)
         else:
             out = cache.attend(self.layer_index, q, k, v)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        return _linear(out.reshape(b, t, self.num_heads * self.head_dim), self.o_proj.weight)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -111,11 +126,12 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # SwiGLU
         if self.gate_up_weight is not None:
-            gate_up = F.linear(x, self.gate_up_weight)  # [..., 2 * intermediate]: gate, up
+            gate_up = _linear(x, self.gate_up_weight)  # [..., 2 * intermediate]: gate, up
             if x.is_cuda and _fused is not None:
-                return self.down_proj(_fused.silu_mul(gate_up))  # one kernel, not two
-            return self.down_proj(silu_mul(gate_up))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+                return _linear(_fused.silu_mul(gate_up), self.down_proj.weight)  # one kernel
+            return _linear(silu_mul(gate_up), self.down_proj.weight)
+        gate = F.silu(_linear(x, self.gate_proj.weight))
+        return _linear(gate * _linear(x, self.up_proj.weight), self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -165,7 +181,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, cache)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return _linear(self.norm(x), self.lm_head.weight)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # .to(dtype) would cast the RoPE frequencies too; keep them fp32 on the new device.

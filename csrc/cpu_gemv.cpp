@@ -1,0 +1,263 @@
+// Registers `toyllm::gemv(x, weight) -> y`: y = F.linear(x, weight) (no bias) for fp32 CPU
+// tensors with a few rows, the matrix-vector products of a decode step.
+//
+// Why: with batch 1 every projection of a decode step is a matrix-vector product that reads
+// each weight once, so decode is bound by how fast the weights stream from DRAM. MKL's sgemv
+// (M = 1) reached ~8 GB/s on our 2-core CI machine (AMD EPYC, 2026-11-27) where a plain read
+// of both cores reaches ~20 GB/s; this loop, split over the cores, reaches ~16 GB/s on the
+// 25 products of a stories15M-shaped model (docs/PERF.md, "CPU decode, stories15M shape").
+//
+// x: [..., in] fp32 (packed here when it is not contiguous); weight: [out, in] fp32, either
+// contiguous (nn.Linear's layout; the fastest: each output is a dot product over a contiguous
+// row, so the whole matrix streams front to back) or the transposed view of a contiguous
+// [in, out] matrix (engine/cpu_layout.py's input-major storage). Any number of rows works;
+// the kernel is meant for few (the model uses it for <= 4 rows; prefill keeps MKL).
+// Output rows are split over threads with at::parallel_for (OpenMP). The AVX2+FMA kernels are
+// chosen at run time (__builtin_cpu_supports), with a portable loop as the fallback, so the
+// module needs no -march flag. The fp32 sums run in another order than MKL's: results agree
+// to a few ulps of the dot products, not bit for bit.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define TOYLLM_GEMV_X86 1
+#endif
+
+#include "dtype_names.h"
+
+namespace toyllm {
+namespace {
+
+// Each thread gets at least this many bytes of weights: below it, waking a second thread
+// costs more than it saves.
+constexpr int64_t kMinBytesPerThread = 64 * 1024;
+constexpr int64_t kRowBlock = 4;   // output rows per step of the row-major kernel
+constexpr int64_t kColBlock = 32;  // output columns per step of the input-major kernel
+
+// ---------------------------------------------------------------------------------------------
+// Portable kernels (any CPU; the compiler vectorises what it can).
+
+// weight row-major [out, in]: y[m, j] = dot(x[m, :], w[j, :]) for j in [j0, j1).
+void rows_portable(const float* x, const float* w, float* y, int64_t m_rows, int64_t in,
+                   int64_t out, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+        const float* wj = w + j * in;
+        for (int64_t m = 0; m < m_rows; ++m) {
+            const float* xm = x + m * in;
+            float s = 0.f;
+            for (int64_t i = 0; i < in; ++i) {
+                s += xm[i] * wj[i];
+            }
+            y[m * out + j] = s;
+        }
+    }
+}
+
+// weight input-major [in, out] (row-major): y[m, j] = sum_i x[m, i] * w[i, j], j in [j0, j1).
+void cols_portable(const float* x, const float* w, float* y, int64_t m_rows, int64_t in,
+                   int64_t out, int64_t j0, int64_t j1) {
+    for (int64_t m = 0; m < m_rows; ++m) {
+        float* ym = y + m * out;
+        std::fill(ym + j0, ym + j1, 0.f);
+        const float* xm = x + m * in;
+        for (int64_t i = 0; i < in; ++i) {
+            const float xi = xm[i];
+            const float* wi = w + i * out;
+            for (int64_t j = j0; j < j1; ++j) {
+                ym[j] += xi * wi[j];
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA kernels, compiled for those instructions whatever the build's -march.
+
+#ifdef TOYLLM_GEMV_X86
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) void rows_avx2(const float* x, const float* w, float* y,
+                                                   int64_t m_rows, int64_t in, int64_t out,
+                                                   int64_t j0, int64_t j1) {
+    const int64_t in8 = in - in % 8;
+    int64_t j = j0;
+    // four weight rows at a time: four independent FMA chains per x row; the four rows
+    // (<= 4 * in floats) stay in L1 while each x row passes over them
+    for (; j + kRowBlock <= j1; j += kRowBlock) {
+        const float* w0 = w + j * in;
+        const float* w1 = w0 + in;
+        const float* w2 = w1 + in;
+        const float* w3 = w2 + in;
+        for (int64_t m = 0; m < m_rows; ++m) {
+            const float* xm = x + m * in;
+            __m256 a0 = _mm256_setzero_ps();
+            __m256 a1 = _mm256_setzero_ps();
+            __m256 a2 = _mm256_setzero_ps();
+            __m256 a3 = _mm256_setzero_ps();
+            for (int64_t i = 0; i < in8; i += 8) {
+                const __m256 xv = _mm256_loadu_ps(xm + i);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), xv, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + i), xv, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i), xv, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), xv, a3);
+            }
+            float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+            for (int64_t i = in8; i < in; ++i) {
+                s0 += xm[i] * w0[i];
+                s1 += xm[i] * w1[i];
+                s2 += xm[i] * w2[i];
+                s3 += xm[i] * w3[i];
+            }
+            float* ym = y + m * out + j;
+            ym[0] = s0;
+            ym[1] = s1;
+            ym[2] = s2;
+            ym[3] = s3;
+        }
+    }
+    for (; j < j1; ++j) {  // the last out % 4 rows, one at a time
+        const float* wj = w + j * in;
+        for (int64_t m = 0; m < m_rows; ++m) {
+            const float* xm = x + m * in;
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t i = 0; i < in8; i += 8) {
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(wj + i), _mm256_loadu_ps(xm + i), a);
+            }
+            float s = hsum(a);
+            for (int64_t i = in8; i < in; ++i) {
+                s += xm[i] * wj[i];
+            }
+            y[m * out + j] = s;
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) void cols_avx2(const float* x, const float* w, float* y,
+                                                   int64_t m_rows, int64_t in, int64_t out,
+                                                   int64_t j0, int64_t j1) {
+    int64_t j = j0;
+    // 32 output columns in four registers; each input row contributes one broadcast FMA each
+    for (; j + kColBlock <= j1; j += kColBlock) {
+        for (int64_t m = 0; m < m_rows; ++m) {
+            const float* xm = x + m * in;
+            __m256 a0 = _mm256_setzero_ps();
+            __m256 a1 = _mm256_setzero_ps();
+            __m256 a2 = _mm256_setzero_ps();
+            __m256 a3 = _mm256_setzero_ps();
+            const float* wi = w + j;
+            for (int64_t i = 0; i < in; ++i, wi += out) {
+                const __m256 xv = _mm256_broadcast_ss(xm + i);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wi), xv, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wi + 8), xv, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wi + 16), xv, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wi + 24), xv, a3);
+            }
+            float* ym = y + m * out + j;
+            _mm256_storeu_ps(ym, a0);
+            _mm256_storeu_ps(ym + 8, a1);
+            _mm256_storeu_ps(ym + 16, a2);
+            _mm256_storeu_ps(ym + 24, a3);
+        }
+    }
+    if (j < j1) {
+        cols_portable(x, w, y, m_rows, in, out, j, j1);
+    }
+}
+
+bool cpu_has_avx2_fma() {
+    static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return has;
+}
+#endif
+
+using Kernel = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
+                        int64_t);
+
+// ---------------------------------------------------------------------------------------------
+// the operator
+
+void check_gemv_args(const at::Tensor& x, const at::Tensor& weight) {
+    TORCH_CHECK_VALUE(x.device().is_cpu(), "gemv: expected x on the CPU, got ", x.device());
+    TORCH_CHECK_VALUE(weight.device().is_cpu(), "gemv: expected weight on the CPU, got ",
+                      weight.device());
+    TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, "gemv: expected x of dtype torch.float32, got ",
+                      dtype_name(x.scalar_type()));
+    TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat,
+                      "gemv: expected weight of dtype torch.float32, got ",
+                      dtype_name(weight.scalar_type()));
+    TORCH_CHECK_VALUE(weight.dim() == 2, "gemv: expected weight of 2 dims [out, in], got shape ",
+                      weight.sizes());
+    TORCH_CHECK_VALUE(x.dim() >= 1, "gemv: expected x of at least 1 dim [..., in], got shape ",
+                      x.sizes());
+    TORCH_CHECK_VALUE(x.size(-1) == weight.size(1), "gemv: expected x [..., ", weight.size(1),
+                      "] (weight's in = weight.size(1)), got x of shape ", x.sizes(),
+                      " for weight of shape ", weight.sizes());
+    const bool row_major = weight.is_contiguous();
+    const bool input_major =
+        weight.stride(0) == 1 && weight.stride(1) == std::max<int64_t>(weight.size(0), 1);
+    TORCH_CHECK_VALUE(row_major || input_major,
+                      "gemv: expected weight [out, in] contiguous (strides [in, 1]) or the "
+                      "transposed view of a contiguous [in, out] matrix (strides [1, out]), got "
+                      "strides ",
+                      weight.strides(), " for shape ", weight.sizes());
+}
+
+at::Tensor gemv_cpu(const at::Tensor& x, const at::Tensor& weight) {
+    check_gemv_args(x, weight);
+    const int64_t out = weight.size(0);
+    const int64_t in = weight.size(1);
+    std::vector<int64_t> out_shape = x.sizes().vec();
+    out_shape.back() = out;
+    at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+    if (y.numel() == 0) {
+        return y;
+    }
+    if (in == 0) {
+        return y.zero_();
+    }
+    const at::Tensor xc = x.contiguous();
+    const int64_t m_rows = xc.numel() / in;
+    const bool row_major = weight.is_contiguous();
+    const float* xp = xc.const_data_ptr<float>();
+    const float* wp = weight.const_data_ptr<float>();
+    float* yp = y.mutable_data_ptr<float>();
+
+    Kernel kernel = row_major ? rows_portable : cols_portable;
+#ifdef TOYLLM_GEMV_X86
+    if (cpu_has_avx2_fma()) {
+        kernel = row_major ? rows_avx2 : cols_avx2;
+    }
+#endif
+    // Split the output into blocks of whole kernel steps; a thread takes at least
+    // kMinBytesPerThread of weights.
+    const int64_t block = row_major ? kRowBlock : kColBlock;
+    const int64_t num_blocks = (out + block - 1) / block;
+    const int64_t bytes_per_block = block * in * static_cast<int64_t>(sizeof(float));
+    const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / bytes_per_block);
+    at::parallel_for(0, num_blocks, grain, [&](int64_t b0, int64_t b1) {
+        kernel(xp, wp, yp, m_rows, in, out, b0 * block, std::min(out, b1 * block));
+    });
+    return y;
+}
+
+}  // namespace
+}  // namespace toyllm
+
+TORCH_LIBRARY_FRAGMENT(toyllm, m) {
+    m.def("gemv(Tensor x, Tensor weight) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(toyllm, CPU, m) {
+    m.impl("gemv", &toyllm::gemv_cpu);
+}

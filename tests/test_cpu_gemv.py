@@ -1,0 +1,152 @@
+"""toyllm::gemv (csrc/cpu_gemv.cpp) against torch.matmul in fp32: both weight layouts, 1 to 4
+rows and more, sizes that are not multiples of the kernels' 8-float vectors, 4-row and
+32-column blocks; non-contiguous x; bad inputs; opcheck; engine.cpu_gemv.linear's dispatch;
+one thread and two; the model's logits with the operator on and off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine.cpu_gemv as cpu_gemv
+from models.config import ModelConfig
+from models.llama import build_model
+
+OPS = torch.ops.toyllm
+# (in, out): model-like, odd, and below and above one block of either kernel.
+SHAPES = [(288, 864), (288, 288), (768, 288), (288, 1536), (64, 300), (7, 5), (1, 1), (13, 33),
+          (33, 13), (100, 37), (9, 31), (288, 32000), (17, 1), (1, 17), (129, 65)]
+ROWS = [(1,), (2,), (3,), (4,), (1, 1), (2, 3), (7,)]
+
+
+def rand(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def weight(n_in: int, n_out: int, input_major: bool, seed: int = 1) -> torch.Tensor:
+    """[out, in]: contiguous, or the transposed view of a contiguous [in, out] matrix."""
+    w = rand((n_out, n_in), seed) * n_in**-0.5
+    return w.t().contiguous().t() if input_major else w
+
+
+def close_to_matmul(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    ref = (x.double() @ w.double().t()).float()  # the exact sums, rounded once
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    scale = (x.double().abs() @ w.double().abs().t()).float().clamp_min(1e-30)
+    # fp32 dot products of <= 32000 terms: a few ulps of the sum of |terms|
+    assert ((y - ref).abs() / scale).max().item() <= 1e-5
+    assert (y - torch.matmul(x, w.t())).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("input_major", [False, True])
+@pytest.mark.parametrize("n_in,n_out", SHAPES)
+@pytest.mark.parametrize("rows", ROWS)
+def test_gemv_matches_matmul(n_in, n_out, rows, input_major) -> None:
+    w = weight(n_in, n_out, input_major)
+    assert w.is_contiguous() != input_major or n_in == 1 or n_out == 1
+    x = rand((*rows, n_in), 2)
+    close_to_matmul(OPS.gemv(x, w), x, w)
+
+
+@pytest.mark.parametrize("input_major", [False, True])
+def test_gemv_one_and_two_threads_agree(input_major) -> None:
+    w = weight(288, 1536, input_major)
+    x = rand((1, 288), 3)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = OPS.gemv(x, w)
+        torch.set_num_threads(2)
+        two = OPS.gemv(x, w)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)  # each output is one thread's sum, whoever computes it
+
+
+def test_gemv_takes_non_contiguous_x() -> None:
+    w = weight(96, 40, False)
+    wide = rand((3, 2 * 96), 4)
+    x = wide[:, ::2]  # stride 2 in the last dim
+    assert not x.is_contiguous()
+    close_to_matmul(OPS.gemv(x, w), x, w)
+    x2 = rand((4, 96), 5).t().contiguous().t()  # [4, 96] column-major
+    close_to_matmul(OPS.gemv(x2, w), x2, w)
+
+
+def test_gemv_empty_shapes() -> None:
+    assert OPS.gemv(torch.zeros(0, 8), torch.zeros(5, 8)).shape == (0, 5)
+    assert OPS.gemv(torch.zeros(2, 8), torch.zeros(0, 8)).shape == (2, 0)
+    assert torch.equal(OPS.gemv(torch.zeros(2, 0), torch.zeros(3, 0)), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize(
+    "x,w,message",
+    [
+        (torch.zeros(1, 8, dtype=torch.float64), torch.zeros(4, 8),
+         "expected x of dtype torch.float32, got torch.float64"),
+        (torch.zeros(1, 8), torch.zeros(4, 8, dtype=torch.float16),
+         "expected weight of dtype torch.float32, got torch.float16"),
+        (torch.zeros(1, 8), torch.zeros(4, 8, 1), r"expected weight of 2 dims \[out, in\]"),
+        (torch.zeros(()), torch.zeros(4, 8), r"expected x of at least 1 dim \[\.\.\., in\]"),
+        (torch.zeros(1, 7), torch.zeros(4, 8), r"expected x \[\.\.\., 8\]"),
+        (torch.zeros(1, 8), torch.zeros(4, 16)[:, ::2],
+         r"expected weight \[out, in\] contiguous .* got strides \[16, 2\]"),
+    ],
+)
+def test_gemv_rejects_bad_inputs(x, w, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        OPS.gemv(x, w)
+    meta_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+    meta_w = torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device="meta")
+    with pytest.raises(ValueError, match=message):  # the fake implementation says the same
+        OPS.gemv(meta_x, meta_w)
+
+
+def test_gemv_rejects_tensors_on_two_devices() -> None:
+    with pytest.raises(ValueError, match="expected weight on meta"):
+        OPS.gemv(torch.zeros(1, 8, device="meta"), torch.zeros(4, 8))
+
+
+@pytest.mark.cuda
+def test_gemv_rejects_cuda_tensors() -> None:
+    with pytest.raises((ValueError, NotImplementedError), match="CPU|CUDA"):
+        OPS.gemv(torch.zeros(1, 8, device="cuda"), torch.zeros(4, 8, device="cuda"))
+
+
+@pytest.mark.parametrize("input_major", [False, True])
+@pytest.mark.parametrize("rows", [(1,), (2, 3)])
+def test_gemv_opcheck(rows, input_major) -> None:
+    w = weight(40, 24, input_major)
+    torch.library.opcheck(OPS.gemv.default, (rand((*rows, 40), 6), w))
+
+
+def test_linear_dispatch() -> None:
+    w = weight(32, 16, False)
+    assert cpu_gemv.applies(torch.zeros(1, 32), w) == cpu_gemv.ENABLED
+    assert cpu_gemv.applies(torch.zeros(2, 2, 32), w.t().contiguous().t()) == cpu_gemv.ENABLED
+    assert not cpu_gemv.applies(torch.zeros(5, 32), w)  # prefill rows: MKL
+    assert not cpu_gemv.applies(torch.zeros(1, 32, dtype=torch.float64), w.double())
+    assert not cpu_gemv.applies(torch.zeros(1, 32), torch.zeros(16, 64)[:, ::2])
+    x = torch.zeros(1, 32, requires_grad=True)
+    assert not cpu_gemv.applies(x, w)  # no backward: autograd keeps F.linear
+    with torch.no_grad():
+        assert cpu_gemv.applies(x, w) == cpu_gemv.ENABLED
+    x = rand((3, 32), 7)
+    assert (cpu_gemv.linear(x, w) - F.linear(x, w)).abs().max().item() <= 1e-5
+    assert torch.equal(cpu_gemv.linear(rand((6, 32), 8), w), F.linear(rand((6, 32), 8), w))
+
+
+def test_model_logits_with_and_without_the_operator(monkeypatch) -> None:
+    config = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, intermediate_size=96, max_seq_len=64,
+                         tie_embeddings=True)
+    model = build_model(config, seed=3)
+    tokens = torch.randint(0, 300, (1, 1), generator=torch.Generator().manual_seed(0))
+    positions = torch.zeros(1, 1, dtype=torch.long)
+    with torch.inference_mode():
+        monkeypatch.setattr(cpu_gemv, "ENABLED", True)
+        on = model(tokens, positions)
+        monkeypatch.setattr(cpu_gemv, "ENABLED", False)
+        off = model(tokens, positions)
+    assert (on - off).abs().max().item() <= 1e-5
