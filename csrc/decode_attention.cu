@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "decode_attention.cuh"
+#include "float_convert.cuh"
 
 namespace toyllm {
 namespace {
@@ -19,25 +20,6 @@ constexpr int kMinChunk = 128;  // keys per split, at least
 constexpr int kHeads = kDecodeAttentionHeadsPerBlock;  // query heads per block, at most
 // Output elements (head, dim) each thread accumulates: kHeads * head_dim / kThreads at most.
 constexpr int kAccPerThread = kHeads * kDecodeAttentionMaxHeadDim / kThreads;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-    return x;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-    return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-    return __float2bfloat16_rn(x);
-}
 
 // The raw type of one VecBytes-wide load.
 template <int VecBytes>
@@ -211,7 +193,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(
             // rounding points of flash attention, which the prefill (SDPA) and the no-cache
             // forward use. A token's attention output then rounds the same way whether it was
             // computed in prefill or in decode (exact for fp32; an identity there).
-            p_s[g * kTile + lane] = to_float(from_float<T>(p));
+            p_s[g * kTile + lane] = round_to<T>(p);
             __syncwarp();  // every lane has read m_s[g] before lane 0 overwrites it
             if (lane == 0) {
                 const float alpha = expf(m_old - m_new);  // 0 on the first tile (m_old = -inf)

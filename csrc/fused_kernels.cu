@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "fused_kernels.cuh"
+#include "float_convert.cuh"
 
 namespace toyllm {
 namespace {
@@ -15,32 +16,6 @@ constexpr int kWarp = 32;
 constexpr int kMaxNormThreads = 1024;           // threads per RMSNorm block (one row), at most
 constexpr int kThreads = 256;                   // threads per block of RoPE and silu * up
 constexpr int64_t kMaxGrid = int64_t{1} << 20;  // blocks per launch (grid-stride past that)
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-// Round-to-nearest-even into T, as torch's casts do.
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-    return x;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-    return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-    return __float2bfloat16_rn(x);
-}
-
-// What torch does when it writes an fp32 result to a tensor of dtype T and reads it back.
-template <typename T>
-__device__ __forceinline__ float round_to(float x) {
-    return to_float(from_float<T>(x));
-}
 
 // N elements loaded or stored as one access (16 bytes when N * sizeof(T) == 16).
 template <typename T, int N>
