@@ -8,7 +8,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "dtype_names.h"
@@ -216,6 +218,36 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
 }
 
 #ifdef TOYLLM_WITH_CUDA
+// The kernel's key tiles and their order set where p is rounded (see decode_attention.cuh). By
+// default they are FlashAttention-2's forward pass (PyTorch's flash SDPA backend): blocks of
+// 128 keys for head dims up to 64, of 64 above, walked last to first.
+// NOTE: TOYLLM_DECODE_TILE (64 or 128) and TOYLLM_DECODE_REVERSE (0 or 1) override this per
+// call, for experiments that compare rounding against other attention kernels; anything else
+// in them is an error.
+int64_t rounding_tile(int64_t head_dim) {
+    const char* env = std::getenv("TOYLLM_DECODE_TILE");
+    if (env == nullptr || *env == '\0') {
+        return head_dim <= 64 ? 128 : 64;
+    }
+    const std::string value(env);
+    TORCH_CHECK_VALUE(value == "64" || value == "128",
+                      "decode_attention: expected TOYLLM_DECODE_TILE to be 64 or 128, got '",
+                      value, "'");
+    return value == "64" ? 64 : 128;
+}
+
+bool rounding_reverse() {
+    const char* env = std::getenv("TOYLLM_DECODE_REVERSE");
+    if (env == nullptr || *env == '\0') {
+        return true;
+    }
+    const std::string value(env);
+    TORCH_CHECK_VALUE(value == "0" || value == "1",
+                      "decode_attention: expected TOYLLM_DECODE_REVERSE to be 0 or 1, got '",
+                      value, "'");
+    return value == "1";
+}
+
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& seq_lens,
                                  double scale) {
@@ -231,7 +263,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
 
     const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     const DecodeAttentionPlan plan =
-        plan_decode_attention(batch, num_q_heads, num_kv_heads, max_seq_len, sm_count);
+        plan_decode_attention(batch, num_q_heads, num_kv_heads, max_seq_len, sm_count,
+                              rounding_tile(head_dim), rounding_reverse());
     // Scratch for the split pass: sizes depend on shapes only, so a captured graph keeps them.
     const auto float_options = q.options().dtype(at::kFloat);
     at::Tensor partial_out = at::empty(

@@ -2,8 +2,10 @@
 // decode_attention.cuh for the contract.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -13,13 +15,13 @@
 namespace toyllm {
 namespace {
 
-constexpr int kThreads = 128;  // threads per block of either pass
+constexpr int kThreads = 256;  // threads per block of the split pass
 constexpr int kWarps = kThreads / 32;
-constexpr int kTile = 32;       // keys per shared-memory tile: one per lane in the softmax step
-constexpr int kMinChunk = 128;  // keys per split, at least
+constexpr int kCombineThreads = 128;
 constexpr int kHeads = kDecodeAttentionHeadsPerBlock;  // query heads per block, at most
-// Output elements (head, dim) each thread accumulates: kHeads * head_dim / kThreads at most.
-constexpr int kAccPerThread = kHeads * kDecodeAttentionMaxHeadDim / kThreads;
+constexpr float kLog2e = 1.4426950408889634f;
+// Shared memory a block may use for its K/V tiles before the pipeline drops to one stage.
+constexpr int64_t kDoubleBufferBytes = 96 * 1024;
 
 // The raw type of one VecBytes-wide load.
 template <int VecBytes>
@@ -57,40 +59,58 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// Copies `count` rows of head_dim elements, `row_stride` elements apart in global memory, into
-// shared memory as float (row t at smem[t * smem_stride]). Each thread reads VecBytes at a time;
-// consecutive threads read consecutive vectors of a row (coalesced).
+// Starts copying `count` rows of `vecs` VecBytes-vectors (`row_stride` elements apart in
+// global memory) into shared memory, rows packed. 4-16 byte vectors go through cp.async (the
+// copy overlaps whatever the block does until __pipeline_wait_prior); 2-byte ones are copied
+// synchronously (cp.async has no 2-byte form).
 template <typename T, int VecBytes>
-__device__ __forceinline__ void load_rows(float* smem, int smem_stride,
-                                          const T* __restrict__ src,  // [count, row_stride]
-                                          int64_t row_stride, int count, int head_dim) {
+__device__ __forceinline__ void copy_tile(T* smem, const T* __restrict__ src, int64_t row_stride,
+                                          int count, int vecs) {
     constexpr int kElems = VecBytes / static_cast<int>(sizeof(T));
     using Vec = typename RawVec<VecBytes>::type;
-    const int vecs_per_row = head_dim / kElems;
-    for (int i = threadIdx.x; i < count * vecs_per_row; i += kThreads) {
-        const int t = i / vecs_per_row;
-        const int c = i - t * vecs_per_row;
-        const Vec raw = *reinterpret_cast<const Vec*>(src + t * row_stride + c * kElems);
-        T vals[kElems];
-        memcpy(vals, &raw, VecBytes);
-#pragma unroll
-        for (int e = 0; e < kElems; ++e) {
-            smem[t * smem_stride + c * kElems + e] = to_float(vals[e]);
+    for (int i = threadIdx.x; i < count * vecs; i += kThreads) {
+        const int t = i / vecs;
+        const int c = i - t * vecs;
+        T* dst = smem + (t * vecs + c) * kElems;
+        const T* from = src + t * row_stride + c * kElems;
+        if constexpr (VecBytes >= 4) {
+            __pipeline_memcpy_async(dst, from, VecBytes);
+        } else {
+            *reinterpret_cast<Vec*>(dst) = *reinterpret_cast<const Vec*>(from);
         }
     }
 }
 
-// Shared memory of the split kernel, in floats.
-__host__ __device__ constexpr int64_t split_smem_floats(int64_t head_dim) {
-    return kHeads * head_dim         // q_s:  [kHeads, head_dim], pre-scaled
-           + kTile * (head_dim + 1)  // kv_s: [kTile, head_dim + 1] (+1: no bank conflicts)
-           + kHeads * kTile          // p_s:  [kHeads, kTile] scores, then probabilities
-           + 3 * kHeads;             // m_s, l_s, alpha_s: [kHeads] running max, sum, rescale
+template <typename T, int VecBytes>
+__device__ __forceinline__ void load_vec(float (&out)[VecBytes / sizeof(T)], const T* smem) {
+    using Vec = typename RawVec<VecBytes>::type;
+    constexpr int kElems = VecBytes / static_cast<int>(sizeof(T));
+    const Vec raw = *reinterpret_cast<const Vec*>(smem);
+    T vals[kElems];
+    memcpy(vals, &raw, VecBytes);
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+        out[e] = to_float(vals[e]);
+    }
 }
 
-// Pass 1. Block (split, kv_head * head_blocks + head_block, b): keys [split * chunk_len, ...)
-// of sequence b, KV head kv_head, query heads h_begin .. h_begin + nh - 1 of its group.
-template <typename T, int VecBytes>
+// Bytes of shared memory of the split kernel.
+__host__ __device__ constexpr int64_t split_smem_bytes(int64_t head_dim, int64_t tile,
+                                                       int64_t stages, int64_t elem_bytes) {
+    return (kHeads * head_dim       // q_s: [kHeads, head_dim] fp32
+            + kHeads * tile         // p_s: [kHeads, tile] scores, then probabilities
+            + kHeads * head_dim     // o_s: [kHeads, head_dim] the block's output, summed
+            + 3 * kHeads) * 4       // m_s, l_s, alpha_s: [kHeads]
+           + stages * 2 * tile * head_dim * elem_bytes;  // K and V tiles, per stage
+}
+
+int64_t stages_for(int64_t head_dim, int64_t tile, int64_t elem_bytes) {
+    return 2 * 2 * tile * head_dim * elem_bytes <= kDoubleBufferBytes ? 2 : 1;
+}
+
+// Pass 1. Block (split, kv_head * head_blocks + head_block, b): chunk `split` of sequence b's
+// keys, KV head kv_head, query heads h_begin .. h_begin + nh - 1 of its group.
+template <typename T, int VecBytes, int Tile>
 __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(
     const T* __restrict__ q,               // [batch, num_q_heads, head_dim]
     const T* __restrict__ k_cache,         // [batch, max_seq_len, num_kv_heads, head_dim]
@@ -101,17 +121,23 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(
     float* __restrict__ partial_max,       // [batch, num_q_heads, num_splits]
     float* __restrict__ partial_sum,       // [batch, num_q_heads, num_splits]
     int num_q_heads, int num_kv_heads, int head_dim, int64_t max_seq_len, int num_splits,
-    int64_t chunk_len, int head_blocks, float scale) {
-    extern __shared__ float smem[];
-    float* q_s = smem;
-    float* kv_s = q_s + kHeads * head_dim;
-    const int kv_stride = head_dim + 1;
-    float* p_s = kv_s + kTile * kv_stride;
-    float* m_s = p_s + kHeads * kTile;
+    int head_blocks, float scale_log2, bool reverse, int stages) {
+    constexpr int kElems = VecBytes / static_cast<int>(sizeof(T));
+    static_assert(Tile % 32 == 0, "a tile is whole warps of keys");
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float* q_s = reinterpret_cast<float*>(smem_raw);
+    float* p_s = q_s + kHeads * head_dim;
+    float* o_s = p_s + kHeads * Tile;
+    float* m_s = o_s + kHeads * head_dim;
     float* l_s = m_s + kHeads;
     float* alpha_s = l_s + kHeads;
+    // The K/V stages follow the floats; (2 * kHeads * head_dim + kHeads * Tile + 3 * kHeads) * 4
+    // bytes is a multiple of 32, so they start 16-byte aligned.
+    T* kv_s = reinterpret_cast<T*>(alpha_s + kHeads);
 
     const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
     const int split = blockIdx.x;
     const int kv_head = blockIdx.y / head_blocks;
     const int head_block = blockIdx.y - kv_head * head_blocks;
@@ -120,13 +146,15 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(
     const int h_begin = kv_head * group + head_block * kHeads;
     const int nh = min(kHeads, (kv_head + 1) * group - h_begin);  // query heads here, >= 1
     const int outputs = nh * head_dim;                            // (head, dim) pairs
+    const int64_t head_row = b * num_q_heads + h_begin;           // first (b, h) row here
 
     // NOTE: seq_lens cannot be checked by the host without a sync: clamp to [0, max_seq_len].
     const int64_t seq_len = min(max(static_cast<int64_t>(seq_lens[b]), int64_t{0}), max_seq_len);
-    const int64_t key_begin = static_cast<int64_t>(split) * chunk_len;
-    const int64_t key_end = min(key_begin + chunk_len, seq_len);
-
-    const int64_t head_row = b * num_q_heads + h_begin;  // first (b, h) row of this block
+    // This row's tiles, dealt out to the num_splits chunks in whole tiles.
+    const int64_t row_tiles = (seq_len + Tile - 1) / Tile;
+    const int64_t chunk_tiles = (row_tiles + num_splits - 1) / num_splits;
+    const int64_t key_begin = static_cast<int64_t>(split) * chunk_tiles * Tile;
+    const int64_t key_end = min(key_begin + chunk_tiles * Tile, seq_len);
     if (key_begin >= key_end) {
         // Nothing to attend to in this chunk (or at all, when seq_len is 0).
         if (num_splits == 1) {
@@ -139,106 +167,213 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(
         }
         return;
     }
+    const int num_tiles = static_cast<int>((key_end - key_begin + Tile - 1) / Tile);
+
+    const int vecs = head_dim / kElems;  // vectors per K/V row
+    const int64_t row_stride = static_cast<int64_t>(num_kv_heads) * head_dim;  // key to key
+    const T* k_rows = k_cache + (b * max_seq_len + key_begin) * row_stride + kv_head * head_dim;
+    const T* v_rows = v_cache + (b * max_seq_len + key_begin) * row_stride + kv_head * head_dim;
+    const int stage_elems = 2 * Tile * head_dim;  // K tile then V tile
+    // Tile i of the walk: its first key (from key_begin) and its length.
+    auto tile_start = [&](int i) { return (reverse ? num_tiles - 1 - i : i) * Tile; };
+    auto tile_len = [&](int i) {
+        return static_cast<int>(min(static_cast<int64_t>(Tile), key_end - key_begin - tile_start(i)));
+    };
+    auto issue = [&](int i, int stage) {
+        T* dst = kv_s + stage * stage_elems;
+        const int64_t first = tile_start(i) * row_stride;
+        copy_tile<T, VecBytes>(dst, k_rows + first, row_stride, tile_len(i), vecs);
+        copy_tile<T, VecBytes>(dst + Tile * head_dim, v_rows + first, row_stride, tile_len(i),
+                               vecs);
+        __pipeline_commit();
+    };
+    issue(0, 0);
 
     for (int i = tid; i < outputs; i += kThreads) {
-        q_s[i] = to_float(q[head_row * head_dim + i]) * scale;
+        q_s[i] = to_float(q[head_row * head_dim + i]);
+        o_s[i] = 0.0f;
     }
     if (tid < nh) {
         m_s[tid] = -INFINITY;
         l_s[tid] = 0.0f;
     }
-    float acc[kAccPerThread];  // acc[j]: output i = tid + j * kThreads, unnormalised
-#pragma unroll
-    for (int j = 0; j < kAccPerThread; ++j) {
-        acc[j] = 0.0f;
+
+    // Scores: a key row is read by `lanes` adjacent lanes (a power of two, each a vector at a
+    // time), which then sum their parts by shuffles; a warp scores 32 / lanes keys at once.
+    int lanes = 1;
+    while (lanes < vecs && lanes < 32) {
+        lanes <<= 1;
     }
-    __syncthreads();
+    const int sub = lane & (lanes - 1);
+    const int key_groups = kWarps * (32 / lanes);
+    const int key_group = warp * (32 / lanes) + lane / lanes;
+    // P @ V: thread (key lane kl, vector c) sums keys kl, kl + key_lanes, ... for its c.
+    const int key_lanes = kThreads / vecs;
+    const int c = tid % vecs;
+    const int kl = tid / vecs;
+    float acc[kHeads][kElems];
+#pragma unroll
+    for (int g = 0; g < kHeads; ++g) {
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) {
+            acc[g][e] = 0.0f;
+        }
+    }
 
-    const int64_t row_stride = static_cast<int64_t>(num_kv_heads) * head_dim;  // key to key
-    const int warp = tid / 32;
-    const int lane = tid % 32;
-    for (int64_t tile_begin = key_begin; tile_begin < key_end; tile_begin += kTile) {
-        const int tile_n = static_cast<int>(min(static_cast<int64_t>(kTile), key_end - tile_begin));
-        const int64_t first_row = (b * max_seq_len + tile_begin) * row_stride + kv_head * head_dim;
+    for (int i = 0; i < num_tiles; ++i) {
+        const int stage = stages == 2 ? (i & 1) : 0;
+        if (stages == 2 && i + 1 < num_tiles) {
+            issue(i + 1, stage ^ 1);  // its buffer's last reader finished before the last barrier
+            __pipeline_wait_prior(1);
+        } else {
+            __pipeline_wait_prior(0);
+        }
+        __syncthreads();  // tile i (and q_s, o_s, the stats on the first trip) visible to all
+        const T* k_s = kv_s + stage * stage_elems;
+        const T* v_s = k_s + Tile * head_dim;
+        const int tile_n = tile_len(i);
 
-        // 1. K tile -> kv_s.
-        load_rows<T, VecBytes>(kv_s, kv_stride, k_cache + first_row, row_stride, tile_n, head_dim);
-        __syncthreads();
-
-        // 2. Scores s[g][t] = (scale * q_g) . k_t; -inf past the chunk's end.
-        for (int i = tid; i < nh * kTile; i += kThreads) {
-            const int g = i / kTile;
-            const int t = i - g * kTile;
-            float s = -INFINITY;
+        // 1. Raw scores s[g][t] = q_g . k_t in fp32; -inf past the tile's end.
+        for (int t0 = 0; t0 < Tile; t0 += key_groups) {  // the same trip count in every lane
+            const int t = t0 + key_group;
+            float dot[kHeads];
+#pragma unroll
+            for (int g = 0; g < kHeads; ++g) {
+                dot[g] = 0.0f;
+            }
             if (t < tile_n) {
-                s = 0.0f;
-                for (int d = 0; d < head_dim; ++d) {
-                    s = fmaf(q_s[g * head_dim + d], kv_s[t * kv_stride + d], s);
+                for (int cv = sub; cv < vecs; cv += lanes) {
+                    float kv[kElems];
+                    load_vec<T, VecBytes>(kv, k_s + (t * vecs + cv) * kElems);
+#pragma unroll
+                    for (int g = 0; g < kHeads; ++g) {
+                        if (g < nh) {
+                            const float* qg = q_s + g * head_dim + cv * kElems;
+#pragma unroll
+                            for (int e = 0; e < kElems; ++e) {
+                                dot[g] = fmaf(qg[e], kv[e], dot[g]);
+                            }
+                        }
+                    }
                 }
             }
-            p_s[i] = s;
+#pragma unroll
+            for (int g = 0; g < kHeads; ++g) {
+                if (g < nh) {
+                    for (int offset = lanes / 2; offset > 0; offset >>= 1) {
+                        dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], offset);
+                    }
+                    if (sub == 0 && t < Tile) {
+                        p_s[g * Tile + t] = t < tile_n ? dot[g] : -INFINITY;
+                    }
+                }
+            }
         }
         __syncthreads();
 
-        // 3. V tile -> kv_s (K is no longer needed), and the online-softmax step, one warp per
-        //    query head: m' = max(m, max_t s_t); p_t = exp(s_t - m'); l' = l * exp(m - m') + sum p.
-        load_rows<T, VecBytes>(kv_s, kv_stride, v_cache + first_row, row_stride, tile_n, head_dim);
+        // 2. Online softmax, a warp per query head, in flash attention's arithmetic:
+        //    m' = max(m, max_t s_t); p_t = exp2(s_t * c - m' * c) with c = scale * log2(e);
+        //    l' = l * exp2((m - m') * c) + sum_t p_t. P @ V takes p rounded to the cache dtype
+        //    while l sums it unrounded, as flash attention (the prefill, the no-cache forward)
+        //    does; exact for fp32, where the rounding is an identity.
         for (int g = warp; g < nh; g += kWarps) {
-            const float s = p_s[g * kTile + lane];
+            float s[Tile / 32];
+            float tile_max = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < Tile / 32; ++j) {
+                s[j] = p_s[g * Tile + lane + 32 * j];
+                tile_max = fmaxf(tile_max, s[j]);
+            }
             const float m_old = m_s[g];
-            const float m_new = fmaxf(m_old, warp_max(s));  // finite: tile_n >= 1
-            const float p = lane < tile_n ? expf(s - m_new) : 0.0f;
-            const float tile_sum = warp_sum(p);
-            // P @ V takes p rounded to the cache dtype, while l sums the unrounded p: the
-            // rounding points of flash attention, which the prefill (SDPA) and the no-cache
-            // forward use. A token's attention output then rounds the same way whether it was
-            // computed in prefill or in decode (exact for fp32; an identity there).
-            p_s[g * kTile + lane] = round_to<T>(p);
+            const float m_new = fmaxf(m_old, warp_max(tile_max));  // finite: tile_n >= 1
+            const float max_scaled = m_new * scale_log2;
+            float sum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < Tile / 32; ++j) {
+                const float p = exp2f(fmaf(s[j], scale_log2, -max_scaled));  // 0 for s = -inf
+                sum += p;
+                p_s[g * Tile + lane + 32 * j] = round_to<T>(p);
+            }
+            sum = warp_sum(sum);
             __syncwarp();  // every lane has read m_s[g] before lane 0 overwrites it
             if (lane == 0) {
-                const float alpha = expf(m_old - m_new);  // 0 on the first tile (m_old = -inf)
+                const float alpha = exp2f((m_old - m_new) * scale_log2);  // 0 on the first tile
                 alpha_s[g] = alpha;
-                l_s[g] = l_s[g] * alpha + tile_sum;
+                l_s[g] = l_s[g] * alpha + sum;
                 m_s[g] = m_new;
             }
         }
         __syncthreads();
 
-        // 4. acc[g][d] = acc[g][d] * alpha_g + sum_t p[g][t] * v[t][d].
+        // 3. acc[g] = acc[g] * alpha_g + sum_t p[g][t] * v_t over this thread's keys.
+        if (kl < key_lanes) {
 #pragma unroll
-        for (int j = 0; j < kAccPerThread; ++j) {
-            const int i = tid + j * kThreads;
-            if (i < outputs) {
-                const int g = i / head_dim;
-                const int d = i - g * head_dim;
-                float a = acc[j] * alpha_s[g];
-                for (int t = 0; t < tile_n; ++t) {
-                    a = fmaf(p_s[g * kTile + t], kv_s[t * kv_stride + d], a);
+            for (int g = 0; g < kHeads; ++g) {
+                if (g < nh) {
+                    const float alpha = alpha_s[g];
+#pragma unroll
+                    for (int e = 0; e < kElems; ++e) {
+                        acc[g][e] *= alpha;
+                    }
                 }
-                acc[j] = a;
+            }
+            for (int t = kl; t < tile_n; t += key_lanes) {
+                float v[kElems];
+                load_vec<T, VecBytes>(v, v_s + (t * vecs + c) * kElems);
+#pragma unroll
+                for (int g = 0; g < kHeads; ++g) {
+                    if (g < nh) {
+                        const float p = p_s[g * Tile + t];
+#pragma unroll
+                        for (int e = 0; e < kElems; ++e) {
+                            acc[g][e] = fmaf(p, v[e], acc[g][e]);
+                        }
+                    }
+                }
             }
         }
-        __syncthreads();  // kv_s, p_s and the stats are rewritten by the next tile
+        __syncthreads();  // the stage, p_s and alpha_s are rewritten next trip
     }
 
-    if (num_splits == 1) {
+    // The key lanes' sums into o_s: first across the lanes of a warp holding the same vector
+    // (when a row's vectors tile the warp, every thread takes part), then shared atomics.
+    const bool warp_tiled = vecs <= 32 && (vecs & (vecs - 1)) == 0;
+    if (warp_tiled) {
 #pragma unroll
-        for (int j = 0; j < kAccPerThread; ++j) {
-            const int i = tid + j * kThreads;
-            if (i < outputs) {
-                out[head_row * head_dim + i] = from_float<T>(acc[j] / l_s[i / head_dim]);
+        for (int g = 0; g < kHeads; ++g) {
+            if (g < nh) {
+#pragma unroll
+                for (int e = 0; e < kElems; ++e) {
+                    for (int offset = vecs; offset < 32; offset <<= 1) {
+                        acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], offset);
+                    }
+                }
             }
+        }
+    }
+    if (warp_tiled ? lane < vecs : kl < key_lanes) {
+#pragma unroll
+        for (int g = 0; g < kHeads; ++g) {
+            if (g < nh) {
+#pragma unroll
+                for (int e = 0; e < kElems; ++e) {
+                    atomicAdd(&o_s[g * head_dim + c * kElems + e], acc[g][e]);
+                }
+            }
+        }
+    }
+    __syncthreads();
+
+    if (num_splits == 1) {
+        for (int i = tid; i < outputs; i += kThreads) {
+            out[head_row * head_dim + i] = from_float<T>(o_s[i] / l_s[i / head_dim]);
         }
         return;
     }
-#pragma unroll
-    for (int j = 0; j < kAccPerThread; ++j) {
-        const int i = tid + j * kThreads;
-        if (i < outputs) {
-            const int g = i / head_dim;
-            const int d = i - g * head_dim;
-            partial_out[((head_row + g) * num_splits + split) * head_dim + d] = acc[j];
-        }
+    for (int i = tid; i < outputs; i += kThreads) {
+        const int g = i / head_dim;
+        const int d = i - g * head_dim;
+        partial_out[((head_row + g) * num_splits + split) * head_dim + d] = o_s[i];
     }
     if (tid < nh) {
         partial_max[(head_row + tid) * num_splits + split] = m_s[tid];
@@ -246,15 +381,16 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(
     }
 }
 
-// Pass 2. Block (h, b): out[b, h] = sum_s w_s * o_s / sum_s w_s * l_s, w_s = exp(m_s - max m).
-// Empty chunks (sum 0) are left out; no chunk at all (seq_len 0) gives zeros.
+// Pass 2. Block (h, b): out[b, h] = sum_s w_s * o_s / sum_s w_s * l_s, w_s = exp(m_s - max m)
+// (scores in raw units: exp2 of the difference times scale * log2(e)). Empty chunks (sum 0)
+// are left out; no chunk at all (seq_len 0) gives zeros.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) decode_attention_combine_kernel(
+__global__ void __launch_bounds__(kCombineThreads) decode_attention_combine_kernel(
     const float* __restrict__ partial_out,  // [batch, num_q_heads, num_splits, head_dim]
     const float* __restrict__ partial_max,  // [batch, num_q_heads, num_splits]
     const float* __restrict__ partial_sum,  // [batch, num_q_heads, num_splits]
     T* __restrict__ out,                    // [batch, num_q_heads, head_dim]
-    int num_q_heads, int head_dim, int num_splits) {
+    int num_q_heads, int head_dim, int num_splits, float scale_log2) {
     const int64_t row = static_cast<int64_t>(blockIdx.y) * num_q_heads + blockIdx.x;  // (b, h)
     const float* m = partial_max + row * num_splits;
     const float* l = partial_sum + row * num_splits;
@@ -268,98 +404,138 @@ __global__ void __launch_bounds__(kThreads) decode_attention_combine_kernel(
     float l_all = 0.0f;
     for (int s = 0; s < num_splits; ++s) {
         if (l[s] > 0.0f) {
-            l_all += l[s] * expf(m[s] - m_all);
+            l_all += l[s] * exp2f((m[s] - m_all) * scale_log2);
         }
     }
-    for (int d = threadIdx.x; d < head_dim; d += kThreads) {
+    for (int d = threadIdx.x; d < head_dim; d += kCombineThreads) {
         float o = 0.0f;
         for (int s = 0; s < num_splits; ++s) {
             if (l[s] > 0.0f) {
-                o = fmaf(expf(m[s] - m_all), partial_out[(row * num_splits + s) * head_dim + d], o);
+                o = fmaf(exp2f((m[s] - m_all) * scale_log2),
+                         partial_out[(row * num_splits + s) * head_dim + d], o);
             }
         }
         out[row * head_dim + d] = from_float<T>(l_all > 0.0f ? o / l_all : 0.0f);
     }
 }
 
-template <typename T, int VecBytes>
-cudaError_t launch_typed(const void* q, const void* k_cache, const void* v_cache,
-                         const int32_t* seq_lens, void* out, float* partial_out, float* partial_max,
-                         float* partial_sum, int64_t batch, int64_t num_q_heads,
-                         int64_t num_kv_heads, int64_t head_dim, int64_t max_seq_len, float scale,
-                         const DecodeAttentionPlan& plan, cudaStream_t stream) {
-    const dim3 grid(static_cast<unsigned>(plan.num_splits),
-                    static_cast<unsigned>(num_kv_heads * plan.head_blocks),
-                    static_cast<unsigned>(batch));
-    const size_t smem = static_cast<size_t>(split_smem_floats(head_dim)) * sizeof(float);
-    decode_attention_split_kernel<T, VecBytes><<<grid, kThreads, smem, stream>>>(
-        static_cast<const T*>(q), static_cast<const T*>(k_cache), static_cast<const T*>(v_cache),
-        seq_lens, static_cast<T*>(out), partial_out, partial_max, partial_sum,
-        static_cast<int>(num_q_heads), static_cast<int>(num_kv_heads), static_cast<int>(head_dim),
-        max_seq_len, static_cast<int>(plan.num_splits), plan.chunk_len,
-        static_cast<int>(plan.head_blocks), scale);
-    if (plan.num_splits > 1) {
-        const dim3 combine_grid(static_cast<unsigned>(num_q_heads), static_cast<unsigned>(batch));
-        decode_attention_combine_kernel<T><<<combine_grid, kThreads, 0, stream>>>(
-            partial_out, partial_max, partial_sum, static_cast<T*>(out),
-            static_cast<int>(num_q_heads), static_cast<int>(head_dim),
-            static_cast<int>(plan.num_splits));
+struct LaunchArgs {
+    const void* q;
+    const void* k_cache;
+    const void* v_cache;
+    const int32_t* seq_lens;
+    void* out;
+    float* partial_out;
+    float* partial_max;
+    float* partial_sum;
+    int64_t batch, num_q_heads, num_kv_heads, head_dim, max_seq_len;
+    float scale_log2;
+    DecodeAttentionPlan plan;
+    cudaStream_t stream;
+};
+
+template <typename T, int VecBytes, int Tile>
+cudaError_t launch_typed(const LaunchArgs& a) {
+    const int64_t stages = stages_for(a.head_dim, Tile, sizeof(T));
+    const int64_t smem = split_smem_bytes(a.head_dim, Tile, stages, sizeof(T));
+    auto* kernel = decode_attention_split_kernel<T, VecBytes, Tile>;
+    if (smem > 48 * 1024) {
+        // Above 48 KiB a kernel must opt in, per device: once per device, to the device's
+        // limit, so that no later launch (a CUDA-graph capture, say) has to.
+        static std::atomic<uint64_t> opted_in{0};  // bit d: done on device d (d < 64)
+        int device = 0;
+        cudaError_t err = cudaGetDevice(&device);
+        if (err != cudaSuccess) {
+            return err;
+        }
+        const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+        if (bit == 0 || (opted_in.load() & bit) == 0) {
+            int limit = 0;
+            err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+            if (err != cudaSuccess) {
+                return err;
+            }
+            if (smem > limit) {
+                return cudaErrorInvalidValue;
+            }
+            err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
+            if (err != cudaSuccess) {
+                return err;
+            }
+            opted_in.fetch_or(bit);
+        }
+    }
+    const dim3 grid(static_cast<unsigned>(a.plan.num_splits),
+                    static_cast<unsigned>(a.num_kv_heads * a.plan.head_blocks),
+                    static_cast<unsigned>(a.batch));
+    kernel<<<grid, kThreads, static_cast<size_t>(smem), a.stream>>>(
+        static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
+        static_cast<const T*>(a.v_cache), a.seq_lens, static_cast<T*>(a.out), a.partial_out,
+        a.partial_max, a.partial_sum, static_cast<int>(a.num_q_heads),
+        static_cast<int>(a.num_kv_heads), static_cast<int>(a.head_dim), a.max_seq_len,
+        static_cast<int>(a.plan.num_splits), static_cast<int>(a.plan.head_blocks), a.scale_log2,
+        a.plan.reverse, static_cast<int>(stages));
+    if (a.plan.num_splits > 1) {
+        const dim3 combine_grid(static_cast<unsigned>(a.num_q_heads),
+                                static_cast<unsigned>(a.batch));
+        decode_attention_combine_kernel<T><<<combine_grid, kCombineThreads, 0, a.stream>>>(
+            a.partial_out, a.partial_max, a.partial_sum, static_cast<T*>(a.out),
+            static_cast<int>(a.num_q_heads), static_cast<int>(a.head_dim),
+            static_cast<int>(a.plan.num_splits), a.scale_log2);
     }
     return cudaGetLastError();
+}
+
+// The tile: the plan's, unless one stage of 128-key K/V tiles would not fit in shared memory
+// (fp32 with head_dim > 128), where it is 64.
+template <typename T, int VecBytes>
+cudaError_t launch_tiled(const LaunchArgs& a) {
+    if (a.plan.tile == 128 && 2 * 128 * a.head_dim * static_cast<int64_t>(sizeof(T)) <= 128 * 1024) {
+        return launch_typed<T, VecBytes, 128>(a);
+    }
+    return launch_typed<T, VecBytes, 64>(a);
 }
 
 // The widest load that divides the row size and both cache pointers (rows then stay aligned:
 // every row starts a multiple of head_dim elements from the base).
 template <typename T>
-cudaError_t launch_for_dtype(const void* q, const void* k_cache, const void* v_cache,
-                             const int32_t* seq_lens, void* out, float* partial_out,
-                             float* partial_max, float* partial_sum, int64_t batch,
-                             int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-                             int64_t max_seq_len, float scale, const DecodeAttentionPlan& plan,
-                             cudaStream_t stream) {
-    const uintptr_t bits = reinterpret_cast<uintptr_t>(k_cache) |
-                           reinterpret_cast<uintptr_t>(v_cache) |
-                           static_cast<uintptr_t>(head_dim * sizeof(T));
-#define TOYLLM_LAUNCH(BYTES)                                                                    \
-    return launch_typed<T, BYTES>(q, k_cache, v_cache, seq_lens, out, partial_out, partial_max, \
-                                  partial_sum, batch, num_q_heads, num_kv_heads, head_dim,      \
-                                  max_seq_len, scale, plan, stream)
+cudaError_t launch_for_dtype(const LaunchArgs& a) {
+    const uintptr_t bits = reinterpret_cast<uintptr_t>(a.k_cache) |
+                           reinterpret_cast<uintptr_t>(a.v_cache) |
+                           static_cast<uintptr_t>(a.head_dim * sizeof(T));
     if (bits % 16 == 0) {
-        TOYLLM_LAUNCH(16);
+        return launch_tiled<T, 16>(a);
     }
     if (bits % 8 == 0) {
-        TOYLLM_LAUNCH(8);
+        return launch_tiled<T, 8>(a);
     }
     if constexpr (sizeof(T) == 4) {
-        TOYLLM_LAUNCH(4);
+        return launch_tiled<T, 4>(a);
     } else {
         if (bits % 4 == 0) {
-            TOYLLM_LAUNCH(4);
+            return launch_tiled<T, 4>(a);
         }
-        TOYLLM_LAUNCH(2);
+        return launch_tiled<T, 2>(a);
     }
-#undef TOYLLM_LAUNCH
 }
 
 }  // namespace
 
 DecodeAttentionPlan plan_decode_attention(int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
-                                          int64_t max_seq_len, int sm_count) {
-    DecodeAttentionPlan plan{1, std::max<int64_t>(max_seq_len, 1), 1};
-    if (batch < 1 || num_q_heads < 1 || num_kv_heads < 1 || max_seq_len < 1) {
+                                          int64_t max_seq_len, int sm_count, int64_t tile,
+                                          bool reverse) {
+    DecodeAttentionPlan plan{1, tile, 1, reverse};
+    if (batch < 1 || num_q_heads < 1 || num_kv_heads < 1 || max_seq_len < 1 || tile < 1) {
         return plan;
     }
     const int64_t group = std::max<int64_t>(num_q_heads / num_kv_heads, 1);
     plan.head_blocks = (group + kHeads - 1) / kHeads;
-    // About two blocks per SM in total, but no chunk shorter than kMinChunk keys.
+    // About two blocks per SM in all, but never more chunks than the cache has tiles. The
+    // chunks of a row share its actual tiles on the device, so a short row leaves the rest idle.
     const int64_t blocks_per_split = batch * num_kv_heads * plan.head_blocks;
     const int64_t target = (2 * std::max(sm_count, 1) + blocks_per_split - 1) / blocks_per_split;
-    const int64_t most = (max_seq_len + kMinChunk - 1) / kMinChunk;
-    const int64_t splits = std::max<int64_t>(1, std::min(target, most));
-    int64_t chunk = (max_seq_len + splits - 1) / splits;
-    chunk = (chunk + kTile - 1) / kTile * kTile;
-    plan.chunk_len = chunk;
-    plan.num_splits = (max_seq_len + chunk - 1) / chunk;
+    const int64_t most = (max_seq_len + tile - 1) / tile;
+    plan.num_splits = std::max<int64_t>(1, std::min(target, most));
     return plan;
 }
 
@@ -387,8 +563,8 @@ cudaError_t launch_decode_attention(const void* q, const void* k_cache, const vo
         return cudaSuccess;
     }
     if (batch > 65535 || num_kv_heads * plan.head_blocks > 65535 || num_q_heads > 2147483647 ||
-        plan.num_splits < 1 || plan.num_splits > 2147483647 || plan.chunk_len < 1 ||
-        plan.num_splits * plan.chunk_len < max_seq_len ||
+        plan.num_splits < 1 || plan.num_splits > 2147483647 ||
+        (plan.tile != 64 && plan.tile != 128) ||
         plan.head_blocks * kHeads < num_q_heads / num_kv_heads) {
         return cudaErrorInvalidValue;
     }
@@ -398,19 +574,18 @@ cudaError_t launch_decode_attention(const void* q, const void* k_cache, const vo
          (partial_out == nullptr || partial_max == nullptr || partial_sum == nullptr))) {
         return cudaErrorInvalidValue;
     }
+    // flash attention's constant: the scale folded into exp2's argument, rounded to fp32 once.
+    const LaunchArgs args{q,       k_cache,      v_cache,     seq_lens,   out,
+                          partial_out, partial_max, partial_sum, batch,  num_q_heads,
+                          num_kv_heads, head_dim,   max_seq_len, scale * kLog2e, plan,
+                          stream};
     switch (dtype) {
         case AttentionDtype::kFloat32:
-            return launch_for_dtype<float>(
-                q, k_cache, v_cache, seq_lens, out, partial_out, partial_max, partial_sum, batch,
-                num_q_heads, num_kv_heads, head_dim, max_seq_len, scale, plan, stream);
+            return launch_for_dtype<float>(args);
         case AttentionDtype::kFloat16:
-            return launch_for_dtype<__half>(
-                q, k_cache, v_cache, seq_lens, out, partial_out, partial_max, partial_sum, batch,
-                num_q_heads, num_kv_heads, head_dim, max_seq_len, scale, plan, stream);
+            return launch_for_dtype<__half>(args);
         case AttentionDtype::kBFloat16:
-            return launch_for_dtype<__nv_bfloat16>(
-                q, k_cache, v_cache, seq_lens, out, partial_out, partial_max, partial_sum, batch,
-                num_q_heads, num_kv_heads, head_dim, max_seq_len, scale, plan, stream);
+            return launch_for_dtype<__nv_bfloat16>(args);
     }
     return cudaErrorInvalidValue;
 }

@@ -4,14 +4,20 @@
 // One new query token per sequence attends over the first seq_lens[b] keys of its cache rows:
 //   out[b, h] = softmax(scale * q[b, h] . K[b, :L, h / G]) @ V[b, :L, h / G]
 // with G = num_q_heads / num_kv_heads query heads per KV head (GQA; G = num_q_heads is MQA),
-// fp32 accumulation and an online (running-max) softmax; as in flash attention, the
-// probabilities enter P @ V rounded to the cache dtype (the normaliser sums them unrounded).
+// fp32 accumulation and an online (running-max) softmax over tiles of `tile` keys, in the
+// arithmetic of flash attention: raw scores q . k in fp32, p = exp2(s * scale * log2(e) - m *
+// scale * log2(e)) against the running max m, p rounded to the cache dtype before P @ V while
+// the normaliser sums it unrounded. The tiles sit at multiples of `tile` from key 0 and are
+// walked first to last, or last to first with `reverse` (FlashAttention-2's forward order), so
+// that with one chunk a token's output rounds as the fused prefill kernels round it.
 //
-// Work split: the key range [0, max_seq_len) is cut into num_splits chunks of chunk_len keys.
-// Pass 1: a block per (chunk, KV head, batch row, group of up to kHeadsPerBlock query heads)
-// reads its K/V chunk once for all those query heads and writes an unnormalised partial output
-// with its running max and sum. Pass 2 combines the chunks of each (b, h) by log-sum-exp.
-// With one chunk, pass 1 writes the output directly and pass 2 is not launched.
+// Work split: the grid has num_splits chunks per (KV head, batch row, group of up to
+// kDecodeAttentionHeadsPerBlock query heads). On the device each row's own length is cut into
+// num_splits chunks of whole tiles, so short rows use few blocks and long rows all of them,
+// whatever the cache's capacity. Pass 1 reads each K/V tile once for all the block's query
+// heads (through shared memory, the next tile's copy in flight while the current one is used)
+// and writes an unnormalised partial output with its max and sum; pass 2 combines the chunks of
+// each (b, h) by log-sum-exp. With one chunk pass 1 writes the output and pass 2 is not launched.
 // Grid sizes depend only on shapes (never on seq_lens), so launches are CUDA-graph capturable.
 #pragma once
 
@@ -26,19 +32,20 @@ constexpr int kDecodeAttentionHeadsPerBlock = 8;
 
 enum class AttentionDtype { kFloat32, kFloat16, kBFloat16 };
 
-// How the key range is split; depends only on shapes and the GPU, so scratch buffers can be
-// sized (and allocated) before the launch.
+// How the work is split; depends only on shapes and the GPU, so scratch buffers can be sized
+// (and allocated) before the launch.
 struct DecodeAttentionPlan {
-    int64_t num_splits;  // chunks of the key range (1: no combine pass)
-    int64_t chunk_len;   // keys per chunk (a multiple of the kernel's key tile)
-    int64_t
-        head_blocks;  // blocks per KV head, each for up to kDecodeAttentionHeadsPerBlock q heads
+    int64_t num_splits;   // chunks of each row's keys (1: no combine pass)
+    int64_t tile;         // keys per tile: 64 or 128
+    int64_t head_blocks;  // blocks per KV head, each for up to kDecodeAttentionHeadsPerBlock q heads
+    bool reverse;         // walk a chunk's tiles last to first
 };
 
-// Plans the split for `sm_count` multiprocessors (about two blocks per SM when the context is
-// long enough, chunks of at least 128 keys).
+// Plans the split for `sm_count` multiprocessors: about two blocks per SM in all when the
+// cache holds enough tiles. `tile` must be 64 or 128.
 DecodeAttentionPlan plan_decode_attention(int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
-                                          int64_t max_seq_len, int sm_count);
+                                          int64_t max_seq_len, int sm_count, int64_t tile,
+                                          bool reverse);
 
 // Scratch sizes in floats for a plan (0 when num_splits == 1).
 int64_t decode_attention_partial_out_floats(const DecodeAttentionPlan& plan, int64_t batch,
@@ -49,7 +56,8 @@ int64_t decode_attention_partial_stat_floats(const DecodeAttentionPlan& plan, in
 // NOTE: seq_lens[b] is clamped to [0, max_seq_len] on the device (the host cannot check it
 // without a sync); a sequence with seq_lens[b] == 0 gets an all-zero output.
 // Returns cudaErrorInvalidValue for bad sizes (head_dim outside [1, 256], num_q_heads not a
-// multiple of num_kv_heads, ...), otherwise cudaGetLastError() after the launches.
+// multiple of num_kv_heads, a tile other than 64 or 128, ...), otherwise cudaGetLastError()
+// after the launches.
 cudaError_t launch_decode_attention(
     const void* q,            // [batch, num_q_heads, head_dim]
     const void* k_cache,      // [batch, max_seq_len, num_kv_heads, head_dim]

@@ -6,14 +6,14 @@
 #
 #   bash scripts/gpu_check.sh OUT_DIR [STAGES]
 #
-# STAGES: comma list of build,tests,check,sanitizer,generate,bench,profile,sweep (default: all, in
-# that order: correctness first).
+# STAGES: comma list of build,tests,check,probe,sanitizer,generate,bench,profile,sweep (default:
+# all, in that order: correctness first).
 # STAGE_TIMEOUT caps each stage (s), BUDGET_S the whole run; BENCH_ARGS go to bench_decode.py; SWEEPS names the
-# experiments (configs/experiments/NAME.toml) to run.
+# experiments (configs/experiments/NAME.toml) to run; PROBE_ARGS go to probe_decode_rounding.py.
 # A failing stage is recorded in OUT_DIR/summary.txt and the script goes on to the next.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR [STAGES]}
-STAGES=${2:-build,tests,check,sanitizer,generate,bench,profile,sweep}
+STAGES=${2:-build,tests,check,probe,sanitizer,generate,bench,profile,sweep}
 mkdir -p "$OUT/logs"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -82,6 +82,10 @@ if want tests; then
 fi
 if want check; then
     stage check_gpu toyllm check --device cuda --dtypes fp32,fp16,bf16 --json "$OUT/check_gpu.json"
+fi
+if want probe; then
+    stage probe_rounding $PY scripts/probe_decode_rounding.py ${PROBE_ARGS:-} \
+        --json "$OUT/probe_rounding.json"
 fi
 if want sanitizer; then
     for tool in memcheck racecheck; do

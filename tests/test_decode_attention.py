@@ -266,3 +266,39 @@ def test_cuda_graph_replay_uses_the_new_seq_lens() -> None:
         torch.cuda.synchronize()
         ref = reference_attention(q, k, v, seq_lens, 0.125)
         assert_close_rows(out, ref, seq_lens, TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tile", ["64", "128"])
+@pytest.mark.parametrize("reverse", ["0", "1"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_tile_setting_matches_the_reference(
+    monkeypatch: pytest.MonkeyPatch, tile: str, reverse: str, dtype: torch.dtype
+) -> None:
+    # Both tile sizes in both orders: one chunk (batch 4, 300 keys at most: ~8 blocks per
+    # chunk) and many (batch 1 x 5000 keys), with a last tile cut short.
+    monkeypatch.setenv("TOYLLM_DECODE_TILE", tile)
+    monkeypatch.setenv("TOYLLM_DECODE_REVERSE", reverse)
+    run_case("cuda", dtype, (32, 8), 64, max_seq_len=300, seq_lens=[300, 129, 1, 0], seed=8)
+    run_case("cuda", dtype, (32, 8), 128, max_seq_len=5000, seq_lens=[4999], seed=9)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name, value", [("TOYLLM_DECODE_TILE", "32"),
+                                         ("TOYLLM_DECODE_REVERSE", "yes")])
+def test_a_bad_tile_setting_is_a_value_error(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    args = _good_args("cuda")
+    with pytest.raises(ValueError, match=rf"expected {name} to be .* got '{value}'"):
+        torch.ops.toyllm.decode_attention(**args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_matches_reference_for_batch_16_long_contexts(head_dim: int) -> None:
+    # The engine's large-batch decode: 16 rows of different lengths up to 4096 keys.
+    lengths = [4096 - 250 * i for i in range(16)]
+    run_case("cuda", torch.bfloat16, (32, 8), head_dim, max_seq_len=4096, seq_lens=lengths,
+             seed=10)
