@@ -333,6 +333,9 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(
             }
         }
         __syncthreads();  // the stage, p_s and alpha_s are rewritten next trip
+        if (stages == 1 && i + 1 < num_tiles) {
+            issue(i + 1, 0);  // one stage: the next tile's copy starts once this one is used
+        }
     }
 
     // The key lanes' sums into o_s: first across the lanes of a warp holding the same vector

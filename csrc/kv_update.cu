@@ -8,7 +8,7 @@ namespace toyllm {
 namespace {
 
 constexpr int kThreads = 256;                    // threads per block
-constexpr int kUnroll = 4;                       // vectors each thread has in flight per loop trip
+constexpr int kUnroll = 2;                       // vectors each thread has in flight per loop trip
 constexpr int64_t kMaxGridX = int64_t{1} << 24;  // blocks along a slab (grid-stride past that)
 constexpr int64_t kMaxGridY = 65535;             // (sequence, K/V) pairs per launch
 
@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kThreads)
             for (int u = 0; u < kUnroll; ++u) {
                 const int64_t i = base + static_cast<int64_t>(u) * kThreads;
                 if (i < slab_vecs) {
-                    tmp[u] = __ldcs(src + i);  // read once: stream it past the caches
+                    tmp[u] = src[i];
                 }
             }
 #pragma unroll

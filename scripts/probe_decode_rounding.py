@@ -69,7 +69,7 @@ def main() -> int:
             print(f"{setting}: failed: {type(exc).__name__}: {exc}")
             continue
         rels = {f"{c['name']}/{c['dtype']}": c["rel"] for c in report["cases"]}
-        passed = sum(1 for c in report["cases"] if c["passed"])
+        passed = sum(1 for c in report["cases"] if c["verdict"] == "PASS")
         worst = max((r for r in rels.values() if isinstance(r, float)), default=float("nan"))
         print(f"{setting:34s} passed {passed}/{len(rels)}  worst rel {worst:.3g}  " +
               " ".join(f"{k.split('/')[0]}={v:.2g}" for k, v in rels.items()
