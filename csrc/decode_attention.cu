@@ -111,7 +111,7 @@ int64_t stages_for(int64_t head_dim, int64_t tile, int64_t elem_bytes) {
 // Pass 1. Block (split, kv_head * head_blocks + head_block, b): chunk `split` of sequence b's
 // keys, KV head kv_head, query heads h_begin .. h_begin + nh - 1 of its group.
 template <typename T, int VecBytes, int Tile>
-__global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(
+__global__ void __launch_bounds__(kThreads, 3) decode_attention_split_kernel(
     const T* __restrict__ q,               // [batch, num_q_heads, head_dim]
     const T* __restrict__ k_cache,         // [batch, max_seq_len, num_kv_heads, head_dim]
     const T* __restrict__ v_cache,         // [batch, max_seq_len, num_kv_heads, head_dim]
@@ -338,31 +338,52 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(
         }
     }
 
-    // The key lanes' sums into o_s: first across the lanes of a warp holding the same vector
-    // (when a row's vectors tile the warp, every thread takes part), then shared atomics.
+    // The key lanes' sums into o_s, in a fixed order (the output never depends on timing).
+    // When a row's vectors tile a warp (every thread takes part), the lanes holding the same
+    // vector add up by shuffles, each warp writes its sums to the K/V stage (no longer needed;
+    // kWarps * outputs <= 64 * head_dim floats fit in it) and o_s adds the warps up in order.
+    // Otherwise (odd head dims) the key lanes add into o_s one after another.
     const bool warp_tiled = vecs <= 32 && (vecs & (vecs - 1)) == 0;
     if (warp_tiled) {
+        float* red = reinterpret_cast<float*>(kv_s);  // [kWarps, outputs]
 #pragma unroll
         for (int g = 0; g < kHeads; ++g) {
             if (g < nh) {
 #pragma unroll
                 for (int e = 0; e < kElems; ++e) {
+                    float a = acc[g][e];
                     for (int offset = vecs; offset < 32; offset <<= 1) {
-                        acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], offset);
+                        a += __shfl_xor_sync(0xffffffffu, a, offset);
+                    }
+                    if (lane < vecs) {
+                        red[warp * outputs + g * head_dim + c * kElems + e] = a;
                     }
                 }
             }
         }
-    }
-    if (warp_tiled ? lane < vecs : kl < key_lanes) {
+        __syncthreads();
+        for (int i = tid; i < outputs; i += kThreads) {
+            float o = 0.0f;
 #pragma unroll
-        for (int g = 0; g < kHeads; ++g) {
-            if (g < nh) {
+            for (int w = 0; w < kWarps; ++w) {
+                o += red[w * outputs + i];
+            }
+            o_s[i] = o;
+        }
+    } else {
+        for (int r = 0; r < key_lanes; ++r) {
+            if (kl == r) {
 #pragma unroll
-                for (int e = 0; e < kElems; ++e) {
-                    atomicAdd(&o_s[g * head_dim + c * kElems + e], acc[g][e]);
+                for (int g = 0; g < kHeads; ++g) {
+                    if (g < nh) {
+#pragma unroll
+                        for (int e = 0; e < kElems; ++e) {
+                            o_s[g * head_dim + c * kElems + e] += acc[g][e];
+                        }
+                    }
                 }
             }
+            __syncthreads();
         }
     }
     __syncthreads();

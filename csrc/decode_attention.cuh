@@ -28,7 +28,7 @@
 namespace toyllm {
 
 constexpr int kDecodeAttentionMaxHeadDim = 256;
-constexpr int kDecodeAttentionHeadsPerBlock = 8;
+constexpr int kDecodeAttentionHeadsPerBlock = 4;
 
 enum class AttentionDtype { kFloat32, kFloat16, kBFloat16 };
 
