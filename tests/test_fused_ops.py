@@ -490,6 +490,79 @@ def test_add_rms_norm_cuda_graph_replay_reads_the_new_inputs(dtype) -> None:
 # The model with and without the fused ops
 
 
+def unfused_forward(model, tokens, positions, last_only=False):
+    """Transformer.forward as it was before add_rms_norm: every residual add its own torch op,
+    then the norm (RMSNorm.forward: the fused rms_norm where the model would take it)."""
+    x = model.embed_tokens(tokens)
+    cos, sin = rope_cos_sin(model.inv_freq, positions, x.dtype)
+    for layer in model.layers:
+        x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, None)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    if last_only:
+        x = x[:, -1:]
+    return llama._linear(model.norm(x), model.lm_head.weight)
+
+
+def _model_inputs(config: ModelConfig, batch: int, tokens: int, device: str):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch, tokens), generator=g).to(device)
+    return ids, torch.arange(tokens, device=device).expand(batch, tokens)
+
+
+SMALL = ModelConfig(vocab_size=256, hidden_size=36, intermediate_size=52, num_layers=3,
+                    num_heads=3, num_kv_heads=1, max_seq_len=64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused_cpu", [True, False], ids=["fp32_loops", "torch_code"])
+def test_llama_cpu_forward_fusing_the_residual_adds_changes_no_bit(dtype, fused_cpu,
+                                                                  monkeypatch) -> None:
+    """The model's add_rms_norm path against the add-then-norm forward it replaced: equal bits
+    on the CPU, with the fp32 loops (fp32: add_rms_norm's loop is rms_norm's) or without."""
+    if not fused_cpu:
+        monkeypatch.setattr(llama, "_fused_cpu", None)
+    model = build_model(SMALL, dtype=dtype).fuse_projections()
+    tokens, positions = _model_inputs(SMALL, 2, 9, "cpu")
+    with torch.no_grad():
+        for last_only in (False, True):
+            got = model(tokens, positions, last_only=last_only)
+            assert torch.equal(got, unfused_forward(model, tokens, positions, last_only))
+
+
+def test_llama_training_forward_and_gradients_are_todays_torch_code() -> None:
+    """With autograd recording the wrappers take the torch code: the loss and every gradient
+    are those of the add-then-norm forward."""
+    model = build_model(SMALL)
+    tokens, positions = _model_inputs(SMALL, 2, 9, "cpu")
+    grads = []
+    for forward in (model, lambda t, p: unfused_forward(model, t, p)):
+        model.zero_grad()
+        loss = forward(tokens, positions).float().logsumexp(-1).mean()
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_llama_fuses_every_residual_add_into_a_norm(monkeypatch) -> None:
+    """L layers: 2L residual adds, 2L + 1 norms. Layer 0's input norm has nothing to add; every
+    other norm runs add_rms_norm (CPU fp32: the operator), and no norm runs alone twice."""
+    assert llama._fused_cpu is fused_ops, "the CPU should use engine.fused_ops' wrappers"
+    calls = {"rms_norm": 0, "add_rms_norm": 0}
+    for name in calls:
+        real = getattr(fused_ops, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(fused_ops, name, counted)
+    model = build_model(SMALL)
+    tokens, positions = _model_inputs(SMALL, 1, 4, "cpu")
+    with torch.no_grad():
+        model(tokens, positions)
+    assert calls == {"rms_norm": 1, "add_rms_norm": 2 * SMALL.num_layers}
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2),
                                        (torch.float16, 2e-3)])
@@ -508,6 +581,59 @@ def test_llama_forward_with_fused_ops_matches_the_torch_code(dtype, tol, monkeyp
     if dtype == torch.float32:
         assert float((fused - plain).abs().max()) <= tol
     else:  # the tolerances of engine/tolerances.py: relative norm of the difference
+        assert float((fused - plain).norm() / plain.norm()) <= tol
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_llama_cuda_forward_fusing_the_residual_adds_changes_no_bit(dtype) -> None:
+    """add_rms_norm against the old forward's torch add + toyllm::rms_norm: the same sum, and
+    the same norm kernel code with the same launch (fresh, aligned tensors), so equal logits
+    (cuBLAS and SDPA see equal inputs in both)."""
+    assert llama._fused is not None, "a CUDA build should use the fused ops"
+    config = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=344, num_layers=2,
+                         num_heads=4, num_kv_heads=2, max_seq_len=64)
+    model = build_model(config, device="cuda", dtype=dtype).fuse_projections()
+    tokens, positions = _model_inputs(config, 2, 9, "cuda")
+    with torch.no_grad():
+        for last_only in (False, True):
+            got = model(tokens, positions, last_only=last_only)
+            assert torch.equal(got, unfused_forward(model, tokens, positions, last_only))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 1e-2),
+                                       ("float16", 2e-3)])
+def test_llama_cuda_forward_with_and_without_toyllm_fused_ops(dtype, tol, tmp_path) -> None:
+    """The switch itself, in fresh interpreters: TOYLLM_FUSED_OPS=1 runs the fused kernels
+    (add_rms_norm included), =0 the torch code; the logits agree to the tolerances above."""
+    code = (
+        "import sys, torch, models.llama as m\n"
+        "from models.config import ModelConfig\n"
+        "assert (m._fused is not None) == (sys.argv[1] == '1'), m._fused\n"
+        "cfg = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=344, num_layers=2,"
+        " num_heads=4, num_kv_heads=2, max_seq_len=64)\n"
+        f"model = m.build_model(cfg, device='cuda', dtype=torch.{dtype}).fuse_projections()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "tokens = torch.randint(0, 256, (2, 9), generator=g).cuda()\n"
+        "positions = torch.arange(9, device='cuda').expand(2, 9)\n"
+        "with torch.no_grad():\n"
+        "    torch.save(model(tokens, positions).float().cpu(), sys.argv[2])\n"
+    )
+    logits = {}
+    for switch in ("1", "0"):
+        path = tmp_path / f"logits{switch}.pt"
+        result = subprocess.run(
+            [sys.executable, "-c", code, switch, str(path)], cwd=ROOT, capture_output=True,
+            text=True, timeout=300,
+            env={**os.environ, "PYTHONPATH": ROOT, "TOYLLM_FUSED_OPS": switch},
+        )
+        assert result.returncode == 0, result.stderr
+        logits[switch] = torch.load(path)
+    fused, plain = logits["1"], logits["0"]
+    if dtype == "float32":
+        assert float((fused - plain).abs().max()) <= tol
+    else:
         assert float((fused - plain).norm() / plain.norm()) <= tol
 
 
