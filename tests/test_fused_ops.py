@@ -121,9 +121,15 @@ def test_add_rms_norm_cpu_of_strided_views_equals_the_contiguous_copies(dtype) -
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
-def test_add_rms_norm_wrapper_takes_the_op_or_the_torch_code_on_the_cpu() -> None:
+def _torch_code_refused(*args):
+    raise AssertionError("the wrapper fell back to models.layer_math.add_rms_norm")
+
+
+def test_add_rms_norm_wrapper_takes_the_op_or_the_torch_code_on_the_cpu(monkeypatch) -> None:
     x, residual, weight, eps = add_rms_norm_inputs((2, 3, 64), torch.float32, "cpu")
-    fused = fused_ops.add_rms_norm(x, residual, weight, eps)  # fp32: the operator's loop
+    with monkeypatch.context() as patch:  # fp32: the operator (its loop), not the torch code
+        patch.setattr(layer_math, "add_rms_norm", _torch_code_refused)
+        fused = fused_ops.add_rms_norm(x, residual, weight, eps)
     assert all(torch.equal(f, o) for f, o in
                zip(fused, OPS.add_rms_norm(x, residual, weight, eps), strict=True))
     # bf16, a residual broadcast over the batch, autograd: the torch code, bit for bit
@@ -420,8 +426,9 @@ def test_wrappers_keep_the_torch_code_when_autograd_records() -> None:
 
 
 @pytest.mark.cuda
-def test_add_rms_norm_wrapper_takes_the_op_on_cuda() -> None:
+def test_add_rms_norm_wrapper_takes_the_op_on_cuda(monkeypatch) -> None:
     x, residual, weight, eps = add_rms_norm_inputs((2, 3, 64), torch.bfloat16, "cuda")
+    monkeypatch.setattr(layer_math, "add_rms_norm", _torch_code_refused)
     got = fused_ops.add_rms_norm(x, residual, weight, eps)
     want = OPS.add_rms_norm(x, residual, weight, eps)
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
