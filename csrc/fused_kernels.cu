@@ -1,5 +1,5 @@
-// CUDA kernels for the fused elementwise ops of a Llama layer (RMSNorm, RoPE, silu * up), see
-// fused_kernels.cuh for the contracts.
+// CUDA kernels for the fused elementwise ops of a Llama layer (RMSNorm, alone or after the
+// residual add, RoPE, silu * up), see fused_kernels.cuh for the contracts.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -60,11 +60,19 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 
 // One block per row (grid-stride over rows); each thread owns every blockDim.x-th pack of N
 // elements. The row is read twice (sum of squares, then the output); the second read hits L1/L2.
-template <typename T, int N>
+//
+// kAddResidual (add_rms_norm): the row normalised is s = to_dtype(x + residual), torch's
+// x + residual (both read as fp32, added, rounded to T); the first pass writes s to sum_out and
+// the second reads it back from there. Each thread reads back only the packs it wrote itself
+// (the same p loop), so no barrier is needed between the write and the read.
+// Without it (rms_norm), residual and sum_out are unused (null).
+template <typename T, int N, bool kAddResidual>
 __global__ void __launch_bounds__(kMaxNormThreads)
-    rms_norm_kernel(const T* __restrict__ x,       // [rows, hidden]
-                    const T* __restrict__ weight,  // [hidden]
-                    T* __restrict__ out,           // [rows, hidden]
+    rms_norm_kernel(const T* __restrict__ x,         // [rows, hidden]
+                    const T* __restrict__ residual,  // [rows, hidden], kAddResidual only
+                    const T* __restrict__ weight,    // [hidden]
+                    T* __restrict__ sum_out,         // [rows, hidden], kAddResidual only
+                    T* __restrict__ out,             // [rows, hidden]
                     int64_t rows, int64_t hidden, float inv_hidden, float eps) {
     __shared__ float scratch[kMaxNormThreads / kWarp];
     using P = Pack<T, N>;
@@ -73,10 +81,26 @@ __global__ void __launch_bounds__(kMaxNormThreads)
     for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
         const P* __restrict__ xr = reinterpret_cast<const P*>(x + r * hidden);
         P* __restrict__ outr = reinterpret_cast<P*>(out + r * hidden);
+        // The row the norm reads: x, or the rounded sum x + residual stored in sum_out.
+        const P* __restrict__ rr = nullptr;
+        P* __restrict__ sr = nullptr;
+        if constexpr (kAddResidual) {
+            rr = reinterpret_cast<const P*>(residual + r * hidden);
+            sr = reinterpret_cast<P*>(sum_out + r * hidden);
+        }
         // h = float(x); sum(h * h): each square rounded to fp32 as torch's h.pow(2) is.
         float sum = 0.0f;
         for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
-            const P v = xr[p];
+            P v = xr[p];
+            if constexpr (kAddResidual) {
+                const P rv = rr[p];
+#pragma unroll
+                for (int k = 0; k < N; ++k) {
+                    // s = to_dtype(float(x) + float(residual)): torch's add, alpha 1
+                    v.v[k] = from_float<T>(__fadd_rn(to_float(v.v[k]), to_float(rv.v[k])));
+                }
+                sr[p] = v;
+            }
 #pragma unroll
             for (int k = 0; k < N; ++k) {
                 const float h = to_float(v.v[k]);
@@ -88,7 +112,12 @@ __global__ void __launch_bounds__(kMaxNormThreads)
         // CUDA rsqrt).
         const float inv = rsqrtf(__fadd_rn(__fmul_rn(sum, inv_hidden), eps));
         for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
-            const P v = xr[p];
+            P v;
+            if constexpr (kAddResidual) {
+                v = sr[p];  // written by this thread in the first pass
+            } else {
+                v = xr[p];
+            }
             const P wv = w[p];
             P o;
 #pragma unroll
@@ -102,11 +131,16 @@ __global__ void __launch_bounds__(kMaxNormThreads)
     }
 }
 
+// rms_norm (residual == sum_out == nullptr) or add_rms_norm. Both take the same launch shape and
+// the same 16-byte-or-not choice for the same rows, so add_rms_norm's normalised output is
+// bit for bit rms_norm's of the sum whenever every pointer is 16-byte aligned (fresh tensors).
 template <typename T>
-cudaError_t rms_norm_for(const void* x, const void* weight, void* out, int64_t rows, int64_t hidden,
-                         float eps, cudaStream_t stream) {
+cudaError_t rms_norm_for(const void* x, const void* residual, const void* weight, void* sum_out,
+                         void* out, int64_t rows, int64_t hidden, float eps, cudaStream_t stream) {
     constexpr int kVec = kVec16<T>;
-    const bool vec = hidden % kVec == 0 && aligned16(x) && aligned16(weight) && aligned16(out);
+    const bool add = residual != nullptr;
+    const bool vec = hidden % kVec == 0 && aligned16(x) && aligned16(weight) && aligned16(out) &&
+                     (!add || (aligned16(residual) && aligned16(sum_out)));
     const int64_t packs = vec ? hidden / kVec : hidden;
     // Enough warps to give every thread one pack, up to kMaxNormThreads (then threads loop).
     const int threads =
@@ -115,16 +149,52 @@ cudaError_t rms_norm_for(const void* x, const void* weight, void* out, int64_t r
     // torch's CUDA mean multiplies by a float factor 1 / numel.
     const float inv_hidden = 1.0f / static_cast<float>(hidden);
     const T* xt = static_cast<const T*>(x);
+    const T* rt = static_cast<const T*>(residual);
     const T* wt = static_cast<const T*>(weight);
+    T* st = static_cast<T*>(sum_out);
     T* ot = static_cast<T*>(out);
-    if (vec) {
-        rms_norm_kernel<T, kVec>
-            <<<grid, threads, 0, stream>>>(xt, wt, ot, rows, hidden, inv_hidden, eps);
+    if (add && vec) {
+        rms_norm_kernel<T, kVec, true>
+            <<<grid, threads, 0, stream>>>(xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
+    } else if (add) {
+        rms_norm_kernel<T, 1, true>
+            <<<grid, threads, 0, stream>>>(xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
+    } else if (vec) {
+        rms_norm_kernel<T, kVec, false>
+            <<<grid, threads, 0, stream>>>(xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
     } else {
-        rms_norm_kernel<T, 1>
-            <<<grid, threads, 0, stream>>>(xt, wt, ot, rows, hidden, inv_hidden, eps);
+        rms_norm_kernel<T, 1, false>
+            <<<grid, threads, 0, stream>>>(xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
     }
     return cudaGetLastError();
+}
+
+// rms_norm or add_rms_norm (residual and sum_out both null, or both set) for any dtype.
+cudaError_t rms_norm_dispatch(const void* x, const void* residual, const void* weight,
+                              void* sum_out, void* out, FusedDtype dtype, int64_t rows,
+                              int64_t hidden, float eps, cudaStream_t stream) {
+    if (rows < 0 || hidden < 0 || (rows > 0 && hidden == 0)) {
+        return cudaErrorInvalidValue;
+    }
+    if (rows == 0) {
+        return cudaSuccess;
+    }
+    if (x == nullptr || weight == nullptr || out == nullptr ||
+        (residual == nullptr) != (sum_out == nullptr)) {
+        return cudaErrorInvalidValue;
+    }
+    switch (dtype) {
+        case FusedDtype::kFloat32:
+            return rms_norm_for<float>(x, residual, weight, sum_out, out, rows, hidden, eps,
+                                       stream);
+        case FusedDtype::kFloat16:
+            return rms_norm_for<__half>(x, residual, weight, sum_out, out, rows, hidden, eps,
+                                        stream);
+        case FusedDtype::kBFloat16:
+            return rms_norm_for<__nv_bfloat16>(x, residual, weight, sum_out, out, rows, hidden,
+                                               eps, stream);
+    }
+    return cudaErrorInvalidValue;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -273,24 +343,16 @@ cudaError_t silu_mul_for(const void* gate_up, void* out, int64_t rows, int64_t i
 
 cudaError_t launch_rms_norm(const void* x, const void* weight, void* out, FusedDtype dtype,
                             int64_t rows, int64_t hidden, float eps, cudaStream_t stream) {
-    if (rows < 0 || hidden < 0 || (rows > 0 && hidden == 0)) {
-        return cudaErrorInvalidValue;
+    return rms_norm_dispatch(x, nullptr, weight, nullptr, out, dtype, rows, hidden, eps, stream);
+}
+
+cudaError_t launch_add_rms_norm(const void* x, const void* residual, const void* weight,
+                                void* sum_out, void* out, FusedDtype dtype, int64_t rows,
+                                int64_t hidden, float eps, cudaStream_t stream) {
+    if (rows != 0 && (residual == nullptr || sum_out == nullptr)) {
+        return cudaErrorInvalidValue;  // (null x, weight or out is caught below)
     }
-    if (rows == 0) {
-        return cudaSuccess;
-    }
-    if (x == nullptr || weight == nullptr || out == nullptr) {
-        return cudaErrorInvalidValue;
-    }
-    switch (dtype) {
-        case FusedDtype::kFloat32:
-            return rms_norm_for<float>(x, weight, out, rows, hidden, eps, stream);
-        case FusedDtype::kFloat16:
-            return rms_norm_for<__half>(x, weight, out, rows, hidden, eps, stream);
-        case FusedDtype::kBFloat16:
-            return rms_norm_for<__nv_bfloat16>(x, weight, out, rows, hidden, eps, stream);
-    }
-    return cudaErrorInvalidValue;
+    return rms_norm_dispatch(x, residual, weight, sum_out, out, dtype, rows, hidden, eps, stream);
 }
 
 cudaError_t launch_rope(const void* x, const void* cos, const void* sin, void* out,

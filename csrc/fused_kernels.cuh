@@ -1,6 +1,6 @@
-// Raw CUDA launchers for the fused elementwise ops of a Llama layer: RMSNorm, rotate-half RoPE
-// and SwiGLU's silu(gate) * up, one kernel each. Plain pointers and sizes only (no torch), so
-// nvcc compiles it alone.
+// Raw CUDA launchers for the fused elementwise ops of a Llama layer: RMSNorm (alone or after the
+// residual add), rotate-half RoPE and SwiGLU's silu(gate) * up, one kernel each. Plain pointers
+// and sizes only (no torch), so nvcc compiles it alone.
 //
 // Each op mirrors the plain torch code of models/ (layer_math.py, rope.py) rounding for
 // rounding: every intermediate that torch materialises in the model dtype is rounded to that
@@ -29,6 +29,21 @@ cudaError_t launch_rms_norm(const void* x,       // [rows, hidden], contiguous
                             void* out,           // [rows, hidden], contiguous
                             FusedDtype dtype, int64_t rows, int64_t hidden, float eps,
                             cudaStream_t stream);
+
+// sum_out = to_dtype(x + residual) (torch's x + residual: fp32 add, rounded to the dtype), then
+// out = launch_rms_norm's output for sum_out, from the rounded sum: a Llama layer's residual add
+// and the RMSNorm after it, one kernel. The same kernel code as launch_rms_norm, so out is bit
+// for bit rms_norm(sum_out) when all pointers are 16-byte aligned (otherwise it may take the
+// narrow path where rms_norm would not, and differ by the order of the fp32 sum of squares).
+// Returns cudaErrorInvalidValue for negative sizes, hidden == 0 with rows > 0 or a null pointer
+// with rows > 0, otherwise cudaGetLastError() after the launch (cudaSuccess when rows == 0).
+cudaError_t launch_add_rms_norm(const void* x,         // [rows, hidden], contiguous
+                                const void* residual,  // [rows, hidden], contiguous
+                                const void* weight,    // [hidden]
+                                void* sum_out,         // [rows, hidden], contiguous
+                                void* out,             // [rows, hidden], contiguous
+                                FusedDtype dtype, int64_t rows, int64_t hidden, float eps,
+                                cudaStream_t stream);
 
 // out = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2]).
 // x may be a strided view (for instance q and k heads sliced out of a fused qkv product): only

@@ -1,5 +1,7 @@
 // Registers the fused elementwise operators of a Llama layer, one CUDA kernel each:
 //   toyllm::rms_norm(x, weight, eps)  RMSNorm: normalise in fp32, scale in x's dtype
+//   toyllm::add_rms_norm(x, residual, weight, eps) -> (x + residual, rms_norm of that sum):
+//                                     a layer's residual add and the RMSNorm after it
 //   toyllm::rope(x, cos, sin)         rotate-half RoPE, out of place (x may be strided)
 //   toyllm::silu_mul(gate_up)         SwiGLU's silu(gate) * up on a fused [gate; up] product
 // CPU: the plain torch math of models/layer_math.py and models/rope.py in ATen ops (the same
@@ -10,6 +12,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "dtype_names.h"
@@ -65,21 +69,26 @@ FusedDtype fused_dtype(at::ScalarType t) {
 // ---------------------------------------------------------------------------------------------
 // rms_norm
 
-void check_rms_norm_args(const at::Tensor& x, const at::Tensor& weight, double eps) {
-    TORCH_CHECK_VALUE(x.dim() >= 1, "rms_norm: expected x of at least 1 dim [..., hidden], got ",
+// x [..., hidden] and weight [hidden] of rms_norm and add_rms_norm (`op` names which).
+void check_norm_args(const char* op, const at::Tensor& x, const at::Tensor& weight, double eps) {
+    TORCH_CHECK_VALUE(x.dim() >= 1, op, ": expected x of at least 1 dim [..., hidden], got ",
                       "shape ", x.sizes());
     const int64_t hidden = x.size(-1);
-    TORCH_CHECK_VALUE(hidden >= 1, "rms_norm: expected hidden size x.size(-1) >= 1, got ", hidden);
-    TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == hidden,
-                      "rms_norm: expected weight of shape [", hidden, "] (x's last dim), got ",
+    TORCH_CHECK_VALUE(hidden >= 1, op, ": expected hidden size x.size(-1) >= 1, got ", hidden);
+    TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == hidden, op,
+                      ": expected weight of shape [", hidden, "] (x's last dim), got ",
                       weight.sizes());
-    check_dtype("rms_norm", "x", x);
-    check_same_dtype_device("rms_norm", "weight", weight, "x", x);
-    check_last_dim_contiguous("rms_norm", "x", x);
-    TORCH_CHECK_VALUE(weight.is_contiguous(),
-                      "rms_norm: expected a contiguous weight, got strides ", weight.strides());
-    TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0,
-                      "rms_norm: expected a finite eps >= 0, got ", eps);
+    check_dtype(op, "x", x);
+    check_same_dtype_device(op, "weight", weight, "x", x);
+    check_last_dim_contiguous(op, "x", x);
+    TORCH_CHECK_VALUE(weight.is_contiguous(), op, ": expected a contiguous weight, got strides ",
+                      weight.strides());
+    TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op,
+                      ": expected a finite eps >= 0, got ", eps);
+}
+
+void check_rms_norm_args(const at::Tensor& x, const at::Tensor& weight, double eps) {
+    check_norm_args("rms_norm", x, weight, eps);
 }
 
 // fp32: one pass per row in plain C++ (a decode step's 13 norms of one row each cost ~40 us
@@ -112,15 +121,19 @@ at::Tensor rms_norm_cpu_fp32(const at::Tensor& x, const at::Tensor& weight, doub
     return out;
 }
 
-// models/layer_math.py's rms_norm, op for op (fp32: the loop above).
-at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
-    check_rms_norm_args(x, weight, eps);
+// models/layer_math.py's rms_norm, op for op (fp32: the loop above), on checked arguments.
+at::Tensor rms_norm_cpu_math(const at::Tensor& x, const at::Tensor& weight, double eps) {
     if (x.scalar_type() == at::kFloat) {
         return rms_norm_cpu_fp32(x, weight, eps);
     }
     at::Tensor h = x.to(at::kFloat);
     h = h * at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
     return (weight * h.to(x.scalar_type())).contiguous();
+}
+
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+    check_rms_norm_args(x, weight, eps);
+    return rms_norm_cpu_math(x, weight, eps);
 }
 
 #ifdef TOYLLM_WITH_CUDA
@@ -139,6 +152,55 @@ at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double e
     TORCH_CHECK(err == cudaSuccess,
                 "rms_norm: CUDA kernel launch failed: ", cudaGetErrorString(err));
     return out;
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// add_rms_norm
+
+// residual: x's shape exactly (no broadcasting: the kernel reads both at one row pitch), dtype
+// and device, a contiguous last dim.
+void check_add_rms_norm_args(const at::Tensor& x, const at::Tensor& residual,
+                             const at::Tensor& weight, double eps) {
+    check_norm_args("add_rms_norm", x, weight, eps);
+    TORCH_CHECK_VALUE(residual.sizes() == x.sizes(),
+                      "add_rms_norm: expected residual of x's shape ", x.sizes(), ", got ",
+                      residual.sizes());
+    check_same_dtype_device("add_rms_norm", "residual", residual, "x", x);
+    check_last_dim_contiguous("add_rms_norm", "residual", residual);
+}
+
+// models/layer_math.py's add_rms_norm: s = x + residual, the very ATen op torch's `+` runs (so
+// the same bits), then rms_norm_cpu's math on s (fp32: its C++ loop, so the same bits as
+// rms_norm(s)). Both results contiguous.
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x,
+                                                    const at::Tensor& residual,
+                                                    const at::Tensor& weight, double eps) {
+    check_add_rms_norm_args(x, residual, weight, eps);
+    at::Tensor sum = at::add(x, residual).contiguous();
+    at::Tensor normed = rms_norm_cpu_math(sum, weight, eps);
+    return {std::move(sum), std::move(normed)};
+}
+
+#ifdef TOYLLM_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cuda(const at::Tensor& x,
+                                                     const at::Tensor& residual,
+                                                     const at::Tensor& weight, double eps) {
+    check_add_rms_norm_args(x, residual, weight, eps);
+    const c10::cuda::CUDAGuard guard(x.device());
+    // rows at a fixed pitch, as in rms_norm_cuda (no copy for the model's tensors)
+    const at::Tensor xc = x.contiguous();
+    const at::Tensor rc = residual.contiguous();
+    at::Tensor sum = at::empty_like(xc);
+    at::Tensor out = at::empty_like(xc);
+    const int64_t hidden = x.size(-1);
+    const cudaError_t err = launch_add_rms_norm(
+        xc.const_data_ptr(), rc.const_data_ptr(), weight.const_data_ptr(), sum.data_ptr(),
+        out.data_ptr(), fused_dtype(x.scalar_type()), xc.numel() / hidden, hidden,
+        static_cast<float>(eps), at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == cudaSuccess,
+                "add_rms_norm: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    return {sum, out};
 }
 #endif
 
@@ -281,12 +343,14 @@ at::Tensor silu_mul_cuda(const at::Tensor& gate_up) {
 
 TORCH_LIBRARY_FRAGMENT(toyllm, m) {
     m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+    m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
     m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
     m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(toyllm, CPU, m) {
     m.impl("rms_norm", &toyllm::rms_norm_cpu);
+    m.impl("add_rms_norm", &toyllm::add_rms_norm_cpu);
     m.impl("rope", &toyllm::rope_cpu);
     m.impl("silu_mul", &toyllm::silu_mul_cpu);
 }
@@ -294,6 +358,7 @@ TORCH_LIBRARY_IMPL(toyllm, CPU, m) {
 #ifdef TOYLLM_WITH_CUDA
 TORCH_LIBRARY_IMPL(toyllm, CUDA, m) {
     m.impl("rms_norm", &toyllm::rms_norm_cuda);
+    m.impl("add_rms_norm", &toyllm::add_rms_norm_cuda);
     m.impl("rope", &toyllm::rope_cuda);
     m.impl("silu_mul", &toyllm::silu_mul_cuda);
 }

@@ -4,14 +4,17 @@ A decode step is launch-bound: in plain torch RMSNorm is 8 kernels, RoPE 5 and S
 silu(gate) * up 2. The operators ``torch.ops.toyllm.rms_norm``, ``.rope`` and ``.silu_mul``
 (csrc/fused_kernels.cu) do each in one launch with the same rounding as the torch code of
 models/layer_math.py and models/rope.py: rope and silu_mul bit for bit, rms_norm up to the
-order of its fp32 sum of squares (an ulp of the normalising factor at most). On the CPU the
-operators run that same torch code in ATen, except in fp32, where rms_norm and rope are plain
-C++ loops (rope the same bits, rms_norm within a few ulps): a decode step of a small model spends
-more time dispatching the ATen pieces than computing them.
+order of its fp32 sum of squares (an ulp of the normalising factor at most).
+``torch.ops.toyllm.add_rms_norm`` adds the residual add that precedes each norm of a layer to
+the same kernel: (x + residual, rms_norm(x + residual)), the sum bit for bit, the norm as
+rms_norm's. On the CPU the operators run that same torch code in ATen, except in fp32, where
+rms_norm (alone or after add_rms_norm's ATen add) and rope are plain C++ loops (rope the same
+bits, rms_norm within a few ulps): a decode step of a small model spends more time dispatching
+the ATen pieces than computing them.
 
 The wrappers below use the operator only where it pays and is safe: a CUDA tensor and an
-extension built with CUDA, or (rms_norm and rope) an fp32 CPU tensor; no autograd graph to
-record (the operators have no backward, so training keeps the torch code), and
+extension built with CUDA, or (rms_norm, add_rms_norm and rope) an fp32 CPU tensor; no autograd
+graph to record (the operators have no backward, so training keeps the torch code), and
 ``TOYLLM_FUSED_OPS`` not set to ``0`` (read once, at import). Everything else runs the torch
 definitions.
 
@@ -34,13 +37,14 @@ from engine.kv_cache import WITH_CUDA  # also loads engine._C, which defines the
 from models import layer_math
 from models.rope import apply_rope
 
-if not all(hasattr(torch.ops.toyllm, op) for op in ("rms_norm", "rope", "silu_mul")):
+_OPS = ("rms_norm", "add_rms_norm", "rope", "silu_mul")
+if not all(hasattr(torch.ops.toyllm, op) for op in _OPS):
     raise ImportError(
-        "engine._C predates the fused operators (toyllm::rms_norm, rope, silu_mul): rebuild it "
-        "from the repository root with: pip install --no-build-isolation -e ."
+        "engine._C predates the fused operators (toyllm::rms_norm, add_rms_norm, rope, "
+        "silu_mul): rebuild it from the repository root with: pip install --no-build-isolation -e ."
     )
 
-__all__ = ["AVAILABLE", "ENABLED", "rms_norm", "rope", "silu_mul"]
+__all__ = ["AVAILABLE", "ENABLED", "add_rms_norm", "rms_norm", "rope", "silu_mul"]
 
 #: False when the environment sets TOYLLM_FUSED_OPS=0 (to compare against the torch code).
 ENABLED: bool = os.environ.get("TOYLLM_FUSED_OPS", "1") != "0"
@@ -78,6 +82,19 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
                                and x.stride(-1) == 1 and weight.is_contiguous()):
         return torch.ops.toyllm.rms_norm(x, weight, float(eps))
     return layer_math.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """x, residual [..., hidden], weight [hidden] -> (x + residual, rms_norm of it), both
+    [..., hidden]: models.layer_math.add_rms_norm. A residual that broadcasts to x (a shape
+    other than x's) takes the torch code."""
+    if x.shape != residual.shape or x.shape[-1:] != weight.shape:
+        return layer_math.add_rms_norm(x, residual, weight, eps)
+    if _fusable(x, residual, weight) or (_cpu_loop(x, residual, weight) and x.stride(-1) == 1
+                                         and residual.stride(-1) == 1
+                                         and weight.is_contiguous()):
+        return torch.ops.toyllm.add_rms_norm(x, residual, weight, float(eps))
+    return layer_math.add_rms_norm(x, residual, weight, eps)
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -129,6 +146,25 @@ def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         )
     _check_like("rms_norm", "weight", weight, "x", x)
     return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("toyllm::add_rms_norm")
+def _add_rms_norm_fake(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    if x.dim() < 1 or weight.shape != (x.shape[-1],):
+        raise ValueError(
+            "add_rms_norm: expected x [..., hidden] and weight [hidden], got "
+            f"x {list(x.shape)}, weight {list(weight.shape)}"
+        )
+    _check_like("add_rms_norm", "weight", weight, "x", x)
+    if residual.shape != x.shape:
+        raise ValueError(
+            f"add_rms_norm: expected residual of x's shape {list(x.shape)}, "
+            f"got {list(residual.shape)}"
+        )
+    _check_like("add_rms_norm", "residual", residual, "x", x)
+    return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 @torch.library.register_fake("toyllm::rope")

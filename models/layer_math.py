@@ -1,4 +1,5 @@
-"""The elementwise math of a Llama layer in plain torch: RMSNorm and SwiGLU's silu(gate) * up.
+"""The elementwise math of a Llama layer in plain torch: RMSNorm (alone and after the residual
+add) and SwiGLU's silu(gate) * up.
 
 These functions are the definition. engine/fused_ops.py has one-kernel CUDA versions that
 must give the same bits (RMSNorm: up to the order of its fp32 sum); the model calls those on
@@ -24,6 +25,16 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(dtype)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """x, residual [..., hidden], weight [hidden] -> (s, rms_norm(s)) with s = x + residual.
+
+    A layer's residual add and the RMSNorm that reads its result (the next sub-block's input
+    norm): the norm sees s rounded to the model dtype, as when the two run one after the other.
+    """
+    s = x + residual
+    return s, rms_norm(s, weight, eps)
 
 
 def silu_mul(gate_up: Tensor) -> Tensor:

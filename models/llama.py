@@ -6,6 +6,10 @@ its new q/k/v to `cache.attend(layer_index, q, k, v)`, which writes K/V into the
 and attends over everything written so far (see engine/cached_attention.py); the model itself
 does not know how or where K/V are stored.
 
+Each residual add is done by the norm that reads its sum (one kernel on CUDA), so a layer takes
+and returns the residual stream as a pair (x, pending) whose sum is the stream: see
+DecoderLayer.forward.
+
 Module names follow Hugging Face's LlamaForCausalLM without the "model." prefix, so the
 checkpoint mapping (models/checkpoint.py) is a prefix rule.
 """
@@ -22,17 +26,17 @@ from models.config import ModelConfig
 from models.layer_math import rms_norm, silu_mul
 from models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
-# One-kernel CUDA versions of RMSNorm, RoPE and silu * up (engine/fused_ops.py), used for CUDA
-# tensors when the extension is built with CUDA and TOYLLM_FUSED_OPS is not 0. models/ must
-# import without the extension (training machines have no build): then the torch code of
-# layer_math.py and rope.py runs everywhere, as it does on the CPU in any case.
+# One-kernel CUDA versions of RMSNorm (alone and after the residual add), RoPE and silu * up
+# (engine/fused_ops.py), used for CUDA tensors when the extension is built with CUDA and
+# TOYLLM_FUSED_OPS is not 0. models/ must import without the extension (training machines have
+# no build): then the torch code of layer_math.py and rope.py runs everywhere.
 try:
     from engine import fused_ops as _fused_ops
 except ImportError:
     _fused_ops = None
 _fused = _fused_ops if _fused_ops is not None and _fused_ops.AVAILABLE else None
 # On the CPU: the wrappers of engine/fused_ops.py, which take the operators' fp32 C++ loops for
-# rms_norm and rope (and the torch code for anything else).
+# rms_norm, add_rms_norm and rope (and the torch code for anything else).
 _fused_cpu = _fused_ops if _fused_ops is not None and _fused_ops.ENABLED else None
 
 # The extension's CPU matrix-vector product (engine/cpu_gemv.py) for the few-row products of
@@ -65,6 +69,18 @@ class RMSNorm(nn.Module):
         if _fused_cpu is not None and not x.is_cuda:
             return _fused_cpu.rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
+
+    def add_norm(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(s, norm(s)) with s = x + residual (x when residual is None): the residual add
+        before a norm and the norm, one kernel on CUDA (layer_math.add_rms_norm)."""
+        if residual is None:
+            return x, self(x)
+        if x.is_cuda and _fused is not None:
+            return _fused.add_rms_norm(x, residual, self.weight, self.eps)
+        if _fused_cpu is not None and not x.is_cuda:
+            return _fused_cpu.add_rms_norm(x, residual, self.weight, self.eps)
+        x = x + residual
+        return x, rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -142,9 +158,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: AttentionCache | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: Tensor, pending: Tensor | None, cos: Tensor, sin: Tensor,
+        cache: AttentionCache | None,
+    ) -> tuple[Tensor, Tensor]:
+        """The layer on the residual stream x + pending (pending None: x): the usual
+            x = x + attn(input_layernorm(x)); x = x + mlp(post_attention_layernorm(x))
+        but each residual add is left to the norm that reads its sum, so it runs in the norm's
+        kernel (RMSNorm.add_norm). Hence the MLP's output is returned as the next pending
+        residual: the stream after this layer is the sum of the two returned tensors, added by
+        the next layer's input norm or the model's final norm."""
+        x, h = self.input_layernorm.add_norm(x, pending)
+        x, h = self.post_attention_layernorm.add_norm(x, self.self_attn(h, cos, sin, cache))
+        return x, self.mlp(h)
 
 
 class Transformer(nn.Module):
@@ -177,11 +203,14 @@ class Transformer(nn.Module):
         """
         x = self.embed_tokens(tokens)  # [B, T, hidden]
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        pending: Tensor | None = None  # the residual stream is x + pending (DecoderLayer)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache)
-        if last_only:
+            x, pending = layer(x, pending, cos, sin, cache)
+        if last_only:  # the sum's last token is the sum of the last tokens
             x = x[:, -1:]
-        return _linear(self.norm(x), self.lm_head.weight)
+            pending = pending[:, -1:] if pending is not None else None
+        _, h = self.norm.add_norm(x, pending)
+        return _linear(h, self.lm_head.weight)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # .to(dtype) would cast the RoPE frequencies too; keep them fp32 on the new device.
