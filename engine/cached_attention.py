@@ -22,10 +22,12 @@ from torch import Tensor
 
 from engine.kv_cache import KVCache, kv_update
 
-# The decode-attention kernel beats SDPA at small batches (H200, Llama-1B heads: 20 us vs
-# 46 us at 100 keys, 28 vs 60 at 3000) but not yet at large batch x long context (383 vs
-# 69 us at batch 8 x 8000 keys): it splits the keys into too few chunks there.
-DECODE_KERNEL_MAX_ROWS = 4
+# Where the decode-attention kernel beats SDPA with a length mask (scripts/bench_decode_attention.py,
+# NVIDIA H200, 2026-11-27, bf16, 32 query / 8 KV heads of 64, half the rows at half length):
+# 7.9 vs 10.7 us at 1 x 128 keys, 19.8 vs 68 at 1 x 4096, 40.7 vs 68.5 at 4 x 4096, 111 vs 130 at
+# 8 x 8192; not at 16 x 4096 (88 vs 72): there it is bound by the CUDA-core instructions per
+# key, where SDPA's kernels use tensor cores. Above this many rows the step takes SDPA.
+DECODE_KERNEL_MAX_ROWS = 8
 
 
 # On the CPU the operator's fp32 implementation is a plain C++ loop: for a small model's decode
