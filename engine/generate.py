@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from engine import cpu_gemv
+from engine import gemv
 from engine.cached_attention import DecodeStep, PrefillStep
 from engine.cpu_layout import store_weights_input_major
 from engine.kv_cache import KVCache
@@ -114,7 +114,7 @@ class Engine:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise GenerationError("CUDA graphs need a CUDA device; use cuda_graph=False on CPU")
-        if self.device.type == "cpu" and not cpu_gemv.ENABLED:
+        if self.device.type == "cpu" and not gemv.CPU_ENABLED:
             # same values, 3x faster decode GEMVs on MKL. The extension's GEMV streams
             # nn.Linear's [out, in] layout fastest (docs/PERF.md), so with it the weights stay.
             store_weights_input_major(model)

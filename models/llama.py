@@ -39,10 +39,10 @@ _fused = _fused_ops if _fused_ops is not None and _fused_ops.AVAILABLE else None
 # rms_norm, add_rms_norm and rope (and the torch code for anything else).
 _fused_cpu = _fused_ops if _fused_ops is not None and _fused_ops.ENABLED else None
 
-# The extension's CPU matrix-vector product (engine/cpu_gemv.py) for the few-row products of
-# CPU decode; F.linear (MKL) everywhere else, and everywhere without the extension.
+# The extension's matrix-vector product (engine/gemv.py) for the few-row products of decode,
+# CPU and CUDA; F.linear (MKL, cuBLAS) everywhere else, and everywhere without the extension.
 try:
-    from engine.cpu_gemv import linear as _linear
+    from engine.gemv import linear as _linear
 except ImportError:
     _linear = F.linear
 

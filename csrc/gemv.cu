@@ -1,0 +1,267 @@
+// CUDA matrix-vector product of a decode step, y = x @ W^T for <= 4 rows of x (contract in
+// gemv.cuh).
+//
+// A decode GEMV reads each weight byte once and does 2 flops per weight element and row, so
+// it is bound by how fast W streams from HBM (~4.2-4.4 TB/s read on an H100/H200). The kernel
+// is built for that stream:
+//   - each output row j is owned by a group of 1, 2 or 4 warps, which reads row j of W front
+//     to back: thread `rank` of the group takes packs rank, rank + G, rank + 2G, ... (G threads
+//     in the group), so one warp-wide load covers 32 consecutive 16-byte packs (512 bytes);
+//   - each thread issues kUnroll independent 16-byte loads of W before it uses the first, so
+//     ~4 KB per warp are in flight; W is loaded with the streaming hint (__ldcs: evict first),
+//     it is read once per call;
+//   - x is read from global memory through L1 (ld.global.nc): every block of an SM reads the
+//     same few KB, which stay in L1 (W's lines are evicted first). Not staged in shared memory:
+//     4 rows x 8192 fp32 would be 128 KB per block (over the 48 KB a launch gets without
+//     opting in, and one block per SM), and each small block would copy all of x from L2;
+//   - fp32 accumulators per thread (one per row of x), a warp-shuffle sum, then, when several
+//     warps share a row, a sum of the per-warp totals through shared memory in warp order; one
+//     kernel, no atomics, no split-K second pass, a fixed order of additions (same bits on
+//     every call);
+//   - 4 warps per block, so even out = 2048 at one warp per row gives 512 blocks (~4 per SM of
+//     an H100's 132). Long rows get several warps per row (in = 8192 bf16: 4), so such a
+//     product still has ~4x more warps in flight.
+// When `in` or a pointer does not allow 16-byte packs, the same kernel runs on single elements.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "float_convert.cuh"
+#include "gemv.cuh"
+
+namespace toyllm {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarps = 4;  // warps per block
+constexpr int kThreads = kWarps * kWarp;
+// Blocks per SM the register budget must allow: 5 x 128 threads -> <= 96 registers a thread
+// (at 80, fp32 with 4 rows spilled), 20 warps per SM, ~80 KB of W in flight per SM where
+// ~30 KB cover the HBM latency (4.4 TB/s x ~1 us / 132 SMs).
+constexpr int kMinBlocksPerSm = 5;
+constexpr int64_t kMaxGrid = int64_t{1} << 20;  // blocks per launch (grid-stride past that)
+
+// N elements loaded as one access (16 bytes when N * sizeof(T) == 16).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+    T v[N];
+};
+
+// Elements of T per 16-byte access.
+template <typename T>
+constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
+
+// Loads of W each thread issues before it uses the first: 8 x 16 bytes, or 16 single elements.
+template <int N>
+constexpr int kUnroll = N == 1 ? 16 : 8;
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// One pack of W with the streaming cache hint (ld.global.cs): W is read once per call, so its
+// lines go first and x keeps its place in L1.
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> load_weight(const Pack<T, N>* p) {
+    if constexpr (sizeof(Pack<T, N>) == 16) {
+        const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(p));
+        Pack<T, N> out;
+        memcpy(&out, &raw, sizeof(out));
+        return out;
+    } else {
+        return *p;
+    }
+}
+
+// acc[m] += sum_k float(w[k]) * float(x[m, k]) for the rows m < R of x, in fp32; `x` points at
+// the pack of row 0, row m is `pitch` packs further.
+template <typename T, int N, int R>
+__device__ __forceinline__ void accumulate(float (&acc)[R], const Pack<T, N>& w,
+                                           const Pack<T, N>* __restrict__ x, int64_t pitch) {
+#pragma unroll
+    for (int m = 0; m < R; ++m) {
+        const Pack<T, N> xv = x[m * pitch];
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            acc[m] = fmaf(to_float(w.v[k]), to_float(xv.v[k]), acc[m]);
+        }
+    }
+}
+
+// Rows [first, first + kWarps / warps_per_row) of W per block and grid-stride step, one per
+// group of warps_per_row warps. R = rows of x (a register accumulator each), N = elements per
+// load. The loop over output rows is block-uniform, so every thread reaches the barriers.
+template <typename T, int N, int R>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    gemv_kernel(const T* __restrict__ x,       // [R, in]
+                const T* __restrict__ weight,  // [out, in]
+                T* __restrict__ y,             // [R, out]
+                int64_t in, int64_t out, int warps_per_row) {
+    using P = Pack<T, N>;
+    constexpr int U = kUnroll<N>;
+    __shared__ float partial[kWarps][R];  // per-warp sums when several warps share a row
+
+    const int warp = threadIdx.x / kWarp;
+    const int lane = threadIdx.x % kWarp;
+    const int group = warp / warps_per_row;                  // output row within the block
+    const int rank = (warp % warps_per_row) * kWarp + lane;  // thread within the group
+    const int64_t group_threads = static_cast<int64_t>(warps_per_row) * kWarp;
+    const int rows_per_block = kWarps / warps_per_row;
+    const int64_t packs = in / N;  // packs per row of x and of W
+    const P* __restrict__ xp = reinterpret_cast<const P*>(x);
+
+    for (int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block; first < out;
+         first += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+        const int64_t j = first + group;  // the output row of this group
+        float acc[R];
+#pragma unroll
+        for (int m = 0; m < R; ++m) {
+            acc[m] = 0.0f;
+        }
+        if (j < out) {
+            // this thread's packs of row j: p = rank, rank + G, rank + 2G, ... < packs
+            const P* __restrict__ wp = reinterpret_cast<const P*>(weight + j * in) + rank;
+            const P* __restrict__ xq = xp + rank;
+            int64_t p = rank;
+#pragma unroll 1
+            for (; p + (U - 1) * group_threads < packs; p += U * group_threads) {
+                // U independent loads first (the HBM latency is paid once per U packs) ...
+                P w[U];
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    w[u] = load_weight(wp + u * group_threads);
+                }
+                // ... then y[m, j] += x[m, i] * W[j, i] over their elements, in fp32
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    accumulate<T, N, R>(acc, w[u], xq + u * group_threads, packs);
+                }
+                wp += U * group_threads;
+                xq += U * group_threads;
+            }
+#pragma unroll 1
+            for (; p < packs; p += group_threads) {  // the last < U packs, one at a time
+                accumulate<T, N, R>(acc, load_weight(wp), xq, packs);
+                wp += group_threads;
+                xq += group_threads;
+            }
+        }
+        // Butterfly sum over the warp: every lane ends with the same total (fp32 addition is
+        // commutative, so both lanes of a pair compute the same bits).
+#pragma unroll
+        for (int m = 0; m < R; ++m) {
+#pragma unroll
+            for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+                acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], offset);
+            }
+        }
+        if (warps_per_row == 1) {
+            if (j < out) {
+#pragma unroll
+                for (int m = 0; m < R; ++m) {
+                    if (lane == m) {
+                        y[m * out + j] = from_float<T>(acc[m]);
+                    }
+                }
+            }
+        } else {
+            if (lane == 0) {
+#pragma unroll
+                for (int m = 0; m < R; ++m) {
+                    partial[warp][m] = acc[m];
+                }
+            }
+            __syncthreads();
+            // thread m of the group adds row m's warp totals in warp order and writes y[m, j]
+            if (rank < R && j < out) {
+                float total = 0.0f;
+                for (int w = 0; w < warps_per_row; ++w) {
+                    total += partial[group * warps_per_row + w][rank];
+                }
+                y[rank * out + j] = from_float<T>(total);
+            }
+            __syncthreads();  // partial is free again for the next rows
+        }
+    }
+}
+
+// Warps per output row: the largest of 1, 2, 4 that still gives each thread at least two
+// batches of kUnroll loads (in = 2048 bf16: 1; 2048 fp32 or 4096 bf16: 2; 8192 bf16: 4).
+int warps_per_row_for(int64_t packs, int unroll) {
+    int w = 1;
+    while (w < kWarps && packs >= 2 * static_cast<int64_t>(w) * kWarp * unroll) {
+        w *= 2;
+    }
+    return w;
+}
+
+template <typename T, int N, int R>
+void launch_rows(const T* x, const T* weight, T* y, int64_t in, int64_t out,
+                 cudaStream_t stream) {
+    const int warps_per_row = warps_per_row_for(in / N, kUnroll<N>);
+    const int64_t rows_per_block = kWarps / warps_per_row;
+    const int64_t blocks = std::min((out + rows_per_block - 1) / rows_per_block, kMaxGrid);
+    gemv_kernel<T, N, R><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        x, weight, y, in, out, warps_per_row);
+}
+
+template <typename T, int N>
+void launch_packs(const T* x, const T* weight, T* y, int64_t rows, int64_t in, int64_t out,
+                  cudaStream_t stream) {
+    switch (rows) {
+        case 1:
+            launch_rows<T, N, 1>(x, weight, y, in, out, stream);
+            break;
+        case 2:
+            launch_rows<T, N, 2>(x, weight, y, in, out, stream);
+            break;
+        case 3:
+            launch_rows<T, N, 3>(x, weight, y, in, out, stream);
+            break;
+        default:
+            launch_rows<T, N, 4>(x, weight, y, in, out, stream);
+            break;
+    }
+}
+
+template <typename T>
+cudaError_t gemv_for(const void* x, const void* weight, void* y, int64_t rows, int64_t in,
+                     int64_t out, cudaStream_t stream) {
+    constexpr int kVec = kVec16<T>;
+    // every row of x and W starts 16-byte aligned when the bases are and in is a whole number
+    // of packs
+    const bool vec = in % kVec == 0 && aligned16(x) && aligned16(weight);
+    const T* xt = static_cast<const T*>(x);
+    const T* wt = static_cast<const T*>(weight);
+    T* yt = static_cast<T*>(y);
+    if (vec) {
+        launch_packs<T, kVec>(xt, wt, yt, rows, in, out, stream);
+    } else {
+        launch_packs<T, 1>(xt, wt, yt, rows, in, out, stream);
+    }
+    return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_gemv(const void* x, const void* weight, void* y, GemvDtype dtype, int64_t rows,
+                        int64_t in, int64_t out, cudaStream_t stream) {
+    if (rows < 0 || in < 0 || out < 0 || rows > kGemvMaxRows) {
+        return cudaErrorInvalidValue;
+    }
+    if (rows == 0 || out == 0) {
+        return cudaSuccess;
+    }
+    switch (dtype) {
+        case GemvDtype::kFloat16:
+            return gemv_for<__half>(x, weight, y, rows, in, out, stream);
+        case GemvDtype::kBFloat16:
+            return gemv_for<__nv_bfloat16>(x, weight, y, rows, in, out, stream);
+        case GemvDtype::kFloat32:
+            return gemv_for<float>(x, weight, y, rows, in, out, stream);
+    }
+    return cudaErrorInvalidValue;
+}
+
+}  // namespace toyllm

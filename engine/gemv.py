@@ -1,0 +1,170 @@
+"""Matrix-vector products of decode: ``torch.ops.toyllm.gemv`` on the CPU (csrc/cpu_gemv.cpp)
+and on CUDA (csrc/cuda_gemv.cpp, kernel in csrc/gemv.cu).
+
+A decode step at batch 1 is 4 products per layer plus the output head, each reading its whole
+weight once; they are bound by how fast the weights stream from memory. The operator computes
+``F.linear(x, weight)`` (no bias):
+
+* CPU: fp32 tensors, an AVX2 loop split over the cores. Alone it streams about as fast as
+  MKL's sgemv on the input-major layout; in the model's decode step it is worth 1.96x -> 2.24x
+  of transformers (docs/PERF.md, "CPU decode, stories15M shape"). Its sums run in another order
+  than MKL's: results agree to a few ulps.
+* CUDA: fp32, fp16 or bf16 (x and weight alike), at most 4 rows, a contiguous [out, in]
+  weight; one kernel that streams the weight with 16-byte loads and sums in fp32, rounding
+  once to the dtype (within 1 ulp of cuBLAS's fp32-accumulated result). It replaces cuBLAS's
+  GEMV and split-K reduce kernels of a decode step (scripts/bench_gemv.py measures both).
+
+``linear(x, weight)`` uses it where it applies: at most ``MAX_ROWS`` rows (prefill's many rows
+stay with MKL's / cuBLAS's matrix-matrix kernels), no autograd graph to record (the operator has
+no backward), and per device a switch read once, at import: ``TOYLLM_CPU_GEMV=0`` sends the CPU
+products back to MKL, ``TOYLLM_CUDA_GEMV=0`` the CUDA ones back to cuBLAS.
+
+Example::
+
+    >>> import torch
+    >>> from engine.gemv import linear
+    >>> linear(torch.ones(1, 3), torch.arange(6.0).view(2, 3))  # rows [0, 1, 2], [3, 4, 5]
+    tensor([[ 3., 12.]])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from engine.kv_cache import WITH_CUDA  # also loads engine._C, which defines the operator
+
+if not hasattr(torch.ops.toyllm, "gemv"):
+    raise ImportError(
+        "engine._C predates the GEMV operator (toyllm::gemv): rebuild it from the repository "
+        "root with: pip install --no-build-isolation -e ."
+    )
+
+__all__ = ["CPU_ENABLED", "CUDA_AVAILABLE", "CUDA_ENABLED", "MAX_ROWS", "applies", "linear"]
+
+#: False when the environment sets TOYLLM_CPU_GEMV=0 (to compare against MKL).
+CPU_ENABLED: bool = os.environ.get("TOYLLM_CPU_GEMV", "1") != "0"
+#: False when the environment sets TOYLLM_CUDA_GEMV=0 (to compare against cuBLAS).
+CUDA_ENABLED: bool = os.environ.get("TOYLLM_CUDA_GEMV", "1") != "0"
+#: The CUDA kernel can run: the extension is built with CUDA and it is not switched off.
+CUDA_AVAILABLE: bool = WITH_CUDA and CUDA_ENABLED
+#: Products with more rows than this (prefill) go to MKL / cuBLAS; the CUDA kernel takes no more.
+MAX_ROWS = 4
+
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_gemv = torch.ops.toyllm.gemv.default
+
+
+def _applies_cpu(x: Tensor, weight: Tensor) -> bool:
+    if not CPU_ENABLED or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return False
+    return weight.is_contiguous() or weight.stride() == (1, weight.shape[0])
+
+
+def _applies_cuda(x: Tensor, weight: Tensor) -> bool:
+    if not CUDA_AVAILABLE or not x.is_cuda or weight.device != x.device:
+        return False
+    if x.dtype not in _CUDA_DTYPES or weight.dtype != x.dtype:
+        return False
+    return weight.is_contiguous()
+
+
+def applies(x: Tensor, weight: Tensor) -> bool:
+    """True when ``linear`` hands (x, weight) to the operator."""
+    if x.dim() == 0:
+        return False
+    n = x.shape[-1]
+    if n == 0 or x.numel() > MAX_ROWS * n or weight.dim() != 2 or weight.shape[1] != n:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    return _applies_cpu(x, weight) or _applies_cuda(x, weight)
+
+
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    """F.linear(x, weight) without bias: through the operator where it applies, else torch."""
+    if applies(x, weight):
+        return _gemv(x, weight)
+    return F.linear(x, weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) implementation for torch.compile and opcheck: the C++ checks, same messages. CUDA
+# tensors get the CUDA kernel's rules (csrc/cuda_gemv.cpp), anything else the CPU's
+# (csrc/cpu_gemv.cpp), as the dispatcher would choose.
+
+
+def _check_shapes(x: Tensor, weight: Tensor) -> None:
+    if weight.dim() != 2:
+        raise ValueError(
+            f"gemv: expected weight of 2 dims [out, in], got shape {list(weight.shape)}"
+        )
+    if x.dim() < 1:
+        raise ValueError(f"gemv: expected x of at least 1 dim [..., in], got shape {list(x.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"gemv: expected x [..., {weight.shape[1]}] (weight's in = weight.size(1)), got x of "
+            f"shape {list(x.shape)} for weight of shape {list(weight.shape)}"
+        )
+
+
+def _check_cpu(x: Tensor, weight: Tensor) -> None:
+    for name, t in (("x", x), ("weight", weight)):
+        if t.dtype != torch.float32:
+            raise ValueError(f"gemv: expected {name} of dtype torch.float32, got {t.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"gemv: expected weight on {x.device} (x's device), got {weight.device}")
+    _check_shapes(x, weight)
+    out = weight.shape[0]
+    if not (weight.is_contiguous() or weight.stride() == (1, max(out, 1))):
+        raise ValueError(
+            "gemv: expected weight [out, in] contiguous (strides [in, 1]) or the transposed view "
+            "of a contiguous [in, out] matrix (strides [1, out]), got strides "
+            f"{list(weight.stride())} for shape {list(weight.shape)}"
+        )
+
+
+def _check_cuda(x: Tensor, weight: Tensor) -> None:
+    if x.device.type != "cuda":
+        raise ValueError(
+            f"gemv: expected x on a CUDA device (weight is on {weight.device}), got {x.device}"
+        )
+    if weight.device != x.device:
+        raise ValueError(f"gemv: expected weight on {x.device} (x's device), got {weight.device}")
+    if x.dtype not in _CUDA_DTYPES:
+        raise ValueError(
+            "gemv: expected x of dtype torch.float32, torch.float16 or torch.bfloat16 on CUDA, "
+            f"got {x.dtype}"
+        )
+    if weight.dtype != x.dtype:
+        raise ValueError(
+            f"gemv: expected weight of dtype {x.dtype} (x's dtype), got {weight.dtype}"
+        )
+    _check_shapes(x, weight)
+    if not weight.is_contiguous():
+        raise ValueError(
+            "gemv: expected a contiguous weight [out, in] (strides [in, 1]) on CUDA, got strides "
+            f"{list(weight.stride())} for shape {list(weight.shape)}"
+        )
+    rows = math.prod(x.shape[:-1])
+    if rows > MAX_ROWS:
+        raise ValueError(
+            f"gemv: expected at most {MAX_ROWS} rows of x on CUDA (x.numel() / in), got {rows} "
+            f"(x of shape {list(x.shape)}); use F.linear for more"
+        )
+
+
+@torch.library.register_fake("toyllm::gemv")
+def _gemv_fake(x: Tensor, weight: Tensor) -> Tensor:
+    if x.device.type == "cuda" or weight.device.type == "cuda":
+        _check_cuda(x, weight)
+    else:
+        _check_cpu(x, weight)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

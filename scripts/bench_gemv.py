@@ -1,0 +1,197 @@
+"""Benchmark of the decode GEMV: toyllm::gemv (csrc/gemv.cu) against F.linear (cuBLAS) on the
+weight shapes of a Llama-1B decode step, with a device-to-device copy as the bandwidth ceiling,
+all measured in one run on one GPU.
+
+    python scripts/bench_gemv.py [--json out/bench_gemv.json] [--rows 1,4] [--reps 20]
+
+Shapes (bf16 by default): the fused q/k/v [3072, 2048], o_proj [2048, 2048], the fused
+gate/up [16384, 2048], down [2048, 8192] and lm_head [128256, 2048], at 1 and 4 rows of x. Each
+method is timed as the GPU time per call over a CUDA graph of --graph-calls calls (no launch
+cost; scripts/bench_kv_update.py's timer, median of --reps replays). The calls of one graph
+cycle through enough copies of the weight (>= 256 MiB in all) that no call finds its weight in
+L2 (50-60 MB on an H100/H200), as in a real decode step. GB/s counts the weight bytes read per
+call. The "decode step" rows add up the products of one step of the 16-layer model.
+Exits 0 with a message where there is no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_kv_update's timers
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # engine
+
+LAYERS = 16  # Llama-1B (Llama-3.2-1B: hidden 2048, 16 layers, MLP 8192, vocab 128256)
+SHAPES = {  # name: (out, in, calls per decode step)
+    "qkv": (3072, 2048, LAYERS),
+    "o_proj": (2048, 2048, LAYERS),
+    "gate_up": (16384, 2048, LAYERS),
+    "down": (2048, 8192, LAYERS),
+    "lm_head": (128256, 2048, 1),
+}
+L2_FLUSH_BYTES = 256 * 2**20  # weights per graph, at least: well past any L2
+
+
+@dataclass
+class Row:
+    shape: str
+    out: int
+    inp: int
+    rows: int
+    weight_bytes: int
+    ours_us: float
+    cublas_us: float
+    ours_gb_per_s: float
+    cublas_gb_per_s: float
+    speedup: float
+    max_diff_ulps: float  # ours vs cuBLAS, in ulps of the dtype at cuBLAS's value
+
+
+def max_diff_ulps(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest |ours - ref| in units of the dtype's spacing at |ref|."""
+    ref64 = ref.double()
+    _, e = torch.frexp(ref64)
+    mantissa = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[ref.dtype]
+    spacing = torch.exp2((e - 1 - mantissa).double().clamp_min(-126 - mantissa))
+    return ((ours.double() - ref64).abs() / spacing).max().item()
+
+
+def measure(name: str, rows: int, dtype: torch.dtype, graph_calls: int, reps: int) -> Row:
+    from bench_kv_update import time_graph
+
+    out, inp, _ = SHAPES[name]
+    element = torch.finfo(dtype).bits // 8
+    weight_bytes = out * inp * element
+    copies = max(1, min(graph_calls, math.ceil(L2_FLUSH_BYTES / weight_bytes)))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weights = [
+        (torch.randn(out, inp, generator=gen, device="cuda") * inp**-0.5).to(dtype)
+        for _ in range(copies)
+    ]
+    x = torch.randn(rows, inp, generator=gen, device="cuda").to(dtype)
+    gemv = torch.ops.toyllm.gemv.default
+    ours_y, ref_y = gemv(x, weights[0]), F.linear(x, weights[0])
+    diff = max_diff_ulps(ours_y, ref_y)
+
+    def calls(fn):
+        state = {"i": 0}
+
+        def one() -> None:  # each captured call reads the next copy of the weight
+            fn(x, weights[state["i"] % copies])
+            state["i"] += 1
+
+        return one
+
+    ours = time_graph(calls(gemv), graph_calls, reps)
+    cublas = time_graph(calls(F.linear), graph_calls, reps)
+    return Row(name, out, inp, rows, weight_bytes, ours, cublas, weight_bytes / ours / 1e3,
+               weight_bytes / cublas / 1e3, cublas / ours, diff)
+
+
+def run(rows_list: list[int], dtype: torch.dtype, graph_calls: int, reps: int) -> dict:
+    from bench_kv_update import copy_ceiling_gb_per_s
+
+    ceiling, ceiling_bytes = copy_ceiling_gb_per_s(200)
+    rows = []
+    for r in rows_list:
+        for name in SHAPES:
+            rows.append(measure(name, r, dtype, graph_calls, reps))
+            torch.cuda.empty_cache()  # the last shape's weight copies
+    steps = {}
+    for r in rows_list:
+        mine = [row for row in rows if row.rows == r]
+        steps[r] = {
+            "weight_bytes": sum(row.weight_bytes * SHAPES[row.shape][2] for row in mine),
+            "ours_us": sum(row.ours_us * SHAPES[row.shape][2] for row in mine),
+            "cublas_us": sum(row.cublas_us * SHAPES[row.shape][2] for row in mine),
+        }
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "dtype": str(dtype).removeprefix("torch."),
+        "graph_calls": graph_calls,
+        "copy_ceiling": {"bytes": ceiling_bytes, "gb_per_s": ceiling},
+        "rows": [asdict(r) for r in rows],
+        "decode_step": {str(k): v for k, v in steps.items()},
+    }
+
+
+def print_table(result: dict) -> None:
+    ceiling = result["copy_ceiling"]["gb_per_s"]
+    print(
+        f"decode GEMV on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}), "
+        f"{result['dtype']}, GPU time per call over a CUDA graph of {result['graph_calls']} "
+        f"calls; copy ceiling {ceiling:.0f} GB/s (1 GiB device-to-device, read+write)"
+    )
+    headers = ["shape", "[out, in]", "rows", "weight", "ours us", "cuBLAS us", "ours GB/s",
+               "cuBLAS GB/s", "ours % copy", "x cuBLAS", "max diff"]
+    body = []
+    for r in result["rows"]:
+        body.append([r["shape"], f"[{r['out']}, {r['inp']}]", str(r["rows"]),
+                     f"{r['weight_bytes'] / 2**20:.1f} MiB", f"{r['ours_us']:.2f}",
+                     f"{r['cublas_us']:.2f}", f"{r['ours_gb_per_s']:.0f}",
+                     f"{r['cublas_gb_per_s']:.0f}", f"{100 * r['ours_gb_per_s'] / ceiling:.0f}%",
+                     f"{r['speedup']:.2f}", f"{r['max_diff_ulps']:.1f} ulp"])
+    for rows, s in result["decode_step"].items():
+        ours_gbs = s["weight_bytes"] / s["ours_us"] / 1e3
+        cublas_gbs = s["weight_bytes"] / s["cublas_us"] / 1e3
+        body.append([f"decode step ({LAYERS} layers + lm_head)", "", rows,
+                     f"{s['weight_bytes'] / 2**20:.0f} MiB", f"{s['ours_us']:.1f}",
+                     f"{s['cublas_us']:.1f}", f"{ours_gbs:.0f}", f"{cublas_gbs:.0f}",
+                     f"{100 * ours_gbs / ceiling:.0f}%", f"{s['cublas_us'] / s['ours_us']:.2f}",
+                     ""])
+    widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(headers)]
+    print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
+    for row in body:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--rows", default="1,4", help="comma-separated rows of x (1 to 4)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--reps", type=int, default=20, help="timed graph replays (median)")
+    parser.add_argument("--graph-calls", type=int, default=64, help="calls per CUDA graph")
+    args = parser.parse_args(argv)
+    try:
+        rows_list = [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        parser.error(f"--rows: expected comma-separated integers like 1,4, got {args.rows!r}")
+    if not all(1 <= r <= 4 for r in rows_list):
+        parser.error(f"--rows: expected values from 1 to 4, got {args.rows!r}")
+
+    if not torch.cuda.is_available():
+        print("bench_gemv: needs a CUDA GPU (torch.cuda.is_available() is False); nothing "
+              "measured.")
+        return 0
+    try:
+        from engine.kv_cache import WITH_CUDA
+    except ImportError as exc:
+        print(f"bench_gemv: {exc}", file=sys.stderr)
+        return 2
+    if not WITH_CUDA:
+        print("bench_gemv: engine._C was built without CUDA; rebuild on this machine with "
+              "pip install --no-build-isolation -e .", file=sys.stderr)
+        return 2
+
+    result = run(rows_list, getattr(torch, args.dtype), args.graph_calls, args.reps)
+    print_table(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
