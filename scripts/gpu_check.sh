@@ -91,7 +91,8 @@ if want sanitizer; then
     for tool in memcheck racecheck; do
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 TOYLLM_TEST_NO_CUDNN_SDPA=1 stage "sanitizer_$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 2000 \
             $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_kv_cache_spec.py \
-            tests/test_decode_attention.py tests/test_fused_ops.py -k "not graph and not compile"
+            tests/test_decode_attention.py tests/test_fused_ops.py tests/test_cuda_gemv.py \
+            -k "not graph and not compile and not model"
     done
 fi
 if want generate; then
@@ -104,6 +105,7 @@ if want bench; then
     stage bench_kv_update $PY scripts/bench_kv_update.py --json "$OUT/bench_kv_update.json"
     stage bench_decode_attention $PY scripts/bench_decode_attention.py \
         --json "$OUT/bench_decode_attention.json"
+    stage bench_gemv $PY scripts/bench_gemv.py --json "$OUT/bench_gemv.json"
     stage bench_decode toyllm bench ${BENCH_ARGS:-} --json "$OUT/bench_decode.json"
 fi
 if want profile; then
