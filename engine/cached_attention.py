@@ -22,7 +22,7 @@ from torch import Tensor
 
 from engine.kv_cache import KVCache, kv_update
 
-# Where the decode-attention kernel beats SDPA with a length mask (scripts/bench_decode_attention.py,
+# Where the decode-attention kernel beats SDPA with a length mask (bench_decode_attention.py,
 # NVIDIA H200, 2026-11-27, bf16, 32 query / 8 KV heads of 64, half the rows at half length):
 # 7.9 vs 10.7 us at 1 x 128 keys, 19.8 vs 68 at 1 x 4096, 40.7 vs 68.5 at 4 x 4096, 111 vs 130 at
 # 8 x 8192; not at 16 x 4096 (88 vs 72): there it is bound by the CUDA-core instructions per
