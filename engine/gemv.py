@@ -14,8 +14,9 @@ weight once; they are bound by how fast the weights stream from memory. The oper
   once to the dtype (within 1 ulp of cuBLAS's fp32-accumulated result). It replaces cuBLAS's
   GEMV and split-K reduce kernels of a decode step (scripts/bench_gemv.py measures both).
 
-``linear(x, weight)`` uses it where it applies: at most ``MAX_ROWS`` rows (prefill's many rows
-stay with MKL's / cuBLAS's matrix-matrix kernels), no autograd graph to record (the operator has
+``linear(x, weight)`` uses it where it applies: at most ``MAX_ROWS`` rows on the CPU and
+``CUDA_MAX_ROWS`` on CUDA, where it beats cuBLAS (prefill's many rows stay with MKL's / cuBLAS's
+matrix-matrix kernels), no autograd graph to record (the operator has
 no backward), and per device a switch read once, at import: ``TOYLLM_CPU_GEMV=0`` sends the CPU
 products back to MKL, ``TOYLLM_CUDA_GEMV=0`` the CUDA ones back to cuBLAS.
 
@@ -44,7 +45,8 @@ if not hasattr(torch.ops.toyllm, "gemv"):
         "root with: pip install --no-build-isolation -e ."
     )
 
-__all__ = ["CPU_ENABLED", "CUDA_AVAILABLE", "CUDA_ENABLED", "MAX_ROWS", "applies", "linear"]
+__all__ = ["CPU_ENABLED", "CUDA_AVAILABLE", "CUDA_ENABLED", "CUDA_MAX_ROWS", "MAX_ROWS", "applies",
+           "linear"]
 
 #: False when the environment sets TOYLLM_CPU_GEMV=0 (to compare against MKL).
 CPU_ENABLED: bool = os.environ.get("TOYLLM_CPU_GEMV", "1") != "0"
@@ -54,6 +56,11 @@ CUDA_ENABLED: bool = os.environ.get("TOYLLM_CUDA_GEMV", "1") != "0"
 CUDA_AVAILABLE: bool = WITH_CUDA and CUDA_ENABLED
 #: Products with more rows than this (prefill) go to MKL / cuBLAS; the CUDA kernel takes no more.
 MAX_ROWS = 4
+#: ``linear`` hands CUDA products to the kernel up to this many rows. scripts/bench_gemv.py
+#: (NVIDIA H200, 2026-11-27, Llama-1B's bf16 shapes): at 1 row a decode step's products take
+#: 697 us against cuBLAS's 847 (1.22x; 1.08-1.47x per shape), at 4 rows 1050 against 844
+#: (0.80x: four fp32 accumulators per lane slow the loop down), so batches go to cuBLAS.
+CUDA_MAX_ROWS = 1
 
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -70,6 +77,8 @@ def _applies_cpu(x: Tensor, weight: Tensor) -> bool:
 
 def _applies_cuda(x: Tensor, weight: Tensor) -> bool:
     if not CUDA_AVAILABLE or not x.is_cuda or weight.device != x.device:
+        return False
+    if x.numel() > CUDA_MAX_ROWS * x.shape[-1]:
         return False
     if x.dtype not in _CUDA_DTYPES or weight.dtype != x.dtype:
         return False
