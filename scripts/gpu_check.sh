@@ -84,7 +84,7 @@ if want check; then
     stage check_gpu toyllm check --device cuda --dtypes fp32,fp16,bf16 --json "$OUT/check_gpu.json"
 fi
 if want probe; then
-    stage probe_rounding $PY scripts/probe_decode_rounding.py ${PROBE_ARGS:-} \
+    stage probe_rounding $PY scripts/probe_decode_rounding.py ${PROBE_ARGS:---backends default,flash} \
         --json "$OUT/probe_rounding.json"
 fi
 if want sanitizer; then
