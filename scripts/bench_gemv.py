@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_gemv: needs a CUDA GPU (torch.cuda.is_available() is False); nothing "
               "measured.")
-        return 0
+        return 2
     try:
         from engine.kv_cache import WITH_CUDA
     except ImportError as exc:

@@ -30,6 +30,10 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=16)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("profile_decode: needs a CUDA GPU (torch.cuda.is_available() is False); nothing "
+              "profiled.")
+        return 2
     device = torch.device("cuda")
     model = build_model(load_config(ROOT / "configs" / f"{args.model}.toml"), device=device,
                         dtype=resolve_dtype(args.dtype, device))
