@@ -11,7 +11,7 @@ cost; scripts/bench_kv_update.py's timer, median of --reps replays). The calls o
 cycle through enough copies of the weight (>= 256 MiB in all) that no call finds its weight in
 L2 (50-60 MB on an H100/H200), as in a real decode step. GB/s counts the weight bytes read per
 call. The "decode step" rows add up the products of one step of the 16-layer model.
-Exits 0 with a message where there is no GPU.
+Exits with status 2 and a one-line message where there is no GPU.
 """
 
 from __future__ import annotations
