@@ -8,6 +8,7 @@
 
 #include "fused_kernels.cuh"
 #include "float_convert.cuh"
+#include "vector_pack.cuh"
 
 namespace toyllm {
 namespace {
@@ -16,18 +17,6 @@ constexpr int kWarp = 32;
 constexpr int kMaxNormThreads = 1024;           // threads per RMSNorm block (one row), at most
 constexpr int kThreads = 256;                   // threads per block of RoPE and silu * up
 constexpr int64_t kMaxGrid = int64_t{1} << 20;  // blocks per launch (grid-stride past that)
-
-// N elements loaded or stored as one access (16 bytes when N * sizeof(T) == 16).
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-    T v[N];
-};
-
-// Elements of T per 16-byte access.
-template <typename T>
-constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 int64_t grid_for(int64_t work, int64_t per_block) {
     return std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, kMaxGrid));

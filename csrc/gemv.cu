@@ -31,6 +31,7 @@
 
 #include "float_convert.cuh"
 #include "gemv.cuh"
+#include "vector_pack.cuh"
 
 namespace toyllm {
 namespace {
@@ -44,21 +45,9 @@ constexpr int kThreads = kWarps * kWarp;
 constexpr int kMinBlocksPerSm = 5;
 constexpr int64_t kMaxGrid = int64_t{1} << 20;  // blocks per launch (grid-stride past that)
 
-// N elements loaded as one access (16 bytes when N * sizeof(T) == 16).
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-    T v[N];
-};
-
-// Elements of T per 16-byte access.
-template <typename T>
-constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
-
 // Loads of W each thread issues before it uses the first: 8 x 16 bytes, or 16 single elements.
 template <int N>
 constexpr int kUnroll = N == 1 ? 16 : 8;
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // One pack of W with the streaming cache hint (ld.global.cs): W is read once per call, so its
 // lines go first and x keeps its place in L1.
