@@ -31,6 +31,7 @@
 #endif
 
 #include "dtype_names.h"
+#include "gemv_args.h"
 
 namespace toyllm {
 namespace {
@@ -197,13 +198,7 @@ void check_gemv_args(const at::Tensor& x, const at::Tensor& weight) {
     TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat,
                       "gemv: expected weight of dtype torch.float32, got ",
                       dtype_name(weight.scalar_type()));
-    TORCH_CHECK_VALUE(weight.dim() == 2, "gemv: expected weight of 2 dims [out, in], got shape ",
-                      weight.sizes());
-    TORCH_CHECK_VALUE(x.dim() >= 1, "gemv: expected x of at least 1 dim [..., in], got shape ",
-                      x.sizes());
-    TORCH_CHECK_VALUE(x.size(-1) == weight.size(1), "gemv: expected x [..., ", weight.size(1),
-                      "] (weight's in = weight.size(1)), got x of shape ", x.sizes(),
-                      " for weight of shape ", weight.sizes());
+    check_gemv_shapes(x, weight);
     const bool row_major = weight.is_contiguous();
     const bool input_major =
         weight.stride(0) == 1 && weight.stride(1) == std::max<int64_t>(weight.size(0), 1);

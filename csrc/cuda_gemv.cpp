@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "dtype_names.h"
+#include "gemv_args.h"
 #include "gemv.cuh"
 
 namespace toyllm {
@@ -57,13 +58,7 @@ void check_gemv_cuda_args(const at::Tensor& x, const at::Tensor& weight) {
     TORCH_CHECK_VALUE(weight.scalar_type() == x.scalar_type(), "gemv: expected weight of dtype ",
                       dtype_name(x.scalar_type()), " (x's dtype), got ",
                       dtype_name(weight.scalar_type()));
-    TORCH_CHECK_VALUE(weight.dim() == 2, "gemv: expected weight of 2 dims [out, in], got shape ",
-                      weight.sizes());
-    TORCH_CHECK_VALUE(x.dim() >= 1, "gemv: expected x of at least 1 dim [..., in], got shape ",
-                      x.sizes());
-    TORCH_CHECK_VALUE(x.size(-1) == weight.size(1), "gemv: expected x [..., ", weight.size(1),
-                      "] (weight's in = weight.size(1)), got x of shape ", x.sizes(),
-                      " for weight of shape ", weight.sizes());
+    check_gemv_shapes(x, weight);
     TORCH_CHECK_VALUE(weight.is_contiguous(),
                       "gemv: expected a contiguous weight [out, in] (strides [in, 1]) on CUDA, "
                       "got strides ",
