@@ -248,6 +248,20 @@ bool rounding_reverse() {
     return value == "1";
 }
 
+// Pass 1 on tensor cores where it applies (decode_attention.cuh), unless TOYLLM_DECODE_MMA is
+// 0 (to compare the two implementations; anything but 0 or 1 is an error).
+bool tensor_cores_wanted() {
+    const char* env = std::getenv("TOYLLM_DECODE_MMA");
+    if (env == nullptr || *env == '\0') {
+        return true;
+    }
+    const std::string value(env);
+    TORCH_CHECK_VALUE(value == "0" || value == "1",
+                      "decode_attention: expected TOYLLM_DECODE_MMA to be 0 or 1, got '", value,
+                      "'");
+    return value == "1";
+}
+
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& seq_lens,
                                  double scale) {
@@ -261,10 +275,19 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
     const int64_t max_seq_len = k_cache.size(1);
     const int64_t num_kv_heads = k_cache.size(2);
 
+    AttentionDtype dtype = AttentionDtype::kFloat32;
+    if (q.scalar_type() == at::kHalf) {
+        dtype = AttentionDtype::kFloat16;
+    } else if (q.scalar_type() == at::kBFloat16) {
+        dtype = AttentionDtype::kBFloat16;
+    }
+    const bool aligned = reinterpret_cast<uintptr_t>(k_cache.const_data_ptr()) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(v_cache.const_data_ptr()) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 4 == 0;
     const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const DecodeAttentionPlan plan =
-        plan_decode_attention(batch, num_q_heads, num_kv_heads, max_seq_len, sm_count,
-                              rounding_tile(head_dim), rounding_reverse());
+    const DecodeAttentionPlan plan = plan_decode_attention(
+        batch, num_q_heads, num_kv_heads, head_dim, max_seq_len, dtype, aligned, sm_count,
+        rounding_tile(head_dim), rounding_reverse(), tensor_cores_wanted());
     // Scratch for the split pass: sizes depend on shapes only, so a captured graph keeps them.
     const auto float_options = q.options().dtype(at::kFloat);
     at::Tensor partial_out = at::empty(
@@ -274,12 +297,6 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
     const int64_t stat_floats = decode_attention_partial_stat_floats(plan, batch, num_q_heads);
     at::Tensor out = at::empty_like(q);
 
-    AttentionDtype dtype = AttentionDtype::kFloat32;
-    if (q.scalar_type() == at::kHalf) {
-        dtype = AttentionDtype::kFloat16;
-    } else if (q.scalar_type() == at::kBFloat16) {
-        dtype = AttentionDtype::kBFloat16;
-    }
     float* stats = plan.num_splits > 1 ? partial_stats.data_ptr<float>() : nullptr;
     const cudaError_t err = launch_decode_attention(
         q.const_data_ptr(), k_cache.const_data_ptr(), v_cache.const_data_ptr(),

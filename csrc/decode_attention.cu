@@ -1,5 +1,6 @@
 // Host side of decode attention over the KV cache: the split plan, the launchers and the
-// dtype/vector-width dispatch; the kernels are in decode_attention_kernels.cuh, the contract in
+// dtype/vector-width dispatch; the kernels are in decode_attention_kernels.cuh (CUDA cores, and
+// the combine pass) and decode_attention_mma.cuh (tensor cores), the contract in
 // decode_attention.cuh.
 #include <algorithm>
 #include <atomic>
@@ -7,6 +8,7 @@
 
 #include "decode_attention.cuh"
 #include "decode_attention_kernels.cuh"
+#include "decode_attention_mma.cuh"
 
 namespace toyllm {
 namespace {
@@ -36,36 +38,61 @@ struct LaunchArgs {
     cudaStream_t stream;
 };
 
+// Lets `kernel` use `smem` bytes of dynamic shared memory. Above 48 KiB a kernel must opt in,
+// per device: once per device (bit d of `opted_in` for device d < 64), to the device's limit,
+// so that no later launch (a CUDA-graph capture, say) has to.
+template <typename Kernel>
+cudaError_t allow_shared_memory(Kernel* kernel, int64_t smem, std::atomic<uint64_t>& opted_in) {
+    if (smem <= 48 * 1024) {
+        return cudaSuccess;
+    }
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) {
+        return err;
+    }
+    const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+    if (bit != 0 && (opted_in.load() & bit) != 0) {
+        return cudaSuccess;
+    }
+    int limit = 0;
+    err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err != cudaSuccess) {
+        return err;
+    }
+    if (smem > limit) {
+        return cudaErrorInvalidValue;
+    }
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
+    if (err != cudaSuccess) {
+        return err;
+    }
+    opted_in.fetch_or(bit);
+    return cudaSuccess;
+}
+
+// Pass 2, when there is more than one chunk.
+template <typename T>
+void launch_combine(const LaunchArgs& a) {
+    if (a.plan.num_splits > 1) {
+        const dim3 combine_grid(static_cast<unsigned>(a.num_q_heads),
+                                static_cast<unsigned>(a.batch));
+        decode_attention_combine_kernel<T><<<combine_grid, kCombineThreads, 0, a.stream>>>(
+            a.partial_out, a.partial_max, a.partial_sum, static_cast<T*>(a.out),
+            static_cast<int>(a.num_q_heads), static_cast<int>(a.head_dim),
+            static_cast<int>(a.plan.num_splits), a.scale_log2);
+    }
+}
+
 template <typename T, int VecBytes, int Tile>
 cudaError_t launch_typed(const LaunchArgs& a) {
     const int64_t stages = stages_for(a.head_dim, Tile, sizeof(T));
     const int64_t smem = split_smem_bytes(a.head_dim, Tile, stages, sizeof(T));
     auto* kernel = decode_attention_split_kernel<T, VecBytes, Tile>;
-    if (smem > 48 * 1024) {
-        // Above 48 KiB a kernel must opt in, per device: once per device, to the device's
-        // limit, so that no later launch (a CUDA-graph capture, say) has to.
-        static std::atomic<uint64_t> opted_in{0};  // bit d: done on device d (d < 64)
-        int device = 0;
-        cudaError_t err = cudaGetDevice(&device);
-        if (err != cudaSuccess) {
-            return err;
-        }
-        const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
-        if (bit == 0 || (opted_in.load() & bit) == 0) {
-            int limit = 0;
-            err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-            if (err != cudaSuccess) {
-                return err;
-            }
-            if (smem > limit) {
-                return cudaErrorInvalidValue;
-            }
-            err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
-            if (err != cudaSuccess) {
-                return err;
-            }
-            opted_in.fetch_or(bit);
-        }
+    static std::atomic<uint64_t> opted_in{0};
+    const cudaError_t err = allow_shared_memory(kernel, smem, opted_in);
+    if (err != cudaSuccess) {
+        return err;
     }
     const dim3 grid(static_cast<unsigned>(a.plan.num_splits),
                     static_cast<unsigned>(a.num_kv_heads * a.plan.head_blocks),
@@ -77,15 +104,41 @@ cudaError_t launch_typed(const LaunchArgs& a) {
         static_cast<int>(a.num_kv_heads), static_cast<int>(a.head_dim), a.max_seq_len,
         static_cast<int>(a.plan.num_splits), static_cast<int>(a.plan.head_blocks), a.scale_log2,
         a.plan.reverse, static_cast<int>(stages));
-    if (a.plan.num_splits > 1) {
-        const dim3 combine_grid(static_cast<unsigned>(a.num_q_heads),
-                                static_cast<unsigned>(a.batch));
-        decode_attention_combine_kernel<T><<<combine_grid, kCombineThreads, 0, a.stream>>>(
-            a.partial_out, a.partial_max, a.partial_sum, static_cast<T*>(a.out),
-            static_cast<int>(a.num_q_heads), static_cast<int>(a.head_dim),
-            static_cast<int>(a.plan.num_splits), a.scale_log2);
-    }
+    launch_combine<T>(a);
     return cudaGetLastError();
+}
+
+// Pass 1 on tensor cores (decode_attention_mma.cuh), then pass 2.
+template <typename T, int HeadDim, int Tile>
+cudaError_t launch_mma(const LaunchArgs& a) {
+    namespace mma = decode_attention_mma;
+    const int64_t smem = mma::mma_smem_bytes(HeadDim, Tile);
+    auto* kernel = mma::decode_attention_mma_kernel<T, HeadDim, Tile>;
+    static std::atomic<uint64_t> opted_in{0};
+    const cudaError_t err = allow_shared_memory(kernel, smem, opted_in);
+    if (err != cudaSuccess) {
+        return err;
+    }
+    const dim3 grid(static_cast<unsigned>(a.plan.num_splits),
+                    static_cast<unsigned>(a.num_kv_heads * a.plan.head_blocks),
+                    static_cast<unsigned>(a.batch));
+    kernel<<<grid, mma::kThreads, static_cast<size_t>(smem), a.stream>>>(
+        static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
+        static_cast<const T*>(a.v_cache), a.seq_lens, static_cast<T*>(a.out), a.partial_out,
+        a.partial_max, a.partial_sum, static_cast<int>(a.num_q_heads),
+        static_cast<int>(a.num_kv_heads), a.max_seq_len, static_cast<int>(a.plan.num_splits),
+        static_cast<int>(a.plan.head_blocks), a.scale_log2, a.plan.reverse);
+    launch_combine<T>(a);
+    return cudaGetLastError();
+}
+
+// The tensor-core instantiations: (head_dim, tile) in (64, 64), (64, 128), (128, 64).
+template <typename T>
+cudaError_t launch_mma_for_shape(const LaunchArgs& a) {
+    if (a.head_dim == 64) {
+        return a.plan.tile == 128 ? launch_mma<T, 64, 128>(a) : launch_mma<T, 64, 64>(a);
+    }
+    return launch_mma<T, 128, 64>(a);
 }
 
 // The tile: the plan's, unless one stage of 128-key K/V tiles would not fit in shared memory
@@ -123,21 +176,41 @@ cudaError_t launch_for_dtype(const LaunchArgs& a) {
 
 }  // namespace
 
+bool decode_attention_tensor_cores_apply(AttentionDtype dtype, int64_t head_dim, int64_t tile,
+                                         bool aligned) {
+    return dtype != AttentionDtype::kFloat32 && (head_dim == 64 || head_dim == 128) &&
+           (tile == 64 || tile == 128) && tile * head_dim <= 8192 && aligned;
+}
+
 DecodeAttentionPlan plan_decode_attention(int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
-                                          int64_t max_seq_len, int sm_count, int64_t tile,
-                                          bool reverse) {
-    DecodeAttentionPlan plan{1, tile, 1, reverse};
+                                          int64_t head_dim, int64_t max_seq_len,
+                                          AttentionDtype dtype, bool aligned, int sm_count,
+                                          int64_t tile, bool reverse, bool tensor_cores) {
+    DecodeAttentionPlan plan{1, tile, 1, reverse, false};
     if (batch < 1 || num_q_heads < 1 || num_kv_heads < 1 || max_seq_len < 1 || tile < 1) {
         return plan;
     }
     const int64_t group = std::max<int64_t>(num_q_heads / num_kv_heads, 1);
+    const int64_t most_tiles = (max_seq_len + tile - 1) / tile;
+    if (tensor_cores && decode_attention_tensor_cores_apply(dtype, head_dim, tile, aligned)) {
+        // One block per SM (its tile buffers take most of the SM's shared memory) with a tile
+        // per warp at a time: about two waves in all, but no chunk shorter than a tile per warp
+        // while the cache has that many, so a short cache is one chunk and needs no pass 2.
+        namespace mma = decode_attention_mma;
+        plan.tensor_cores = true;
+        plan.head_blocks = (group + mma::kRows - 1) / mma::kRows;
+        const int64_t blocks_per_split = batch * num_kv_heads * plan.head_blocks;
+        const int64_t target = (2 * std::max(sm_count, 1) + blocks_per_split - 1) / blocks_per_split;
+        const int64_t most = (most_tiles + mma::kWarps - 1) / mma::kWarps;
+        plan.num_splits = std::max<int64_t>(1, std::min(target, most));
+        return plan;
+    }
     plan.head_blocks = (group + kHeads - 1) / kHeads;
     // About two blocks per SM in all, but never more chunks than the cache has tiles. The
     // chunks of a row share its actual tiles on the device, so a short row leaves the rest idle.
     const int64_t blocks_per_split = batch * num_kv_heads * plan.head_blocks;
     const int64_t target = (2 * std::max(sm_count, 1) + blocks_per_split - 1) / blocks_per_split;
-    const int64_t most = (max_seq_len + tile - 1) / tile;
-    plan.num_splits = std::max<int64_t>(1, std::min(target, most));
+    plan.num_splits = std::max<int64_t>(1, std::min(target, most_tiles));
     return plan;
 }
 
@@ -167,7 +240,15 @@ cudaError_t launch_decode_attention(const void* q, const void* k_cache, const vo
     if (batch > 65535 || num_kv_heads * plan.head_blocks > 65535 || num_q_heads > 2147483647 ||
         plan.num_splits < 1 || plan.num_splits > 2147483647 ||
         (plan.tile != 64 && plan.tile != 128) ||
-        plan.head_blocks * kHeads < num_q_heads / num_kv_heads) {
+        plan.head_blocks * (plan.tensor_cores ? decode_attention_mma::kRows : kHeads) <
+            num_q_heads / num_kv_heads) {
+        return cudaErrorInvalidValue;
+    }
+    const bool aligned = (reinterpret_cast<uintptr_t>(k_cache) % 16 == 0) &&
+                         (reinterpret_cast<uintptr_t>(v_cache) % 16 == 0) &&
+                         (reinterpret_cast<uintptr_t>(q) % 4 == 0);
+    if (plan.tensor_cores &&
+        !decode_attention_tensor_cores_apply(dtype, head_dim, plan.tile, aligned)) {
         return cudaErrorInvalidValue;
     }
     if (q == nullptr || k_cache == nullptr || v_cache == nullptr || seq_lens == nullptr ||
@@ -185,9 +266,11 @@ cudaError_t launch_decode_attention(const void* q, const void* k_cache, const vo
         case AttentionDtype::kFloat32:
             return launch_for_dtype<float>(args);
         case AttentionDtype::kFloat16:
-            return launch_for_dtype<__half>(args);
+            return plan.tensor_cores ? launch_mma_for_shape<__half>(args)
+                                     : launch_for_dtype<__half>(args);
         case AttentionDtype::kBFloat16:
-            return launch_for_dtype<__nv_bfloat16>(args);
+            return plan.tensor_cores ? launch_mma_for_shape<__nv_bfloat16>(args)
+                                     : launch_for_dtype<__nv_bfloat16>(args);
     }
     return cudaErrorInvalidValue;
 }

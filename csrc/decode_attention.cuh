@@ -19,6 +19,12 @@
 // and writes an unnormalised partial output with its max and sum; pass 2 combines the chunks of
 // each (b, h) by log-sum-exp. With one chunk pass 1 writes the output and pass 2 is not launched.
 // Grid sizes depend only on shapes (never on seq_lens), so launches are CUDA-graph capturable.
+//
+// Two implementations of pass 1, with the same chunks, tiles and arithmetic: on CUDA cores
+// (every dtype and head_dim, kDecodeAttentionHeadsPerBlock query heads per block) and on tensor
+// cores (decode_attention_mma.cuh: fp16/bf16, head_dim 64 or 128, tile * head_dim <= 8192,
+// 16-byte aligned K/V and 4-byte aligned q; kDecodeAttentionMmaHeadsPerBlock query heads per
+// block, the chunk's tiles cut into one run per warp). The plan says which.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -29,6 +35,7 @@ namespace toyllm {
 
 constexpr int kDecodeAttentionMaxHeadDim = 256;
 constexpr int kDecodeAttentionHeadsPerBlock = 4;
+constexpr int kDecodeAttentionMmaHeadsPerBlock = 16;
 
 enum class AttentionDtype { kFloat32, kFloat16, kBFloat16 };
 
@@ -37,15 +44,24 @@ enum class AttentionDtype { kFloat32, kFloat16, kBFloat16 };
 struct DecodeAttentionPlan {
     int64_t num_splits;   // chunks of each row's keys (1: no combine pass)
     int64_t tile;         // keys per tile: 64 or 128
-    int64_t head_blocks;  // blocks per KV head, each for up to kDecodeAttentionHeadsPerBlock q heads
+    int64_t head_blocks;  // blocks per KV head, each for up to 4 (16 on tensor cores) q heads
     bool reverse;         // walk a chunk's tiles last to first
+    bool tensor_cores;    // pass 1 on tensor cores (decode_attention_mma.cuh)
 };
 
+// True when the tensor-core pass 1 can take these shapes: fp16/bf16, head_dim 64 or 128,
+// tile * head_dim <= 8192 and `aligned` (K/V 16-byte, q 4-byte aligned).
+bool decode_attention_tensor_cores_apply(AttentionDtype dtype, int64_t head_dim, int64_t tile,
+                                         bool aligned);
+
 // Plans the split for `sm_count` multiprocessors: about two blocks per SM in all when the
-// cache holds enough tiles. `tile` must be 64 or 128.
+// cache holds enough tiles (on tensor cores, one block per SM, each with a tile per warp).
+// `tile` must be 64 or 128; `tensor_cores` asks for the tensor-core pass, which the plan takes
+// where decode_attention_tensor_cores_apply says it can.
 DecodeAttentionPlan plan_decode_attention(int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
-                                          int64_t max_seq_len, int sm_count, int64_t tile,
-                                          bool reverse);
+                                          int64_t head_dim, int64_t max_seq_len,
+                                          AttentionDtype dtype, bool aligned, int sm_count,
+                                          int64_t tile, bool reverse, bool tensor_cores);
 
 // Scratch sizes in floats for a plan (0 when num_splits == 1).
 int64_t decode_attention_partial_out_floats(const DecodeAttentionPlan& plan, int64_t batch,
@@ -56,7 +72,8 @@ int64_t decode_attention_partial_stat_floats(const DecodeAttentionPlan& plan, in
 // NOTE: seq_lens[b] is clamped to [0, max_seq_len] on the device (the host cannot check it
 // without a sync); a sequence with seq_lens[b] == 0 gets an all-zero output.
 // Returns cudaErrorInvalidValue for bad sizes (head_dim outside [1, 256], num_q_heads not a
-// multiple of num_kv_heads, a tile other than 64 or 128, ...), otherwise cudaGetLastError()
+// multiple of num_kv_heads, a tile other than 64 or 128, a tensor-core plan for shapes it does
+// not apply to, ...), otherwise cudaGetLastError()
 // after the launches.
 cudaError_t launch_decode_attention(
     const void* q,            // [batch, num_q_heads, head_dim]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from engine.cached_attention import DECODE_KERNEL_MAX_ROWS
+from engine.cached_attention import decode_kernel_max_rows
 from engine.generate import Engine
 from engine.reference import reference_logits
 from engine.sampling import SamplingParams
@@ -204,8 +204,8 @@ def bench_model(
     engines = {"toyllm eager": dict(cuda_graph=False)}
     if on_gpu:
         engines["toyllm graph"] = dict(cuda_graph=True)
-        # the same graph with masked SDPA instead of the decode-attention kernel (batch 1 only:
-        # above DECODE_KERNEL_MAX_ROWS rows the engine takes SDPA anyway)
+        # the same graph with masked SDPA instead of the decode-attention kernel (where the
+        # engine takes the kernel: decode_kernel_max_rows)
         engines["toyllm graph, SDPA"] = dict(cuda_graph=True, decode_kernel=False)
     contexts = [c for c in args.contexts if c + args.new_tokens <= config.max_seq_len]
     for batch in args.batches:
@@ -217,7 +217,8 @@ def bench_model(
             budget = (wbytes + batch * (ctx + args.new_tokens) * kv_token) / 1e9
             group: list[Row] = []
             for label, kw in engines.items():
-                if label.endswith("SDPA") and batch > DECODE_KERNEL_MAX_ROWS:
+                most = decode_kernel_max_rows(dtype, config.head_dim)
+                if label.endswith("SDPA") and most is not None and batch > most:
                     continue
                 engine = Engine(model, **kw)
                 if on_gpu:

@@ -22,12 +22,15 @@ from torch import Tensor
 
 from engine.kv_cache import KVCache, kv_update
 
-# Where the decode-attention kernel beats SDPA with a length mask (bench_decode_attention.py,
-# NVIDIA H200, 2026-11-27, bf16, 32 query / 8 KV heads of 64, half the rows at half length):
-# 7.9 vs 10.7 us at 1 x 128 keys, 19.8 vs 68 at 1 x 4096, 40.7 vs 68.5 at 4 x 4096, 111 vs 130 at
-# 8 x 8192; not at 16 x 4096 (88 vs 72): there it is bound by the CUDA-core instructions per
-# key, where SDPA's kernels use tensor cores. Above this many rows the step takes SDPA.
+# Rows up to which decode attention takes the extension's kernel rather than SDPA with a length
+# mask, when its pass 1 runs on CUDA cores: above, it lost to SDPA (bench_decode_attention.py,
+# NVIDIA H200, 2026-11-27: 88 vs 72 us at 16 x 4096 keys), bound by the instructions per key.
+# On tensor cores (fp16/bf16 with head_dim 64 or 128) the kernel is taken at every batch size.
+# TOYLLM_DECODE_KERNEL_MAX_ROWS overrides both (to compare against SDPA).
 DECODE_KERNEL_MAX_ROWS = 8
+TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
+TENSOR_CORE_HEAD_DIMS = (64, 128)
+_MAX_ROWS_OVERRIDE = os.environ.get("TOYLLM_DECODE_KERNEL_MAX_ROWS")
 
 
 # On the CPU the operator's fp32 implementation is a plain C++ loop: for a small model's decode
@@ -36,16 +39,29 @@ DECODE_KERNEL_MAX_ROWS = 8
 CPU_DECODE_KERNEL = os.environ.get("TOYLLM_CPU_DECODE_ATTENTION", "1") != "0"
 
 
+def decode_kernel_max_rows(dtype: torch.dtype | None, head_dim: int | None) -> int | None:
+    """Rows up to which the CUDA decode-attention kernel is the faster path; None: any."""
+    if _MAX_ROWS_OVERRIDE is not None:
+        return int(_MAX_ROWS_OVERRIDE)
+    if dtype in TENSOR_CORE_DTYPES and head_dim in TENSOR_CORE_HEAD_DIMS:
+        return None
+    return DECODE_KERNEL_MAX_ROWS
+
+
 def has_decode_attention(device: torch.device, rows: int = 1,
-                         dtype: torch.dtype | None = None) -> bool:
+                         dtype: torch.dtype | None = None, head_dim: int | None = None) -> bool:
     """True when the extension's decode-attention operator is the faster path for `rows`
-    sequences on `device`: the CUDA kernel, or on the CPU its fp32 loop (`dtype` float32; for
-    other dtypes SDPA over in-place views is the faster path there)."""
-    if rows > DECODE_KERNEL_MAX_ROWS or not hasattr(torch.ops.toyllm, "decode_attention"):
+    sequences on `device`: the CUDA kernel (up to decode_kernel_max_rows), or on the CPU its
+    fp32 loop (`dtype` float32; for other dtypes SDPA over in-place views is the faster path
+    there)."""
+    if not hasattr(torch.ops.toyllm, "decode_attention"):
         return False
     if device.type == "cpu":
-        return CPU_DECODE_KERNEL and dtype == torch.float32
-    return device.type == "cuda"
+        return CPU_DECODE_KERNEL and dtype == torch.float32 and rows <= DECODE_KERNEL_MAX_ROWS
+    if device.type != "cuda":
+        return False
+    most = decode_kernel_max_rows(dtype, head_dim)
+    return most is None or rows <= most
 
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
@@ -142,7 +158,7 @@ class DecodeStep:
         kv_update(k_cache, v_cache, k.contiguous(), v.contiguous(), self.positions)
         if self._seq_lens is None:
             self._seq_lens = (self.positions.clamp(min=0) + 1).to(torch.int32)  # keys 0..p_b
-        if self.use_kernel and has_decode_attention(q.device, rows, q.dtype):
+        if self.use_kernel and has_decode_attention(q.device, rows, q.dtype, q.shape[-1]):
             out = torch.ops.toyllm.decode_attention(
                 q.reshape(rows, q.shape[2], q.shape[3]).contiguous(), k_cache, v_cache,
                 self._seq_lens, q.shape[-1] ** -0.5,

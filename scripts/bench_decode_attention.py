@@ -3,7 +3,9 @@ per-row length mask (what the engine uses otherwise), in one run on one GPU.
 
     python scripts/bench_decode_attention.py --json out/bench_decode_attention.json
 
-Both read K/V in place from a [batch, max_seq_len, kv_heads, head_dim] cache. Times are per
+Both read K/V in place from a [batch, max_seq_len, kv_heads, head_dim] cache. "ours" is the
+default (pass 1 on tensor cores where it applies), "cores" the same op with TOYLLM_DECODE_MMA=0
+(pass 1 on CUDA cores), to compare the two in the same run. Times are per
 call inside a CUDA graph of 50 calls (GPU time without launch overhead; bench_kv_update's
 time_graph), median of 5 replays;
 GB/s counts the K/V bytes each call must read (batch x seq_len x kv_heads x head_dim x 2).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from functools import partial
@@ -43,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     dev = torch.device("cuda")
     rows = []
-    print(f"{'shape (b, s, hq, hkv, d)':28} {'ours us':>9} {'sdpa us':>9} {'ours GB/s':>10} "
-          f"{'sdpa GB/s':>10} {'speed-up':>9} {'rel err':>8}")
+    print(f"{'shape (b, s, hq, hkv, d)':28} {'ours us':>9} {'cores us':>9} {'sdpa us':>9} "
+          f"{'ours GB/s':>10} {'sdpa GB/s':>10} {'speed-up':>9} {'rel err':>8} {'cores err':>9}")
     for b, s, hq, hkv, d in SHAPES:
         gen = torch.Generator(device=dev).manual_seed(0)
         kc = torch.randn(b, s, hkv, d, device=dev, dtype=dtype, generator=gen)
@@ -57,13 +60,22 @@ def main(argv: list[str] | None = None) -> int:
         sdpa = partial(grouped_attention, q.unsqueeze(1), kc, vc, allowed)
         err = ((ours().float() - sdpa()[:, 0].float()).norm() / sdpa().float().norm()).item()
         t_ours, t_sdpa = time_graph(ours, 50, 5), time_graph(sdpa, 50, 5)
+        os.environ["TOYLLM_DECODE_MMA"] = "0"
+        try:
+            err_cores = ((ours().float() - sdpa()[:, 0].float()).norm()
+                         / sdpa().float().norm()).item()
+            t_cores = time_graph(ours, 50, 5)
+        finally:
+            del os.environ["TOYLLM_DECODE_MMA"]
         nbytes = 2 * int(lens.sum()) * hkv * d * kc.element_size()
         row = dict(batch=b, seq_len=s, q_heads=hq, kv_heads=hkv, head_dim=d, ours_us=t_ours,
-                   sdpa_us=t_sdpa, ours_gbs=nbytes / t_ours / 1e3, sdpa_gbs=nbytes / t_sdpa / 1e3,
-                   speedup=t_sdpa / t_ours, rel_err=err)
+                   cores_us=t_cores, sdpa_us=t_sdpa, ours_gbs=nbytes / t_ours / 1e3,
+                   sdpa_gbs=nbytes / t_sdpa / 1e3,
+                   speedup=t_sdpa / t_ours, rel_err=err, cores_rel_err=err_cores)
         rows.append(row)
-        print(f"{str((b, s, hq, hkv, d)):28} {t_ours:9.1f} {t_sdpa:9.1f} {row['ours_gbs']:10.0f} "
-              f"{row['sdpa_gbs']:10.0f} {row['speedup']:9.2f} {err:8.1e}")
+        print(f"{str((b, s, hq, hkv, d)):28} {t_ours:9.1f} {t_cores:9.1f} {t_sdpa:9.1f} "
+              f"{row['ours_gbs']:10.0f} {row['sdpa_gbs']:10.0f} {row['speedup']:9.2f} "
+              f"{err:8.1e} {err_cores:9.1e}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({

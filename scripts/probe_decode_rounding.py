@@ -5,7 +5,8 @@ The harness compares the cached engine (prefill through SDPA, decode through
 same low precision. Both round p to the cache dtype before P @ V, against a running max that
 depends on how the kernel tiles the keys. This script runs the bf16/fp16 CUDA cases of the
 harness for every SDPA backend PyTorch has here (put first in the priority list) and every
-kernel rounding setting (TOYLLM_DECODE_TILE x TOYLLM_DECODE_REVERSE), and prints the worst
+kernel rounding setting (TOYLLM_DECODE_TILE x TOYLLM_DECODE_REVERSE, on tensor cores and on CUDA
+cores: TOYLLM_DECODE_MMA), and prints the worst
 step's ||engine - reference|| / ||reference|| per case. Tolerances are not involved: this
 measures, the harness judges.
 
@@ -45,6 +46,7 @@ def main() -> int:
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma list")
     parser.add_argument("--tiles", default="64,128")
     parser.add_argument("--orders", default="1,0", help="TOYLLM_DECODE_REVERSE values")
+    parser.add_argument("--mma", default="1,0", help="TOYLLM_DECODE_MMA values")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -53,12 +55,15 @@ def main() -> int:
     cases = select_cases(args.configs.split(",") if args.configs else None,
                          args.dtypes.split(","), "cuda")
     rows = []
-    for backend, tile, order in itertools.product(
-            args.backends.split(","), args.tiles.split(","), args.orders.split(",")):
+    for backend, tile, order, mma in itertools.product(
+            args.backends.split(","), args.tiles.split(","), args.orders.split(","),
+            args.mma.split(",")):
         os.environ["TOYLLM_DECODE_TILE"] = tile
         os.environ["TOYLLM_DECODE_REVERSE"] = order
+        os.environ["TOYLLM_DECODE_MMA"] = mma
         first = BACKENDS[backend]
-        setting = f"{backend} tile={tile} {'reverse' if order == '1' else 'forward'}"
+        setting = (f"{backend} tile={tile} {'reverse' if order == '1' else 'forward'} "
+                   f"{'mma' if mma == '1' else 'cores'}")
         try:
             if first is None:
                 report = run_matrix(cases, hf=False)
@@ -71,10 +76,11 @@ def main() -> int:
         rels = {f"{c['name']}/{c['dtype']}": c["rel"] for c in report["cases"]}
         passed = sum(1 for c in report["cases"] if c["verdict"] == "PASS")
         worst = max((r for r in rels.values() if isinstance(r, float)), default=float("nan"))
-        print(f"{setting:34s} passed {passed}/{len(rels)}  worst rel {worst:.3g}  " +
+        print(f"{setting:40s} passed {passed}/{len(rels)}  worst rel {worst:.3g}  " +
               " ".join(f"{k.split('/')[0]}={v:.2g}" for k, v in rels.items()
                        if isinstance(v, float) and v > 0), flush=True)
         rows.append({"backend": backend, "tile": int(tile), "reverse": order == "1",
+                     "tensor_cores": mma == "1",
                      "passed": passed, "total": len(rels), "rel": rels})
     if args.json is not None:
         args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(),
