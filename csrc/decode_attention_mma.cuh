@@ -7,11 +7,12 @@
 // Block (split, kv_head * head_blocks + head_block, b) takes up to kRows = 16 query heads of one
 // KV head's group: they are the 16 rows of the mma's A operand (rows past the group are zeros).
 // The block's chunk of whole tiles is cut into kWarps runs of consecutive tiles, one per warp.
-// Each warp walks its run alone, as FlashAttention-2 walks a query block's key tiles: it copies
-// tile i's K and V into its own shared-memory buffers with cp.async, computes the raw scores
-// S = Q K^T of the tile, copies the next tile's K while it does the softmax, then O += P V while
-// the next tile's V is copied. p is rounded to the cache dtype as it becomes the A operand of
-// P V, and the normaliser sums it unrounded, as flash attention does. At the end the warps'
+// Each warp walks its run alone, as FlashAttention-2 walks a query block's key tiles: the raw
+// scores S = Q K^T of a whole tile, the online softmax over them, then O += P V. Its K and V
+// rows stream through a ring of Ring shared-memory slots of kSlotKeys keys (a tile is one or two
+// slots of K, then as many of V), copied with cp.async Ring - 1 slots ahead of their use, so
+// the copies run while the warp computes. p is rounded to the cache dtype as it becomes the A
+// operand of P V, and the normaliser sums it unrounded, as flash attention does. At the end the warps'
 // (max, sum, output) are added up in a fixed order (warp 0 first) through shared memory; a chunk
 // of one tile is thus one warp's work, rounded as the fused prefill kernels round it.
 //
@@ -38,11 +39,16 @@ constexpr int kWarps = 4;  // warps per block, each a run of the chunk's tiles
 constexpr int kThreads = kWarps * 32;
 constexpr int kRows = 16;  // query heads per block: the mma's M
 constexpr int kPad = 8;    // elements after each shared-memory row (16 bytes)
+constexpr int kSlotKeys = 64;  // K or V rows per ring slot
 
-// Bytes of shared memory of the kernel: each warp's K and V tile buffers; the cross-warp
-// reduction at the end re-uses them.
-__host__ __device__ constexpr int64_t mma_smem_bytes(int64_t head_dim, int64_t tile) {
-    return kWarps * 2 * tile * (head_dim + kPad) * 2;
+// Ring slots per warp: three (two copies in flight while one slot is used) for head_dim 64,
+// where two blocks then fit on an SM, and for 128 (one block).
+__host__ __device__ constexpr int ring_slots(int64_t head_dim) { return head_dim <= 128 ? 3 : 2; }
+
+// Bytes of shared memory of the kernel: each warp's ring of slots; the cross-warp reduction at
+// the end re-uses them.
+__host__ __device__ constexpr int64_t mma_smem_bytes(int64_t head_dim) {
+    return kWarps * ring_slots(head_dim) * kSlotKeys * (head_dim + kPad) * 2;
 }
 
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
@@ -62,9 +68,10 @@ __device__ __forceinline__ void commit_copies() {
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 
-// Waits until at most one committed group of copies is still in flight.
-__device__ __forceinline__ void wait_copies_but_one() {
-    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+// Waits until at most Pending committed groups of copies are still in flight.
+template <int Pending>
+__device__ __forceinline__ void wait_copies_but() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
 }
 
 __device__ __forceinline__ void wait_all_copies() {
@@ -126,7 +133,7 @@ __device__ __forceinline__ uint32_t load_pair(const T* p) {
 // The split pass on tensor cores. Same arguments and outputs as decode_attention_split_kernel,
 // with query heads taken kRows per block. HeadDim is a multiple of 16, Tile of 16.
 template <typename T, int HeadDim, int Tile>
-__global__ void __launch_bounds__(kThreads, 1) decode_attention_mma_kernel(
+__global__ void __launch_bounds__(kThreads, 2) decode_attention_mma_kernel(
     const T* __restrict__ q,               // [batch, num_q_heads, HeadDim]
     const T* __restrict__ k_cache,         // [batch, max_seq_len, num_kv_heads, HeadDim]
     const T* __restrict__ v_cache,         // [batch, max_seq_len, num_kv_heads, HeadDim]
@@ -137,13 +144,16 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_mma_kernel(
     float* __restrict__ partial_sum,       // [batch, num_q_heads, num_splits]
     int num_q_heads, int num_kv_heads, int64_t max_seq_len, int num_splits, int head_blocks,
     float scale_log2, bool reverse) {
-    static_assert(HeadDim % 16 == 0 && Tile % 16 == 0, "whole mma steps");
+    static_assert(HeadDim % 16 == 0 && Tile % kSlotKeys == 0, "whole mma steps and slots");
     constexpr int kPitch = HeadDim + kPad;  // elements from one shared-memory row to the next
     constexpr int kDimSteps = HeadDim / 16;  // k-steps of Q K^T
     constexpr int kKeyTiles = Tile / 8;      // 8-key column tiles of S
     constexpr int kKeySteps = Tile / 16;     // k-steps of P V
     constexpr int kDimTiles = HeadDim / 8;   // 8-dim column tiles of O
     constexpr int kVecs = HeadDim / 8;       // 16-byte vectors per K/V row
+    constexpr int kHalves = Tile / kSlotKeys;  // slots per tile, of K and of V
+    constexpr int kRing = ring_slots(HeadDim);
+    constexpr int kSlotElems = kSlotKeys * kPitch;
     extern __shared__ __align__(16) unsigned char smem_raw[];
 
     const int tid = threadIdx.x;
@@ -185,8 +195,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_mma_kernel(
     const int64_t row_stride = static_cast<int64_t>(num_kv_heads) * HeadDim;  // key to key
     const T* k_rows = k_cache + (b * max_seq_len + key_begin) * row_stride + kv_head * HeadDim;
     const T* v_rows = v_cache + (b * max_seq_len + key_begin) * row_stride + kv_head * HeadDim;
-    T* k_buf = reinterpret_cast<T*>(smem_raw) + warp * 2 * Tile * kPitch;
-    T* v_buf = k_buf + Tile * kPitch;
+    T* ring = reinterpret_cast<T*>(smem_raw) + warp * kRing * kSlotElems;
 
     // Step i of the run: its tile, last to first with `reverse`; its number of keys.
     auto tile_at = [&](int i) { return first_tile + (reverse ? run - 1 - i : i); };
@@ -194,18 +203,42 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_mma_kernel(
         return static_cast<int>(min(static_cast<int64_t>(Tile), key_end - key_begin -
                                                                     static_cast<int64_t>(tile) * Tile));
     };
-    // The warp copies a tile's rows (zeros past its keys) into buf; the caller commits.
-    auto copy_tile = [&](T* buf, const T* rows, int tile) {
-        const int n = keys_in(tile);
-        const T* src = rows + static_cast<int64_t>(tile) * Tile * row_stride;
+    // Copy number c of the run (2 * kHalves per step: K slots, then V slots) into its slot:
+    // kSlotKeys rows, zeros past the tile's keys. Past the run's last copy it copies nothing;
+    // the caller commits either way, so that every step commits one group.
+    const int copies = run * 2 * kHalves;
+    auto start_copy = [&](int c) {
+        if (c >= copies) {
+            return;
+        }
+        const int step = c / (2 * kHalves);
+        const int part = c - step * 2 * kHalves;
+        const int half = part % kHalves;
+        const int tile = tile_at(step);
+        const int n = keys_in(tile) - half * kSlotKeys;  // rows of this slot with keys
+        const T* src = (part < kHalves ? k_rows : v_rows) +
+                       (static_cast<int64_t>(tile) * Tile + half * kSlotKeys) * row_stride;
+        T* slot = ring + (c % kRing) * kSlotElems;
 #pragma unroll 4
-        for (int c = lane; c < Tile * kVecs; c += 32) {
-            const int key = c / kVecs;
-            const int vec = c - key * kVecs;
+        for (int e = lane; e < kSlotKeys * kVecs; e += 32) {
+            const int key = e / kVecs;
+            const int vec = e - key * kVecs;
             const bool valid = key < n;
-            copy16_async(shared_address(buf + key * kPitch + vec * 8),
+            copy16_async(shared_address(slot + key * kPitch + vec * 8),
                          src + (valid ? key : 0) * row_stride + vec * 8, valid);
         }
+    };
+    // Waits for copy c (the copies committed: kRing - 1 + c), and its slot.
+    auto slot_ready = [&](int c) {
+        wait_copies_but<kRing - 2>();
+        __syncwarp();
+        return ring + (c % kRing) * kSlotElems;
+    };
+    // Slot of copy c used up: the copy kRing - 1 ahead goes into the slot used before it.
+    auto slot_done = [&](int c) {
+        __syncwarp();  // every lane has read the slot before a copy lands there again
+        start_copy(c + kRing - 1);
+        commit_copies();
     };
 
     const int r = lane >> 2;          // this lane's rows r and r + 8 of A, C
@@ -221,10 +254,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_mma_kernel(
     float m[2] = {-INFINITY, -INFINITY};  // running max of rows r, r + 8 (raw score units)
     float l[2] = {0.0f, 0.0f};            // this lane's part of their running sums
 
-    if (run > 0) {
-        copy_tile(k_buf, k_rows, tile_at(0));
-        commit_copies();
-        copy_tile(v_buf, v_rows, tile_at(0));
+#pragma unroll
+    for (int c = 0; c < kRing - 1; ++c) {
+        start_copy(c);
         commit_copies();
     }
 
@@ -245,13 +277,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_mma_kernel(
     // ldmatrix: lane l addresses row l % 8 of matrix l / 8.
     const int mat = lane >> 3;
     const int mat_row = lane & 7;
+    int copy = 0;  // the next copy to use
     for (int i = 0; i < run; ++i) {
-        const int tile = tile_at(i);
-        const int n = keys_in(tile);
+        const int n = keys_in(tile_at(i));
 
-        // 1. S = Q K^T in fp32 (the copies pending: this tile's V).
-        wait_copies_but_one();
-        __syncwarp();
+        // 1. S = Q K^T in fp32, a slot of K at a time.
         float s[kKeyTiles][4];
 #pragma unroll
         for (int j = 0; j < kKeyTiles; ++j) {
@@ -261,22 +291,24 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_mma_kernel(
             }
         }
 #pragma unroll
-        for (int j = 0; j < kKeyTiles; j += 2) {
-            // matrices: keys 8j.. (dims +0, +8), keys 8j+8.. (dims +0, +8)
-            const T* row = k_buf + (8 * j + (mat >> 1) * 8 + mat_row) * kPitch + (mat & 1) * 8;
+        for (int half = 0; half < kHalves; ++half) {
+            const T* k_slot = slot_ready(copy);
 #pragma unroll
-            for (int t = 0; t < kDimSteps; ++t) {
-                uint32_t kb[4];
-                load_matrices(kb, shared_address(row + 16 * t));
-                mma_16816<T>(s[j], qa[t], kb[0], kb[1]);
-                mma_16816<T>(s[j + 1], qa[t], kb[2], kb[3]);
+            for (int jj = 0; jj < kSlotKeys / 8; jj += 2) {
+                const int j = half * (kSlotKeys / 8) + jj;
+                // matrices: keys 8jj.. (dims +0, +8), keys 8jj+8.. (dims +0, +8)
+                const T* row =
+                    k_slot + (8 * jj + (mat >> 1) * 8 + mat_row) * kPitch + (mat & 1) * 8;
+#pragma unroll
+                for (int t = 0; t < kDimSteps; ++t) {
+                    uint32_t kb[4];
+                    load_matrices(kb, shared_address(row + 16 * t));
+                    mma_16816<T>(s[j], qa[t], kb[0], kb[1]);
+                    mma_16816<T>(s[j + 1], qa[t], kb[2], kb[3]);
+                }
             }
+            slot_done(copy++);
         }
-        __syncwarp();  // every lane has read K before the next tile's copy lands there
-        if (i + 1 < run) {
-            copy_tile(k_buf, k_rows, tile_at(i + 1));
-        }
-        commit_copies();  // possibly empty: keeps one group per step
 
         // 2. Online softmax in flash attention's arithmetic (see decode_attention.cuh).
         float tile_max[2] = {-INFINITY, -INFINITY};
@@ -327,26 +359,26 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_mma_kernel(
             o[u][3] *= alpha[1];
         }
 
-        // 3. O += P V (the copies pending: the next tile's K).
-        wait_copies_but_one();
-        __syncwarp();
+        // 3. O += P V, a slot of V at a time.
 #pragma unroll
-        for (int t = 0; t < kKeySteps; ++t) {
-            // matrices: keys 16t.. and 16t+8.. (dims +0), the same keys (dims +8)
-            const T* row = v_buf + (16 * t + (mat & 1) * 8 + mat_row) * kPitch + (mat >> 1) * 8;
+        for (int half = 0; half < kHalves; ++half) {
+            const T* v_slot = slot_ready(copy);
 #pragma unroll
-            for (int u = 0; u < kDimTiles; u += 2) {
-                uint32_t vb[4];
-                load_matrices_transposed(vb, shared_address(row + 8 * u));
-                mma_16816<T>(o[u], pa[t], vb[0], vb[1]);
-                mma_16816<T>(o[u + 1], pa[t], vb[2], vb[3]);
+            for (int tt = 0; tt < kSlotKeys / 16; ++tt) {
+                const int t = half * (kSlotKeys / 16) + tt;
+                // matrices: keys 16tt.. and 16tt+8.. (dims +0), the same keys (dims +8)
+                const T* row =
+                    v_slot + (16 * tt + (mat & 1) * 8 + mat_row) * kPitch + (mat >> 1) * 8;
+#pragma unroll
+                for (int u = 0; u < kDimTiles; u += 2) {
+                    uint32_t vb[4];
+                    load_matrices_transposed(vb, shared_address(row + 8 * u));
+                    mma_16816<T>(o[u], pa[t], vb[0], vb[1]);
+                    mma_16816<T>(o[u + 1], pa[t], vb[2], vb[3]);
+                }
             }
+            slot_done(copy++);
         }
-        __syncwarp();  // every lane has read V before the next tile's copy lands there
-        if (i + 1 < run) {
-            copy_tile(v_buf, v_rows, tile_at(i + 1));
-        }
-        commit_copies();
     }
     wait_all_copies();
 #pragma unroll
