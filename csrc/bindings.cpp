@@ -7,6 +7,7 @@
 #include <string>
 
 #include "kv_cache.h"
+#include "programmatic_launch.h"
 
 namespace py = pybind11;
 
@@ -34,6 +35,12 @@ at::Device device_from_python(const py::handle& obj) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "toyllm KV-cache extension: KVCache (host class) and the toyllm::kv_update op";
+
+    m.def("set_programmatic_launch", &toyllm::set_programmatic_launch, py::arg("enabled"),
+          "Whether the extension's CUDA kernels are launched with programmatic stream "
+          "serialization (Hopper; default on). Kernels captured in a CUDA graph keep the "
+          "setting they were captured with.");
+    m.def("programmatic_launch_enabled", &toyllm::programmatic_launch_enabled);
 
 #ifdef TOYLLM_WITH_CUDA
     m.attr("with_cuda") = true;

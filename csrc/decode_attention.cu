@@ -9,6 +9,7 @@
 #include "decode_attention.cuh"
 #include "decode_attention_kernels.cuh"
 #include "decode_attention_mma.cuh"
+#include "programmatic_launch.cuh"
 
 namespace toyllm {
 namespace {
@@ -73,15 +74,16 @@ cudaError_t allow_shared_memory(Kernel* kernel, int64_t smem, std::atomic<uint64
 
 // Pass 2, when there is more than one chunk.
 template <typename T>
-void launch_combine(const LaunchArgs& a) {
-    if (a.plan.num_splits > 1) {
-        const dim3 combine_grid(static_cast<unsigned>(a.num_q_heads),
-                                static_cast<unsigned>(a.batch));
-        decode_attention_combine_kernel<T><<<combine_grid, kCombineThreads, 0, a.stream>>>(
-            a.partial_out, a.partial_max, a.partial_sum, static_cast<T*>(a.out),
-            static_cast<int>(a.num_q_heads), static_cast<int>(a.head_dim),
-            static_cast<int>(a.plan.num_splits), a.scale_log2);
+cudaError_t launch_combine(const LaunchArgs& a) {
+    if (a.plan.num_splits == 1) {
+        return cudaSuccess;
     }
+    const dim3 combine_grid(static_cast<unsigned>(a.num_q_heads), static_cast<unsigned>(a.batch));
+    return launch_kernel(decode_attention_combine_kernel<T>, combine_grid, dim3(kCombineThreads),
+                         0, a.stream, a.partial_out, a.partial_max, a.partial_sum,
+                         static_cast<T*>(a.out), static_cast<int>(a.num_q_heads),
+                         static_cast<int>(a.head_dim), static_cast<int>(a.plan.num_splits),
+                         a.scale_log2);
 }
 
 template <typename T, int VecBytes, int Tile>
@@ -97,15 +99,15 @@ cudaError_t launch_typed(const LaunchArgs& a) {
     const dim3 grid(static_cast<unsigned>(a.plan.num_splits),
                     static_cast<unsigned>(a.num_kv_heads * a.plan.head_blocks),
                     static_cast<unsigned>(a.batch));
-    kernel<<<grid, kThreads, static_cast<size_t>(smem), a.stream>>>(
+    const cudaError_t launched = launch_kernel(
+        kernel, grid, dim3(kThreads), static_cast<size_t>(smem), a.stream,
         static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
         static_cast<const T*>(a.v_cache), a.seq_lens, static_cast<T*>(a.out), a.partial_out,
         a.partial_max, a.partial_sum, static_cast<int>(a.num_q_heads),
         static_cast<int>(a.num_kv_heads), static_cast<int>(a.head_dim), a.max_seq_len,
         static_cast<int>(a.plan.num_splits), static_cast<int>(a.plan.head_blocks), a.scale_log2,
         a.plan.reverse, static_cast<int>(stages));
-    launch_combine<T>(a);
-    return cudaGetLastError();
+    return launched != cudaSuccess ? launched : launch_combine<T>(a);
 }
 
 // Pass 1 on tensor cores (decode_attention_mma.cuh), then pass 2.
@@ -122,14 +124,14 @@ cudaError_t launch_mma(const LaunchArgs& a) {
     const dim3 grid(static_cast<unsigned>(a.plan.num_splits),
                     static_cast<unsigned>(a.num_kv_heads * a.plan.head_blocks),
                     static_cast<unsigned>(a.batch));
-    kernel<<<grid, mma::kThreads, static_cast<size_t>(smem), a.stream>>>(
+    const cudaError_t launched = launch_kernel(
+        kernel, grid, dim3(mma::kThreads), static_cast<size_t>(smem), a.stream,
         static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
         static_cast<const T*>(a.v_cache), a.seq_lens, static_cast<T*>(a.out), a.partial_out,
         a.partial_max, a.partial_sum, static_cast<int>(a.num_q_heads),
         static_cast<int>(a.num_kv_heads), a.max_seq_len, static_cast<int>(a.plan.num_splits),
         static_cast<int>(a.plan.head_blocks), a.scale_log2, a.plan.reverse);
-    launch_combine<T>(a);
-    return cudaGetLastError();
+    return launched != cudaSuccess ? launched : launch_combine<T>(a);
 }
 
 // The tensor-core instantiations: (head_dim, tile) in (64, 64), (64, 128), (128, 64).

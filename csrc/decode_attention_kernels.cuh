@@ -12,6 +12,7 @@
 
 #include "decode_attention.cuh"
 #include "float_convert.cuh"
+#include "programmatic_launch.cuh"
 
 namespace toyllm {
 namespace decode_attention_kernels {
@@ -118,6 +119,7 @@ __global__ void __launch_bounds__(kThreads, 3) decode_attention_split_kernel(
     float* __restrict__ partial_sum,       // [batch, num_q_heads, num_splits]
     int num_q_heads, int num_kv_heads, int head_dim, int64_t max_seq_len, int num_splits,
     int head_blocks, float scale_log2, bool reverse, int stages) {
+    wait_for_inputs();
     constexpr int kElems = VecBytes / static_cast<int>(sizeof(T));
     static_assert(Tile % 32 == 0, "a tile is whole warps of keys");
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -411,6 +413,7 @@ __global__ void __launch_bounds__(kCombineThreads) decode_attention_combine_kern
     const float* __restrict__ partial_sum,  // [batch, num_q_heads, num_splits]
     T* __restrict__ out,                    // [batch, num_q_heads, head_dim]
     int num_q_heads, int head_dim, int num_splits, float scale_log2) {
+    wait_for_inputs();
     const int64_t row = static_cast<int64_t>(blockIdx.y) * num_q_heads + blockIdx.x;  // (b, h)
     const float* m = partial_max + row * num_splits;
     const float* l = partial_sum + row * num_splits;

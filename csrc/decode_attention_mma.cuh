@@ -31,6 +31,7 @@
 
 #include "decode_attention.cuh"
 #include "float_convert.cuh"
+#include "programmatic_launch.cuh"
 
 namespace toyllm {
 namespace decode_attention_mma {
@@ -144,6 +145,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_mma_kernel(
     float* __restrict__ partial_sum,       // [batch, num_q_heads, num_splits]
     int num_q_heads, int num_kv_heads, int64_t max_seq_len, int num_splits, int head_blocks,
     float scale_log2, bool reverse) {
+    wait_for_inputs();
     static_assert(HeadDim % 16 == 0 && Tile % kSlotKeys == 0, "whole mma steps and slots");
     constexpr int kPitch = HeadDim + kPad;  // elements from one shared-memory row to the next
     constexpr int kDimSteps = HeadDim / 16;  // k-steps of Q K^T

@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "kv_update.cuh"
+#include "programmatic_launch.cuh"
 
 namespace toyllm {
 namespace {
@@ -22,13 +23,14 @@ constexpr int64_t kMaxGridY = 65535;             // (sequence, K/V) pairs per la
 // vectors: adjacent threads touch adjacent vectors (coalesced), grid-stride over the slab.
 // Vec is the copy unit (uint4 = 16 bytes when sizes and pointers allow it, narrower otherwise).
 template <typename Vec>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     kv_update_kernel(Vec* __restrict__ k_cache,              // [batch, max_seq_len, row_vecs]
                      Vec* __restrict__ v_cache,              // [batch, max_seq_len, row_vecs]
                      const Vec* __restrict__ new_k,          // [batch, num_tokens, row_vecs]
                      const Vec* __restrict__ new_v,          // [batch, num_tokens, row_vecs]
                      const int32_t* __restrict__ positions,  // [batch]
                      int64_t batch, int64_t max_seq_len, int64_t num_tokens, int64_t row_vecs) {
+    wait_for_inputs();
     const int64_t slab_vecs = num_tokens * row_vecs;
     const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kUnroll;
     for (int64_t pair = blockIdx.y; pair < 2 * batch; pair += gridDim.y) {
@@ -83,10 +85,10 @@ cudaError_t launch_with(void* k_cache, void* v_cache, const void* new_k, const v
         std::max<int64_t>(1, std::min<int64_t>((slab_vecs + per_block - 1) / per_block, kMaxGridX));
 
     const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
-    kv_update_kernel<Vec><<<grid, kThreads, 0, stream>>>(
-        static_cast<Vec*>(k_cache), static_cast<Vec*>(v_cache), static_cast<const Vec*>(new_k),
-        static_cast<const Vec*>(new_v), positions, batch, max_seq_len, num_tokens, row_vecs);
-    return cudaGetLastError();
+    return launch_kernel(kv_update_kernel<Vec>, grid, dim3(kThreads), 0, stream,
+                         static_cast<Vec*>(k_cache), static_cast<Vec*>(v_cache),
+                         static_cast<const Vec*>(new_k), static_cast<const Vec*>(new_v), positions,
+                         batch, max_seq_len, num_tokens, row_vecs);
 }
 
 }  // namespace

@@ -24,6 +24,7 @@ import torch
 
 from engine.cached_attention import decode_kernel_max_rows
 from engine.generate import Engine
+from engine.kv_cache import set_programmatic_launch
 from engine.reference import reference_logits
 from engine.sampling import SamplingParams
 from models.config import load_config
@@ -207,6 +208,9 @@ def bench_model(
         # the same graph with masked SDPA instead of the decode-attention kernel (where the
         # engine takes the kernel: decode_kernel_max_rows)
         engines["toyllm graph, SDPA"] = dict(cuda_graph=True, decode_kernel=False)
+        # the same graph with the extension's kernels launched in plain stream order (no
+        # programmatic dependent launch: csrc/programmatic_launch.cuh)
+        engines["toyllm graph, no PDL"] = dict(cuda_graph=True, programmatic_launch=False)
     contexts = [c for c in args.contexts if c + args.new_tokens <= config.max_seq_len]
     for batch in args.batches:
         for ctx in contexts:
@@ -220,6 +224,8 @@ def bench_model(
                 most = decode_kernel_max_rows(dtype, config.head_dim)
                 if label.endswith("SDPA") and most is not None and batch > most:
                     continue
+                kw = dict(kw)
+                set_programmatic_launch(kw.pop("programmatic_launch", True))
                 engine = Engine(model, **kw)
                 if on_gpu:
                     torch.cuda.reset_peak_memory_stats(device)
@@ -236,6 +242,7 @@ def bench_model(
                     row.peak_mem_gb = (peak - base + wbytes) / 1e9
                     row.budget_mem_gb = budget
                 group.append(row)
+                set_programmatic_launch(True)
                 del engine
                 gc.collect()
             if batch == 1 and ctx == min(contexts) and args.reference:

@@ -11,7 +11,9 @@ sequence over its cached keys (flash-decoding kernel on CUDA, plain ATen on the 
 
 Example::
 
-    >>> import torch
+    >>> import os
+
+import torch
     >>> from engine.kv_cache import KVCache
     >>> cache = KVCache(num_layers=2, max_seq_len=8, num_kv_heads=2, head_dim=4,
     ...                 dtype=torch.float32, device="cpu")
@@ -31,6 +33,8 @@ Example::
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -45,6 +49,11 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 KVCache = _C.KVCache
 KVCacheOverflowError = _C.KVCacheOverflowError
 WITH_CUDA: bool = bool(_C.with_cuda)
+# Programmatic dependent launch of the extension's CUDA kernels (csrc/programmatic_launch.cuh):
+# on by default on Hopper; TOYLLM_PDL=0 turns it off for the process, to compare.
+set_programmatic_launch = _C.set_programmatic_launch
+if os.environ.get("TOYLLM_PDL", "1") == "0":
+    set_programmatic_launch(False)
 
 __all__ = [
     "KVCache",
