@@ -280,7 +280,7 @@ class Engine:
         last = torch.stack([self.prefill(cache, s.index, s.prompt_ids) for s in seqs])
         if rows > n:
             last = torch.cat([last, last.new_zeros(rows - n, last.shape[-1])])
-        tokens = sample(last.float(), params, gen)
+        tokens = sample(last, params, gen)
         sync()
         stats.prefill_s = time.perf_counter() - t0
         stats.prefill_tokens = sum(len(p) for p in prompt_ids)
@@ -289,7 +289,7 @@ class Engine:
         self._accept(cache, seqs, tokens, params, on_text)
         while any(s.finish_reason is None for s in seqs):
             logits = self.decode_step(cache, rows, tokens)
-            tokens = sample(logits.float(), params, gen)
+            tokens = sample(logits, params, gen)
             stats.decode_steps += 1
             stats.decode_tokens += self._accept(cache, seqs, tokens, params, on_text)
         stats.decode_s = time.perf_counter() - t1

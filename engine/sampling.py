@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from engine.argmax import argmax
+
 
 class SamplingError(ValueError):
     """Sampling or stopping parameters out of range."""
@@ -83,9 +85,10 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
-    """logits [B, V] -> token ids int64 [B]."""
+    """logits [B, V] (any float dtype; sampling widens them to fp32) -> token ids int64 [B].
+    Greedy is torch.argmax's answer, on CUDA from the toyllm::argmax kernel (engine/argmax.py)."""
     if params.greedy:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     scaled = logits.float() / params.temperature
     scaled = filter_logits(scaled, params.top_k, params.top_p)
     probs = scaled.softmax(dim=-1)

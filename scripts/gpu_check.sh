@@ -92,6 +92,7 @@ if want sanitizer; then
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 TOYLLM_TEST_NO_CUDNN_SDPA=1 stage "sanitizer_$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 2000 \
             $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_kv_cache_spec.py \
             tests/test_decode_attention.py tests/test_fused_ops.py tests/test_cuda_gemv.py \
+            tests/test_argmax.py \
             -k "not graph and not compile and not model"
     done
 fi
@@ -106,6 +107,7 @@ if want bench; then
     stage bench_decode_attention $PY scripts/bench_decode_attention.py \
         --json "$OUT/bench_decode_attention.json"
     stage bench_gemv $PY scripts/bench_gemv.py --json "$OUT/bench_gemv.json"
+    stage bench_argmax $PY scripts/bench_argmax.py --json "$OUT/bench_argmax.json"
     stage bench_decode toyllm bench ${BENCH_ARGS:-} --json "$OUT/bench_decode.json"
 fi
 if want profile; then

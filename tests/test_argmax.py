@@ -1,0 +1,418 @@
+"""toyllm::argmax (csrc/argmax_ops.cpp, CUDA kernel csrc/argmax.cu) against torch.argmax on the
+CPU, the definition it must match index for index: the first index of a row's maximum, NaN above
+every number (the first NaN wins), -0.0 equal to +0.0, fp16/bf16 compared as their fp32 widening.
+
+CUDA (marked `cuda`): random logits of every dtype, rows 1 to 33, vocab 1, 7, 8, 4097, 32000,
+128256 and 128257 (16-byte loads with and without a tail; element loads); ties placed at and
+around the kernel's block boundaries and everywhere in a sweep; -inf, +inf and NaN rows; many
+rows (one block per row) and more rows than one grid holds; row-strided, transposed and
+misaligned logits; empty rows; bad inputs; opcheck; CUDA-graph capture and replay with new
+logits; engine.argmax's dispatch and greedy generation with the kernel on and off.
+Everywhere: the operator on the CPU, its checks and its fake (fake CUDA tensors need no GPU),
+the TOYLLM_CUDA_ARGMAX switch, and the torch behaviour the kernel is built to match.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import engine.argmax as argmax_mod
+from engine.sampling import SamplingParams, sample
+
+OPS = torch.ops.toyllm
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NAN, INF = float("nan"), float("inf")
+
+
+def reference(logits: torch.Tensor) -> torch.Tensor:
+    """The answer the operator must give: torch.argmax on the CPU, of the fp32 widening."""
+    return logits.detach().cpu().float().argmax(dim=-1)
+
+
+def assert_same_as_torch(logits: torch.Tensor) -> None:
+    got = OPS.argmax(logits)
+    want = reference(logits)
+    assert got.dtype == torch.int64 and got.shape == (logits.shape[0],)
+    assert got.device == logits.device
+    got = got.cpu()
+    if not torch.equal(got, want):
+        bad = (got != want).nonzero().flatten()
+        r = int(bad[0])
+        row = logits[r].detach().cpu().float()
+        raise AssertionError(
+            f"{len(bad)} of {logits.shape[0]} rows differ for logits {list(logits.shape)} "
+            f"{logits.dtype}: row {r}: got {int(got[r])} (value {row[got[r]].item()!r}), "
+            f"torch {int(want[r])} (value {row[want[r]].item()!r})"
+        )
+
+
+def randn(shape, dtype, device, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(shape, generator=gen, device=device).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch's behaviour, the specification (the kernel is written to these answers)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_argmax_on_the_cpu_takes_the_first_max_and_the_first_nan(dtype) -> None:
+    cases = [  # (values, torch's answer); a list: -0.0 and 0.0 are one dict key
+        ((1.0, 3.0, 3.0, 2.0), 1),  # a tie: the first index
+        ((1.0, NAN, 5.0, NAN), 1),  # NaN is the max, the first NaN wins
+        ((NAN, NAN), 0),
+        ((-INF, -INF, -INF), 0),
+        ((-0.0, 0.0), 0),  # equal values
+        ((0.0, -0.0), 0),
+        ((INF, NAN, INF), 1),
+        ((1.0, INF, INF), 1),
+    ]
+    for values, index in cases:
+        t = torch.tensor([values], dtype=dtype)
+        assert t.argmax(-1).item() == index, values
+        assert t.float().argmax(-1).item() == index, values
+
+
+# ---------------------------------------------------------------------------------------------
+# the operator on the CPU, its checks, its fake
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_argmax_cpu_equals_torch_argmax(dtype) -> None:
+    logits = randn((5, 1000), dtype, "cpu", seed=0)
+    logits[1, 7] = logits[1, 900] = 100.0  # a tie
+    logits[2, 500] = NAN
+    logits[3] = -INF
+    logits[4, 3] = logits[4, 4] = NAN
+    assert_same_as_torch(logits)
+    assert OPS.argmax(logits).tolist()[1:] == [7, 500, 0, 3]
+    assert OPS.argmax(torch.ones(0, 4, dtype=dtype)).shape == (0,)
+
+
+def _bad_inputs(make) -> dict[str, tuple[torch.Tensor, str]]:
+    return {
+        "1 dim": (make((8,)),
+                  r"argmax: expected logits of 2 dims \[rows, vocab\], got shape \[8\]"),
+        "3 dims": (make((1, 2, 8)),
+                   r"expected logits of 2 dims \[rows, vocab\], got shape \[1, 2, 8\]"),
+        "float64": (make((2, 8), torch.float64),
+                    r"argmax: expected logits of dtype torch\.float32, torch\.float16 or "
+                    r"torch\.bfloat16, got torch\.float64"),
+        "int64": (make((2, 8), torch.int64), r"expected logits of dtype .* got torch\.int64"),
+        "empty vocab": (make((3, 0)),
+                        r"argmax: expected a non-empty vocab \(logits\.size\(1\) >= 1\), got "
+                        r"shape \[3, 0\]"),
+        "empty rows and vocab": (make((0, 0)), r"expected a non-empty vocab .* got shape \[0, 0\]"),
+    }
+
+
+def _maker(device: str):
+    def make(shape, dtype=torch.float32) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    return make
+
+
+BAD_CASES = list(_bad_inputs(_maker("meta")))
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_argmax_cpu_rejects_bad_inputs(case) -> None:
+    logits, message = _bad_inputs(_maker("cpu"))[case]
+    with pytest.raises(ValueError, match=message):
+        OPS.argmax(logits)
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_argmax_fake_says_what_the_operator_says(case) -> None:
+    with FakeTensorMode():
+        for device in ("cpu", "cuda"):  # fake CUDA tensors need no GPU
+            logits, message = _bad_inputs(_maker(device))[case]
+            with pytest.raises(ValueError, match=message):
+                OPS.argmax(logits)
+
+
+def test_argmax_fake_gives_int64_rows_on_the_logits_device() -> None:
+    with FakeTensorMode():
+        for dtype in DTYPES:
+            out = OPS.argmax(torch.empty(16, 128256, dtype=dtype, device="cuda"))
+            assert out.shape == (16,) and out.dtype == torch.int64 and out.device.type == "cuda"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_argmax_cpu_opcheck(dtype) -> None:
+    torch.library.opcheck(OPS.argmax.default, (randn((3, 37), dtype, "cpu", seed=1),))
+
+
+def test_argmax_wrapper_on_the_cpu_is_torch_argmax() -> None:
+    logits = randn((3, 50), torch.bfloat16, "cpu", seed=2)
+    assert not argmax_mod.applies(logits)
+    assert torch.equal(argmax_mod.argmax(logits), logits.argmax(-1))
+    vector = randn((50,), torch.float32, "cpu", seed=3)  # any shape torch takes
+    assert argmax_mod.argmax(vector).item() == vector.argmax().item()
+
+
+def test_greedy_sample_of_bf16_logits_is_the_argmax_of_their_fp32_widening() -> None:
+    logits = randn((4, 4096), torch.bfloat16, "cpu", seed=4)  # bf16: ties at the max happen
+    logits[0, 10] = logits[0, 20] = logits[0].max()
+    greedy = SamplingParams(temperature=0.0)
+    assert torch.equal(sample(logits, greedy, None), logits.float().argmax(-1))
+    assert sample(logits, greedy, None)[0].item() == 10
+
+
+def test_cuda_switch_is_read_at_import() -> None:
+    assert argmax_mod.CUDA_ENABLED == (os.environ.get("TOYLLM_CUDA_ARGMAX", "1") != "0")
+    code = "import engine.argmax as a; print(a.CUDA_ENABLED, a.CUDA_AVAILABLE)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT, env={**os.environ, "TOYLLM_CUDA_ARGMAX": "0"})
+    assert out.stdout.split() == ["False", "False"]  # off, whatever the build
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: values
+
+VOCABS = [1, 7, 8, 4097, 32000, 128256, 128257]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_argmax_cuda_equals_torch_on_random_logits_for_1_to_33_rows(dtype, vocab) -> None:
+    big = randn((33, vocab), dtype, "cuda", seed=vocab)
+    for rows in range(1, 34):
+        assert_same_as_torch(big[:rows])
+    # a narrow value range: bf16/fp16 then tie at the max in most rows
+    assert_same_as_torch((big * 0.01).round())
+
+
+def _chunks(rows: int, vocab: int, dtype: torch.dtype) -> int:
+    """The elements per block of csrc/argmax.cu's plan_for (a mirror, to aim ties at the block
+    boundaries; if it drifts from the kernel the tests below still check every answer)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    finest = math.ceil(vocab / (256 * 2 * vec))
+    parts = max(1, min(math.ceil(2 * sms / rows), finest))
+    return math.ceil(math.ceil(vocab / parts) / vec) * vec
+
+
+def _tie_positions(vocab: int, chunk: int) -> list[int]:
+    """Positions around every block boundary, plus a sweep over the whole row."""
+    near = [b + d for b in range(0, vocab + 1, chunk) for d in (-1, 0)]  # last, first of a block
+    sweep = list(range(0, vocab, max(1, vocab // 31)))
+    return sorted({p for p in near + sweep + [vocab - 1] if 0 <= p < vocab})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [1, 16, 33])
+@pytest.mark.parametrize("vocab", [7, 4097, 32000, 128256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_argmax_cuda_takes_the_first_of_tied_maxima_across_blocks(dtype, vocab, rows) -> None:
+    chunk = _chunks(rows, vocab, dtype)
+    positions = _tie_positions(vocab, chunk)
+    base = randn((rows, vocab), dtype, "cuda", seed=rows).clamp(-4, 4)
+    # row r has the max (8.0) at positions[i] and at every later listed position, or at
+    # positions[i] and at one later position: the answer is positions[i] either way
+    for start in range(0, len(positions), rows):
+        logits = base.clone()
+        want = []
+        for r in range(rows):
+            i = (start + r) % len(positions)
+            later = positions[i:] if r % 2 == 0 else positions[i::7][:2] + [vocab - 1]
+            logits[r, later] = 8.0
+            want.append(positions[i])
+        got = OPS.argmax(logits).tolist()
+        wrong = [(r, got[r], want[r]) for r in range(rows) if got[r] != want[r]]
+        assert not wrong, f"(row, got, first max) for chunk {chunk}: {wrong[:5]}"
+        assert_same_as_torch(logits)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("vocab", [7, 32000, 128256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_argmax_cuda_of_inf_and_nan_rows_follows_torch(dtype, vocab) -> None:
+    chunk = _chunks(12, vocab, dtype)
+    last = vocab - 1
+    second_block = min(chunk + 3, last)
+    logits = randn((12, vocab), dtype, "cuda", seed=5)
+    logits[0] = -INF  # every value -inf: index 0
+    logits[1] = -INF
+    logits[1, last] = -1.0  # one finite value, at the end
+    logits[2, [1, last]] = INF  # +inf twice: the first
+    logits[3] = NAN  # all NaN: index 0
+    logits[4, [last, second_block]] = NAN  # NaN beats the max; the first NaN
+    logits[5, 0] = 100.0
+    logits[5, last] = NAN  # a NaN after the max still wins
+    logits[6, [second_block, last]] = INF
+    logits[6, last] = NAN  # NaN beats +inf
+    logits[7] = 0.0
+    logits[7, :: max(1, vocab // 5)] = -0.0  # -0.0 == +0.0: index 0
+    logits[8] = -0.0
+    logits[8, last] = 0.0
+    logits[9] = -INF
+    logits[9, second_block] = NAN
+    logits[10, 0] = NAN  # NaN at index 0
+    logits[11] = torch.finfo(dtype).min  # the lowest finite value everywhere
+    assert_same_as_torch(logits)
+    got = OPS.argmax(logits).tolist()
+    assert got[:4] == [0, last, min(1, last), 0]
+    assert got[4] == min(last, second_block) and got[5] == last and got[10] == 0
+    assert got[7] == 0 and got[8] == 0 and got[11] == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_argmax_cuda_with_one_block_per_row_and_past_one_grid(dtype) -> None:
+    # 600 rows: one block per row (no cross-block step) over a whole 32000-logit row
+    logits = randn((600, 32000), dtype, "cuda", seed=6)
+    logits[::3, 31999] = 50.0
+    logits[1::3, [123, 31000]] = 50.0
+    assert_same_as_torch(logits)
+    # more rows than one grid of 2^20 blocks: the grid strides
+    many = randn((2**20 + 37, 3), dtype, "cuda", seed=7)
+    many[-1] = torch.tensor([0.0, 1.0, 1.0], dtype=dtype)
+    assert_same_as_torch(many)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_argmax_cuda_reads_strided_and_misaligned_logits(dtype) -> None:
+    # the last position of [rows, tokens, vocab]: rows 3 * vocab apart, read in place
+    full = randn((5, 3, 32000), dtype, "cuda", seed=8)
+    last = full[:, -1]
+    assert not last.is_contiguous() and last.stride(-1) == 1
+    assert_same_as_torch(last)
+    # a row pitch that is not a whole number of 16-byte packs: element loads
+    odd = randn((4, 32001), dtype, "cuda", seed=9)[:, :32000]
+    assert_same_as_torch(odd)
+    # one element past a 16-byte boundary: element loads
+    shifted = randn((3 * 4096 + 1,), dtype, "cuda", seed=10)[1:].view(3, 4096)
+    assert shifted.data_ptr() % 16 != 0
+    assert_same_as_torch(shifted)
+    # column-major: packed to rows first
+    transposed = randn((4096, 6), dtype, "cuda", seed=11).t()
+    assert transposed.stride(-1) != 1
+    assert_same_as_torch(transposed)
+    # vocab 1 with any stride, rows broadcast with stride 0
+    one = full[:, -1, ::32000]
+    assert one.shape == (5, 1) and one.stride() == (96000, 32000)
+    assert OPS.argmax(one).tolist() == [0] * 5
+    assert_same_as_torch(randn((1, 128256), dtype, "cuda", seed=12).expand(4, -1))
+
+
+@pytest.mark.cuda
+def test_argmax_cuda_of_no_rows_is_empty() -> None:
+    out = OPS.argmax(torch.empty(0, 128256, device="cuda"))
+    assert out.shape == (0,) and out.dtype == torch.int64 and out.is_cuda
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_argmax_cuda_repeats_its_answer(dtype) -> None:
+    logits = (randn((16, 128256), dtype, "cuda", seed=13) * 0.05).round()  # many ties
+    first = OPS.argmax(logits)
+    for _ in range(20):
+        assert torch.equal(OPS.argmax(logits), first)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_argmax_cuda_runs_on_the_logits_gpu() -> None:
+    logits = randn((2, 128256), torch.bfloat16, "cuda:1", seed=14)
+    with torch.cuda.device(0):
+        out = OPS.argmax(logits)
+    assert out.device == logits.device
+    assert_same_as_torch(logits)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_argmax_cuda_rejects_bad_inputs(case) -> None:
+    logits, message = _bad_inputs(_maker("cuda"))[case]
+    with pytest.raises(ValueError, match=message):
+        OPS.argmax(logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: opcheck, graphs, the engine
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(1, 128256), (3, 7), (16, 32000)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_argmax_cuda_opcheck(dtype, shape) -> None:
+    torch.library.opcheck(OPS.argmax.default, (randn(shape, dtype, "cuda", seed=15),))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (16, 128256), (4, 32000), (33, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_argmax_cuda_graph_replays_with_new_logits(dtype, rows, vocab) -> None:
+    logits = randn((rows, vocab), dtype, "cuda", seed=16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        OPS.argmax(logits)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = OPS.argmax(logits)
+        # a second call in the graph may take the first's scratch: stream order separates them
+        out_again = OPS.argmax(logits)
+    for seed in range(17, 22):
+        new = randn((rows, vocab), dtype, "cuda", seed=seed)
+        if seed % 2:
+            new[:, -1] = 9.0  # the max at the end, tied with row 0's below
+        new[0, vocab // 2] = 9.0
+        logits.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = reference(new)
+        assert torch.equal(out.cpu(), want) and torch.equal(out_again.cpu(), want)
+
+
+@pytest.mark.cuda
+def test_argmax_dispatch_on_cuda(monkeypatch) -> None:
+    logits = randn((2, 300), torch.bfloat16, "cuda", seed=22)
+    assert argmax_mod.applies(logits) == argmax_mod.CUDA_AVAILABLE
+    assert not argmax_mod.applies(logits.double())
+    assert not argmax_mod.applies(logits[0])  # 1 dim: torch
+    assert not argmax_mod.applies(logits[:, :0])  # empty vocab: torch's own error
+    calls = []
+    monkeypatch.setattr(argmax_mod, "CUDA_AVAILABLE", True)
+    monkeypatch.setattr(argmax_mod, "_argmax", lambda x: calls.append(1) or OPS.argmax(x))
+    assert torch.equal(argmax_mod.argmax(logits), logits.float().argmax(-1)) and calls
+    monkeypatch.setattr(argmax_mod, "CUDA_AVAILABLE", False)
+    assert torch.equal(argmax_mod.argmax(logits), logits.float().argmax(-1)) and len(calls) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cuda_graph", [True, False])
+def test_model_greedy_generation_on_cuda_is_the_same_with_and_without_the_kernel(
+        monkeypatch, cuda_graph) -> None:
+    from engine.generate import Engine
+    from models.config import ModelConfig
+    from models.llama import build_model
+
+    config = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, intermediate_size=96, max_seq_len=64)
+    model = build_model(config, device="cuda", dtype=torch.bfloat16, seed=3)
+    model.init_weights(3, std=0.2)  # peaked logits: few near-ties
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    params = SamplingParams(max_new_tokens=24, stop_at_eos=False)
+    calls = []
+    monkeypatch.setattr(argmax_mod, "CUDA_AVAILABLE", True)
+    monkeypatch.setattr(argmax_mod, "_argmax", lambda x: calls.append(x.dtype) or OPS.argmax(x))
+    on = Engine(model, cuda_graph=cuda_graph).generate(prompts, params)
+    assert calls and set(calls) == {torch.bfloat16}  # the model's logits, not a float copy
+    monkeypatch.setattr(argmax_mod, "CUDA_AVAILABLE", False)
+    off = Engine(model, cuda_graph=cuda_graph).generate(prompts, params)
+    assert [c.token_ids for c in on.completions] == [c.token_ids for c in off.completions]
