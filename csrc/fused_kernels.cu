@@ -8,6 +8,7 @@
 
 #include "fused_kernels.cuh"
 #include "float_convert.cuh"
+#include "rope_rotate.cuh"
 #include "vector_pack.cuh"
 
 namespace toyllm {
@@ -189,11 +190,8 @@ cudaError_t rms_norm_dispatch(const void* x, const void* residual, const void* w
 // ---------------------------------------------------------------------------------------------
 // RoPE
 
-// One thread per N consecutive rotation pairs (i, i + D/2) of one (batch, token, head) row.
-// For i < D/2:  out[i]       = x[i] * cos[i]             + (-x[i + D/2]) * sin[i]
-//               out[i + D/2] = x[i + D/2] * cos[i + D/2] + x[i] * sin[i + D/2]
-// each product rounded to T, then the sum rounded to T (torch's x * cos + rotate_half(x) * sin
-// is three kernels, each writing T).
+// One thread per N consecutive rotation pairs (i, i + D/2) of one (batch, token, head) row,
+// rotated by rope_rotate (rope_rotate.cuh: each product and the sum rounded to T, as torch).
 template <typename T, int N>
 __global__ void __launch_bounds__(kThreads)
     rope_kernel(const T* __restrict__ x,    // [batch, tokens, heads, head_dim], strided
@@ -225,18 +223,7 @@ __global__ void __launch_bounds__(kThreads)
         const P s2 = *reinterpret_cast<const P*>(sin + cs + half + i);
         P o1;
         P o2;
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-            const float a1 = to_float(x1.v[k]);
-            const float a2 = to_float(x2.v[k]);
-            // negation is exact, so -(x2) * s rounds like torch's (-x2) * s
-            const float lo_a = round_to<T>(__fmul_rn(a1, to_float(c1.v[k])));
-            const float lo_b = round_to<T>(__fmul_rn(-a2, to_float(s1.v[k])));
-            const float hi_a = round_to<T>(__fmul_rn(a2, to_float(c2.v[k])));
-            const float hi_b = round_to<T>(__fmul_rn(a1, to_float(s2.v[k])));
-            o1.v[k] = from_float<T>(__fadd_rn(lo_a, lo_b));
-            o2.v[k] = from_float<T>(__fadd_rn(hi_a, hi_b));
-        }
+        rope_rotate(x1, x2, c1, c2, s1, s2, o1, o2);
         *reinterpret_cast<P*>(outr + i) = o1;
         *reinterpret_cast<P*>(outr + half + i) = o2;
     }
