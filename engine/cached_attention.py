@@ -6,7 +6,9 @@ Two kinds of step, each an `AttentionCache` (models/llama.py) for one forward pa
   start at the same position; K/V are written with `KVCache.update` and the queries attend
   causally over the cache's keys 0..p+n-1, read in place (a view, never a copy);
 * `DecodeStep`: one new token per row, each row at its own position; K/V are written by the
-  extension op at the device positions, and each row attends over exactly its own keys.
+  extension op at the device positions, and each row attends over exactly its own keys. With
+  fused q/k/v weights the layer hands it the projection before RoPE (`attend_qkv`): RoPE on q
+  and k and the K/V write are then one op (engine/rope_kv_update.py).
 
 Nothing here advances positions: the engine does that only after the whole step succeeded.
 """
@@ -21,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.kv_cache import KVCache, kv_update
+from engine.rope_kv_update import applies as rope_kv_applies
+from engine.rope_kv_update import rope_kv_update
 
 # Rows up to which decode attention takes the extension's kernel rather than SDPA with a length
 # mask, when its pass 1 runs on CUDA cores: above, it lost to SDPA (bench_decode_attention.py,
@@ -134,9 +138,11 @@ class DecodeStep:
 
     Holds only tensors (the per-layer cache views and the device positions), so the whole
     step can be traced by torch.compile and captured in a CUDA graph. K/V are written by the
-    extension op at the device positions (rows at -1, finished, are skipped); each row then
-    attends over exactly its keys 0..p_b: through the decode-attention kernel when it is
-    built, otherwise SDPA with a per-row length mask over the first `span` positions.
+    extension op at the device positions (rows at -1, finished, are skipped): kv_update
+    (`attend`), or with RoPE in the same op (`attend_qkv`, the layers' path with fused q/k/v
+    weights); each row then attends over exactly its keys 0..p_b: through the decode-attention
+    kernel when it is built, otherwise SDPA with a per-row length mask over the first `span`
+    positions.
     """
 
     k_caches: list[Tensor]  # per layer: [rows, max_seq_len, Hkv, D] views of the cache
@@ -154,8 +160,26 @@ class DecodeStep:
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
-        rows = q.shape[0]
         kv_update(k_cache, v_cache, k.contiguous(), v.contiguous(), self.positions)
+        return self._attend_cached(layer, q)
+
+    def attend_qkv(self, layer: int, qkv: Tensor, cos: Tensor, sin: Tensor,
+                   num_q_heads: int) -> Tensor | None:
+        """`attend` from the fused projection before RoPE, qkv [rows, 1, Hq + 2 Hkv, D] (q, k,
+        v heads side by side; cos/sin [rows, 1, 1, D]): RoPE on q and k and the K/V write are
+        one op, toyllm::rope_kv_update, with the bits of RoPE then `attend`. None where that op
+        does not apply (TOYLLM_FUSED_ROPE_KV=0, an unsupported dtype, autograd): the layer then
+        rotates q and k itself and calls `attend`."""
+        k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
+        if not rope_kv_applies(qkv, k_cache):
+            return None
+        q = rope_kv_update(qkv, cos, sin, k_cache, v_cache, self.positions, num_q_heads)
+        return self._attend_cached(layer, q)
+
+    def _attend_cached(self, layer: int, q: Tensor) -> Tensor:
+        """q [rows, 1, Hq, D] over each row's keys 0..p_b, already in the cache."""
+        k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
+        rows = q.shape[0]
         if self._seq_lens is None:
             self._seq_lens = (self.positions.clamp(min=0) + 1).to(torch.int32)  # keys 0..p_b
         if self.use_kernel and has_decode_attention(q.device, rows, q.dtype, q.shape[-1]):

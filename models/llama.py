@@ -4,7 +4,8 @@
 forward that the rest of the project treats as the reference. With a cache, each layer hands
 its new q/k/v to `cache.attend(layer_index, q, k, v)`, which writes K/V into the KV cache
 and attends over everything written so far (see engine/cached_attention.py); the model itself
-does not know how or where K/V are stored.
+does not know how or where K/V are stored. A cache that offers `attend_qkv` (a decode step) is
+handed the fused q/k/v projection before RoPE instead, so RoPE and the K/V write can be one op.
 
 Each residual add is done by the norm that reads its sum (one kernel on CUDA), so a layer takes
 and returns the residual stream as a pair (x, pending) whose sum is the stream: see
@@ -48,7 +49,14 @@ except ImportError:
 
 
 class AttentionCache(Protocol):
-    """What a layer needs from a KV cache during a cached forward."""
+    """What a layer needs from a KV cache during a cached forward.
+
+    A cache may also offer ``attend_qkv(layer, qkv, cos, sin, num_q_heads) -> Tensor | None``:
+    `attend` from the fused projection before RoPE, qkv [B, T, Hq + 2 Hkv, D], RoPE included
+    (engine/cached_attention.py's DecodeStep: RoPE and the K/V write in one op). A layer with
+    fused q/k/v weights calls it where it exists and, when it returns None, does RoPE itself
+    and calls `attend`.
+    """
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> attention output [B, T, Hq, D]."""
@@ -105,8 +113,13 @@ class Attention(nn.Module):
         else:
             rope = _fused_cpu.rope if _fused_cpu is not None else apply_rope
         if self.qkv_weight is not None:
-            # one matmul for q, k and v, and one RoPE for q and k (heads side by side)
+            # one matmul for q, k and v
             qkv = _linear(x, self.qkv_weight).view(b, t, hq + 2 * hkv, hd)
+            attend_qkv = getattr(cache, "attend_qkv", None)
+            out = None if attend_qkv is None else attend_qkv(self.layer_index, qkv, cos, sin, hq)
+            if out is not None:  # a decode step: RoPE and the K/V write were one op
+                return _linear(out.reshape(b, t, hq * hd), self.o_proj.weight)
+            # one RoPE for q and k (heads side by side)
             qk = rope(qkv[:, :, : hq + hkv], cos, sin)
             q, k, v = qk[:, :, :hq], qk[:, :, hq:], qkv[:, :, hq + hkv :]
         else:

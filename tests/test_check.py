@@ -180,21 +180,32 @@ def plant_prefill_write_shifted(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def plant_decode_write_shifted(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decode writes the new token's K/V at position p+1 instead of p."""
+    """Decode writes the new token's K/V at position p+1 instead of p (through kv_update, or
+    rope_kv_update where the layers hand over their fused projection)."""
     real_update = cached_attention.kv_update
+    real_rope_kv = cached_attention.rope_kv_update
 
     def shifted(k_cache: torch.Tensor, v_cache: torch.Tensor, new_k: torch.Tensor,
                 new_v: torch.Tensor, positions: torch.Tensor) -> None:
         real_update(k_cache, v_cache, new_k, new_v,
                     shift_in_bounds(positions, new_k.shape[1], k_cache.shape[1]))
 
+    def shifted_rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                        num_q_heads: int) -> torch.Tensor:
+        return real_rope_kv(qkv, cos, sin, k_cache, v_cache,
+                            shift_in_bounds(positions, 1, k_cache.shape[1]), num_q_heads)
+
     monkeypatch.setattr(cached_attention, "kv_update", shifted)
+    monkeypatch.setattr(cached_attention, "rope_kv_update", shifted_rope_kv)
 
 
 def plant_skipped_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     """Layer 1's K/V are never written (prefill or decode); it attends over zeros."""
     real_prefill, real_decode = PrefillStep.attend, DecodeStep.attend
+    real_decode_qkv = DecodeStep.attend_qkv
     real_update = cached_attention.kv_update
+    real_rope_kv = cached_attention.rope_kv_update
     layer_now = [0]
 
     class NoLayer1(_CacheProxy):
@@ -212,19 +223,32 @@ def plant_skipped_layer(monkeypatch: pytest.MonkeyPatch) -> None:
         layer_now[0] = layer
         return real_decode(self, layer, q, k, v)
 
+    def decode_qkv(self: DecodeStep, layer: int, qkv: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, num_q_heads: int) -> torch.Tensor | None:
+        layer_now[0] = layer
+        return real_decode_qkv(self, layer, qkv, cos, sin, num_q_heads)
+
     def update(*args: torch.Tensor) -> None:
         if layer_now[0] != 1:
             real_update(*args)
 
+    def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, positions: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+        if layer_now[0] == 1:  # every row finished: q is still rotated, nothing is written
+            positions = torch.full_like(positions, -1)
+        return real_rope_kv(qkv, cos, sin, k_cache, v_cache, positions, num_q_heads)
+
     monkeypatch.setattr(PrefillStep, "attend", prefill)
     monkeypatch.setattr(DecodeStep, "attend", decode)
+    monkeypatch.setattr(DecodeStep, "attend_qkv", decode_qkv)
     monkeypatch.setattr(cached_attention, "kv_update", update)
+    monkeypatch.setattr(cached_attention, "rope_kv_update", rope_kv)
 
 
 def plant_attention_length(monkeypatch: pytest.MonkeyPatch, delta: int) -> None:
     """Decode attends over p_b + 1 + delta keys instead of p_b + 1 (reading all positions,
     so one key more reaches an unwritten slot)."""
-    real_decode = DecodeStep.attend
+    real_decode, real_decode_qkv = DecodeStep.attend, DecodeStep.attend_qkv
     real_attention = cached_attention.grouped_attention
     in_decode = [False]
 
@@ -236,6 +260,15 @@ def plant_attention_length(monkeypatch: pytest.MonkeyPatch, delta: int) -> None:
         finally:
             in_decode[0] = False
 
+    def decode_qkv(self: DecodeStep, layer: int, qkv: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, num_q_heads: int) -> torch.Tensor | None:
+        in_decode[0] = True
+        try:
+            return real_decode_qkv(replace(self, span=None, use_kernel=False), layer, qkv, cos,
+                                   sin, num_q_heads)
+        finally:
+            in_decode[0] = False
+
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   allowed: torch.Tensor | None) -> torch.Tensor:
         if in_decode[0] and allowed is not None:  # allowed: [rows, 1, keys]
@@ -244,6 +277,7 @@ def plant_attention_length(monkeypatch: pytest.MonkeyPatch, delta: int) -> None:
         return real_attention(q, k, v, allowed)
 
     monkeypatch.setattr(DecodeStep, "attend", decode)
+    monkeypatch.setattr(DecodeStep, "attend_qkv", decode_qkv)
     monkeypatch.setattr(cached_attention, "grouped_attention", attention)
 
 

@@ -3,7 +3,8 @@ heads, then kv_update) and against the torch code (models/rope.py's apply_rope, 
 assignment): bit for bit, on the CPU and on CUDA, fp32/fp16/bf16, MHA/GQA/MQA, head_dim 64 and
 128 (and 34 and 36: the kernel's narrow path), batch 1 and ragged batches with a finished row
 (-1), strided projections; every bad input (message, nothing written); opcheck; CUDA-graph
-replay with moved positions; where it applies (the TOYLLM_FUSED_ROPE_KV switch)."""
+replay with moved positions; the engine's decode logits with the op and without it
+(TOYLLM_FUSED_ROPE_KV), eager and in CUDA graphs; prefill and the reference never use it."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ import sys
 import pytest
 import torch
 
+import engine.cached_attention as cached_attention
 import engine.rope_kv_update as rope_kv_module
+from engine.generate import Engine
 from engine.kv_cache import kv_update, reference_update
+from engine.reference import reference_logits
 from engine.rope_kv_update import rope_kv_update
+from models.config import ModelConfig
+from models.llama import build_model
 from models.rope import apply_rope, rope_cos_sin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -354,6 +360,151 @@ def test_cuda_graph_replay_writes_at_the_moved_positions(dtype) -> None:
     assert torch.equal(args["k_cache"], want["k_cache"])
     assert torch.equal(args["v_cache"], want["v_cache"])
     assert not torch.equal(args["k_cache"][0, 4], new["k_cache"][0, 4])  # really written
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: decode with the op gives the logits of decode without it
+
+
+CONFIGS = {
+    "gqa_hd64": ModelConfig(vocab_size=256, hidden_size=256, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=64, intermediate_size=96, max_seq_len=64),
+    "mqa_hd128": ModelConfig(vocab_size=256, hidden_size=128, num_layers=2, num_heads=2,
+                             num_kv_heads=1, head_dim=128, intermediate_size=96, max_seq_len=64),
+    "mha_hd34": ModelConfig(vocab_size=256, hidden_size=68, num_layers=2, num_heads=2,
+                            num_kv_heads=2, head_dim=34, intermediate_size=96, max_seq_len=64),
+}
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 12, (n,), generator=g).tolist()
+    return [torch.randint(3, 256, (m,), generator=g).tolist() for m in lengths]
+
+
+def decode_run(model, prompts: list[list[int]], steps: int, fused: bool,
+               monkeypatch: pytest.MonkeyPatch, **engine_args) -> tuple[torch.Tensor, int]:
+    """Prefill the prompts, then `steps` greedy decode steps, row 0 finishing after the second
+    (its slot goes -1): (the steps' logits [steps, rows, vocab], the op's call count)."""
+    monkeypatch.setattr(rope_kv_module, "ENABLED", fused)
+    calls = [0]
+    real = cached_attention.rope_kv_update
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cached_attention, "rope_kv_update", counted)
+    engine = Engine(model, **engine_args)
+    n = len(prompts)
+    rows = engine._rows_for(n)
+    cache = engine.prepare_cache(rows, max(len(p) for p in prompts) + steps)
+    for r in range(n, rows):
+        cache.set_active(r, False)
+    last = torch.stack([engine.prefill(cache, r, p) for r, p in enumerate(prompts)])
+    tokens = torch.cat([last.argmax(-1), last.new_zeros(rows - n, dtype=torch.long)])
+    out = []
+    for step in range(steps):
+        if step == 2:
+            cache.set_active(0, False)
+        logits = engine.decode_step(cache, rows, tokens)
+        out.append(logits.clone())
+        tokens = logits.argmax(-1)
+    return torch.stack(out), calls[0]
+
+
+def _compare_engine(device: str, dtype: torch.dtype, name: str, n: int, monkeypatch,
+                    **engine_args) -> None:
+    model = build_model(CONFIGS[name], device=device, dtype=dtype, seed=1)
+    model.init_weights(1, std=0.2)
+    prompts = _prompts(n)
+    steps = 5
+    fused, fused_calls = decode_run(model, prompts, steps, True, monkeypatch, **engine_args)
+    plain, plain_calls = decode_run(model, prompts, steps, False, monkeypatch, **engine_args)
+    assert plain_calls == 0
+    if not engine_args.get("cuda_graph"):  # (graph replays call no Python)
+        assert fused_calls == steps * CONFIGS[name].num_layers
+    else:
+        assert fused_calls > 0
+    assert torch.equal(fused, plain)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("n", [1, 3, 10], ids=["batch1", "batch3", "batch10_sdpa"])
+def test_engine_cpu_decode_logits_with_and_without_the_op_are_equal(dtype, name, n,
+                                                                   monkeypatch) -> None:
+    _compare_engine("cpu", dtype, name, n, monkeypatch)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("n", [1, 3, 10], ids=["batch1", "batch3", "batch10_sdpa"])
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda_graph"])
+def test_engine_cuda_decode_logits_with_and_without_the_op_are_equal(dtype, name, n, graph,
+                                                                    monkeypatch) -> None:
+    _compare_engine("cuda", dtype, name, n, monkeypatch, cuda_graph=graph)
+
+
+def test_engine_cpu_decode_with_the_op_matches_the_no_cache_reference(monkeypatch) -> None:
+    """Teacher-forced: every decode step's logits against the uncached forward of the whole
+    sequence (not only the old path: both could share a mistake)."""
+    calls = [0]
+    real = cached_attention.rope_kv_update
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cached_attention, "rope_kv_update", counted)
+    model = build_model(CONFIGS["gqa_hd64"], seed=2)
+    engine = Engine(model)
+    ids = _prompts(1, seed=4)[0] + [7, 8, 9, 10]
+    n_prompt = len(ids) - 4
+    cache = engine.prepare_cache(1, len(ids))
+    engine.prefill(cache, 0, ids[:n_prompt])
+    for i in range(n_prompt, len(ids)):
+        logits = engine.decode_step(cache, 1, torch.tensor([ids[i]]))
+        want = reference_logits(model, ids[: i + 1])[-1]
+        assert float((logits[0] - want).abs().max()) <= 1e-4
+    assert calls[0] == 4 * CONFIGS["gqa_hd64"].num_layers
+
+
+def test_prefill_and_the_no_cache_forward_never_call_the_op(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("rope_kv_update called outside a decode step")
+
+    monkeypatch.setattr(cached_attention, "rope_kv_update", refuse)
+    model = build_model(CONFIGS["gqa_hd64"], seed=2)
+    engine = Engine(model)  # fuses the projections
+    ids = _prompts(1, seed=4)[0]
+    cache = engine.prepare_cache(1, len(ids) + 1)
+    engine.prefill(cache, 0, ids)
+    reference_logits(model, ids)
+    with pytest.raises(AssertionError, match="outside a decode step"):
+        engine.decode_step(cache, 1, torch.tensor([5]))
+
+
+def test_decode_step_compiles_with_the_op_and_gives_the_eager_logits(monkeypatch) -> None:
+    """torch.compile traces the decode step through the op's fake implementation and
+    functionalises its cache writes (aot_eager: the graph capture without a C++ compiler)."""
+    model = build_model(CONFIGS["gqa_hd64"], seed=2)
+    prompts = _prompts(3, seed=6)
+    results = []
+    for compiled in (False, True):
+        engine = Engine(model)
+        if compiled:
+            torch._dynamo.reset()
+            engine.decode_forward = torch.compile(engine.decode_forward, backend="aot_eager",
+                                                  fullgraph=True)
+        cache = engine.prepare_cache(3, 16)
+        last = torch.stack([engine.prefill(cache, r, p) for r, p in enumerate(prompts)])
+        cache.set_active(1, False)
+        logits = engine.decode_step(cache, 3, last.argmax(-1))
+        results.append((logits, cache.storage().clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
 
 
 # ---------------------------------------------------------------------------------------------
