@@ -118,8 +118,8 @@ void check_rope_kv_update_args(const at::Tensor& qkv, const at::Tensor& cos, con
 }
 
 at::Tensor rope_kv_update_cpu(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                              at::Tensor& k_cache, at::Tensor& v_cache,
-                              const at::Tensor& positions, int64_t num_q_heads) {
+                              at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& positions,
+                              int64_t num_q_heads) {
     check_rope_kv_update_args(qkv, cos, sin, k_cache, v_cache, positions, num_q_heads);
     // On the CPU the positions can be read for free, so their range is checked too, as
     // kv_update does (the CUDA kernel cannot report without a host sync; it skips such a row).
