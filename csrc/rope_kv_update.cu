@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "programmatic_launch.cuh"
 #include "rope_kv_update.cuh"
 #include "rope_rotate.cuh"
 #include "vector_pack.cuh"
@@ -33,6 +34,7 @@ __global__ void __launch_bounds__(kThreads)
                           int64_t max_seq_len, int64_t num_q_heads, int64_t num_kv_heads,
                           int64_t half, int64_t total_packs, int64_t qkv_stride_row,
                           int64_t qkv_stride_head, int64_t cs_stride_row) {
+    wait_for_inputs();  // launched through launch_kernel: see programmatic_launch.cuh
     using P = Pack<T, N>;
     const int64_t packs_per_head = half / N;
     const int64_t heads = num_q_heads + 2 * num_kv_heads;
@@ -108,16 +110,12 @@ cudaError_t rope_kv_update_for(const void* qkv, const void* cos, const void* sin
     T* ot = static_cast<T*>(q_out);
     T* kt = static_cast<T*>(k_cache);
     T* vt = static_cast<T*>(v_cache);
-    if (vec) {
-        rope_kv_update_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(
-            qt, ct, st, positions, ot, kt, vt, max_seq_len, num_q_heads, num_kv_heads, half, total,
-            qkv_stride_row, qkv_stride_head, cs_stride_row);
-    } else {
-        rope_kv_update_kernel<T, 1><<<grid, kThreads, 0, stream>>>(
-            qt, ct, st, positions, ot, kt, vt, max_seq_len, num_q_heads, num_kv_heads, half, total,
-            qkv_stride_row, qkv_stride_head, cs_stride_row);
-    }
-    return cudaGetLastError();
+    // Programmatic dependent launch, as kv_update's (programmatic_launch.cuh): the kernel may
+    // start while the projection is still being computed and waits for it on the device.
+    return launch_kernel(vec ? rope_kv_update_kernel<T, kVec> : rope_kv_update_kernel<T, 1>,
+                         dim3(grid), dim3(kThreads), 0, stream, qt, ct, st, positions, ot, kt, vt,
+                         max_seq_len, num_q_heads, num_kv_heads, half, total, qkv_stride_row,
+                         qkv_stride_head, cs_stride_row);
 }
 
 }  // namespace

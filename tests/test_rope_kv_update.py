@@ -3,8 +3,9 @@ heads, then kv_update) and against the torch code (models/rope.py's apply_rope, 
 assignment): bit for bit, on the CPU and on CUDA, fp32/fp16/bf16, MHA/GQA/MQA, head_dim 64 and
 128 (and 34 and 36: the kernel's narrow path), batch 1 and ragged batches with a finished row
 (-1), strided projections; every bad input (message, nothing written); opcheck; CUDA-graph
-replay with moved positions; the engine's decode logits with the op and without it
-(TOYLLM_FUSED_ROPE_KV), eager and in CUDA graphs; prefill and the reference never use it."""
+replay with moved positions; programmatic dependent launch on and off; the engine's decode
+logits with the op and without it (TOYLLM_FUSED_ROPE_KV), eager and in CUDA graphs; prefill and
+the reference never use it."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 import engine.cached_attention as cached_attention
 import engine.rope_kv_update as rope_kv_module
 from engine.generate import Engine
-from engine.kv_cache import kv_update, reference_update
+from engine.kv_cache import decode_attention, kv_update, reference_update, set_programmatic_launch
 from engine.reference import reference_logits
 from engine.rope_kv_update import rope_kv_update
 from models.config import ModelConfig
@@ -366,6 +367,61 @@ def test_cuda_graph_replay_writes_at_the_moved_positions(dtype) -> None:
         for r in active_rows(moved):
             expected[r, moved[r]] = True
         assert torch.equal(changed, expected), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Programmatic dependent launch: the kernel may start before the one ahead of it has finished
+
+
+def _chain(args: dict, steps: int) -> list[torch.Tensor]:
+    """steps rounds of: the op, decode attention over the rows' keys, and the next projection
+    made from the attention's output (torch kernels): every kernel reads the last one's output."""
+    a = dict(args)
+    hq, hkv = a["num_q_heads"], a["k_cache"].shape[2]
+    outs = []
+    for _ in range(steps):
+        q = rope_kv_update(**a)
+        out = decode_attention(q[:, 0], a["k_cache"], a["v_cache"],
+                               (a["positions"].clamp(min=0) + 1).to(torch.int32))
+        outs.append(out)
+        a["qkv"] = torch.cat([out, out[:, : 2 * hkv] * 0.5], dim=1).unsqueeze(1)
+        a["positions"] = torch.where(a["positions"] >= 0, a["positions"] + 1, a["positions"])
+        assert a["qkv"].shape[2] == hq + 2 * hkv
+    return outs
+
+
+@pytest.fixture
+def restore_programmatic_launch():
+    yield
+    set_programmatic_launch(True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda_graph"])
+def test_a_chain_through_the_op_gives_the_same_bits_with_programmatic_launch_on_and_off(
+        graph, restore_programmatic_launch) -> None:
+    results = []
+    for enabled in (False, True):
+        set_programmatic_launch(enabled)
+        args = make_inputs([3, 100, -1, 300], 8, 2, 64, torch.bfloat16, "cuda", max_seq_len=512)
+        if graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                _chain(clone_args(args), steps=2)  # warm-up, on copies of the caches
+            torch.cuda.current_stream().wait_stream(side)
+            captured = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(captured):
+                outs = _chain(args, steps=8)
+            captured.replay()
+        else:
+            outs = _chain(args, steps=20)
+        torch.cuda.synchronize()
+        results.append(([o.clone() for o in outs], args["k_cache"].clone(),
+                        args["v_cache"].clone()))
+    (off, k_off, v_off), (on, k_on, v_on) = results
+    assert all(torch.equal(a, b) for a, b in zip(off, on, strict=True))
+    assert torch.equal(k_off, k_on) and torch.equal(v_off, v_on)
 
 
 # ---------------------------------------------------------------------------------------------
