@@ -30,7 +30,8 @@ namespace toyllm {
 //       where it can (CPU); on CUDA this guard keeps the kernel inside the row's slab, as
 //       launch_kv_update's does.
 // Positions are read on the device and the launch size depends on the shapes only, so the
-// launch can be captured in a CUDA graph and replayed after the positions have moved. 16-byte
+// launch can be captured in a CUDA graph and replayed after the positions have moved. Launched
+// with programmatic dependent launch where enabled (programmatic_launch.cuh). 16-byte
 // accesses when head_dim / 2, every stride and every pointer allow them, narrower otherwise;
 // the bits do not depend on which.
 //
