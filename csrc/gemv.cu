@@ -78,6 +78,88 @@ __device__ __forceinline__ void accumulate(float (&acc)[R], const Pack<T, N>& w,
     }
 }
 
+// acc[m] += float(W[j, i]) * float(x[m, i]) over this thread's packs p, p + G, p + 2G, ... < packs
+// of a row j of W (G = group_threads), in that order: batches of U independent loads, then the
+// last < U packs one at a time. `wp` and `xq` point at pack p of row j of W and of row 0 of x
+// (rows of x are `packs` packs apart). The order of the fmafs depends on (p, G, packs) only.
+template <typename T, int N, int R>
+__device__ __forceinline__ void dot_packs(float (&acc)[R], const Pack<T, N>* __restrict__ wp,
+                                          const Pack<T, N>* __restrict__ xq, int64_t p,
+                                          int64_t group_threads, int64_t packs) {
+    using P = Pack<T, N>;
+    constexpr int U = kUnroll<N>;
+#pragma unroll 1
+    for (; p + (U - 1) * group_threads < packs; p += U * group_threads) {
+        // U independent loads first (the HBM latency is paid once per U packs) ...
+        P w[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            w[u] = load_weight(wp + u * group_threads);
+        }
+        // ... then y[m, j] += x[m, i] * W[j, i] over their elements, in fp32
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            accumulate<T, N, R>(acc, w[u], xq + u * group_threads, packs);
+        }
+        wp += U * group_threads;
+        xq += U * group_threads;
+    }
+#pragma unroll 1
+    for (; p < packs; p += group_threads) {  // the last < U packs, one at a time
+        accumulate<T, N, R>(acc, load_weight(wp), xq, packs);
+        wp += group_threads;
+        xq += group_threads;
+    }
+}
+
+// Writes y[m, j] (m < R) from every thread's acc of output row j, owned by `group` (its
+// warps_per_row warps; `rank` = thread within the group): a butterfly sum over each warp (every
+// lane ends with the same total: fp32 addition is commutative, so both lanes of a pair compute
+// the same bits), then, when several warps share the row, their totals added in warp order
+// through `partial` [warps of the block][R]. `barrier()` synchronises at least the group's
+// threads; every thread of the group must call store_row (j >= out writes nothing). `warp` and
+// `lane` are the thread's in the block, `rank` its index in the group.
+template <typename T, int R, typename Barrier>
+__device__ __forceinline__ void store_row(float (&acc)[R], float (*partial)[R],
+                                          T* __restrict__ y,  // [R, out]
+                                          int64_t j, int64_t out, int warp, int lane, int group,
+                                          int rank, int warps_per_row, Barrier barrier) {
+#pragma unroll
+    for (int m = 0; m < R; ++m) {
+#pragma unroll
+        for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+            acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], offset);
+        }
+    }
+    if (warps_per_row == 1) {
+        if (j < out) {
+#pragma unroll
+            for (int m = 0; m < R; ++m) {
+                if (lane == m) {
+                    y[m * out + j] = from_float<T>(acc[m]);
+                }
+            }
+        }
+    } else {
+        if (lane == 0) {
+#pragma unroll
+            for (int m = 0; m < R; ++m) {
+                partial[warp][m] = acc[m];
+            }
+        }
+        barrier();
+        // thread m of the group adds row m's warp totals in warp order and writes y[m, j]
+        if (rank < R && j < out) {
+            float total = 0.0f;
+            for (int w = 0; w < warps_per_row; ++w) {
+                total += partial[group * warps_per_row + w][rank];
+            }
+            y[rank * out + j] = from_float<T>(total);
+        }
+        barrier();  // partial is free again for the next rows
+    }
+}
+
 // Rows [first, first + kWarps / warps_per_row) of W per block and grid-stride step, one per
 // group of warps_per_row warps. R = rows of x (a register accumulator each), N = elements per
 // load. The loop over output rows is block-uniform, so every thread reaches the barriers.
@@ -88,7 +170,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
                 T* __restrict__ y,             // [R, out]
                 int64_t in, int64_t out, int warps_per_row) {
     using P = Pack<T, N>;
-    constexpr int U = kUnroll<N>;
     __shared__ float partial[kWarps][R];  // per-warp sums when several warps share a row
 
     const int warp = threadIdx.x / kWarp;
@@ -110,68 +191,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         }
         if (j < out) {
             // this thread's packs of row j: p = rank, rank + G, rank + 2G, ... < packs
-            const P* __restrict__ wp = reinterpret_cast<const P*>(weight + j * in) + rank;
-            const P* __restrict__ xq = xp + rank;
-            int64_t p = rank;
-#pragma unroll 1
-            for (; p + (U - 1) * group_threads < packs; p += U * group_threads) {
-                // U independent loads first (the HBM latency is paid once per U packs) ...
-                P w[U];
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    w[u] = load_weight(wp + u * group_threads);
-                }
-                // ... then y[m, j] += x[m, i] * W[j, i] over their elements, in fp32
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    accumulate<T, N, R>(acc, w[u], xq + u * group_threads, packs);
-                }
-                wp += U * group_threads;
-                xq += U * group_threads;
-            }
-#pragma unroll 1
-            for (; p < packs; p += group_threads) {  // the last < U packs, one at a time
-                accumulate<T, N, R>(acc, load_weight(wp), xq, packs);
-                wp += group_threads;
-                xq += group_threads;
-            }
+            dot_packs<T, N, R>(acc, reinterpret_cast<const P*>(weight + j * in) + rank, xp + rank,
+                               rank, group_threads, packs);
         }
-        // Butterfly sum over the warp: every lane ends with the same total (fp32 addition is
-        // commutative, so both lanes of a pair compute the same bits).
-#pragma unroll
-        for (int m = 0; m < R; ++m) {
-#pragma unroll
-            for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-                acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], offset);
-            }
-        }
-        if (warps_per_row == 1) {
-            if (j < out) {
-#pragma unroll
-                for (int m = 0; m < R; ++m) {
-                    if (lane == m) {
-                        y[m * out + j] = from_float<T>(acc[m]);
-                    }
-                }
-            }
-        } else {
-            if (lane == 0) {
-#pragma unroll
-                for (int m = 0; m < R; ++m) {
-                    partial[warp][m] = acc[m];
-                }
-            }
-            __syncthreads();
-            // thread m of the group adds row m's warp totals in warp order and writes y[m, j]
-            if (rank < R && j < out) {
-                float total = 0.0f;
-                for (int w = 0; w < warps_per_row; ++w) {
-                    total += partial[group * warps_per_row + w][rank];
-                }
-                y[rank * out + j] = from_float<T>(total);
-            }
-            __syncthreads();  // partial is free again for the next rows
-        }
+        store_row<T, R>(acc, partial, y, j, out, warp, lane, group, rank, warps_per_row,
+                        [] { __syncthreads(); });
     }
 }
 
