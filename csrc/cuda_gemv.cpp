@@ -9,10 +9,11 @@
 // not contiguous); weight: [out, in] contiguous (nn.Linear's layout), x's dtype and device.
 // Sums in fp32, one rounding to the dtype. Prefill's many rows stay with cuBLAS (the engine's
 // dispatch, engine/gemv.py, sends them there). gemv_silu_mul takes the same arguments with
-// gate_up [..., 2 * in] in x's place. Only y is allocated (through torch's caching allocator;
-// and h, where gemv_silu_mul falls back to two kernels), so a call can be captured in a CUDA
-// graph. The fake (meta) implementations, with the same checks and messages, are registered from
-// Python (engine/gemv.py).
+// gate_up [..., 2 * in] in x's place; its kernel takes one row (a decode step's), 2 to 4 rows run
+// silu_mul's and gemv's kernels. Only y is allocated (through torch's caching allocator; and h,
+// where gemv_silu_mul runs two kernels), so a call can be captured in a CUDA graph. The fake
+// (meta) implementations, with the same checks and messages, are registered from Python
+// (engine/gemv.py).
 #ifdef TOYLLM_WITH_CUDA
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -139,14 +140,15 @@ at::Tensor gemv_silu_mul_cuda(const at::Tensor& gate_up, const at::Tensor& weigh
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
     const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
     cudaError_t err = cudaSuccess;
-    if (gemv_silu_mul_shared_bytes(dtype, rows, in) <= props->sharedMemPerBlockOptin) {
+    if (rows == 1 && gemv_silu_mul_shared_bytes(dtype, in) <= props->sharedMemPerBlockOptin) {
         err =
             launch_gemv_silu_mul(gu.const_data_ptr(), weight.const_data_ptr(), y.mutable_data_ptr(),
-                                 dtype, rows, in, out, props->multiProcessorCount, stream);
+                                 dtype, in, out, props->multiProcessorCount, stream);
     } else {
-        // h does not fit in a block's shared memory (in > ~58k fp32 or ~116k bf16 on an H100 at
-        // one row): silu_mul's kernel writes it and gemv's reads it, the two kernels the fused
-        // one stands for, so the same bits.
+        // 2 to 4 rows (not a decode step's shape: the model sends them to cuBLAS), or h too big
+        // for a block's shared memory (in > ~58k fp32 or ~116k bf16 on an H100): silu_mul's
+        // kernel writes h and gemv's reads it, the two kernels the fused one stands for, so the
+        // same bits.
         at::Tensor h = at::empty({rows, in}, gu.options());
         err = launch_silu_mul(gu.const_data_ptr(), h.mutable_data_ptr(), fused_dtype(dtype), rows,
                               in, stream);

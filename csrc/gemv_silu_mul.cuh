@@ -1,7 +1,8 @@
-// Raw CUDA launcher for a SwiGLU MLP's down product at decode: y = silu_mul(gate_up) @ W^T in one
-// kernel, which computes h = silu(gate) * up itself instead of reading it from a tensor that
-// toyllm::silu_mul's kernel wrote. Plain pointers and sizes only (no torch), so nvcc compiles
-// it alone; the operator toyllm::gemv_silu_mul (csrc/cuda_gemv.cpp) calls it.
+// Raw CUDA launcher for a SwiGLU MLP's down product at decode: y = silu_mul(gate_up) @ W^T for one
+// row of gate_up in one kernel, which computes h = silu(gate) * up itself instead of reading it
+// from a tensor that toyllm::silu_mul's kernel wrote. Plain pointers and sizes only (no torch),
+// so nvcc compiles it alone; the operator toyllm::gemv_silu_mul (csrc/cuda_gemv.cpp) calls it
+// (and runs launch_silu_mul then launch_gemv for 2 to 4 rows, or where h does not fit).
 //
 // Same bits as launch_silu_mul then launch_gemv: h is computed by silu_mul's own per-element
 // function (silu_mul.cuh) and rounded to the dtype, and the product is summed by gemv's row
@@ -21,25 +22,25 @@
 
 namespace toyllm {
 
-// Shared memory one block of the kernel takes for these sizes (h staged as [rows, in] of the
-// dtype, plus the per-warp sums). Where it exceeds the device's opt-in limit per block
+// Shared memory one block of the kernel takes for this `in` (h staged as [in] of the dtype, plus
+// the per-warp sums). Where it exceeds the device's opt-in limit per block
 // (cudaDevAttrMaxSharedMemoryPerBlockOptin: 227 KB on an H100, so in <= ~116k bf16 or ~58k
-// fp32 at one row), launch_gemv_silu_mul cannot run: call launch_silu_mul and launch_gemv.
-size_t gemv_silu_mul_shared_bytes(GemvDtype dtype, int64_t rows, int64_t in);
+// fp32), launch_gemv_silu_mul cannot run: call launch_silu_mul and launch_gemv instead.
+size_t gemv_silu_mul_shared_bytes(GemvDtype dtype, int64_t in);
 
-// y[r, j] = to_dtype(sum_i float(h[r, i]) * float(weight[j, i])) for r < rows, j < out, with
-// h[r, i] = to_dtype(to_dtype(silu(g)) * u), g = gate_up[r, i], u = gate_up[r, in + i] (the
-// value launch_silu_mul writes). in == 0 writes zeros. num_sms: the device's SM count (the grid
-// is at most one block per SM). 16-byte loads of W when `in` is a multiple of 16 bytes and
-// weight is 16-byte aligned, element loads otherwise (as launch_gemv for an aligned x); gate_up
-// is read in 16-byte packs when it allows them.
-// Returns cudaErrorInvalidValue for negative sizes, rows > kGemvMaxRows or num_sms < 1,
-// cudaSuccess without a launch when rows or out is 0, the error of cudaFuncSetAttribute when
-// the shared memory exceeds the device's limit, otherwise cudaGetLastError() after the launch.
-cudaError_t launch_gemv_silu_mul(const void* gate_up,  // [rows, 2 * in], contiguous
+// y[j] = to_dtype(sum_i float(h[i]) * float(weight[j, i])) for j < out, with
+// h[i] = to_dtype(to_dtype(silu(g)) * u), g = gate_up[i], u = gate_up[in + i] (the value
+// launch_silu_mul writes). in == 0 writes zeros. num_sms: the device's SM count (the grid is at
+// most one block per SM). 16-byte loads of W when `in` is a multiple of 16 bytes and weight is
+// 16-byte aligned, element loads otherwise (as launch_gemv for an aligned x); gate_up is read in
+// 16-byte packs when it allows them.
+// Returns cudaErrorInvalidValue for negative sizes or num_sms < 1, cudaSuccess without a launch
+// when out is 0, the error of cudaFuncSetAttribute when the shared memory exceeds the device's
+// limit, otherwise cudaGetLastError() after the launch.
+cudaError_t launch_gemv_silu_mul(const void* gate_up,  // [2 * in], contiguous
                                  const void* weight,   // [out, in], contiguous
-                                 void* y,              // [rows, out], contiguous
-                                 GemvDtype dtype, int64_t rows, int64_t in, int64_t out,
-                                 int num_sms, cudaStream_t stream);
+                                 void* y,              // [out]
+                                 GemvDtype dtype, int64_t in, int64_t out, int num_sms,
+                                 cudaStream_t stream);
 
 }  // namespace toyllm
