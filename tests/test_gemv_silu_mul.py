@@ -179,7 +179,7 @@ def _is_two_kernels(names: list[str]) -> bool:
 
 
 @pytest.mark.cuda
-def test_gemv_silu_mul_cuda_is_one_kernel_at_one_row() -> None:
+def test_gemv_silu_mul_cuda_profile_is_one_kernel_at_one_row() -> None:
     w = weight(2048, 8192, torch.bfloat16)  # Llama-1B's down product
     for shape in [(1, 1, 16384), (16384,), (1, 16384)]:
         names = _kernels_of(gate_up_values(shape, torch.bfloat16, seed=8), w)
@@ -187,7 +187,7 @@ def test_gemv_silu_mul_cuda_is_one_kernel_at_one_row() -> None:
 
 
 @pytest.mark.cuda
-def test_gemv_silu_mul_cuda_runs_silu_mul_and_gemv_for_more_rows_or_a_big_h() -> None:
+def test_gemv_silu_mul_cuda_profile_is_silu_mul_and_gemv_for_more_rows_or_a_big_h() -> None:
     w = weight(64, 2048, torch.bfloat16)
     for rows in [2, 3, 4]:
         names = _kernels_of(gate_up_values((rows, 4096), torch.bfloat16, seed=rows), w)
