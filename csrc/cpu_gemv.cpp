@@ -17,8 +17,14 @@
 // chosen at run time (__builtin_cpu_supports), with a portable loop as the fallback, so the
 // module needs no -march flag. The fp32 sums run in another order than MKL's: results agree
 // to a few ulps of the dot products, not bit for bit.
+//
+// Also defines `toyllm::gemv_silu_mul(gate_up, weight) -> y` = gemv(silu_mul(gate_up), weight),
+// a SwiGLU MLP's down product, whose CUDA kernel computes silu(gate) * up itself (cuda_gemv.cpp);
+// on the CPU it runs toyllm::silu_mul then the loop here (same checks as gemv, gate_up [..., 2 *
+// in] in x's place).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -189,28 +195,33 @@ using Kernel = void (*)(const float*, const float*, float*, int64_t, int64_t, in
 // ---------------------------------------------------------------------------------------------
 // the operator
 
-void check_gemv_args(const at::Tensor& x, const at::Tensor& weight) {
-    TORCH_CHECK_VALUE(x.device().is_cpu(), "gemv: expected x on the CPU, got ", x.device());
-    TORCH_CHECK_VALUE(weight.device().is_cpu(), "gemv: expected weight on the CPU, got ",
+// The CPU rules of gemv (x_name "x") and gemv_silu_mul ("gate_up"), `op` naming the operator in
+// the messages; check_shapes is the operator's shape check of gemv_args.h.
+void check_gemv_cpu_args(const char* op, const char* x_name, const at::Tensor& x,
+                         const at::Tensor& weight,
+                         void (*check_shapes)(const at::Tensor&, const at::Tensor&)) {
+    TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": expected ", x_name, " on the CPU, got ",
+                      x.device());
+    TORCH_CHECK_VALUE(weight.device().is_cpu(), op, ": expected weight on the CPU, got ",
                       weight.device());
-    TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, "gemv: expected x of dtype torch.float32, got ",
-                      dtype_name(x.scalar_type()));
-    TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat,
-                      "gemv: expected weight of dtype torch.float32, got ",
+    TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, op, ": expected ", x_name,
+                      " of dtype torch.float32, got ", dtype_name(x.scalar_type()));
+    TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat, op,
+                      ": expected weight of dtype torch.float32, got ",
                       dtype_name(weight.scalar_type()));
-    check_gemv_shapes(x, weight);
+    check_shapes(x, weight);
     const bool row_major = weight.is_contiguous();
     const bool input_major =
         weight.stride(0) == 1 && weight.stride(1) == std::max<int64_t>(weight.size(0), 1);
-    TORCH_CHECK_VALUE(row_major || input_major,
-                      "gemv: expected weight [out, in] contiguous (strides [in, 1]) or the "
+    TORCH_CHECK_VALUE(row_major || input_major, op,
+                      ": expected weight [out, in] contiguous (strides [in, 1]) or the "
                       "transposed view of a contiguous [in, out] matrix (strides [1, out]), got "
                       "strides ",
                       weight.strides(), " for shape ", weight.sizes());
 }
 
-at::Tensor gemv_cpu(const at::Tensor& x, const at::Tensor& weight) {
-    check_gemv_args(x, weight);
+// y = x @ weight^T on checked arguments.
+at::Tensor gemv_cpu_checked(const at::Tensor& x, const at::Tensor& weight) {
     const int64_t out = weight.size(0);
     const int64_t in = weight.size(1);
     std::vector<int64_t> out_shape = x.sizes().vec();
@@ -247,13 +258,36 @@ at::Tensor gemv_cpu(const at::Tensor& x, const at::Tensor& weight) {
     return y;
 }
 
+at::Tensor gemv_cpu(const at::Tensor& x, const at::Tensor& weight) {
+    check_gemv_cpu_args("gemv", "x", x, weight, check_gemv_shapes);
+    return gemv_cpu_checked(x, weight);
+}
+
+// gemv(silu_mul(gate_up), weight): toyllm::silu_mul's CPU kernel (through the dispatcher, so the
+// same bits as that operator), then the product above. Nothing is fused on the CPU, where the
+// model does not call it (engine/gemv.py); it is here so that the operator runs everywhere.
+at::Tensor gemv_silu_mul_cpu(const at::Tensor& gate_up, const at::Tensor& weight) {
+    check_gemv_cpu_args("gemv_silu_mul", "gate_up", gate_up, weight, check_gemv_silu_mul_shapes);
+    if (weight.size(1) == 0) {  // silu_mul takes no empty rows; the empty sums are 0
+        std::vector<int64_t> out_shape = gate_up.sizes().vec();
+        out_shape.back() = weight.size(0);
+        return at::zeros(out_shape, gate_up.options().memory_format(at::MemoryFormat::Contiguous));
+    }
+    static const auto silu_mul = c10::Dispatcher::singleton()
+                                     .findSchemaOrThrow("toyllm::silu_mul", "")
+                                     .typed<at::Tensor(const at::Tensor&)>();
+    return gemv_cpu_checked(silu_mul.call(gate_up.contiguous()), weight);
+}
+
 }  // namespace
 }  // namespace toyllm
 
 TORCH_LIBRARY_FRAGMENT(toyllm, m) {
     m.def("gemv(Tensor x, Tensor weight) -> Tensor");
+    m.def("gemv_silu_mul(Tensor gate_up, Tensor weight) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(toyllm, CPU, m) {
     m.impl("gemv", &toyllm::gemv_cpu);
+    m.impl("gemv_silu_mul", &toyllm::gemv_silu_mul_cpu);
 }

@@ -1,13 +1,19 @@
-// Registers the CUDA implementation of `toyllm::gemv(x, weight) -> y` (the operator and its CPU
-// kernel are defined in cpu_gemv.cpp): y = F.linear(x, weight) (no bias) for the few-row
-// products of a decode step, with the kernel of gemv.cu.
+// Registers the CUDA implementations of `toyllm::gemv(x, weight) -> y` and
+// `toyllm::gemv_silu_mul(gate_up, weight) -> y` (the operators and their CPU kernels are defined
+// in cpu_gemv.cpp): y = F.linear(x, weight) (no bias) for the few-row products of a decode step,
+// with the kernel of gemv.cu, and y = F.linear(silu_mul(gate_up), weight), a SwiGLU MLP's down
+// product, with the kernel of gemv_silu_mul.cu, which computes silu(gate) * up itself (the same
+// bits as toyllm::silu_mul then toyllm::gemv).
 //
 // x: [..., in] with at most 4 rows (x.numel() / in), fp32, fp16 or bf16 (packed here when it is
 // not contiguous); weight: [out, in] contiguous (nn.Linear's layout), x's dtype and device.
 // Sums in fp32, one rounding to the dtype. Prefill's many rows stay with cuBLAS (the engine's
-// dispatch, engine/gemv.py, sends them there). Only y is allocated (through torch's caching
-// allocator), so a call can be captured in a CUDA graph. The fake (meta) implementation, with
-// the same checks and messages, is registered from Python (engine/gemv.py).
+// dispatch, engine/gemv.py, sends them there). gemv_silu_mul takes the same arguments with
+// gate_up [..., 2 * in] in x's place; its kernel takes one row (a decode step's), 2 to 4 rows run
+// silu_mul's and gemv's kernels. Only y is allocated (through torch's caching allocator; and h,
+// where gemv_silu_mul runs two kernels), so a call can be captured in a CUDA graph. The fake
+// (meta) implementations, with the same checks and messages, are registered from Python
+// (engine/gemv.py).
 #ifdef TOYLLM_WITH_CUDA
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -17,8 +23,10 @@
 #include <vector>
 
 #include "dtype_names.h"
+#include "fused_kernels.cuh"
 #include "gemv_args.h"
 #include "gemv.cuh"
+#include "gemv_silu_mul.cuh"
 
 namespace toyllm {
 namespace {
@@ -46,30 +54,43 @@ int64_t leading_rows(const at::Tensor& x) {
     return rows;
 }
 
-void check_gemv_cuda_args(const at::Tensor& x, const at::Tensor& weight) {
-    TORCH_CHECK_VALUE(x.device().is_cuda(), "gemv: expected x on a CUDA device (weight is on ",
-                      weight.device(), "), got ", x.device());
-    TORCH_CHECK_VALUE(weight.device() == x.device(), "gemv: expected weight on ", x.device(),
-                      " (x's device), got ", weight.device());
-    TORCH_CHECK_VALUE(is_gemv_dtype(x.scalar_type()),
-                      "gemv: expected x of dtype torch.float32, torch.float16 or torch.bfloat16 "
-                      "on CUDA, got ",
+// How an operator's messages name it, its first argument and that argument's rows.
+struct OpNames {
+    const char* op;       // "gemv"
+    const char* x;        // "x"
+    const char* rows;     // how rows are counted: "x.numel() / in"
+    const char* instead;  // what to use for more rows: "F.linear"
+};
+constexpr OpNames kGemvNames{"gemv", "x", "x.numel() / in", "F.linear"};
+constexpr OpNames kGemvSiluMulNames{"gemv_silu_mul", "gate_up", "gate_up.numel() / (2 * in)",
+                                    "silu_mul and F.linear"};
+
+// The CUDA rules of gemv (x, weight) and gemv_silu_mul (gate_up, weight); check_shapes is the
+// operator's shape check of gemv_args.h.
+void check_gemv_cuda_args(const OpNames& n, const at::Tensor& x, const at::Tensor& weight,
+                          void (*check_shapes)(const at::Tensor&, const at::Tensor&)) {
+    TORCH_CHECK_VALUE(x.device().is_cuda(), n.op, ": expected ", n.x,
+                      " on a CUDA device (weight is on ", weight.device(), "), got ", x.device());
+    TORCH_CHECK_VALUE(weight.device() == x.device(), n.op, ": expected weight on ", x.device(),
+                      " (", n.x, "'s device), got ", weight.device());
+    TORCH_CHECK_VALUE(is_gemv_dtype(x.scalar_type()), n.op, ": expected ", n.x,
+                      " of dtype torch.float32, torch.float16 or torch.bfloat16 on CUDA, got ",
                       dtype_name(x.scalar_type()));
-    TORCH_CHECK_VALUE(weight.scalar_type() == x.scalar_type(), "gemv: expected weight of dtype ",
-                      dtype_name(x.scalar_type()), " (x's dtype), got ",
+    TORCH_CHECK_VALUE(weight.scalar_type() == x.scalar_type(), n.op, ": expected weight of dtype ",
+                      dtype_name(x.scalar_type()), " (", n.x, "'s dtype), got ",
                       dtype_name(weight.scalar_type()));
-    check_gemv_shapes(x, weight);
-    TORCH_CHECK_VALUE(weight.is_contiguous(),
-                      "gemv: expected a contiguous weight [out, in] (strides [in, 1]) on CUDA, "
+    check_shapes(x, weight);
+    TORCH_CHECK_VALUE(weight.is_contiguous(), n.op,
+                      ": expected a contiguous weight [out, in] (strides [in, 1]) on CUDA, "
                       "got strides ",
                       weight.strides(), " for shape ", weight.sizes());
-    TORCH_CHECK_VALUE(leading_rows(x) <= kGemvMaxRows, "gemv: expected at most ", kGemvMaxRows,
-                      " rows of x on CUDA (x.numel() / in), got ", leading_rows(x),
-                      " (x of shape ", x.sizes(), "); use F.linear for more");
+    TORCH_CHECK_VALUE(leading_rows(x) <= kGemvMaxRows, n.op, ": expected at most ", kGemvMaxRows,
+                      " rows of ", n.x, " on CUDA (", n.rows, "), got ", leading_rows(x), " (", n.x,
+                      " of shape ", x.sizes(), "); use ", n.instead, " for more");
 }
 
 at::Tensor gemv_cuda(const at::Tensor& x, const at::Tensor& weight) {
-    check_gemv_cuda_args(x, weight);
+    check_gemv_cuda_args(kGemvNames, x, weight, check_gemv_shapes);
     const c10::cuda::CUDAGuard guard(x.device());
     const int64_t out = weight.size(0);
     const int64_t in = weight.size(1);
@@ -90,10 +111,62 @@ at::Tensor gemv_cuda(const at::Tensor& x, const at::Tensor& weight) {
     return y;
 }
 
+FusedDtype fused_dtype(GemvDtype t) {
+    if (t == GemvDtype::kFloat16) {
+        return FusedDtype::kFloat16;
+    }
+    if (t == GemvDtype::kBFloat16) {
+        return FusedDtype::kBFloat16;
+    }
+    return FusedDtype::kFloat32;
+}
+
+at::Tensor gemv_silu_mul_cuda(const at::Tensor& gate_up, const at::Tensor& weight) {
+    check_gemv_cuda_args(kGemvSiluMulNames, gate_up, weight, check_gemv_silu_mul_shapes);
+    const c10::cuda::CUDAGuard guard(gate_up.device());
+    const int64_t out = weight.size(0);
+    const int64_t in = weight.size(1);
+    std::vector<int64_t> out_shape = gate_up.sizes().vec();
+    out_shape.back() = out;
+    at::Tensor y =
+        at::empty(out_shape, gate_up.options().memory_format(at::MemoryFormat::Contiguous));
+    if (y.numel() == 0) {
+        return y;
+    }
+    // rows at a fixed pitch, as in gemv_cuda (in the model gate_up is gemv's fresh output)
+    const at::Tensor gu = gate_up.contiguous();
+    const int64_t rows = leading_rows(gate_up);
+    const GemvDtype dtype = gemv_dtype(gate_up.scalar_type());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+    const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+    cudaError_t err = cudaSuccess;
+    if (rows == 1 && gemv_silu_mul_shared_bytes(dtype, in) <= props->sharedMemPerBlockOptin) {
+        err =
+            launch_gemv_silu_mul(gu.const_data_ptr(), weight.const_data_ptr(), y.mutable_data_ptr(),
+                                 dtype, in, out, props->multiProcessorCount, stream);
+    } else {
+        // 2 to 4 rows (not a decode step's shape: the model sends them to cuBLAS), or h too big
+        // for a block's shared memory (in > ~58k fp32 or ~116k bf16 on an H100): silu_mul's
+        // kernel writes h and gemv's reads it, the two kernels the fused one stands for, so the
+        // same bits.
+        at::Tensor h = at::empty({rows, in}, gu.options());
+        err = launch_silu_mul(gu.const_data_ptr(), h.mutable_data_ptr(), fused_dtype(dtype), rows,
+                              in, stream);
+        if (err == cudaSuccess) {
+            err = launch_gemv(h.const_data_ptr(), weight.const_data_ptr(), y.mutable_data_ptr(),
+                              dtype, rows, in, out, stream);
+        }
+    }
+    TORCH_CHECK(err == cudaSuccess,
+                "gemv_silu_mul: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    return y;
+}
+
 }  // namespace
 }  // namespace toyllm
 
 TORCH_LIBRARY_IMPL(toyllm, CUDA, m) {
     m.impl("gemv", &toyllm::gemv_cuda);
+    m.impl("gemv_silu_mul", &toyllm::gemv_silu_mul_cuda);
 }
 #endif  // TOYLLM_WITH_CUDA

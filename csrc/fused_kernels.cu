@@ -9,6 +9,7 @@
 #include "fused_kernels.cuh"
 #include "float_convert.cuh"
 #include "rope_rotate.cuh"
+#include "silu_mul.cuh"
 #include "vector_pack.cuh"
 
 namespace toyllm {
@@ -266,8 +267,8 @@ cudaError_t rope_for(const void* x, const void* cos, const void* sin, void* out,
 // silu(gate) * up
 
 // One thread per N consecutive outputs of a row: gate is the first half of the gate_up row, up
-// the second. silu is computed in fp32 and rounded to T (torch's F.silu writes T), then the
-// product rounded to T.
+// the second; each output is silu_mul_element (silu_mul.cuh), which gemv.cu's down product
+// calls too.
 template <typename T, int N>
 __global__ void __launch_bounds__(kThreads)
     silu_mul_kernel(const T* __restrict__ gate_up,  // [rows, 2 * intermediate]
@@ -285,10 +286,7 @@ __global__ void __launch_bounds__(kThreads)
         P o;
 #pragma unroll
         for (int k = 0; k < N; ++k) {
-            const float gf = to_float(g.v[k]);
-            // torch's CUDA silu: x / (1 + exp(-x)) in fp32 with the accurate expf
-            const float s = round_to<T>(__fdiv_rn(gf, __fadd_rn(1.0f, expf(-gf))));
-            o.v[k] = from_float<T>(__fmul_rn(s, to_float(u.v[k])));
+            o.v[k] = silu_mul_element(g.v[k], u.v[k]);
         }
         *reinterpret_cast<P*>(out + r * intermediate + j) = o;
     }

@@ -27,56 +27,28 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
-#include "float_convert.cuh"
 #include "gemv.cuh"
+#include "gemv_row.cuh"
 #include "vector_pack.cuh"
 
 namespace toyllm {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr int kWarps = 4;  // warps per block
+using gemv_row::dot_packs;
+using gemv_row::kMaxWarpsPerRow;
+using gemv_row::kUnroll;
+using gemv_row::kWarp;
+using gemv_row::store_row;
+using gemv_row::warps_per_row_for;
+
+constexpr int kWarps = kMaxWarpsPerRow;  // warps per block: 4 rows' groups or fewer
 constexpr int kThreads = kWarps * kWarp;
 // Blocks per SM the register budget must allow: 5 x 128 threads -> <= 96 registers a thread
 // (at 80, fp32 with 4 rows spilled), 20 warps per SM, ~80 KB of W in flight per SM where
 // ~30 KB cover the HBM latency (4.4 TB/s x ~1 us / 132 SMs).
 constexpr int kMinBlocksPerSm = 5;
 constexpr int64_t kMaxGrid = int64_t{1} << 20;  // blocks per launch (grid-stride past that)
-
-// Loads of W each thread issues before it uses the first: 8 x 16 bytes, or 16 single elements.
-template <int N>
-constexpr int kUnroll = N == 1 ? 16 : 8;
-
-// One pack of W with the streaming cache hint (ld.global.cs): W is read once per call, so its
-// lines go first and x keeps its place in L1.
-template <typename T, int N>
-__device__ __forceinline__ Pack<T, N> load_weight(const Pack<T, N>* p) {
-    if constexpr (sizeof(Pack<T, N>) == 16) {
-        const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(p));
-        Pack<T, N> out;
-        memcpy(&out, &raw, sizeof(out));
-        return out;
-    } else {
-        return *p;
-    }
-}
-
-// acc[m] += sum_k float(w[k]) * float(x[m, k]) for the rows m < R of x, in fp32; `x` points at
-// the pack of row 0, row m is `pitch` packs further.
-template <typename T, int N, int R>
-__device__ __forceinline__ void accumulate(float (&acc)[R], const Pack<T, N>& w,
-                                           const Pack<T, N>* __restrict__ x, int64_t pitch) {
-#pragma unroll
-    for (int m = 0; m < R; ++m) {
-        const Pack<T, N> xv = x[m * pitch];
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-            acc[m] = fmaf(to_float(w.v[k]), to_float(xv.v[k]), acc[m]);
-        }
-    }
-}
 
 // Rows [first, first + kWarps / warps_per_row) of W per block and grid-stride step, one per
 // group of warps_per_row warps. R = rows of x (a register accumulator each), N = elements per
@@ -88,7 +60,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
                 T* __restrict__ y,             // [R, out]
                 int64_t in, int64_t out, int warps_per_row) {
     using P = Pack<T, N>;
-    constexpr int U = kUnroll<N>;
     __shared__ float partial[kWarps][R];  // per-warp sums when several warps share a row
 
     const int warp = threadIdx.x / kWarp;
@@ -110,79 +81,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         }
         if (j < out) {
             // this thread's packs of row j: p = rank, rank + G, rank + 2G, ... < packs
-            const P* __restrict__ wp = reinterpret_cast<const P*>(weight + j * in) + rank;
-            const P* __restrict__ xq = xp + rank;
-            int64_t p = rank;
-#pragma unroll 1
-            for (; p + (U - 1) * group_threads < packs; p += U * group_threads) {
-                // U independent loads first (the HBM latency is paid once per U packs) ...
-                P w[U];
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    w[u] = load_weight(wp + u * group_threads);
-                }
-                // ... then y[m, j] += x[m, i] * W[j, i] over their elements, in fp32
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    accumulate<T, N, R>(acc, w[u], xq + u * group_threads, packs);
-                }
-                wp += U * group_threads;
-                xq += U * group_threads;
-            }
-#pragma unroll 1
-            for (; p < packs; p += group_threads) {  // the last < U packs, one at a time
-                accumulate<T, N, R>(acc, load_weight(wp), xq, packs);
-                wp += group_threads;
-                xq += group_threads;
-            }
+            dot_packs<T, N, R>(acc, reinterpret_cast<const P*>(weight + j * in) + rank, xp + rank,
+                               rank, group_threads, packs);
         }
-        // Butterfly sum over the warp: every lane ends with the same total (fp32 addition is
-        // commutative, so both lanes of a pair compute the same bits).
-#pragma unroll
-        for (int m = 0; m < R; ++m) {
-#pragma unroll
-            for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-                acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], offset);
-            }
-        }
-        if (warps_per_row == 1) {
-            if (j < out) {
-#pragma unroll
-                for (int m = 0; m < R; ++m) {
-                    if (lane == m) {
-                        y[m * out + j] = from_float<T>(acc[m]);
-                    }
-                }
-            }
-        } else {
-            if (lane == 0) {
-#pragma unroll
-                for (int m = 0; m < R; ++m) {
-                    partial[warp][m] = acc[m];
-                }
-            }
-            __syncthreads();
-            // thread m of the group adds row m's warp totals in warp order and writes y[m, j]
-            if (rank < R && j < out) {
-                float total = 0.0f;
-                for (int w = 0; w < warps_per_row; ++w) {
-                    total += partial[group * warps_per_row + w][rank];
-                }
-                y[rank * out + j] = from_float<T>(total);
-            }
-            __syncthreads();  // partial is free again for the next rows
-        }
+        store_row<T, R>(acc, partial, y, j, out, warp, lane, group, rank, warps_per_row,
+                        [] { __syncthreads(); });
     }
-}
-
-// Warps per output row: the largest of 1, 2, 4 that still gives each thread at least two
-// batches of kUnroll loads (in = 2048 bf16: 1; 2048 fp32 or 4096 bf16: 2; 8192 bf16: 4).
-int warps_per_row_for(int64_t packs, int unroll) {
-    int w = 1;
-    while (w < kWarps && packs >= 2 * static_cast<int64_t>(w) * kWarp * unroll) {
-        w *= 2;
-    }
-    return w;
 }
 
 template <typename T, int N, int R>

@@ -1,5 +1,7 @@
 """Matrix-vector products of decode: ``torch.ops.toyllm.gemv`` on the CPU (csrc/cpu_gemv.cpp)
-and on CUDA (csrc/cuda_gemv.cpp, kernel in csrc/gemv.cu).
+and on CUDA (csrc/cuda_gemv.cpp, kernel in csrc/gemv.cu), and ``torch.ops.toyllm.gemv_silu_mul``,
+a SwiGLU MLP's down product with silu(gate) * up computed in the same CUDA kernel
+(csrc/gemv_silu_mul.cu).
 
 A decode step at batch 1 is 4 products per layer plus the output head, each reading its whole
 weight once; they are bound by how fast the weights stream from memory. The operator computes
@@ -20,6 +22,13 @@ matrix-matrix kernels), no autograd graph to record (the operator has
 no backward), and per device a switch read once, at import: ``TOYLLM_CPU_GEMV=0`` sends the CPU
 products back to MKL, ``TOYLLM_CUDA_GEMV=0`` the CUDA ones back to cuBLAS.
 
+``silu_mul_linear(gate_up, weight, silu_mul)`` is ``linear(silu_mul(gate_up), weight)``: where
+the one-row CUDA kernel would take that product, it hands gate_up to ``gemv_silu_mul`` instead,
+one kernel instead of silu_mul's and gemv's, with the same bits (h is computed by silu_mul's own
+device code, the sums by gemv's). ``TOYLLM_FUSED_SILU_GEMV=0`` (read at import) keeps the two
+kernels, for A/B timing. The CPU operator is silu_mul then gemv (no gain, so the model does not
+use it there).
+
 Example::
 
     >>> import torch
@@ -32,6 +41,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +50,14 @@ from torch import Tensor
 
 from engine.kv_cache import WITH_CUDA  # also loads engine._C, which defines the operator
 
-if not hasattr(torch.ops.toyllm, "gemv"):
+if not all(hasattr(torch.ops.toyllm, op) for op in ("gemv", "gemv_silu_mul")):
     raise ImportError(
-        "engine._C predates the GEMV operator (toyllm::gemv): rebuild it from the repository "
-        "root with: pip install --no-build-isolation -e ."
+        "engine._C predates the GEMV operators (toyllm::gemv, gemv_silu_mul): rebuild it from "
+        "the repository root with: pip install --no-build-isolation -e ."
     )
 
-__all__ = ["CPU_ENABLED", "CUDA_AVAILABLE", "CUDA_ENABLED", "CUDA_MAX_ROWS", "MAX_ROWS", "applies",
-           "linear"]
+__all__ = ["CPU_ENABLED", "CUDA_AVAILABLE", "CUDA_ENABLED", "CUDA_MAX_ROWS", "FUSED_SILU_ENABLED",
+           "MAX_ROWS", "applies", "linear", "silu_mul_applies", "silu_mul_linear"]
 
 #: False when the environment sets TOYLLM_CPU_GEMV=0 (to compare against MKL).
 CPU_ENABLED: bool = os.environ.get("TOYLLM_CPU_GEMV", "1") != "0"
@@ -54,6 +65,9 @@ CPU_ENABLED: bool = os.environ.get("TOYLLM_CPU_GEMV", "1") != "0"
 CUDA_ENABLED: bool = os.environ.get("TOYLLM_CUDA_GEMV", "1") != "0"
 #: The CUDA kernel can run: the extension is built with CUDA and it is not switched off.
 CUDA_AVAILABLE: bool = WITH_CUDA and CUDA_ENABLED
+#: False when the environment sets TOYLLM_FUSED_SILU_GEMV=0: silu_mul_linear then runs silu_mul
+#: and the product as two kernels (to time the fusion against them).
+FUSED_SILU_ENABLED: bool = os.environ.get("TOYLLM_FUSED_SILU_GEMV", "1") != "0"
 #: Products with more rows than this (prefill) go to MKL / cuBLAS; the CUDA kernel takes no more.
 MAX_ROWS = 4
 #: ``linear`` hands CUDA products to the kernel up to this many rows. scripts/bench_gemv.py
@@ -65,6 +79,7 @@ CUDA_MAX_ROWS = 1
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _gemv = torch.ops.toyllm.gemv.default
+_gemv_silu_mul = torch.ops.toyllm.gemv_silu_mul.default
 
 
 def _applies_cpu(x: Tensor, weight: Tensor) -> bool:
@@ -104,76 +119,148 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     return F.linear(x, weight)
 
 
+def silu_mul_applies(gate_up: Tensor, weight: Tensor) -> bool:
+    """True when ``silu_mul_linear`` hands (gate_up, weight) to ``gemv_silu_mul``: gate_up
+    [..., 2 * in] for weight [out, in], and ``linear`` would give the product of its
+    silu_mul, [..., in], to the CUDA kernel (one row, fp32/fp16/bf16 like the weight, contiguous
+    weight, no autograd); not switched off by TOYLLM_FUSED_SILU_GEMV=0."""
+    if not FUSED_SILU_ENABLED or gate_up.dim() == 0 or weight.dim() != 2:
+        return False
+    n = weight.shape[1]
+    if n == 0 or gate_up.shape[-1] != 2 * n or gate_up.numel() > CUDA_MAX_ROWS * 2 * n:
+        return False
+    if torch.is_grad_enabled() and (gate_up.requires_grad or weight.requires_grad):
+        return False
+    return _applies_cuda(gate_up, weight)
+
+
+def silu_mul_linear(
+    gate_up: Tensor, weight: Tensor, silu_mul: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """``linear(silu_mul(gate_up), weight)``: gate_up [..., 2 * in] (gate, then up), weight
+    [out, in] -> [..., out]. One kernel where ``silu_mul_applies``, with the same bits as
+    toyllm::silu_mul then toyllm::gemv; else ``silu_mul`` (the caller's: the fused operator or
+    the torch code, which agree bit for bit) then ``linear``."""
+    if silu_mul_applies(gate_up, weight):
+        return _gemv_silu_mul(gate_up, weight)
+    return linear(silu_mul(gate_up), weight)
+
+
 # ---------------------------------------------------------------------------------------------
-# Fake (meta) implementation for torch.compile and opcheck: the C++ checks, same messages. CUDA
+# Fake (meta) implementations for torch.compile and opcheck: the C++ checks, same messages. CUDA
 # tensors get the CUDA kernel's rules (csrc/cuda_gemv.cpp), anything else the CPU's
-# (csrc/cpu_gemv.cpp), as the dispatcher would choose.
+# (csrc/cpu_gemv.cpp), as the dispatcher would choose. gemv_silu_mul has gemv's rules with
+# gate_up [..., 2 * in] in x's place.
 
 
-def _check_shapes(x: Tensor, weight: Tensor) -> None:
+@dataclass(frozen=True)
+class _OpNames:
+    """How an operator's messages name it, its first argument and that argument's rows."""
+
+    op: str  # "gemv"
+    x: str  # "x"
+    rows: str  # how rows are counted: "x.numel() / in"
+    instead: str  # what to use for more rows on CUDA: "F.linear"
+    width: int  # x's last dim in units of weight's in: 1, or 2 for gate_up
+
+
+_GEMV = _OpNames("gemv", "x", "x.numel() / in", "F.linear", 1)
+_GEMV_SILU_MUL = _OpNames("gemv_silu_mul", "gate_up", "gate_up.numel() / (2 * in)",
+                          "silu_mul and F.linear", 2)
+
+
+def _check_shapes(n: _OpNames, x: Tensor, weight: Tensor) -> None:
     if weight.dim() != 2:
         raise ValueError(
-            f"gemv: expected weight of 2 dims [out, in], got shape {list(weight.shape)}"
+            f"{n.op}: expected weight of 2 dims [out, in], got shape {list(weight.shape)}"
         )
+    if n.width == 1:
+        if x.dim() < 1:
+            raise ValueError(
+                f"gemv: expected x of at least 1 dim [..., in], got shape {list(x.shape)}"
+            )
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(
+                f"gemv: expected x [..., {weight.shape[1]}] (weight's in = weight.size(1)), got x "
+                f"of shape {list(x.shape)} for weight of shape {list(weight.shape)}"
+            )
+        return
     if x.dim() < 1:
-        raise ValueError(f"gemv: expected x of at least 1 dim [..., in], got shape {list(x.shape)}")
-    if x.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"gemv: expected x [..., {weight.shape[1]}] (weight's in = weight.size(1)), got x of "
-            f"shape {list(x.shape)} for weight of shape {list(weight.shape)}"
+            f"{n.op}: expected {n.x} of at least 1 dim [..., 2 * in], got shape {list(x.shape)}"
+        )
+    if x.shape[-1] != 2 * weight.shape[1]:
+        raise ValueError(
+            f"{n.op}: expected {n.x} [..., {2 * weight.shape[1]}] (gate then up, each of "
+            f"weight's in = weight.size(1)), got {n.x} of shape {list(x.shape)} for weight of "
+            f"shape {list(weight.shape)}"
         )
 
 
-def _check_cpu(x: Tensor, weight: Tensor) -> None:
-    for name, t in (("x", x), ("weight", weight)):
+def _check_cpu(n: _OpNames, x: Tensor, weight: Tensor) -> None:
+    for name, t in ((n.x, x), ("weight", weight)):
         if t.dtype != torch.float32:
-            raise ValueError(f"gemv: expected {name} of dtype torch.float32, got {t.dtype}")
+            raise ValueError(f"{n.op}: expected {name} of dtype torch.float32, got {t.dtype}")
     if weight.device != x.device:
-        raise ValueError(f"gemv: expected weight on {x.device} (x's device), got {weight.device}")
-    _check_shapes(x, weight)
+        raise ValueError(
+            f"{n.op}: expected weight on {x.device} ({n.x}'s device), got {weight.device}"
+        )
+    _check_shapes(n, x, weight)
     out = weight.shape[0]
     if not (weight.is_contiguous() or weight.stride() == (1, max(out, 1))):
         raise ValueError(
-            "gemv: expected weight [out, in] contiguous (strides [in, 1]) or the transposed view "
-            "of a contiguous [in, out] matrix (strides [1, out]), got strides "
+            f"{n.op}: expected weight [out, in] contiguous (strides [in, 1]) or the transposed "
+            "view of a contiguous [in, out] matrix (strides [1, out]), got strides "
             f"{list(weight.stride())} for shape {list(weight.shape)}"
         )
 
 
-def _check_cuda(x: Tensor, weight: Tensor) -> None:
+def _check_cuda(n: _OpNames, x: Tensor, weight: Tensor) -> None:
     if x.device.type != "cuda":
         raise ValueError(
-            f"gemv: expected x on a CUDA device (weight is on {weight.device}), got {x.device}"
+            f"{n.op}: expected {n.x} on a CUDA device (weight is on {weight.device}), got "
+            f"{x.device}"
         )
     if weight.device != x.device:
-        raise ValueError(f"gemv: expected weight on {x.device} (x's device), got {weight.device}")
+        raise ValueError(
+            f"{n.op}: expected weight on {x.device} ({n.x}'s device), got {weight.device}"
+        )
     if x.dtype not in _CUDA_DTYPES:
         raise ValueError(
-            "gemv: expected x of dtype torch.float32, torch.float16 or torch.bfloat16 on CUDA, "
-            f"got {x.dtype}"
+            f"{n.op}: expected {n.x} of dtype torch.float32, torch.float16 or torch.bfloat16 on "
+            f"CUDA, got {x.dtype}"
         )
     if weight.dtype != x.dtype:
         raise ValueError(
-            f"gemv: expected weight of dtype {x.dtype} (x's dtype), got {weight.dtype}"
+            f"{n.op}: expected weight of dtype {x.dtype} ({n.x}'s dtype), got {weight.dtype}"
         )
-    _check_shapes(x, weight)
+    _check_shapes(n, x, weight)
     if not weight.is_contiguous():
         raise ValueError(
-            "gemv: expected a contiguous weight [out, in] (strides [in, 1]) on CUDA, got strides "
-            f"{list(weight.stride())} for shape {list(weight.shape)}"
+            f"{n.op}: expected a contiguous weight [out, in] (strides [in, 1]) on CUDA, got "
+            f"strides {list(weight.stride())} for shape {list(weight.shape)}"
         )
     rows = math.prod(x.shape[:-1])
     if rows > MAX_ROWS:
         raise ValueError(
-            f"gemv: expected at most {MAX_ROWS} rows of x on CUDA (x.numel() / in), got {rows} "
-            f"(x of shape {list(x.shape)}); use F.linear for more"
+            f"{n.op}: expected at most {MAX_ROWS} rows of {n.x} on CUDA ({n.rows}), got {rows} "
+            f"({n.x} of shape {list(x.shape)}); use {n.instead} for more"
         )
+
+
+def _fake(n: _OpNames, x: Tensor, weight: Tensor) -> Tensor:
+    if x.device.type == "cuda" or weight.device.type == "cuda":
+        _check_cuda(n, x, weight)
+    else:
+        _check_cpu(n, x, weight)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("toyllm::gemv")
 def _gemv_fake(x: Tensor, weight: Tensor) -> Tensor:
-    if x.device.type == "cuda" or weight.device.type == "cuda":
-        _check_cuda(x, weight)
-    else:
-        _check_cpu(x, weight)
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return _fake(_GEMV, x, weight)
+
+
+@torch.library.register_fake("toyllm::gemv_silu_mul")
+def _gemv_silu_mul_fake(gate_up: Tensor, weight: Tensor) -> Tensor:
+    return _fake(_GEMV_SILU_MUL, gate_up, weight)

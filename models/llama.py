@@ -17,6 +17,7 @@ checkpoint mapping (models/checkpoint.py) is a prefix rule.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -42,10 +43,18 @@ _fused_cpu = _fused_ops if _fused_ops is not None and _fused_ops.ENABLED else No
 
 # The extension's matrix-vector product (engine/gemv.py) for the few-row products of decode,
 # CPU and CUDA; F.linear (MKL, cuBLAS) everywhere else, and everywhere without the extension.
+# _silu_mul_linear(gate_up, w, silu_mul) = _linear(silu_mul(gate_up), w): one kernel at one CUDA
+# row (toyllm::gemv_silu_mul, TOYLLM_FUSED_SILU_GEMV=0 to turn off), the two calls elsewhere.
 try:
     from engine.gemv import linear as _linear
+    from engine.gemv import silu_mul_linear as _silu_mul_linear
 except ImportError:
     _linear = F.linear
+
+    def _silu_mul_linear(
+        gate_up: Tensor, weight: Tensor, silu: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        return F.linear(silu(gate_up), weight)
 
 
 class AttentionCache(Protocol):
@@ -157,7 +166,8 @@ class MLP(nn.Module):
         if self.gate_up_weight is not None:
             gate_up = _linear(x, self.gate_up_weight)  # [..., 2 * intermediate]: gate, up
             if x.is_cuda and _fused is not None:
-                return _linear(_fused.silu_mul(gate_up), self.down_proj.weight)  # one kernel
+                # silu_mul is one kernel; at one row it runs inside the down product's kernel
+                return _silu_mul_linear(gate_up, self.down_proj.weight, _fused.silu_mul)
             return _linear(silu_mul(gate_up), self.down_proj.weight)
         gate = F.silu(_linear(x, self.gate_proj.weight))
         return _linear(gate * _linear(x, self.up_proj.weight), self.down_proj.weight)

@@ -1,6 +1,7 @@
 """Benchmark of the decode GEMV: toyllm::gemv (csrc/gemv.cu) against F.linear (cuBLAS) on the
 weight shapes of a Llama-1B decode step, with a device-to-device copy as the bandwidth ceiling,
-all measured in one run on one GPU.
+all measured in one run on one GPU; and the MLP's down product with silu(gate) * up fused in
+(toyllm::gemv_silu_mul, csrc/gemv_silu_mul.cu) against the two kernels it replaces.
 
     python scripts/bench_gemv.py [--json out/bench_gemv.json] [--rows 1,4] [--reps 20]
 
@@ -11,6 +12,11 @@ cost; scripts/bench_kv_update.py's timer, median of --reps replays). The calls o
 cycle through enough copies of the weight (>= 256 MiB in all) that no call finds its weight in
 L2 (50-60 MB on an H100/H200), as in a real decode step. GB/s counts the weight bytes read per
 call. The "decode step" rows add up the products of one step of the 16-layer model.
+
+The second table times down [2048, 8192] from one row of gate_up [1, 16384]: gemv_silu_mul (one
+kernel) against toyllm::silu_mul then toyllm::gemv (the model's path with
+TOYLLM_FUSED_SILU_GEMV=0) and silu_mul then F.linear, in graphs of the same kind, and says
+whether the fused output has the bits of the two kernels'.
 Exits with status 2 and a one-line message where there is no GPU.
 """
 
@@ -55,6 +61,20 @@ class Row:
     max_diff_ulps: float  # ours vs cuBLAS, in ulps of the dtype at cuBLAS's value
 
 
+@dataclass
+class SiluDownRow:
+    rows: int
+    out: int
+    inp: int
+    weight_bytes: int
+    fused_us: float  # toyllm::gemv_silu_mul: one kernel
+    two_kernels_us: float  # toyllm::silu_mul, then toyllm::gemv
+    cublas_us: float  # toyllm::silu_mul, then F.linear
+    fused_gb_per_s: float
+    speedup: float  # two_kernels_us / fused_us
+    same_bits: bool  # the fused output equals the two kernels', bit for bit
+
+
 def max_diff_ulps(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest |ours - ref| in units of the dtype's spacing at |ref|."""
     ref64 = ref.double()
@@ -64,36 +84,75 @@ def max_diff_ulps(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.double() - ref64).abs() / spacing).max().item()
 
 
+def weight_copies(out: int, inp: int, dtype: torch.dtype, graph_calls: int,
+                  gen: torch.Generator) -> list[torch.Tensor]:
+    """Enough copies of an [out, inp] weight (>= L2_FLUSH_BYTES in all, at most one per call of a
+    graph) that no call of a graph finds its weight in L2."""
+    weight_bytes = out * inp * (torch.finfo(dtype).bits // 8)
+    copies = max(1, min(graph_calls, math.ceil(L2_FLUSH_BYTES / weight_bytes)))
+    return [
+        (torch.randn(out, inp, generator=gen, device="cuda") * inp**-0.5).to(dtype)
+        for _ in range(copies)
+    ]
+
+
+def cycling(fn, x: torch.Tensor, weights: list[torch.Tensor]):
+    """fn(x, weight) as a call without arguments that reads the next copy of the weight each
+    time it is called (each captured call of a graph reads its own copy)."""
+    state = {"i": 0}
+
+    def one() -> None:
+        fn(x, weights[state["i"] % len(weights)])
+        state["i"] += 1
+
+    return one
+
+
 def measure(name: str, rows: int, dtype: torch.dtype, graph_calls: int, reps: int) -> Row:
     from bench_kv_update import time_graph
 
     out, inp, _ = SHAPES[name]
-    element = torch.finfo(dtype).bits // 8
-    weight_bytes = out * inp * element
-    copies = max(1, min(graph_calls, math.ceil(L2_FLUSH_BYTES / weight_bytes)))
+    weight_bytes = out * inp * (torch.finfo(dtype).bits // 8)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    weights = [
-        (torch.randn(out, inp, generator=gen, device="cuda") * inp**-0.5).to(dtype)
-        for _ in range(copies)
-    ]
+    weights = weight_copies(out, inp, dtype, graph_calls, gen)
     x = torch.randn(rows, inp, generator=gen, device="cuda").to(dtype)
     gemv = torch.ops.toyllm.gemv.default
     ours_y, ref_y = gemv(x, weights[0]), F.linear(x, weights[0])
     diff = max_diff_ulps(ours_y, ref_y)
 
-    def calls(fn):
-        state = {"i": 0}
-
-        def one() -> None:  # each captured call reads the next copy of the weight
-            fn(x, weights[state["i"] % copies])
-            state["i"] += 1
-
-        return one
-
-    ours = time_graph(calls(gemv), graph_calls, reps)
-    cublas = time_graph(calls(F.linear), graph_calls, reps)
+    ours = time_graph(cycling(gemv, x, weights), graph_calls, reps)
+    cublas = time_graph(cycling(F.linear, x, weights), graph_calls, reps)
     return Row(name, out, inp, rows, weight_bytes, ours, cublas, weight_bytes / ours / 1e3,
                weight_bytes / cublas / 1e3, cublas / ours, diff)
+
+
+def measure_silu_down(rows: int, dtype: torch.dtype, graph_calls: int,
+                      reps: int) -> SiluDownRow:
+    """Llama-1B's down product from the fused gate/up output: one kernel against two."""
+    from bench_kv_update import time_graph
+
+    out, inp, _ = SHAPES["down"]
+    weight_bytes = out * inp * (torch.finfo(dtype).bits // 8)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    weights = weight_copies(out, inp, dtype, graph_calls, gen)
+    gate_up = torch.randn(rows, 2 * inp, generator=gen, device="cuda").to(dtype)
+    ops = torch.ops.toyllm
+    fused = ops.gemv_silu_mul.default
+
+    def two_kernels(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return ops.gemv.default(ops.silu_mul.default(g), w)
+
+    def with_cublas(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(ops.silu_mul.default(g), w)
+
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    same = torch.equal(fused(gate_up, weights[0]).view(bits),
+                       two_kernels(gate_up, weights[0]).view(bits))
+    fused_us = time_graph(cycling(fused, gate_up, weights), graph_calls, reps)
+    two_us = time_graph(cycling(two_kernels, gate_up, weights), graph_calls, reps)
+    cublas_us = time_graph(cycling(with_cublas, gate_up, weights), graph_calls, reps)
+    return SiluDownRow(rows, out, inp, weight_bytes, fused_us, two_us, cublas_us,
+                       weight_bytes / fused_us / 1e3, two_us / fused_us, same)
 
 
 def run(rows_list: list[int], dtype: torch.dtype, graph_calls: int, reps: int) -> dict:
@@ -113,6 +172,9 @@ def run(rows_list: list[int], dtype: torch.dtype, graph_calls: int, reps: int) -
             "ours_us": sum(row.ours_us * SHAPES[row.shape][2] for row in mine),
             "cublas_us": sum(row.cublas_us * SHAPES[row.shape][2] for row in mine),
         }
+    # one row: the fused kernel's only shape (2-4 rows run silu_mul's and gemv's kernels)
+    silu_down = [measure_silu_down(1, dtype, graph_calls, reps)]
+    torch.cuda.empty_cache()
     return {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -122,6 +184,7 @@ def run(rows_list: list[int], dtype: torch.dtype, graph_calls: int, reps: int) -
         "copy_ceiling": {"bytes": ceiling_bytes, "gb_per_s": ceiling},
         "rows": [asdict(r) for r in rows],
         "decode_step": {str(k): v for k, v in steps.items()},
+        "silu_down": [asdict(r) for r in silu_down],
     }
 
 
@@ -149,6 +212,26 @@ def print_table(result: dict) -> None:
                      f"{s['cublas_us']:.1f}", f"{ours_gbs:.0f}", f"{cublas_gbs:.0f}",
                      f"{100 * ours_gbs / ceiling:.0f}%", f"{s['cublas_us'] / s['ours_us']:.2f}",
                      ""])
+    print_columns(headers, body)
+
+    out, inp, layers = SHAPES["down"]
+    print()
+    print(f"down [{out}, {inp}] from gate_up [rows, {2 * inp}]: silu(gate) * up inside the "
+          "product (toyllm::gemv_silu_mul) against toyllm::silu_mul then toyllm::gemv or "
+          f"F.linear; GPU time per call, same graphs; saved per decode step: x {layers} layers")
+    headers = ["rows", "fused us", "silu_mul+gemv us", "silu_mul+cuBLAS us", "fused GB/s",
+               "fused % copy", "x two kernels", "saved per step", "same bits"]
+    body = []
+    for r in result["silu_down"]:
+        saved = (r["two_kernels_us"] - r["fused_us"]) * layers
+        body.append([str(r["rows"]), f"{r['fused_us']:.2f}", f"{r['two_kernels_us']:.2f}",
+                     f"{r['cublas_us']:.2f}", f"{r['fused_gb_per_s']:.0f}",
+                     f"{100 * r['fused_gb_per_s'] / ceiling:.0f}%", f"{r['speedup']:.2f}",
+                     f"{saved:.1f} us", "yes" if r["same_bits"] else "NO"])
+    print_columns(headers, body)
+
+
+def print_columns(headers: list[str], body: list[list[str]]) -> None:
     widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(headers)]
     print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
     for row in body:

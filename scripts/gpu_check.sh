@@ -88,12 +88,28 @@ if want probe; then
         --json "$OUT/probe_rounding.json"
 fi
 if want sanitizer; then
-    for tool in memcheck racecheck; do
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 TOYLLM_TEST_NO_CUDNN_SDPA=1 stage "sanitizer_$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 2000 \
-            $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_kv_cache_spec.py \
-            tests/test_decode_attention.py tests/test_fused_ops.py tests/test_cuda_gemv.py \
-            tests/test_argmax.py tests/test_rope_kv_update.py \
-            -k "not graph and not compile and not model and not engine"
+    # memcheck over every kernel's CUDA tests (graphs, torch.compile and whole models left out:
+    # they add no kernel of ours, only time); racecheck (slow: shared-memory kernels only) over a
+    # selection that still reaches every kernel and code path, one stage per file so that one
+    # slow file cannot starve the others.
+    KERNEL_TESTS="tests/test_kv_cache_spec.py tests/test_decode_attention.py tests/test_fused_ops.py
+        tests/test_cuda_gemv.py tests/test_argmax.py tests/test_rope_kv_update.py
+        tests/test_gemv_silu_mul.py tests/test_programmatic_launch.py"
+    sanitize() {  # sanitize NAME TOOL PYTEST_ARGS...
+        local name=$1 tool=$2; shift 2
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 TOYLLM_TEST_NO_CUDNN_SDPA=1 stage "$name" \
+            compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 2000 \
+            $PY -m pytest -q -m cuda -p no:cacheprovider "$@"
+    }
+    existing() { for f in "$@"; do [[ -f $f ]] && echo "$f"; done; }
+    sanitize sanitizer_memcheck memcheck $(existing $KERNEL_TESTS) \
+        -k "not graph and not compile and not model and not engine and not profile"
+    sanitize racecheck_decode_attention racecheck tests/test_decode_attention.py \
+        -k "(both_kernels and (q8kv2 or q32kv1)) or (every_tile and bfloat16) or (ragged and float32 and q8kv2) or one_key or past_seq_len"
+    for f in $(existing tests/test_fused_ops.py tests/test_cuda_gemv.py tests/test_argmax.py \
+            tests/test_rope_kv_update.py tests/test_gemv_silu_mul.py); do
+        sanitize "racecheck_$(basename "$f" .py)" racecheck "$f" \
+            -k "not graph and not compile and not model and not engine and not profile and not sweep"
     done
 fi
 if want generate; then
