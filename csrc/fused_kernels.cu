@@ -10,6 +10,7 @@
 #include "float_convert.cuh"
 #include "rope_rotate.cuh"
 #include "silu_mul.cuh"
+#include "programmatic_launch.cuh"
 #include "vector_pack.cuh"
 
 namespace toyllm {
@@ -65,6 +66,7 @@ __global__ void __launch_bounds__(kMaxNormThreads)
                     T* __restrict__ sum_out,         // [rows, hidden], kAddResidual only
                     T* __restrict__ out,             // [rows, hidden]
                     int64_t rows, int64_t hidden, float inv_hidden, float eps) {
+    wait_for_inputs();
     __shared__ float scratch[kMaxNormThreads / kWarp];
     using P = Pack<T, N>;
     const int64_t packs = hidden / N;
@@ -144,20 +146,21 @@ cudaError_t rms_norm_for(const void* x, const void* residual, const void* weight
     const T* wt = static_cast<const T*>(weight);
     T* st = static_cast<T*>(sum_out);
     T* ot = static_cast<T*>(out);
+    cudaError_t err = cudaSuccess;
     if (add && vec) {
-        rms_norm_kernel<T, kVec, true>
-            <<<grid, threads, 0, stream>>>(xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
+        err = launch_kernel(rms_norm_kernel<T, kVec, true>, dim3(grid), dim3(threads), 0,
+                           stream, xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
     } else if (add) {
-        rms_norm_kernel<T, 1, true>
-            <<<grid, threads, 0, stream>>>(xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
+        err = launch_kernel(rms_norm_kernel<T, 1, true>, dim3(grid), dim3(threads), 0,
+                           stream, xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
     } else if (vec) {
-        rms_norm_kernel<T, kVec, false>
-            <<<grid, threads, 0, stream>>>(xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
+        err = launch_kernel(rms_norm_kernel<T, kVec, false>, dim3(grid), dim3(threads), 0,
+                           stream, xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
     } else {
-        rms_norm_kernel<T, 1, false>
-            <<<grid, threads, 0, stream>>>(xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
+        err = launch_kernel(rms_norm_kernel<T, 1, false>, dim3(grid), dim3(threads), 0,
+                           stream, xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
     }
-    return cudaGetLastError();
+    return err;
 }
 
 // rms_norm or add_rms_norm (residual and sum_out both null, or both set) for any dtype.
@@ -202,6 +205,7 @@ __global__ void __launch_bounds__(kThreads)
                 int64_t tokens, int64_t heads, int64_t half, int64_t total_packs,
                 int64_t x_stride_batch, int64_t x_stride_token, int64_t x_stride_head,
                 int64_t cs_stride_batch, int64_t cs_stride_token) {
+    wait_for_inputs();
     using P = Pack<T, N>;
     const int64_t packs_per_row = half / N;
     for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < total_packs;
@@ -247,20 +251,21 @@ cudaError_t rope_for(const void* x, const void* cos, const void* sin, void* out,
     const T* ct = static_cast<const T*>(cos);
     const T* st = static_cast<const T*>(sin);
     T* ot = static_cast<T*>(out);
+    cudaError_t err = cudaSuccess;
     if (vec) {
         const int64_t total = rows * (half / kVec);
-        rope_kernel<T, kVec>
-            <<<static_cast<unsigned>(grid_for(total, kThreads)), kThreads, 0, stream>>>(
-                xt, ct, st, ot, tokens, heads, half, total, x_stride_batch, x_stride_token,
-                x_stride_head, cs_stride_batch, cs_stride_token);
+        err = launch_kernel(rope_kernel<T, kVec>,
+                           dim3(static_cast<unsigned>(grid_for(total, kThreads))), dim3(kThreads), 0,
+                           stream, xt, ct, st, ot, tokens, heads, half, total, x_stride_batch,
+                           x_stride_token, x_stride_head, cs_stride_batch, cs_stride_token);
     } else {
         const int64_t total = rows * half;
-        rope_kernel<T, 1>
-            <<<static_cast<unsigned>(grid_for(total, kThreads)), kThreads, 0, stream>>>(
-                xt, ct, st, ot, tokens, heads, half, total, x_stride_batch, x_stride_token,
-                x_stride_head, cs_stride_batch, cs_stride_token);
+        err = launch_kernel(rope_kernel<T, 1>,
+                           dim3(static_cast<unsigned>(grid_for(total, kThreads))), dim3(kThreads), 0,
+                           stream, xt, ct, st, ot, tokens, heads, half, total, x_stride_batch,
+                           x_stride_token, x_stride_head, cs_stride_batch, cs_stride_token);
     }
-    return cudaGetLastError();
+    return err;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -274,6 +279,7 @@ __global__ void __launch_bounds__(kThreads)
     silu_mul_kernel(const T* __restrict__ gate_up,  // [rows, 2 * intermediate]
                     T* __restrict__ out,            // [rows, intermediate]
                     int64_t intermediate, int64_t total_packs) {
+    wait_for_inputs();
     using P = Pack<T, N>;
     const int64_t packs_per_row = intermediate / N;
     for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < total_packs;
@@ -299,18 +305,19 @@ cudaError_t silu_mul_for(const void* gate_up, void* out, int64_t rows, int64_t i
     const bool vec = intermediate % kVec == 0 && aligned16(gate_up) && aligned16(out);
     const T* gt = static_cast<const T*>(gate_up);
     T* ot = static_cast<T*>(out);
+    cudaError_t err = cudaSuccess;
     if (vec) {
         const int64_t total = rows * (intermediate / kVec);
-        silu_mul_kernel<T, kVec>
-            <<<static_cast<unsigned>(grid_for(total, kThreads)), kThreads, 0, stream>>>(
-                gt, ot, intermediate, total);
+        err = launch_kernel(silu_mul_kernel<T, kVec>,
+                           dim3(static_cast<unsigned>(grid_for(total, kThreads))), dim3(kThreads), 0,
+                           stream, gt, ot, intermediate, total);
     } else {
         const int64_t total = rows * intermediate;
-        silu_mul_kernel<T, 1>
-            <<<static_cast<unsigned>(grid_for(total, kThreads)), kThreads, 0, stream>>>(
-                gt, ot, intermediate, total);
+        err = launch_kernel(silu_mul_kernel<T, 1>,
+                           dim3(static_cast<unsigned>(grid_for(total, kThreads))), dim3(kThreads), 0,
+                           stream, gt, ot, intermediate, total);
     }
-    return cudaGetLastError();
+    return err;
 }
 
 }  // namespace

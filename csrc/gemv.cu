@@ -30,6 +30,7 @@
 
 #include "gemv.cuh"
 #include "gemv_row.cuh"
+#include "programmatic_launch.cuh"
 #include "vector_pack.cuh"
 
 namespace toyllm {
@@ -39,6 +40,7 @@ using gemv_row::dot_packs;
 using gemv_row::kMaxWarpsPerRow;
 using gemv_row::kUnroll;
 using gemv_row::kWarp;
+using gemv_row::prefetch_row_to_l2;
 using gemv_row::store_row;
 using gemv_row::warps_per_row_for;
 
@@ -71,6 +73,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     const int64_t packs = in / N;  // packs per row of x and of W
     const P* __restrict__ xp = reinterpret_cast<const P*>(x);
 
+    // W is no kernel's output: its first row here starts into L2 before the wait for x (at one
+    // row of x, the decode step's; at 2 rows in fp32 the extra registers made ptxas spill).
+    if constexpr (R == 1) {
+        prefetch_row_to_l2(weight, static_cast<int64_t>(blockIdx.x) * rows_per_block + group, in,
+                           out, rank);
+    }
+    wait_for_inputs();
     for (int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block; first < out;
          first += static_cast<int64_t>(gridDim.x) * rows_per_block) {
         const int64_t j = first + group;  // the output row of this group
@@ -95,8 +104,8 @@ void launch_rows(const T* x, const T* weight, T* y, int64_t in, int64_t out,
     const int warps_per_row = warps_per_row_for(in / N, kUnroll<N>);
     const int64_t rows_per_block = kWarps / warps_per_row;
     const int64_t blocks = std::min((out + rows_per_block - 1) / rows_per_block, kMaxGrid);
-    gemv_kernel<T, N, R><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        x, weight, y, in, out, warps_per_row);
+    (void)launch_kernel(gemv_kernel<T, N, R>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads),
+                        0, stream, x, weight, y, in, out, warps_per_row);  // checked by the caller
 }
 
 template <typename T, int N>

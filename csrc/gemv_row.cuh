@@ -39,6 +39,20 @@ __device__ __forceinline__ Pack<T, N> load_weight(const Pack<T, N>* p) {
     }
 }
 
+// Asks L2 for the start of row j of W (in elements of T, rows `in` apart; nothing when
+// j >= out): a 128-byte line per thread, the first group_threads lines of the row. Issued before
+// a kernel waits for its inputs (the weights are no kernel's output), so that the row's first
+// loads find their lines on chip.
+template <typename T>
+__device__ __forceinline__ void prefetch_row_to_l2(const T* weight, int64_t j, int64_t in,
+                                                   int64_t out, int rank) {
+    const int64_t offset = static_cast<int64_t>(rank) * 128;
+    if (j < out && offset < in * static_cast<int64_t>(sizeof(T))) {
+        const char* line = reinterpret_cast<const char*>(weight + j * in) + offset;
+        asm volatile("prefetch.global.L2 [%0];\n" ::"l"(line));
+    }
+}
+
 // acc[m] += sum_k float(w[k]) * float(x[m, k]) for the rows m < R of x, in fp32; `x` points at
 // the pack of row 0, row m is `pitch` packs further.
 template <typename T, int N, int R>

@@ -37,6 +37,7 @@
 #include "gemv_silu_mul.cuh"
 #include "silu_mul.cuh"
 #include "vector_pack.cuh"
+#include "programmatic_launch.cuh"
 
 namespace toyllm {
 namespace {
@@ -137,9 +138,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t packs = in / N;                                   // packs per row of h and of W
     int64_t j = static_cast<int64_t>(blockIdx.x) * groups + group;  // the group's first row
 
-    // dot_packs's first batch of row j, loaded before h exists.
+    // dot_packs's first batch of row j, loaded before h exists, even before gate_up is known to
+    // be written (W is no kernel's output).
     P first[U];
     bool prefetched = load_first_batch(first, weight, j, out, in, rank, group_threads, packs);
+    wait_for_inputs();
 
     T* h = reinterpret_cast<T*>(staged);
     if (pack_gate_up) {
@@ -206,9 +209,9 @@ cudaError_t launch_packs(const T* gate_up, const T* weight, T* y, int64_t in, in
         }
     }
     const bool pack_gate_up = in % kVec16<T> == 0 && aligned16(gate_up);
-    gemv_silu_mul_kernel<T, N><<<static_cast<unsigned>(blocks), kThreads, dynamic, stream>>>(
-        gate_up, weight, y, in, out, warps_per_row, pack_gate_up);
-    return cudaGetLastError();
+    return launch_kernel(gemv_silu_mul_kernel<T, N>, dim3(static_cast<unsigned>(blocks)),
+                         dim3(kThreads), dynamic, stream, gate_up, weight, y, in, out,
+                         warps_per_row, pack_gate_up);
 }
 
 template <typename T>
