@@ -75,6 +75,11 @@ MAX_ROWS = 4
 #: 697 us against cuBLAS's 847 (1.22x; 1.08-1.47x per shape), at 4 rows 1050 against 844
 #: (0.80x: four fp32 accumulators per lane slow the loop down), so batches go to cuBLAS.
 CUDA_MAX_ROWS = 1
+#: ... and for weights up to this many bytes. The same benchmark (H200, 2026-11-27, one run, with
+#: programmatic launch) put cuBLAS ahead on the largest product only, Llama-1B's output head
+#: (501 MiB: 123.1 vs 132.1 us); ours led on 8-32 MiB (1.33-1.51x) and tied at 64 MiB (0.97x).
+#: TOYLLM_CUDA_GEMV_MAX_MIB overrides (read at import; to compare).
+CUDA_MAX_WEIGHT_BYTES = int(os.environ.get("TOYLLM_CUDA_GEMV_MAX_MIB", "128")) * 2**20
 
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -96,6 +101,8 @@ def _applies_cuda(x: Tensor, weight: Tensor) -> bool:
     if x.numel() > CUDA_MAX_ROWS * x.shape[-1]:
         return False
     if x.dtype not in _CUDA_DTYPES or weight.dtype != x.dtype:
+        return False
+    if weight.numel() * weight.element_size() > CUDA_MAX_WEIGHT_BYTES:
         return False
     return weight.is_contiguous()
 

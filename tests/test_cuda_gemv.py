@@ -299,8 +299,9 @@ def test_model_logits_on_cuda_with_and_without_the_kernel(monkeypatch) -> None:
                          num_kv_heads=2, intermediate_size=96, max_seq_len=64,
                          tie_embeddings=True)
     model = build_model(config, seed=3).cuda().fuse_projections()
-    tokens = torch.randint(0, 300, (2, 1), generator=torch.Generator().manual_seed(0)).cuda()
-    positions = torch.zeros(2, 1, dtype=torch.long, device="cuda")
+    # one row: the kernel takes one-row products only (engine/gemv.py CUDA_MAX_ROWS)
+    tokens = torch.randint(0, 300, (1, 1), generator=torch.Generator().manual_seed(0)).cuda()
+    positions = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     calls = []
     with torch.inference_mode():
         monkeypatch.setattr(gemv, "CUDA_AVAILABLE", True)

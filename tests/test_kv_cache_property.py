@@ -73,3 +73,23 @@ def test_kv_update_is_bit_identical_to_the_reference_write(device: str, case: di
 
     assert torch.equal(as_bits(k_cache), as_bits(expected_k))
     assert torch.equal(as_bits(v_cache), as_bits(expected_v))
+
+
+@pytest.mark.cuda
+def test_more_sequences_than_one_launch_takes_are_all_written() -> None:
+    # 2 * 40000 (sequence, K/V) pairs: more than a grid's 65535 rows, so the launcher splits
+    # them over two launches; every sequence (and a skipped one, position -1) must come out
+    # exactly as the reference write.
+    batch, max_seq_len, heads, dim = 40000, 3, 1, 8
+    k = torch.zeros(batch, max_seq_len, heads, dim, dtype=torch.float16, device="cuda")
+    v = torch.zeros_like(k)
+    new_k = torch.randn(batch, 1, heads, dim, device="cuda").half()
+    new_v = torch.randn(batch, 1, heads, dim, device="cuda").half()
+    positions = (torch.arange(batch, device="cuda") % max_seq_len).int()
+    positions[39999] = -1
+    k_ref, v_ref = k.clone(), v.clone()
+    rows = torch.arange(batch - 1, device="cuda")  # the active ones (the last is skipped)
+    k_ref[rows, positions[:-1].long()] = new_k[:-1, 0]
+    v_ref[rows, positions[:-1].long()] = new_v[:-1, 0]
+    kv_update(k, v, new_k, new_v, positions)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
