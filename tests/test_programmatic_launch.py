@@ -69,7 +69,7 @@ def test_a_chain_of_dependent_kernels_gives_the_same_bits_on_and_off(restore_swi
 
 
 @pytest.mark.cuda
-def test_a_captured_chain_replays_the_same_bits_on_and_off(restore_switch) -> None:
+def test_a_chain_replayed_from_a_cuda_graph_gives_the_same_bits_on_and_off(restore_switch) -> None:
     results = []
     for enabled in (False, True):
         set_programmatic_launch(enabled)
