@@ -38,7 +38,7 @@ namespace decode_attention_mma {
 
 constexpr int kWarps = 4;  // warps per block, each a run of the chunk's tiles
 constexpr int kThreads = kWarps * 32;
-constexpr int kRows = 16;  // query heads per block: the mma's M
+constexpr int kRows = kDecodeAttentionMmaHeadsPerBlock;  // query heads per block: the mma's M
 constexpr int kPad = 8;    // elements after each shared-memory row (16 bytes)
 constexpr int kSlotKeys = 64;  // K or V rows per ring slot
 
