@@ -105,6 +105,43 @@ __host__ __device__ constexpr int64_t split_smem_bytes(int64_t head_dim, int64_t
 }
 
 
+// The keys [begin, end) of chunk `split` of sequence b: its length (clamped to [0, max_seq_len]:
+// the host cannot check it without a sync) cut into num_splits chunks of whole tiles. Empty
+// (begin >= end) past the row's last tile, and for a sequence of length 0.
+struct KeyRange {
+    int64_t begin;
+    int64_t end;
+};
+
+template <int Tile>
+__device__ __forceinline__ KeyRange chunk_keys(const int32_t* __restrict__ seq_lens, int64_t b,
+                                               int64_t max_seq_len, int split, int num_splits) {
+    const int64_t seq_len = min(max(static_cast<int64_t>(seq_lens[b]), int64_t{0}), max_seq_len);
+    const int64_t row_tiles = (seq_len + Tile - 1) / Tile;
+    const int64_t chunk_tiles = (row_tiles + num_splits - 1) / num_splits;
+    const int64_t begin = static_cast<int64_t>(split) * chunk_tiles * Tile;
+    return {begin, min(begin + chunk_tiles * Tile, seq_len)};
+}
+
+// What a block with an empty chunk leaves for its nh query heads from (b, h) row head_row on:
+// a zero output with one chunk; with more, a partial that the combine pass leaves out.
+template <typename T>
+__device__ __forceinline__ void write_empty_chunk(T* __restrict__ out,
+                                                  float* __restrict__ partial_max,
+                                                  float* __restrict__ partial_sum,
+                                                  int64_t head_row, int nh, int head_dim,
+                                                  int split, int num_splits, int threads) {
+    const int tid = threadIdx.x;
+    if (num_splits == 1) {
+        for (int i = tid; i < nh * head_dim; i += threads) {
+            out[head_row * head_dim + i] = from_float<T>(0.0f);
+        }
+    } else if (tid < nh) {
+        partial_max[(head_row + tid) * num_splits + split] = -INFINITY;
+        partial_sum[(head_row + tid) * num_splits + split] = 0.0f;
+    }
+}
+
 // Pass 1. Block (split, kv_head * head_blocks + head_block, b): chunk `split` of sequence b's
 // keys, KV head kv_head, query heads h_begin .. h_begin + nh - 1 of its group.
 template <typename T, int VecBytes, int Tile>
@@ -146,23 +183,13 @@ __global__ void __launch_bounds__(kThreads, 3) decode_attention_split_kernel(
     const int outputs = nh * head_dim;                            // (head, dim) pairs
     const int64_t head_row = b * num_q_heads + h_begin;           // first (b, h) row here
 
-    // NOTE: seq_lens cannot be checked by the host without a sync: clamp to [0, max_seq_len].
-    const int64_t seq_len = min(max(static_cast<int64_t>(seq_lens[b]), int64_t{0}), max_seq_len);
     // This row's tiles, dealt out to the num_splits chunks in whole tiles.
-    const int64_t row_tiles = (seq_len + Tile - 1) / Tile;
-    const int64_t chunk_tiles = (row_tiles + num_splits - 1) / num_splits;
-    const int64_t key_begin = static_cast<int64_t>(split) * chunk_tiles * Tile;
-    const int64_t key_end = min(key_begin + chunk_tiles * Tile, seq_len);
-    if (key_begin >= key_end) {
-        // Nothing to attend to in this chunk (or at all, when seq_len is 0).
-        if (num_splits == 1) {
-            for (int i = tid; i < outputs; i += kThreads) {
-                out[head_row * head_dim + i] = from_float<T>(0.0f);
-            }
-        } else if (tid < nh) {
-            partial_max[(head_row + tid) * num_splits + split] = -INFINITY;
-            partial_sum[(head_row + tid) * num_splits + split] = 0.0f;
-        }
+    const KeyRange keys = chunk_keys<Tile>(seq_lens, b, max_seq_len, split, num_splits);
+    const int64_t key_begin = keys.begin;
+    const int64_t key_end = keys.end;
+    if (key_begin >= key_end) {  // nothing to attend to in this chunk (or at all)
+        write_empty_chunk(out, partial_max, partial_sum, head_row, nh, head_dim, split,
+                          num_splits, kThreads);
         return;
     }
     const int num_tiles = static_cast<int>((key_end - key_begin + Tile - 1) / Tile);

@@ -30,6 +30,7 @@
 #include <cstring>
 
 #include "decode_attention.cuh"
+#include "decode_attention_kernels.cuh"
 #include "float_convert.cuh"
 #include "programmatic_launch.cuh"
 
@@ -170,22 +171,13 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_mma_kernel(
     const int nh = min(kRows, (kv_head + 1) * group - h_begin);  // query heads here, >= 1
     const int64_t head_row = b * num_q_heads + h_begin;          // first (b, h) row here
 
-    // NOTE: seq_lens cannot be checked by the host without a sync: clamp to [0, max_seq_len].
-    const int64_t seq_len = min(max(static_cast<int64_t>(seq_lens[b]), int64_t{0}), max_seq_len);
-    const int64_t row_tiles = (seq_len + Tile - 1) / Tile;
-    const int64_t chunk_tiles = (row_tiles + num_splits - 1) / num_splits;
-    const int64_t key_begin = static_cast<int64_t>(split) * chunk_tiles * Tile;
-    const int64_t key_end = min(key_begin + chunk_tiles * Tile, seq_len);
-    if (key_begin >= key_end) {
-        // Nothing to attend to in this chunk (or at all, when seq_len is 0).
-        if (num_splits == 1) {
-            for (int i = tid; i < nh * HeadDim; i += kThreads) {
-                out[head_row * HeadDim + i] = from_float<T>(0.0f);
-            }
-        } else if (tid < nh) {
-            partial_max[(head_row + tid) * num_splits + split] = -INFINITY;
-            partial_sum[(head_row + tid) * num_splits + split] = 0.0f;
-        }
+    const decode_attention_kernels::KeyRange keys =
+        decode_attention_kernels::chunk_keys<Tile>(seq_lens, b, max_seq_len, split, num_splits);
+    const int64_t key_begin = keys.begin;
+    const int64_t key_end = keys.end;
+    if (key_begin >= key_end) {  // nothing to attend to in this chunk (or at all)
+        decode_attention_kernels::write_empty_chunk(out, partial_max, partial_sum, head_row, nh,
+                                                    HeadDim, split, num_splits, kThreads);
         return;
     }
     const int num_tiles = static_cast<int>((key_end - key_begin + Tile - 1) / Tile);

@@ -1,4 +1,5 @@
-// Python spellings of dtypes ("torch.float16", not "Half") for error messages.
+// Python spellings of dtypes ("torch.float16", not "Half") for error messages, and the float
+// dtypes the fused kernels take.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -32,6 +33,11 @@ inline std::string dtype_name(c10::ScalarType t) {
         default:
             return std::string("torch.") + c10::toString(t);
     }
+}
+
+// fp32, fp16 or bf16: the dtypes of the fused ops (fused_ops.cpp, rope_kv_ops.cpp).
+inline bool is_supported_dtype(c10::ScalarType t) {
+    return t == c10::kFloat || t == c10::kHalf || t == c10::kBFloat16;
 }
 
 }  // namespace toyllm

@@ -28,10 +28,6 @@
 namespace toyllm {
 namespace {
 
-bool is_supported_dtype(at::ScalarType t) {
-    return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
 void check_dtype(const char* op, const char* name, const at::Tensor& t) {
     TORCH_CHECK_VALUE(is_supported_dtype(t.scalar_type()), op, ": expected ", name,
                       " of dtype torch.float32, torch.float16 or torch.bfloat16, got ",

@@ -24,10 +24,6 @@
 namespace toyllm {
 namespace {
 
-bool is_supported_dtype(at::ScalarType t) {
-    return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
 // `t` (named `name`) has qkv's dtype and device.
 void check_like_qkv(const char* name, const at::Tensor& t, const at::Tensor& qkv) {
     TORCH_CHECK_VALUE(t.scalar_type() == qkv.scalar_type(), "rope_kv_update: expected ", name,
