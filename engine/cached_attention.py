@@ -35,6 +35,9 @@ DECODE_KERNEL_MAX_ROWS = 8
 TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
 TENSOR_CORE_HEAD_DIMS = (64, 128)
 _MAX_ROWS_OVERRIDE = os.environ.get("TOYLLM_DECODE_KERNEL_MAX_ROWS")
+if _MAX_ROWS_OVERRIDE is not None and not _MAX_ROWS_OVERRIDE.strip().isdigit():
+    raise ValueError("expected TOYLLM_DECODE_KERNEL_MAX_ROWS to be a whole number of rows, got "
+                     f"'{_MAX_ROWS_OVERRIDE}'")
 
 
 # On the CPU the operator's fp32 implementation is a plain C++ loop: for a small model's decode

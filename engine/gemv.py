@@ -79,7 +79,11 @@ CUDA_MAX_ROWS = 1
 #: programmatic launch) put cuBLAS ahead on the largest product only, Llama-1B's output head
 #: (501 MiB: 123.1 vs 132.1 us); ours led on 8-32 MiB (1.33-1.51x) and tied at 64 MiB (0.97x).
 #: TOYLLM_CUDA_GEMV_MAX_MIB overrides (read at import; to compare).
-CUDA_MAX_WEIGHT_BYTES = int(os.environ.get("TOYLLM_CUDA_GEMV_MAX_MIB", "128")) * 2**20
+_MAX_MIB = os.environ.get("TOYLLM_CUDA_GEMV_MAX_MIB", "128")
+if not _MAX_MIB.strip().isdigit():
+    raise ValueError("expected TOYLLM_CUDA_GEMV_MAX_MIB to be a whole number of MiB, got "
+                     f"'{_MAX_MIB}'")
+CUDA_MAX_WEIGHT_BYTES = int(_MAX_MIB) * 2**20
 
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
