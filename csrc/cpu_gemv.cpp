@@ -22,6 +22,13 @@
 // a SwiGLU MLP's down product, whose CUDA kernel computes silu(gate) * up itself (cuda_gemv.cpp);
 // on the CPU it runs toyllm::silu_mul then the loop here (same checks as gemv, gate_up [..., 2 *
 // in] in x's place).
+// And `toyllm::gemv_add_rms_norm(x, residual, norm_weight, eps, weight) -> (sum, y)` = (x +
+// residual, F.linear(rms_norm(x + residual), weight)), the product after a residual add and an
+// RMSNorm, whose CUDA kernel computes the norm itself; on the CPU toyllm::add_rms_norm then
+// F.linear (any dtype add_rms_norm takes). And `toyllm::gemv_add_rms_norm_silu_mul`, the same
+// with weight = [gate; up] and y = silu_mul of the product (SwiGLU's h). And
+// `toyllm::gemv_add_rms_norm_rope_kv(..., cos, sin, k_cache, v_cache, positions, num_q_heads)
+// -> (sum, q)`: the q/k/v product handed to toyllm::rope_kv_update (its epilogue on CUDA).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -29,6 +36,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -279,15 +288,110 @@ at::Tensor gemv_silu_mul_cpu(const at::Tensor& gate_up, const at::Tensor& weight
     return gemv_cpu_checked(silu_mul.call(gate_up.contiguous()), weight);
 }
 
+// (x + residual, F.linear(rms_norm(x + residual), weight)), and with `silu` toyllm::silu_mul of
+// the product: toyllm::add_rms_norm's and silu_mul's CPU kernels (through the dispatcher, so the
+// same bits as those operators) and F.linear. Nothing is fused on the CPU, where the model does
+// not call these (engine/gemv_add_rms_norm.py); they are here so that the operators run
+// everywhere, in every dtype add_rms_norm takes.
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_product_cpu(const char* op, const at::Tensor& x,
+                                                            const at::Tensor& residual,
+                                                            const at::Tensor& norm_weight,
+                                                            double eps, const at::Tensor& weight,
+                                                            bool silu) {
+    check_gemv_add_rms_norm_shapes(op, x, residual, norm_weight, weight, eps, silu);
+    for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"x", x},
+                                  {"residual", residual},
+                                  {"norm_weight", norm_weight},
+                                  {"weight", weight}}) {
+        TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": expected ", name,
+                          " on the CPU (x's device), got ", t.device());
+        TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), op, ": expected ", name,
+                          " of dtype ", dtype_name(x.scalar_type()), " (x's dtype), got ",
+                          dtype_name(t.scalar_type()));
+    }
+    static const auto add_rms_norm =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("toyllm::add_rms_norm", "")
+            .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                      const at::Tensor&, double)>();
+    auto [sum, normed] = add_rms_norm.call(x.contiguous(), residual.contiguous(), norm_weight, eps);
+    at::Tensor y = at::linear(normed, weight);
+    if (silu) {
+        if (weight.size(0) == 0) {  // silu_mul takes no empty rows
+            return {sum, y};
+        }
+        static const auto silu_mul = c10::Dispatcher::singleton()
+                                         .findSchemaOrThrow("toyllm::silu_mul", "")
+                                         .typed<at::Tensor(const at::Tensor&)>();
+        y = silu_mul.call(y);
+    }
+    return {sum, y};
+}
+
+std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_cpu(const at::Tensor& x,
+                                                         const at::Tensor& residual,
+                                                         const at::Tensor& norm_weight,
+                                                         double eps, const at::Tensor& weight) {
+    return add_rms_norm_product_cpu("gemv_add_rms_norm", x, residual, norm_weight, eps, weight,
+                                    false);
+}
+
+std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_silu_mul_cpu(const at::Tensor& x,
+                                                                  const at::Tensor& residual,
+                                                                  const at::Tensor& norm_weight,
+                                                                  double eps,
+                                                                  const at::Tensor& weight) {
+    return add_rms_norm_product_cpu("gemv_add_rms_norm_silu_mul", x, residual, norm_weight, eps,
+                                    weight, true);
+}
+
+// gemv_add_rms_norm then toyllm::rope_kv_update on the product viewed as [rows, 1, heads,
+// head_dim] (through the dispatcher: the same bits and the same checks as those operators).
+std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_rope_kv_cpu(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+    const at::Tensor& weight, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+    at::Tensor& v_cache, const at::Tensor& positions, int64_t num_q_heads) {
+    const char* op = "gemv_add_rms_norm_rope_kv";
+    check_gemv_add_rms_norm_shapes(op, x, residual, norm_weight, weight, eps, false);
+    const int64_t head_dim = k_cache.dim() == 4 ? k_cache.size(3) : 0;
+    const int64_t out = weight.size(0);
+    TORCH_CHECK_VALUE(head_dim >= 1 && out % head_dim == 0, op, ": expected weight rows (", out,
+                      ") to be whole heads of k_cache's head_dim (k_cache of shape ",
+                      k_cache.sizes(), ")");
+    auto [sum, qkv] = add_rms_norm_product_cpu(op, x, residual, norm_weight, eps, weight, false);
+    static const auto rope_kv_update =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("toyllm::rope_kv_update", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              at::Tensor&, at::Tensor&, const at::Tensor&, int64_t)>();
+    const int64_t rows = qkv.numel() / out;
+    at::Tensor q = rope_kv_update.call(qkv.reshape({rows, 1, out / head_dim, head_dim}), cos, sin,
+                                       k_cache, v_cache, positions, num_q_heads);
+    return {sum, q};
+}
+
 }  // namespace
 }  // namespace toyllm
 
 TORCH_LIBRARY_FRAGMENT(toyllm, m) {
     m.def("gemv(Tensor x, Tensor weight) -> Tensor");
     m.def("gemv_silu_mul(Tensor gate_up, Tensor weight) -> Tensor");
+    m.def(
+        "gemv_add_rms_norm(Tensor x, Tensor residual, Tensor norm_weight, float eps, "
+        "Tensor weight) -> (Tensor, Tensor)");
+    m.def(
+        "gemv_add_rms_norm_silu_mul(Tensor x, Tensor residual, Tensor norm_weight, float eps, "
+        "Tensor weight) -> (Tensor, Tensor)");
+    m.def(
+        "gemv_add_rms_norm_rope_kv(Tensor x, Tensor residual, Tensor norm_weight, float eps, "
+        "Tensor weight, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor positions, int num_q_heads) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(toyllm, CPU, m) {
     m.impl("gemv", &toyllm::gemv_cpu);
     m.impl("gemv_silu_mul", &toyllm::gemv_silu_mul_cpu);
+    m.impl("gemv_add_rms_norm", &toyllm::gemv_add_rms_norm_cpu);
+    m.impl("gemv_add_rms_norm_silu_mul", &toyllm::gemv_add_rms_norm_silu_mul_cpu);
+    m.impl("gemv_add_rms_norm_rope_kv", &toyllm::gemv_add_rms_norm_rope_kv_cpu);
 }

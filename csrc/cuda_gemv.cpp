@@ -1,9 +1,12 @@
-// Registers the CUDA implementations of `toyllm::gemv(x, weight) -> y` and
-// `toyllm::gemv_silu_mul(gate_up, weight) -> y` (the operators and their CPU kernels are defined
-// in cpu_gemv.cpp): y = F.linear(x, weight) (no bias) for the few-row products of a decode step,
-// with the kernel of gemv.cu, and y = F.linear(silu_mul(gate_up), weight), a SwiGLU MLP's down
+// Registers the CUDA implementations of `toyllm::gemv(x, weight) -> y`,
+// `toyllm::gemv_silu_mul(gate_up, weight) -> y` and `toyllm::gemv_add_rms_norm(x, residual,
+// norm_weight, eps, weight) -> (sum, y)` (the operators and their CPU kernels are defined in
+// cpu_gemv.cpp): y = F.linear(x, weight) (no bias) for the few-row products of a decode step,
+// with the kernel of gemv.cu; y = F.linear(silu_mul(gate_up), weight), a SwiGLU MLP's down
 // product, with the kernel of gemv_silu_mul.cu, which computes silu(gate) * up itself (the same
-// bits as toyllm::silu_mul then toyllm::gemv).
+// bits as toyllm::silu_mul then toyllm::gemv); and sum = x + residual, y = F.linear(
+// rms_norm(sum), weight), the product after a residual add and RMSNorm, with the kernel of
+// gemv_add_rms_norm.cu (the same bits as toyllm::add_rms_norm then toyllm::gemv).
 //
 // x: [..., in] with at most 4 rows (x.numel() / in), fp32, fp16 or bf16 (packed here when it is
 // not contiguous); weight: [out, in] contiguous (nn.Linear's layout), x's dtype and device.
@@ -16,17 +19,23 @@
 // (engine/gemv.py).
 #ifdef TOYLLM_WITH_CUDA
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "dtype_names.h"
 #include "fused_kernels.cuh"
 #include "gemv_args.h"
 #include "gemv.cuh"
+#include "gemv_add_rms_norm.cuh"
+#include "gemv_norm_rope_kv.cuh"
 #include "gemv_silu_mul.cuh"
+#include "rope_kv_args.h"
 
 namespace toyllm {
 namespace {
@@ -64,6 +73,12 @@ struct OpNames {
 constexpr OpNames kGemvNames{"gemv", "x", "x.numel() / in", "F.linear"};
 constexpr OpNames kGemvSiluMulNames{"gemv_silu_mul", "gate_up", "gate_up.numel() / (2 * in)",
                                     "silu_mul and F.linear"};
+constexpr OpNames kGemvAddRmsNormNames{"gemv_add_rms_norm", "x", "x.numel() / in",
+                                       "add_rms_norm and F.linear"};
+constexpr OpNames kGemvAddRmsNormSiluMulNames{"gemv_add_rms_norm_silu_mul", "x", "x.numel() / in",
+                                              "add_rms_norm, F.linear and silu_mul"};
+constexpr OpNames kGemvAddRmsNormRopeKvNames{"gemv_add_rms_norm_rope_kv", "x", "x.numel() / in",
+                                             "add_rms_norm, F.linear and rope_kv_update"};
 
 // The CUDA rules of gemv (x, weight) and gemv_silu_mul (gate_up, weight); check_shapes is the
 // operator's shape check of gemv_args.h.
@@ -162,11 +177,163 @@ at::Tensor gemv_silu_mul_cuda(const at::Tensor& gate_up, const at::Tensor& weigh
     return y;
 }
 
+// The CUDA rules of the products after a residual add and RMSNorm (names.op says which).
+void check_norm_product_cuda(const OpNames& names, const at::Tensor& x, const at::Tensor& residual,
+                             const at::Tensor& norm_weight, double eps, const at::Tensor& weight,
+                             bool silu) {
+    check_gemv_add_rms_norm_shapes(names.op, x, residual, norm_weight, weight, eps, silu);
+    check_gemv_cuda_args(names, x, weight, check_gemv_shapes);
+    for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"residual", residual},
+                                  {"norm_weight", norm_weight}}) {
+        TORCH_CHECK_VALUE(t.device() == x.device(), names.op, ": expected ", name, " on ",
+                          x.device(), " (x's device), got ", t.device());
+        TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), names.op, ": expected ", name,
+                          " of dtype ", dtype_name(x.scalar_type()), " (x's dtype), got ",
+                          dtype_name(t.scalar_type()));
+    }
+    TORCH_CHECK_VALUE(norm_weight.is_contiguous(), names.op,
+                      ": expected a contiguous norm_weight, got strides ", norm_weight.strides());
+}
+
+// gemv_add_rms_norm (x, residual, norm_weight, eps, weight) -> (x + residual, y), and with
+// `silu` gemv_add_rms_norm_silu_mul -> (x + residual, silu_mul(y)): one kernel for one row
+// (gemv_add_rms_norm.cu), add_rms_norm's, gemv's (and silu_mul's) kernels for 2 to 4 rows or a
+// row too long for a block's shared memory (the same bits either way).
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_product_cuda(const OpNames& names,
+                                                             const at::Tensor& x,
+                                                             const at::Tensor& residual,
+                                                             const at::Tensor& norm_weight,
+                                                             double eps, const at::Tensor& weight,
+                                                             bool silu) {
+    check_norm_product_cuda(names, x, residual, norm_weight, eps, weight, silu);
+    const c10::cuda::CUDAGuard guard(x.device());
+    const int64_t out = weight.size(0);
+    const int64_t in = weight.size(1);
+    // rows at a fixed pitch, as in gemv_cuda (in the model both are fresh outputs)
+    const at::Tensor xc = x.contiguous();
+    const at::Tensor rc = residual.contiguous();
+    at::Tensor sum = at::empty_like(xc, at::MemoryFormat::Contiguous);
+    std::vector<int64_t> out_shape = x.sizes().vec();
+    out_shape.back() = silu ? out / 2 : out;
+    at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+    const int64_t rows = leading_rows(x);
+    if (rows == 0) {
+        return {sum, y};
+    }
+    const GemvDtype dtype = gemv_dtype(x.scalar_type());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+    const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+    cudaError_t err = cudaSuccess;
+    if (rows == 1 && out > 0 &&
+        gemv_add_rms_norm_shared_bytes(dtype, in) <= props->sharedMemPerBlockOptin) {
+        const auto launch = silu ? launch_gemv_add_rms_norm_silu_mul : launch_gemv_add_rms_norm;
+        err = launch(xc.const_data_ptr(), rc.const_data_ptr(), norm_weight.const_data_ptr(),
+                     weight.const_data_ptr(), sum.mutable_data_ptr(), y.mutable_data_ptr(), dtype,
+                     in, out, static_cast<float>(eps), props->multiProcessorCount, stream);
+    } else {
+        // the kernels the fused one stands for (2 to 4 rows, no output rows, or a row past the
+        // shared memory), so the same bits
+        at::Tensor normed = at::empty_like(sum);
+        err = launch_add_rms_norm(xc.const_data_ptr(), rc.const_data_ptr(),
+                                  norm_weight.const_data_ptr(), sum.mutable_data_ptr(),
+                                  normed.mutable_data_ptr(), fused_dtype(dtype), rows, in,
+                                  static_cast<float>(eps), stream);
+        at::Tensor product = silu ? at::empty({rows, out}, xc.options()) : y;
+        if (err == cudaSuccess) {
+            err = launch_gemv(normed.const_data_ptr(), weight.const_data_ptr(),
+                              product.mutable_data_ptr(), dtype, rows, in, out, stream);
+        }
+        if (err == cudaSuccess && silu && out > 0) {
+            err = launch_silu_mul(product.const_data_ptr(), y.mutable_data_ptr(),
+                                  fused_dtype(dtype), rows, out / 2, stream);
+        }
+    }
+    TORCH_CHECK(err == cudaSuccess, names.op,
+                ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+    return {sum, y};
+}
+
+std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_cuda(const at::Tensor& x,
+                                                          const at::Tensor& residual,
+                                                          const at::Tensor& norm_weight,
+                                                          double eps, const at::Tensor& weight) {
+    return add_rms_norm_product_cuda(kGemvAddRmsNormNames, x, residual, norm_weight, eps, weight,
+                                     false);
+}
+
+std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_silu_mul_cuda(const at::Tensor& x,
+                                                                   const at::Tensor& residual,
+                                                                   const at::Tensor& norm_weight,
+                                                                   double eps,
+                                                                   const at::Tensor& weight) {
+    return add_rms_norm_product_cuda(kGemvAddRmsNormSiluMulNames, x, residual, norm_weight, eps,
+                                     weight, true);
+}
+
+// gemv_add_rms_norm_rope_kv: (x + residual, q) with the product's q/k/v handed to
+// rope_kv_update. One kernel for one row where the cache rows are one (gemv_norm_rope_kv.cu);
+// otherwise gemv_add_rms_norm, then toyllm::rope_kv_update on its product (the same bits).
+// Everything is checked before anything is written.
+std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_rope_kv_cuda(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+    const at::Tensor& weight, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+    at::Tensor& v_cache, const at::Tensor& positions, int64_t num_q_heads) {
+    const OpNames& names = kGemvAddRmsNormRopeKvNames;
+    check_norm_product_cuda(names, x, residual, norm_weight, eps, weight, false);
+    // the q/k/v this product makes, [rows, 1, heads, head_dim], for rope_kv_update's checks
+    const int64_t head_dim = k_cache.dim() == 4 ? k_cache.size(3) : 0;
+    const int64_t out = weight.size(0);
+    TORCH_CHECK_VALUE(head_dim >= 1 && out % head_dim == 0, names.op,
+                      ": expected weight rows (", out,
+                      ") to be whole heads of k_cache's head_dim (k_cache of shape ",
+                      k_cache.sizes(), ")");
+    const std::vector<int64_t> qkv_sizes{leading_rows(x), 1, out / head_dim, head_dim};
+    const std::vector<int64_t> qkv_strides{out, out, head_dim, 1};
+    check_rope_kv_update_args({qkv_sizes, qkv_strides, x.scalar_type(), x.device()}, cos, sin,
+                              k_cache, v_cache, positions, num_q_heads);
+    const c10::cuda::CUDAGuard guard(x.device());
+    const int64_t in = weight.size(1);
+    const GemvDtype dtype = gemv_dtype(x.scalar_type());
+    const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+    const bool one_kernel = leading_rows(x) == 1 && cos.is_contiguous() && sin.is_contiguous() &&
+                            gemv_add_rms_norm_shared_bytes(dtype, in) <=
+                                props->sharedMemPerBlockOptin;
+    if (!one_kernel) {
+        auto [sum, qkv] = add_rms_norm_product_cuda(kGemvAddRmsNormNames, x, residual,
+                                                    norm_weight, eps, weight, false);
+        static const auto rope_kv_update =
+            c10::Dispatcher::singleton()
+                .findSchemaOrThrow("toyllm::rope_kv_update", "")
+                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  at::Tensor&, at::Tensor&, const at::Tensor&, int64_t)>();
+        at::Tensor q = rope_kv_update.call(qkv.view(qkv_sizes), cos, sin, k_cache, v_cache,
+                                           positions, num_q_heads);
+        return {sum, q};
+    }
+    const at::Tensor xc = x.contiguous();
+    const at::Tensor rc = residual.contiguous();
+    at::Tensor sum = at::empty_like(xc, at::MemoryFormat::Contiguous);
+    at::Tensor q = at::empty({1, 1, num_q_heads, head_dim}, x.options());
+    const cudaError_t err = launch_gemv_norm_rope_kv(
+        xc.const_data_ptr(), rc.const_data_ptr(), norm_weight.const_data_ptr(),
+        weight.const_data_ptr(), cos.const_data_ptr(), sin.const_data_ptr(),
+        positions.const_data_ptr<int32_t>(), sum.mutable_data_ptr(), q.mutable_data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), dtype, in, num_q_heads, k_cache.size(2), head_dim,
+        k_cache.size(1), static_cast<float>(eps), props->multiProcessorCount,
+        at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == cudaSuccess, names.op, ": CUDA kernel launch failed: ",
+                cudaGetErrorString(err));
+    return {sum, q};
+}
+
 }  // namespace
 }  // namespace toyllm
 
 TORCH_LIBRARY_IMPL(toyllm, CUDA, m) {
     m.impl("gemv", &toyllm::gemv_cuda);
     m.impl("gemv_silu_mul", &toyllm::gemv_silu_mul_cuda);
+    m.impl("gemv_add_rms_norm", &toyllm::gemv_add_rms_norm_cuda);
+    m.impl("gemv_add_rms_norm_silu_mul", &toyllm::gemv_add_rms_norm_silu_mul_cuda);
+    m.impl("gemv_add_rms_norm_rope_kv", &toyllm::gemv_add_rms_norm_rope_kv_cuda);
 }
 #endif  // TOYLLM_WITH_CUDA

@@ -17,7 +17,7 @@ namespace toyllm {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kMaxNormThreads = 1024;           // threads per RMSNorm block (one row), at most
+constexpr int kMaxNormThreads = kRmsNormMaxThreads;  // threads per RMSNorm block, at most
 constexpr int kThreads = 256;                   // threads per block of RoPE and silu * up
 constexpr int64_t kMaxGrid = int64_t{1} << 20;  // blocks per launch (grid-stride past that)
 
@@ -136,8 +136,7 @@ cudaError_t rms_norm_for(const void* x, const void* residual, const void* weight
                      (!add || (aligned16(residual) && aligned16(sum_out)));
     const int64_t packs = vec ? hidden / kVec : hidden;
     // Enough warps to give every thread one pack, up to kMaxNormThreads (then threads loop).
-    const int threads =
-        static_cast<int>(std::min<int64_t>(kMaxNormThreads, (packs + kWarp - 1) / kWarp * kWarp));
+    const int threads = rms_norm_threads(packs);
     const unsigned grid = static_cast<unsigned>(std::min<int64_t>(rows, kMaxGrid));
     // torch's CUDA mean multiplies by a float factor 1 / numel.
     const float inv_hidden = 1.0f / static_cast<float>(hidden);

@@ -19,6 +19,17 @@ namespace toyllm {
 
 enum class FusedDtype { kFloat32, kFloat16, kBFloat16 };
 
+// Threads of an RMSNorm block (one row) for a row of `packs` accesses: one access per thread in
+// whole warps, at most kRmsNormMaxThreads (then threads loop). The fp32 sum of squares runs in
+// this block's order: each thread sums its accesses p, p + threads, ... in turn, each warp
+// sums its threads (butterfly), then the warp totals are added in warp order. The add+RMSNorm
+// GEMV (gemv_add_rms_norm.cu) repeats that order with its own threads, for the same bits.
+constexpr int kRmsNormMaxThreads = 1024;
+inline int rms_norm_threads(int64_t packs) {
+    const int64_t warps = (packs + 31) / 32;
+    return static_cast<int>(warps * 32 < kRmsNormMaxThreads ? warps * 32 : kRmsNormMaxThreads);
+}
+
 // out[r] = to_dtype(weight * to_dtype(x[r] * rsqrt(mean(x[r]^2) + eps))), x in fp32 for the
 // normalisation (the order of models/layer_math.py: normalise in fp32, scale in the dtype).
 // One block per row; 16-byte loads when hidden and the pointers allow them.

@@ -1,9 +1,12 @@
-// The shape checks toyllm::gemv and toyllm::gemv_silu_mul make on every device (cpu_gemv.cpp,
-// cuda_gemv.cpp): weight [out, in], and x [..., in] (gemv) or gate_up [..., 2 * in]
-// (gemv_silu_mul: gate, then up). Each device adds its own dtype, device and layout checks.
+// The shape checks toyllm::gemv, toyllm::gemv_silu_mul and toyllm::gemv_add_rms_norm make on every
+// device (cpu_gemv.cpp, cuda_gemv.cpp): weight [out, in], and x [..., in] (gemv), gate_up
+// [..., 2 * in] (gemv_silu_mul: gate, then up) or x and residual [..., in] with norm_weight [in]
+// (gemv_add_rms_norm). Each device adds its own dtype, device and layout checks.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <cmath>
 
 namespace toyllm {
 
@@ -29,6 +32,33 @@ inline void check_gemv_silu_mul_shapes(const at::Tensor& gate_up, const at::Tens
         2 * weight.size(1),
         "] (gate then up, each of weight's in = weight.size(1)), got gate_up of shape ",
         gate_up.sizes(), " for weight of shape ", weight.sizes());
+}
+
+// `op` is gemv_add_rms_norm or (silu: weight = [gate; up], an even number of rows)
+// gemv_add_rms_norm_silu_mul.
+inline void check_gemv_add_rms_norm_shapes(const char* op, const at::Tensor& x,
+                                           const at::Tensor& residual,
+                                           const at::Tensor& norm_weight,
+                                           const at::Tensor& weight, double eps, bool silu) {
+    TORCH_CHECK_VALUE(weight.dim() == 2, op, ": expected weight of 2 dims [out, in], got shape ",
+                      weight.sizes());
+    TORCH_CHECK_VALUE(!silu || weight.size(0) % 2 == 0, op,
+                      ": expected weight [gate; up] with an even number of rows, got shape ",
+                      weight.sizes());
+    TORCH_CHECK_VALUE(x.dim() >= 1, op, ": expected x of at least 1 dim [..., in], got shape ",
+                      x.sizes());
+    TORCH_CHECK_VALUE(x.size(-1) == weight.size(1), op, ": expected x [..., ", weight.size(1),
+                      "] (weight's in = weight.size(1)), got x of shape ", x.sizes(),
+                      " for weight of shape ", weight.sizes());
+    TORCH_CHECK_VALUE(x.size(-1) >= 1, op,
+                      ": expected in = x.size(-1) >= 1 (the norm's size), got ", x.size(-1));
+    TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), op, ": expected residual of x's shape ",
+                      x.sizes(), ", got ", residual.sizes());
+    TORCH_CHECK_VALUE(norm_weight.dim() == 1 && norm_weight.size(0) == x.size(-1), op,
+                      ": expected norm_weight of shape [", x.size(-1), "] (x's last dim), got ",
+                      norm_weight.sizes());
+    TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op, ": expected a finite eps >= 0, got ",
+                      eps);
 }
 
 }  // namespace toyllm

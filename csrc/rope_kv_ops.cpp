@@ -13,6 +13,7 @@
 
 #include "dtype_names.h"
 #include "kv_update_cpu.h"
+#include "rope_kv_args.h"
 
 #ifdef TOYLLM_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -24,99 +25,11 @@
 namespace toyllm {
 namespace {
 
-// `t` (named `name`) has qkv's dtype and device.
-void check_like_qkv(const char* name, const at::Tensor& t, const at::Tensor& qkv) {
-    TORCH_CHECK_VALUE(t.scalar_type() == qkv.scalar_type(), "rope_kv_update: expected ", name,
-                      " of dtype ", dtype_name(qkv.scalar_type()), " (qkv's), got ",
-                      dtype_name(t.scalar_type()));
-    TORCH_CHECK_VALUE(t.device() == qkv.device(), "rope_kv_update: expected ", name, " on ",
-                      qkv.device(), " (qkv's device), got ", t.device());
-}
-
-void check_last_dim_contiguous(const char* name, const at::Tensor& t) {
-    TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, "rope_kv_update: expected ", name,
-                      " with a contiguous last dim (stride 1), got strides ", t.strides(),
-                      " for shape ", t.sizes());
-}
-
-// Checks every argument; nothing has been written when this throws. The cache gives rows,
-// max_seq_len, num_kv_heads and head_dim; qkv must be [rows, 1, num_q_heads + 2 * num_kv_heads,
-// head_dim].
-void check_rope_kv_update_args(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                               const at::Tensor& k_cache, const at::Tensor& v_cache,
-                               const at::Tensor& positions, int64_t num_q_heads) {
-    TORCH_CHECK_VALUE(k_cache.dim() == 4,
-                      "rope_kv_update: expected k_cache of 4 dims [rows, max_seq_len, "
-                      "num_kv_heads, head_dim], got shape ",
-                      k_cache.sizes());
-    TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(),
-                      "rope_kv_update: expected v_cache of k_cache's shape ", k_cache.sizes(),
-                      ", got ", v_cache.sizes());
-    const int64_t rows = k_cache.size(0);
-    const int64_t max_seq_len = k_cache.size(1);
-    const int64_t num_kv_heads = k_cache.size(2);
-    const int64_t head_dim = k_cache.size(3);
-    TORCH_CHECK_VALUE(max_seq_len >= 1,
-                      "rope_kv_update: expected max_seq_len (k_cache.size(1)) >= 1, got ",
-                      max_seq_len);
-    TORCH_CHECK_VALUE(num_kv_heads >= 1,
-                      "rope_kv_update: expected num_kv_heads (k_cache.size(2)) >= 1, got ",
-                      num_kv_heads);
-    TORCH_CHECK_VALUE(head_dim >= 2 && head_dim % 2 == 0,
-                      "rope_kv_update: expected an even head_dim >= 2 (k_cache.size(3)), got ",
-                      head_dim);
-    TORCH_CHECK_VALUE(num_q_heads >= 1, "rope_kv_update: expected num_q_heads >= 1, got ",
-                      num_q_heads);
-    const int64_t width = num_q_heads + 2 * num_kv_heads;
-    TORCH_CHECK_VALUE(qkv.dim() == 4 && qkv.size(0) == rows && qkv.size(1) == 1 &&
-                          qkv.size(2) == width && qkv.size(3) == head_dim,
-                      "rope_kv_update: expected qkv of shape [", rows, ", 1, ", width, ", ",
-                      head_dim, "] (the cache's rows, one token, num_q_heads ", num_q_heads,
-                      " + 2 * num_kv_heads ", num_kv_heads, " heads of the cache's head_dim), got ",
-                      qkv.sizes());
-    TORCH_CHECK_VALUE(cos.dim() == 4 && cos.size(0) == rows && cos.size(1) == 1 &&
-                          cos.size(2) == 1 && cos.size(3) == head_dim,
-                      "rope_kv_update: expected cos of shape [", rows, ", 1, 1, ", head_dim,
-                      "] (qkv's rows, token and head_dim), got ", cos.sizes());
-    TORCH_CHECK_VALUE(sin.sizes() == cos.sizes(), "rope_kv_update: expected sin of cos's shape ",
-                      cos.sizes(), ", got ", sin.sizes());
-
-    TORCH_CHECK_VALUE(is_supported_dtype(qkv.scalar_type()),
-                      "rope_kv_update: expected qkv of dtype torch.float32, torch.float16 or "
-                      "torch.bfloat16, got ",
-                      dtype_name(qkv.scalar_type()));
-    check_like_qkv("cos", cos, qkv);
-    check_like_qkv("sin", sin, qkv);
-    check_like_qkv("k_cache", k_cache, qkv);
-    check_like_qkv("v_cache", v_cache, qkv);
-
-    check_last_dim_contiguous("qkv", qkv);
-    check_last_dim_contiguous("cos", cos);
-    check_last_dim_contiguous("sin", sin);
-    TORCH_CHECK_VALUE(k_cache.is_contiguous(),
-                      "rope_kv_update: expected a contiguous k_cache, got strides ",
-                      k_cache.strides(), " for shape ", k_cache.sizes());
-    TORCH_CHECK_VALUE(v_cache.is_contiguous(),
-                      "rope_kv_update: expected a contiguous v_cache, got strides ",
-                      v_cache.strides(), " for shape ", v_cache.sizes());
-
-    TORCH_CHECK_VALUE(positions.scalar_type() == at::kInt,
-                      "rope_kv_update: expected positions of dtype torch.int32, got ",
-                      dtype_name(positions.scalar_type()));
-    TORCH_CHECK_VALUE(positions.dim() == 1 && positions.size(0) == rows,
-                      "rope_kv_update: expected positions of shape [", rows,
-                      "] (the cache's rows), got ", positions.sizes());
-    TORCH_CHECK_VALUE(positions.device() == qkv.device(), "rope_kv_update: expected positions on ",
-                      qkv.device(), " (qkv's device), got ", positions.device());
-    TORCH_CHECK_VALUE(positions.is_contiguous(),
-                      "rope_kv_update: expected contiguous positions, got strides ",
-                      positions.strides());
-}
-
 at::Tensor rope_kv_update_cpu(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                               at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& positions,
                               int64_t num_q_heads) {
-    check_rope_kv_update_args(qkv, cos, sin, k_cache, v_cache, positions, num_q_heads);
+    check_rope_kv_update_args(qkv_shape_of(qkv), cos, sin, k_cache, v_cache, positions,
+                              num_q_heads);
     // On the CPU the positions can be read for free, so their range is checked too, as
     // kv_update does (the CUDA kernel cannot report without a host sync; it skips such a row).
     const int64_t max_seq_len = k_cache.size(1);
@@ -153,7 +66,8 @@ FusedDtype fused_dtype(at::ScalarType t) {
 at::Tensor rope_kv_update_cuda(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                                at::Tensor& k_cache, at::Tensor& v_cache,
                                const at::Tensor& positions, int64_t num_q_heads) {
-    check_rope_kv_update_args(qkv, cos, sin, k_cache, v_cache, positions, num_q_heads);
+    check_rope_kv_update_args(qkv_shape_of(qkv), cos, sin, k_cache, v_cache, positions,
+                              num_q_heads);
     // NOTE: positions live on the device; checking their range here would need a host sync
     // (and break CUDA-graph capture). The kernel skips a row whose position is past the cache's
     // end; KVCache keeps positions in range.

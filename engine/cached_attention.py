@@ -22,9 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from engine.gemv_add_rms_norm import add_rms_norm_rope_kv
+from engine.gemv_add_rms_norm import rope_kv_applies as norm_rope_kv_applies
 from engine.kv_cache import KVCache, kv_update
 from engine.rope_kv_update import applies as rope_kv_applies
 from engine.rope_kv_update import rope_kv_update
+from models.rope import gather_cos_sin
 
 # Rows up to which decode attention takes the extension's kernel rather than SDPA with a length
 # mask, when its pass 1 runs on CUDA cores: above, it lost to SDPA (bench_decode_attention.py,
@@ -153,6 +156,9 @@ class DecodeStep:
     positions: Tensor  # int32 [rows]: where this step's token goes; -1 = finished row
     use_kernel: bool = True
     span: int | None = None  # keys read per row by SDPA (None: all max_seq_len)
+    # models/rope.py's rope_table for positions 0..max_seq_len-1 (None: the model computes
+    # cos/sin from rope_positions itself)
+    rope_table: Tensor | None = None
     # per step, not per layer: row b's key lengths and SDPA mask, made on first use
     _seq_lens: Tensor | None = field(default=None, init=False, repr=False)
     _allowed: Tensor | None = field(default=None, init=False, repr=False)
@@ -160,6 +166,14 @@ class DecodeStep:
     def rope_positions(self) -> Tensor:
         """int64 [rows, 1] RoPE positions of this step's tokens (0 for finished rows)."""
         return self.positions.clamp(min=0).long().unsqueeze(1)
+
+    def rope_cos_sin(self) -> tuple[Tensor, Tensor] | None:
+        """cos, sin [rows, 1, 1, D] of the rope_positions, gathered from rope_table (two
+        kernels: the clamp and the gather); None without a table."""
+        if self.rope_table is None:
+            return None
+        last = self.rope_table.shape[0] - 1
+        return gather_cos_sin(self.rope_table, self.positions.clamp(0, last))
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
@@ -178,6 +192,22 @@ class DecodeStep:
             return None
         q = rope_kv_update(qkv, cos, sin, k_cache, v_cache, self.positions, num_q_heads)
         return self._attend_cached(layer, q)
+
+    def attend_norm_qkv(
+        self, layer: int, x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float,
+        qkv_weight: Tensor, cos: Tensor, sin: Tensor, num_q_heads: int,
+    ) -> tuple[Tensor, Tensor] | None:
+        """The layer's residual add, input norm, q/k/v product and `attend_qkv` in one go:
+        (x + residual, attention output [rows, 1, Hq, D]), with the add, the norm, the product,
+        RoPE and the K/V write in one kernel (toyllm::gemv_add_rms_norm_rope_kv, the bits of
+        those ops one by one). None where that kernel does not apply (more than one row, the
+        CPU, TOYLLM_FUSED_NORM_ROPE=0, ...): the layer then runs them itself."""
+        k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
+        if not norm_rope_kv_applies(x, residual, norm_weight, qkv_weight, cos, k_cache):
+            return None
+        s, q = add_rms_norm_rope_kv(x, residual, norm_weight, eps, qkv_weight, cos, sin,
+                                    k_cache, v_cache, self.positions, num_q_heads)
+        return s, self._attend_cached(layer, q)
 
     def _attend_cached(self, layer: int, q: Tensor) -> Tensor:
         """q [rows, 1, Hq, D] over each row's keys 0..p_b, already in the cache."""

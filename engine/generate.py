@@ -28,6 +28,7 @@ from engine.kv_cache import KVCache
 from engine.sampling import SamplingParams, make_generator, sample
 from engine.stopping import StopWatcher
 from models.llama import Transformer
+from models.rope import rope_table
 from models.tokenizer import StreamDecoder, Tokenizer
 
 Prompt = str | Sequence[int]
@@ -122,6 +123,7 @@ class Engine:
         self.cache: KVCache | None = None
         self._graphs = None  # engine.cuda_graph.DecodeGraphs, built on first use
         self._views: dict[int, tuple[list[Tensor], list[Tensor], Tensor]] = {}
+        self._rope_table: Tensor | None = None  # _rope_table_for
         self.decode_forward = self._make_decode_forward()
 
     def _make_decode_forward(self) -> Callable[..., Tensor]:
@@ -135,10 +137,29 @@ class Engine:
 
         def decode_forward(tokens: Tensor, positions: Tensor, k_caches: list[Tensor],
                            v_caches: list[Tensor], span: int | None = None) -> Tensor:
-            step = DecodeStep(k_caches, v_caches, positions, use_kernel, span)
-            return model(tokens, step.rope_positions(), step)[:, -1]
+            step = DecodeStep(k_caches, v_caches, positions, use_kernel, span,
+                              self._rope_table_for(k_caches[0].shape[1]))
+            # with a table the model takes cos/sin from the step: no rope_positions (two kernels)
+            rope_positions = step.rope_positions() if step.rope_table is None else None
+            return model(tokens, rope_positions, step)[:, -1]
 
         return decode_forward
+
+    def _rope_table_for(self, max_seq_len: int) -> Tensor | None:
+        """On CUDA, the model's RoPE cos/sin by position (models/rope.py's rope_table) for
+        positions 0..max_seq_len-1 at least, made once per cache size: a decode step gathers
+        its rows (one kernel) instead of computing them (seven). Made on the first step, which
+        for a graph is a warm-up run outside the capture. None on the CPU, where the seven ops
+        cost little and torch's vectorised cos of a long row may round an element differently
+        from the scalar code that takes a short one."""
+        if self.device.type != "cuda":
+            return None
+        table = self._rope_table
+        if table is None or table.shape[0] < max_seq_len:
+            with torch.inference_mode(False):  # a normal tensor, usable inside and outside
+                table = rope_table(self.model.inv_freq, max_seq_len, self.dtype)
+            self._rope_table = table
+        return table
 
     def cache_views(self, rows: int) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """Per-layer K/V views of rows [0, rows) and their device positions (made once)."""

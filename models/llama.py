@@ -57,6 +57,18 @@ except ImportError:
         return F.linear(silu(gate_up), weight)
 
 
+# (x + r, _linear(rms_norm(x + r), w)) in one kernel at one CUDA row (toyllm::gemv_add_rms_norm,
+# engine/gemv_add_rms_norm.py; TOYLLM_FUSED_NORM_GEMV=0 to turn off): RMSNorm.add_norm_linear.
+# The gate/up product after the post-attention norm may also take silu(gate) * up in its
+# epilogue (toyllm::gemv_add_rms_norm_silu_mul): then the down product is a plain _linear.
+try:
+    from engine.gemv_add_rms_norm import add_rms_norm_linear as _add_rms_norm_linear
+    from engine.gemv_add_rms_norm import add_rms_norm_silu_mul as _add_rms_norm_silu_mul
+    from engine.gemv_add_rms_norm import silu_applies as _norm_silu_applies
+except ImportError:
+    _add_rms_norm_linear = _add_rms_norm_silu_mul = _norm_silu_applies = None
+
+
 class AttentionCache(Protocol):
     """What a layer needs from a KV cache during a cached forward.
 
@@ -64,7 +76,10 @@ class AttentionCache(Protocol):
     `attend` from the fused projection before RoPE, qkv [B, T, Hq + 2 Hkv, D], RoPE included
     (engine/cached_attention.py's DecodeStep: RoPE and the K/V write in one op). A layer with
     fused q/k/v weights calls it where it exists and, when it returns None, does RoPE itself
-    and calls `attend`.
+    and calls `attend`. It may also offer ``attend_norm_qkv(layer, x, residual, norm_weight,
+    eps, qkv_weight, cos, sin, num_q_heads) -> (x + residual, attention output) | None``: the
+    residual add, the input norm and the q/k/v product too (DecodeStep: all in one kernel);
+    where it returns None the layer does those itself.
     """
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -99,6 +114,18 @@ class RMSNorm(nn.Module):
         x = x + residual
         return x, rms_norm(x, self.weight, self.eps)
 
+    def add_norm_linear(
+        self, x: Tensor, residual: Tensor | None, weight: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """(s, linear(norm(s), weight)) with s = x + residual (x when residual is None): the
+        residual add, the norm and the product that reads it. One kernel at one CUDA row
+        (engine/gemv_add_rms_norm.py, the same bits as add_norm then the product); add_norm
+        then the product elsewhere."""
+        if residual is not None and _add_rms_norm_linear is not None:
+            return _add_rms_norm_linear(x, residual, self.weight, self.eps, weight, self.add_norm)
+        x, h = self.add_norm(x, residual)
+        return x, _linear(h, weight)
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
@@ -117,29 +144,48 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: AttentionCache | None) -> Tensor:
         b, t, _ = x.shape
         hq, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        if x.is_cuda:
-            rope = _fused.rope if _fused is not None else apply_rope  # 1 kernel, not 5
-        else:
-            rope = _fused_cpu.rope if _fused_cpu is not None else apply_rope
-        if self.qkv_weight is not None:
-            # one matmul for q, k and v
-            qkv = _linear(x, self.qkv_weight).view(b, t, hq + 2 * hkv, hd)
-            attend_qkv = getattr(cache, "attend_qkv", None)
-            out = None if attend_qkv is None else attend_qkv(self.layer_index, qkv, cos, sin, hq)
-            if out is not None:  # a decode step: RoPE and the K/V write were one op
-                return _linear(out.reshape(b, t, hq * hd), self.o_proj.weight)
-            # one RoPE for q and k (heads side by side)
-            qk = rope(qkv[:, :, : hq + hkv], cos, sin)
-            q, k, v = qk[:, :, :hq], qk[:, :, hq:], qkv[:, :, hq + hkv :]
-        else:
-            q = rope(_linear(x, self.q_proj.weight).view(b, t, hq, hd), cos, sin)
-            k = rope(_linear(x, self.k_proj.weight).view(b, t, hkv, hd), cos, sin)
-            v = _linear(x, self.v_proj.weight).view(b, t, hkv, hd)
+        rope = _rope_for(x)
+        if self.qkv_weight is not None:  # one matmul for q, k and v
+            return self.from_qkv(_linear(x, self.qkv_weight), cos, sin, cache)
+        q = rope(_linear(x, self.q_proj.weight).view(b, t, hq, hd), cos, sin)
+        k = rope(_linear(x, self.k_proj.weight).view(b, t, hkv, hd), cos, sin)
+        v = _linear(x, self.v_proj.weight).view(b, t, hkv, hd)
+        return self._attend(q, k, v, cache)
+
+    def from_qkv(
+        self, qkv: Tensor, cos: Tensor, sin: Tensor, cache: AttentionCache | None
+    ) -> Tensor:
+        """The rest of forward from the fused projection qkv [B, T, (Hq + 2 Hkv) * D] (q, k, v
+        heads side by side, before RoPE)."""
+        b, t, _ = qkv.shape
+        hq, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = qkv.view(b, t, hq + 2 * hkv, hd)
+        attend_qkv = getattr(cache, "attend_qkv", None)
+        out = None if attend_qkv is None else attend_qkv(self.layer_index, qkv, cos, sin, hq)
+        if out is not None:  # a decode step: RoPE and the K/V write were one op
+            return self.project_out(out)
+        # one RoPE for q and k (heads side by side)
+        qk = _rope_for(qkv)(qkv[:, :, : hq + hkv], cos, sin)
+        q, k, v = qk[:, :, :hq], qk[:, :, hq:], qkv[:, :, hq + hkv :]
+        return self._attend(q, k, v, cache)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, cache: AttentionCache | None) -> Tensor:
         if cache is None:
-            out = causal_attention(q, k, v)
-        else:
-            out = cache.attend(self.layer_index, q, k, v)
+            return self.project_out(causal_attention(q, k, v))
+        return self.project_out(cache.attend(self.layer_index, q, k, v))
+
+    def project_out(self, out: Tensor) -> Tensor:
+        """o_proj of the attention output [B, T, Hq, D]."""
+        b, t = out.shape[:2]
         return _linear(out.reshape(b, t, self.num_heads * self.head_dim), self.o_proj.weight)
+
+
+def _rope_for(x: Tensor) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """The RoPE for x's device: the fused kernel on CUDA (1 kernel, not 5), the operator's fp32
+    loop on the CPU, else the torch code."""
+    if x.is_cuda:
+        return _fused.rope if _fused is not None else apply_rope
+    return _fused_cpu.rope if _fused_cpu is not None else apply_rope
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -164,13 +210,17 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # SwiGLU
         if self.gate_up_weight is not None:
-            gate_up = _linear(x, self.gate_up_weight)  # [..., 2 * intermediate]: gate, up
-            if x.is_cuda and _fused is not None:
-                # silu_mul is one kernel; at one row it runs inside the down product's kernel
-                return _silu_mul_linear(gate_up, self.down_proj.weight, _fused.silu_mul)
-            return _linear(silu_mul(gate_up), self.down_proj.weight)
+            return self.from_gate_up(_linear(x, self.gate_up_weight))
         gate = F.silu(_linear(x, self.gate_proj.weight))
         return _linear(gate * _linear(x, self.up_proj.weight), self.down_proj.weight)
+
+    def from_gate_up(self, gate_up: Tensor) -> Tensor:
+        """The rest of forward from the fused product gate_up [..., 2 * intermediate] (gate,
+        then up)."""
+        if gate_up.is_cuda and _fused is not None:
+            # silu_mul is one kernel; at one row it runs inside the down product's kernel
+            return _silu_mul_linear(gate_up, self.down_proj.weight, _fused.silu_mul)
+        return _linear(silu_mul(gate_up), self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -191,9 +241,33 @@ class DecoderLayer(nn.Module):
         kernel (RMSNorm.add_norm). Hence the MLP's output is returned as the next pending
         residual: the stream after this layer is the sum of the two returned tensors, added by
         the next layer's input norm or the model's final norm."""
+        attn, mlp = self.self_attn, self.mlp
+        if attn.qkv_weight is not None and mlp.gate_up_weight is not None:
+            # with fused weights each norm and the product that reads it can be one kernel
+            norm = self.input_layernorm
+            attend_norm_qkv = getattr(cache, "attend_norm_qkv", None)  # see AttentionCache
+            fused = None
+            if attend_norm_qkv is not None and pending is not None:
+                fused = attend_norm_qkv(attn.layer_index, x, pending, norm.weight, norm.eps,
+                                        attn.qkv_weight, cos, sin, attn.num_heads)
+            if fused is not None:
+                x, out = fused
+                attn_out = attn.project_out(out)
+            else:
+                x, qkv = norm.add_norm_linear(x, pending, attn.qkv_weight)
+                attn_out = attn.from_qkv(qkv, cos, sin, cache)
+            norm = self.post_attention_layernorm
+            gate_up_weight = mlp.gate_up_weight
+            if _norm_silu_applies is not None and _norm_silu_applies(
+                x, attn_out, norm.weight, gate_up_weight
+            ):  # the norm, gate/up and silu(gate) * up in one kernel
+                x, h = _add_rms_norm_silu_mul(x, attn_out, norm.weight, norm.eps, gate_up_weight)
+                return x, _linear(h, mlp.down_proj.weight)
+            x, gate_up = norm.add_norm_linear(x, attn_out, mlp.gate_up_weight)
+            return x, mlp.from_gate_up(gate_up)
         x, h = self.input_layernorm.add_norm(x, pending)
-        x, h = self.post_attention_layernorm.add_norm(x, self.self_attn(h, cos, sin, cache))
-        return x, self.mlp(h)
+        x, h = self.post_attention_layernorm.add_norm(x, attn(h, cos, sin, cache))
+        return x, mlp(h)
 
 
 class Transformer(nn.Module):
@@ -216,16 +290,25 @@ class Transformer(nn.Module):
     def forward(
         self,
         tokens: Tensor,
-        positions: Tensor,
+        positions: Tensor | None,
         cache: AttentionCache | None = None,
         last_only: bool = False,
     ) -> Tensor:
         """tokens, positions: int64 [B, T] -> logits [B, T, vocab] ([B, 1, vocab] if last_only).
 
         Without a cache the T tokens attend causally to each other only (positions feed RoPE).
+        positions may be None when the cache gives RoPE's cos/sin itself (a decode step with a
+        table: DecodeStep.rope_cos_sin).
         """
         x = self.embed_tokens(tokens)  # [B, T, hidden]
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        # a decode step may hold a table of cos/sin by position (DecodeStep.rope_cos_sin)
+        gathered = getattr(cache, "rope_cos_sin", None)
+        cos_sin = gathered() if gathered is not None else None
+        if cos_sin is None:
+            if positions is None:
+                raise ValueError("expected positions [B, T]: the cache gives no RoPE cos/sin")
+            cos_sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        cos, sin = cos_sin
         pending: Tensor | None = None  # the residual stream is x + pending (DecoderLayer)
         for layer in self.layers:
             x, pending = layer(x, pending, cos, sin, cache)

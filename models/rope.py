@@ -47,6 +47,23 @@ def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tup
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def rope_table(inv_freq: Tensor, length: int, dtype: torch.dtype) -> Tensor:
+    """[length, 2, head_dim]: row p holds rope_cos_sin's cos and sin for position p, the same
+    bits (the same elementwise ops on the same fp32 values), on inv_freq's device. A decode step
+    gathers its rows (`gather_cos_sin`): one kernel where rope_cos_sin takes seven."""
+    positions = torch.arange(length, device=inv_freq.device).unsqueeze(0)  # [1, length]
+    cos, sin = rope_cos_sin(inv_freq, positions, dtype)  # [1, length, 1, D]
+    return torch.stack((cos[0, :, 0], sin[0, :, 0]), dim=1)
+
+
+def gather_cos_sin(table: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, 1, 1, head_dim] for positions index [B] (int32 or int64, each in
+    [0, table rows)) from a `rope_table`: rope_cos_sin(inv_freq, index[:, None], dtype)'s
+    values, as views of one gathered [B, 2, head_dim] tensor (last dim contiguous)."""
+    rows = table.index_select(0, index)  # [B, 2, D]
+    return rows[:, 0].unsqueeze(1).unsqueeze(1), rows[:, 1].unsqueeze(1).unsqueeze(1)
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -16,7 +16,11 @@ call. The "decode step" rows add up the products of one step of the 16-layer mod
 The second table times down [2048, 8192] from one row of gate_up [1, 16384]: gemv_silu_mul (one
 kernel) against toyllm::silu_mul then toyllm::gemv (the model's path with
 TOYLLM_FUSED_SILU_GEMV=0) and silu_mul then F.linear, in graphs of the same kind, and says
-whether the fused output has the bits of the two kernels'.
+whether the fused output has the bits of the two kernels'. The third times q/k/v [3072, 2048]
+and gate/up [16384, 2048] after a residual add and RMSNorm of one row: gemv_add_rms_norm (one
+kernel, csrc/gemv_add_rms_norm.cu) against toyllm::add_rms_norm then toyllm::gemv (the model's
+path with TOYLLM_FUSED_NORM_GEMV=0), likewise, and gate/up with silu(gate) * up in the same
+kernel (gemv_add_rms_norm_silu_mul) against those two and toyllm::silu_mul.
 Exits with status 2 and a one-line message where there is no GPU.
 """
 
@@ -73,6 +77,19 @@ class SiluDownRow:
     fused_gb_per_s: float
     speedup: float  # two_kernels_us / fused_us
     same_bits: bool  # the fused output equals the two kernels', bit for bit
+
+
+@dataclass
+class NormRow:
+    shape: str
+    out: int
+    inp: int
+    weight_bytes: int
+    fused_us: float  # toyllm::gemv_add_rms_norm: one kernel
+    two_kernels_us: float  # toyllm::add_rms_norm, then toyllm::gemv
+    fused_gb_per_s: float
+    speedup: float  # two_kernels_us / fused_us
+    same_bits: bool  # the fused outputs equal the two kernels', bit for bit
 
 
 def max_diff_ulps(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -155,6 +172,38 @@ def measure_silu_down(rows: int, dtype: torch.dtype, graph_calls: int,
                        weight_bytes / fused_us / 1e3, two_us / fused_us, same)
 
 
+def measure_norm_product(name: str, dtype: torch.dtype, graph_calls: int, reps: int,
+                         silu: bool = False) -> NormRow:
+    """A product after the residual add and RMSNorm of one row: one kernel against two (silu:
+    with silu(gate) * up of the product in the kernel, against three)."""
+    from bench_kv_update import time_graph
+    out, inp, _ = SHAPES[name]
+    weight_bytes = out * inp * (torch.finfo(dtype).bits // 8)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    weights = weight_copies(out, inp, dtype, graph_calls, gen)
+    x, r = (torch.randn(1, inp, generator=gen, device="cuda").to(dtype) for _ in range(2))
+    norm_weight = torch.rand(inp, generator=gen, device="cuda").to(dtype) + 0.5
+    ops = torch.ops.toyllm
+
+    fused_op = ops.gemv_add_rms_norm_silu_mul if silu else ops.gemv_add_rms_norm
+
+    def fused(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return fused_op.default(x, r, norm_weight, 1e-5, w)
+
+    def two_kernels(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, n = ops.add_rms_norm.default(x, r, norm_weight, 1e-5)
+        y = ops.gemv.default(n, w)
+        return s, ops.silu_mul.default(y) if silu else y
+
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    same = all(torch.equal(a.view(bits), b.view(bits))
+               for a, b in zip(fused(x, weights[0]), two_kernels(x, weights[0]), strict=True))
+    fused_us = time_graph(cycling(fused, x, weights), graph_calls, reps)
+    two_us = time_graph(cycling(two_kernels, x, weights), graph_calls, reps)
+    return NormRow(name + "+silu" if silu else name, out, inp, weight_bytes, fused_us, two_us,
+                   weight_bytes / fused_us / 1e3, two_us / fused_us, same)
+
+
 def run(rows_list: list[int], dtype: torch.dtype, graph_calls: int, reps: int) -> dict:
     from bench_kv_update import copy_ceiling_gb_per_s
 
@@ -175,6 +224,10 @@ def run(rows_list: list[int], dtype: torch.dtype, graph_calls: int, reps: int) -
     # one row: the fused kernel's only shape (2-4 rows run silu_mul's and gemv's kernels)
     silu_down = [measure_silu_down(1, dtype, graph_calls, reps)]
     torch.cuda.empty_cache()
+    norm_products = []
+    for name, silu in (("qkv", False), ("gate_up", False), ("gate_up", True)):
+        norm_products.append(measure_norm_product(name, dtype, graph_calls, reps, silu))
+        torch.cuda.empty_cache()
     return {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -185,6 +238,7 @@ def run(rows_list: list[int], dtype: torch.dtype, graph_calls: int, reps: int) -
         "rows": [asdict(r) for r in rows],
         "decode_step": {str(k): v for k, v in steps.items()},
         "silu_down": [asdict(r) for r in silu_down],
+        "norm_products": [asdict(r) for r in norm_products],
     }
 
 
@@ -226,6 +280,20 @@ def print_table(result: dict) -> None:
         saved = (r["two_kernels_us"] - r["fused_us"]) * layers
         body.append([str(r["rows"]), f"{r['fused_us']:.2f}", f"{r['two_kernels_us']:.2f}",
                      f"{r['cublas_us']:.2f}", f"{r['fused_gb_per_s']:.0f}",
+                     f"{100 * r['fused_gb_per_s'] / ceiling:.0f}%", f"{r['speedup']:.2f}",
+                     f"{saved:.1f} us", "yes" if r["same_bits"] else "NO"])
+    print_columns(headers, body)
+    print()
+    print("the product after a residual add and RMSNorm of one row: the norm inside the "
+          "product (toyllm::gemv_add_rms_norm) against toyllm::add_rms_norm then toyllm::gemv; "
+          f"GPU time per call, same graphs; saved per decode step: x {layers} layers")
+    headers = ["shape", "[out, in]", "fused us", "add_rms_norm+gemv(+silu_mul) us", "fused GB/s",
+               "fused % copy", "x two kernels", "saved per step", "same bits"]
+    body = []
+    for r in result.get("norm_products", []):
+        saved = (r["two_kernels_us"] - r["fused_us"]) * layers
+        body.append([r["shape"], f"[{r['out']}, {r['inp']}]", f"{r['fused_us']:.2f}",
+                     f"{r['two_kernels_us']:.2f}", f"{r['fused_gb_per_s']:.0f}",
                      f"{100 * r['fused_gb_per_s'] / ceiling:.0f}%", f"{r['speedup']:.2f}",
                      f"{saved:.1f} us", "yes" if r["same_bits"] else "NO"])
     print_columns(headers, body)

@@ -94,7 +94,8 @@ if want sanitizer; then
     # slow file cannot starve the others.
     KERNEL_TESTS="tests/test_kv_cache_spec.py tests/test_decode_attention.py tests/test_fused_ops.py
         tests/test_cuda_gemv.py tests/test_argmax.py tests/test_rope_kv_update.py
-        tests/test_gemv_silu_mul.py tests/test_programmatic_launch.py"
+        tests/test_gemv_silu_mul.py tests/test_gemv_add_rms_norm.py tests/test_gemv_norm_rope_kv.py
+        tests/test_programmatic_launch.py"
     sanitize() {  # sanitize NAME TOOL PYTEST_ARGS...
         local name=$1 tool=$2; shift 2
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 TOYLLM_TEST_NO_CUDNN_SDPA=1 stage "$name" \
@@ -114,6 +115,10 @@ if want sanitizer; then
         -k "cuda and (misaligned or repeats or inf_and_nan or one_block_per_row)"
     sanitize racecheck_gemv_silu_mul racecheck tests/test_gemv_silu_mul.py \
         -k "cuda and (misaligned or strided or h_is_silu)"
+    sanitize racecheck_gemv_add_rms_norm racecheck tests/test_gemv_add_rms_norm.py \
+        -k "cuda and (misaligned or long_rows or eps or llama_1b)"
+    sanitize racecheck_gemv_norm_rope_kv racecheck tests/test_gemv_norm_rope_kv.py \
+        -k "cuda and (bits or finished)"
 fi
 if want generate; then
     stage generate_bf16 toyllm generate "def parse_args(argv):" --device cuda --dtype bf16 \
@@ -128,9 +133,27 @@ if want bench; then
     stage bench_gemv $PY scripts/bench_gemv.py --json "$OUT/bench_gemv.json"
     stage bench_argmax $PY scripts/bench_argmax.py --json "$OUT/bench_argmax.json"
     stage bench_decode toyllm bench ${BENCH_ARGS:-} --json "$OUT/bench_decode.json"
+    # A/B of the fused norm products, batch 1 only, same machine minutes later:
+    # TOYLLM_FUSED_NORM_ROPE=0 leaves RoPE and the K/V write to rope_kv_update,
+    # TOYLLM_FUSED_NORM_SILU=0 leaves silu(gate) * up to the down product,
+    # TOYLLM_STAGED_WARPS=16 gives the staged kernels one block of 16 warps per SM (default 8),
+    # TOYLLM_FUSED_NORM_GEMV=0 runs add_rms_norm and each product as separate kernels
+    if [[ -n ${AB_BENCH:-} ]]; then
+        B1=(--models llama-1b --batches 1 --contexts 128 --no-hf --no-reference)
+        TOYLLM_FUSED_NORM_ROPE=0 stage bench_decode_no_norm_rope toyllm bench "${B1[@]}" \
+            --json "$OUT/bench_decode_no_norm_rope.json"
+        TOYLLM_FUSED_NORM_SILU=0 stage bench_decode_no_norm_silu toyllm bench "${B1[@]}" \
+            --json "$OUT/bench_decode_no_norm_silu.json"
+        TOYLLM_STAGED_WARPS=16 stage bench_decode_staged_16_warps toyllm bench "${B1[@]}" \
+            --json "$OUT/bench_decode_staged_16_warps.json"
+        TOYLLM_FUSED_NORM_GEMV=0 stage bench_decode_norm_unfused toyllm bench "${B1[@]}" \
+            --json "$OUT/bench_decode_norm_unfused.json"
+        stage bench_decode_b1_again toyllm bench "${B1[@]}" --json "$OUT/bench_decode_b1_again.json"
+    fi
 fi
 if want profile; then
     stage profile_decode $PY scripts/profile_decode.py --model llama-1b --dtype bf16
+    stage profile_decode_graph $PY scripts/profile_decode.py --model llama-1b --dtype bf16 --graph
     TOYLLM_FUSED_OPS=0 stage profile_decode_unfused $PY scripts/profile_decode.py \
         --model llama-1b --dtype bf16
 fi

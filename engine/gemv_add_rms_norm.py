@@ -1,0 +1,286 @@
+"""The product after a residual add and an RMSNorm, one CUDA kernel at decode:
+``torch.ops.toyllm.gemv_add_rms_norm(x, residual, norm_weight, eps, weight) -> (sum, y)``.
+
+A Llama layer at decode runs add_rms_norm (the residual add and the norm after it) and then a
+product of the normalised row: q/k/v after the input norm, gate/up after the post-attention
+norm. The operator does both in one kernel (csrc/gemv_add_rms_norm.cu): every block computes
+the norm of the one row itself, into shared memory, while its first loads of the weight are
+under way, then streams its rows of the weight (the staged GEMV of csrc/gemv_staged.cuh). Two
+launches and one gap between kernels fewer per layer, and no normalised row written and read
+back. It returns ``sum = x + residual`` (the residual stream) and ``y = F.linear(rms_norm(sum),
+weight)``, with the same bits as toyllm::add_rms_norm then toyllm::gemv.
+
+``torch.ops.toyllm.gemv_add_rms_norm_silu_mul`` is the same for a SwiGLU MLP's gate/up product
+(weight = [gate; up]) with silu(gate) * up taken in the kernel's epilogue: it returns ``(sum,
+h)``, h = silu_mul(y), the bits of add_rms_norm, gemv and silu_mul. The down product that reads
+h is then a plain toyllm::gemv, which streams faster than toyllm::gemv_silu_mul (that kernel
+computes h in every block before its product: scripts/bench_gemv.py).
+
+``torch.ops.toyllm.gemv_add_rms_norm_rope_kv(x, residual, norm_weight, eps, weight, cos, sin,
+k_cache, v_cache, positions, num_q_heads) -> (sum, q)`` is the q/k/v product after the input
+norm with toyllm::rope_kv_update's work (RoPE on q and k, the K/V write) in its epilogue: the
+bits of gemv_add_rms_norm then rope_kv_update, one kernel for a one-row decode step
+(engine/cached_attention.py's DecodeStep.attend_norm_qkv takes it where ``rope_kv_applies``).
+
+``add_rms_norm_linear(x, residual, norm_weight, eps, weight, add_rms_norm)`` takes the operator
+where it applies (one CUDA row, fp32/fp16/bf16 throughout, contiguous tensors, a weight the
+CUDA GEMV takes: ``engine.gemv``'s rules, no autograd) and otherwise runs the caller's
+``add_rms_norm`` and ``engine.gemv.linear``; ``add_rms_norm_silu_mul(...)`` is the second operator,
+for where ``silu_applies``. ``TOYLLM_FUSED_NORM_GEMV=0`` (read at import) keeps the separate
+kernels, to time the fusion against them; ``TOYLLM_FUSED_NORM_SILU=0`` only the silu epilogue
+(the gate/up product then returns gate_up and the down product computes h,
+toyllm::gemv_silu_mul); ``TOYLLM_FUSED_NORM_ROPE=0`` only the RoPE epilogue (rope_kv_update runs
+as its own kernel). On the CPU the operators are add_rms_norm then F.linear (and silu_mul):
+nothing fused, the model does not call them there.
+
+Example::
+
+    >>> import torch
+    >>> from engine.gemv_add_rms_norm import add_rms_norm_linear
+    >>> def add_norm(x, r):  # the model passes RMSNorm.add_norm
+    ...     s = x + r
+    ...     return s, s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)
+    >>> s, y = add_rms_norm_linear(torch.ones(1, 2), torch.ones(1, 2), torch.ones(2), 1e-5,
+    ...                            torch.eye(2), add_norm)
+    >>> s
+    tensor([[2., 2.]])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from engine import rope_kv_update
+from engine.gemv import MAX_ROWS, linear
+from engine.gemv import _applies_cuda as _gemv_applies_cuda
+
+if not all(hasattr(torch.ops.toyllm, op) for op in (
+        "gemv_add_rms_norm", "gemv_add_rms_norm_silu_mul", "gemv_add_rms_norm_rope_kv")):
+    raise ImportError(
+        "engine._C predates toyllm::gemv_add_rms_norm(_silu_mul, _rope_kv): rebuild it from the "
+        "repository root with: pip install --no-build-isolation -e ."
+    )
+
+__all__ = ["FUSED_NORM_ENABLED", "FUSED_NORM_ROPE_ENABLED", "FUSED_NORM_SILU_ENABLED",
+           "add_rms_norm_linear", "add_rms_norm_rope_kv", "add_rms_norm_silu_mul", "applies",
+           "rope_kv_applies", "silu_applies"]
+
+#: False when the environment sets TOYLLM_FUSED_NORM_GEMV=0: add_rms_norm_linear then runs the
+#: norm and the product as two kernels (to time the fusion against them).
+FUSED_NORM_ENABLED: bool = os.environ.get("TOYLLM_FUSED_NORM_GEMV", "1") != "0"
+
+#: False when the environment sets TOYLLM_FUSED_NORM_SILU=0: the gate/up product after the norm
+#: then leaves silu(gate) * up to the down product (toyllm::gemv_silu_mul).
+FUSED_NORM_SILU_ENABLED: bool = os.environ.get("TOYLLM_FUSED_NORM_SILU", "1") != "0"
+
+#: False when the environment sets TOYLLM_FUSED_NORM_ROPE=0: the q/k/v product after the norm
+#: then leaves RoPE and the K/V write to toyllm::rope_kv_update.
+FUSED_NORM_ROPE_ENABLED: bool = os.environ.get("TOYLLM_FUSED_NORM_ROPE", "1") != "0"
+
+#: Warps per block of the staged kernels (csrc/gemv_staged.cuh, read there once):
+#: TOYLLM_STAGED_WARPS, 4, 8 (the default) or 16. Checked here, at import.
+STAGED_WARPS = os.environ.get("TOYLLM_STAGED_WARPS", "8")
+if STAGED_WARPS.strip() not in ("4", "8", "16"):
+    raise ValueError(f"expected TOYLLM_STAGED_WARPS to be 4, 8 or 16, got '{STAGED_WARPS}'")
+
+_op = torch.ops.toyllm.gemv_add_rms_norm.default
+_silu_op = torch.ops.toyllm.gemv_add_rms_norm_silu_mul.default
+_rope_op = torch.ops.toyllm.gemv_add_rms_norm_rope_kv.default
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def applies(x: Tensor, residual: Tensor, norm_weight: Tensor, weight: Tensor) -> bool:
+    """True when ``add_rms_norm_linear`` hands its arguments to the fused operator: one row of
+    x [..., in] on CUDA, residual of x's shape, norm_weight [in], all contiguous and of one
+    dtype, and a product ``engine.gemv.linear`` would give the CUDA kernel; not switched off by
+    TOYLLM_FUSED_NORM_GEMV=0."""
+    if not FUSED_NORM_ENABLED or x.dim() == 0 or weight.dim() != 2:
+        return False
+    n = x.shape[-1]
+    if n == 0 or x.numel() != n or residual.shape != x.shape or weight.shape[1] != n:
+        return False
+    if norm_weight.shape != (n,) or norm_weight.dtype != x.dtype or residual.dtype != x.dtype:
+        return False
+    if norm_weight.device != x.device or residual.device != x.device:
+        return False
+    if not (x.is_contiguous() and residual.is_contiguous() and norm_weight.is_contiguous()):
+        return False
+    if torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, residual, norm_weight, weight)
+    ):
+        return False
+    return _gemv_applies_cuda(x, weight)
+
+
+def silu_applies(x: Tensor, residual: Tensor, norm_weight: Tensor, weight: Tensor) -> bool:
+    """True when ``add_rms_norm_silu_mul_linear`` hands its arguments to the fused operator:
+    where ``applies`` and weight has an even number of rows (gate, then up); not switched off
+    by TOYLLM_FUSED_NORM_SILU=0."""
+    if not FUSED_NORM_SILU_ENABLED or weight.dim() != 2 or weight.shape[0] % 2 != 0:
+        return False
+    return applies(x, residual, norm_weight, weight)
+
+
+def rope_kv_applies(x: Tensor, residual: Tensor, norm_weight: Tensor, weight: Tensor,
+                    cos: Tensor, k_cache: Tensor) -> bool:
+    """True when a decode step hands its q/k/v product to ``add_rms_norm_rope_kv``: where
+    ``applies``, for a cache of one row (k_cache [1, max_seq_len, Hkv, D] of x's dtype, the
+    weight's rows whole heads of D), contiguous cos, and toyllm::rope_kv_update is not
+    switched off; not switched off by TOYLLM_FUSED_NORM_ROPE=0."""
+    if not FUSED_NORM_ROPE_ENABLED or not rope_kv_update.ENABLED or k_cache.dim() != 4:
+        return False
+    if k_cache.shape[0] != 1 or k_cache.dtype != x.dtype or not cos.is_contiguous():
+        return False
+    if weight.dim() != 2 or weight.shape[0] % k_cache.shape[3] != 0:
+        return False
+    return applies(x, residual, norm_weight, weight)
+
+
+def add_rms_norm_rope_kv(
+    x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, cos: Tensor,
+    sin: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, num_q_heads: int,
+) -> tuple[Tensor, Tensor]:
+    """(x + residual, q): the q/k/v product of rms_norm(x + residual) * norm_weight handed to
+    toyllm::rope_kv_update (which returns q and writes K/V at the positions), by the fused
+    operator: call it where ``rope_kv_applies``."""
+    return _rope_op(x, residual, norm_weight, eps, weight, cos, sin, k_cache, v_cache, positions,
+                    num_q_heads)
+
+
+def add_rms_norm_silu_mul(
+    x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(x + residual, silu_mul(linear(rms_norm(x + residual) * norm_weight, weight))) for weight
+    = [gate; up], by the fused operator: call it where ``silu_applies`` (elsewhere it runs the
+    separate kernels, or the CPU's ops)."""
+    return _silu_op(x, residual, norm_weight, eps, weight)
+
+
+def add_rms_norm_linear(
+    x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor,
+    add_rms_norm: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+) -> tuple[Tensor, Tensor]:
+    """(x + residual, linear(rms_norm(x + residual) * norm_weight, weight)): one kernel where
+    ``applies``, with the same bits as toyllm::add_rms_norm then toyllm::gemv; else
+    ``add_rms_norm(x, residual)`` (the caller's, returning the sum and the normalised row) then
+    ``engine.gemv.linear``."""
+    if applies(x, residual, norm_weight, weight):
+        return _op(x, residual, norm_weight, eps, weight)
+    s, h = add_rms_norm(x, residual)
+    return s, linear(h, weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) implementation for torch.compile and opcheck: the C++ checks, same messages
+# (csrc/gemv_args.h, cuda_gemv.cpp, cpu_gemv.cpp).
+
+
+def _check(op: str, x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float,
+           weight: Tensor) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: expected weight of 2 dims [out, in], got shape "
+                         f"{list(weight.shape)}")
+    if op.endswith("silu_mul") and weight.shape[0] % 2 != 0:
+        raise ValueError(f"{op}: expected weight [gate; up] with an even number of rows, got "
+                         f"shape {list(weight.shape)}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: expected x of at least 1 dim [..., in], got shape "
+                         f"{list(x.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{op}: expected x [..., {weight.shape[1]}] (weight's in = weight.size(1)), got x of "
+            f"shape {list(x.shape)} for weight of shape {list(weight.shape)}"
+        )
+    if x.shape[-1] < 1:
+        raise ValueError(f"{op}: expected in = x.size(-1) >= 1 (the norm's size), got "
+                         f"{x.shape[-1]}")
+    if residual.shape != x.shape:
+        raise ValueError(f"{op}: expected residual of x's shape {list(x.shape)}, got "
+                         f"{list(residual.shape)}")
+    if norm_weight.dim() != 1 or norm_weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"{op}: expected norm_weight of shape [{x.shape[-1]}] (x's last dim), "
+                         f"got {list(norm_weight.shape)}")
+    if not (math.isfinite(eps) and eps >= 0.0):
+        raise ValueError(f"{op}: expected a finite eps >= 0, got {eps}")
+    if x.device.type != "cuda":
+        for name, t in (("x", x), ("residual", residual), ("norm_weight", norm_weight),
+                        ("weight", weight)):
+            if t.device.type != "cpu":
+                raise ValueError(f"{op}: expected {name} on the CPU (x's device), got {t.device}")
+            if t.dtype != x.dtype:
+                raise ValueError(f"{op}: expected {name} of dtype {x.dtype} (x's dtype), got "
+                                 f"{t.dtype}")
+        return
+    if weight.device != x.device:
+        raise ValueError(f"{op}: expected weight on {x.device} (x's device), got {weight.device}")
+    if x.dtype not in _CUDA_DTYPES:
+        raise ValueError(f"{op}: expected x of dtype torch.float32, torch.float16 or "
+                         f"torch.bfloat16 on CUDA, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"{op}: expected weight of dtype {x.dtype} (x's dtype), got "
+                         f"{weight.dtype}")
+    if not weight.is_contiguous():
+        raise ValueError(
+            f"{op}: expected a contiguous weight [out, in] (strides [in, 1]) on CUDA, got "
+            f"strides {list(weight.stride())} for shape {list(weight.shape)}"
+        )
+    rows = math.prod(x.shape[:-1])
+    if rows > MAX_ROWS:
+        raise ValueError(
+            f"{op}: expected at most {MAX_ROWS} rows of x on CUDA (x.numel() / in), got {rows} "
+            f"(x of shape {list(x.shape)}); use {_INSTEAD[op]} for more"
+        )
+    for name, t in (("residual", residual), ("norm_weight", norm_weight)):
+        if t.device != x.device:
+            raise ValueError(f"{op}: expected {name} on {x.device} (x's device), got {t.device}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{op}: expected {name} of dtype {x.dtype} (x's dtype), got "
+                             f"{t.dtype}")
+    if not norm_weight.is_contiguous():
+        raise ValueError(f"{op}: expected a contiguous norm_weight, got strides "
+                         f"{list(norm_weight.stride())}")
+
+
+_INSTEAD = {"gemv_add_rms_norm": "add_rms_norm and F.linear",
+            "gemv_add_rms_norm_silu_mul": "add_rms_norm, F.linear and silu_mul",
+            "gemv_add_rms_norm_rope_kv": "add_rms_norm, F.linear and rope_kv_update"}
+
+
+@torch.library.register_fake("toyllm::gemv_add_rms_norm")
+def _gemv_add_rms_norm_fake(
+    x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor
+) -> tuple[Tensor, Tensor]:
+    _check("gemv_add_rms_norm", x, residual, norm_weight, eps, weight)
+    return (x.new_empty(x.shape), x.new_empty((*x.shape[:-1], weight.shape[0])))
+
+
+@torch.library.register_fake("toyllm::gemv_add_rms_norm_rope_kv")
+def _gemv_add_rms_norm_rope_kv_fake(
+    x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, cos: Tensor,
+    sin: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, num_q_heads: int,
+) -> tuple[Tensor, Tensor]:
+    op = "gemv_add_rms_norm_rope_kv"
+    _check(op, x, residual, norm_weight, eps, weight)
+    head_dim = k_cache.shape[3] if k_cache.dim() == 4 else 0
+    out = weight.shape[0]
+    if head_dim < 1 or out % head_dim != 0:
+        raise ValueError(f"{op}: expected weight rows ({out}) to be whole heads of k_cache's "
+                         f"head_dim (k_cache of shape {list(k_cache.shape)})")
+    rows = math.prod(x.shape[:-1])
+    qkv = x.new_empty((rows, 1, out // head_dim, head_dim))
+    q = torch.ops.toyllm.rope_kv_update.default(qkv, cos, sin, k_cache, v_cache, positions,
+                                                num_q_heads)  # its fake: its checks
+    return x.new_empty(x.shape), q
+
+
+@torch.library.register_fake("toyllm::gemv_add_rms_norm_silu_mul")
+def _gemv_add_rms_norm_silu_mul_fake(
+    x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor
+) -> tuple[Tensor, Tensor]:
+    _check("gemv_add_rms_norm_silu_mul", x, residual, norm_weight, eps, weight)
+    return (x.new_empty(x.shape), x.new_empty((*x.shape[:-1], weight.shape[0] // 2)))
