@@ -482,7 +482,7 @@ def _compare_engine(device: str, dtype: torch.dtype, name: str, n: int, monkeypa
     the CPU (and on CUDA where the decode kernel has no tensor-core path: fp32, head_dim 34),
     so the op's q meets both attention paths."""
     # one row on CUDA would take rope_kv_update's work inside the q/k/v product's kernel
-    # (toyllm::gemv_add_rms_norm_rope_kv, tests/test_gemv_norm_rope_kv.py): this op is tested alone here
+    # (toyllm::gemv_add_rms_norm_rope_kv, tests/test_gemv_norm_rope_kv.py): tested alone here
     monkeypatch.setattr(norm_gemv, "FUSED_NORM_ROPE_ENABLED", False)
     model = build_model(CONFIGS[name], device=device, dtype=dtype, seed=1)
     model.init_weights(1, std=0.2)
