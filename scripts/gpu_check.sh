@@ -9,7 +9,8 @@
 # STAGES: comma list of build,tests,check,probe,sanitizer,generate,bench,profile,sweep (default:
 # all, in that order: correctness first).
 # STAGE_TIMEOUT caps each stage (s), BUDGET_S the whole run; BENCH_ARGS go to bench_decode.py; SWEEPS names the
-# experiments (configs/experiments/NAME.toml) to run; PROBE_ARGS go to probe_decode_rounding.py.
+# experiments (configs/experiments/NAME.toml) to run; PROBE_ARGS go to probe_decode_rounding.py;
+# SANITIZE_ONLY (a bash regex) keeps the sanitizer stages whose names match it.
 # A failing stage is recorded in OUT_DIR/summary.txt and the script goes on to the next.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR [STAGES]}
@@ -98,6 +99,7 @@ if want sanitizer; then
         tests/test_programmatic_launch.py"
     sanitize() {  # sanitize NAME TOOL PYTEST_ARGS...
         local name=$1 tool=$2; shift 2
+        [[ $name =~ ${SANITIZE_ONLY:-.} ]] || return 0
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 TOYLLM_TEST_NO_CUDNN_SDPA=1 stage "$name" \
             compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 2000 \
             $PY -m pytest -q -m cuda -p no:cacheprovider "$@"
