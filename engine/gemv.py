@@ -165,7 +165,7 @@ def silu_mul_linear(
 
 
 @dataclass(frozen=True)
-class _OpNames:
+class OpNames:
     """How an operator's messages name it, its first argument and that argument's rows."""
 
     op: str  # "gemv"
@@ -175,12 +175,12 @@ class _OpNames:
     width: int  # x's last dim in units of weight's in: 1, or 2 for gate_up
 
 
-_GEMV = _OpNames("gemv", "x", "x.numel() / in", "F.linear", 1)
-_GEMV_SILU_MUL = _OpNames("gemv_silu_mul", "gate_up", "gate_up.numel() / (2 * in)",
+_GEMV = OpNames("gemv", "x", "x.numel() / in", "F.linear", 1)
+_GEMV_SILU_MUL = OpNames("gemv_silu_mul", "gate_up", "gate_up.numel() / (2 * in)",
                           "silu_mul and F.linear", 2)
 
 
-def _check_shapes(n: _OpNames, x: Tensor, weight: Tensor) -> None:
+def _check_shapes(n: OpNames, x: Tensor, weight: Tensor) -> None:
     if weight.dim() != 2:
         raise ValueError(
             f"{n.op}: expected weight of 2 dims [out, in], got shape {list(weight.shape)}"
@@ -208,7 +208,7 @@ def _check_shapes(n: _OpNames, x: Tensor, weight: Tensor) -> None:
         )
 
 
-def _check_cpu(n: _OpNames, x: Tensor, weight: Tensor) -> None:
+def _check_cpu(n: OpNames, x: Tensor, weight: Tensor) -> None:
     for name, t in ((n.x, x), ("weight", weight)):
         if t.dtype != torch.float32:
             raise ValueError(f"{n.op}: expected {name} of dtype torch.float32, got {t.dtype}")
@@ -226,7 +226,7 @@ def _check_cpu(n: _OpNames, x: Tensor, weight: Tensor) -> None:
         )
 
 
-def _check_cuda(n: _OpNames, x: Tensor, weight: Tensor) -> None:
+def check_cuda_args(n: OpNames, x: Tensor, weight: Tensor) -> None:
     if x.device.type != "cuda":
         raise ValueError(
             f"{n.op}: expected {n.x} on a CUDA device (weight is on {weight.device}), got "
@@ -259,9 +259,9 @@ def _check_cuda(n: _OpNames, x: Tensor, weight: Tensor) -> None:
         )
 
 
-def _fake(n: _OpNames, x: Tensor, weight: Tensor) -> Tensor:
+def _fake(n: OpNames, x: Tensor, weight: Tensor) -> Tensor:
     if x.device.type == "cuda" or weight.device.type == "cuda":
-        _check_cuda(n, x, weight)
+        check_cuda_args(n, x, weight)
     else:
         _check_cpu(n, x, weight)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from engine import rope_kv_update
-from engine.gemv import MAX_ROWS, linear
+from engine.gemv import OpNames, check_cuda_args, linear
 from engine.gemv import _applies_cuda as _gemv_applies_cuda
 
 if not all(hasattr(torch.ops.toyllm, op) for op in (
@@ -91,7 +91,6 @@ if STAGED_WARPS.strip() not in ("4", "8", "16"):
 _op = torch.ops.toyllm.gemv_add_rms_norm.default
 _silu_op = torch.ops.toyllm.gemv_add_rms_norm_silu_mul.default
 _rope_op = torch.ops.toyllm.gemv_add_rms_norm_rope_kv.default
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def applies(x: Tensor, residual: Tensor, norm_weight: Tensor, weight: Tensor) -> bool:
@@ -216,25 +215,8 @@ def _check(op: str, x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float
                 raise ValueError(f"{op}: expected {name} of dtype {x.dtype} (x's dtype), got "
                                  f"{t.dtype}")
         return
-    if weight.device != x.device:
-        raise ValueError(f"{op}: expected weight on {x.device} (x's device), got {weight.device}")
-    if x.dtype not in _CUDA_DTYPES:
-        raise ValueError(f"{op}: expected x of dtype torch.float32, torch.float16 or "
-                         f"torch.bfloat16 on CUDA, got {x.dtype}")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"{op}: expected weight of dtype {x.dtype} (x's dtype), got "
-                         f"{weight.dtype}")
-    if not weight.is_contiguous():
-        raise ValueError(
-            f"{op}: expected a contiguous weight [out, in] (strides [in, 1]) on CUDA, got "
-            f"strides {list(weight.stride())} for shape {list(weight.shape)}"
-        )
-    rows = math.prod(x.shape[:-1])
-    if rows > MAX_ROWS:
-        raise ValueError(
-            f"{op}: expected at most {MAX_ROWS} rows of x on CUDA (x.numel() / in), got {rows} "
-            f"(x of shape {list(x.shape)}); use {_INSTEAD[op]} for more"
-        )
+    # the product's own rules, with gemv's messages under this op's name
+    check_cuda_args(OpNames(op, "x", "x.numel() / in", _INSTEAD[op], 1), x, weight)
     for name, t in (("residual", residual), ("norm_weight", norm_weight)):
         if t.device != x.device:
             raise ValueError(f"{op}: expected {name} on {x.device} (x's device), got {t.device}")

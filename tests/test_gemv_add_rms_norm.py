@@ -34,6 +34,7 @@ import engine.gemv_add_rms_norm as norm_gemv
 import models.llama as llama
 from models.config import ModelConfig
 from models.llama import build_model
+from tests.same_bits import assert_same_bits
 
 OPS = torch.ops.toyllm
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,20 +43,6 @@ IN_SIZES = [2048, 8192, 4096, 4097, 33, 1]
 OUT_SIZES = [1, 3, 2048]
 ROW_SHAPES = [(1,), (1, 1), (), (2,), (3,), (2, 2)]
 EPS = 1e-5
-_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-def assert_same_bits(got: torch.Tensor, expected: torch.Tensor) -> None:
-    assert got.shape == expected.shape and got.dtype == expected.dtype
-    assert got.device == expected.device
-    a = got.contiguous().view(_INT[got.dtype])
-    b = expected.contiguous().view(_INT[got.dtype])
-    if not torch.equal(a, b):
-        i = int((a != b).flatten().nonzero()[0])
-        raise AssertionError(
-            f"{int((a != b).sum())} of {got.numel()} results differ, first at flat index {i}: "
-            f"got {got.flatten()[i].item()!r}, expected {expected.flatten()[i].item()!r}"
-        )
 
 
 def two_kernels(x, residual, norm_weight, w, eps=EPS):

@@ -20,24 +20,13 @@ from engine.generate import Engine
 from models.config import ModelConfig
 from models.llama import build_model
 from models.rope import inverse_frequencies, rope_cos_sin
+from tests.same_bits import assert_same_bits
 
 OPS = torch.ops.toyllm
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 EPS = 1e-5
-_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 # (in, num_q_heads, num_kv_heads, head_dim): Llama-1B, head_dim 128, small, odd in (element loads)
 SHAPES = [(2048, 32, 8, 64), (1024, 8, 2, 128), (64, 4, 2, 16), (33, 3, 1, 8)]
-
-
-def assert_same_bits(got: torch.Tensor, expected: torch.Tensor) -> None:
-    assert got.shape == expected.shape and got.dtype == expected.dtype
-    a, b = got.contiguous().view(_INT[got.dtype]), expected.contiguous().view(_INT[got.dtype])
-    if not torch.equal(a, b):
-        i = int((a != b).flatten().nonzero()[0])
-        raise AssertionError(
-            f"{int((a != b).sum())} of {got.numel()} differ, first at {i}: got "
-            f"{got.flatten()[i].item()!r}, expected {expected.flatten()[i].item()!r}"
-        )
 
 
 def make_case(shape, dtype, rows=1, max_seq_len=16, seed=0, device="cuda"):

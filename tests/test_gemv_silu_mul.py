@@ -35,6 +35,7 @@ import models.llama as llama
 from models import layer_math
 from models.config import ModelConfig
 from models.llama import build_model
+from tests.same_bits import assert_same_bits
 
 OPS = torch.ops.toyllm
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,23 +44,9 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 IN_SIZES = [8192, 2048, 4096, 33, 4097, 1]
 OUT_SIZES = [1, 3, 2048]
 ROW_SHAPES = [(1,), (2,), (3,), (4,), (1, 1), (2, 2), (1, 3, 1), ()]
-_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 # gate values at silu's edges: zeros of both signs, exp(-g) overflowing (g < -88.7: silu = -0),
 # exp(-g) vanishing (silu(g) = g), tiny gates (silu(g) ~ g / 2); all finite in fp16
 SPECIAL_GATES = [0.0, -0.0, -100.0, -89.0, -20.0, 20.0, 100.0, 1e-3, -1e-3, 0.5, -0.5]
-
-
-def assert_same_bits(got: torch.Tensor, expected: torch.Tensor) -> None:
-    assert got.shape == expected.shape and got.dtype == expected.dtype
-    assert got.device == expected.device
-    a = got.contiguous().view(_INT[got.dtype])
-    b = expected.contiguous().view(_INT[got.dtype])
-    if not torch.equal(a, b):
-        i = int((a != b).flatten().nonzero()[0])
-        raise AssertionError(
-            f"{int((a != b).sum())} of {got.numel()} results differ, first at flat index {i}: "
-            f"got {got.flatten()[i].item()!r}, expected {expected.flatten()[i].item()!r}"
-        )
 
 
 def two_kernels(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
