@@ -177,7 +177,7 @@ class OpNames:
 
 _GEMV = OpNames("gemv", "x", "x.numel() / in", "F.linear", 1)
 _GEMV_SILU_MUL = OpNames("gemv_silu_mul", "gate_up", "gate_up.numel() / (2 * in)",
-                          "silu_mul and F.linear", 2)
+                         "silu_mul and F.linear", 2)
 
 
 def _check_shapes(n: OpNames, x: Tensor, weight: Tensor) -> None:
