@@ -155,7 +155,7 @@ at::Tensor gemv_silu_mul_cuda(const at::Tensor& gate_up, const at::Tensor& weigh
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
     const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
     cudaError_t err = cudaSuccess;
-    if (rows == 1 && gemv_silu_mul_shared_bytes(dtype, in) <= props->sharedMemPerBlockOptin) {
+    if (rows == 1 && gemv_staged_shared_bytes(dtype, in) <= props->sharedMemPerBlockOptin) {
         err =
             launch_gemv_silu_mul(gu.const_data_ptr(), weight.const_data_ptr(), y.mutable_data_ptr(),
                                  dtype, in, out, props->multiProcessorCount, stream);
@@ -225,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_product_cuda(const OpNames& name
     const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
     cudaError_t err = cudaSuccess;
     if (rows == 1 && out > 0 &&
-        gemv_add_rms_norm_shared_bytes(dtype, in) <= props->sharedMemPerBlockOptin) {
+        gemv_staged_shared_bytes(dtype, in) <= props->sharedMemPerBlockOptin) {
         const auto launch = silu ? launch_gemv_add_rms_norm_silu_mul : launch_gemv_add_rms_norm;
         err = launch(xc.const_data_ptr(), rc.const_data_ptr(), norm_weight.const_data_ptr(),
                      weight.const_data_ptr(), sum.mutable_data_ptr(), y.mutable_data_ptr(), dtype,
@@ -296,8 +296,7 @@ std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_rope_kv_cuda(
     const GemvDtype dtype = gemv_dtype(x.scalar_type());
     const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
     const bool one_kernel = leading_rows(x) == 1 && cos.is_contiguous() && sin.is_contiguous() &&
-                            gemv_add_rms_norm_shared_bytes(dtype, in) <=
-                                props->sharedMemPerBlockOptin;
+                            gemv_staged_shared_bytes(dtype, in) <= props->sharedMemPerBlockOptin;
     if (!one_kernel) {
         auto [sum, qkv] = add_rms_norm_product_cuda(kGemvAddRmsNormNames, x, residual,
                                                     norm_weight, eps, weight, false);

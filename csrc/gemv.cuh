@@ -33,4 +33,12 @@ cudaError_t launch_gemv(const void* x,       // [rows, in], contiguous
                         GemvDtype dtype, int64_t rows, int64_t in, int64_t out,
                         cudaStream_t stream);
 
+// Shared memory one block of a staged one-row GEMV (gemv_staged.cuh: gemv_silu_mul and the
+// gemv_add_rms_norm kernels) takes for an x of `in` elements: x staged as [in] of the dtype, plus
+// the kernel's static memory. Where it exceeds the device's opt-in limit per block
+// (cudaDevAttrMaxSharedMemoryPerBlockOptin: 227 KB on an H100, so in <= ~116k bf16 or ~58k fp32),
+// those launches cannot run: call the separate kernels (launch_silu_mul / launch_add_rms_norm,
+// then launch_gemv) instead. Defined in gemv_silu_mul.cu.
+size_t gemv_staged_shared_bytes(GemvDtype dtype, int64_t in);
+
 }  // namespace toyllm

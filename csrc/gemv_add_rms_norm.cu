@@ -147,18 +147,6 @@ cudaError_t launch_any(const void* x, const void* residual, const void* norm_wei
 
 }  // namespace
 
-size_t gemv_add_rms_norm_shared_bytes(GemvDtype dtype, int64_t in) {
-    switch (dtype) {
-        case GemvDtype::kFloat16:
-            return gemv_staged::shared_bytes_for<__half>(in);
-        case GemvDtype::kBFloat16:
-            return gemv_staged::shared_bytes_for<__nv_bfloat16>(in);
-        case GemvDtype::kFloat32:
-            break;
-    }
-    return gemv_staged::shared_bytes_for<float>(in);
-}
-
 cudaError_t launch_gemv_add_rms_norm(const void* x, const void* residual, const void* norm_weight,
                                      const void* weight, void* sum_out, void* y, GemvDtype dtype,
                                      int64_t in, int64_t out, float eps, int num_sms,

@@ -25,12 +25,6 @@
 
 namespace toyllm {
 
-// Shared memory one block of the kernel takes for a row of `in` (the normalised row staged as
-// [in] of the dtype, plus the kernel's static memory). Where it exceeds the device's opt-in
-// limit per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), launch_gemv_add_rms_norm cannot run:
-// call launch_add_rms_norm and launch_gemv instead.
-size_t gemv_add_rms_norm_shared_bytes(GemvDtype dtype, int64_t in);
-
 // sum_out[i] = to_dtype(x[i] + residual[i]) for i < in; n = launch_add_rms_norm's normalised
 // output for norm_weight and eps; y[j] = to_dtype(sum_i float(n[i]) * float(weight[j, i])) for
 // j < out. in >= 1. num_sms: the device's SM count (the grid is at most one block per SM).

@@ -27,7 +27,7 @@ namespace toyllm {
 // num_kv_heads, head_dim] contiguous (one row of the cache); positions: [1] int32 on the device
 // (a negative position, or one >= max_seq_len, writes no K/V); sum_out: [in]; q_out:
 // [num_q_heads * head_dim]. head_dim even. The shared memory per block is
-// gemv_add_rms_norm_shared_bytes's. Returns cudaErrorInvalidValue for bad sizes, otherwise as
+// gemv_staged_shared_bytes's. Returns cudaErrorInvalidValue for bad sizes, otherwise as
 // launch_gemv_add_rms_norm.
 cudaError_t launch_gemv_norm_rope_kv(const void* x, const void* residual, const void* norm_weight,
                                      const void* weight, const void* cos, const void* sin,

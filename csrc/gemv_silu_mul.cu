@@ -93,7 +93,7 @@ cudaError_t gemv_silu_mul_for(const void* gate_up, const void* weight, void* y, 
 
 }  // namespace
 
-size_t gemv_silu_mul_shared_bytes(GemvDtype dtype, int64_t in) {
+size_t gemv_staged_shared_bytes(GemvDtype dtype, int64_t in) {
     switch (dtype) {
         case GemvDtype::kFloat16:
             return gemv_staged::shared_bytes_for<__half>(in);

@@ -22,12 +22,6 @@
 
 namespace toyllm {
 
-// Shared memory one block of the kernel takes for this `in` (h staged as [in] of the dtype, plus
-// the per-warp sums). Where it exceeds the device's opt-in limit per block
-// (cudaDevAttrMaxSharedMemoryPerBlockOptin: 227 KB on an H100, so in <= ~116k bf16 or ~58k
-// fp32), launch_gemv_silu_mul cannot run: call launch_silu_mul and launch_gemv instead.
-size_t gemv_silu_mul_shared_bytes(GemvDtype dtype, int64_t in);
-
 // y[j] = to_dtype(sum_i float(h[i]) * float(weight[j, i])) for j < out, with
 // h[i] = to_dtype(to_dtype(silu(g)) * u), g = gate_up[i], u = gate_up[in + i] (the value
 // launch_silu_mul writes). in == 0 writes zeros. num_sms: the device's SM count (the grid is at
