@@ -98,5 +98,15 @@ __device__ __forceinline__ void stage_add_rms_norm(T* __restrict__ n,  // [in], 
     }
 }
 
+// add_rms_norm's choice of 16-byte accesses for the norm (stage_add_rms_norm's NN = kVec16<T>
+// where true, else 1): `in` a whole number of packs and every pointer 16-byte aligned (its
+// outputs are fresh, so aligned).
+template <typename T>
+inline bool norm_packs16(const void* x, const void* residual, const void* norm_weight,
+                         const void* sum_out, int64_t in) {
+    return in % kVec16<T> == 0 && aligned16(x) && aligned16(residual) &&
+           aligned16(norm_weight) && aligned16(sum_out);
+}
+
 }  // namespace gemv_staged
 }  // namespace toyllm

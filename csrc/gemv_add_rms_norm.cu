@@ -30,6 +30,7 @@ using gemv_staged::kThreads;
 using gemv_staged::kWarp;
 using gemv_staged::staged_launch;
 using gemv_staged::kNormWarps;
+using gemv_staged::norm_packs16;
 using gemv_staged::stage_add_rms_norm;
 using gemv_staged::staged_row_pairs;
 using gemv_staged::staged_rows;
@@ -84,9 +85,7 @@ cudaError_t launch_norm_packs(const T* x, const T* residual, const T* norm_weigh
                               const T* weight, T* sum_out, T* y, int64_t in, int64_t out,
                               float eps, bool silu, int num_sms, cudaStream_t stream) {
     constexpr int kVec = kVec16<T>;
-    // add_rms_norm's choice of 16-byte accesses (its outputs are fresh, so aligned)
-    const bool norm_vec = in % kVec == 0 && aligned16(x) && aligned16(residual) &&
-                          aligned16(norm_weight) && aligned16(sum_out);
+    const bool norm_vec = norm_packs16<T>(x, residual, norm_weight, sum_out, in);
     const int norm_threads = rms_norm_threads(norm_vec ? in / kVec : in);
     if (norm_vec) {
         return staged_launch<T, N>(silu ? gemv_add_rms_norm_silu_kernel<T, N, kVec>

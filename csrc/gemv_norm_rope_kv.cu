@@ -21,6 +21,7 @@ namespace toyllm {
 namespace {
 
 using gemv_staged::kNormWarps;
+using gemv_staged::norm_packs16;
 using gemv_staged::kThreads;
 using gemv_staged::stage_add_rms_norm;
 using gemv_staged::staged_launch;
@@ -104,9 +105,7 @@ cudaError_t launch_packs(const T* x, const T* residual, const T* norm_weight, co
                          T* v_cache, const RopeKvTarget& target, int64_t in, int64_t out,
                          float eps, int num_sms, cudaStream_t stream) {
     constexpr int kVec = kVec16<T>;
-    // add_rms_norm's choice of 16-byte accesses (its outputs are fresh, so aligned)
-    const bool norm_vec = in % kVec == 0 && aligned16(x) && aligned16(residual) &&
-                          aligned16(norm_weight) && aligned16(sum_out);
+    const bool norm_vec = norm_packs16<T>(x, residual, norm_weight, sum_out, in);
     const int norm_threads = rms_norm_threads(norm_vec ? in / kVec : in);
     const auto kernel =
         norm_vec ? gemv_norm_rope_kv_kernel<T, N, kVec> : gemv_norm_rope_kv_kernel<T, N, 1>;
