@@ -98,7 +98,8 @@ def applies(x: Tensor, residual: Tensor, norm_weight: Tensor, weight: Tensor) ->
     x [..., in] on CUDA, residual of x's shape, norm_weight [in], all contiguous and of one
     dtype, and a product ``engine.gemv.linear`` would give the CUDA kernel; not switched off by
     TOYLLM_FUSED_NORM_GEMV=0."""
-    if not FUSED_NORM_ENABLED or x.dim() == 0 or weight.dim() != 2:
+    # CUDA only: a CPU decode step asks twice a layer, so it is told first
+    if not (FUSED_NORM_ENABLED and x.is_cuda) or x.dim() == 0 or weight.dim() != 2:
         return False
     n = x.shape[-1]
     if n == 0 or x.numel() != n or residual.shape != x.shape or weight.shape[1] != n:
