@@ -1,4 +1,4 @@
-"""Builds the KV-cache extension `engine._C` against the installed torch.
+"""Builds the KV-cache extension `toyllm.engine.ops._C` (engine/ops/_C*.so) against the installed torch.
 
 The C++ part (host class, CPU kernel, operator registration, bindings) builds everywhere.
 The CUDA part builds when the installed torch has CUDA and nvcc is present; set
@@ -49,7 +49,7 @@ if len(_stems) != len(set(_stems)):
 
 if _with_cuda():
     ext = CUDAExtension(
-        name="engine._C",
+        name="toyllm.engine.ops._C",
         sources=_sources("*.cpp") + _sources("*.cu"),
         define_macros=[("TOYLLM_WITH_CUDA", "1")],
         extra_compile_args={
@@ -60,7 +60,7 @@ if _with_cuda():
     )
 else:
     ext = CppExtension(
-        name="engine._C",
+        name="toyllm.engine.ops._C",
         sources=_sources("*.cpp"),
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=link_flags,

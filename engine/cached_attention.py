@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from engine.gemv_add_rms_norm import add_rms_norm_rope_kv
-from engine.gemv_add_rms_norm import rope_kv_applies as norm_rope_kv_applies
-from engine.kv_cache import KVCache, kv_update
-from engine.rope_kv_update import applies as rope_kv_applies
-from engine.rope_kv_update import rope_kv_update
-from models.rope import gather_cos_sin
+from toyllm.engine.ops.gemv_norm import add_rms_norm_rope_kv
+from toyllm.engine.ops.gemv_norm import rope_kv_applies as norm_rope_kv_applies
+from toyllm.engine.ops.kv_cache import KVCache, kv_update
+from toyllm.engine.ops.rope_kv import applies as rope_kv_applies
+from toyllm.engine.ops.rope_kv import rope_kv_update
+from toyllm.models.rope import gather_cos_sin
 
 # Rows up to which decode attention takes the extension's kernel rather than SDPA with a length
 # mask, when its pass 1 runs on CUDA cores: above, it lost to SDPA (bench_decode_attention.py,

@@ -43,14 +43,14 @@ def fail(message: str) -> typer.Exit:
 
 def user_errors():
     """The exception types that mean 'bad input', not 'bug'."""
-    from engine.device import DeviceError
-    from engine.generate import GenerationError
-    from engine.kv_cache import KVCacheOverflowError
-    from engine.sampling import SamplingError
-    from models.checkpoint import CheckpointError
-    from models.config import ConfigError
-    from models.model_source import ModelSourceError
-    from models.tokenizer import TokenizerError
+    from toyllm.engine.device import DeviceError
+    from toyllm.engine.generate import GenerationError
+    from toyllm.engine.ops.kv_cache import KVCacheOverflowError
+    from toyllm.engine.sampling import SamplingError
+    from toyllm.models.checkpoint import CheckpointError
+    from toyllm.models.config import ConfigError
+    from toyllm.models.model_source import ModelSourceError
+    from toyllm.models.tokenizer import TokenizerError
 
     return (UserError, DeviceError, GenerationError, SamplingError, CheckpointError, ConfigError,
             ModelSourceError, TokenizerError, KVCacheOverflowError, OSError)
@@ -133,10 +133,10 @@ def generate(
 def _generate(prompts, model, random_weights, tokenizer, prompts_file, max_new_tokens,
               temperature, top_k, top_p, seed, stop, device, dtype, prefill_chunk,
               max_context, cuda_graph, stats, as_json) -> None:
-    from engine.device import dtype_name, resolve_device, resolve_dtype
-    from engine.generate import Engine
-    from engine.sampling import SamplingParams
-    from models.model_source import load_model
+    from toyllm.engine.device import dtype_name, resolve_device, resolve_dtype
+    from toyllm.engine.generate import Engine
+    from toyllm.engine.sampling import SamplingParams
+    from toyllm.models.model_source import load_model
 
     texts = read_prompts(prompts or [], prompts_file)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
@@ -207,7 +207,7 @@ def _generate(prompts, model, random_weights, tokenizer, prompts_file, max_new_t
 def bench(ctx: typer.Context) -> None:
     """Decode and prefill tok/s against transformers and the roofline (`toyllm bench --help`
     lists its options)."""
-    from engine.bench_decode import main as bench_main
+    from toyllm.engine.tools.bench import main as bench_main
 
     try:
         code = bench_main(list(ctx.args))
@@ -234,7 +234,7 @@ def check(
 ) -> None:
     """Check the cached engine against the no-cache reference (and HF transformers) on a
     matrix of models and requests; exit 1 if any case fails."""
-    from engine.check import CheckError, run_check
+    from toyllm.engine.check.harness import CheckError, run_check
 
     try:
         code = run_check(configs, dtypes, device, json_path, out, hf=hf)
@@ -256,8 +256,8 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="JSON output for scripts.")] = False,
 ) -> None:
     """Parameters by part, weight bytes and KV-cache bytes per dtype (arithmetic only)."""
-    from engine.model_info import describe, load_for_info, render_info
-    from models.config import ConfigError
+    from toyllm.engine.tools.info import describe, load_for_info, render_info
+    from toyllm.models.config import ConfigError
 
     try:
         config, where = load_for_info(source)
@@ -281,9 +281,9 @@ def sweep(
         help="Validate and print the arithmetic columns; measure and write nothing.")] = False,
 ) -> None:
     """Measure an experiment grid (table, CSV, JSON, PNG plots); exit 1 if a point failed."""
-    from engine.device import DeviceError
-    from engine.sweep import ExperimentError, run_experiment
-    from models.config import ConfigError
+    from toyllm.engine.device import DeviceError
+    from toyllm.engine.tools.sweep import ExperimentError, run_experiment
+    from toyllm.models.config import ConfigError
 
     try:
         code = run_experiment(experiment, out_dir, device, out, dry_run=dry_run)

@@ -20,16 +20,15 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-
-from engine import gemv
-from engine.cached_attention import DecodeStep, PrefillStep
-from engine.cpu_layout import store_weights_input_major
-from engine.kv_cache import KVCache
-from engine.sampling import SamplingParams, make_generator, sample
-from engine.stopping import StopWatcher
-from models.llama import Transformer
-from models.rope import rope_table
-from models.tokenizer import StreamDecoder, Tokenizer
+from toyllm.engine.cached_attention import DecodeStep, PrefillStep
+from toyllm.engine.cpu_layout import store_weights_input_major
+from toyllm.engine.ops import gemv
+from toyllm.engine.ops.kv_cache import KVCache
+from toyllm.engine.sampling import SamplingParams, make_generator, sample
+from toyllm.engine.stopping import StopWatcher
+from toyllm.models.llama import Transformer
+from toyllm.models.rope import rope_table
+from toyllm.models.tokenizer import StreamDecoder, Tokenizer
 
 Prompt = str | Sequence[int]
 TextCallback = Callable[[int, str], None]
@@ -232,7 +231,7 @@ class Engine:
     def _rows_for(self, n: int) -> int:
         if not self.cuda_graph:
             return n
-        from engine.cuda_graph import bucket_for
+        from toyllm.engine.cuda_graph import bucket_for
 
         return bucket_for(n)
 
@@ -259,7 +258,7 @@ class Engine:
         ks, vs, positions = self.cache_views(rows)
         if self.cuda_graph:
             if self._graphs is None:
-                from engine.cuda_graph import DecodeGraphs
+                from toyllm.engine.cuda_graph import DecodeGraphs
 
                 self._graphs = DecodeGraphs(self.decode_forward, self.cache_views)
             logits = self._graphs.run(rows, tokens)

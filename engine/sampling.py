@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-
-from engine.argmax import argmax
+from toyllm.engine.ops.argmax import argmax
 
 
 class SamplingError(ValueError):

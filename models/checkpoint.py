@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from models.config import ConfigError, ModelConfig, config_to_hf, load_config
-from models.llama import Transformer
+from toyllm.models.config import ConfigError, ModelConfig, config_to_hf, load_config
+from toyllm.models.llama import Transformer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -23,17 +23,16 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from models.config import ModelConfig
-from models.layer_math import rms_norm, silu_mul
-from models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from toyllm.models.config import ModelConfig
+from toyllm.models.layer_math import rms_norm, silu_mul
+from toyllm.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
 # One-kernel CUDA versions of RMSNorm (alone and after the residual add), RoPE and silu * up
 # (engine/fused_ops.py), used for CUDA tensors when the extension is built with CUDA and
 # TOYLLM_FUSED_OPS is not 0. models/ must import without the extension (training machines have
 # no build): then the torch code of layer_math.py and rope.py runs everywhere.
 try:
-    from engine import fused_ops as _fused_ops
+    from toyllm.engine.ops import elementwise as _fused_ops
 except ImportError:
     _fused_ops = None
 _fused = _fused_ops if _fused_ops is not None and _fused_ops.AVAILABLE else None
@@ -46,8 +45,8 @@ _fused_cpu = _fused_ops if _fused_ops is not None and _fused_ops.ENABLED else No
 # _silu_mul_linear(gate_up, w, silu_mul) = _linear(silu_mul(gate_up), w): one kernel at one CUDA
 # row (toyllm::gemv_silu_mul, TOYLLM_FUSED_SILU_GEMV=0 to turn off), the two calls elsewhere.
 try:
-    from engine.gemv import linear as _linear
-    from engine.gemv import silu_mul_linear as _silu_mul_linear
+    from toyllm.engine.ops.gemv import linear as _linear
+    from toyllm.engine.ops.gemv import silu_mul_linear as _silu_mul_linear
 except ImportError:
     _linear = F.linear
 
@@ -62,9 +61,9 @@ except ImportError:
 # The gate/up product after the post-attention norm may also take silu(gate) * up in its
 # epilogue (toyllm::gemv_add_rms_norm_silu_mul): then the down product is a plain _linear.
 try:
-    from engine.gemv_add_rms_norm import add_rms_norm_linear as _add_rms_norm_linear
-    from engine.gemv_add_rms_norm import add_rms_norm_silu_mul as _add_rms_norm_silu_mul
-    from engine.gemv_add_rms_norm import silu_applies as _norm_silu_applies
+    from toyllm.engine.ops.gemv_norm import add_rms_norm_linear as _add_rms_norm_linear
+    from toyllm.engine.ops.gemv_norm import add_rms_norm_silu_mul as _add_rms_norm_silu_mul
+    from toyllm.engine.ops.gemv_norm import silu_applies as _norm_silu_applies
 except ImportError:
     _add_rms_norm_linear = _add_rms_norm_silu_mul = _norm_silu_applies = None
 

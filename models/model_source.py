@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from models.checkpoint import CheckpointError, load_checkpoint
-from models.config import ConfigError, ModelConfig, load_config
-from models.llama import Transformer, build_model
-from models.tokenizer import Tokenizer
+from toyllm.models.checkpoint import CheckpointError, load_checkpoint
+from toyllm.models.config import ConfigError, ModelConfig, load_config
+from toyllm.models.llama import Transformer, build_model
+from toyllm.models.tokenizer import Tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
 

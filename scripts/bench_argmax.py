@@ -117,13 +117,13 @@ def main(argv: list[str] | None = None) -> int:
               "measured.")
         return 2
     try:
-        import engine.argmax  # noqa: F401  (a clear message when engine._C predates the op)
-        from engine.kv_cache import WITH_CUDA
+        import toyllm.engine.ops.argmax  # noqa: F401  (a clear message when toyllm.engine.ops._C predates the op)
+        from toyllm.engine.ops.kv_cache import WITH_CUDA
     except ImportError as exc:
         print(f"bench_argmax: {exc}", file=sys.stderr)
         return 2
     if not WITH_CUDA:
-        print("bench_argmax: engine._C was built without CUDA; rebuild on this machine with "
+        print("bench_argmax: toyllm.engine.ops._C was built without CUDA; rebuild on this machine with "
               "pip install --no-build-isolation -e .", file=sys.stderr)
         return 2
 

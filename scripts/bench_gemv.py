@@ -326,12 +326,12 @@ def main(argv: list[str] | None = None) -> int:
               "measured.")
         return 2
     try:
-        from engine.kv_cache import WITH_CUDA
+        from toyllm.engine.ops.kv_cache import WITH_CUDA
     except ImportError as exc:
         print(f"bench_gemv: {exc}", file=sys.stderr)
         return 2
     if not WITH_CUDA:
-        print("bench_gemv: engine._C was built without CUDA; rebuild on this machine with "
+        print("bench_gemv: toyllm.engine.ops._C was built without CUDA; rebuild on this machine with "
               "pip install --no-build-isolation -e .", file=sys.stderr)
         return 2
 

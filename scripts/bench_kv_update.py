@@ -112,7 +112,7 @@ def copy_ceiling_gb_per_s(reps: int) -> tuple[float, int]:
 
 
 def make_methods(case: Case, dtype: torch.dtype) -> tuple[dict[str, Callable[[], None]], int]:
-    from engine.kv_cache import kv_update
+    from toyllm.engine.ops.kv_cache import kv_update
 
     shape_cache = (1, case.max_seq_len, case.num_kv_heads, case.head_dim)
     shape_new = (1, case.num_tokens, case.num_kv_heads, case.head_dim)
@@ -278,13 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        from engine.kv_cache import WITH_CUDA
+        from toyllm.engine.ops.kv_cache import WITH_CUDA
     except ImportError as exc:
         print(f"bench_kv_update: {exc}", file=sys.stderr)
         return 2
     if not WITH_CUDA:
         print(
-            "bench_kv_update: engine._C was built without CUDA; rebuild on this machine with "
+            "bench_kv_update: toyllm.engine.ops._C was built without CUDA; rebuild on this machine with "
             "pip install --no-build-isolation -e .",
             file=sys.stderr,
         )

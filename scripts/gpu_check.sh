@@ -52,7 +52,7 @@ cat "$OUT/env.txt"
 # A C++ exception raised through the extension must come back as a Python error; a build
 # linked without libstdc++ crashes the interpreter instead (seen on this machine's Python).
 SMOKE='import torch
-from engine.kv_cache import KVCache
+from toyllm.engine.ops.kv_cache import KVCache
 c = KVCache(num_layers=1, max_seq_len=2, num_kv_heads=1, head_dim=8, dtype=torch.float16,
             device="cuda")
 try:

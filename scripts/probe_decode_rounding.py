@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.check import run_matrix, select_cases  # noqa: E402
+from toyllm.engine.check.harness import run_matrix, select_cases  # noqa: E402
 
 BACKENDS = {
     "default": None,

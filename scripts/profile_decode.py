@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-
-from engine.device import resolve_dtype
-from engine.generate import Engine
-from engine.sampling import SamplingParams
-from models.config import load_config
-from models.llama import build_model
+from toyllm.engine.device import resolve_dtype
+from toyllm.engine.generate import Engine
+from toyllm.engine.sampling import SamplingParams
+from toyllm.models.config import load_config
+from toyllm.models.llama import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -38,7 +38,7 @@ import sys
 import time
 from array import array
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -51,10 +51,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from models.checkpoint import save_checkpoint  # noqa: E402
-from models.config import ModelConfig, load_config  # noqa: E402
-from models.llama import Transformer, build_model  # noqa: E402
-from models.tokenizer import Tokenizer  # noqa: E402
+from toyllm.models.checkpoint import save_checkpoint  # noqa: E402
+from toyllm.models.config import ModelConfig, load_config  # noqa: E402
+from toyllm.models.llama import Transformer, build_model  # noqa: E402
+from toyllm.models.tokenizer import Tokenizer  # noqa: E402
+
 from scripts.build_corpus import Corpus, load_corpus  # noqa: E402
 
 CALIBRATION_START = 5  # steps run before timing starts (compilation, allocator warm-up)
@@ -404,7 +405,7 @@ def train(args: TrainArgs, console: Console | None = None) -> dict[str, object]:
         "seed": args.seed,
         "config": args.config.name,
         "num_params": config.num_params(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
     }
     metadata = {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in facts.items()}

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import toyllm.engine.ops.argmax as argmax_mod
 from torch._subclasses.fake_tensor import FakeTensorMode
-
-import engine.argmax as argmax_mod
-from engine.sampling import SamplingParams, sample
+from toyllm.engine.sampling import SamplingParams, sample
 
 OPS = torch.ops.toyllm
 ROOT = Path(__file__).resolve().parents[1]
@@ -398,9 +397,9 @@ def test_argmax_dispatch_on_cuda(monkeypatch) -> None:
 @pytest.mark.parametrize("cuda_graph", [True, False])
 def test_model_greedy_generation_on_cuda_is_the_same_with_and_without_the_kernel(
         monkeypatch, cuda_graph) -> None:
-    from engine.generate import Engine
-    from models.config import ModelConfig
-    from models.llama import build_model
+    from toyllm.engine.generate import Engine
+    from toyllm.models.config import ModelConfig
+    from toyllm.models.llama import build_model
 
     config = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, intermediate_size=96, max_seq_len=64)

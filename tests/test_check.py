@@ -12,16 +12,15 @@ from typing import Any
 
 import pytest
 import torch
+import toyllm.engine.cached_attention as cached_attention
 from rich.console import Console
+from toyllm.engine.cached_attention import DecodeStep, PrefillStep
+from toyllm.engine.check.cases import LLAMA3_ROPE, default_matrix, model_config
+from toyllm.engine.check.harness import CheckError, decode_steps, run_check, select_cases
+from toyllm.engine.check.reference import reference_logits
+from toyllm.engine.cli import app
+from toyllm.models.llama import build_model
 from typer.testing import CliRunner
-
-import engine.cached_attention as cached_attention
-from engine.cached_attention import DecodeStep, PrefillStep
-from engine.check import CheckError, decode_steps, run_check, select_cases
-from engine.check_cases import LLAMA3_ROPE, default_matrix, model_config
-from engine.cli import app
-from engine.reference import reference_logits
-from models.llama import build_model
 
 # Cases the planted-bug tests run: batch 1 and ragged, whole and chunked prefill, the cache's
 # end, and prompts that fill the cache (decode only in the greedy run's shorter row).

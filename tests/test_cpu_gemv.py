@@ -9,10 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-import engine.gemv as gemv
-from models.config import ModelConfig
-from models.llama import build_model
+import toyllm.engine.ops.gemv as gemv
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
 
 OPS = torch.ops.toyllm
 # (in, out): model-like, odd, and below and above one block of either kernel.

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-
-from engine.cpu_layout import store_weights_input_major
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.config import ModelConfig
-from models.llama import build_model
+from toyllm.engine.cpu_layout import store_weights_input_major
+from toyllm.models.checkpoint import load_checkpoint, save_checkpoint
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
 
 CONFIG = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                      intermediate_size=96, max_seq_len=64, tie_embeddings=True)

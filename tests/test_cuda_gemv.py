@@ -22,11 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import toyllm.engine.ops.gemv as gemv
 from torch._subclasses.fake_tensor import FakeTensorMode
-
-import engine.gemv as gemv
-from models.config import ModelConfig
-from models.llama import build_model
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
 
 OPS = torch.ops.toyllm
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from engine.kv_cache import decode_attention
+from toyllm.engine.ops.kv_cache import decode_attention
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -21,9 +21,8 @@ import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
-
-from models.checkpoint import load_checkpoint, read_metadata
-from models.config import load_config
+from toyllm.models.checkpoint import load_checkpoint, read_metadata
+from toyllm.models.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # scripts/ is not an installed package
@@ -76,8 +75,8 @@ def test_shipped_model_loads_in_under_a_second_in_a_fresh_process() -> None:
     # itself does not.
     code = (
         "import time, torch\n"
-        "from models.checkpoint import load_checkpoint\n"
-        "from models.tokenizer import Tokenizer\n"
+        "from toyllm.models.checkpoint import load_checkpoint\n"
+        "from toyllm.models.tokenizer import Tokenizer\n"
         "t = time.perf_counter()\n"
         f"model, config = load_checkpoint({str(DEFAULT_DIR)!r})\n"
         f"tok = Tokenizer.from_file({str(DEFAULT_TOKENIZER)!r})\n"

@@ -13,13 +13,12 @@ import sys
 
 import pytest
 import torch
-
-import engine.fused_ops as fused_ops
-import models.llama as llama
-from models import layer_math
-from models.config import ModelConfig
-from models.llama import build_model
-from models.rope import apply_rope, rope_cos_sin
+import toyllm.engine.ops.elementwise as fused_ops
+import toyllm.models.llama as llama
+from toyllm.models import layer_math
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
+from toyllm.models.rope import apply_rope, rope_cos_sin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -674,7 +673,7 @@ def _python(code: str, **env: str) -> str:
 
 def test_models_import_without_the_extension_and_use_the_torch_code() -> None:
     code = (
-        "import sys; sys.modules['engine._C'] = None\n"  # `from engine import _C` now fails
+        "import sys; sys.modules['toyllm.engine.ops._C'] = None\n"  # `from engine import _C` now fails
         "import torch, models.llama as m\n"
         "assert m._fused is None\n"
         "from models.config import ModelConfig\n"

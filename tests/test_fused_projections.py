@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from engine.cpu_layout import store_weights_input_major
-from models.config import ModelConfig
-from models.llama import build_model
+from toyllm.engine.cpu_layout import store_weights_input_major
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
 
 CONFIG = ModelConfig(vocab_size=200, hidden_size=96, num_layers=2, num_heads=6, num_kv_heads=2,
                      intermediate_size=128, max_seq_len=64)
@@ -45,7 +44,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_a_second_engine_on_a_fused_cpu_model_keeps_the_weights_shared() -> None:
-    from engine.generate import Engine
+    from toyllm.engine.generate import Engine
 
     model = build_model(CONFIG, seed=4)
     Engine(model)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import toyllm.engine.ops.gemv as gemv
+import toyllm.engine.ops.gemv_norm as norm_gemv
 from torch._subclasses.fake_tensor import FakeTensorMode
+from toyllm.engine.generate import Engine
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
+from toyllm.models.rope import inverse_frequencies, rope_cos_sin
 
-import engine.gemv as gemv
-import engine.gemv_add_rms_norm as norm_gemv
-from engine.generate import Engine
-from models.config import ModelConfig
-from models.llama import build_model
-from models.rope import inverse_frequencies, rope_cos_sin
 from tests.same_bits import assert_same_bits
 
 OPS = torch.ops.toyllm

@@ -27,14 +27,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import toyllm.engine.ops.gemv as gemv
+import toyllm.engine.ops.gemv_norm as norm_gemv
+import toyllm.models.llama as llama
 from torch._subclasses.fake_tensor import FakeTensorMode
+from toyllm.models import layer_math
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
 
-import engine.gemv as gemv
-import engine.gemv_add_rms_norm as norm_gemv
-import models.llama as llama
-from models import layer_math
-from models.config import ModelConfig
-from models.llama import build_model
 from tests.same_bits import assert_same_bits
 
 OPS = torch.ops.toyllm

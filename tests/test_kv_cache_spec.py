@@ -11,8 +11,7 @@ import os
 
 import pytest
 import torch
-
-from engine.kv_cache import KVCache, KVCacheOverflowError, kv_update, reference_update
+from toyllm.engine.ops.kv_cache import KVCache, KVCacheOverflowError, kv_update, reference_update
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -15,17 +15,21 @@ import sys
 
 import pytest
 import torch
-
-import engine.cached_attention as cached_attention
-import engine.gemv_add_rms_norm as norm_gemv
-import engine.rope_kv_update as rope_kv_module
-from engine.generate import Engine
-from engine.kv_cache import decode_attention, kv_update, reference_update, set_programmatic_launch
-from engine.reference import reference_logits
-from engine.rope_kv_update import rope_kv_update
-from models.config import ModelConfig
-from models.llama import build_model
-from models.rope import apply_rope, rope_cos_sin
+import toyllm.engine.cached_attention as cached_attention
+import toyllm.engine.ops.gemv_norm as norm_gemv
+import toyllm.engine.ops.rope_kv as rope_kv_module
+from toyllm.engine.check.reference import reference_logits
+from toyllm.engine.generate import Engine
+from toyllm.engine.ops.kv_cache import (
+    decode_attention,
+    kv_update,
+    reference_update,
+    set_programmatic_launch,
+)
+from toyllm.engine.ops.rope_kv import rope_kv_update
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
+from toyllm.models.rope import apply_rope, rope_cos_sin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = torch.ops.toyllm

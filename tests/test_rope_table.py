@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from engine.cached_attention import DecodeStep
-from engine.generate import Engine
-from models.config import ModelConfig, RopeScaling
-from models.llama import build_model
-from models.rope import gather_cos_sin, inverse_frequencies, rope_cos_sin, rope_table
+from toyllm.engine.cached_attention import DecodeStep
+from toyllm.engine.generate import Engine
+from toyllm.models.config import ModelConfig, RopeScaling
+from toyllm.models.llama import build_model
+from toyllm.models.rope import gather_cos_sin, inverse_frequencies, rope_cos_sin, rope_table
 
 CONFIGS = [
     ModelConfig(vocab_size=64, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,

@@ -18,7 +18,7 @@ the extension built with CUDA; fp32, fp16 or bf16; nothing recording autograd; a
 Example::
 
     >>> import torch
-    >>> from engine.rope_kv_update import rope_kv_update
+    >>> from toyllm.engine.ops.rope_kv import rope_kv_update
     >>> k_cache = torch.zeros(2, 4, 1, 2); v_cache = torch.zeros(2, 4, 1, 2)  # 1 KV head
     >>> qkv = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]).expand(2, 1, 3, 2)  # q, k, v
     >>> cos, sin = torch.zeros(2, 1, 1, 2), torch.ones(2, 1, 1, 2)  # a quarter turn
@@ -36,13 +36,14 @@ import os
 
 import torch
 from torch import Tensor
-
-from engine import fused_ops
-from engine.kv_cache import WITH_CUDA  # also loads engine._C, which defines the operator
+from toyllm.engine.ops import elementwise as fused_ops
+from toyllm.engine.ops.kv_cache import (
+    WITH_CUDA,  # also loads toyllm.engine.ops._C, which defines the operator
+)
 
 if not hasattr(torch.ops.toyllm, "rope_kv_update"):
     raise ImportError(
-        "engine._C predates the operator toyllm::rope_kv_update: rebuild it from the repository "
+        "toyllm.engine.ops._C predates the operator toyllm::rope_kv_update: rebuild it from the repository "
         "root with: pip install --no-build-isolation -e ."
     )
 

@@ -10,8 +10,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-
-from models.llama import Transformer
+from toyllm.models.llama import Transformer
 
 
 @torch.inference_mode()

@@ -21,7 +21,7 @@ definitions.
 Example::
 
     >>> import torch
-    >>> from engine.fused_ops import silu_mul
+    >>> from toyllm.engine.ops.elementwise import silu_mul
     >>> silu_mul(torch.tensor([[0.0, 1.0, 2.0, 3.0]]))  # silu([0, 1]) * [2, 3]
     tensor([[0.0000, 2.1932]])
 """
@@ -32,15 +32,16 @@ import os
 
 import torch
 from torch import Tensor
-
-from engine.kv_cache import WITH_CUDA  # also loads engine._C, which defines the operators
-from models import layer_math
-from models.rope import apply_rope
+from toyllm.engine.ops.kv_cache import (
+    WITH_CUDA,  # also loads toyllm.engine.ops._C, which defines the operators
+)
+from toyllm.models import layer_math
+from toyllm.models.rope import apply_rope
 
 _OPS = ("rms_norm", "add_rms_norm", "rope", "silu_mul")
 if not all(hasattr(torch.ops.toyllm, op) for op in _OPS):
     raise ImportError(
-        "engine._C predates the fused operators (toyllm::rms_norm, add_rms_norm, rope, "
+        "toyllm.engine.ops._C predates the fused operators (toyllm::rms_norm, add_rms_norm, rope, "
         "silu_mul): rebuild it from the repository root with: pip install --no-build-isolation -e ."
     )
 

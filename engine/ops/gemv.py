@@ -32,7 +32,7 @@ use it there).
 Example::
 
     >>> import torch
-    >>> from engine.gemv import linear
+    >>> from toyllm.engine.ops.gemv import linear
     >>> linear(torch.ones(1, 3), torch.arange(6.0).view(2, 3))  # rows [0, 1, 2], [3, 4, 5]
     tensor([[ 3., 12.]])
 """
@@ -47,12 +47,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from engine.kv_cache import WITH_CUDA  # also loads engine._C, which defines the operator
+from toyllm.engine.ops.kv_cache import (
+    WITH_CUDA,  # also loads toyllm.engine.ops._C, which defines the operator
+)
 
 if not all(hasattr(torch.ops.toyllm, op) for op in ("gemv", "gemv_silu_mul")):
     raise ImportError(
-        "engine._C predates the GEMV operators (toyllm::gemv, gemv_silu_mul): rebuild it from "
+        "toyllm.engine.ops._C predates the GEMV operators (toyllm::gemv, gemv_silu_mul): rebuild it from "
         "the repository root with: pip install --no-build-isolation -e ."
     )
 

@@ -221,7 +221,7 @@ def _error_vs_dtype(rows: list[dict[str, Any]], axes: Sequence[str], out_dir: Pa
 
 def _tolerance_limits() -> dict[str, tuple[str, float]]:
     """dtype -> (row key of the metric it is judged by, threshold), from engine/tolerances.py."""
-    from engine.tolerances import TOLERANCES
+    from toyllm.engine.check.tolerances import TOLERANCES
 
     keys = {"rel": "check_rel", "max_abs": "check_max_abs"}
     return {name: (keys[t.metric], t.threshold) for name, t in TOLERANCES.items()}

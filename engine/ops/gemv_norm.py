@@ -36,7 +36,7 @@ nothing fused, the model does not call them there.
 Example::
 
     >>> import torch
-    >>> from engine.gemv_add_rms_norm import add_rms_norm_linear
+    >>> from toyllm.engine.ops.gemv_norm import add_rms_norm_linear
     >>> def add_norm(x, r):  # the model passes RMSNorm.add_norm
     ...     s = x + r
     ...     return s, s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)
@@ -54,15 +54,14 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-
-from engine import rope_kv_update
-from engine.gemv import OpNames, check_cuda_args, linear
-from engine.gemv import _applies_cuda as _gemv_applies_cuda
+from toyllm.engine.ops import rope_kv as rope_kv_update
+from toyllm.engine.ops.gemv import OpNames, check_cuda_args, linear
+from toyllm.engine.ops.gemv import _applies_cuda as _gemv_applies_cuda
 
 if not all(hasattr(torch.ops.toyllm, op) for op in (
         "gemv_add_rms_norm", "gemv_add_rms_norm_silu_mul", "gemv_add_rms_norm_rope_kv")):
     raise ImportError(
-        "engine._C predates toyllm::gemv_add_rms_norm(_silu_mul, _rope_kv): rebuild it from the "
+        "toyllm.engine.ops._C predates toyllm::gemv_add_rms_norm(_silu_mul, _rope_kv): rebuild it from the "
         "repository root with: pip install --no-build-isolation -e ."
     )
 

@@ -1,4 +1,4 @@
-"""The KV cache: Python face of the C++/CUDA extension `engine._C`.
+"""The KV cache: Python face of the C++/CUDA extension `toyllm.engine.ops._C`.
 
 `KVCache` keeps every layer's keys and values in one zero-initialised allocation
 ``[num_layers, 2, batch_size, max_seq_len, num_kv_heads, head_dim]`` and tracks a position per
@@ -14,7 +14,7 @@ Example::
     >>> import os
 
 import torch
-    >>> from engine.kv_cache import KVCache
+    >>> from toyllm.engine.ops.kv_cache import KVCache
     >>> cache = KVCache(num_layers=2, max_seq_len=8, num_kv_heads=2, head_dim=4,
     ...                 dtype=torch.float32, device="cpu")
     >>> prompt_k = torch.randn(1, 3, 2, 4)  # [batch, num_tokens, num_kv_heads, head_dim]
@@ -28,7 +28,7 @@ import torch
     >>> cache.advance_position(6)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    engine._C.KVCacheOverflowError: KV cache overflow: cannot advance position 3 by n=6 (to 9): ...
+    toyllm.engine.ops._C.KVCacheOverflowError: KV cache overflow: cannot advance position 3 by n=6 (to 9): ...
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ import os
 import torch
 
 try:
-    from engine import _C
+    from toyllm.engine.ops import _C
 except ImportError as exc:  # pragma: no cover - depends on the build
     raise ImportError(
-        "toyllm's C++ extension engine._C is not built (or does not match the installed torch): "
+        "toyllm's C++ extension toyllm.engine.ops._C is not built (or does not match the installed torch): "
         f"{exc}. Build it from the repository root with: "
         "pip install --no-build-isolation -e ."
     ) from exc

@@ -30,13 +30,12 @@ a mistake is an `ExperimentError` naming the key, the point and what was expecte
 from __future__ import annotations
 
 import itertools
+import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
-from models.config import ConfigError, ModelConfig, load_config
+from toyllm.models.config import ConfigError, ModelConfig, load_config
 
 
 class ExperimentError(ValueError):
@@ -166,7 +165,7 @@ def _base_config(path: Path, data: dict[str, Any]) -> ModelConfig:
 
 
 def _device(path: Path, name: Any) -> str:
-    from engine.device import DeviceError, resolve_device
+    from toyllm.engine.device import DeviceError, resolve_device
 
     if not isinstance(name, str):
         raise ExperimentError(f"{path}: device: expected a string, got {name!r}")

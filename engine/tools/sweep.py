@@ -31,11 +31,18 @@ from rich.live import Live
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
-from engine.model_info import ELEMENT_SIZES, attention_kind, format_bytes, format_count
-from engine.sweep_spec import MODEL_AXES, Experiment, Point, RunSettings, load_experiment
-from engine.sweep_spec import ExperimentError as ExperimentError  # re-exported for the CLI
-from models.config import ModelConfig
+from toyllm.engine.tools.info import ELEMENT_SIZES, attention_kind, format_bytes, format_count
+from toyllm.engine.tools.sweep_spec import (
+    MODEL_AXES,
+    Experiment,
+    Point,
+    RunSettings,
+    load_experiment,
+)
+from toyllm.engine.tools.sweep_spec import (
+    ExperimentError as ExperimentError,  # re-exported for the CLI
+)
+from toyllm.models.config import ModelConfig
 
 LIVE_ROWS = 20  # rows of the live table while a sweep runs (the final table has all)
 
@@ -83,8 +90,8 @@ class _Models:
         self.model: Any = None
 
     def get(self, config: ModelConfig, dtype: str) -> Any:
-        from engine.device import DTYPES
-        from models.llama import build_model
+        from toyllm.engine.device import DTYPES
+        from toyllm.models.llama import build_model
 
         if self.key != (config, dtype):
             self.drop()
@@ -113,10 +120,9 @@ def measure(model: Any, point: Point, run: RunSettings, modes: Sequence[str],
     times `context` positions). Results go into `out` as each mode finishes, so a mode that
     fails (CUDA graphs out of memory, say) leaves the ones before it in the row."""
     import torch
-
-    from engine.cuda_graph import bucket_for
-    from engine.generate import Engine
-    from engine.sampling import SamplingParams
+    from toyllm.engine.cuda_graph import bucket_for
+    from toyllm.engine.generate import Engine
+    from toyllm.engine.sampling import SamplingParams
 
     gen = torch.Generator().manual_seed(run.seed + 1)
     prompts = torch.randint(3, point.config.vocab_size, (point.batch_size, point.prompt_tokens),
@@ -149,7 +155,7 @@ def measure(model: Any, point: Point, run: RunSettings, modes: Sequence[str],
 def check_point(model: Any, point: Point, run: RunSettings) -> dict[str, Any]:
     """The harness on this point's model: two ragged rows, the longer as long as the point's
     prompt (capped so that check_tokens still fit in the context)."""
-    from engine.check import check_model
+    from toyllm.engine.check.harness import check_model
 
     length = max(1, min(point.prompt_tokens, point.context - run.check_tokens))
     result = check_model(model, name=point.label, prompt_lens=(length, max(1, length // 3)),
@@ -247,7 +253,7 @@ def report(exp: Experiment, rows: list[dict[str, Any]], plots: list[str], comple
         "description": exp.description,
         "file": str(exp.path),
         "base": str(exp.base),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": exp.device,
         "device_name": device_name(exp.device),
         "cpu_threads": exp.run.threads or torch.get_num_threads(),
@@ -275,7 +281,7 @@ def write_outputs(exp: Experiment, out_dir: Path, rows: list[dict[str, Any]], co
                   seconds: float) -> dict[str, Path]:
     """sweep.csv, the PNG plots and sweep.json in out_dir; the paths written, by kind. A
     figure that cannot be drawn is noted in the JSON and costs neither table."""
-    from engine.sweep_plots import write_plots
+    from toyllm.engine.tools.sweep_plots import write_plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / "sweep.csv", "json": out_dir / "sweep.json"}

@@ -20,7 +20,7 @@ vocab, fp32, fp16 or bf16, an extension built with CUDA, and ``TOYLLM_CUDA_ARGMA
 Example::
 
     >>> import torch
-    >>> from engine.argmax import argmax
+    >>> from toyllm.engine.ops.argmax import argmax
     >>> argmax(torch.tensor([[1.0, 3.0, 3.0], [float("nan"), 2.0, float("nan")]]))
     tensor([1, 0])
 """
@@ -31,12 +31,13 @@ import os
 
 import torch
 from torch import Tensor
-
-from engine.kv_cache import WITH_CUDA  # also loads engine._C, which defines the operator
+from toyllm.engine.ops.kv_cache import (
+    WITH_CUDA,  # also loads toyllm.engine.ops._C, which defines the operator
+)
 
 if not hasattr(torch.ops.toyllm, "argmax"):
     raise ImportError(
-        "engine._C predates the argmax operator (toyllm::argmax): rebuild it from the repository "
+        "toyllm.engine.ops._C predates the argmax operator (toyllm::argmax): rebuild it from the repository "
         "root with: pip install --no-build-isolation -e ."
     )
 

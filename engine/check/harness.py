@@ -22,7 +22,7 @@ This module runs the cases; the table and the JSON report are engine/check_repor
 result dataclasses (`CaseResult`, `Divergence`) engine/check_result.py, the matrix of cases
 engine/check_cases.py.
 
-    from engine.check import check_model
+    from toyllm.engine.check.harness import check_model
     result = check_model(model, prompt_lens=(13, 5))
     print(result.verdict, result.max_abs, result.rel)
 """
@@ -43,17 +43,16 @@ from typing import Any
 import torch
 from rich.console import Console
 from torch import Tensor
-
-from engine.check_cases import Case, default_matrix, weight_std
-from engine.check_report import build_report, render_report, write_report
-from engine.check_result import ERROR, FAIL, PASS, CaseResult, Divergence
-from engine.device import DTYPES, dtype_name, resolve_device
-from engine.generate import Engine
-from engine.reference import reference_greedy, reference_logits
-from engine.sampling import SamplingParams
-from engine.tolerances import HF_FP32_REL, Tolerance, tolerance_for
-from models.llama import Transformer, build_model
-from models.model_source import load_model
+from toyllm.engine.check.cases import Case, default_matrix, weight_std
+from toyllm.engine.check.reference import reference_greedy, reference_logits
+from toyllm.engine.check.report import build_report, render_report, write_report
+from toyllm.engine.check.result import ERROR, FAIL, PASS, CaseResult, Divergence
+from toyllm.engine.check.tolerances import HF_FP32_REL, Tolerance, tolerance_for
+from toyllm.engine.device import DTYPES, dtype_name, resolve_device
+from toyllm.engine.generate import Engine
+from toyllm.engine.sampling import SamplingParams
+from toyllm.models.llama import Transformer, build_model
+from toyllm.models.model_source import load_model
 
 # The matrix's models are tiny: on the CPU one thread beats OpenMP's fork/join on every op,
 # and on a busy machine (CI runners, other jobs) it is 10-50x faster than spinning workers.
@@ -209,9 +208,8 @@ def load_hf_twin(model: Transformer) -> Any:
     """`LlamaForCausalLM` with this model's weights (through an fp32 checkpoint on disk, the
     way any user would load ours), on the model's device, in eval mode."""
     import transformers
+    from toyllm.models.checkpoint import save_checkpoint
     from transformers.utils import logging as hf_logging
-
-    from models.checkpoint import save_checkpoint
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()

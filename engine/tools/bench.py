@@ -21,15 +21,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-
-from engine.cached_attention import decode_kernel_max_rows
-from engine.generate import Engine
-from engine.kv_cache import set_programmatic_launch
-from engine.reference import reference_logits
-from engine.sampling import SamplingParams
-from models.config import load_config
-from models.llama import Transformer, build_model
-from models.model_source import DEFAULT_MODEL_DIR, load_model
+from toyllm.engine.cached_attention import decode_kernel_max_rows
+from toyllm.engine.check.reference import reference_logits
+from toyllm.engine.generate import Engine
+from toyllm.engine.ops.kv_cache import set_programmatic_launch
+from toyllm.engine.sampling import SamplingParams
+from toyllm.models.config import load_config
+from toyllm.models.llama import Transformer, build_model
+from toyllm.models.model_source import DEFAULT_MODEL_DIR, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,8 +116,7 @@ def time_reference(model: Transformer, prompt: list[int], steps: int) -> tuple[f
 def hf_model(model: Transformer, source_dir: Path | None):
     """The same shape (and, from a checkpoint directory, the same weights) in transformers."""
     import transformers
-
-    from models.config import config_to_hf
+    from toyllm.models.config import config_to_hf
 
     if source_dir is not None:
         hf = transformers.LlamaForCausalLM.from_pretrained(source_dir, dtype=model.dtype)
@@ -368,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from engine.device import dtype_name, resolve_device, resolve_dtype
+    from toyllm.engine.device import dtype_name, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

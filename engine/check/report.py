@@ -20,10 +20,9 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-
-from engine.check_cases import Case
-from engine.check_result import FAIL, PASS, CaseResult
-from engine.tolerances import tolerances_report
+from toyllm.engine.check.cases import Case
+from toyllm.engine.check.result import FAIL, PASS, CaseResult
+from toyllm.engine.check.tolerances import tolerances_report
 
 TABLE_WIDTH = 160
 
@@ -67,7 +66,7 @@ def build_report(
     failed = [r.name + "/" + r.dtype + "/" + r.device for _, r in results if not r.passed]
     return _json_safe({
         "tool": "toyllm check",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": versions(),
         "devices": devices,
         "hf_witness": hf_witness,

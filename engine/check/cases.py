@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from models.config import ModelConfig, RopeScaling, load_config
+from toyllm.models.config import ModelConfig, RopeScaling, load_config
 
 # Fields every case's model shares unless it overrides them.
 BASE_CONFIG: dict[str, Any] = dict(
@@ -80,7 +80,7 @@ class Case:
 
     def model_config(self) -> ModelConfig:
         if self.shipped_weights:
-            from models.model_source import DEFAULT_MODEL_DIR
+            from toyllm.models.model_source import DEFAULT_MODEL_DIR
 
             return load_config(DEFAULT_MODEL_DIR / "config.json")
         return model_config(self.config, name=self.name)

@@ -5,7 +5,7 @@ parameters by part, weight bytes, and KV-cache bytes per token and at a context 
 batch size, in each storage dtype. Nothing is allocated and no extension is loaded, so it
 answers in a fraction of a second for any shape, Llama-70B included.
 
-    >>> from models.config import ModelConfig
+    >>> from toyllm.models.config import ModelConfig
     >>> config = ModelConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
     ...                      num_kv_heads=2, intermediate_size=176, max_seq_len=256)
     >>> info = describe(config, batch=1, context=256)
@@ -25,8 +25,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-
-from models.config import ConfigError, ModelConfig, load_config
+from toyllm.models.config import ConfigError, ModelConfig, load_config
 
 # Bytes per element of each storage dtype the engine supports.
 ELEMENT_SIZES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}

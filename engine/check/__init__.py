@@ -1,0 +1,1 @@
+"""The correctness harness behind `toyllm check`: cases, the no-cache reference, tolerances, report."""
