@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
 from toyllm.engine.cached_attention import DecodeStep, PrefillStep
 from toyllm.engine.cpu_layout import store_weights_input_major
-from toyllm.engine.ops import gemv
-from toyllm.engine.ops.kv_cache import KVCache
+from toyllm.engine.forward import EngineForward
+from toyllm.engine.ops.kv_cache import KVCache, set_programmatic_launch
 from toyllm.engine.sampling import SamplingParams, make_generator, sample
+from toyllm.engine.settings import Settings
 from toyllm.engine.stopping import StopWatcher
 from toyllm.models.llama import Transformer
 from toyllm.models.rope import rope_table
@@ -87,7 +89,11 @@ class _Sequence:
 
 
 class Engine:
-    """Serves generation requests for one model on one device."""
+    """Serves generation requests for one model on one device.
+
+    `settings` chooses kernels (engine/settings.py); None reads them from the environment once,
+    here (`Settings.from_env`). Build the engine after the model has its final device and dtype.
+    """
 
     def __init__(
         self,
@@ -96,8 +102,8 @@ class Engine:
         *,
         prefill_chunk: int | None = None,
         cuda_graph: bool | None = None,
-        decode_kernel: bool = True,
         max_seq_len: int | None = None,
+        settings: Settings | None = None,
     ) -> None:
         if prefill_chunk is not None and prefill_chunk <= 0:
             raise GenerationError(
@@ -109,16 +115,20 @@ class Engine:
         self.device = model.device
         self.dtype = model.dtype
         self.prefill_chunk = prefill_chunk
-        self.decode_kernel = decode_kernel
+        self.settings = settings = Settings.from_env() if settings is None else settings
         self.max_seq_len = min(max_seq_len or self.config.max_seq_len, self.config.max_seq_len)
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise GenerationError("CUDA graphs need a CUDA device; use cuda_graph=False on CPU")
-        if self.device.type == "cpu" and not gemv.CPU_ENABLED:
+        if self.device.type == "cpu" and not settings.cpu_gemv:
             # same values, 3x faster decode GEMVs on MKL. The extension's GEMV streams
             # nn.Linear's [out, in] layout fastest (docs/PERF.md), so with it the weights stay.
             store_weights_input_major(model)
-        model.fuse_projections()  # q/k/v and gate/up as one product each (views, no copy)
+        if self.device.type == "cuda":
+            # process-wide in the extension: the last engine built sets it
+            set_programmatic_launch(settings.programmatic_launch)
+        # q/k/v and gate/up as one product each (views, no copy), the fused kernels as allowed
+        self.forward = EngineForward(model, settings)
         self.cache: KVCache | None = None
         self._graphs = None  # engine.cuda_graph.DecodeGraphs, built on first use
         self._views: dict[int, tuple[list[Tensor], list[Tensor], Tensor]] = {}
@@ -129,18 +139,17 @@ class Engine:
         """The decode step as a function of tensors only (tokens [rows, 1], positions
         int32 [rows], per-layer cache views), so a CUDA graph can capture it.
 
-        NOTE: torch.compile accepts it (the extension ops have fake implementations) but is
-        not used: compiled, decode ran 20x slower than eager on the CPU (2026-11-27; not yet
-        profiled, the functionalised in-place cache update is the first suspect)."""
-        model, use_kernel = self.model, self.decode_kernel
+        NOTE: not compiled with torch.compile: compiled, decode ran 20x slower than eager on
+        the CPU (docs/PERF.md; the functionalised in-place cache update is the first suspect)."""
+        forward = self.forward
 
         def decode_forward(tokens: Tensor, positions: Tensor, k_caches: list[Tensor],
                            v_caches: list[Tensor], span: int | None = None) -> Tensor:
-            step = DecodeStep(k_caches, v_caches, positions, use_kernel, span,
-                              self._rope_table_for(k_caches[0].shape[1]))
-            # with a table the model takes cos/sin from the step: no rope_positions (two kernels)
+            step = DecodeStep(k_caches, v_caches, positions, forward.decode_kernel(len(positions)),
+                              span, self._rope_table_for(k_caches[0].shape[1]))
+            # with a table the step gives cos/sin: no rope_positions (two kernels)
             rope_positions = step.rope_positions() if step.rope_table is None else None
-            return model(tokens, rope_positions, step)[:, -1]
+            return forward(tokens, rope_positions, step)[:, -1]
 
         return decode_forward
 
@@ -246,8 +255,8 @@ class Engine:
             start = cache.sequence_position(row)
             tokens = torch.tensor([piece], device=self.device)
             positions = torch.arange(start, start + len(piece), device=self.device).unsqueeze(0)
-            logits = self.model(tokens, positions, PrefillStep(cache, start, seq=row),
-                                last_only=True)
+            logits = self.forward(tokens, positions, PrefillStep(cache, start, seq=row),
+                                  last_only=True)
             cache.advance_sequence(row, len(piece))
         return logits[0, -1]
 
@@ -300,7 +309,7 @@ class Engine:
         last = torch.stack([self.prefill(cache, s.index, s.prompt_ids) for s in seqs])
         if rows > n:
             last = torch.cat([last, last.new_zeros(rows - n, last.shape[-1])])
-        tokens = sample(last, params, gen)
+        tokens = sample(last, params, gen, self.settings.cuda_argmax)
         sync()
         stats.prefill_s = time.perf_counter() - t0
         stats.prefill_tokens = sum(len(p) for p in prompt_ids)
@@ -309,7 +318,7 @@ class Engine:
         self._accept(cache, seqs, tokens, params, on_text)
         while any(s.finish_reason is None for s in seqs):
             logits = self.decode_step(cache, rows, tokens)
-            tokens = sample(logits, params, gen)
+            tokens = sample(logits, params, gen, self.settings.cuda_argmax)
             stats.decode_steps += 1
             stats.decode_tokens += self._accept(cache, seqs, tokens, params, on_text)
         stats.decode_s = time.perf_counter() - t1

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
 from toyllm.engine.ops.argmax import argmax
 
 
@@ -83,11 +84,13 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
+           cuda_argmax: bool = True) -> Tensor:
     """logits [B, V] (any float dtype; sampling widens them to fp32) -> token ids int64 [B].
-    Greedy is torch.argmax's answer, on CUDA from the toyllm::argmax kernel (engine/argmax.py)."""
+    Greedy is torch.argmax's answer, on CUDA from the toyllm::argmax kernel (engine/ops/argmax.py;
+    `cuda_argmax` False: torch.argmax)."""
     if params.greedy:
-        return argmax(logits)
+        return argmax(logits, kernel=cuda_argmax)
     scaled = logits.float() / params.temperature
     scaled = filter_logits(scaled, params.top_k, params.top_p)
     probs = scaled.softmax(dim=-1)

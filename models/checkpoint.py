@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
 from toyllm.models.config import ConfigError, ModelConfig, config_to_hf, load_config
 from toyllm.models.llama import Transformer
 

@@ -10,6 +10,7 @@ import math
 
 import torch
 from torch import Tensor
+
 from toyllm.models.config import ModelConfig
 
 

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import toyllm.engine.ops.argmax as argmax_mod
 from torch._subclasses.fake_tensor import FakeTensorMode
+
+import toyllm.engine.ops.argmax as argmax_mod
 from toyllm.engine.sampling import SamplingParams, sample
 
 OPS = torch.ops.toyllm

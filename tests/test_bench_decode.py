@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from toyllm.engine.cli import app
 from typer.testing import CliRunner
+
+from toyllm.engine.cli import app
 
 
 def test_cpu_bench_writes_rows_for_each_engine_and_the_roofline(tmp_path: Path) -> None:

@@ -12,15 +12,16 @@ from typing import Any
 
 import pytest
 import torch
-import toyllm.engine.cached_attention as cached_attention
 from rich.console import Console
+from typer.testing import CliRunner
+
+import toyllm.engine.cached_attention as cached_attention
 from toyllm.engine.cached_attention import DecodeStep, PrefillStep
 from toyllm.engine.check.cases import LLAMA3_ROPE, default_matrix, model_config
 from toyllm.engine.check.harness import CheckError, decode_steps, run_check, select_cases
 from toyllm.engine.check.reference import reference_logits
 from toyllm.engine.cli import app
 from toyllm.models.llama import build_model
-from typer.testing import CliRunner
 
 # Cases the planted-bug tests run: batch 1 and ragged, whole and chunked prefill, the cache's
 # end, and prompts that fill the cache (decode only in the greedy run's shorter row).

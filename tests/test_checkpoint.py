@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
 from toyllm.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from toyllm.models.config import ModelConfig
 from toyllm.models.llama import build_model

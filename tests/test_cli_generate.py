@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
+
 from toyllm.engine.cli import app
 from toyllm.models.checkpoint import save_checkpoint
 from toyllm.models.config import ModelConfig
 from toyllm.models.llama import build_model
 from toyllm.models.model_source import DEFAULT_MODEL_DIR
-from typer.testing import CliRunner
 
 TOKENIZER = DEFAULT_MODEL_DIR / "tokenizer.model"
 pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason="default tokenizer not built")

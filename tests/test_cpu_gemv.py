@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 import toyllm.engine.ops.gemv as gemv
 from toyllm.models.config import ModelConfig
 from toyllm.models.llama import build_model

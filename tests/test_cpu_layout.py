@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from toyllm.engine.cpu_layout import store_weights_input_major
 from toyllm.models.checkpoint import load_checkpoint, save_checkpoint
 from toyllm.models.config import ModelConfig

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import toyllm.engine.ops.gemv as gemv
 from torch._subclasses.fake_tensor import FakeTensorMode
+
+import toyllm.engine.ops.gemv as gemv
 from toyllm.models.config import ModelConfig
 from toyllm.models.llama import build_model
 

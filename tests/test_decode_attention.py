@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from toyllm.engine.ops.kv_cache import decode_attention
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

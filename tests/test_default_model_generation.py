@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+
 from toyllm.engine.check.reference import reference_greedy
 from toyllm.engine.generate import Engine
 from toyllm.engine.sampling import SamplingParams

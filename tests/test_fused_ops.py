@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+
 import toyllm.engine.ops.elementwise as fused_ops
 import toyllm.models.llama as llama
 from toyllm.models import layer_math

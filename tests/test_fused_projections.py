@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from toyllm.engine.cpu_layout import store_weights_input_major
 from toyllm.models.config import ModelConfig
 from toyllm.models.llama import build_model

@@ -27,14 +27,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from same_bits import assert_same_bits
+from torch._subclasses.fake_tensor import FakeTensorMode
+
 import toyllm.engine.ops.gemv as gemv
 import toyllm.engine.ops.gemv_norm as norm_gemv
 import toyllm.models.llama as llama
-from torch._subclasses.fake_tensor import FakeTensorMode
 from toyllm.models.config import ModelConfig
 from toyllm.models.llama import build_model
-
-from tests.same_bits import assert_same_bits
 
 OPS = torch.ops.toyllm
 ROOT = Path(__file__).resolve().parents[1]

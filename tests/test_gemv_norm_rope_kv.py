@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from same_bits import assert_same_bits
+from torch._subclasses.fake_tensor import FakeTensorMode
+
 import toyllm.engine.ops.gemv as gemv
 import toyllm.engine.ops.gemv_norm as norm_gemv
-from torch._subclasses.fake_tensor import FakeTensorMode
 from toyllm.engine.generate import Engine
 from toyllm.models.config import ModelConfig
 from toyllm.models.llama import build_model
 from toyllm.models.rope import inverse_frequencies, rope_cos_sin
-
-from tests.same_bits import assert_same_bits
 
 OPS = torch.ops.toyllm
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

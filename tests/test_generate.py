@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from toyllm.engine.check.reference import reference_greedy, reference_logits
 from toyllm.engine.generate import Engine, GenerationError
 from toyllm.engine.sampling import SamplingParams

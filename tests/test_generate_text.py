@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from toyllm.engine.generate import Engine
 from toyllm.engine.sampling import SamplingParams
 from toyllm.models.config import ModelConfig

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from toyllm.models.checkpoint import load_checkpoint, save_checkpoint
 
 transformers = pytest.importorskip("transformers")

@@ -10,12 +10,13 @@ import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
 import toyllm.engine.tools.sweep as sweep
 from toyllm.engine.cli import app
 from toyllm.engine.tools.info import describe
 from toyllm.engine.tools.sweep import ExperimentError, load_experiment
 from toyllm.models.config import ModelConfig
-from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = REPO / "configs" / "experiments"

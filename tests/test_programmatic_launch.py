@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from toyllm.engine.ops.kv_cache import _C, decode_attention, kv_update, set_programmatic_launch
 
 

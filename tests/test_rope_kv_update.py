@@ -15,6 +15,8 @@ import sys
 
 import pytest
 import torch
+from kv_reference import reference_update
+
 import toyllm.engine.cached_attention as cached_attention
 import toyllm.engine.ops.gemv_norm as norm_gemv
 import toyllm.engine.ops.rope_kv as rope_kv_module
@@ -23,7 +25,6 @@ from toyllm.engine.generate import Engine
 from toyllm.engine.ops.kv_cache import (
     decode_attention,
     kv_update,
-    reference_update,
     set_programmatic_launch,
 )
 from toyllm.engine.ops.rope_kv import rope_kv_update

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from toyllm.engine.cached_attention import DecodeStep
 from toyllm.engine.generate import Engine
 from toyllm.models.config import ModelConfig, RopeScaling

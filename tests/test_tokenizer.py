@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+
 from toyllm.models.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

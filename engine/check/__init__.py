@@ -1,1 +1,1 @@
-"""The correctness harness behind `toyllm check`: cases, the no-cache reference, tolerances, report."""
+"""The correctness harness behind `toyllm check`: cases, no-cache reference, tolerances, report."""

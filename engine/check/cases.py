@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from toyllm.engine.settings import Settings
 from toyllm.models.config import ModelConfig, RopeScaling, load_config
 
 # Fields every case's model shares unless it overrides them.
@@ -73,6 +74,13 @@ class Case:
     decode_kernel: bool = True  # the extension's decode-attention op where built
     seed: int = 0
     shipped_weights: bool = False  # the shipped default model (trained weights), not random
+
+    def settings(self) -> Settings:
+        """The environment's settings, with SDPA for decode attention where decode_kernel is
+        False."""
+        if self.decode_kernel:
+            return Settings.from_env()
+        return Settings.from_env(decode_attention="sdpa")
 
     @property
     def label(self) -> str:

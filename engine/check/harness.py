@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from torch import Tensor
+
 from toyllm.engine.check.cases import Case, default_matrix, weight_std
 from toyllm.engine.check.reference import reference_greedy, reference_logits
 from toyllm.engine.check.report import build_report, render_report, write_report
@@ -51,6 +52,7 @@ from toyllm.engine.check.tolerances import HF_FP32_REL, Tolerance, tolerance_for
 from toyllm.engine.device import DTYPES, dtype_name, resolve_device
 from toyllm.engine.generate import Engine
 from toyllm.engine.sampling import SamplingParams
+from toyllm.engine.settings import Settings
 from toyllm.models.llama import Transformer, build_model
 from toyllm.models.model_source import load_model
 
@@ -208,8 +210,9 @@ def load_hf_twin(model: Transformer) -> Any:
     """`LlamaForCausalLM` with this model's weights (through an fp32 checkpoint on disk, the
     way any user would load ours), on the model's device, in eval mode."""
     import transformers
-    from toyllm.models.checkpoint import save_checkpoint
     from transformers.utils import logging as hf_logging
+
+    from toyllm.models.checkpoint import save_checkpoint
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -269,7 +272,7 @@ def check_model(
     reset_between_requests: bool = False,
     fill_to_end: bool = False,
     cuda_graph: bool | None = None,
-    decode_kernel: bool = True,
+    settings: Settings | None = None,
     hf_witness: bool = False,
     hf_model: Any = None,
     seed: int = 0,
@@ -284,8 +287,7 @@ def check_model(
     try:
         _check(result, model, list(prompt_lens), new_tokens, greedy_tokens, prefill_chunk,
                reset_between_requests, fill_to_end,
-               dict(prefill_chunk=prefill_chunk, cuda_graph=cuda_graph,
-                    decode_kernel=decode_kernel),
+               dict(prefill_chunk=prefill_chunk, cuda_graph=cuda_graph, settings=settings),
                hf_witness, hf_model, seed)
     except Exception as exc:  # a crash in the engine is a result, not the end of the run
         result.error = f"{type(exc).__name__}: {exc}"
@@ -439,7 +441,7 @@ def run_case(case: Case, hf: bool = True, hf_cache: dict[Any, Any] | None = None
         model, name=case.name, prompt_lens=case.prompt_lens, new_tokens=case.new_tokens,
         greedy_tokens=case.greedy_tokens, prefill_chunk=case.prefill_chunk,
         reset_between_requests=case.reset_between_requests, fill_to_end=case.fill_to_end,
-        cuda_graph=case.cuda_graph, decode_kernel=case.decode_kernel, hf_witness=hf,
+        cuda_graph=case.cuda_graph, settings=case.settings(), hf_witness=hf,
         hf_model=hf_model, seed=case.seed,
     )
     result.device = case.device

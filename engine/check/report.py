@@ -20,6 +20,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
 from toyllm.engine.check.cases import Case
 from toyllm.engine.check.result import FAIL, PASS, CaseResult
 from toyllm.engine.check.tolerances import tolerances_report

@@ -14,8 +14,8 @@ the engine hands the model's logits over as they are (no ``.float()`` kernel bef
   ``scripts/bench_argmax.py`` compares the two.
 
 ``argmax(logits)`` uses the operator where it applies: a CUDA tensor of 2 dims with a non-empty
-vocab, fp32, fp16 or bf16, an extension built with CUDA, and ``TOYLLM_CUDA_ARGMAX`` not set to
-``0`` (read once, at import). Everything else is ``logits.argmax(dim=-1)``.
+vocab, fp32, fp16 or bf16, and an extension built with CUDA (the engine's Settings.cuda_argmax
+may turn it off: ``argmax(logits, kernel=False)``). Everything else is ``logits.argmax(dim=-1)``.
 
 Example::
 
@@ -27,42 +27,28 @@ Example::
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
-from toyllm.engine.ops.kv_cache import (
-    WITH_CUDA,  # also loads toyllm.engine.ops._C, which defines the operator
-)
 
-if not hasattr(torch.ops.toyllm, "argmax"):
-    raise ImportError(
-        "toyllm.engine.ops._C predates the argmax operator (toyllm::argmax): rebuild it from the repository "
-        "root with: pip install --no-build-isolation -e ."
-    )
+from toyllm.engine.ops import DTYPES, WITH_CUDA
 
-__all__ = ["CUDA_AVAILABLE", "CUDA_ENABLED", "applies", "argmax"]
+__all__ = ["applies", "argmax"]
 
-#: False when the environment sets TOYLLM_CUDA_ARGMAX=0 (to compare against torch.argmax).
-CUDA_ENABLED: bool = os.environ.get("TOYLLM_CUDA_ARGMAX", "1") != "0"
-#: The CUDA kernel can run: the extension is built with CUDA and it is not switched off.
-CUDA_AVAILABLE: bool = WITH_CUDA and CUDA_ENABLED
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = DTYPES
 
 _argmax = torch.ops.toyllm.argmax.default
 
 
 def applies(logits: Tensor) -> bool:
     """True when ``argmax`` hands these logits to the CUDA kernel."""
-    return (CUDA_AVAILABLE and logits.is_cuda and logits.dim() == 2 and logits.shape[1] > 0
+    return (WITH_CUDA and logits.is_cuda and logits.dim() == 2 and logits.shape[1] > 0
             and logits.dtype in _DTYPES)
 
 
-def argmax(logits: Tensor) -> Tensor:
+def argmax(logits: Tensor, kernel: bool = True) -> Tensor:
     """logits [rows, vocab] -> int64 [rows]: torch.argmax(logits, dim=-1), through the CUDA
-    kernel where it applies."""
-    if applies(logits):
+    kernel where it applies (and `kernel`)."""
+    if kernel and applies(logits):
         return _argmax(logits)
     return logits.argmax(dim=-1)
 

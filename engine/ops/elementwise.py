@@ -12,11 +12,10 @@ rms_norm (alone or after add_rms_norm's ATen add) and rope are plain C++ loops (
 bits, rms_norm within a few ulps): a decode step of a small model spends more time dispatching
 the ATen pieces than computing them.
 
-The wrappers below use the operator only where it pays and is safe: a CUDA tensor and an
-extension built with CUDA, or (rms_norm, add_rms_norm and rope) an fp32 CPU tensor; no autograd
-graph to record (the operators have no backward, so training keeps the torch code), and
-``TOYLLM_FUSED_OPS`` not set to ``0`` (read once, at import). Everything else runs the torch
-definitions.
+The wrappers below use the operator where it applies: a CUDA tensor and an extension built with
+CUDA, or (rms_norm, add_rms_norm and rope) an fp32 CPU tensor; nothing recording autograd (the
+operators have no backward). Everything else runs the torch definitions. Whether the engine
+calls these wrappers or the torch code at all is its Settings.fusion (engine/forward.py).
 
 Example::
 
@@ -28,53 +27,34 @@ Example::
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
-from toyllm.engine.ops.kv_cache import (
-    WITH_CUDA,  # also loads toyllm.engine.ops._C, which defines the operators
-)
+
+from toyllm.engine.ops import DTYPES, WITH_CUDA, no_autograd
 from toyllm.models import layer_math
 from toyllm.models.rope import apply_rope
 
-_OPS = ("rms_norm", "add_rms_norm", "rope", "silu_mul")
-if not all(hasattr(torch.ops.toyllm, op) for op in _OPS):
-    raise ImportError(
-        "toyllm.engine.ops._C predates the fused operators (toyllm::rms_norm, add_rms_norm, rope, "
-        "silu_mul): rebuild it from the repository root with: pip install --no-build-isolation -e ."
-    )
+__all__ = ["add_rms_norm", "rms_norm", "rope", "silu_mul"]
 
-__all__ = ["AVAILABLE", "ENABLED", "add_rms_norm", "rms_norm", "rope", "silu_mul"]
-
-#: False when the environment sets TOYLLM_FUSED_OPS=0 (to compare against the torch code).
-ENABLED: bool = os.environ.get("TOYLLM_FUSED_OPS", "1") != "0"
-#: The fused CUDA kernels can run: built with CUDA and not switched off.
-AVAILABLE: bool = WITH_CUDA and ENABLED
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = DTYPES
 
 
 def _fusable(x: Tensor, *others: Tensor) -> bool:
     """The CUDA operator applies: CUDA x of a supported dtype, others alike, no autograd."""
-    if not (AVAILABLE and x.is_cuda and x.dtype in _DTYPES):
+    if not (WITH_CUDA and x.is_cuda and x.dtype in _DTYPES):
         return False
     if any(t.dtype != x.dtype or t.device != x.device for t in others):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in others)):
-        return False
-    return True
+    return no_autograd(x, *others)
 
 
 def _cpu_loop(x: Tensor, *others: Tensor) -> bool:
     """The operator's fp32 CPU loop applies (rms_norm, rope): fp32 CPU tensors, no autograd."""
-    if not (ENABLED and x.dtype == torch.float32 and x.device.type == "cpu"):
+    if not (x.dtype == torch.float32 and x.device.type == "cpu"):
         return False
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in others):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in others)):
-        return False
-    return True
+    return no_autograd(x, *others)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -16,146 +16,114 @@ weight once; they are bound by how fast the weights stream from memory. The oper
   once to the dtype (within 1 ulp of cuBLAS's fp32-accumulated result). It replaces cuBLAS's
   GEMV and split-K reduce kernels of a decode step (scripts/bench_gemv.py measures both).
 
-``linear(x, weight)`` uses it where it applies: at most ``MAX_ROWS`` rows on the CPU and
-``CUDA_MAX_ROWS`` on CUDA, where it beats cuBLAS (prefill's many rows stay with MKL's / cuBLAS's
-matrix-matrix kernels), no autograd graph to record (the operator has
-no backward), and per device a switch read once, at import: ``TOYLLM_CPU_GEMV=0`` sends the CPU
-products back to MKL, ``TOYLLM_CUDA_GEMV=0`` the CUDA ones back to cuBLAS.
-
-``silu_mul_linear(gate_up, weight, silu_mul)`` is ``linear(silu_mul(gate_up), weight)``: where
-the one-row CUDA kernel would take that product, it hands gate_up to ``gemv_silu_mul`` instead,
-one kernel instead of silu_mul's and gemv's, with the same bits (h is computed by silu_mul's own
-device code, the sums by gemv's). ``TOYLLM_FUSED_SILU_GEMV=0`` (read at import) keeps the two
-kernels, for A/B timing. The CPU operator is silu_mul then gemv (no gain, so the model does not
-use it there).
+``Gemv(cpu=..., cuda=..., cuda_max_bytes=...)`` is the engine's choice of products (from its
+Settings): ``Gemv.linear(x, weight)`` hands (x, weight) to the operator where it applies, at
+most ``MAX_ROWS`` rows on the CPU and ``CUDA_MAX_ROWS`` on CUDA, where it beats MKL / cuBLAS
+(prefill's many rows stay with their matrix-matrix kernels), and nothing records autograd.
+``Gemv.silu_mul_linear(gate_up, weight, silu_mul, fused)`` is ``linear(silu_mul(gate_up),
+weight)``: with ``fused``, where the one-row CUDA kernel would take that product, it hands
+gate_up to ``gemv_silu_mul`` instead, one kernel instead of silu_mul's and gemv's, with the same
+bits (h is computed by silu_mul's own device code, the sums by gemv's). The CPU operator is
+silu_mul then gemv (no gain, so the engine does not use it there).
 
 Example::
 
     >>> import torch
-    >>> from toyllm.engine.ops.gemv import linear
-    >>> linear(torch.ones(1, 3), torch.arange(6.0).view(2, 3))  # rows [0, 1, 2], [3, 4, 5]
+    >>> from toyllm.engine.ops.gemv import Gemv
+    >>> Gemv().linear(torch.ones(1, 3), torch.arange(6.0).view(2, 3))  # rows [0, 1, 2], [3, 4, 5]
     tensor([[ 3., 12.]])
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from toyllm.engine.ops.kv_cache import (
-    WITH_CUDA,  # also loads toyllm.engine.ops._C, which defines the operator
-)
 
-if not all(hasattr(torch.ops.toyllm, op) for op in ("gemv", "gemv_silu_mul")):
-    raise ImportError(
-        "toyllm.engine.ops._C predates the GEMV operators (toyllm::gemv, gemv_silu_mul): rebuild it from "
-        "the repository root with: pip install --no-build-isolation -e ."
-    )
+from toyllm.engine.ops import DTYPES, WITH_CUDA, no_autograd
 
-__all__ = ["CPU_ENABLED", "CUDA_AVAILABLE", "CUDA_ENABLED", "CUDA_MAX_ROWS", "FUSED_SILU_ENABLED",
-           "MAX_ROWS", "applies", "linear", "silu_mul_applies", "silu_mul_linear"]
+__all__ = ["CUDA_MAX_ROWS", "MAX_ROWS", "Gemv"]
 
-#: False when the environment sets TOYLLM_CPU_GEMV=0 (to compare against MKL).
-CPU_ENABLED: bool = os.environ.get("TOYLLM_CPU_GEMV", "1") != "0"
-#: False when the environment sets TOYLLM_CUDA_GEMV=0 (to compare against cuBLAS).
-CUDA_ENABLED: bool = os.environ.get("TOYLLM_CUDA_GEMV", "1") != "0"
-#: The CUDA kernel can run: the extension is built with CUDA and it is not switched off.
-CUDA_AVAILABLE: bool = WITH_CUDA and CUDA_ENABLED
-#: False when the environment sets TOYLLM_FUSED_SILU_GEMV=0: silu_mul_linear then runs silu_mul
-#: and the product as two kernels (to time the fusion against them).
-FUSED_SILU_ENABLED: bool = os.environ.get("TOYLLM_FUSED_SILU_GEMV", "1") != "0"
 #: Products with more rows than this (prefill) go to MKL / cuBLAS; the CUDA kernel takes no more.
 MAX_ROWS = 4
-#: ``linear`` hands CUDA products to the kernel up to this many rows. scripts/bench_gemv.py
-#: (NVIDIA H200, 2026-11-27, Llama-1B's bf16 shapes): at 1 row a decode step's products take
-#: 697 us against cuBLAS's 847 (1.22x; 1.08-1.47x per shape), at 4 rows 1050 against 844
-#: (0.80x: four fp32 accumulators per lane slow the loop down), so batches go to cuBLAS.
+#: The engine hands CUDA products to the kernel up to this many rows: at one row it beats
+#: cuBLAS, at four it loses (four fp32 accumulators per lane slow the loop; docs/PERF.md).
 CUDA_MAX_ROWS = 1
-#: ... and for weights up to this many bytes. The same benchmark (H200, 2026-11-27, one run, with
-#: programmatic launch) put cuBLAS ahead on the largest product only, Llama-1B's output head
-#: (501 MiB: 123.1 vs 132.1 us); ours led on 8-32 MiB (1.33-1.51x) and tied at 64 MiB (0.97x).
-#: TOYLLM_CUDA_GEMV_MAX_MIB overrides (read at import; to compare).
-_MAX_MIB = os.environ.get("TOYLLM_CUDA_GEMV_MAX_MIB", "128")
-if not _MAX_MIB.strip().isdigit():
-    raise ValueError("expected TOYLLM_CUDA_GEMV_MAX_MIB to be a whole number of MiB, got "
-                     f"'{_MAX_MIB}'")
-CUDA_MAX_WEIGHT_BYTES = int(_MAX_MIB) * 2**20
 
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDA_DTYPES = DTYPES
 
 _gemv = torch.ops.toyllm.gemv.default
 _gemv_silu_mul = torch.ops.toyllm.gemv_silu_mul.default
 
 
-def _applies_cpu(x: Tensor, weight: Tensor) -> bool:
-    if not CPU_ENABLED or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return False
-    if x.device.type != "cpu" or weight.device.type != "cpu":
-        return False
-    return weight.is_contiguous() or weight.stride() == (1, weight.shape[0])
+@dataclass(frozen=True)
+class Gemv:
+    """Where the decode products take toyllm::gemv (engine Settings: cpu_gemv, cuda_gemv,
+    cuda_gemv_max_mib); F.linear everywhere else."""
 
+    cpu: bool = True  # fp32 CPU products of up to MAX_ROWS rows
+    cuda: bool = True  # CUDA products of up to CUDA_MAX_ROWS rows ...
+    cuda_max_bytes: int = 128 * 2**20  # ... of weights up to this size (larger: cuBLAS)
 
-def _applies_cuda(x: Tensor, weight: Tensor) -> bool:
-    if not CUDA_AVAILABLE or not x.is_cuda or weight.device != x.device:
-        return False
-    if x.numel() > CUDA_MAX_ROWS * x.shape[-1]:
-        return False
-    if x.dtype not in _CUDA_DTYPES or weight.dtype != x.dtype:
-        return False
-    if weight.numel() * weight.element_size() > CUDA_MAX_WEIGHT_BYTES:
-        return False
-    return weight.is_contiguous()
+    def applies_cpu(self, x: Tensor, weight: Tensor) -> bool:
+        if not self.cpu or x.dtype != torch.float32 or weight.dtype != torch.float32:
+            return False
+        if x.device.type != "cpu" or weight.device.type != "cpu":
+            return False
+        return weight.is_contiguous() or weight.stride() == (1, weight.shape[0])
 
+    def applies_cuda(self, x: Tensor, weight: Tensor) -> bool:
+        """The one-row CUDA kernel takes (x, weight) (shapes aside: see `applies`)."""
+        if not (self.cuda and WITH_CUDA and x.is_cuda) or weight.device != x.device:
+            return False
+        if x.numel() > CUDA_MAX_ROWS * x.shape[-1]:
+            return False
+        if x.dtype not in _CUDA_DTYPES or weight.dtype != x.dtype:
+            return False
+        if weight.numel() * weight.element_size() > self.cuda_max_bytes:
+            return False
+        return weight.is_contiguous()
 
-def applies(x: Tensor, weight: Tensor) -> bool:
-    """True when ``linear`` hands (x, weight) to the operator."""
-    if x.dim() == 0:
-        return False
-    n = x.shape[-1]
-    if n == 0 or x.numel() > MAX_ROWS * n or weight.dim() != 2 or weight.shape[1] != n:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False
-    return _applies_cpu(x, weight) or _applies_cuda(x, weight)
+    def applies(self, x: Tensor, weight: Tensor) -> bool:
+        """True when ``linear`` hands (x, weight) to the operator."""
+        if x.dim() == 0:
+            return False
+        n = x.shape[-1]
+        if n == 0 or x.numel() > MAX_ROWS * n or weight.dim() != 2 or weight.shape[1] != n:
+            return False
+        if not no_autograd(x, weight):
+            return False
+        return self.applies_cpu(x, weight) or self.applies_cuda(x, weight)
 
+    def linear(self, x: Tensor, weight: Tensor) -> Tensor:
+        """F.linear(x, weight) without bias: through the operator where it applies."""
+        if self.applies(x, weight):
+            return _gemv(x, weight)
+        return F.linear(x, weight)
 
-def linear(x: Tensor, weight: Tensor) -> Tensor:
-    """F.linear(x, weight) without bias: through the operator where it applies, else torch."""
-    if applies(x, weight):
-        return _gemv(x, weight)
-    return F.linear(x, weight)
+    def silu_mul_applies(self, gate_up: Tensor, weight: Tensor) -> bool:
+        """True when gate_up [..., 2 * in] for weight [out, in] can go to ``gemv_silu_mul``:
+        the product of its silu_mul, [..., in], is one the CUDA kernel takes."""
+        if gate_up.dim() == 0 or weight.dim() != 2:
+            return False
+        n = weight.shape[1]
+        if n == 0 or gate_up.shape[-1] != 2 * n or gate_up.numel() > CUDA_MAX_ROWS * 2 * n:
+            return False
+        return no_autograd(gate_up, weight) and self.applies_cuda(gate_up, weight)
 
-
-def silu_mul_applies(gate_up: Tensor, weight: Tensor) -> bool:
-    """True when ``silu_mul_linear`` hands (gate_up, weight) to ``gemv_silu_mul``: gate_up
-    [..., 2 * in] for weight [out, in], and ``linear`` would give the product of its
-    silu_mul, [..., in], to the CUDA kernel (one row, fp32/fp16/bf16 like the weight, contiguous
-    weight, no autograd); not switched off by TOYLLM_FUSED_SILU_GEMV=0."""
-    if not FUSED_SILU_ENABLED or gate_up.dim() == 0 or weight.dim() != 2:
-        return False
-    n = weight.shape[1]
-    if n == 0 or gate_up.shape[-1] != 2 * n or gate_up.numel() > CUDA_MAX_ROWS * 2 * n:
-        return False
-    if torch.is_grad_enabled() and (gate_up.requires_grad or weight.requires_grad):
-        return False
-    return _applies_cuda(gate_up, weight)
-
-
-def silu_mul_linear(
-    gate_up: Tensor, weight: Tensor, silu_mul: Callable[[Tensor], Tensor]
-) -> Tensor:
-    """``linear(silu_mul(gate_up), weight)``: gate_up [..., 2 * in] (gate, then up), weight
-    [out, in] -> [..., out]. One kernel where ``silu_mul_applies``, with the same bits as
-    toyllm::silu_mul then toyllm::gemv; else ``silu_mul`` (the caller's: the fused operator or
-    the torch code, which agree bit for bit) then ``linear``."""
-    if silu_mul_applies(gate_up, weight):
-        return _gemv_silu_mul(gate_up, weight)
-    return linear(silu_mul(gate_up), weight)
+    def silu_mul_linear(self, gate_up: Tensor, weight: Tensor,
+                        silu_mul: Callable[[Tensor], Tensor], fused: bool = True) -> Tensor:
+        """``linear(silu_mul(gate_up), weight)``: gate_up [..., 2 * in] (gate, then up), weight
+        [out, in] -> [..., out]. One kernel where ``fused`` and ``silu_mul_applies``, with the
+        same bits as toyllm::silu_mul then toyllm::gemv; else ``silu_mul`` (the caller's: the
+        fused operator or the torch code, which agree bit for bit) then ``linear``."""
+        if fused and self.silu_mul_applies(gate_up, weight):
+            return _gemv_silu_mul(gate_up, weight)
+        return self.linear(silu_mul(gate_up), weight)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,83 +22,47 @@ norm with toyllm::rope_kv_update's work (RoPE on q and k, the K/V write) in its 
 bits of gemv_add_rms_norm then rope_kv_update, one kernel for a one-row decode step
 (engine/cached_attention.py's DecodeStep.attend_norm_qkv takes it where ``rope_kv_applies``).
 
-``add_rms_norm_linear(x, residual, norm_weight, eps, weight, add_rms_norm)`` takes the operator
-where it applies (one CUDA row, fp32/fp16/bf16 throughout, contiguous tensors, a weight the
-CUDA GEMV takes: ``engine.gemv``'s rules, no autograd) and otherwise runs the caller's
-``add_rms_norm`` and ``engine.gemv.linear``; ``add_rms_norm_silu_mul(...)`` is the second operator,
-for where ``silu_applies``. ``TOYLLM_FUSED_NORM_GEMV=0`` (read at import) keeps the separate
-kernels, to time the fusion against them; ``TOYLLM_FUSED_NORM_SILU=0`` only the silu epilogue
-(the gate/up product then returns gate_up and the down product computes h,
-toyllm::gemv_silu_mul); ``TOYLLM_FUSED_NORM_ROPE=0`` only the RoPE epilogue (rope_kv_update runs
-as its own kernel). On the CPU the operators are add_rms_norm then F.linear (and silu_mul):
-nothing fused, the model does not call them there.
+``applies`` / ``silu_applies`` / ``rope_kv_applies`` say where the operators take their
+arguments (one CUDA row, fp32/fp16/bf16 throughout, contiguous tensors, a product the engine's
+CUDA GEMV takes, no autograd); engine/forward.py calls them at Settings.fusion FULL. On the CPU
+the operators are add_rms_norm then F.linear (and silu_mul): nothing fused, the engine does not
+call them there. The staged kernels' warps per block are the operators' ``warps`` argument (4,
+8 or 16; default 8), for scripts/bench_gemv.py.
 
 Example::
 
     >>> import torch
     >>> from toyllm.engine.ops.gemv_norm import add_rms_norm_linear
-    >>> def add_norm(x, r):  # the model passes RMSNorm.add_norm
-    ...     s = x + r
-    ...     return s, s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)
     >>> s, y = add_rms_norm_linear(torch.ones(1, 2), torch.ones(1, 2), torch.ones(2), 1e-5,
-    ...                            torch.eye(2), add_norm)
-    >>> s
-    tensor([[2., 2.]])
+    ...                            torch.eye(2))  # on the CPU: add_rms_norm, then F.linear
+    >>> s, y
+    (tensor([[2., 2.]]), tensor([[1.0000, 1.0000]]))
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from toyllm.engine.ops import rope_kv as rope_kv_update
-from toyllm.engine.ops.gemv import OpNames, check_cuda_args, linear
-from toyllm.engine.ops.gemv import _applies_cuda as _gemv_applies_cuda
 
-if not all(hasattr(torch.ops.toyllm, op) for op in (
-        "gemv_add_rms_norm", "gemv_add_rms_norm_silu_mul", "gemv_add_rms_norm_rope_kv")):
-    raise ImportError(
-        "toyllm.engine.ops._C predates toyllm::gemv_add_rms_norm(_silu_mul, _rope_kv): rebuild it from the "
-        "repository root with: pip install --no-build-isolation -e ."
-    )
+from toyllm.engine.ops import no_autograd
+from toyllm.engine.ops.gemv import Gemv, OpNames, check_cuda_args
 
-__all__ = ["FUSED_NORM_ENABLED", "FUSED_NORM_ROPE_ENABLED", "FUSED_NORM_SILU_ENABLED",
-           "add_rms_norm_linear", "add_rms_norm_rope_kv", "add_rms_norm_silu_mul", "applies",
+__all__ = ["add_rms_norm_linear", "add_rms_norm_rope_kv", "add_rms_norm_silu_mul", "applies",
            "rope_kv_applies", "silu_applies"]
-
-#: False when the environment sets TOYLLM_FUSED_NORM_GEMV=0: add_rms_norm_linear then runs the
-#: norm and the product as two kernels (to time the fusion against them).
-FUSED_NORM_ENABLED: bool = os.environ.get("TOYLLM_FUSED_NORM_GEMV", "1") != "0"
-
-#: False when the environment sets TOYLLM_FUSED_NORM_SILU=0: the gate/up product after the norm
-#: then leaves silu(gate) * up to the down product (toyllm::gemv_silu_mul).
-FUSED_NORM_SILU_ENABLED: bool = os.environ.get("TOYLLM_FUSED_NORM_SILU", "1") != "0"
-
-#: False when the environment sets TOYLLM_FUSED_NORM_ROPE=0: the q/k/v product after the norm
-#: then leaves RoPE and the K/V write to toyllm::rope_kv_update.
-FUSED_NORM_ROPE_ENABLED: bool = os.environ.get("TOYLLM_FUSED_NORM_ROPE", "1") != "0"
-
-#: Warps per block of the staged kernels (csrc/gemv_staged.cuh, read there once):
-#: TOYLLM_STAGED_WARPS, 4, 8 (the default) or 16. Checked here, at import.
-STAGED_WARPS = os.environ.get("TOYLLM_STAGED_WARPS", "8")
-if STAGED_WARPS.strip() not in ("4", "8", "16"):
-    raise ValueError(f"expected TOYLLM_STAGED_WARPS to be 4, 8 or 16, got '{STAGED_WARPS}'")
 
 _op = torch.ops.toyllm.gemv_add_rms_norm.default
 _silu_op = torch.ops.toyllm.gemv_add_rms_norm_silu_mul.default
 _rope_op = torch.ops.toyllm.gemv_add_rms_norm_rope_kv.default
 
 
-def applies(x: Tensor, residual: Tensor, norm_weight: Tensor, weight: Tensor) -> bool:
-    """True when ``add_rms_norm_linear`` hands its arguments to the fused operator: one row of
-    x [..., in] on CUDA, residual of x's shape, norm_weight [in], all contiguous and of one
-    dtype, and a product ``engine.gemv.linear`` would give the CUDA kernel; not switched off by
-    TOYLLM_FUSED_NORM_GEMV=0."""
+def applies(x: Tensor, residual: Tensor, norm_weight: Tensor, weight: Tensor, gemv: Gemv) -> bool:
+    """True when the fused operator takes these arguments: one row of x [..., in] on CUDA,
+    residual of x's shape, norm_weight [in], all contiguous and of one dtype, and a product
+    `gemv` would give the CUDA kernel."""
     # CUDA only: a CPU decode step asks twice a layer, so it is told first
-    if not (FUSED_NORM_ENABLED and x.is_cuda) or x.dim() == 0 or weight.dim() != 2:
+    if not x.is_cuda or x.dim() == 0 or weight.dim() != 2:
         return False
     n = x.shape[-1]
     if n == 0 or x.numel() != n or residual.shape != x.shape or weight.shape[1] != n:
@@ -109,35 +73,26 @@ def applies(x: Tensor, residual: Tensor, norm_weight: Tensor, weight: Tensor) ->
         return False
     if not (x.is_contiguous() and residual.is_contiguous() and norm_weight.is_contiguous()):
         return False
-    if torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, residual, norm_weight, weight)
-    ):
-        return False
-    return _gemv_applies_cuda(x, weight)
+    return no_autograd(x, residual, norm_weight, weight) and gemv.applies_cuda(x, weight)
 
 
-def silu_applies(x: Tensor, residual: Tensor, norm_weight: Tensor, weight: Tensor) -> bool:
-    """True when ``add_rms_norm_silu_mul_linear`` hands its arguments to the fused operator:
-    where ``applies`` and weight has an even number of rows (gate, then up); not switched off
-    by TOYLLM_FUSED_NORM_SILU=0."""
-    if not FUSED_NORM_SILU_ENABLED or weight.dim() != 2 or weight.shape[0] % 2 != 0:
+def silu_applies(x: Tensor, residual: Tensor, norm_weight: Tensor, weight: Tensor,
+                 gemv: Gemv) -> bool:
+    """Where ``applies`` and weight has an even number of rows (gate, then up)."""
+    if weight.dim() != 2 or weight.shape[0] % 2 != 0:
         return False
-    return applies(x, residual, norm_weight, weight)
+    return applies(x, residual, norm_weight, weight, gemv)
 
 
 def rope_kv_applies(x: Tensor, residual: Tensor, norm_weight: Tensor, weight: Tensor,
-                    cos: Tensor, k_cache: Tensor) -> bool:
-    """True when a decode step hands its q/k/v product to ``add_rms_norm_rope_kv``: where
-    ``applies``, for a cache of one row (k_cache [1, max_seq_len, Hkv, D] of x's dtype, the
-    weight's rows whole heads of D), contiguous cos, and toyllm::rope_kv_update is not
-    switched off; not switched off by TOYLLM_FUSED_NORM_ROPE=0."""
-    if not FUSED_NORM_ROPE_ENABLED or not rope_kv_update.ENABLED or k_cache.dim() != 4:
+                    cos: Tensor, k_cache: Tensor, gemv: Gemv) -> bool:
+    """Where ``applies``, for a cache of one row (k_cache [1, max_seq_len, Hkv, D] of x's dtype,
+    the weight's rows whole heads of D) and contiguous cos."""
+    if k_cache.dim() != 4 or k_cache.shape[0] != 1 or k_cache.dtype != x.dtype:
         return False
-    if k_cache.shape[0] != 1 or k_cache.dtype != x.dtype or not cos.is_contiguous():
+    if not cos.is_contiguous() or weight.dim() != 2 or weight.shape[0] % k_cache.shape[3] != 0:
         return False
-    if weight.dim() != 2 or weight.shape[0] % k_cache.shape[3] != 0:
-        return False
-    return applies(x, residual, norm_weight, weight)
+    return applies(x, residual, norm_weight, weight, gemv)
 
 
 def add_rms_norm_rope_kv(
@@ -161,17 +116,11 @@ def add_rms_norm_silu_mul(
 
 
 def add_rms_norm_linear(
-    x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor,
-    add_rms_norm: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+    x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """(x + residual, linear(rms_norm(x + residual) * norm_weight, weight)): one kernel where
-    ``applies``, with the same bits as toyllm::add_rms_norm then toyllm::gemv; else
-    ``add_rms_norm(x, residual)`` (the caller's, returning the sum and the normalised row) then
-    ``engine.gemv.linear``."""
-    if applies(x, residual, norm_weight, weight):
-        return _op(x, residual, norm_weight, eps, weight)
-    s, h = add_rms_norm(x, residual)
-    return s, linear(h, weight)
+    """(x + residual, linear(rms_norm(x + residual) * norm_weight, weight)), by the fused
+    operator (the same bits as toyllm::add_rms_norm then toyllm::gemv on CUDA)."""
+    return _op(x, residual, norm_weight, eps, weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +184,7 @@ _INSTEAD = {"gemv_add_rms_norm": "add_rms_norm and F.linear",
 
 @torch.library.register_fake("toyllm::gemv_add_rms_norm")
 def _gemv_add_rms_norm_fake(
-    x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor
+    x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, warps: int = 8
 ) -> tuple[Tensor, Tensor]:
     _check("gemv_add_rms_norm", x, residual, norm_weight, eps, weight)
     return (x.new_empty(x.shape), x.new_empty((*x.shape[:-1], weight.shape[0])))
@@ -245,6 +194,7 @@ def _gemv_add_rms_norm_fake(
 def _gemv_add_rms_norm_rope_kv_fake(
     x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, cos: Tensor,
     sin: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, num_q_heads: int,
+    warps: int = 8,
 ) -> tuple[Tensor, Tensor]:
     op = "gemv_add_rms_norm_rope_kv"
     _check(op, x, residual, norm_weight, eps, weight)
@@ -262,7 +212,7 @@ def _gemv_add_rms_norm_rope_kv_fake(
 
 @torch.library.register_fake("toyllm::gemv_add_rms_norm_silu_mul")
 def _gemv_add_rms_norm_silu_mul_fake(
-    x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor
+    x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, warps: int = 8
 ) -> tuple[Tensor, Tensor]:
     _check("gemv_add_rms_norm_silu_mul", x, residual, norm_weight, eps, weight)
     return (x.new_empty(x.shape), x.new_empty((*x.shape[:-1], weight.shape[0] // 2)))

@@ -7,13 +7,11 @@ sequence. ``update`` writes new rows at the current positions (without advancing
 (CPU and CUDA kernels, a fake implementation registered here for torch.compile), which reads
 positions from a device tensor so that a decode step can be captured in a CUDA graph.
 ``decode_attention`` (``torch.ops.toyllm.decode_attention``) attends one new query token per
-sequence over its cached keys (flash-decoding kernel on CUDA, plain ATen on the CPU).
+sequence over its cached keys (flash-decoding kernel on CUDA, a C++ loop on the CPU).
 
 Example::
 
-    >>> import os
-
-import torch
+    >>> import torch
     >>> from toyllm.engine.ops.kv_cache import KVCache
     >>> cache = KVCache(num_layers=2, max_seq_len=8, num_kv_heads=2, head_dim=4,
     ...                 dtype=torch.float32, device="cpu")
@@ -28,32 +26,20 @@ import torch
     >>> cache.advance_position(6)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    toyllm.engine.ops._C.KVCacheOverflowError: KV cache overflow: cannot advance position 3 by n=6 (to 9): ...
+    toyllm.engine.ops._C.KVCacheOverflowError: KV cache overflow: cannot advance position 3 by n=6 ...
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    from toyllm.engine.ops import _C
-except ImportError as exc:  # pragma: no cover - depends on the build
-    raise ImportError(
-        "toyllm's C++ extension toyllm.engine.ops._C is not built (or does not match the installed torch): "
-        f"{exc}. Build it from the repository root with: "
-        "pip install --no-build-isolation -e ."
-    ) from exc
+from toyllm.engine.ops import _C, WITH_CUDA
 
 KVCache = _C.KVCache
 KVCacheOverflowError = _C.KVCacheOverflowError
-WITH_CUDA: bool = bool(_C.with_cuda)
-# Programmatic dependent launch of the extension's CUDA kernels (csrc/programmatic_launch.cuh):
-# on by default on Hopper; TOYLLM_PDL=0 turns it off for the process, to compare.
+# Programmatic dependent launch of the extension's CUDA kernels (csrc/common/programmatic_launch):
+# on by default on Hopper; an Engine sets it from its Settings.programmatic_launch.
 set_programmatic_launch = _C.set_programmatic_launch
-if os.environ.get("TOYLLM_PDL", "1") == "0":
-    set_programmatic_launch(False)
 
 __all__ = [
     "KVCache",
@@ -61,7 +47,7 @@ __all__ = [
     "WITH_CUDA",
     "decode_attention",
     "kv_update",
-    "reference_update",
+    "set_programmatic_launch",
 ]
 
 
@@ -155,31 +141,6 @@ def kv_update(
     torch.ops.toyllm.kv_update(k_cache, v_cache, new_k, new_v, positions)
 
 
-def reference_update(
-    k_cache: torch.Tensor,  # [batch, max_seq_len, num_kv_heads, head_dim], written in place
-    v_cache: torch.Tensor,  # [batch, max_seq_len, num_kv_heads, head_dim], written in place
-    new_k: torch.Tensor,  # [batch, num_tokens, num_kv_heads, head_dim]
-    new_v: torch.Tensor,  # [batch, num_tokens, num_kv_heads, head_dim]
-    positions: torch.Tensor,  # int [batch]; -1 = inactive (skipped)
-) -> None:
-    """Pure-PyTorch reference of `kv_update` (slice assignment per sequence), for tests.
-
-    Raises ValueError when an active sequence's rows would pass max_seq_len.
-    """
-    num_tokens = new_k.shape[1]
-    max_seq_len = k_cache.shape[1]
-    for b, p in enumerate(positions.tolist()):
-        if p < 0:
-            continue
-        if p + num_tokens > max_seq_len:
-            raise ValueError(
-                f"reference_update: expected positions[{b}] + num_tokens <= {max_seq_len}, "
-                f"got {p} + {num_tokens}"
-            )
-        k_cache[b, p : p + num_tokens] = new_k[b]
-        v_cache[b, p : p + num_tokens] = new_v[b]
-
-
 @torch.library.register_fake("toyllm::decode_attention")
 def _decode_attention_fake(
     q: torch.Tensor,
@@ -187,6 +148,9 @@ def _decode_attention_fake(
     v_cache: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    tile: int = 0,
+    reverse: bool = True,
+    tensor_cores: bool = True,
 ) -> torch.Tensor:
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(
@@ -203,6 +167,10 @@ def decode_attention(
     v_cache: torch.Tensor,  # [batch, max_seq_len, num_kv_heads, head_dim]
     seq_lens: torch.Tensor,  # int32 [batch] on q's device: valid keys per sequence
     scale: float | None = None,  # default head_dim ** -0.5
+    *,
+    tile: int = 0,  # CUDA: keys per tile, 0 = FlashAttention-2's choice (64 or 128)
+    reverse: bool = True,  # CUDA: tiles walked last to first, as FlashAttention-2 does
+    tensor_cores: bool = True,  # CUDA: pass 1 on tensor cores where it applies
 ) -> torch.Tensor:  # [batch, num_q_heads, head_dim], q's dtype
     """Attention of one query token per sequence over its first ``seq_lens[b]`` cached keys.
 
@@ -218,4 +186,7 @@ def decode_attention(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return torch.ops.toyllm.decode_attention(q, k_cache, v_cache, seq_lens, float(scale))
+    if (tile, reverse, tensor_cores) == (0, True, True):
+        return torch.ops.toyllm.decode_attention(q, k_cache, v_cache, seq_lens, float(scale))
+    return torch.ops.toyllm.decode_attention(q, k_cache, v_cache, seq_lens, float(scale), tile,
+                                             reverse, tensor_cores)

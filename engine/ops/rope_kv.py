@@ -10,10 +10,9 @@ at each row's device position (rows at -1, finished, are skipped). On CUDA that 
 old path's composition (toyllm::rope's CPU code, then kv_update's copy). Either way the bits are
 those of the path it replaces.
 
-The engine's `DecodeStep` takes it where `applies` says so: a CPU tensor, or a CUDA tensor with
-the extension built with CUDA; fp32, fp16 or bf16; nothing recording autograd; and neither
-``TOYLLM_FUSED_ROPE_KV`` nor ``TOYLLM_FUSED_OPS`` set to ``0`` (read once, at import).
-``TOYLLM_FUSED_ROPE_KV=0`` runs the old path, to compare.
+The engine takes it (Settings.fusion ROPE_KV and above) where `applies` says so: a CPU tensor,
+or a CUDA tensor with the extension built with CUDA; fp32, fp16 or bf16; nothing recording
+autograd.
 
 Example::
 
@@ -32,40 +31,27 @@ Example::
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
-from toyllm.engine.ops import elementwise as fused_ops
-from toyllm.engine.ops.kv_cache import (
-    WITH_CUDA,  # also loads toyllm.engine.ops._C, which defines the operator
-)
 
-if not hasattr(torch.ops.toyllm, "rope_kv_update"):
-    raise ImportError(
-        "toyllm.engine.ops._C predates the operator toyllm::rope_kv_update: rebuild it from the repository "
-        "root with: pip install --no-build-isolation -e ."
-    )
+from toyllm.engine.ops import DTYPES, WITH_CUDA, no_autograd
 
-__all__ = ["ENABLED", "applies", "rope_kv_update"]
+__all__ = ["applies", "rope_kv_update"]
 
-#: False when the environment sets TOYLLM_FUSED_ROPE_KV=0 or TOYLLM_FUSED_OPS=0 (the old path).
-ENABLED: bool = os.environ.get("TOYLLM_FUSED_ROPE_KV", "1") != "0" and fused_ops.ENABLED
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = DTYPES
 
 
 def applies(qkv: Tensor, k_cache: Tensor) -> bool:
     """The operator can take this projection qkv [rows, 1, Hq + 2 * Hkv, D] for this cache:
-    switched on, a supported dtype and device, nothing recording autograd."""
-    if not ENABLED or qkv.dtype not in _DTYPES or qkv.dtype != k_cache.dtype:
+    a supported dtype and device, nothing recording autograd."""
+    if qkv.dtype not in _DTYPES or qkv.dtype != k_cache.dtype:
         return False
     if qkv.device.type == "cuda":
         if not WITH_CUDA:
             return False
     elif qkv.device.type != "cpu":
         return False
-    return not (torch.is_grad_enabled() and qkv.requires_grad)
+    return no_autograd(qkv)
 
 
 def rope_kv_update(

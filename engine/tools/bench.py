@@ -17,15 +17,16 @@ import gc
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from toyllm.engine.cached_attention import decode_kernel_max_rows
+
 from toyllm.engine.check.reference import reference_logits
+from toyllm.engine.forward import decode_kernel_max_rows
 from toyllm.engine.generate import Engine
-from toyllm.engine.ops.kv_cache import set_programmatic_launch
 from toyllm.engine.sampling import SamplingParams
+from toyllm.engine.settings import Settings
 from toyllm.models.config import load_config
 from toyllm.models.llama import Transformer, build_model
 from toyllm.models.model_source import DEFAULT_MODEL_DIR, load_model
@@ -116,6 +117,7 @@ def time_reference(model: Transformer, prompt: list[int], steps: int) -> tuple[f
 def hf_model(model: Transformer, source_dir: Path | None):
     """The same shape (and, from a checkpoint directory, the same weights) in transformers."""
     import transformers
+
     from toyllm.models.config import config_to_hf
 
     if source_dir is not None:
@@ -200,15 +202,18 @@ def bench_model(
         except Exception as exc:  # noqa: BLE001 - transformers missing or incompatible
             extras["hf_error"] = repr(exc)
     on_gpu = device.type == "cuda"
+    settings = Settings.from_env()
     engines = {"toyllm eager": dict(cuda_graph=False)}
     if on_gpu:
         engines["toyllm graph"] = dict(cuda_graph=True)
         # the same graph with masked SDPA instead of the decode-attention kernel (where the
         # engine takes the kernel: decode_kernel_max_rows)
-        engines["toyllm graph, SDPA"] = dict(cuda_graph=True, decode_kernel=False)
+        engines["toyllm graph, SDPA"] = dict(
+            cuda_graph=True, settings=replace(settings, decode_attention="sdpa"))
         # the same graph with the extension's kernels launched in plain stream order (no
-        # programmatic dependent launch: csrc/programmatic_launch.cuh)
-        engines["toyllm graph, no PDL"] = dict(cuda_graph=True, programmatic_launch=False)
+        # programmatic dependent launch: csrc/common/programmatic_launch.cuh)
+        engines["toyllm graph, no PDL"] = dict(
+            cuda_graph=True, settings=replace(settings, programmatic_launch=False))
     contexts = [c for c in args.contexts if c + args.new_tokens <= config.max_seq_len]
     for batch in args.batches:
         for ctx in contexts:
@@ -219,12 +224,10 @@ def bench_model(
             budget = (wbytes + batch * (ctx + args.new_tokens) * kv_token) / 1e9
             group: list[Row] = []
             for label, kw in engines.items():
-                most = decode_kernel_max_rows(dtype, config.head_dim)
+                most = decode_kernel_max_rows(settings, dtype, config.head_dim)
                 if label.endswith("SDPA") and most is not None and batch > most:
                     continue
-                kw = dict(kw)
-                set_programmatic_launch(kw.pop("programmatic_launch", True))
-                engine = Engine(model, **kw)
+                engine = Engine(model, **{"settings": settings, **kw})
                 if on_gpu:
                     torch.cuda.reset_peak_memory_stats(device)
                     base = torch.cuda.memory_allocated(device)
@@ -240,7 +243,6 @@ def bench_model(
                     row.peak_mem_gb = (peak - base + wbytes) / 1e9
                     row.budget_mem_gb = budget
                 group.append(row)
-                set_programmatic_launch(True)
                 del engine
                 gc.collect()
             if batch == 1 and ctx == min(contexts) and args.reference:

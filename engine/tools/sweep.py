@@ -31,6 +31,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
 from toyllm.engine.tools.info import ELEMENT_SIZES, attention_kind, format_bytes, format_count
 from toyllm.engine.tools.sweep_spec import (
     MODEL_AXES,
@@ -120,6 +121,7 @@ def measure(model: Any, point: Point, run: RunSettings, modes: Sequence[str],
     times `context` positions). Results go into `out` as each mode finishes, so a mode that
     fails (CUDA graphs out of memory, say) leaves the ones before it in the row."""
     import torch
+
     from toyllm.engine.cuda_graph import bucket_for
     from toyllm.engine.generate import Engine
     from toyllm.engine.sampling import SamplingParams
