@@ -31,7 +31,7 @@ from toyllm.models.config import load_config
 from toyllm.models.llama import Transformer, build_model
 from toyllm.models.model_source import DEFAULT_MODEL_DIR, load_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass

@@ -32,8 +32,8 @@ from toyllm.models.config import ConfigError, ModelConfig, load_config
 ELEMENT_SIZES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 # The same directory as models.model_source.DEFAULT_MODEL_DIR, named here so that `info` needs
-# neither torch nor the extension.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
+# neither torch nor the extension (engine/tools/ -> the package's models/default).
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "default"
 
 
 @dataclass(frozen=True)
