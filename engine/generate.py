@@ -1,9 +1,14 @@
 """The generation loop: prefill each prompt into the extension's KV cache, then decode one
 token per step for the whole batch until every sequence has finished.
 
-    engine = Engine(model, tokenizer)
-    result = engine.generate(["def fib(n):"], SamplingParams(max_new_tokens=32))
-    print(result.completions[0].text, result.completions[0].finish_reason)
+    >>> from toyllm.engine.generate import Engine
+    >>> from toyllm.engine.sampling import SamplingParams
+    >>> from toyllm.models.model_source import load_model
+    >>> loaded = load_model()  # the shipped model, on the CPU
+    >>> engine = Engine(loaded.model, loaded.tokenizer)
+    >>> result = engine.generate(["def fib(n):"], SamplingParams(max_new_tokens=8))
+    >>> len(result.completions[0].token_ids), result.completions[0].finish_reason
+    (8, 'max_new_tokens')
 
 Finish reasons: "eos" (the model ended the text), "stop" (a stop string appeared; the text
 ends before it), "max_new_tokens", and "length" (the KV cache is full; never a crash).
