@@ -1,10 +1,11 @@
 """The generation loop: prefill each prompt into the extension's KV cache, then decode one
 token per step for the whole batch until every sequence has finished.
 
+    >>> import torch
     >>> from toyllm.engine.generate import Engine
     >>> from toyllm.engine.sampling import SamplingParams
     >>> from toyllm.models.model_source import load_model
-    >>> loaded = load_model()  # the shipped model, on the CPU
+    >>> loaded = load_model(None, torch.device("cpu"), torch.float32)  # the shipped model
     >>> engine = Engine(loaded.model, loaded.tokenizer)
     >>> result = engine.generate(["def fib(n):"], SamplingParams(max_new_tokens=8))
     >>> len(result.completions[0].token_ids), result.completions[0].finish_reason
