@@ -31,6 +31,8 @@ from toyllm.engine.sampling import SamplingParams, make_generator, sample
 from toyllm.models.chat_template import Message, chat_prompt_text, template_of
 from toyllm.models.tokenizer import StreamDecoder
 
+INITIAL_POSITIONS = 4096
+
 
 @dataclass
 class ChatTurn:
@@ -75,11 +77,18 @@ class ChatSession:
         if self._cache is not None:
             self._cache.reset_sequence(0)
 
-    def _prepare(self) -> None:
-        if self._cache is None:
-            self._cache = self.engine.prepare_cache(self._rows, self.engine.max_seq_len)
-            for r in range(1, self._cache.batch_size):
-                self._cache.set_active(r, False)
+    def _prepare(self, need: int) -> None:
+        """A cache row with room for `need` positions. It starts at INITIAL_POSITIONS (a model's
+        context may be 128k positions) and doubles when a turn needs more, which starts the row
+        over (the new cache is empty)."""
+        cache = self._cache
+        if cache is None or cache.max_seq_len < need:
+            size = cache.max_seq_len * 2 if cache is not None else INITIAL_POSITIONS
+            size = min(max(size, need), self.engine.max_seq_len)
+            self._cache = cache = self.engine.prepare_cache(self._rows, size)
+            self._cached = []
+            for r in range(1, cache.batch_size):
+                cache.set_active(r, False)
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> ChatTurn:
         """One user turn: prefill what is new, then stream the answer until EOS or a limit."""
@@ -99,7 +108,7 @@ class ChatSession:
                 f"context holds with room for an answer ({limit}); /reset to start over"
             )
         self.messages = messages
-        self._prepare()
+        self._prepare(min(len(ids) + self.params.max_new_tokens, limit))
         cache, engine = self._cache, self.engine
         keep = _common_prefix(self._cached, ids) if self.reuse_cache else 0
         if keep < len(self._cached) or keep == len(ids) or \

@@ -158,3 +158,16 @@ def test_cli_generate_chat_and_chat_one_shot(checkpoint: Path) -> None:
     assert r2.stdout.strip() == completion["text"].strip()
     r3 = runner.invoke(app, ["chat", "--system", "Be brief.", *common], input="Hi")
     assert r3.exit_code == 0 and r3.stdout == r2.stdout
+
+
+def test_cache_grows_when_the_conversation_outgrows_it(engine: Engine, monkeypatch) -> None:
+    import toyllm.engine.chat as chat
+
+    baseline = ChatSession(Engine(engine.model, engine.tokenizer, cuda_graph=False), GREEDY,
+                           reuse_cache=False)
+    expected = [baseline.ask(q).token_ids for q in QUESTIONS]
+    monkeypatch.setattr(chat, "INITIAL_POSITIONS", 64)
+    session = ChatSession(engine, GREEDY)
+    turns = [session.ask(q) for q in QUESTIONS]
+    assert [t.token_ids for t in turns] == expected
+    assert session._cache.max_seq_len > 64 and turns[-1].context_tokens > 64
