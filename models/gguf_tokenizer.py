@@ -6,7 +6,8 @@
                                    tokenizer.ggml.pre (Llama 3's for "llama-bpe" and kin, GPT-2's
                                    otherwise)
                           "llama": sentencepiece-style BPE with byte fallback; merges from the
-                                   file or derived from the vocabulary's scores
+                                   file or derived from the vocabulary's scores; the dummy
+                                   prefix as sentencepiece adds it (see below)
     tokenizer.ggml.token_type      3 (control) tokens become special added tokens, 4
                                    (user-defined) plain added tokens, so both stay whole
     bos/eos/eot/eom/unk/padding_token_id, add_bos_token, add_space_prefix, chat_template
@@ -17,7 +18,15 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+)
 from toyllm.models.hf_tokenizer import HFTokenizer
 from toyllm.models.tokenizer import TokenizerError
 from toyllm.models.tokenizer_files import TokenizerFiles
@@ -108,8 +117,11 @@ def tokenizer_from_gguf(meta: dict[str, Any], source: str = "GGUF") -> HFTokeniz
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True,
                                    dropout=None, unk_token=unk_token))
         prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
+        # sentencepiece's dummy prefix: "▁" before the text even when it starts with a space
+        # (" a" -> "▁▁a"), as sentencepiece, llama.cpp and Llama 2's own tokenizer.json do.
+        # (transformers' GGUF path uses Metaspace(prepend_scheme="first"), which gives "▁a".)
+        steps = [normalizers.Prepend("▁")] if prefix else []
+        tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
         steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
         if prefix:
             steps.append(decoders.Strip(content=" ", left=1, right=0))

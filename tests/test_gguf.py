@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 from tokenizer_fixtures import CHATML_TEMPLATE, MULTIBYTE_TEXT, train_byte_level_bpe
 from toyllm.engine.cli import app
@@ -57,18 +58,28 @@ def write_gguf(path: Path, model: Transformer, bpe, qtype=Q.F32, arch: str = "ll
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(c.norm_eps)
     w.add_rope_dimension_count(c.head_dim)
-    data = json.loads(bpe.to_str())
-    vocab = sorted(data["model"]["vocab"].items(), key=lambda kv: kv[1])
-    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
-    specials = {t["content"] for t in data["added_tokens"]}
-    w.add_tokenizer_model(tokenizer_model)
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list([t for t, _ in vocab])
-    w.add_token_merges(merges)
-    w.add_token_types([3 if t in specials else 1 for t, _ in vocab])
+    if isinstance(bpe, spm.SentencePieceProcessor):  # llama.cpp's "llama" vocabulary
+        sp = bpe
+        w.add_tokenizer_model("llama")
+        w.add_token_list([sp.id_to_piece(i) for i in range(sp.vocab_size())])
+        w.add_token_scores([sp.get_score(i) for i in range(sp.vocab_size())])
+        w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else
+                           6 if sp.is_byte(i) else 1 for i in range(sp.vocab_size())])
+        w.add_unk_token_id(sp.unk_id())
+        w.add_add_bos_token(True)
+    else:  # "gpt2": byte-level BPE
+        data = json.loads(bpe.to_str())
+        vocab = sorted(data["model"]["vocab"].items(), key=lambda kv: kv[1])
+        merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+        specials = {t["content"] for t in data["added_tokens"]}
+        w.add_tokenizer_model(tokenizer_model)
+        w.add_tokenizer_pre("smollm")
+        w.add_token_list([t for t, _ in vocab])
+        w.add_token_merges(merges)
+        w.add_token_types([3 if t in specials else 1 for t, _ in vocab])
+        w.add_add_bos_token(False)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
     w.add_chat_template(CHATML_TEMPLATE)
     for name, p in model.named_parameters():
         a = p.detach().float().numpy()
@@ -219,3 +230,44 @@ def test_cli_generate_chat_on_a_gguf_and_bad_file_exit_2(f32_file: Path, tmp_pat
     (tmp_path / "bad.gguf").write_bytes(f32_file.read_bytes()[:100])
     r = runner.invoke(app, ["generate", "x", "--model", str(tmp_path / "bad.gguf")])
     assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> spm.SentencePieceProcessor:
+    """A 400-piece Llama-2-style sentencepiece BPE (byte fallback, unk 0 / bos 1 / eos 2)."""
+    import io
+    import sysconfig
+
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text(encoding="utf-8")
+    lines = [line for line in text.split("\n") if line.strip()] + [MULTIBYTE_TEXT] * 3
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model,
+                                   vocab_size=400, model_type="bpe", byte_fallback=True,
+                                   character_coverage=0.99, minloglevel=2,
+                                   normalization_rule_name="identity",  # as Llama's
+                                   remove_extra_whitespaces=False)
+    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def test_sentencepiece_gguf_tokenizer_equals_sentencepiece(
+    tmp_path: Path, model, sp_model
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    path = write_gguf(tmp_path / "sp.gguf", model, sp_model)
+    _, _, tok = load_gguf(path)
+    witness = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in ["Hello world", MULTIBYTE_TEXT, "def f(x):\n    return x", " two  spaces"]:
+        ids = sp_model.encode(text, add_bos=True)
+        assert tok.encode(text) == ids, text
+        assert tok.decode(ids) == sp_model.decode(ids) == witness.decode(
+            ids, skip_special_tokens=True)
+        if not text.startswith(" "):  # transformers' GGUF tokenizer drops the dummy prefix of
+            assert ids == witness.encode(text)  # a text that starts with a space; sp does not
+    assert (tok.bos_id, tok.eos_ids, tok.unk_id) == (1, (2,), 0)
+    from toyllm.models.tokenizer import StreamDecoder
+
+    ids = tok.encode(MULTIBYTE_TEXT * 2)
+    decoder = StreamDecoder(tok)
+    pieces = [decoder.feed(i) for i in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + decoder.flush() == sp_model.decode(ids) == MULTIBYTE_TEXT * 2
