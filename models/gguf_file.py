@@ -193,6 +193,21 @@ def _dequantize(tensor, source: str) -> np.ndarray:
     return data.reshape(shape)
 
 
+def read_gguf_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a GGUF file from its metadata and tensor shapes (nothing dequantised)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFError(f"GGUF file not found: {path}")
+    reader = _open(path)
+    meta = read_metadata(reader)
+    _check_architecture(meta, str(path))
+    names = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in names:
+        raise GGUFError(f"{path}: no token_embd.weight tensor")
+    return config_from_gguf(meta, int(names["token_embd.weight"].shape[1]),
+                            tied="output.weight" not in names, source=str(path))
+
+
 def load_gguf(
     path: str | Path,
     device: str | torch.device = "cpu",

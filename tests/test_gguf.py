@@ -271,3 +271,12 @@ def test_sentencepiece_gguf_tokenizer_equals_sentencepiece(
     pieces = [decoder.feed(i) for i in ids]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) + decoder.flush() == sp_model.decode(ids) == MULTIBYTE_TEXT * 2
+
+
+def test_info_reads_a_gguf(f32_file: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["info", str(f32_file), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["config"]["num_kv_heads"] == 2
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF")
+    r = CliRunner().invoke(app, ["info", str(tmp_path / "bad.gguf")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
