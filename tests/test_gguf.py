@@ -280,3 +280,14 @@ def test_info_reads_a_gguf(f32_file: Path, tmp_path: Path) -> None:
     (tmp_path / "bad.gguf").write_bytes(b"GGUF")
     r = CliRunner().invoke(app, ["info", str(tmp_path / "bad.gguf")])
     assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+
+
+@pytest.mark.cuda
+def test_gguf_on_cuda_bf16_close_to_cpu_fp32(f32_file: Path) -> None:
+    cpu, _, _ = load_gguf(f32_file, dtype=torch.float32)
+    gpu, _, _ = load_gguf(f32_file, device="cuda", dtype=torch.bfloat16)
+    tokens = torch.tensor([IDS])
+    with torch.inference_mode():
+        ref = cpu(tokens, torch.arange(len(IDS))[None])[0]
+        got = gpu(tokens.cuda(), torch.arange(len(IDS), device="cuda")[None])[0].float().cpu()
+    assert (got - ref).norm() / ref.norm() < 1e-2
