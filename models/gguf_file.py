@@ -18,6 +18,7 @@ the rotate-half layout of Hugging Face weights (transformers' GGUF loader does t
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight$")
-# tensors llama.cpp writes that the model does not need (RoPE tables it can recompute)
+# tensors llama.cpp writes that are not weights of ours (read into the config instead)
 _SKIP = {"rope_freqs.weight"}
 
 
@@ -168,6 +169,34 @@ def config_from_gguf(meta: dict[str, Any], vocab_size: int, tied: bool,
         raise GGUFError(f"{source}: {exc}") from None
 
 
+def llama3_scaling_from_factors(factors: np.ndarray, config: ModelConfig, meta: dict[str, Any],
+                                source: str) -> RopeScaling:
+    """llama.cpp stores Llama 3.1-style RoPE scaling as a tensor of per-frequency divisors
+    (rope_freqs.weight, [head_dim / 2]) instead of its parameters. Recover the parameters: the
+    factor is the largest divisor; low/high_freq_factor and the original context are Meta's
+    (1, 4, 8192, or the file's original_context_length); they must reproduce the tensor."""
+    from toyllm.models.rope import inverse_frequencies
+
+    factors = np.asarray(factors, dtype=np.float64).reshape(-1)
+    if factors.shape[0] != config.head_dim // 2:
+        raise GGUFError(f"{source}: rope_freqs.weight has {factors.shape[0]} entries, expected "
+                        f"head_dim / 2 = {config.head_dim // 2}")
+    arch = meta.get("general.architecture")
+    context = int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192))
+    base = inverse_frequencies(replace(config, rope_scaling=None)).double().numpy()
+    for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0)):
+        scaling = RopeScaling(rope_type="llama3", factor=_f32(factors.max()), low_freq_factor=low,
+                              high_freq_factor=high, original_max_position_embeddings=context)
+        implied = base / inverse_frequencies(replace(config, rope_scaling=scaling)).double().numpy()
+        if np.allclose(implied, factors, rtol=1e-4, atol=0):
+            return scaling
+    raise GGUFError(
+        f"{source}: rope_freqs.weight (per-frequency RoPE divisors, max {factors.max():.4g}) "
+        "matches no Llama 3 rope scaling (low/high_freq_factor 1/4, 1/2 or 2/4, original "
+        f"context {context}); this scaling is not supported"
+    )
+
+
 def _f32(value: Any) -> float:
     """A float32 metadata value as the decimal it was written from (1e-06, not 9.99999997e-07):
     the shortest repr of the float32."""
@@ -230,10 +259,9 @@ def load_gguf(
     config = config_from_gguf(meta, vocab_size, tied="output.weight" not in by_name,
                               source=source)
     if "rope_freqs.weight" in by_name:
-        raise GGUFError(
-            f"{source}: per-dimension RoPE frequency factors (rope_freqs.weight, Llama 3.1-style "
-            "scaling) are not supported yet"
-        )
+        factors = _dequantize(by_name["rope_freqs.weight"], source)
+        config = replace(config, rope_scaling=llama3_scaling_from_factors(factors, config, meta,
+                                                                          source))
     with torch.device("meta"):
         model = Transformer(config)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}

@@ -45,7 +45,8 @@ def gguf_name(name: str) -> str:
 
 
 def write_gguf(path: Path, model: Transformer, bpe, qtype=Q.F32, arch: str = "llama",
-               ffn: int | None = None, tokenizer_model: str = "gpt2") -> Path:
+               ffn: int | None = None, tokenizer_model: str = "gpt2",
+               rope_freqs: np.ndarray | None = None) -> Path:
     """A llama.cpp-style file: metadata, byte-level BPE vocabulary, Q/K permuted."""
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -93,6 +94,8 @@ def write_gguf(path: Path, model: Transformer, bpe, qtype=Q.F32, arch: str = "ll
             w.add_tensor(gguf_name(name), a.astype(np.float16))
         else:
             w.add_tensor(gguf_name(name), gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -291,3 +294,23 @@ def test_gguf_on_cuda_bf16_close_to_cpu_fp32(f32_file: Path) -> None:
         ref = cpu(tokens, torch.arange(len(IDS))[None])[0]
         got = gpu(tokens.cuda(), torch.arange(len(IDS), device="cuda")[None])[0].float().cpu()
     assert (got - ref).norm() / ref.norm() < 1e-2
+
+
+def test_llama3_rope_freqs_tensor_becomes_the_config_scaling(tmp_path: Path, bpe) -> None:
+    from toyllm.models.config import RopeScaling
+    from toyllm.models.rope import inverse_frequencies
+
+    scaling = RopeScaling(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=8192)
+    config = CONFIG.with_overrides(head_dim=32, num_heads=2, num_kv_heads=1, rope_theta=500000.0,
+                                   rope_scaling=scaling)
+    m = build_model(config, seed=2)
+    # llama.cpp's converter writes the per-frequency divisors, not the parameters
+    divisors = (inverse_frequencies(config.with_overrides(rope_scaling=None))
+                / inverse_frequencies(config)).numpy()
+    path = write_gguf(tmp_path / "l3.gguf", m, bpe, rope_freqs=divisors)
+    loaded, got, _ = load_gguf(path)
+    assert got.rope_scaling == scaling
+    assert torch.equal(logits(loaded, IDS), logits(m, IDS))
+    with pytest.raises(GGUFError, match="matches no Llama 3 rope scaling"):
+        load_gguf(write_gguf(tmp_path / "bad.gguf", m, bpe, rope_freqs=divisors ** 0.5))
