@@ -164,3 +164,36 @@ def test_chat_template_list_form_uses_default(bpe, tmp_path: Path) -> None:
                                {"name": "default", "template": CHATML_TEMPLATE}]
     (d / "tokenizer_config.json").write_text(json.dumps(config))
     assert read_tokenizer_files(d).chat_template == CHATML_TEMPLATE
+
+
+def test_post_processor_bos_as_transformers(bpe, tmp_path: Path) -> None:
+    """Llama 3's tokenizer.json adds <|begin_of_text|> through a TemplateProcessing
+    post-processor and tokenizer_config says nothing: encode follows the post-processor."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_str(bpe.to_str())
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    d = write_tokenizer_dir(tmp_path, tok)
+    witness = transformers.AutoTokenizer.from_pretrained(str(d))
+    ours = load_tokenizer(d)
+    for text in TEXTS:
+        assert ours.encode(text) == witness.encode(text) and ours.encode(text)[0] == 1
+        assert ours.encode(text, bos=False) == witness.encode(text, add_special_tokens=False)
+
+
+def test_tokenizer_larger_than_the_embedding_is_one_line(bpe, tmp_path: Path) -> None:
+    import torch
+    from toyllm.engine.cli import app
+    from toyllm.models.checkpoint import save_checkpoint
+    from toyllm.models.config import ModelConfig
+    from toyllm.models.llama import build_model
+    from typer.testing import CliRunner
+
+    config = ModelConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2,
+                         num_kv_heads=1, intermediate_size=48, max_seq_len=32)
+    save_checkpoint(build_model(config), tmp_path, dtype=torch.float32)
+    write_tokenizer_dir(tmp_path, bpe)
+    r = CliRunner().invoke(app, ["generate", "hi", "--model", str(tmp_path), "--device", "cpu"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert "400" in r.output and "300" in r.output
