@@ -47,13 +47,14 @@ def user_errors():
     from toyllm.engine.generate import GenerationError
     from toyllm.engine.ops.kv_cache import KVCacheOverflowError
     from toyllm.engine.sampling import SamplingError
+    from toyllm.models.chat_template import ChatTemplateError
     from toyllm.models.checkpoint import CheckpointError
     from toyllm.models.config import ConfigError
     from toyllm.models.model_source import ModelSourceError
     from toyllm.models.tokenizer import TokenizerError
 
     return (UserError, DeviceError, GenerationError, SamplingError, CheckpointError, ConfigError,
-            ModelSourceError, TokenizerError, KVCacheOverflowError, OSError)
+            ModelSourceError, TokenizerError, KVCacheOverflowError, ChatTemplateError, OSError)
 
 
 def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
@@ -102,7 +103,12 @@ def generate(
              "shipped model.")] = None,
     random_weights: Annotated[bool, typer.Option(
         help="With a config .toml: random weights (experiments).")] = False,
-    tokenizer: Annotated[Path | None, typer.Option(help="sentencepiece tokenizer.model")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="tokenizer.json, sentencepiece tokenizer.model, or a directory holding one.")]
+    = None,
+    chat: Annotated[bool, typer.Option(
+        help="Apply the model's chat template to each prompt (a user turn).")] = False,
+    system: Annotated[str | None, typer.Option(help="With --chat: a system message.")] = None,
     prompts_file: Annotated[Path | None, typer.Option(
         help="More prompts: .jsonl or one per line.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 64,
@@ -130,7 +136,8 @@ def generate(
         raise fail(str(exc)) from None
 
 
-def _generate(prompts, model, random_weights, tokenizer, prompts_file, max_new_tokens,
+def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_file,
+              max_new_tokens,
               temperature, top_k, top_p, seed, stop, device, dtype, prefill_chunk,
               max_context, cuda_graph, stats, as_json) -> None:
     from toyllm.engine.device import dtype_name, resolve_device, resolve_dtype
@@ -151,21 +158,31 @@ def _generate(prompts, model, random_weights, tokenizer, prompts_file, max_new_t
         loaded = load_model(model, dev, dt, random_weights=random_weights,
                             tokenizer_path=tokenizer)
     if loaded.tokenizer is None:
-        raise UserError(f"{loaded.source}: no tokenizer.model found; pass --tokenizer")
+        raise UserError(f"{loaded.source}: no tokenizer found (tokenizer.json or "
+                        "tokenizer.model); pass --tokenizer")
+    if system is not None and not chat:
+        raise UserError("--system goes with --chat")
     engine = Engine(loaded.model, loaded.tokenizer, prefill_chunk=prefill_chunk,
                     cuda_graph=cuda_graph and dev.type == "cuda", max_seq_len=max_context)
+    inputs = texts
+    if chat:  # each prompt is one user turn of its own conversation, rendered by the template
+        from toyllm.models.chat_template import chat_prompt_ids
+
+        head = [{"role": "system", "content": system}] if system else []
+        inputs = [chat_prompt_ids(loaded.tokenizer, [*head, {"role": "user", "content": t}])
+                  for t in texts]
     stream = len(texts) == 1 and not as_json
     if stream:
-        out.print(texts[0], style="dim", end="")
+        out.print(texts[0], style="dim", end="\n" if chat else "")
 
         def on_text(_: int, piece: str) -> None:
             out.print(piece, end="", markup=False)
 
-        result = engine.generate(texts, params, on_text=on_text)
+        result = engine.generate(inputs, params, on_text=on_text)
         out.print()
     else:
         with err.status(f"generating {len(texts)} completion(s)...", spinner="dots"):
-            result = engine.generate(texts, params)
+            result = engine.generate(inputs, params)
     st = result.stats
     if as_json:
         payload = {
@@ -188,7 +205,7 @@ def _generate(prompts, model, random_weights, tokenizer, prompts_file, max_new_t
     if not stream:
         for c in result.completions:
             out.rule(f"[{c.index}] {c.finish_reason}, {c.completion_tokens} tokens")
-            out.print(texts[c.index], style="dim", end="")
+            out.print(texts[c.index], style="dim", end="\n" if chat else "")
             out.print(c.text, markup=False)
     if stats:
         sys.stdout.flush()
@@ -199,6 +216,61 @@ def _generate(prompts, model, random_weights, tokenizer, prompts_file, max_new_t
             f"{st.decode_tokens} tok at {st.decode_tok_per_s:.1f} tok/s, KV cache "
             f"{st.cache_bytes / 2**20:.2f} MiB, finish: {reasons}[/]"
         )
+
+
+@app.command()
+def chat(
+    model: Annotated[str | None, typer.Option(
+        help="Checkpoint directory, .gguf file or config .toml; default: the shipped model.")]
+    = None,
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="tokenizer.json, tokenizer.model, or a directory holding one.")] = None,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    prompt: Annotated[str | None, typer.Option(
+        help="Answer this one message and exit (stdin is read when it is not a terminal).")]
+    = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 512,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
+    top_k: Annotated[int, typer.Option(help="0 = off.")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus mass in (0, 1].")] = 0.95,
+    seed: Annotated[int | None, typer.Option(help="Makes sampling repeatable.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")] = "auto",
+    max_context: Annotated[int | None, typer.Option(
+        help="Cap the KV cache at this many positions.")] = None,
+    cuda_graph: Annotated[bool, typer.Option(
+        help="Capture decode steps in CUDA graphs (GPU only).")] = True,
+    stats: Annotated[bool, typer.Option(help="Print prefill and decode figures per turn.")]
+    = False,
+) -> None:
+    """Chat with a model through its chat template: /reset, /quit; Ctrl-C stops an answer.
+    The conversation stays in the KV cache; each turn prefills only its new tokens."""
+    try:
+        from toyllm.engine.chat import ChatSession
+        from toyllm.engine.chat_cli import run_chat
+        from toyllm.engine.device import resolve_device, resolve_dtype
+        from toyllm.engine.generate import Engine
+        from toyllm.engine.sampling import SamplingParams
+        from toyllm.models.model_source import load_model
+
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed)
+        if max_context is not None and max_context <= 0:
+            raise UserError(f"--max-context: expected a positive integer, got {max_context}")
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        with err.status("loading model...", spinner="dots"):
+            loaded = load_model(model, dev, dt, tokenizer_path=tokenizer)
+        if loaded.tokenizer is None:
+            raise UserError(f"{loaded.source}: no tokenizer found (tokenizer.json or "
+                            "tokenizer.model); pass --tokenizer")
+        engine = Engine(loaded.model, loaded.tokenizer, max_seq_len=max_context,
+                        cuda_graph=cuda_graph and dev.type == "cuda")
+        session = ChatSession(engine, params, system=system)
+        code = run_chat(session, prompt, out, err, stats)
+    except user_errors() as exc:
+        raise fail(str(exc)) from None
+    raise typer.Exit(code)
 
 
 # --- toyllm bench: decode/prefill benchmark (engine/bench_decode.py) ----------------------------

@@ -118,6 +118,9 @@ class Engine:
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
+        # ids that end a sequence: the config's eos and every one the tokenizer names (a
+        # checkpoint's generation_config may list several, as Llama 3's does)
+        self.eos_ids = frozenset((self.config.eos_id, *getattr(tokenizer, "eos_ids", ())))
         self.device = model.device
         self.dtype = model.dtype
         self.prefill_chunk = prefill_chunk
@@ -346,7 +349,7 @@ class Engine:
             taken += 1
             s.token_ids.append(tok)
             piece = ""
-            if params.stop_at_eos and tok == self.config.eos_id:
+            if params.stop_at_eos and tok in self.eos_ids:
                 s.token_ids.pop()
                 s.finish_reason = "eos"
             else:

@@ -11,8 +11,10 @@ import torch
 
 from toyllm.models.checkpoint import CheckpointError, load_checkpoint
 from toyllm.models.config import ConfigError, ModelConfig, load_config
+from toyllm.models.hf_tokenizer import HFTokenizer
 from toyllm.models.llama import Transformer, build_model
 from toyllm.models.tokenizer import Tokenizer
+from toyllm.models.tokenizer_files import find_tokenizer, load_tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
 
@@ -25,7 +27,7 @@ class ModelSourceError(ValueError):
 class LoadedModel:
     model: Transformer
     config: ModelConfig
-    tokenizer: Tokenizer | None
+    tokenizer: Tokenizer | HFTokenizer | None
     source: str
     load_s: float
 
@@ -38,15 +40,17 @@ def load_model(
     seed: int = 0,
     tokenizer_path: str | Path | None = None,
 ) -> LoadedModel:
-    """source None: the shipped default model. A directory: a checkpoint. A .toml: a config,
+    """source None: the shipped default model. A directory: a checkpoint. A .gguf: a llama.cpp
+    file (weights and tokenizer). A .toml: a config,
     which needs random_weights=True (its tokenizer is the default one when the vocab fits)."""
     t0 = time.perf_counter()
-    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+    if tokenizer_path is not None and not Path(tokenizer_path).exists():
         raise ModelSourceError(f"tokenizer not found: {tokenizer_path}")
     path = Path(source) if source is not None else DEFAULT_MODEL_DIR
     if not path.exists():
         raise ModelSourceError(
-            f"model not found: {path} (expected a checkpoint directory or a config .toml)"
+            f"model not found: {path} (expected a checkpoint directory, a .gguf file or a config "
+            ".toml)"
         )
     if path.is_dir():
         if random_weights:
@@ -55,10 +59,19 @@ def load_model(
             model, config = load_checkpoint(path, device=device, dtype=dtype)
         except (CheckpointError, ConfigError) as exc:
             raise ModelSourceError(str(exc)) from None
-        tok_file = Path(tokenizer_path) if tokenizer_path else path / "tokenizer.model"
-        tokenizer = Tokenizer.from_file(tok_file) if tok_file.is_file() else None
-        if tokenizer_path and tokenizer is None:
-            raise ModelSourceError(f"tokenizer not found: {tok_file}")
+        # tokenizer.json first, then tokenizer.model, with the side files (tokenizer_files.py)
+        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else find_tokenizer(path)
+    elif path.suffix == ".gguf":
+        if random_weights:
+            raise ModelSourceError("--random-weights goes with a config .toml, not a GGUF file")
+        from toyllm.models.gguf_file import load_gguf
+
+        try:
+            model, config, tokenizer = load_gguf(path, device=device, dtype=dtype)
+        except (CheckpointError, ConfigError) as exc:
+            raise ModelSourceError(str(exc)) from None
+        if tokenizer_path:
+            tokenizer = load_tokenizer(tokenizer_path)
     elif path.suffix == ".toml":
         if not random_weights:
             raise ModelSourceError(
@@ -72,8 +85,8 @@ def load_model(
         model = build_model(config, device=device, dtype=dtype, seed=seed)
         tok_file = Path(tokenizer_path) if tokenizer_path else DEFAULT_MODEL_DIR / "tokenizer.model"
         tokenizer = None
-        if tok_file.is_file():
-            candidate = Tokenizer.from_file(tok_file)
+        if tok_file.exists():
+            candidate = load_tokenizer(tok_file)
             if candidate.vocab_size <= config.vocab_size:
                 tokenizer = candidate
             elif tokenizer_path:
@@ -83,8 +96,8 @@ def load_model(
                 )
     else:
         raise ModelSourceError(
-            f"{path}: expected a checkpoint directory (config.json + safetensors) or a config "
-            ".toml"
+            f"{path}: expected a checkpoint directory (config.json + safetensors), a .gguf file "
+            "or a config .toml"
         )
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise ModelSourceError(

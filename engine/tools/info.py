@@ -125,6 +125,13 @@ def load_for_info(source: str | Path | None) -> tuple[ModelConfig, str]:
         raise ConfigError(
             f"not found: {path} (expected a config .toml, a config.json or a checkpoint directory)"
         )
+    if path.suffix == ".gguf":
+        from toyllm.models.gguf_file import read_gguf_config
+
+        try:
+            return read_gguf_config(path), str(path)
+        except ValueError as exc:  # GGUFError: one line, as a config error
+            raise ConfigError(str(exc)) from None
     return load_config(path), str(path)
 
 
