@@ -106,8 +106,8 @@ class DecodeStep:
     positions: Tensor  # int32 [rows]: where this step's token goes; -1 = finished row
     use_kernel: bool = True
     span: int | None = None  # keys read per row by SDPA (None: all max_seq_len)
-    # models/rope.py's rope_table for positions 0..max_seq_len-1 (None: the model computes
-    # cos/sin from rope_positions itself)
+    # models/rope.py's rope_table for positions 0..max_seq_len-1 (None: the engine's forward
+    # computes cos/sin from rope_positions itself)
     rope_table: Tensor | None = None
     # per step, not per layer: row b's key lengths and SDPA mask, made on first use
     _seq_lens: Tensor | None = field(default=None, init=False, repr=False)

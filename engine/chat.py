@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
 from toyllm.engine.generate import Engine, GenerationError
 from toyllm.engine.sampling import SamplingParams, make_generator, sample
 from toyllm.models.chat_template import Message, chat_prompt_text, template_of

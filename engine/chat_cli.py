@@ -12,6 +12,7 @@ from typing import TextIO
 
 from rich.console import Console
 from rich.markup import escape
+
 from toyllm.engine.chat import ChatSession, ChatTurn
 
 HELP = "commands: /reset forgets the conversation, /quit ends (also Ctrl-D); Ctrl-C stops an answer"

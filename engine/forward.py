@@ -94,9 +94,13 @@ class LayerWeights:
 def fuse_rows(linears: list[nn.Linear]) -> Tensor:
     """One [sum of out, in] weight for several linears of the same input; each linear's weight
     becomes a view of its rows (same values, same state_dict, no extra memory). Keeps the
-    storage order: input-major weights (engine/cpu_layout.py) give an input-major matrix."""
+    storage order: input-major weights (engine/cpu_layout.py) give an input-major matrix.
+    Weights that are already such views (an earlier engine fused them) are reused as they are."""
     weights = [lin.weight for lin in linears]
-    if all(w.stride() == (1, w.shape[0]) for w in weights):
+    fused = _fused_already(weights)
+    if fused is not None:
+        return fused
+    if all(w.stride(0) == 1 and w.stride(1) >= w.shape[0] for w in weights):
         fused = torch.cat([w.t() for w in weights], dim=1).t()  # [in, out] storage
     else:
         fused = torch.cat(list(weights), dim=0)
@@ -105,6 +109,26 @@ def fuse_rows(linears: list[nn.Linear]) -> Tensor:
         rows = lin.weight.shape[0]
         lin.weight.data = fused[start : start + rows]
         start += rows
+    return fused
+
+
+def _fused_already(weights: list[Tensor]) -> Tensor | None:
+    """The fused matrix `weights` are consecutive row blocks of, or None."""
+    base = weights[0]._base
+    if base is None or base.dim() != 2 or any(w._base is not base for w in weights):
+        return None
+    rows, cols = sum(w.shape[0] for w in weights), weights[0].shape[1]
+    if base.shape == (rows, cols):  # [out, in] storage: block i starts at row `start`
+        fused, step = base, cols
+    elif base.shape == (cols, rows):  # [in, out] storage: block i starts at column `start`
+        fused, step = base.t(), 1
+    else:
+        return None
+    start = 0
+    for w in weights:
+        if w.data_ptr() != base.data_ptr() + start * step * base.element_size():
+            return None
+        start += w.shape[0]
     return fused
 
 

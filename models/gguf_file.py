@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from toyllm.models.checkpoint import CheckpointError
 from toyllm.models.config import ConfigError, ModelConfig, RopeScaling
 from toyllm.models.hf_tokenizer import HFTokenizer

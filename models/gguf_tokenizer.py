@@ -27,6 +27,7 @@ from tokenizers import (
     normalizers,
     pre_tokenizers,
 )
+
 from toyllm.models.hf_tokenizer import HFTokenizer
 from toyllm.models.tokenizer import TokenizerError
 from toyllm.models.tokenizer_files import TokenizerFiles

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as _Tokenizers
+
 from toyllm.models.tokenizer import TokenizerError
 from toyllm.models.tokenizer_files import TokenizerFiles
 

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from tokenizer_fixtures import train_byte_level_bpe, write_tokenizer_dir  # noqa: E402
+
 from toyllm.engine.chat import ChatSession  # noqa: E402
 from toyllm.engine.generate import Engine  # noqa: E402
 from toyllm.engine.sampling import SamplingParams  # noqa: E402

@@ -25,10 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scripts.bench_kv_update import time_graph  # noqa: E402
 from toyllm.engine.cached_attention import grouped_attention  # noqa: E402
 from toyllm.engine.ops.kv_cache import decode_attention  # noqa: E402
-
-from scripts.bench_kv_update import time_graph  # noqa: E402
 
 # (batch, seq_len, q_heads, kv_heads, head_dim): Llama-1B heads, batch and context swept
 SHAPES = [(1, 128, 32, 8, 64), (1, 4096, 32, 8, 64), (4, 4096, 32, 8, 64),

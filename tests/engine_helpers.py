@@ -1,8 +1,11 @@
 """What the tests of the fused operators need to run the engine's forward (engine/forward.py)
 without an Engine: a step that attends as the reference model does without a cache, so that
-EngineForward's logits compare with Transformer.forward's on the same tokens."""
+EngineForward's logits compare with Transformer.forward's on the same tokens; and the garbage
+collection that tests building several CUDA-graph engines need."""
 
 from __future__ import annotations
+
+import gc
 
 from torch import Tensor
 
@@ -26,3 +29,13 @@ def engine_logits(model: Transformer, tokens: Tensor, positions: Tensor,
     cache (settings None: the defaults, Settings(), whatever the environment says)."""
     forward = EngineForward(model, Settings() if settings is None else settings)
     return forward(tokens, positions, NoCache(), last_only=last_only)
+
+
+def collect_dead_graphs() -> None:
+    """gc.collect(), before building an engine that captures CUDA graphs (and after a test that
+    built some). An Engine is a reference cycle (its decode_forward closes over it), so a dropped
+    engine's captured graphs are destroyed by the cyclic collector, whenever it happens to run;
+    torch.cuda.graph no longer collects before a capture, and a graph destroyed during another
+    capture invalidates it ("operation not permitted when stream is capturing (function
+    reset)", seen on an H200 when one test's second engine captured)."""
+    gc.collect()

@@ -19,6 +19,7 @@ import math
 
 import pytest
 import torch
+from engine_helpers import collect_dead_graphs
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import toyllm.engine.ops.argmax as argmax_mod
@@ -28,6 +29,14 @@ from toyllm.engine.settings import Settings
 OPS = torch.ops.toyllm
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAN, INF = float("nan"), float("inf")
+
+
+@pytest.fixture(autouse=True)
+def _no_dead_graphs_left(request):
+    """CUDA tests leave no dropped engine for the collector to find during a later capture."""
+    yield
+    if request.node.get_closest_marker("cuda") is not None:
+        collect_dead_graphs()
 
 
 def reference(logits: torch.Tensor) -> torch.Tensor:
@@ -412,6 +421,7 @@ def test_model_greedy_generation_on_cuda_is_the_same_with_and_without_the_kernel
                 settings=Settings(cuda_argmax=True)).generate(prompts, params)
     assert calls and set(calls) == {torch.bfloat16}  # the model's logits, not a float copy
     made = len(calls)
+    collect_dead_graphs()  # the first engine, before the second captures
     off = Engine(model, cuda_graph=cuda_graph,
                  settings=Settings(cuda_argmax=False)).generate(prompts, params)
     assert len(calls) == made  # torch.argmax picked every token

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizer_fixtures import train_byte_level_bpe, write_tokenizer_dir
+from typer.testing import CliRunner
+
 from toyllm.engine.chat import ChatSession
 from toyllm.engine.chat_cli import run_chat
 from toyllm.engine.cli import app
@@ -22,7 +24,6 @@ from toyllm.models.checkpoint import save_checkpoint
 from toyllm.models.config import ModelConfig
 from toyllm.models.llama import build_model
 from toyllm.models.model_source import load_model
-from typer.testing import CliRunner
 
 runner = CliRunner()
 CPU = torch.device("cpu")

@@ -145,7 +145,7 @@ def test_gemv_cuda_empty_shapes() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# bad inputs: the operator (csrc/cuda_gemv.cpp) and its fake (engine/gemv.py) say the same
+# bad inputs: the operator (csrc/cuda_gemv.cpp) and its fake (engine/ops/gemv.py) say the same
 
 Make = Callable[..., torch.Tensor]  # make(shape, dtype=bf16, device="cuda", stride=contiguous)
 

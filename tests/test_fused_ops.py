@@ -623,7 +623,7 @@ def test_llama_forward_with_fused_ops_matches_the_torch_code(dtype, tol) -> None
         plain = model(tokens, positions).float()
     if dtype == torch.float32:
         assert float((fused - plain).abs().max()) <= tol
-    else:  # the tolerances of engine/tolerances.py: relative norm of the difference
+    else:  # the tolerances of engine/check/tolerances.py: relative norm of the difference
         assert float((fused - plain).norm() / plain.norm()) <= tol
 
 

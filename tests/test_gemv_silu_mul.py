@@ -212,7 +212,7 @@ def test_gemv_silu_mul_cuda_empty_shapes() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # bad inputs: the operators (csrc/cuda_gemv.cpp, csrc/cpu_gemv.cpp) and the fake
-# (engine/gemv.py) say the same
+# (engine/ops/gemv.py) say the same
 
 Make = Callable[..., torch.Tensor]  # make(shape, dtype=bf16, device="cuda", stride=contiguous)
 

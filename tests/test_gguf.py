@@ -14,13 +14,14 @@ import pytest
 import sentencepiece as spm
 import torch
 from tokenizer_fixtures import CHATML_TEMPLATE, MULTIBYTE_TEXT, train_byte_level_bpe
+from typer.testing import CliRunner
+
 from toyllm.engine.cli import app
 from toyllm.models.checkpoint import load_checkpoint, save_checkpoint
 from toyllm.models.config import ModelConfig
 from toyllm.models.gguf_file import GGUFError, load_gguf, permute_for_gguf
 from toyllm.models.llama import Transformer, build_model
 from toyllm.models.model_source import ModelSourceError, load_model
-from typer.testing import CliRunner
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType

@@ -15,6 +15,7 @@ from tokenizer_fixtures import (
     train_byte_level_bpe,
     write_tokenizer_dir,
 )
+
 from toyllm.models.chat_template import (
     ChatTemplateError,
     chat_prompt_ids,
@@ -184,11 +185,12 @@ def test_post_processor_bos_as_transformers(bpe, tmp_path: Path) -> None:
 
 def test_tokenizer_larger_than_the_embedding_is_one_line(bpe, tmp_path: Path) -> None:
     import torch
+    from typer.testing import CliRunner
+
     from toyllm.engine.cli import app
     from toyllm.models.checkpoint import save_checkpoint
     from toyllm.models.config import ModelConfig
     from toyllm.models.llama import build_model
-    from typer.testing import CliRunner
 
     config = ModelConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2,
                          num_kv_heads=1, intermediate_size=48, max_seq_len=32)

@@ -20,7 +20,7 @@ computes h in every block before its product: scripts/bench_gemv.py).
 k_cache, v_cache, positions, num_q_heads) -> (sum, q)`` is the q/k/v product after the input
 norm with toyllm::rope_kv_update's work (RoPE on q and k, the K/V write) in its epilogue: the
 bits of gemv_add_rms_norm then rope_kv_update, one kernel for a one-row decode step
-(engine/cached_attention.py's DecodeStep.attend_norm_qkv takes it where ``rope_kv_applies``).
+(engine/forward.py takes it where ``rope_kv_applies``).
 
 ``applies`` / ``silu_applies`` / ``rope_kv_applies`` say where the operators take their
 arguments (one CUDA row, fp32/fp16/bf16 throughout, contiguous tensors, a product the engine's
