@@ -26,13 +26,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 from toyllm.models.config import ConfigError, ModelConfig, load_config
+from toyllm.models.shipped import DEFAULT_MODEL_DIR, resolve_config
 
 # Bytes per element of each storage dtype the engine supports.
 ELEMENT_SIZES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
-
-# The same directory as models.model_source.DEFAULT_MODEL_DIR, named here so that `info` needs
-# neither torch nor the extension.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
 
 
 @dataclass(frozen=True)
@@ -110,8 +107,8 @@ def describe(config: ModelConfig, batch: int = 1, context: int | None = None,
 
 
 def load_for_info(source: str | Path | None) -> tuple[ModelConfig, str]:
-    """A config from a .toml, a config.json or a checkpoint directory; None: the shipped
-    default model (a clear ConfigError while it has not been trained yet)."""
+    """A config from a .toml, a config.json, a checkpoint directory or a shipped config's name;
+    None: the shipped default model (a clear ConfigError while it has not been trained yet)."""
     if source is None:
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
             raise ConfigError(
@@ -119,11 +116,7 @@ def load_for_info(source: str | Path | None) -> tuple[ModelConfig, str]:
                 "config .toml, a config.json or a checkpoint directory"
             )
         return load_config(DEFAULT_MODEL_DIR), "default model"
-    path = Path(source)
-    if not path.exists():
-        raise ConfigError(
-            f"not found: {path} (expected a config .toml, a config.json or a checkpoint directory)"
-        )
+    path = resolve_config(source)
     return load_config(path), str(path)
 
 
