@@ -6,7 +6,7 @@ per-row length mask (what the engine uses otherwise), in one run on one GPU.
 Both read K/V in place from a [batch, max_seq_len, kv_heads, head_dim] cache. "ours" is the
 default (pass 1 on tensor cores where it applies), "cores" the same op with TOYLLM_DECODE_MMA=0
 (pass 1 on CUDA cores), to compare the two in the same run. Times are per
-call inside a CUDA graph of 50 calls (GPU time without launch overhead; bench_kv_update's
+call inside a CUDA graph of 50 calls (GPU time without launch overhead; toyllm.engine.tools.timing's
 time_graph), median of 5 replays;
 GB/s counts the K/V bytes each call must read (batch x seq_len x kv_heads x head_dim x 2).
 """
@@ -16,19 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from toyllm.engine.cached_attention import grouped_attention  # noqa: E402
-from toyllm.engine.ops.kv_cache import decode_attention  # noqa: E402
-
-from scripts.bench_kv_update import time_graph  # noqa: E402
+from toyllm.engine.cached_attention import grouped_attention
+from toyllm.engine.ops.kv_cache import decode_attention
+from toyllm.engine.tools.timing import time_graph
 
 # (batch, seq_len, q_heads, kv_heads, head_dim): Llama-1B heads, batch and context swept
 SHAPES = [(1, 128, 32, 8, 64), (1, 4096, 32, 8, 64), (4, 4096, 32, 8, 64),
