@@ -25,9 +25,10 @@ TOYLLM_NO_CUDA="${TOYLLM_NO_CUDA:-1}" "$PYTHON" -m pip wheel -q --no-build-isola
     -w "$work/dist" .
 wheel=$(ls "$work"/dist/toyllm-*.whl)
 echo "$(basename "$wheel"): $(( $(stat -c %s "$wheel") / 1024 )) KiB"
+"$PYTHON" -m zipfile -l "$wheel" > "$work/contents.txt"
 for f in toyllm/configs/llama-1b.toml toyllm/configs/experiments/attention-variants.toml \
          toyllm/models/default/model.safetensors toyllm/models/default/tokenizer.model; do
-    "$PYTHON" -m zipfile -l "$wheel" | grep -q "^$f " || fail "$f is not in the wheel"
+    grep -q "^$f " "$work/contents.txt" || fail "$f is not in the wheel"
 done
 
 stage "a fresh venv: $TORCH, then the wheel (not editable)"
@@ -43,30 +44,33 @@ case "$where" in
     *) fail "toyllm's configs come from $where, not from the venv" ;;
 esac
 
-run() {  # one command from the empty directory; its output, then a check it succeeded
-    echo "\$ $*"
-    "$@" || fail "exit $? from: $*"
+run() {  # run CMD...: from the empty directory; show its last $SHOW lines (or first $HEAD;
+    echo "\$ $*"  # all of them on failure)
+    local rc=0
+    "$@" > "$work/out.txt" 2>&1 || rc=$?
+    [[ $rc == 0 ]] || { cat "$work/out.txt"; fail "exit $rc from: $*"; }
+    if [[ -n ${HEAD:-} ]]; then head -n "$HEAD" "$work/out.txt"; else tail -n "${SHOW:-2}" "$work/out.txt"; fi
 }
 stage "toyllm --help"
-run toyllm --help > /dev/null
+SHOW=0 run toyllm --help
 stage "toyllm generate (the shipped model; a shipped config with random weights)"
-run toyllm generate "def f" --max-new-tokens 4 --seed 0 --stats
-run toyllm generate "def f" --model default --random-weights --max-new-tokens 4 --seed 0
+SHOW=3 run toyllm generate "def f" --max-new-tokens 4 --seed 0 --stats
+SHOW=3 run toyllm generate "def f" --model default --random-weights --max-new-tokens 4 --seed 0
 stage "toyllm info (the shipped model, shipped configs by name)"
-run toyllm info > /dev/null
-run toyllm info llama-1b | head -1
-run toyllm info stories15m.toml --json > /dev/null
-if toyllm info llama-9b 2> err.txt; then fail "toyllm info llama-9b succeeded"; fi
-grep -q "shipped: default, llama-1b" err.txt || fail "unknown config name: $(cat err.txt)"
-echo "unknown name -> $(cat err.txt)"
+HEAD=1 run toyllm info
+HEAD=1 run toyllm info llama-1b
+SHOW=0 run toyllm info stories15m.toml --json
+if toyllm info llama-9b 2> "$work/err.txt"; then fail "toyllm info llama-9b succeeded"; fi
+grep -q "shipped: default, llama-1b" "$work/err.txt" || fail "unknown name: $(cat "$work/err.txt")"
+echo "unknown name -> $(cat "$work/err.txt")"
 stage "toyllm check (the shipped weights and one random shape, fp32, CPU)"
-run toyllm check --device cpu --configs shipped-default,gqa-tied --no-hf
+SHOW=1 run toyllm check --device cpu --configs shipped-default,gqa-tied --no-hf
 stage "toyllm sweep (shipped experiments by name)"
-run toyllm sweep attention-variants --dry-run | tail -1
-run toyllm sweep cpu-smoke --out sweep-out | tail -1
-ls sweep-out/*.csv sweep-out/*.json > /dev/null || fail "toyllm sweep wrote no CSV/JSON"
+SHOW=1 run toyllm sweep attention-variants --dry-run
+SHOW=1 run toyllm sweep cpu-smoke --out sweep-out
+ls sweep-out/sweep.csv sweep-out/sweep.json > /dev/null || fail "toyllm sweep wrote no CSV/JSON"
 stage "toyllm bench (CPU, smallest settings)"
-run toyllm bench --device cpu --models default --contexts 16 --new-tokens 8 --no-hf \
-    --json bench.json | tail -4
+SHOW=4 run toyllm bench --device cpu --models default --contexts 16 --new-tokens 8 --no-hf \
+    --json bench.json
 stage "done: every command ran from $work/run"
 cd "$repo"
