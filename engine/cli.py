@@ -101,7 +101,7 @@ def generate(
         help="Checkpoint directory (Hugging Face layout), config .toml or shipped config name "
              "(llama-1b, stories15m, ...); default: the shipped model.")] = None,
     random_weights: Annotated[bool, typer.Option(
-        help="With a config: random weights (experiments).")] = False,
+        help="With a config .toml: random weights (experiments).")] = False,
     tokenizer: Annotated[Path | None, typer.Option(help="sentencepiece tokenizer.model")] = None,
     prompts_file: Annotated[Path | None, typer.Option(
         help="More prompts: .jsonl or one per line.")] = None,

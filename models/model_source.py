@@ -11,10 +11,10 @@ import torch
 from toyllm.models.checkpoint import CheckpointError, load_checkpoint
 from toyllm.models.config import ConfigError, ModelConfig, load_config
 from toyllm.models.llama import Transformer, build_model
-from toyllm.models.shipped import DEFAULT_MODEL_DIR, config_names, resolve_config
+from toyllm.models.shipped import config_names, resolve_config
 from toyllm.models.tokenizer import Tokenizer
 
-__all__ = ["DEFAULT_MODEL_DIR", "LoadedModel", "ModelSourceError", "load_model"]
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
 
 
 class ModelSourceError(ValueError):
@@ -38,22 +38,24 @@ def load_model(
     seed: int = 0,
     tokenizer_path: str | Path | None = None,
 ) -> LoadedModel:
-    """source None: the shipped default model. A directory: a checkpoint. A .toml, or the name
-    of a shipped config: a config, which needs random_weights=True (its tokenizer is the
-    default one when the vocab fits)."""
-    t0 = time.perf_counter()
-    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
-        raise ModelSourceError(f"tokenizer not found: {tokenizer_path}")
-    if source is None:
-        path = DEFAULT_MODEL_DIR
-    else:
+    """source None: the shipped default model. A directory: a checkpoint. A .toml: a config,
+    which needs random_weights=True (its tokenizer is the default one when the vocab fits)."""
+    if source is not None:  # a path that exists, else a shipped config's name
         try:
-            path = resolve_config(source)
+            source = resolve_config(source)
         except ConfigError:
             raise ModelSourceError(
                 f"model not found: {source} (expected a checkpoint directory, a config .toml or "
                 f"a shipped config: {', '.join(config_names())})"
             ) from None
+    t0 = time.perf_counter()
+    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+        raise ModelSourceError(f"tokenizer not found: {tokenizer_path}")
+    path = Path(source) if source is not None else DEFAULT_MODEL_DIR
+    if not path.exists():
+        raise ModelSourceError(
+            f"model not found: {path} (expected a checkpoint directory or a config .toml)"
+        )
     if path.is_dir():
         if random_weights:
             raise ModelSourceError("--random-weights goes with a config .toml, not a checkpoint")

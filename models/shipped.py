@@ -1,5 +1,4 @@
-"""What ships with toyllm: the default model's folder, and the model configs and experiment
-files, found by name or by path.
+"""The model configs and experiment files that ship with toyllm, found by name or by path.
 
 In a checkout they are the top-level `configs/` and `configs/experiments/` folders; in an
 installed wheel they are the package data of `toyllm.configs` (pyproject.toml maps the one onto
@@ -21,7 +20,6 @@ from pathlib import Path
 
 from toyllm.models.config import ConfigError
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 EXPERIMENTS_DIR = CONFIGS_DIR / "experiments"
 

@@ -26,10 +26,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 from toyllm.models.config import ConfigError, ModelConfig, load_config
-from toyllm.models.shipped import DEFAULT_MODEL_DIR, resolve_config
+from toyllm.models.shipped import resolve_config
 
 # Bytes per element of each storage dtype the engine supports.
 ELEMENT_SIZES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+# The same directory as models.model_source.DEFAULT_MODEL_DIR, named here so that `info` needs
+# neither torch nor the extension (engine/tools/ -> the package's models/default).
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "default"
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,12 @@ def load_for_info(source: str | Path | None) -> tuple[ModelConfig, str]:
                 "config .toml, a config.json or a checkpoint directory"
             )
         return load_config(DEFAULT_MODEL_DIR), "default model"
-    path = resolve_config(source)
+    source = resolve_config(source)  # a path that exists, else a shipped config's name
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(
+            f"not found: {path} (expected a config .toml, a config.json or a checkpoint directory)"
+        )
     return load_config(path), str(path)
 
 
