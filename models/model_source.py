@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from toyllm.models.checkpoint import CheckpointError, load_checkpoint
 from toyllm.models.config import ConfigError, ModelConfig, load_config
 from toyllm.models.llama import Transformer, build_model

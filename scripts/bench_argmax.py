@@ -22,6 +22,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
+
 from toyllm.engine.tools.timing import time_eager, time_graph
 
 ROWS = (1, 16)

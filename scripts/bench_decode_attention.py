@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+
 from toyllm.engine.cached_attention import grouped_attention
 from toyllm.engine.ops.kv_cache import decode_attention
 from toyllm.engine.tools.timing import time_graph

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
 from toyllm.engine.tools.timing import copy_ceiling_gb_per_s, time_graph
 
 LAYERS = 16  # Llama-1B (Llama-3.2-1B: hidden 2048, 16 layers, MLP 8192, vocab 128256)

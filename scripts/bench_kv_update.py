@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+
 from toyllm.engine.tools.timing import copy_ceiling_gb_per_s, time_eager, time_graph
 
 GRAPH_MAX_BYTES = 64 * 2**20  # sizes below this are also timed through a CUDA graph

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from toyllm.engine.check.harness import run_matrix, select_cases
 
 BACKENDS = {

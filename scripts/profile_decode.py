@@ -15,6 +15,7 @@ import argparse
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
 from toyllm.engine.device import resolve_dtype
 from toyllm.engine.generate import Engine
 from toyllm.engine.sampling import SamplingParams

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from build_corpus import Corpus, load_corpus  # a sibling script (scripts/ is first on sys.path)
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
 from toyllm.models.checkpoint import save_checkpoint
 from toyllm.models.config import ModelConfig, load_config
 from toyllm.models.llama import Transformer, build_model

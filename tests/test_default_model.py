@@ -21,6 +21,7 @@ import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
+
 from toyllm.models.checkpoint import load_checkpoint, read_metadata
 from toyllm.models.config import load_config
 

@@ -12,6 +12,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
+
 from toyllm.models.config import ConfigError, load_config
 from toyllm.models.shipped import (
     CONFIGS_DIR,
@@ -81,8 +82,9 @@ def test_an_unknown_name_is_one_line_listing_the_shipped_names(resolve, name: st
 
 
 def test_the_cli_takes_shipped_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from toyllm.engine.cli import app
     from typer.testing import CliRunner
+
+    from toyllm.engine.cli import app
 
     monkeypatch.chdir(tmp_path)  # no configs/ folder here
     runner = CliRunner()

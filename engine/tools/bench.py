@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
 from toyllm.engine.cached_attention import decode_kernel_max_rows
 from toyllm.engine.check.reference import reference_logits
 from toyllm.engine.generate import Engine
@@ -115,6 +116,7 @@ def time_reference(model: Transformer, prompt: list[int], steps: int) -> tuple[f
 def hf_model(model: Transformer, source_dir: Path | None):
     """The same shape (and, from a checkpoint directory, the same weights) in transformers."""
     import transformers
+
     from toyllm.models.config import config_to_hf
 
     if source_dir is not None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
 from toyllm.models.config import ConfigError, ModelConfig, load_config
 from toyllm.models.shipped import resolve_config
 
