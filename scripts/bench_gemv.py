@@ -14,12 +14,12 @@ L2 (50-60 MB on an H100/H200), as in a real decode step. GB/s counts the weight 
 call. The "decode step" rows add up the products of one step of the 16-layer model.
 
 The second table times down [2048, 8192] from one row of gate_up [1, 16384]: gemv_silu_mul (one
-kernel) against toyllm::silu_mul then toyllm::gemv (the model's path with
-TOYLLM_FUSED_SILU_GEMV=0) and silu_mul then F.linear, in graphs of the same kind, and says
+kernel) against toyllm::silu_mul then toyllm::gemv (the engine's path at
+fusion level rope_kv) and silu_mul then F.linear, in graphs of the same kind, and says
 whether the fused output has the bits of the two kernels'. The third times q/k/v [3072, 2048]
 and gate/up [16384, 2048] after a residual add and RMSNorm of one row: gemv_add_rms_norm (one
-kernel, csrc/gemv_add_rms_norm.cu) against toyllm::add_rms_norm then toyllm::gemv (the model's
-path with TOYLLM_FUSED_NORM_GEMV=0), likewise, and gate/up with silu(gate) * up in the same
+kernel) against toyllm::add_rms_norm then toyllm::gemv (the engine's path at fusion level
+silu_gemv), likewise, and gate/up with silu(gate) * up in the same
 kernel (gemv_add_rms_norm_silu_mul) against those two and toyllm::silu_mul.
 Exits with status 2 and a one-line message where there is no GPU.
 """
