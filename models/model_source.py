@@ -46,8 +46,8 @@ def load_model(
             source = resolve_config(source)
         except ConfigError:
             raise ModelSourceError(
-                f"model not found: {source} (expected a checkpoint directory, a config .toml or "
-                f"a shipped config: {', '.join(config_names())})"
+                f"model not found: {source} (expected a checkpoint directory, a .gguf file, a "
+                f"config .toml or a shipped config: {', '.join(config_names())})"
             ) from None
     t0 = time.perf_counter()
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
