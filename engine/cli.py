@@ -99,8 +99,8 @@ def generate(
     prompts: Annotated[list[str] | None, typer.Argument(help="Prompt text (several allowed).")]
     = None,
     model: Annotated[str | None, typer.Option(
-        help="Checkpoint directory (Hugging Face layout) or config .toml; default: the "
-             "shipped model.")] = None,
+        help="Checkpoint directory (Hugging Face layout), config .toml or shipped config name "
+             "(llama-1b, stories15m, ...); default: the shipped model.")] = None,
     random_weights: Annotated[bool, typer.Option(
         help="With a config .toml: random weights (experiments).")] = False,
     tokenizer: Annotated[Path | None, typer.Option(
@@ -320,7 +320,8 @@ def check(
 @app.command()
 def info(
     source: Annotated[str | None, typer.Argument(
-        help="Config .toml, config.json or checkpoint directory; default: the shipped model.")]
+        help="Config .toml, config.json, checkpoint directory or shipped config name "
+             "(llama-1b, stories15m, ...); default: the shipped model.")]
     = None,
     batch: Annotated[int, typer.Option(help="Sequences whose KV cache is counted.")] = 1,
     context: Annotated[int | None, typer.Option(
@@ -344,7 +345,9 @@ def info(
 
 @app.command()
 def sweep(
-    experiment: Annotated[Path, typer.Argument(help="Experiment .toml (base config + grid).")],
+    experiment: Annotated[Path, typer.Argument(
+        help="Experiment .toml (base config + grid) or shipped experiment name "
+             "(attention-variants, cpu-smoke, ...).")],
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Output directory; default: runs/sweep-<name>.")] = None,
     device: Annotated[str | None, typer.Option(

@@ -13,6 +13,7 @@ from toyllm.models.checkpoint import CheckpointError, load_checkpoint
 from toyllm.models.config import ConfigError, ModelConfig, load_config
 from toyllm.models.hf_tokenizer import HFTokenizer
 from toyllm.models.llama import Transformer, build_model
+from toyllm.models.shipped import config_names, resolve_config
 from toyllm.models.tokenizer import Tokenizer
 from toyllm.models.tokenizer_files import find_tokenizer, load_tokenizer
 
@@ -43,6 +44,14 @@ def load_model(
     """source None: the shipped default model. A directory: a checkpoint. A .gguf: a llama.cpp
     file (weights and tokenizer). A .toml: a config,
     which needs random_weights=True (its tokenizer is the default one when the vocab fits)."""
+    if source is not None:  # a path that exists, else a shipped config's name
+        try:
+            source = resolve_config(source)
+        except ConfigError:
+            raise ModelSourceError(
+                f"model not found: {source} (expected a checkpoint directory, a .gguf file, a "
+                f"config .toml or a shipped config: {', '.join(config_names())})"
+            ) from None
     t0 = time.perf_counter()
     if tokenizer_path is not None and not Path(tokenizer_path).exists():
         raise ModelSourceError(f"tokenizer not found: {tokenizer_path}")

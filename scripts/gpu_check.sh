@@ -8,8 +8,8 @@
 #
 # STAGES: comma list of build,tests,check,probe,sanitizer,generate,bench,profile,sweep (default:
 # all, in that order: correctness first).
-# STAGE_TIMEOUT caps each stage (s), BUDGET_S the whole run; BENCH_ARGS go to bench_decode.py; SWEEPS names the
-# experiments (configs/experiments/NAME.toml) to run; PROBE_ARGS go to probe_decode_rounding.py;
+# STAGE_TIMEOUT caps each stage (s), BUDGET_S the whole run; BENCH_ARGS go to toyllm bench; SWEEPS names the
+# shipped experiments (configs/experiments/NAME.toml) to run; PROBE_ARGS go to probe_decode_rounding.py;
 # SANITIZE_ONLY (a bash regex) keeps the sanitizer stages whose names match it.
 # A failing stage is recorded in OUT_DIR/summary.txt and the script goes on to the next.
 set -uo pipefail
@@ -137,33 +137,28 @@ if want bench; then
     stage bench_gemv $PY scripts/bench_gemv.py --json "$OUT/bench_gemv.json"
     stage bench_argmax $PY scripts/bench_argmax.py --json "$OUT/bench_argmax.json"
     stage bench_decode toyllm bench ${BENCH_ARGS:-} --json "$OUT/bench_decode.json"
-    # A/B of the fused norm products, batch 1 only, same machine minutes later:
-    # TOYLLM_FUSED_NORM_ROPE=0 leaves RoPE and the K/V write to rope_kv_update,
-    # TOYLLM_FUSED_NORM_SILU=0 leaves silu(gate) * up to the down product,
-    # TOYLLM_STAGED_WARPS=16 gives the staged kernels one block of 16 warps per SM (default 8),
-    # TOYLLM_FUSED_NORM_GEMV=0 runs add_rms_norm and each product as separate kernels
+    # A/B of the fusion ladder (docs/ENGINE.md, "Settings"), batch 1 only, same machine minutes
+    # later: each level below full takes one fusion out (silu_gemv: the residual add + RMSNorm
+    # run as their own kernel, not inside the one-row products; rope_kv: silu*up leaves the down
+    # product too; elementwise: RoPE and the K/V write are two ops again)
     if [[ -n ${AB_BENCH:-} ]]; then
         B1=(--models llama-1b --batches 1 --contexts 128 --no-hf --no-reference)
-        TOYLLM_FUSED_NORM_ROPE=0 stage bench_decode_no_norm_rope toyllm bench "${B1[@]}" \
-            --json "$OUT/bench_decode_no_norm_rope.json"
-        TOYLLM_FUSED_NORM_SILU=0 stage bench_decode_no_norm_silu toyllm bench "${B1[@]}" \
-            --json "$OUT/bench_decode_no_norm_silu.json"
-        TOYLLM_STAGED_WARPS=16 stage bench_decode_staged_16_warps toyllm bench "${B1[@]}" \
-            --json "$OUT/bench_decode_staged_16_warps.json"
-        TOYLLM_FUSED_NORM_GEMV=0 stage bench_decode_norm_unfused toyllm bench "${B1[@]}" \
-            --json "$OUT/bench_decode_norm_unfused.json"
+        for level in silu_gemv rope_kv elementwise; do
+            TOYLLM_FUSION=$level stage "bench_decode_fusion_$level" toyllm bench "${B1[@]}" \
+                --json "$OUT/bench_decode_fusion_$level.json"
+        done
         stage bench_decode_b1_again toyllm bench "${B1[@]}" --json "$OUT/bench_decode_b1_again.json"
     fi
 fi
 if want profile; then
     stage profile_decode $PY scripts/profile_decode.py --model llama-1b --dtype bf16
     stage profile_decode_graph $PY scripts/profile_decode.py --model llama-1b --dtype bf16 --graph
-    TOYLLM_FUSED_OPS=0 stage profile_decode_unfused $PY scripts/profile_decode.py \
+    TOYLLM_FUSION=none stage profile_decode_unfused $PY scripts/profile_decode.py \
         --model llama-1b --dtype bf16
 fi
 if want sweep; then
     for name in ${SWEEPS:-attention-variants context-length}; do
-        stage "sweep_$name" toyllm sweep "configs/experiments/$name.toml" --device cuda \
+        stage "sweep_$name" toyllm sweep "$name" --device cuda \
             --out "$OUT/sweep_$name"
     done
 fi

@@ -19,15 +19,12 @@ import argparse
 import itertools
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from toyllm.engine.check.harness import run_matrix, select_cases  # noqa: E402
+from toyllm.engine.check.harness import run_matrix, select_cases
 
 BACKENDS = {
     "default": None,

@@ -44,18 +44,16 @@ from typing import TextIO
 
 import torch
 import torch.nn.functional as F
+from build_corpus import Corpus, load_corpus  # a sibling script (scripts/ is first on sys.path)
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from toyllm.models.checkpoint import save_checkpoint
+from toyllm.models.config import ModelConfig, load_config
+from toyllm.models.llama import Transformer, build_model
+from toyllm.models.tokenizer import Tokenizer
 
-from scripts.build_corpus import Corpus, load_corpus  # noqa: E402
-from toyllm.models.checkpoint import save_checkpoint  # noqa: E402
-from toyllm.models.config import ModelConfig, load_config  # noqa: E402
-from toyllm.models.llama import Transformer, build_model  # noqa: E402
-from toyllm.models.tokenizer import Tokenizer  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 CALIBRATION_START = 5  # steps run before timing starts (compilation, allocator warm-up)
 CALIBRATION_STEPS = 20  # steps timed to fit the schedule to a time budget

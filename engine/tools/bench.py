@@ -30,8 +30,7 @@ from toyllm.engine.settings import Settings
 from toyllm.models.config import load_config
 from toyllm.models.llama import Transformer, build_model
 from toyllm.models.model_source import DEFAULT_MODEL_DIR, load_model
-
-ROOT = Path(__file__).resolve().parents[2]
+from toyllm.models.shipped import resolve_config
 
 
 @dataclass
@@ -187,7 +186,7 @@ def bench_model(
         model, source = loaded.model, DEFAULT_MODEL_DIR
     else:
         model, source = (
-            build_model(load_config(ROOT / "configs" / f"{name}.toml"), device=device, dtype=dtype),
+            build_model(load_config(resolve_config(name)), device=device, dtype=dtype),
             None,
         )
     config = model.config
@@ -353,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--models",
         default=None,
-        help="comma list: default and/or config names (GPU: default,llama-1b; CPU: stories15m)",
+        help="comma list: default (the shipped model) and/or shipped config names or config "
+        ".toml paths (GPU: default,llama-1b; CPU: stories15m)",
     )
     ap.add_argument("--batches", default=None)
     ap.add_argument("--contexts", default=None)
@@ -380,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     args.new_tokens = args.new_tokens or (128 if gpu else 64)
     args.positions = ints(args.positions) if gpu else []
     args.prefill = ints(args.prefill or ("512,2048" if gpu else ""))
+    for name in args.models:  # an unknown name fails here, before anything is measured
+        if name != "default":
+            resolve_config(name)
     torch.manual_seed(0)
     if not gpu:
         torch.set_num_threads(torch.get_num_threads())

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from toyllm.models.config import ConfigError, ModelConfig, load_config
+from toyllm.models.shipped import resolve_config
 
 # Bytes per element of each storage dtype the engine supports.
 ELEMENT_SIZES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -111,8 +112,8 @@ def describe(config: ModelConfig, batch: int = 1, context: int | None = None,
 
 
 def load_for_info(source: str | Path | None) -> tuple[ModelConfig, str]:
-    """A config from a .toml, a config.json or a checkpoint directory; None: the shipped
-    default model (a clear ConfigError while it has not been trained yet)."""
+    """A config from a .toml, a config.json, a checkpoint directory or a shipped config's name;
+    None: the shipped default model (a clear ConfigError while it has not been trained yet)."""
     if source is None:
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
             raise ConfigError(
@@ -120,6 +121,7 @@ def load_for_info(source: str | Path | None) -> tuple[ModelConfig, str]:
                 "config .toml, a config.json or a checkpoint directory"
             )
         return load_config(DEFAULT_MODEL_DIR), "default model"
+    source = resolve_config(source)  # a path that exists, else a shipped config's name
     path = Path(source)
     if not path.exists():
         raise ConfigError(

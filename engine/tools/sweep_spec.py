@@ -4,7 +4,7 @@ and validated before any work starts (engine/sweep.py runs the points and writes
 An experiment file names a base config and the axes to vary::
 
     name = "attention-variants"
-    base = "../llama-1b.toml"        # relative to the experiment file
+    base = "../llama-1b.toml"        # relative to the experiment file, or a shipped name
     device = "auto"                   # optional: auto | cpu | cuda | cuda:N
     description = "MHA vs GQA vs MQA" # optional
     [model]                           # optional: fixed overrides of the base config
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from toyllm.models.config import ConfigError, ModelConfig, load_config
+from toyllm.models.shipped import resolve_config, resolve_experiment
 
 
 class ExperimentError(ValueError):
@@ -107,9 +108,12 @@ class Experiment:
 def load_experiment(path: str | Path, device: str | None = None) -> Experiment:
     """Read and validate an experiment file: every point's config is built and every size is
     checked here, so nothing runs unless the whole grid can. device overrides the file's."""
-    path = Path(path)
+    try:
+        path = resolve_experiment(path)
+    except ConfigError as exc:
+        raise ExperimentError(str(exc)) from None
     if not path.is_file():
-        raise ExperimentError(f"experiment file not found: {path}")
+        raise ExperimentError(f"{path}: expected an experiment .toml file, got a directory")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
@@ -122,13 +126,13 @@ def load_experiment(path: str | Path, device: str | None = None) -> Experiment:
     name = _string(path, "name", data.get("name", path.stem))
     if not name or any(c in name for c in "/\\") or name.startswith("."):
         raise ExperimentError(f"{path}: name: expected a plain file-name word, got {name!r}")
-    base = _base_config(path, data)
+    base_path, base = _base_config(path, data)
     dev = _device(path, device if device is not None else data.get("device", "auto"))
     run = _run_settings(path, data.get("run", {}))
     modes = _modes(path, run, dev)
     grid = _grid(path, data.get("grid"))
     description = _string(path, "description", data.get("description", ""))
-    exp = Experiment(name, path, path.parent / data["base"], description, dev, grid, run, modes)
+    exp = Experiment(name, path, base_path, description, dev, grid, run, modes)
     exp.points = _points(path, base, grid, run, dev)
     return exp
 
@@ -139,12 +143,14 @@ def _string(path: Path, key: str, value: Any) -> str:
     return value
 
 
-def _base_config(path: Path, data: dict[str, Any]) -> ModelConfig:
+def _base_config(path: Path, data: dict[str, Any]) -> tuple[Path, ModelConfig]:
+    """The base config: a path relative to the experiment file, or a shipped config's name."""
     if "base" not in data:
         raise ExperimentError(f"{path}: missing key 'base' (the config the grid varies)")
-    base_path = path.parent / _string(path, "base", data["base"])
-    if not base_path.exists():
-        raise ExperimentError(f"{path}: base config not found: {base_path}")
+    try:
+        base_path = resolve_config(_string(path, "base", data["base"]), relative_to=path.parent)
+    except ConfigError as exc:
+        raise ExperimentError(f"{path}: base {exc}") from None
     try:
         config = load_config(base_path)
     except ConfigError as exc:
@@ -159,7 +165,7 @@ def _base_config(path: Path, data: dict[str, Any]) -> ModelConfig:
             f"{list(MODEL_AXES)}"
         )
     try:
-        return config.with_overrides(**overrides)
+        return base_path, config.with_overrides(**overrides)
     except (ConfigError, TypeError) as exc:
         raise ExperimentError(f"{path}: [model]: {exc}") from None
 
