@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from toyllm.engine.ops.kv_cache import KVCache, kv_update
+from toyllm.engine.ops.kv_cache import KVCache, decode_attention, kv_update
 from toyllm.models.rope import gather_cos_sin
 
 
@@ -137,10 +137,8 @@ class DecodeStep:
         if self._seq_lens is None:
             self._seq_lens = (self.positions.clamp(min=0) + 1).to(torch.int32)  # keys 0..p_b
         if self.use_kernel:
-            out = torch.ops.toyllm.decode_attention(
-                q.reshape(rows, q.shape[2], q.shape[3]).contiguous(), k_cache, v_cache,
-                self._seq_lens, q.shape[-1] ** -0.5,
-            )
+            out = decode_attention(q.reshape(rows, q.shape[2], q.shape[3]).contiguous(), k_cache,
+                                   v_cache, self._seq_lens, q.shape[-1] ** -0.5)
             return out.view_as(q)
         span = self.span or k_cache.shape[1]
         if self._allowed is None:

@@ -10,7 +10,12 @@
 # all, in that order: correctness first).
 # STAGE_TIMEOUT caps each stage (s), BUDGET_S the whole run; BENCH_ARGS go to toyllm bench; SWEEPS names the
 # shipped experiments (configs/experiments/NAME.toml) to run; PROBE_ARGS go to probe_decode_rounding.py;
-# SANITIZE_ONLY (a bash regex) keeps the sanitizer stages whose names match it.
+# SANITIZE_ONLY (a bash regex) keeps the sanitizer stages whose names match it; TESTS (pytest
+# paths and options) narrows the tests stage.
+# Stage baseline (not in the default list): BASELINE=DIR holds an earlier commit's tree
+# (`git archive REV | tar -x -C DIR`); it is built in place there, and its decode bench and this
+# tree's alternate at batch 1 x 128 and 16 x 4096 (Llama-1B, bf16, BASELINE_ROUNDS times), so
+# that before and after a change are measured in one run on one card.
 # A failing stage is recorded in OUT_DIR/summary.txt and the script goes on to the next.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR [STAGES]}
@@ -79,7 +84,7 @@ fi
 if want tests; then
     # the CUDA matrix test is the check stage below; not run twice
     stage pytest_cuda $PY -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" \
-        --deselect tests/test_check.py::test_default_cuda_matrix_passes_every_case
+        --deselect tests/test_check.py::test_default_cuda_matrix_passes_every_case ${TESTS:-}
 fi
 if want check; then
     stage check_gpu toyllm check --device cuda --dtypes fp32,fp16,bf16 --json "$OUT/check_gpu.json"
@@ -149,6 +154,20 @@ if want bench; then
         done
         stage bench_decode_b1_again toyllm bench "${B1[@]}" --json "$OUT/bench_decode_b1_again.json"
     fi
+fi
+if want baseline; then
+    BASE=${BASELINE:?the baseline stage needs BASELINE=DIR}
+    stage baseline_build bash -c "cd '$BASE' && MAX_JOBS=16 $PY setup.py build_ext --inplace"
+    BARGS=(--models llama-1b --dtype bf16 --no-hf --no-reference)
+    for round in $(seq "${BASELINE_ROUNDS:-1}"); do
+        for shape in 1x128 16x4096; do
+            b=${shape%x*} c=${shape#*x}
+            stage "baseline_${shape}_$round" bash -c "cd '$BASE' && $PY scripts/bench_decode.py \
+                ${BARGS[*]} --batches $b --contexts $c --json '$OUT/baseline_${shape}_$round.json'"
+            stage "current_${shape}_$round" toyllm bench "${BARGS[@]}" --batches "$b" \
+                --contexts "$c" --json "$OUT/current_${shape}_$round.json"
+        done
+    done
 fi
 if want profile; then
     stage profile_decode $PY scripts/profile_decode.py --model llama-1b --dtype bf16
