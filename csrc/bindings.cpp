@@ -6,8 +6,8 @@
 #include <optional>
 #include <string>
 
-#include "kv_cache.h"
-#include "programmatic_launch.h"
+#include "cache/kv_cache.h"
+#include "common/programmatic_launch.h"
 
 namespace py = pybind11;
 
@@ -42,7 +42,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "setting they were captured with.");
     m.def("programmatic_launch_enabled", &toyllm::programmatic_launch_enabled);
 
-#ifdef TOYLLM_WITH_CUDA
+#ifdef WITH_CUDA_KERNELS
     m.attr("with_cuda") = true;
 #else
     m.attr("with_cuda") = false;

@@ -1,0 +1,158 @@
+// Registers the `toyllm::kv_update` PyTorch operator: schema, argument checks, CPU and CUDA
+// implementations. The fake (meta) implementation is registered from Python
+// (engine/kv_cache.py) so torch.compile and torch.library.opcheck can trace the operator.
+#include "cache/kv_ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "common/dtype_names.h"
+#include "cache/kv_update_cpu.h"
+
+#ifdef WITH_CUDA_KERNELS
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cache/kv_update.cuh"
+#endif
+
+namespace toyllm {
+namespace {
+
+// Checks every argument of kv_update; nothing has been written when this throws.
+void check_kv_update_args(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& new_k, const at::Tensor& new_v,
+                          const at::Tensor& positions) {
+    TORCH_CHECK_VALUE(k_cache.dim() == 4,
+                      "kv_update: expected k_cache of 4 dims [batch, max_seq_len, num_kv_heads, "
+                      "head_dim], got shape ",
+                      k_cache.sizes());
+    TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(),
+                      "kv_update: expected v_cache of k_cache's shape ", k_cache.sizes(), ", got ",
+                      v_cache.sizes());
+    const int64_t batch = k_cache.size(0);
+    const int64_t max_seq_len = k_cache.size(1);
+    const int64_t num_kv_heads = k_cache.size(2);
+    const int64_t head_dim = k_cache.size(3);
+
+    TORCH_CHECK_VALUE(new_k.dim() == 4,
+                      "kv_update: expected new_k of 4 dims [batch, num_tokens, num_kv_heads, "
+                      "head_dim], got shape ",
+                      new_k.sizes());
+    TORCH_CHECK_VALUE(
+        new_k.size(0) == batch && new_k.size(2) == num_kv_heads && new_k.size(3) == head_dim,
+        "kv_update: expected new_k of shape [", batch, ", num_tokens, ", num_kv_heads, ", ",
+        head_dim, "] (batch, heads and head_dim of the cache), got ", new_k.sizes());
+    TORCH_CHECK_VALUE(new_v.sizes() == new_k.sizes(), "kv_update: expected new_v of new_k's shape ",
+                      new_k.sizes(), ", got ", new_v.sizes());
+    const int64_t num_tokens = new_k.size(1);
+    TORCH_CHECK_VALUE(num_tokens >= 1, "kv_update: expected num_tokens (new_k.size(1)) >= 1, got ",
+                      num_tokens);
+    TORCH_CHECK_VALUE(num_tokens <= max_seq_len, "kv_update: expected num_tokens <= max_seq_len ",
+                      max_seq_len, ", got ", num_tokens);
+
+    const at::ScalarType dtype = k_cache.scalar_type();
+    const int64_t element_size = k_cache.element_size();
+    TORCH_CHECK_VALUE(
+        element_size == 1 || element_size == 2 || element_size == 4 || element_size == 8,
+        "kv_update: expected a cache dtype of 1, 2, 4 or 8 bytes, got ", dtype_name(dtype), " (",
+        element_size, " bytes)");
+    TORCH_CHECK_VALUE(v_cache.scalar_type() == dtype, "kv_update: expected v_cache of dtype ",
+                      dtype_name(dtype), " (k_cache's), got ", dtype_name(v_cache.scalar_type()));
+    TORCH_CHECK_VALUE(new_k.scalar_type() == dtype, "kv_update: expected new_k of dtype ",
+                      dtype_name(dtype), " (the cache's), got ", dtype_name(new_k.scalar_type()));
+    TORCH_CHECK_VALUE(new_v.scalar_type() == dtype, "kv_update: expected new_v of dtype ",
+                      dtype_name(dtype), " (the cache's), got ", dtype_name(new_v.scalar_type()));
+
+    const at::Device device = k_cache.device();
+    TORCH_CHECK_VALUE(v_cache.device() == device, "kv_update: expected v_cache on ", device,
+                      " (k_cache's device), got ", v_cache.device());
+    TORCH_CHECK_VALUE(new_k.device() == device, "kv_update: expected new_k on ", device,
+                      " (the cache's device), got ", new_k.device());
+    TORCH_CHECK_VALUE(new_v.device() == device, "kv_update: expected new_v on ", device,
+                      " (the cache's device), got ", new_v.device());
+
+    TORCH_CHECK_VALUE(k_cache.is_contiguous(),
+                      "kv_update: expected a contiguous k_cache, got strides ", k_cache.strides(),
+                      " for shape ", k_cache.sizes());
+    TORCH_CHECK_VALUE(v_cache.is_contiguous(),
+                      "kv_update: expected a contiguous v_cache, got strides ", v_cache.strides(),
+                      " for shape ", v_cache.sizes());
+    TORCH_CHECK_VALUE(new_k.is_contiguous(), "kv_update: expected a contiguous new_k, got strides ",
+                      new_k.strides(), " for shape ", new_k.sizes());
+    TORCH_CHECK_VALUE(new_v.is_contiguous(), "kv_update: expected a contiguous new_v, got strides ",
+                      new_v.strides(), " for shape ", new_v.sizes());
+
+    TORCH_CHECK_VALUE(positions.scalar_type() == at::kInt,
+                      "kv_update: expected positions of dtype torch.int32, got ",
+                      dtype_name(positions.scalar_type()));
+    TORCH_CHECK_VALUE(positions.dim() == 1 && positions.size(0) == batch,
+                      "kv_update: expected positions of shape [", batch,
+                      "] (the cache's batch), got ", positions.sizes());
+    TORCH_CHECK_VALUE(positions.device() == device, "kv_update: expected positions on ", device,
+                      " (the cache's device), got ", positions.device());
+    TORCH_CHECK_VALUE(positions.is_contiguous(),
+                      "kv_update: expected contiguous positions, got strides ",
+                      positions.strides());
+}
+
+void kv_update_cpu_impl(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& new_k,
+                        const at::Tensor& new_v, const at::Tensor& positions) {
+    check_kv_update_args(k_cache, v_cache, new_k, new_v, positions);
+    // On the CPU the positions can be read for free, so their range is checked too (the CUDA
+    // kernel cannot report without a host sync; it skips out-of-range sequences instead).
+    const int64_t max_seq_len = k_cache.size(1);
+    const int64_t num_tokens = new_k.size(1);
+    const int32_t* pos = positions.const_data_ptr<int32_t>();
+    for (int64_t b = 0; b < positions.size(0); ++b) {
+        TORCH_CHECK_VALUE(pos[b] < 0 || pos[b] + num_tokens <= max_seq_len,
+                          "kv_update: expected positions[", b, "] + num_tokens <= max_seq_len ",
+                          max_seq_len, " (or a negative position for an inactive sequence), got ",
+                          pos[b], " + ", num_tokens, " = ", pos[b] + num_tokens);
+    }
+    kv_update_cpu(k_cache, v_cache, new_k, new_v, positions);
+}
+
+#ifdef WITH_CUDA_KERNELS
+void kv_update_cuda_impl(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& new_k,
+                         const at::Tensor& new_v, const at::Tensor& positions) {
+    check_kv_update_args(k_cache, v_cache, new_k, new_v, positions);
+    // NOTE: positions live on the device; checking their range here would need a host sync
+    // (and break CUDA-graph capture). The kernel skips a sequence whose rows would pass
+    // max_seq_len; KVCache checks its host-side positions before it launches.
+    const c10::cuda::CUDAGuard guard(k_cache.device());
+    const cudaError_t err = launch_kv_update(
+        k_cache.data_ptr(), v_cache.data_ptr(), new_k.const_data_ptr(), new_v.const_data_ptr(),
+        positions.const_data_ptr<int32_t>(), k_cache.size(0), k_cache.size(1), new_k.size(1),
+        k_cache.size(2), k_cache.size(3), k_cache.element_size(),
+        at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == cudaSuccess,
+                "kv_update: CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+#endif
+
+}  // namespace
+
+void kv_update(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& new_k,
+               const at::Tensor& new_v, const at::Tensor& positions) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("toyllm::kv_update", "")
+                               .typed<void(at::Tensor&, at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, const at::Tensor&)>();
+    op.call(k_cache, v_cache, new_k, new_v, positions);
+}
+
+}  // namespace toyllm
+
+TORCH_LIBRARY(toyllm, m) {
+    m.def(
+        "kv_update(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor new_k, Tensor new_v, "
+        "Tensor positions) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(toyllm, CPU, m) { m.impl("kv_update", &toyllm::kv_update_cpu_impl); }
+
+#ifdef WITH_CUDA_KERNELS
+TORCH_LIBRARY_IMPL(toyllm, CUDA, m) { m.impl("kv_update", &toyllm::kv_update_cuda_impl); }
+#endif
