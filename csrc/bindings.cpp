@@ -1,6 +1,6 @@
-// Python bindings of engine._C: the KVCache class and KVCacheOverflowError.
-// (The `toyllm::kv_update` operator is registered with the dispatcher in kv_ops.cpp and is
-// reached from Python as torch.ops.toyllm.kv_update.)
+// Python bindings of toyllm.engine.ops._C (pybind11): the KVCache class, KVCacheOverflowError
+// and the programmatic-launch switch. (The operators are registered with the dispatcher,
+// registration.cpp, and reached from Python as torch.ops.toyllm.*.)
 #include <torch/extension.h>
 
 #include <optional>

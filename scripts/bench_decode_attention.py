@@ -4,7 +4,7 @@ per-row length mask (what the engine uses otherwise), in one run on one GPU.
     python scripts/bench_decode_attention.py --json out/bench_decode_attention.json
 
 Both read K/V in place from a [batch, max_seq_len, kv_heads, head_dim] cache. "ours" is the
-default (pass 1 on tensor cores where it applies), "cores" the same op with TOYLLM_DECODE_MMA=0
+default (pass 1 on tensor cores where it applies), "cores" the same op with tensor_cores=False
 (pass 1 on CUDA cores), to compare the two in the same run. Times are per
 call inside a CUDA graph of 50 calls (GPU time without launch overhead; bench_kv_update's
 time_graph), median of 5 replays;
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from functools import partial
@@ -58,16 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         lens[::2] = max(1, s // 2)  # ragged rows
         allowed = (torch.arange(s, device=dev)[None, :] < lens[:, None]).unsqueeze(1)
         ours = partial(decode_attention, q, kc, vc, lens)
+        cores = partial(torch.ops.toyllm.decode_attention, q, kc, vc, lens, d**-0.5,
+                        tensor_cores=False)
         sdpa = partial(grouped_attention, q.unsqueeze(1), kc, vc, allowed)
         err = ((ours().float() - sdpa()[:, 0].float()).norm() / sdpa().float().norm()).item()
         t_ours, t_sdpa = time_graph(ours, 50, 5), time_graph(sdpa, 50, 5)
-        os.environ["TOYLLM_DECODE_MMA"] = "0"
-        try:
-            err_cores = ((ours().float() - sdpa()[:, 0].float()).norm()
-                         / sdpa().float().norm()).item()
-            t_cores = time_graph(ours, 50, 5)
-        finally:
-            del os.environ["TOYLLM_DECODE_MMA"]
+        err_cores = ((cores().float() - sdpa()[:, 0].float()).norm()
+                     / sdpa().float().norm()).item()
+        t_cores = time_graph(cores, 50, 5)
         nbytes = 2 * int(lens.sum()) * hkv * d * kc.element_size()
         row = dict(batch=b, seq_len=s, q_heads=hq, kv_heads=hkv, head_dim=d, ours_us=t_ours,
                    cores_us=t_cores, sdpa_us=t_sdpa, ours_gbs=nbytes / t_ours / 1e3,

@@ -322,6 +322,32 @@ def test_gemv_add_rms_norm_cuda_rejects_bad_inputs_as_its_fake_does(case):
 
 
 # ---------------------------------------------------------------------------------------------
+# warps: the block size of the one-row CUDA kernels, a launch choice that keeps the bits
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("warps", [4, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_block_size_has_the_bits_of_the_default(dtype, warps):
+    # Llama-1B's hidden size and more rows than any grid takes at once (rows loop per group)
+    x, r, g, w = inputs((1,), 2048, 16384, dtype, seed=40)
+    for op in (OPS.gemv_add_rms_norm, OPS.gemv_add_rms_norm_silu_mul):
+        s, y = op(x, r, g, EPS, w)
+        s2, y2 = op(x, r, g, EPS, w, warps)
+        assert_same_bits(s, s2)
+        assert_same_bits(y, y2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("name", ["gemv_add_rms_norm", "gemv_add_rms_norm_silu_mul"])
+@pytest.mark.parametrize("warps", [5, 0, 32])
+def test_warps_other_than_4_8_or_16_is_a_value_error(device, name, warps):
+    x, r, g, w = inputs((1,), 64, 8, torch.float32, seed=41, device=device)
+    with pytest.raises(ValueError, match=rf"{name}: expected warps to be 4, 8 or 16, got {warps}"):
+        getattr(OPS, name)(x, r, g, EPS, w, warps=warps)
+
+
+# ---------------------------------------------------------------------------------------------
 # CPU values and opcheck
 
 

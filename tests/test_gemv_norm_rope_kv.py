@@ -164,6 +164,30 @@ def test_bad_inputs_are_refused_before_anything_is_written_as_the_fake_does(devi
             OPS.gemv_add_rms_norm_rope_kv(*args)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("warps", [4, 16])
+def test_cuda_every_block_size_has_the_bits_of_the_default(warps):
+    args = make_case(SHAPES[0], torch.bfloat16, seed=21)
+    default, other = list(args), list(args)
+    default[7], default[8] = args[7].clone(), args[8].clone()
+    other[7], other[8] = args[7].clone(), args[8].clone()
+    got = OPS.gemv_add_rms_norm_rope_kv(*default)
+    expected = OPS.gemv_add_rms_norm_rope_kv(*other, warps)
+    for a, b in zip((*got, default[7], default[8]), (*expected, other[7], other[8]), strict=True):
+        assert_same_bits(a, b)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("warps", [5, 0, 32])
+def test_warps_other_than_4_8_or_16_is_a_value_error(device, warps):
+    args = make_case(SHAPES[2], torch.float32, seed=22, device=device)
+    k_before = args[7].clone()
+    with pytest.raises(ValueError, match=rf"gemv_add_rms_norm_rope_kv: expected warps to be 4, "
+                                         rf"8 or 16, got {warps}"):
+        OPS.gemv_add_rms_norm_rope_kv(*args, warps=warps)
+    assert torch.equal(args[7], k_before)  # nothing written
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_is_gemv_add_rms_norm_then_rope_kv_update(dtype):
     check(make_case(SHAPES[2], dtype, rows=2, seed=10, device="cpu"))

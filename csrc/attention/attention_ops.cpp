@@ -1,20 +1,18 @@
-// Registers the `toyllm::decode_attention` PyTorch operator: one query token per sequence
-// attends over the first seq_lens[b] keys of its KV-cache rows (GQA-aware). CPU: a plain loop in
-// fp32, and for fp16/bf16 a plain ATen implementation (matmul + masked softmax in fp32). CUDA: the flash-decoding kernels of
-// decode_attention.cu. The fake (meta) implementation is registered from Python
-// (engine/kv_cache.py).
+// The CPU and CUDA implementations of `toyllm::decode_attention` (schema: registration.cpp): one
+// query token per sequence attends over the first seq_lens[b] keys of its KV-cache rows
+// (GQA-aware). CPU: a loop in fp32, and for fp16/bf16 ATen ops (matmul + masked softmax in
+// fp32). CUDA: the flash-decoding kernels of decode_attention.cu, whose key tiles, their order
+// and the kind of core of pass 1 are the operator's tile, reverse and tensor_cores arguments.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
-#include <string>
 #include <vector>
 
-#include "common/dtype_names.h"
+#include "common/op_args.h"
 
 #ifdef WITH_CUDA_KERNELS
 #include <ATen/cuda/CUDAContext.h>
@@ -28,10 +26,12 @@ namespace {
 
 constexpr int64_t kMaxHeadDim = 256;
 
-// Checks every argument of decode_attention.
+constexpr const char* kOp = "decode_attention";
+
+// Checks every argument of decode_attention (the same on every device).
 void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& seq_lens,
-                                 double scale) {
+                                 double scale, int64_t tile) {
     TORCH_CHECK_VALUE(q.dim() == 3,
                       "decode_attention: expected q of 3 dims [batch, num_q_heads, head_dim], got "
                       "shape ",
@@ -64,16 +64,9 @@ void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
                       num_kv_heads);
 
     const at::ScalarType dtype = q.scalar_type();
-    TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-                      "decode_attention: expected q of dtype torch.float32, torch.float16 or "
-                      "torch.bfloat16, got ",
-                      dtype_name(dtype));
-    TORCH_CHECK_VALUE(k_cache.scalar_type() == dtype,
-                      "decode_attention: expected k_cache of dtype ", dtype_name(dtype),
-                      " (q's), got ", dtype_name(k_cache.scalar_type()));
-    TORCH_CHECK_VALUE(v_cache.scalar_type() == dtype,
-                      "decode_attention: expected v_cache of dtype ", dtype_name(dtype),
-                      " (q's), got ", dtype_name(v_cache.scalar_type()));
+    check_float_dtype(kOp, "q", dtype);
+    check_dtype(kOp, "k_cache", k_cache, dtype, "q's");
+    check_dtype(kOp, "v_cache", v_cache, dtype, "q's");
     TORCH_CHECK_VALUE(seq_lens.scalar_type() == at::kInt,
                       "decode_attention: expected seq_lens of dtype torch.int32, got ",
                       dtype_name(seq_lens.scalar_type()));
@@ -82,26 +75,20 @@ void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
                       "] (q's batch), got ", seq_lens.sizes());
 
     const at::Device device = q.device();
-    TORCH_CHECK_VALUE(k_cache.device() == device, "decode_attention: expected k_cache on ", device,
-                      " (q's device), got ", k_cache.device());
-    TORCH_CHECK_VALUE(v_cache.device() == device, "decode_attention: expected v_cache on ", device,
-                      " (q's device), got ", v_cache.device());
-    TORCH_CHECK_VALUE(seq_lens.device() == device, "decode_attention: expected seq_lens on ",
-                      device, " (q's device), got ", seq_lens.device());
+    check_device(kOp, "k_cache", k_cache, device, "q's device");
+    check_device(kOp, "v_cache", v_cache, device, "q's device");
+    check_device(kOp, "seq_lens", seq_lens, device, "q's device");
 
-    TORCH_CHECK_VALUE(q.is_contiguous(), "decode_attention: expected a contiguous q, got strides ",
-                      q.strides(), " for shape ", q.sizes());
-    TORCH_CHECK_VALUE(k_cache.is_contiguous(),
-                      "decode_attention: expected a contiguous k_cache, got strides ",
-                      k_cache.strides(), " for shape ", k_cache.sizes());
-    TORCH_CHECK_VALUE(v_cache.is_contiguous(),
-                      "decode_attention: expected a contiguous v_cache, got strides ",
-                      v_cache.strides(), " for shape ", v_cache.sizes());
+    check_contiguous(kOp, "q", q);
+    check_contiguous(kOp, "k_cache", k_cache);
+    check_contiguous(kOp, "v_cache", v_cache);
     TORCH_CHECK_VALUE(seq_lens.is_contiguous(),
                       "decode_attention: expected contiguous seq_lens, got strides ",
                       seq_lens.strides());
     TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0,
                       "decode_attention: expected a finite scale > 0, got ", scale);
+    TORCH_CHECK_VALUE(tile == 0 || tile == 64 || tile == 128,
+                      "decode_attention: expected tile to be 0 (default), 64 or 128, got ", tile);
 }
 
 // q . k over n floats in 8 interleaved partial sums, which the compiler keeps in SIMD registers
@@ -188,10 +175,13 @@ void decode_attention_cpu_fp32(const at::Tensor& q, const at::Tensor& k_cache,
     });
 }
 
+// The CPU has no key tiles and no tensor cores: `tile` is checked as on CUDA (so a call that
+// fails on one device fails on the other), `reverse` and `tensor_cores` change nothing here.
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& seq_lens,
-                                double scale) {
-    check_decode_attention_args(q, k_cache, v_cache, seq_lens, scale);
+                                double scale, int64_t tile, bool /*reverse*/,
+                                bool /*tensor_cores*/) {
+    check_decode_attention_args(q, k_cache, v_cache, seq_lens, scale, tile);
     const int64_t batch = q.size(0);
     const int64_t num_q_heads = q.size(1);
     const int64_t head_dim = q.size(2);
@@ -243,54 +233,23 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
 }
 
 #ifdef WITH_CUDA_KERNELS
-// The kernel's key tiles and their order set where p is rounded (see decode_attention.cuh). By
-// default they are FlashAttention-2's forward pass (PyTorch's flash SDPA backend): blocks of
-// 128 keys for head dims up to 64, of 64 above, walked last to first.
-// NOTE: TOYLLM_DECODE_TILE (64 or 128) and TOYLLM_DECODE_REVERSE (0 or 1) override this per
-// call, for experiments that compare rounding against other attention kernels; anything else
-// in them is an error.
-int64_t rounding_tile(int64_t head_dim) {
-    const char* env = std::getenv("TOYLLM_DECODE_TILE");
-    if (env == nullptr || *env == '\0') {
-        return head_dim <= 64 ? 128 : 64;
+// The kernel's key tiles and their order set where p is rounded (see decode_attention.cuh).
+// tile 0 takes FlashAttention-2's forward pass (PyTorch's flash SDPA backend): blocks of 128
+// keys for head dims up to 64, of 64 above (walked last to first: reverse, the default).
+// Experiments that compare rounding against other attention kernels pass 64 or 128.
+int64_t rounding_tile(int64_t tile, int64_t head_dim) {
+    if (tile != 0) {
+        return tile;  // 64 or 128 (checked)
     }
-    const std::string value(env);
-    TORCH_CHECK_VALUE(value == "64" || value == "128",
-                      "decode_attention: expected TOYLLM_DECODE_TILE to be 64 or 128, got '",
-                      value, "'");
-    return value == "64" ? 64 : 128;
+    return head_dim <= 64 ? 128 : 64;
 }
 
-bool rounding_reverse() {
-    const char* env = std::getenv("TOYLLM_DECODE_REVERSE");
-    if (env == nullptr || *env == '\0') {
-        return true;
-    }
-    const std::string value(env);
-    TORCH_CHECK_VALUE(value == "0" || value == "1",
-                      "decode_attention: expected TOYLLM_DECODE_REVERSE to be 0 or 1, got '",
-                      value, "'");
-    return value == "1";
-}
-
-// Pass 1 on tensor cores where it applies (decode_attention.cuh), unless TOYLLM_DECODE_MMA is
-// 0 (to compare the two implementations; anything but 0 or 1 is an error).
-bool tensor_cores_wanted() {
-    const char* env = std::getenv("TOYLLM_DECODE_MMA");
-    if (env == nullptr || *env == '\0') {
-        return true;
-    }
-    const std::string value(env);
-    TORCH_CHECK_VALUE(value == "0" || value == "1",
-                      "decode_attention: expected TOYLLM_DECODE_MMA to be 0 or 1, got '", value,
-                      "'");
-    return value == "1";
-}
-
+// tensor_cores: pass 1 on tensor cores where it applies (decode_attention.cuh); false keeps the
+// CUDA cores (to compare the two implementations).
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& seq_lens,
-                                 double scale) {
-    check_decode_attention_args(q, k_cache, v_cache, seq_lens, scale);
+                                 double scale, int64_t tile, bool reverse, bool tensor_cores) {
+    check_decode_attention_args(q, k_cache, v_cache, seq_lens, scale, tile);
     // NOTE: seq_lens live on the device; the kernel clamps them to [0, max_seq_len] instead of
     // checking (a check would need a host sync and break CUDA-graph capture).
     const c10::cuda::CUDAGuard guard(q.device());
@@ -300,19 +259,14 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
     const int64_t max_seq_len = k_cache.size(1);
     const int64_t num_kv_heads = k_cache.size(2);
 
-    AttentionDtype dtype = AttentionDtype::kFloat32;
-    if (q.scalar_type() == at::kHalf) {
-        dtype = AttentionDtype::kFloat16;
-    } else if (q.scalar_type() == at::kBFloat16) {
-        dtype = AttentionDtype::kBFloat16;
-    }
+    const auto dtype = kernel_dtype<AttentionDtype>(q.scalar_type());
     const bool aligned = reinterpret_cast<uintptr_t>(k_cache.const_data_ptr()) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(v_cache.const_data_ptr()) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 4 == 0;
     const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     const DecodeAttentionPlan plan = plan_decode_attention(
         batch, num_q_heads, num_kv_heads, head_dim, max_seq_len, dtype, aligned, sm_count,
-        rounding_tile(head_dim), rounding_reverse(), tensor_cores_wanted());
+        rounding_tile(tile, head_dim), reverse, tensor_cores);
     // Scratch for the split pass: sizes depend on shapes only, so a captured graph keeps them.
     const auto float_options = q.options().dtype(at::kFloat);
     at::Tensor partial_out = at::empty(
@@ -338,12 +292,6 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
 
 }  // namespace
 }  // namespace toyllm
-
-TORCH_LIBRARY_FRAGMENT(toyllm, m) {
-    m.def(
-        "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, float scale) "
-        "-> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(toyllm, CPU, m) { m.impl("decode_attention", &toyllm::decode_attention_cpu); }
 

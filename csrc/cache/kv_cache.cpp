@@ -6,7 +6,7 @@
 
 #include <sstream>
 
-#include "common/dtype_names.h"
+#include "common/op_args.h"
 #include "cache/kv_ops.h"
 
 #ifdef WITH_CUDA_KERNELS
@@ -20,7 +20,7 @@ void check_positive(const char* name, int64_t value) {
     TORCH_CHECK_VALUE(value >= 1, "KVCache: expected ", name, " >= 1, got ", value);
 }
 
-void check_dtype(at::ScalarType dtype) {
+void check_cache_dtype(at::ScalarType dtype) {
     TORCH_CHECK_VALUE(
         dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
         "KVCache: expected dtype torch.float32, torch.float16 or torch.bfloat16, got ",
@@ -97,7 +97,7 @@ int64_t KVCache::bytes_required(int64_t num_layers, int64_t max_seq_len, int64_t
     check_positive("num_kv_heads", num_kv_heads);
     check_positive("head_dim", head_dim);
     check_positive("batch_size", batch_size);
-    check_dtype(dtype);
+    check_cache_dtype(dtype);
     // num_layers * 2 (K and V) * batch * max_seq_len * heads * head_dim * element size
     int64_t bytes = checked_mul(num_layers, 2);
     bytes = checked_mul(bytes, batch_size);
@@ -133,10 +133,8 @@ void KVCache::check_new_rows(const char* name, const at::Tensor& t, int64_t expe
                           t.size(2) == num_kv_heads_ && t.size(3) == head_dim_,
                       "KVCache.update: expected ", name, " of shape [", expected_batch,
                       ", num_tokens >= 1, ", num_kv_heads_, ", ", head_dim_, "], got ", t.sizes());
-    TORCH_CHECK_VALUE(t.scalar_type() == dtype_, "KVCache.update: expected ", name, " of dtype ",
-                      dtype_name(dtype_), " (the cache's), got ", dtype_name(t.scalar_type()));
-    TORCH_CHECK_VALUE(t.device() == device_, "KVCache.update: expected ", name, " on ", device_,
-                      " (the cache's device), got ", t.device());
+    check_dtype("KVCache.update", name, t, dtype_, "the cache's");
+    check_device("KVCache.update", name, t, device_, "the cache's device");
     TORCH_CHECK_VALUE(t.is_contiguous(), "KVCache.update: expected a contiguous ", name,
                       ", got strides ", t.strides(), " for shape ", t.sizes(),
                       " (call .contiguous() first)");

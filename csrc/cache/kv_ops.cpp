@@ -1,14 +1,13 @@
-// Registers the `toyllm::kv_update` PyTorch operator: schema, argument checks, CPU and CUDA
-// implementations. The fake (meta) implementation is registered from Python
-// (engine/kv_cache.py) so torch.compile and torch.library.opcheck can trace the operator.
+// The `toyllm::kv_update` operator (schema: registration.cpp): its argument checks, its CPU and
+// CUDA implementations, and kv_update() for the C++ callers (KVCache).
 #include "cache/kv_ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include "common/dtype_names.h"
 #include "cache/kv_update_cpu.h"
+#include "common/op_args.h"
 
 #ifdef WITH_CUDA_KERNELS
 #include <ATen/cuda/CUDAContext.h>
@@ -19,6 +18,8 @@
 
 namespace toyllm {
 namespace {
+
+constexpr const char* kOp = "kv_update";
 
 // Checks every argument of kv_update; nothing has been written when this throws.
 void check_kv_update_args(const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -58,43 +59,21 @@ void check_kv_update_args(const at::Tensor& k_cache, const at::Tensor& v_cache,
         element_size == 1 || element_size == 2 || element_size == 4 || element_size == 8,
         "kv_update: expected a cache dtype of 1, 2, 4 or 8 bytes, got ", dtype_name(dtype), " (",
         element_size, " bytes)");
-    TORCH_CHECK_VALUE(v_cache.scalar_type() == dtype, "kv_update: expected v_cache of dtype ",
-                      dtype_name(dtype), " (k_cache's), got ", dtype_name(v_cache.scalar_type()));
-    TORCH_CHECK_VALUE(new_k.scalar_type() == dtype, "kv_update: expected new_k of dtype ",
-                      dtype_name(dtype), " (the cache's), got ", dtype_name(new_k.scalar_type()));
-    TORCH_CHECK_VALUE(new_v.scalar_type() == dtype, "kv_update: expected new_v of dtype ",
-                      dtype_name(dtype), " (the cache's), got ", dtype_name(new_v.scalar_type()));
+    check_dtype(kOp, "v_cache", v_cache, dtype, "k_cache's");
+    check_dtype(kOp, "new_k", new_k, dtype, "the cache's");
+    check_dtype(kOp, "new_v", new_v, dtype, "the cache's");
 
     const at::Device device = k_cache.device();
-    TORCH_CHECK_VALUE(v_cache.device() == device, "kv_update: expected v_cache on ", device,
-                      " (k_cache's device), got ", v_cache.device());
-    TORCH_CHECK_VALUE(new_k.device() == device, "kv_update: expected new_k on ", device,
-                      " (the cache's device), got ", new_k.device());
-    TORCH_CHECK_VALUE(new_v.device() == device, "kv_update: expected new_v on ", device,
-                      " (the cache's device), got ", new_v.device());
+    check_device(kOp, "v_cache", v_cache, device, "k_cache's device");
+    check_device(kOp, "new_k", new_k, device, "the cache's device");
+    check_device(kOp, "new_v", new_v, device, "the cache's device");
 
-    TORCH_CHECK_VALUE(k_cache.is_contiguous(),
-                      "kv_update: expected a contiguous k_cache, got strides ", k_cache.strides(),
-                      " for shape ", k_cache.sizes());
-    TORCH_CHECK_VALUE(v_cache.is_contiguous(),
-                      "kv_update: expected a contiguous v_cache, got strides ", v_cache.strides(),
-                      " for shape ", v_cache.sizes());
-    TORCH_CHECK_VALUE(new_k.is_contiguous(), "kv_update: expected a contiguous new_k, got strides ",
-                      new_k.strides(), " for shape ", new_k.sizes());
-    TORCH_CHECK_VALUE(new_v.is_contiguous(), "kv_update: expected a contiguous new_v, got strides ",
-                      new_v.strides(), " for shape ", new_v.sizes());
+    check_contiguous(kOp, "k_cache", k_cache);
+    check_contiguous(kOp, "v_cache", v_cache);
+    check_contiguous(kOp, "new_k", new_k);
+    check_contiguous(kOp, "new_v", new_v);
 
-    TORCH_CHECK_VALUE(positions.scalar_type() == at::kInt,
-                      "kv_update: expected positions of dtype torch.int32, got ",
-                      dtype_name(positions.scalar_type()));
-    TORCH_CHECK_VALUE(positions.dim() == 1 && positions.size(0) == batch,
-                      "kv_update: expected positions of shape [", batch,
-                      "] (the cache's batch), got ", positions.sizes());
-    TORCH_CHECK_VALUE(positions.device() == device, "kv_update: expected positions on ", device,
-                      " (the cache's device), got ", positions.device());
-    TORCH_CHECK_VALUE(positions.is_contiguous(),
-                      "kv_update: expected contiguous positions, got strides ",
-                      positions.strides());
+    check_positions(kOp, positions, batch, "the cache's batch", device, "the cache's device");
 }
 
 void kv_update_cpu_impl(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& new_k,
@@ -144,12 +123,6 @@ void kv_update(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& new_k
 }
 
 }  // namespace toyllm
-
-TORCH_LIBRARY(toyllm, m) {
-    m.def(
-        "kv_update(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor new_k, Tensor new_v, "
-        "Tensor positions) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(toyllm, CPU, m) { m.impl("kv_update", &toyllm::kv_update_cpu_impl); }
 

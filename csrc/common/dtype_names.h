@@ -35,7 +35,7 @@ inline std::string dtype_name(c10::ScalarType t) {
     }
 }
 
-// fp32, fp16 or bf16: the dtypes of the fused ops (fused_ops.cpp, rope_kv_ops.cpp).
+// fp32, fp16 or bf16: the dtypes every float kernel takes (check_float_dtype, op_args.h).
 inline bool is_supported_dtype(c10::ScalarType t) {
     return t == c10::kFloat || t == c10::kHalf || t == c10::kBFloat16;
 }

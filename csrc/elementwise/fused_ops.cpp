@@ -1,4 +1,5 @@
-// Registers the fused elementwise operators of a Llama layer, one CUDA kernel each:
+// The fused elementwise operators of a Llama layer, one CUDA kernel each (schemas:
+// registration.cpp):
 //   toyllm::rms_norm(x, weight, eps)  RMSNorm: normalise in fp32, scale in x's dtype
 //   toyllm::add_rms_norm(x, residual, weight, eps) -> (x + residual, rms_norm of that sum):
 //                                     a layer's residual add and the RMSNorm after it
@@ -6,8 +7,7 @@
 //   toyllm::silu_mul(gate_up)         SwiGLU's silu(gate) * up on a fused [gate; up] product
 // CPU: the plain torch math of models/layer_math.py and models/rope.py in ATen ops (the same
 // ops, so the same bits), except in fp32, where rms_norm and rope are plain C++ loops (rope the
-// same bits; rms_norm within a few ulps). CUDA: the kernels of fused_kernels.cu. The fake
-// (meta) implementations are registered from Python (engine/fused_ops.py).
+// same bits; rms_norm within a few ulps). CUDA: the kernels of fused_kernels.cu.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -16,7 +16,7 @@
 #include <utility>
 #include <vector>
 
-#include "common/dtype_names.h"
+#include "common/op_args.h"
 
 #ifdef WITH_CUDA_KERNELS
 #include <ATen/cuda/CUDAContext.h>
@@ -28,38 +28,14 @@
 namespace toyllm {
 namespace {
 
-void check_dtype(const char* op, const char* name, const at::Tensor& t) {
-    TORCH_CHECK_VALUE(is_supported_dtype(t.scalar_type()), op, ": expected ", name,
-                      " of dtype torch.float32, torch.float16 or torch.bfloat16, got ",
-                      dtype_name(t.scalar_type()));
-}
-
-// `t` must match `ref` (named ref_name) in dtype and device.
-void check_same_dtype_device(const char* op, const char* name, const at::Tensor& t,
-                             const char* ref_name, const at::Tensor& ref) {
-    TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), op, ": expected ", name, " of dtype ",
-                      dtype_name(ref.scalar_type()), " (", ref_name, "'s), got ",
-                      dtype_name(t.scalar_type()));
-    TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": expected ", name, " on ", ref.device(),
-                      " (", ref_name, "'s device), got ", t.device());
-}
-
-void check_last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
-    TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": expected ", name,
-                      " with a contiguous last dim (stride 1), got strides ", t.strides(),
-                      " for shape ", t.sizes());
+// `t` must match x in dtype and device (the messages call x "x").
+void check_like_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+    check_dtype(op, name, t, x.scalar_type(), "x's");
+    check_device(op, name, t, x.device(), "x's device");
 }
 
 #ifdef WITH_CUDA_KERNELS
-FusedDtype fused_dtype(at::ScalarType t) {
-    if (t == at::kHalf) {
-        return FusedDtype::kFloat16;
-    }
-    if (t == at::kBFloat16) {
-        return FusedDtype::kBFloat16;
-    }
-    return FusedDtype::kFloat32;
-}
+FusedDtype fused_dtype(at::ScalarType t) { return kernel_dtype<FusedDtype>(t); }
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -74,13 +50,12 @@ void check_norm_args(const char* op, const at::Tensor& x, const at::Tensor& weig
     TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == hidden, op,
                       ": expected weight of shape [", hidden, "] (x's last dim), got ",
                       weight.sizes());
-    check_dtype(op, "x", x);
-    check_same_dtype_device(op, "weight", weight, "x", x);
+    check_float_dtype(op, "x", x.scalar_type());
+    check_like_x(op, "weight", weight, x);
     check_last_dim_contiguous(op, "x", x);
     TORCH_CHECK_VALUE(weight.is_contiguous(), op, ": expected a contiguous weight, got strides ",
                       weight.strides());
-    TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op,
-                      ": expected a finite eps >= 0, got ", eps);
+    check_eps(op, eps);
 }
 
 void check_rms_norm_args(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -162,7 +137,7 @@ void check_add_rms_norm_args(const at::Tensor& x, const at::Tensor& residual,
     TORCH_CHECK_VALUE(residual.sizes() == x.sizes(),
                       "add_rms_norm: expected residual of x's shape ", x.sizes(), ", got ",
                       residual.sizes());
-    check_same_dtype_device("add_rms_norm", "residual", residual, "x", x);
+    check_like_x("add_rms_norm", "residual", residual, x);
     check_last_dim_contiguous("add_rms_norm", "residual", residual);
 }
 
@@ -218,9 +193,9 @@ void check_rope_args(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
                       "] (x's batch, tokens and head_dim), got ", cos.sizes());
     TORCH_CHECK_VALUE(sin.sizes() == cos.sizes(), "rope: expected sin of cos's shape ", cos.sizes(),
                       ", got ", sin.sizes());
-    check_dtype("rope", "x", x);
-    check_same_dtype_device("rope", "cos", cos, "x", x);
-    check_same_dtype_device("rope", "sin", sin, "x", x);
+    check_float_dtype("rope", "x", x.scalar_type());
+    check_like_x("rope", "cos", cos, x);
+    check_like_x("rope", "sin", sin, x);
     check_last_dim_contiguous("rope", "x", x);
     check_last_dim_contiguous("rope", "cos", cos);
     check_last_dim_contiguous("rope", "sin", sin);
@@ -305,7 +280,7 @@ void check_silu_mul_args(const at::Tensor& gate_up) {
     TORCH_CHECK_VALUE(width >= 2 && width % 2 == 0,
                       "silu_mul: expected an even last dim >= 2 (gate and up side by side), got ",
                       width);
-    check_dtype("silu_mul", "gate_up", gate_up);
+    check_float_dtype("silu_mul", "gate_up", gate_up.scalar_type());
     check_last_dim_contiguous("silu_mul", "gate_up", gate_up);
 }
 
@@ -336,13 +311,6 @@ at::Tensor silu_mul_cuda(const at::Tensor& gate_up) {
 
 }  // namespace
 }  // namespace toyllm
-
-TORCH_LIBRARY_FRAGMENT(toyllm, m) {
-    m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-    m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
-    m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
-    m.def("silu_mul(Tensor gate_up) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(toyllm, CPU, m) {
     m.impl("rms_norm", &toyllm::rms_norm_cpu);

@@ -6,7 +6,7 @@
 
 #include <ATen/ATen.h>
 
-#include "common/dtype_names.h"
+#include "common/op_args.h"
 
 namespace toyllm {
 
@@ -24,19 +24,8 @@ inline QkvShape qkv_shape_of(const at::Tensor& qkv) {
 
 // `t` (named `name`) has qkv's dtype and device.
 inline void check_like_qkv(const char* name, const at::Tensor& t, const QkvShape& qkv) {
-    TORCH_CHECK_VALUE(t.scalar_type() == qkv.dtype, "rope_kv_update: expected ", name,
-                      " of dtype ", dtype_name(qkv.dtype), " (qkv's), got ",
-                      dtype_name(t.scalar_type()));
-    TORCH_CHECK_VALUE(t.device() == qkv.device, "rope_kv_update: expected ", name, " on ",
-                      qkv.device, " (qkv's device), got ", t.device());
-}
-
-inline void check_last_dim_contiguous(const char* name, at::IntArrayRef sizes,
-                                      at::IntArrayRef strides) {
-    TORCH_CHECK_VALUE(sizes.empty() || sizes.back() <= 1 || strides.back() == 1,
-                      "rope_kv_update: expected ", name,
-                      " with a contiguous last dim (stride 1), got strides ", strides,
-                      " for shape ", sizes);
+    check_dtype("rope_kv_update", name, t, qkv.dtype, "qkv's");
+    check_device("rope_kv_update", name, t, qkv.device, "qkv's device");
 }
 
 // Checks every argument; nothing has been written when this throws. The cache gives rows,
@@ -82,36 +71,20 @@ inline void check_rope_kv_update_args(const QkvShape& qkv, const at::Tensor& cos
     TORCH_CHECK_VALUE(sin.sizes() == cos.sizes(), "rope_kv_update: expected sin of cos's shape ",
                       cos.sizes(), ", got ", sin.sizes());
 
-    TORCH_CHECK_VALUE(is_supported_dtype(qkv.dtype),
-                      "rope_kv_update: expected qkv of dtype torch.float32, torch.float16 or "
-                      "torch.bfloat16, got ",
-                      dtype_name(qkv.dtype));
+    const char* op = "rope_kv_update";
+    check_float_dtype(op, "qkv", qkv.dtype);
     check_like_qkv("cos", cos, qkv);
     check_like_qkv("sin", sin, qkv);
     check_like_qkv("k_cache", k_cache, qkv);
     check_like_qkv("v_cache", v_cache, qkv);
 
-    check_last_dim_contiguous("qkv", qkv.sizes, qkv.strides);
-    check_last_dim_contiguous("cos", cos.sizes(), cos.strides());
-    check_last_dim_contiguous("sin", sin.sizes(), sin.strides());
-    TORCH_CHECK_VALUE(k_cache.is_contiguous(),
-                      "rope_kv_update: expected a contiguous k_cache, got strides ",
-                      k_cache.strides(), " for shape ", k_cache.sizes());
-    TORCH_CHECK_VALUE(v_cache.is_contiguous(),
-                      "rope_kv_update: expected a contiguous v_cache, got strides ",
-                      v_cache.strides(), " for shape ", v_cache.sizes());
+    check_last_dim_contiguous(op, "qkv", qkv.sizes, qkv.strides);
+    check_last_dim_contiguous(op, "cos", cos);
+    check_last_dim_contiguous(op, "sin", sin);
+    check_contiguous(op, "k_cache", k_cache);
+    check_contiguous(op, "v_cache", v_cache);
 
-    TORCH_CHECK_VALUE(positions.scalar_type() == at::kInt,
-                      "rope_kv_update: expected positions of dtype torch.int32, got ",
-                      dtype_name(positions.scalar_type()));
-    TORCH_CHECK_VALUE(positions.dim() == 1 && positions.size(0) == rows,
-                      "rope_kv_update: expected positions of shape [", rows,
-                      "] (the cache's rows), got ", positions.sizes());
-    TORCH_CHECK_VALUE(positions.device() == qkv.device, "rope_kv_update: expected positions on ",
-                      qkv.device, " (qkv's device), got ", positions.device());
-    TORCH_CHECK_VALUE(positions.is_contiguous(),
-                      "rope_kv_update: expected contiguous positions, got strides ",
-                      positions.strides());
+    check_positions(op, positions, rows, "the cache's rows", qkv.device, "qkv's device");
 }
 
 }  // namespace toyllm

@@ -1,18 +1,17 @@
-// Registers the `toyllm::rope_kv_update` operator: a decode step's RoPE on q and k and its K/V
+// The CPU and CUDA implementations of `toyllm::rope_kv_update` (schema: registration.cpp): a decode step's RoPE on q and k and its K/V
 // write, from the fused q/k/v projection of one new token per row:
 //   q = rope_kv_update(qkv, cos, sin, k_cache, v_cache, positions, num_q_heads)
 // returns rope(q heads) as a new contiguous [rows, 1, Hq, D] tensor and writes rope(k heads) and
 // the v heads as they are to k_cache / v_cache[r, positions[r]] (rows at a negative position,
 // finished, are skipped). The bits are those of toyllm::rope over the q and k heads followed by
 // toyllm::kv_update. CPU: exactly that composition (toyllm::rope's CPU code, kv_update's copy).
-// CUDA: one kernel (rope_kv_update.cu) that rotates with toyllm::rope's device code. The fake
-// (meta) implementation is registered from Python (engine/rope_kv_update.py).
+// CUDA: one kernel (rope_kv_update.cu) that rotates with toyllm::rope's device code.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include "common/dtype_names.h"
 #include "cache/kv_update_cpu.h"
+#include "common/op_args.h"
 #include "elementwise/rope_kv_args.h"
 
 #ifdef WITH_CUDA_KERNELS
@@ -53,16 +52,6 @@ at::Tensor rope_kv_update_cpu(const at::Tensor& qkv, const at::Tensor& cos, cons
 }
 
 #ifdef WITH_CUDA_KERNELS
-FusedDtype fused_dtype(at::ScalarType t) {
-    if (t == at::kHalf) {
-        return FusedDtype::kFloat16;
-    }
-    if (t == at::kBFloat16) {
-        return FusedDtype::kBFloat16;
-    }
-    return FusedDtype::kFloat32;
-}
-
 at::Tensor rope_kv_update_cuda(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                                at::Tensor& k_cache, at::Tensor& v_cache,
                                const at::Tensor& positions, int64_t num_q_heads) {
@@ -86,7 +75,7 @@ at::Tensor rope_kv_update_cuda(const at::Tensor& qkv, const at::Tensor& cos, con
     const cudaError_t err = launch_rope_kv_update(
         qkv.const_data_ptr(), c.const_data_ptr(), s.const_data_ptr(),
         positions.const_data_ptr<int32_t>(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        fused_dtype(qkv.scalar_type()), rows, k_cache.size(1), num_q_heads, k_cache.size(2),
+        kernel_dtype<FusedDtype>(qkv.scalar_type()), rows, k_cache.size(1), num_q_heads, k_cache.size(2),
         head_dim, qkv.stride(0), qkv.stride(2), c.stride(0),
         at::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == cudaSuccess,
@@ -97,12 +86,6 @@ at::Tensor rope_kv_update_cuda(const at::Tensor& qkv, const at::Tensor& cos, con
 
 }  // namespace
 }  // namespace toyllm
-
-TORCH_LIBRARY_FRAGMENT(toyllm, m) {
-    m.def(
-        "rope_kv_update(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
-        "Tensor(b!) v_cache, Tensor positions, int num_q_heads) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(toyllm, CPU, m) { m.impl("rope_kv_update", &toyllm::rope_kv_update_cpu); }
 

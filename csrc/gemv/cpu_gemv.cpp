@@ -1,4 +1,4 @@
-// Registers `toyllm::gemv(x, weight) -> y`: y = F.linear(x, weight) (no bias) for fp32 CPU
+// The CPU implementations of `toyllm::gemv(x, weight) -> y` (schemas: registration.cpp): y = F.linear(x, weight) (no bias) for fp32 CPU
 // tensors with a few rows, the matrix-vector products of a decode step.
 //
 // Why: with batch 1 every projection of a decode step is a matrix-vector product that reads
@@ -22,10 +22,10 @@
 // a SwiGLU MLP's down product, whose CUDA kernel computes silu(gate) * up itself (cuda_gemv.cpp);
 // on the CPU it runs toyllm::silu_mul then the loop here (same checks as gemv, gate_up [..., 2 *
 // in] in x's place).
-// And `toyllm::gemv_add_rms_norm(x, residual, norm_weight, eps, weight) -> (sum, y)` = (x +
+// And `toyllm::gemv_add_rms_norm(x, residual, norm_weight, eps, weight, warps) -> (sum, y)` = (x +
 // residual, F.linear(rms_norm(x + residual), weight)), the product after a residual add and an
 // RMSNorm, whose CUDA kernel computes the norm itself; on the CPU toyllm::add_rms_norm then
-// F.linear (any dtype add_rms_norm takes). And `toyllm::gemv_add_rms_norm_silu_mul`, the same
+// F.linear (any dtype add_rms_norm takes; warps, a CUDA launch choice, is only checked). And `toyllm::gemv_add_rms_norm_silu_mul`, the same
 // with weight = [gate; up] and y = silu_mul of the product (SwiGLU's h). And
 // `toyllm::gemv_add_rms_norm_rope_kv(..., cos, sin, k_cache, v_cache, positions, num_q_heads)
 // -> (sum, q)`: the q/k/v product handed to toyllm::rope_kv_update (its epilogue on CUDA).
@@ -45,7 +45,7 @@
 #define GEMV_X86 1
 #endif
 
-#include "common/dtype_names.h"
+#include "common/op_args.h"
 #include "gemv/gemv_args.h"
 
 namespace toyllm {
@@ -274,7 +274,7 @@ at::Tensor gemv_cpu(const at::Tensor& x, const at::Tensor& weight) {
 
 // gemv(silu_mul(gate_up), weight): toyllm::silu_mul's CPU kernel (through the dispatcher, so the
 // same bits as that operator), then the product above. Nothing is fused on the CPU, where the
-// model does not call it (engine/gemv.py); it is here so that the operator runs everywhere.
+// engine does not call it; it is here so that the operator runs everywhere.
 at::Tensor gemv_silu_mul_cpu(const at::Tensor& gate_up, const at::Tensor& weight) {
     check_gemv_cpu_args("gemv_silu_mul", "gate_up", gate_up, weight, check_gemv_silu_mul_shapes);
     if (weight.size(1) == 0) {  // silu_mul takes no empty rows; the empty sums are 0
@@ -290,24 +290,22 @@ at::Tensor gemv_silu_mul_cpu(const at::Tensor& gate_up, const at::Tensor& weight
 
 // (x + residual, F.linear(rms_norm(x + residual), weight)), and with `silu` toyllm::silu_mul of
 // the product: toyllm::add_rms_norm's and silu_mul's CPU kernels (through the dispatcher, so the
-// same bits as those operators) and F.linear. Nothing is fused on the CPU, where the model does
-// not call these (engine/gemv_add_rms_norm.py); they are here so that the operators run
-// everywhere, in every dtype add_rms_norm takes.
+// same bits as those operators) and F.linear. Nothing is fused on the CPU, where the engine does
+// not call these; they are here so that the operators run everywhere, in every dtype
+// add_rms_norm takes.
 std::tuple<at::Tensor, at::Tensor> add_rms_norm_product_cpu(const char* op, const at::Tensor& x,
                                                             const at::Tensor& residual,
                                                             const at::Tensor& norm_weight,
                                                             double eps, const at::Tensor& weight,
-                                                            bool silu) {
-    check_gemv_add_rms_norm_shapes(op, x, residual, norm_weight, weight, eps, silu);
+                                                            bool silu, int64_t warps) {
+    check_gemv_add_rms_norm_shapes(op, x, residual, norm_weight, weight, eps, silu, warps);
     for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"x", x},
                                   {"residual", residual},
                                   {"norm_weight", norm_weight},
                                   {"weight", weight}}) {
         TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": expected ", name,
                           " on the CPU (x's device), got ", t.device());
-        TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), op, ": expected ", name,
-                          " of dtype ", dtype_name(x.scalar_type()), " (x's dtype), got ",
-                          dtype_name(t.scalar_type()));
+        check_dtype(op, name, t, x.scalar_type(), "x's dtype");
     }
     static const auto add_rms_norm =
         c10::Dispatcher::singleton()
@@ -331,18 +329,20 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_product_cpu(const char* op, cons
 std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_cpu(const at::Tensor& x,
                                                          const at::Tensor& residual,
                                                          const at::Tensor& norm_weight,
-                                                         double eps, const at::Tensor& weight) {
+                                                         double eps, const at::Tensor& weight,
+                                                         int64_t warps) {
     return add_rms_norm_product_cpu("gemv_add_rms_norm", x, residual, norm_weight, eps, weight,
-                                    false);
+                                    false, warps);
 }
 
 std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_silu_mul_cpu(const at::Tensor& x,
                                                                   const at::Tensor& residual,
                                                                   const at::Tensor& norm_weight,
                                                                   double eps,
-                                                                  const at::Tensor& weight) {
+                                                                  const at::Tensor& weight,
+                                                                  int64_t warps) {
     return add_rms_norm_product_cpu("gemv_add_rms_norm_silu_mul", x, residual, norm_weight, eps,
-                                    weight, true);
+                                    weight, true, warps);
 }
 
 // gemv_add_rms_norm then toyllm::rope_kv_update on the product viewed as [rows, 1, heads,
@@ -350,15 +350,16 @@ std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_silu_mul_cpu(const at::Tens
 std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_rope_kv_cpu(
     const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
     const at::Tensor& weight, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
-    at::Tensor& v_cache, const at::Tensor& positions, int64_t num_q_heads) {
+    at::Tensor& v_cache, const at::Tensor& positions, int64_t num_q_heads, int64_t warps) {
     const char* op = "gemv_add_rms_norm_rope_kv";
-    check_gemv_add_rms_norm_shapes(op, x, residual, norm_weight, weight, eps, false);
+    check_gemv_add_rms_norm_shapes(op, x, residual, norm_weight, weight, eps, false, warps);
     const int64_t head_dim = k_cache.dim() == 4 ? k_cache.size(3) : 0;
     const int64_t out = weight.size(0);
     TORCH_CHECK_VALUE(head_dim >= 1 && out % head_dim == 0, op, ": expected weight rows (", out,
                       ") to be whole heads of k_cache's head_dim (k_cache of shape ",
                       k_cache.sizes(), ")");
-    auto [sum, qkv] = add_rms_norm_product_cpu(op, x, residual, norm_weight, eps, weight, false);
+    auto [sum, qkv] =
+        add_rms_norm_product_cpu(op, x, residual, norm_weight, eps, weight, false, warps);
     static const auto rope_kv_update =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("toyllm::rope_kv_update", "")
@@ -372,21 +373,6 @@ std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_rope_kv_cpu(
 
 }  // namespace
 }  // namespace toyllm
-
-TORCH_LIBRARY_FRAGMENT(toyllm, m) {
-    m.def("gemv(Tensor x, Tensor weight) -> Tensor");
-    m.def("gemv_silu_mul(Tensor gate_up, Tensor weight) -> Tensor");
-    m.def(
-        "gemv_add_rms_norm(Tensor x, Tensor residual, Tensor norm_weight, float eps, "
-        "Tensor weight) -> (Tensor, Tensor)");
-    m.def(
-        "gemv_add_rms_norm_silu_mul(Tensor x, Tensor residual, Tensor norm_weight, float eps, "
-        "Tensor weight) -> (Tensor, Tensor)");
-    m.def(
-        "gemv_add_rms_norm_rope_kv(Tensor x, Tensor residual, Tensor norm_weight, float eps, "
-        "Tensor weight, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor positions, int num_q_heads) -> (Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(toyllm, CPU, m) {
     m.impl("gemv", &toyllm::gemv_cpu);

@@ -1,7 +1,7 @@
-// Registers the CUDA implementations of `toyllm::gemv(x, weight) -> y`,
+// The CUDA implementations of `toyllm::gemv(x, weight) -> y`,
 // `toyllm::gemv_silu_mul(gate_up, weight) -> y` and `toyllm::gemv_add_rms_norm(x, residual,
-// norm_weight, eps, weight) -> (sum, y)` (the operators and their CPU kernels are defined in
-// cpu_gemv.cpp): y = F.linear(x, weight) (no bias) for the few-row products of a decode step,
+// norm_weight, eps, weight, warps) -> (sum, y)` and its silu_mul and rope_kv variants (schemas:
+// registration.cpp; the CPU kernels: cpu_gemv.cpp): y = F.linear(x, weight) (no bias) for the few-row products of a decode step,
 // with the kernel of gemv.cu; y = F.linear(silu_mul(gate_up), weight), a SwiGLU MLP's down
 // product, with the kernel of gemv_silu_mul.cu, which computes silu(gate) * up itself (the same
 // bits as toyllm::silu_mul then toyllm::gemv); and sum = x + residual, y = F.linear(
@@ -11,12 +11,10 @@
 // x: [..., in] with at most 4 rows (x.numel() / in), fp32, fp16 or bf16 (packed here when it is
 // not contiguous); weight: [out, in] contiguous (nn.Linear's layout), x's dtype and device.
 // Sums in fp32, one rounding to the dtype. Prefill's many rows stay with cuBLAS (the engine's
-// dispatch, engine/gemv.py, sends them there). gemv_silu_mul takes the same arguments with
+// dispatch sends them there). gemv_silu_mul takes the same arguments with
 // gate_up [..., 2 * in] in x's place; its kernel takes one row (a decode step's), 2 to 4 rows run
 // silu_mul's and gemv's kernels. Only y is allocated (through torch's caching allocator; and h,
-// where gemv_silu_mul runs two kernels), so a call can be captured in a CUDA graph. The fake
-// (meta) implementations, with the same checks and messages, are registered from Python
-// (engine/gemv.py).
+// where gemv_silu_mul runs two kernels), so a call can be captured in a CUDA graph.
 #ifdef WITH_CUDA_KERNELS
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -28,7 +26,7 @@
 #include <utility>
 #include <vector>
 
-#include "common/dtype_names.h"
+#include "common/op_args.h"
 #include "elementwise/fused_kernels.cuh"
 #include "gemv/gemv_args.h"
 #include "gemv/gemv.cuh"
@@ -40,19 +38,7 @@
 namespace toyllm {
 namespace {
 
-bool is_gemv_dtype(at::ScalarType t) {
-    return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
-GemvDtype gemv_dtype(at::ScalarType t) {
-    if (t == at::kHalf) {
-        return GemvDtype::kFloat16;
-    }
-    if (t == at::kBFloat16) {
-        return GemvDtype::kBFloat16;
-    }
-    return GemvDtype::kFloat32;
-}
+GemvDtype gemv_dtype(at::ScalarType t) { return kernel_dtype<GemvDtype>(t); }
 
 // Rows of x: the product of its leading dims (x.numel() / in, also when in == 0).
 int64_t leading_rows(const at::Tensor& x) {
@@ -88,7 +74,7 @@ void check_gemv_cuda_args(const OpNames& n, const at::Tensor& x, const at::Tenso
                       " on a CUDA device (weight is on ", weight.device(), "), got ", x.device());
     TORCH_CHECK_VALUE(weight.device() == x.device(), n.op, ": expected weight on ", x.device(),
                       " (", n.x, "'s device), got ", weight.device());
-    TORCH_CHECK_VALUE(is_gemv_dtype(x.scalar_type()), n.op, ": expected ", n.x,
+    TORCH_CHECK_VALUE(is_supported_dtype(x.scalar_type()), n.op, ": expected ", n.x,
                       " of dtype torch.float32, torch.float16 or torch.bfloat16 on CUDA, got ",
                       dtype_name(x.scalar_type()));
     TORCH_CHECK_VALUE(weight.scalar_type() == x.scalar_type(), n.op, ": expected weight of dtype ",
@@ -180,22 +166,19 @@ at::Tensor gemv_silu_mul_cuda(const at::Tensor& gate_up, const at::Tensor& weigh
 // The CUDA rules of the products after a residual add and RMSNorm (names.op says which).
 void check_norm_product_cuda(const OpNames& names, const at::Tensor& x, const at::Tensor& residual,
                              const at::Tensor& norm_weight, double eps, const at::Tensor& weight,
-                             bool silu) {
-    check_gemv_add_rms_norm_shapes(names.op, x, residual, norm_weight, weight, eps, silu);
+                             bool silu, int64_t warps) {
+    check_gemv_add_rms_norm_shapes(names.op, x, residual, norm_weight, weight, eps, silu, warps);
     check_gemv_cuda_args(names, x, weight, check_gemv_shapes);
     for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"residual", residual},
                                   {"norm_weight", norm_weight}}) {
-        TORCH_CHECK_VALUE(t.device() == x.device(), names.op, ": expected ", name, " on ",
-                          x.device(), " (x's device), got ", t.device());
-        TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), names.op, ": expected ", name,
-                          " of dtype ", dtype_name(x.scalar_type()), " (x's dtype), got ",
-                          dtype_name(t.scalar_type()));
+        check_device(names.op, name, t, x.device(), "x's device");
+        check_dtype(names.op, name, t, x.scalar_type(), "x's dtype");
     }
     TORCH_CHECK_VALUE(norm_weight.is_contiguous(), names.op,
                       ": expected a contiguous norm_weight, got strides ", norm_weight.strides());
 }
 
-// gemv_add_rms_norm (x, residual, norm_weight, eps, weight) -> (x + residual, y), and with
+// gemv_add_rms_norm (x, residual, norm_weight, eps, weight, warps) -> (x + residual, y), and with
 // `silu` gemv_add_rms_norm_silu_mul -> (x + residual, silu_mul(y)): one kernel for one row
 // (gemv_add_rms_norm.cu), add_rms_norm's, gemv's (and silu_mul's) kernels for 2 to 4 rows or a
 // row too long for a block's shared memory (the same bits either way).
@@ -204,8 +187,8 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_product_cuda(const OpNames& name
                                                              const at::Tensor& residual,
                                                              const at::Tensor& norm_weight,
                                                              double eps, const at::Tensor& weight,
-                                                             bool silu) {
-    check_norm_product_cuda(names, x, residual, norm_weight, eps, weight, silu);
+                                                             bool silu, int64_t warps) {
+    check_norm_product_cuda(names, x, residual, norm_weight, eps, weight, silu, warps);
     const c10::cuda::CUDAGuard guard(x.device());
     const int64_t out = weight.size(0);
     const int64_t in = weight.size(1);
@@ -229,7 +212,8 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_product_cuda(const OpNames& name
         const auto launch = silu ? launch_gemv_add_rms_norm_silu_mul : launch_gemv_add_rms_norm;
         err = launch(xc.const_data_ptr(), rc.const_data_ptr(), norm_weight.const_data_ptr(),
                      weight.const_data_ptr(), sum.mutable_data_ptr(), y.mutable_data_ptr(), dtype,
-                     in, out, static_cast<float>(eps), props->multiProcessorCount, stream);
+                     in, out, static_cast<float>(eps), props->multiProcessorCount,
+                     static_cast<int>(warps), stream);
     } else {
         // the kernels the fused one stands for (2 to 4 rows, no output rows, or a row past the
         // shared memory), so the same bits
@@ -256,18 +240,20 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_product_cuda(const OpNames& name
 std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_cuda(const at::Tensor& x,
                                                           const at::Tensor& residual,
                                                           const at::Tensor& norm_weight,
-                                                          double eps, const at::Tensor& weight) {
+                                                          double eps, const at::Tensor& weight,
+                                                          int64_t warps) {
     return add_rms_norm_product_cuda(kGemvAddRmsNormNames, x, residual, norm_weight, eps, weight,
-                                     false);
+                                     false, warps);
 }
 
 std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_silu_mul_cuda(const at::Tensor& x,
                                                                    const at::Tensor& residual,
                                                                    const at::Tensor& norm_weight,
                                                                    double eps,
-                                                                   const at::Tensor& weight) {
+                                                                   const at::Tensor& weight,
+                                                                   int64_t warps) {
     return add_rms_norm_product_cuda(kGemvAddRmsNormSiluMulNames, x, residual, norm_weight, eps,
-                                     weight, true);
+                                     weight, true, warps);
 }
 
 // gemv_add_rms_norm_rope_kv: (x + residual, q) with the product's q/k/v handed to
@@ -277,9 +263,9 @@ std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_silu_mul_cuda(const at::Ten
 std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_rope_kv_cuda(
     const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
     const at::Tensor& weight, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
-    at::Tensor& v_cache, const at::Tensor& positions, int64_t num_q_heads) {
+    at::Tensor& v_cache, const at::Tensor& positions, int64_t num_q_heads, int64_t warps) {
     const OpNames& names = kGemvAddRmsNormRopeKvNames;
-    check_norm_product_cuda(names, x, residual, norm_weight, eps, weight, false);
+    check_norm_product_cuda(names, x, residual, norm_weight, eps, weight, false, warps);
     // the q/k/v this product makes, [rows, 1, heads, head_dim], for rope_kv_update's checks
     const int64_t head_dim = k_cache.dim() == 4 ? k_cache.size(3) : 0;
     const int64_t out = weight.size(0);
@@ -299,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_rope_kv_cuda(
                             gemv_staged_shared_bytes(dtype, in) <= props->sharedMemPerBlockOptin;
     if (!one_kernel) {
         auto [sum, qkv] = add_rms_norm_product_cuda(kGemvAddRmsNormNames, x, residual,
-                                                    norm_weight, eps, weight, false);
+                                                    norm_weight, eps, weight, false, warps);
         static const auto rope_kv_update =
             c10::Dispatcher::singleton()
                 .findSchemaOrThrow("toyllm::rope_kv_update", "")
@@ -319,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_rope_kv_cuda(
         positions.const_data_ptr<int32_t>(), sum.mutable_data_ptr(), q.mutable_data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), dtype, in, num_q_heads, k_cache.size(2), head_dim,
         k_cache.size(1), static_cast<float>(eps), props->multiProcessorCount,
-        at::cuda::getCurrentCUDAStream().stream());
+        static_cast<int>(warps), at::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == cudaSuccess, names.op, ": CUDA kernel launch failed: ",
                 cudaGetErrorString(err));
     return {sum, q};

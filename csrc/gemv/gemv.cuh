@@ -1,6 +1,6 @@
 // Raw CUDA launcher for the matrix-vector products of a decode step: y = x @ W^T (nn.Linear's
 // [out, in] weight, no bias) for at most kGemvMaxRows rows of x. Plain pointers and sizes only
-// (no torch), so nvcc compiles it alone; the operator toyllm::gemv (csrc/cuda_gemv.cpp) calls it.
+// (no torch), so nvcc compiles it alone; the operator toyllm::gemv (gemv/cuda_gemv.cpp) calls it.
 //
 // Every product sums in fp32 (x and W widened exactly) and rounds once to the dtype when it
 // writes y. The sums run in another order than cuBLAS's: bf16/fp16 results agree with an fp32

@@ -83,26 +83,26 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <typename T, int N>
 cudaError_t launch_norm_packs(const T* x, const T* residual, const T* norm_weight,
                               const T* weight, T* sum_out, T* y, int64_t in, int64_t out,
-                              float eps, bool silu, int num_sms, cudaStream_t stream) {
+                              float eps, bool silu, int num_sms, int warps, cudaStream_t stream) {
     constexpr int kVec = kVec16<T>;
     const bool norm_vec = norm_packs16<T>(x, residual, norm_weight, sum_out, in);
     const int norm_threads = rms_norm_threads(norm_vec ? in / kVec : in);
     if (norm_vec) {
         return staged_launch<T, N>(silu ? gemv_add_rms_norm_silu_kernel<T, N, kVec>
                                         : gemv_add_rms_norm_kernel<T, N, kVec>,
-                                   in, out, num_sms, stream, x, residual, norm_weight, weight,
+                                   in, out, num_sms, warps, stream, x, residual, norm_weight, weight,
                                    sum_out, y, norm_threads, eps);
     }
     return staged_launch<T, N>(silu ? gemv_add_rms_norm_silu_kernel<T, N, 1>
                                     : gemv_add_rms_norm_kernel<T, N, 1>,
-                               in, out, num_sms, stream, x, residual, norm_weight, weight, sum_out,
+                               in, out, num_sms, warps, stream, x, residual, norm_weight, weight, sum_out,
                                y, norm_threads, eps);
 }
 
 template <typename T>
 cudaError_t gemv_add_rms_norm_for(const void* x, const void* residual, const void* norm_weight,
                                   const void* weight, void* sum_out, void* y, int64_t in,
-                                  int64_t out, float eps, bool silu, int num_sms,
+                                  int64_t out, float eps, bool silu, int num_sms, int warps,
                                   cudaStream_t stream) {
     constexpr int kVec = kVec16<T>;
     const T* xt = static_cast<const T*>(x);
@@ -114,17 +114,18 @@ cudaError_t gemv_add_rms_norm_for(const void* x, const void* residual, const voi
     // gemv.cu's choice for an aligned x (n in shared memory is aligned, as gemv's fresh input
     // is): 16-byte loads of W when every row of W starts 16-byte aligned
     if (in % kVec == 0 && aligned16(weight)) {
-        return launch_norm_packs<T, kVec>(xt, rt, nt, wt, st, yt, in, out, eps, silu, num_sms,
+        return launch_norm_packs<T, kVec>(xt, rt, nt, wt, st, yt, in, out, eps, silu, num_sms, warps,
                                           stream);
     }
-    return launch_norm_packs<T, 1>(xt, rt, nt, wt, st, yt, in, out, eps, silu, num_sms, stream);
+    return launch_norm_packs<T, 1>(xt, rt, nt, wt, st, yt, in, out, eps, silu, num_sms, warps, stream);
 }
 
 // Both launchers: checks, then the dtype's instance.
 cudaError_t launch_any(const void* x, const void* residual, const void* norm_weight,
                        const void* weight, void* sum_out, void* y, GemvDtype dtype, int64_t in,
-                       int64_t out, float eps, bool silu, int num_sms, cudaStream_t stream) {
-    if (in < 1 || out < 0 || num_sms < 1 || (silu && out % 2 != 0)) {
+                       int64_t out, float eps, bool silu, int num_sms, int warps, cudaStream_t stream) {
+    if (in < 1 || out < 0 || num_sms < 1 || (silu && out % 2 != 0) ||
+        !gemv_staged::valid_block_warps(warps)) {
         return cudaErrorInvalidValue;
     }
     if (out == 0) {
@@ -133,13 +134,13 @@ cudaError_t launch_any(const void* x, const void* residual, const void* norm_wei
     switch (dtype) {
         case GemvDtype::kFloat16:
             return gemv_add_rms_norm_for<__half>(x, residual, norm_weight, weight, sum_out, y, in,
-                                                 out, eps, silu, num_sms, stream);
+                                                 out, eps, silu, num_sms, warps, stream);
         case GemvDtype::kBFloat16:
             return gemv_add_rms_norm_for<__nv_bfloat16>(x, residual, norm_weight, weight, sum_out,
-                                                        y, in, out, eps, silu, num_sms, stream);
+                                                        y, in, out, eps, silu, num_sms, warps, stream);
         case GemvDtype::kFloat32:
             return gemv_add_rms_norm_for<float>(x, residual, norm_weight, weight, sum_out, y, in,
-                                                out, eps, silu, num_sms, stream);
+                                                out, eps, silu, num_sms, warps, stream);
     }
     return cudaErrorInvalidValue;
 }
@@ -148,19 +149,19 @@ cudaError_t launch_any(const void* x, const void* residual, const void* norm_wei
 
 cudaError_t launch_gemv_add_rms_norm(const void* x, const void* residual, const void* norm_weight,
                                      const void* weight, void* sum_out, void* y, GemvDtype dtype,
-                                     int64_t in, int64_t out, float eps, int num_sms,
+                                     int64_t in, int64_t out, float eps, int num_sms, int warps,
                                      cudaStream_t stream) {
     return launch_any(x, residual, norm_weight, weight, sum_out, y, dtype, in, out, eps, false,
-                      num_sms, stream);
+                      num_sms, warps, stream);
 }
 
 cudaError_t launch_gemv_add_rms_norm_silu_mul(const void* x, const void* residual,
                                               const void* norm_weight, const void* weight,
                                               void* sum_out, void* h, GemvDtype dtype,
-                                              int64_t in, int64_t out, float eps, int num_sms,
+                                              int64_t in, int64_t out, float eps, int num_sms, int warps,
                                               cudaStream_t stream) {
     return launch_any(x, residual, norm_weight, weight, sum_out, h, dtype, in, out, eps, true,
-                      num_sms, stream);
+                      num_sms, warps, stream);
 }
 
 }  // namespace toyllm

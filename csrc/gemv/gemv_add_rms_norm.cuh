@@ -2,7 +2,7 @@
 // sum = x + residual, y = rms_norm(sum) @ W^T for one row, in one kernel, where
 // toyllm::add_rms_norm and toyllm::gemv took two (a Llama layer's q/k/v product after its input
 // norm, its gate/up product after the post-attention norm). Plain pointers and sizes only (no
-// torch), so nvcc compiles it alone; the operator toyllm::gemv_add_rms_norm (csrc/cuda_gemv.cpp)
+// torch), so nvcc compiles it alone; the operator toyllm::gemv_add_rms_norm (gemv/cuda_gemv.cpp)
 // calls it (and runs launch_add_rms_norm then launch_gemv for 2 to 4 rows, or where the row does
 // not fit a block's shared memory).
 //
@@ -27,9 +27,10 @@ namespace toyllm {
 
 // sum_out[i] = to_dtype(x[i] + residual[i]) for i < in; n = launch_add_rms_norm's normalised
 // output for norm_weight and eps; y[j] = to_dtype(sum_i float(n[i]) * float(weight[j, i])) for
-// j < out. in >= 1. num_sms: the device's SM count (the grid is at most one block per SM).
-// sum_out and y must not overlap the inputs.
-// Returns cudaErrorInvalidValue for in < 1, out < 0 or num_sms < 1, cudaSuccess without a
+// j < out. in >= 1. num_sms: the device's SM count; warps: warps per block, 4, 8 or 16 (the
+// grid is at most 16 / warps blocks per SM: gemv_staged.cuh). sum_out and y must not overlap
+// the inputs.
+// Returns cudaErrorInvalidValue for in < 1, out < 0, num_sms < 1 or other warps, cudaSuccess without a
 // launch when out is 0 (sum_out is then not written either: call launch_add_rms_norm), the error
 // of cudaFuncSetAttribute when the shared memory exceeds the device's limit, otherwise the
 // launch's error.
@@ -40,7 +41,7 @@ cudaError_t launch_gemv_add_rms_norm(const void* x,            // [in]
                                      void* sum_out,            // [in]
                                      void* y,                  // [out]
                                      GemvDtype dtype, int64_t in, int64_t out, float eps,
-                                     int num_sms, cudaStream_t stream);
+                                     int num_sms, int warps, cudaStream_t stream);
 
 // The same with W = [gate; up] (out = 2 * inter rows, out even), writing h[j] =
 // to_dtype(to_dtype(silu(y[j])) * y[inter + j]) for j < inter instead of y: the h that
@@ -53,6 +54,6 @@ cudaError_t launch_gemv_add_rms_norm_silu_mul(const void* x,            // [in]
                                               void* sum_out,       // [in]
                                               void* h,             // [out / 2]
                                               GemvDtype dtype, int64_t in, int64_t out,
-                                              float eps, int num_sms, cudaStream_t stream);
+                                              float eps, int num_sms, int warps, cudaStream_t stream);
 
 }  // namespace toyllm

@@ -1,12 +1,13 @@
 // The shape checks toyllm::gemv, toyllm::gemv_silu_mul and toyllm::gemv_add_rms_norm make on every
 // device (cpu_gemv.cpp, cuda_gemv.cpp): weight [out, in], and x [..., in] (gemv), gate_up
 // [..., 2 * in] (gemv_silu_mul: gate, then up) or x and residual [..., in] with norm_weight [in]
-// (gemv_add_rms_norm). Each device adds its own dtype, device and layout checks.
+// (gemv_add_rms_norm, with its `warps`). Each device adds its own dtype, device and layout
+// checks.
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <cmath>
+#include "common/op_args.h"
 
 namespace toyllm {
 
@@ -34,12 +35,14 @@ inline void check_gemv_silu_mul_shapes(const at::Tensor& gate_up, const at::Tens
         gate_up.sizes(), " for weight of shape ", weight.sizes());
 }
 
-// `op` is gemv_add_rms_norm or (silu: weight = [gate; up], an even number of rows)
-// gemv_add_rms_norm_silu_mul.
+// `op` is gemv_add_rms_norm, gemv_add_rms_norm_rope_kv or (silu: weight = [gate; up], an even
+// number of rows) gemv_add_rms_norm_silu_mul; `warps` their warps per block of the one-row CUDA
+// kernel (gemv_staged.cuh), checked on every device.
 inline void check_gemv_add_rms_norm_shapes(const char* op, const at::Tensor& x,
                                            const at::Tensor& residual,
                                            const at::Tensor& norm_weight,
-                                           const at::Tensor& weight, double eps, bool silu) {
+                                           const at::Tensor& weight, double eps, bool silu,
+                                           int64_t warps) {
     TORCH_CHECK_VALUE(weight.dim() == 2, op, ": expected weight of 2 dims [out, in], got shape ",
                       weight.sizes());
     TORCH_CHECK_VALUE(!silu || weight.size(0) % 2 == 0, op,
@@ -57,8 +60,9 @@ inline void check_gemv_add_rms_norm_shapes(const char* op, const at::Tensor& x,
     TORCH_CHECK_VALUE(norm_weight.dim() == 1 && norm_weight.size(0) == x.size(-1), op,
                       ": expected norm_weight of shape [", x.size(-1), "] (x's last dim), got ",
                       norm_weight.sizes());
-    TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op, ": expected a finite eps >= 0, got ",
-                      eps);
+    check_eps(op, eps);
+    TORCH_CHECK_VALUE(warps == 4 || warps == 8 || warps == 16, op,
+                      ": expected warps to be 4, 8 or 16, got ", warps);
 }
 
 }  // namespace toyllm

@@ -103,13 +103,13 @@ template <typename T, int N>
 cudaError_t launch_packs(const T* x, const T* residual, const T* norm_weight, const T* weight,
                          const T* cos, const T* sin, T* sum_out, T* q_out, T* k_cache,
                          T* v_cache, const RopeKvTarget& target, int64_t in, int64_t out,
-                         float eps, int num_sms, cudaStream_t stream) {
+                         float eps, int num_sms, int warps, cudaStream_t stream) {
     constexpr int kVec = kVec16<T>;
     const bool norm_vec = norm_packs16<T>(x, residual, norm_weight, sum_out, in);
     const int norm_threads = rms_norm_threads(norm_vec ? in / kVec : in);
     const auto kernel =
         norm_vec ? gemv_norm_rope_kv_kernel<T, N, kVec> : gemv_norm_rope_kv_kernel<T, N, 1>;
-    return staged_launch<T, N>(kernel, in, out, num_sms, stream, x, residual, norm_weight, weight,
+    return staged_launch<T, N>(kernel, in, out, num_sms, warps, stream, x, residual, norm_weight, weight,
                                cos, sin, sum_out, q_out, k_cache, v_cache, target, norm_threads,
                                eps);
 }
@@ -118,7 +118,7 @@ template <typename T>
 cudaError_t launch_for(const void* x, const void* residual, const void* norm_weight,
                        const void* weight, const void* cos, const void* sin, void* sum_out,
                        void* q_out, void* k_cache, void* v_cache, const RopeKvTarget& target,
-                       int64_t in, int64_t out, float eps, int num_sms, cudaStream_t stream) {
+                       int64_t in, int64_t out, float eps, int num_sms, int warps, cudaStream_t stream) {
     constexpr int kVec = kVec16<T>;
     const auto* xt = static_cast<const T*>(x);
     const auto* rt = static_cast<const T*>(residual);
@@ -133,10 +133,10 @@ cudaError_t launch_for(const void* x, const void* residual, const void* norm_wei
     // gemv.cu's choice for an aligned x: 16-byte loads of W when its rows start 16-byte aligned
     if (in % kVec == 0 && aligned16(weight)) {
         return launch_packs<T, kVec>(xt, rt, nt, wt, ct, st, so, qo, kc, vc, target, in, out, eps,
-                                     num_sms, stream);
+                                     num_sms, warps, stream);
     }
     return launch_packs<T, 1>(xt, rt, nt, wt, ct, st, so, qo, kc, vc, target, in, out, eps,
-                              num_sms, stream);
+                              num_sms, warps, stream);
 }
 
 }  // namespace
@@ -146,10 +146,10 @@ cudaError_t launch_gemv_norm_rope_kv(const void* x, const void* residual, const 
                                      const int32_t* positions, void* sum_out, void* q_out,
                                      void* k_cache, void* v_cache, GemvDtype dtype, int64_t in,
                                      int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-                                     int64_t max_seq_len, float eps, int num_sms,
+                                     int64_t max_seq_len, float eps, int num_sms, int warps,
                                      cudaStream_t stream) {
     if (in < 1 || num_q_heads < 1 || num_kv_heads < 1 || head_dim < 2 || head_dim % 2 != 0 ||
-        max_seq_len < 1 || num_sms < 1) {
+        max_seq_len < 1 || num_sms < 1 || !gemv_staged::valid_block_warps(warps)) {
         return cudaErrorInvalidValue;
     }
     const RopeKvTarget target{positions, num_q_heads, num_kv_heads, head_dim, max_seq_len};
@@ -157,14 +157,14 @@ cudaError_t launch_gemv_norm_rope_kv(const void* x, const void* residual, const 
     switch (dtype) {
         case GemvDtype::kFloat16:
             return launch_for<__half>(x, residual, norm_weight, weight, cos, sin, sum_out, q_out,
-                                      k_cache, v_cache, target, in, out, eps, num_sms, stream);
+                                      k_cache, v_cache, target, in, out, eps, num_sms, warps, stream);
         case GemvDtype::kBFloat16:
             return launch_for<__nv_bfloat16>(x, residual, norm_weight, weight, cos, sin, sum_out,
                                              q_out, k_cache, v_cache, target, in, out, eps,
-                                             num_sms, stream);
+                                             num_sms, warps, stream);
         case GemvDtype::kFloat32:
             return launch_for<float>(x, residual, norm_weight, weight, cos, sin, sum_out, q_out,
-                                     k_cache, v_cache, target, in, out, eps, num_sms, stream);
+                                     k_cache, v_cache, target, in, out, eps, num_sms, warps, stream);
     }
     return cudaErrorInvalidValue;
 }

@@ -84,10 +84,12 @@ cudaError_t gemv_silu_mul_for(const void* gate_up, const void* weight, void* y, 
     // gemv.cu's choice for an aligned x (h in shared memory is aligned): 16-byte loads of W
     // when every row of W starts 16-byte aligned
     if (in % kVec == 0 && aligned16(weight)) {
-        return staged_launch<T, kVec>(gemv_silu_mul_kernel<T, kVec>, in, out, num_sms, stream, gt,
+        return staged_launch<T, kVec>(gemv_silu_mul_kernel<T, kVec>, in, out, num_sms,
+                                      gemv_staged::kDefaultBlockWarps, stream, gt,
                                       wt, yt, pack_gate_up);
     }
-    return staged_launch<T, 1>(gemv_silu_mul_kernel<T, 1>, in, out, num_sms, stream, gt, wt, yt,
+    return staged_launch<T, 1>(gemv_silu_mul_kernel<T, 1>, in, out, num_sms,
+                                      gemv_staged::kDefaultBlockWarps, stream, gt, wt, yt,
                                pack_gate_up);
 }
 

@@ -4,7 +4,7 @@
 // rms_norm(a + b), gemv_add_rms_norm.cu), so that each of those is one kernel where it was two.
 //
 // Every output row needs all of x, so every block computes it, once, and the grid is small: at
-// most 16 warps per SM (blocks of 4, 8 or 16 warps: block_warps), each looping over output rows:
+// most 16 warps per SM (blocks of 4, 8 or 16 warps: staged_launch's `warps`), each looping over output rows:
 //   - before it waits for its inputs (programmatic launch) and stages x, each group of warps
 //     issues the loads of its first row's first batch of W (W is no kernel's output), so the
 //     weight stream starts at once and the staging runs while those loads are under way;
@@ -29,7 +29,6 @@
 #include <climits>
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 
 #include "common/float_convert.cuh"
 #include "gemv/gemv_row.cuh"
@@ -48,26 +47,19 @@ using gemv_row::load_weight;
 using gemv_row::store_row;
 using gemv_row::warps_per_row_for;
 
-constexpr int kWarps = 16;  // warps per block, at most (a launch takes 4, 8 or 16: block_warps)
+constexpr int kWarps = 16;  // warps per block, at most (a launch takes 4, 8 or 16 warps)
 constexpr int kThreads = kWarps * kWarp;
 // Groups of 2 or 4 warps take named barriers 1 .. kWarps / 2 (0 is __syncthreads's; 15 at most).
 static_assert(kWarps % kMaxWarpsPerRow == 0 && kWarps / 2 <= 15, "named barrier ids");
 
-// Warps per block of a launch: TOYLLM_STAGED_WARPS (4, 8 or 16, read once; default 8). A block
+// Warps per block of a launch: 4, 8 or 16 (the operators' `warps` argument; default 8). A block
 // takes up to 128 registers a thread, so 16 warps fill an SM's register file and no block of
 // the kernel before or after can share the SM; 8 or 4 warps give 2 or 4 blocks per SM (each
-// staging x itself), which can start as the kernel ahead drains. Llama-1B at batch 1 (NVIDIA
-// H200, 2026-11-27, two rounds): 8 warps 980 and 1012 tok/s, 16 warps 956 and 998, 4 warps 984
-// and 950. Any other value: 8 (the Python side refuses it at import: engine/gemv_add_rms_norm.py).
+// staging x itself), which can start as the kernel ahead drains. Llama-1B at batch 1 on an H200
+// was within noise of the best at 8 (docs/PERF.md). The bits do not depend on it: a row's sums
+// are its group's (warps_per_row_for), whatever the block's size.
 constexpr int kDefaultBlockWarps = 8;
-inline int block_warps() {
-    static const int warps = [] {
-        const char* value = std::getenv("TOYLLM_STAGED_WARPS");
-        const int w = value == nullptr ? kDefaultBlockWarps : std::atoi(value);
-        return (w == 4 || w == 8 || w == 16) ? w : kDefaultBlockWarps;
-    }();
-    return warps;
-}
+inline bool valid_block_warps(int warps) { return warps == 4 || warps == 8 || warps == 16; }
 // Shared memory a launch gets without opting in, static and dynamic together.
 constexpr size_t kDefaultSharedBytes = 48 * 1024;
 // Static shared memory a kernel may take besides x (the per-warp sums, a stage's scratch), and
@@ -308,14 +300,16 @@ __device__ __forceinline__ void staged_row_pairs(const T* __restrict__ weight,  
 }
 
 // Launches `kernel` (a __global__ that calls staged_rows<T, N> or staged_row_pairs<T, N>; 1-D
-// grid of block_warps() warps a block) for `out` rows of `in` with x's [in] of T as its dynamic
-// shared memory: at most kWarps / block_warps() blocks per SM, fewer when out has fewer row
-// groups. Opts in to more than 48 KB of shared memory where x needs it (the error of
-// cudaFuncSetAttribute past the device's limit).
+// grid of `warps` warps a block: 4, 8 or 16, else cudaErrorInvalidValue) for `out` rows of `in`
+// with x's [in] of T as its dynamic shared memory: at most kWarps / warps blocks per SM, fewer
+// when out has fewer row groups. Opts in to more than 48 KB of shared memory where x needs it
+// (the error of cudaFuncSetAttribute past the device's limit).
 template <typename T, int N, typename Kernel, typename... Args>
-cudaError_t staged_launch(Kernel kernel, int64_t in, int64_t out, int num_sms,
+cudaError_t staged_launch(Kernel kernel, int64_t in, int64_t out, int num_sms, int warps,
                           cudaStream_t stream, Args... args) {
-    const int warps = block_warps();
+    if (!valid_block_warps(warps)) {
+        return cudaErrorInvalidValue;
+    }
     const int warps_per_row = warps_per_row_for(in / N, kUnroll<N>);  // as gemv.cu's launch
     const int64_t groups = warps / warps_per_row;
     const int64_t most = static_cast<int64_t>(num_sms) * (kWarps / warps);

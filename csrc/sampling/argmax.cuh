@@ -1,6 +1,6 @@
 // Raw CUDA launcher for the greedy pick of a decode step: the index of the largest logit of
 // each row, as torch.argmax(logits, dim=-1) gives it. Plain pointers and sizes only (no torch),
-// so nvcc compiles it alone; the operator toyllm::argmax (csrc/argmax_ops.cpp) calls it.
+// so nvcc compiles it alone; the operator toyllm::argmax (sampling/argmax_ops.cpp) calls it.
 //
 // Order (torch's, checked on the CPU): NaN is above every number and the FIRST NaN wins; among
 // numbers the largest wins and, among equal values (-0.0 == +0.0, -inf == -inf), the FIRST

@@ -1,4 +1,5 @@
-// Registers `toyllm::argmax(logits) -> index`: torch.argmax(logits, dim=-1) for the greedy pick
+// The CPU and CUDA implementations of `toyllm::argmax(logits) -> index` (schema:
+// registration.cpp): torch.argmax(logits, dim=-1) for the greedy pick
 // of a decode step.
 //
 // logits: [rows, vocab], vocab >= 1, fp32, fp16 or bf16 (the same rules on every device);
@@ -8,12 +9,11 @@
 // 128,256 logits on an H200). A row-strided view (last dim contiguous, e.g. the last position
 // of [rows, tokens, vocab] logits) is read in place; any other layout is packed first. Only the
 // index and a small scratch are allocated (through torch's caching allocator), so a call can be
-// captured in a CUDA graph. The fake (meta) implementation, with the same checks and messages,
-// is registered from Python (engine/argmax.py).
+// captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "common/dtype_names.h"
+#include "common/op_args.h"
 
 #ifdef WITH_CUDA_KERNELS
 #include <ATen/cuda/CUDAContext.h>
@@ -25,18 +25,11 @@
 namespace toyllm {
 namespace {
 
-bool is_argmax_dtype(at::ScalarType t) {
-    return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
 void check_argmax_args(const at::Tensor& logits) {
     TORCH_CHECK_VALUE(logits.dim() == 2,
                       "argmax: expected logits of 2 dims [rows, vocab], got shape ",
                       logits.sizes());
-    TORCH_CHECK_VALUE(is_argmax_dtype(logits.scalar_type()),
-                      "argmax: expected logits of dtype torch.float32, torch.float16 or "
-                      "torch.bfloat16, got ",
-                      dtype_name(logits.scalar_type()));
+    check_float_dtype("argmax", "logits", logits.scalar_type());
     TORCH_CHECK_VALUE(logits.size(1) >= 1,
                       "argmax: expected a non-empty vocab (logits.size(1) >= 1), got shape ",
                       logits.sizes());
@@ -48,16 +41,6 @@ at::Tensor argmax_cpu(const at::Tensor& logits) {
 }
 
 #ifdef WITH_CUDA_KERNELS
-ArgmaxDtype argmax_dtype(at::ScalarType t) {
-    if (t == at::kHalf) {
-        return ArgmaxDtype::kFloat16;
-    }
-    if (t == at::kBFloat16) {
-        return ArgmaxDtype::kBFloat16;
-    }
-    return ArgmaxDtype::kFloat32;
-}
-
 at::Tensor argmax_cuda(const at::Tensor& logits) {
     check_argmax_args(logits);
     TORCH_CHECK_VALUE(logits.is_cuda(), "argmax: expected logits on a CUDA device, got ",
@@ -71,7 +54,7 @@ at::Tensor argmax_cuda(const at::Tensor& logits) {
     }
     // the kernel reads each row at a fixed pitch from a contiguous last dim
     const at::Tensor x = logits.stride(1) == 1 || vocab == 1 ? logits : logits.contiguous();
-    const ArgmaxDtype dtype = argmax_dtype(x.scalar_type());
+    const ArgmaxDtype dtype = kernel_dtype<ArgmaxDtype>(x.scalar_type());
     const int sm_count = at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount;
     const int64_t scratch_bytes = argmax_scratch_bytes(dtype, rows, vocab, sm_count);
     at::Tensor scratch;
@@ -89,8 +72,6 @@ at::Tensor argmax_cuda(const at::Tensor& logits) {
 
 }  // namespace
 }  // namespace toyllm
-
-TORCH_LIBRARY_FRAGMENT(toyllm, m) { m.def("argmax(Tensor logits) -> Tensor"); }
 
 TORCH_LIBRARY_IMPL(toyllm, CPU, m) { m.impl("argmax", &toyllm::argmax_cpu); }
 
