@@ -102,8 +102,8 @@ inline float dot8(const float* __restrict__ a, const float* __restrict__ b, int6
             part[l] += a[d + l] * b[d + l];
         }
     }
-    float sum = ((part[0] + part[4]) + (part[1] + part[5])) +
-                ((part[2] + part[6]) + (part[3] + part[7]));
+    float sum =
+        ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
     for (; d < n; ++d) {
         sum += a[d] * b[d];
     }
@@ -178,9 +178,8 @@ void decode_attention_cpu_fp32(const at::Tensor& q, const at::Tensor& k_cache,
 // The CPU has no key tiles and no tensor cores: `tile` is checked as on CUDA (so a call that
 // fails on one device fails on the other), `reverse` and `tensor_cores` change nothing here.
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
-                                const at::Tensor& v_cache, const at::Tensor& seq_lens,
-                                double scale, int64_t tile, bool /*reverse*/,
-                                bool /*tensor_cores*/) {
+                                const at::Tensor& v_cache, const at::Tensor& seq_lens, double scale,
+                                int64_t tile, bool /*reverse*/, bool /*tensor_cores*/) {
     check_decode_attention_args(q, k_cache, v_cache, seq_lens, scale, tile);
     const int64_t batch = q.size(0);
     const int64_t num_q_heads = q.size(1);

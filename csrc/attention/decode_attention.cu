@@ -79,8 +79,8 @@ cudaError_t launch_combine(const LaunchArgs& a) {
         return cudaSuccess;
     }
     const dim3 combine_grid(static_cast<unsigned>(a.num_q_heads), static_cast<unsigned>(a.batch));
-    return launch_kernel(decode_attention_combine_kernel<T>, combine_grid, dim3(kCombineThreads),
-                         0, a.stream, a.partial_out, a.partial_max, a.partial_sum,
+    return launch_kernel(decode_attention_combine_kernel<T>, combine_grid, dim3(kCombineThreads), 0,
+                         a.stream, a.partial_out, a.partial_max, a.partial_sum,
                          static_cast<T*>(a.out), static_cast<int>(a.num_q_heads),
                          static_cast<int>(a.head_dim), static_cast<int>(a.plan.num_splits),
                          a.scale_log2);
@@ -99,14 +99,14 @@ cudaError_t launch_typed(const LaunchArgs& a) {
     const dim3 grid(static_cast<unsigned>(a.plan.num_splits),
                     static_cast<unsigned>(a.num_kv_heads * a.plan.head_blocks),
                     static_cast<unsigned>(a.batch));
-    const cudaError_t launched = launch_kernel(
-        kernel, grid, dim3(kThreads), static_cast<size_t>(smem), a.stream,
-        static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
-        static_cast<const T*>(a.v_cache), a.seq_lens, static_cast<T*>(a.out), a.partial_out,
-        a.partial_max, a.partial_sum, static_cast<int>(a.num_q_heads),
-        static_cast<int>(a.num_kv_heads), static_cast<int>(a.head_dim), a.max_seq_len,
-        static_cast<int>(a.plan.num_splits), static_cast<int>(a.plan.head_blocks), a.scale_log2,
-        a.plan.reverse, static_cast<int>(stages));
+    const cudaError_t launched =
+        launch_kernel(kernel, grid, dim3(kThreads), static_cast<size_t>(smem), a.stream,
+                      static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
+                      static_cast<const T*>(a.v_cache), a.seq_lens, static_cast<T*>(a.out),
+                      a.partial_out, a.partial_max, a.partial_sum, static_cast<int>(a.num_q_heads),
+                      static_cast<int>(a.num_kv_heads), static_cast<int>(a.head_dim), a.max_seq_len,
+                      static_cast<int>(a.plan.num_splits), static_cast<int>(a.plan.head_blocks),
+                      a.scale_log2, a.plan.reverse, static_cast<int>(stages));
     return launched != cudaSuccess ? launched : launch_combine<T>(a);
 }
 
@@ -147,7 +147,8 @@ cudaError_t launch_mma_for_shape(const LaunchArgs& a) {
 // (fp32 with head_dim > 128), where it is 64.
 template <typename T, int VecBytes>
 cudaError_t launch_tiled(const LaunchArgs& a) {
-    if (a.plan.tile == 128 && 2 * 128 * a.head_dim * static_cast<int64_t>(sizeof(T)) <= 128 * 1024) {
+    if (a.plan.tile == 128 &&
+        2 * 128 * a.head_dim * static_cast<int64_t>(sizeof(T)) <= 128 * 1024) {
         return launch_typed<T, VecBytes, 128>(a);
     }
     return launch_typed<T, VecBytes, 64>(a);
@@ -204,7 +205,8 @@ DecodeAttentionPlan plan_decode_attention(int64_t batch, int64_t num_q_heads, in
         plan.tensor_cores = true;
         plan.head_blocks = (group + mma::kRows - 1) / mma::kRows;
         const int64_t blocks_per_split = batch * num_kv_heads * plan.head_blocks;
-        const int64_t target = (8 * std::max(sm_count, 1) + blocks_per_split - 1) / blocks_per_split;
+        const int64_t target =
+            (8 * std::max(sm_count, 1) + blocks_per_split - 1) / blocks_per_split;
         const int64_t most = (most_tiles + mma::kWarps - 1) / mma::kWarps;
         plan.num_splits = std::max<int64_t>(1, std::min(target, most));
         return plan;
@@ -262,10 +264,10 @@ cudaError_t launch_decode_attention(const void* q, const void* k_cache, const vo
         return cudaErrorInvalidValue;
     }
     // flash attention's constant: the scale folded into exp2's argument, rounded to fp32 once.
-    const LaunchArgs args{q,       k_cache,      v_cache,     seq_lens,   out,
-                          partial_out, partial_max, partial_sum, batch,  num_q_heads,
-                          num_kv_heads, head_dim,   max_seq_len, scale * kLog2e, plan,
-                          stream};
+    const LaunchArgs args{q,           k_cache,        v_cache,      seq_lens,
+                          out,         partial_out,    partial_max,  partial_sum,
+                          batch,       num_q_heads,    num_kv_heads, head_dim,
+                          max_seq_len, scale * kLog2e, plan,         stream};
     switch (dtype) {
         case AttentionDtype::kFloat32:
             return launch_for_dtype<float>(args);

@@ -97,13 +97,13 @@ __device__ __forceinline__ void load_vec(float (&out)[VecBytes / sizeof(T)], con
 // Bytes of shared memory of the split kernel.
 __host__ __device__ constexpr int64_t split_smem_bytes(int64_t head_dim, int64_t tile,
                                                        int64_t stages, int64_t elem_bytes) {
-    return (kHeads * head_dim       // q_s: [kHeads, head_dim] fp32
-            + kHeads * tile         // p_s: [kHeads, tile] scores, then probabilities
-            + kHeads * head_dim     // o_s: [kHeads, head_dim] the block's output, summed
-            + 3 * kHeads) * 4       // m_s, l_s, alpha_s: [kHeads]
+    return (kHeads * head_dim    // q_s: [kHeads, head_dim] fp32
+            + kHeads * tile      // p_s: [kHeads, tile] scores, then probabilities
+            + kHeads * head_dim  // o_s: [kHeads, head_dim] the block's output, summed
+            + 3 * kHeads) *
+               4                                         // m_s, l_s, alpha_s: [kHeads]
            + stages * 2 * tile * head_dim * elem_bytes;  // K and V tiles, per stage
 }
-
 
 // The keys [begin, end) of chunk `split` of sequence b: its length (clamped to [0, max_seq_len]:
 // the host cannot check it without a sync) cut into num_splits chunks of whole tiles. Empty
@@ -128,9 +128,9 @@ __device__ __forceinline__ KeyRange chunk_keys(const int32_t* __restrict__ seq_l
 template <typename T>
 __device__ __forceinline__ void write_empty_chunk(T* __restrict__ out,
                                                   float* __restrict__ partial_max,
-                                                  float* __restrict__ partial_sum,
-                                                  int64_t head_row, int nh, int head_dim,
-                                                  int split, int num_splits, int threads) {
+                                                  float* __restrict__ partial_sum, int64_t head_row,
+                                                  int nh, int head_dim, int split, int num_splits,
+                                                  int threads) {
     const int tid = threadIdx.x;
     if (num_splits == 1) {
         for (int i = tid; i < nh * head_dim; i += threads) {
@@ -188,8 +188,8 @@ __global__ void __launch_bounds__(kThreads, 3) decode_attention_split_kernel(
     const int64_t key_begin = keys.begin;
     const int64_t key_end = keys.end;
     if (key_begin >= key_end) {  // nothing to attend to in this chunk (or at all)
-        write_empty_chunk(out, partial_max, partial_sum, head_row, nh, head_dim, split,
-                          num_splits, kThreads);
+        write_empty_chunk(out, partial_max, partial_sum, head_row, nh, head_dim, split, num_splits,
+                          kThreads);
         return;
     }
     const int num_tiles = static_cast<int>((key_end - key_begin + Tile - 1) / Tile);
@@ -202,7 +202,8 @@ __global__ void __launch_bounds__(kThreads, 3) decode_attention_split_kernel(
     // Tile i of the walk: its first key (from key_begin) and its length.
     auto tile_start = [&](int i) { return (reverse ? num_tiles - 1 - i : i) * Tile; };
     auto tile_len = [&](int i) {
-        return static_cast<int>(min(static_cast<int64_t>(Tile), key_end - key_begin - tile_start(i)));
+        return static_cast<int>(
+            min(static_cast<int64_t>(Tile), key_end - key_begin - tile_start(i)));
     };
     auto issue = [&](int i, int stage) {
         T* dst = kv_s + stage * stage_elems;

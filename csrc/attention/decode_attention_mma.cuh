@@ -12,9 +12,9 @@
 // rows stream through a ring of Ring shared-memory slots of kSlotKeys keys (a tile is one or two
 // slots of K, then as many of V), copied with cp.async Ring - 1 slots ahead of their use, so
 // the copies run while the warp computes. p is rounded to the cache dtype as it becomes the A
-// operand of P V, and the normaliser sums it unrounded, as flash attention does. At the end the warps'
-// (max, sum, output) are added up in a fixed order (warp 0 first) through shared memory; a chunk
-// of one tile is thus one warp's work, rounded as the fused prefill kernels round it.
+// operand of P V, and the normaliser sums it unrounded, as flash attention does. At the end the
+// warps' (max, sum, output) are added up in a fixed order (warp 0 first) through shared memory; a
+// chunk of one tile is thus one warp's work, rounded as the fused prefill kernels round it.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16 with .bf16/.f16): lane l holds, with r = l / 4 and
 // c = 2 * (l % 4), A rows r and r + 8 at columns c, c + 1, c + 8, c + 9; B column r at rows c,
@@ -40,7 +40,7 @@ namespace decode_attention_mma {
 constexpr int kWarps = 4;  // warps per block, each a run of the chunk's tiles
 constexpr int kThreads = kWarps * 32;
 constexpr int kRows = kDecodeAttentionMmaHeadsPerBlock;  // query heads per block: the mma's M
-constexpr int kPad = 8;    // elements after each shared-memory row (16 bytes)
+constexpr int kPad = 8;        // elements after each shared-memory row (16 bytes)
 constexpr int kSlotKeys = 64;  // K or V rows per ring slot
 
 // Ring slots per warp: three (two copies in flight while one slot is used) for head_dim 64,
@@ -148,12 +148,12 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_mma_kernel(
     float scale_log2, bool reverse) {
     wait_for_inputs();
     static_assert(HeadDim % 16 == 0 && Tile % kSlotKeys == 0, "whole mma steps and slots");
-    constexpr int kPitch = HeadDim + kPad;  // elements from one shared-memory row to the next
-    constexpr int kDimSteps = HeadDim / 16;  // k-steps of Q K^T
-    constexpr int kKeyTiles = Tile / 8;      // 8-key column tiles of S
-    constexpr int kKeySteps = Tile / 16;     // k-steps of P V
-    constexpr int kDimTiles = HeadDim / 8;   // 8-dim column tiles of O
-    constexpr int kVecs = HeadDim / 8;       // 16-byte vectors per K/V row
+    constexpr int kPitch = HeadDim + kPad;     // elements from one shared-memory row to the next
+    constexpr int kDimSteps = HeadDim / 16;    // k-steps of Q K^T
+    constexpr int kKeyTiles = Tile / 8;        // 8-key column tiles of S
+    constexpr int kKeySteps = Tile / 16;       // k-steps of P V
+    constexpr int kDimTiles = HeadDim / 8;     // 8-dim column tiles of O
+    constexpr int kVecs = HeadDim / 8;         // 16-byte vectors per K/V row
     constexpr int kHalves = Tile / kSlotKeys;  // slots per tile, of K and of V
     constexpr int kRing = ring_slots(HeadDim);
     constexpr int kSlotElems = kSlotKeys * kPitch;
@@ -194,8 +194,8 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_mma_kernel(
     // Step i of the run: its tile, last to first with `reverse`; its number of keys.
     auto tile_at = [&](int i) { return first_tile + (reverse ? run - 1 - i : i); };
     auto keys_in = [&](int tile) {
-        return static_cast<int>(min(static_cast<int64_t>(Tile), key_end - key_begin -
-                                                                    static_cast<int64_t>(tile) * Tile));
+        return static_cast<int>(min(static_cast<int64_t>(Tile),
+                                    key_end - key_begin - static_cast<int64_t>(tile) * Tile));
     };
     // Copy number c of the run (2 * kHalves per step: K slots, then V slots) into its slot:
     // kSlotKeys rows, zeros past the tile's keys. Past the run's last copy it copies nothing;
@@ -235,8 +235,8 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_mma_kernel(
         commit_copies();
     };
 
-    const int r = lane >> 2;          // this lane's rows r and r + 8 of A, C
-    const int c = (lane & 3) * 2;     // and its column pair
+    const int r = lane >> 2;       // this lane's rows r and r + 8 of A, C
+    const int c = (lane & 3) * 2;  // and its column pair
     float o[kDimTiles][4];
 #pragma unroll
     for (int u = 0; u < kDimTiles; ++u) {
@@ -323,7 +323,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_mma_kernel(
             // the 4 lanes of a quad hold a row's columns
             tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
             tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-            const float m_new = fmaxf(m[h], tile_max[h]);  // finite: n >= 1
+            const float m_new = fmaxf(m[h], tile_max[h]);   // finite: n >= 1
             alpha[h] = exp2f((m[h] - m_new) * scale_log2);  // 0 on the first tile
             max_scaled[h] = m_new * scale_log2;
             m[h] = m_new;

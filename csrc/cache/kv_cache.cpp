@@ -6,8 +6,8 @@
 
 #include <sstream>
 
-#include "common/op_args.h"
 #include "cache/kv_ops.h"
+#include "common/op_args.h"
 
 #ifdef WITH_CUDA_KERNELS
 #include <c10/cuda/CUDAFunctions.h>

@@ -88,11 +88,11 @@ cudaError_t launch_with(void* k_cache, void* v_cache, const void* new_k, const v
     for (int64_t first_pair = 0; first_pair < 2 * batch; first_pair += kMaxGridY) {
         const int64_t grid_y = std::min<int64_t>(2 * batch - first_pair, kMaxGridY);
         const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
-        const cudaError_t err = launch_kernel(
-            kv_update_kernel<Vec>, grid, dim3(kThreads), 0, stream, static_cast<Vec*>(k_cache),
-            static_cast<Vec*>(v_cache), static_cast<const Vec*>(new_k),
-            static_cast<const Vec*>(new_v), positions, first_pair, max_seq_len, num_tokens,
-            row_vecs);
+        const cudaError_t err =
+            launch_kernel(kv_update_kernel<Vec>, grid, dim3(kThreads), 0, stream,
+                          static_cast<Vec*>(k_cache), static_cast<Vec*>(v_cache),
+                          static_cast<const Vec*>(new_k), static_cast<const Vec*>(new_v), positions,
+                          first_pair, max_seq_len, num_tokens, row_vecs);
         if (err != cudaSuccess) {
             return err;
         }

@@ -13,8 +13,8 @@
 namespace toyllm {
 
 // t has dtype `dtype`; `why` says whose it is: "k_cache's", "x's dtype", ...
-inline void check_dtype(const char* op, const char* name, const at::Tensor& t,
-                        at::ScalarType dtype, const char* why) {
+inline void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype,
+                        const char* why) {
     TORCH_CHECK_VALUE(t.scalar_type() == dtype, op, ": expected ", name, " of dtype ",
                       dtype_name(dtype), " (", why, "), got ", dtype_name(t.scalar_type()));
 }
@@ -41,9 +41,8 @@ inline void check_contiguous(const char* op, const char* name, const at::Tensor&
 // Elements of the last dim side by side (stride 1; any stride when it has one element or none).
 inline void check_last_dim_contiguous(const char* op, const char* name, at::IntArrayRef sizes,
                                       at::IntArrayRef strides) {
-    TORCH_CHECK_VALUE(sizes.empty() || sizes.back() <= 1 || strides.back() == 1, op,
-                      ": expected ", name,
-                      " with a contiguous last dim (stride 1), got strides ", strides,
+    TORCH_CHECK_VALUE(sizes.empty() || sizes.back() <= 1 || strides.back() == 1, op, ": expected ",
+                      name, " with a contiguous last dim (stride 1), got strides ", strides,
                       " for shape ", sizes);
 }
 

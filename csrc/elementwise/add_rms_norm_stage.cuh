@@ -15,10 +15,10 @@
 #include <cstdint>
 
 #include "common/float_convert.cuh"
+#include "common/vector_pack.cuh"
 #include "elementwise/fused_kernels.cuh"
 #include "gemv/gemv_row.cuh"
 #include "gemv/gemv_staged.cuh"
-#include "common/vector_pack.cuh"
 
 namespace toyllm {
 namespace gemv_staged {
@@ -31,7 +31,7 @@ static_assert(sizeof(float) * kNormWarps <= gemv_staged::kStaticAllowance / 2,
 // kernel with `norm_threads` threads and NN elements per access computes it; block 0 also writes
 // the rounded sum to sum_out. Called by every thread of the block.
 template <typename T, int NN>
-__device__ __forceinline__ void stage_add_rms_norm(T* __restrict__ n,  // [in], shared
+__device__ __forceinline__ void stage_add_rms_norm(T* __restrict__ n,                // [in], shared
                                                    float* __restrict__ warp_totals,  // shared
                                                    const T* __restrict__ x,
                                                    const T* __restrict__ residual,
@@ -104,8 +104,8 @@ __device__ __forceinline__ void stage_add_rms_norm(T* __restrict__ n,  // [in], 
 template <typename T>
 inline bool norm_packs16(const void* x, const void* residual, const void* norm_weight,
                          const void* sum_out, int64_t in) {
-    return in % kVec16<T> == 0 && aligned16(x) && aligned16(residual) &&
-           aligned16(norm_weight) && aligned16(sum_out);
+    return in % kVec16<T> == 0 && aligned16(x) && aligned16(residual) && aligned16(norm_weight) &&
+           aligned16(sum_out);
 }
 
 }  // namespace gemv_staged

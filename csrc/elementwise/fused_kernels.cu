@@ -6,20 +6,20 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "elementwise/fused_kernels.cuh"
 #include "common/float_convert.cuh"
-#include "elementwise/rope_rotate.cuh"
-#include "elementwise/silu_mul.cuh"
 #include "common/programmatic_launch.cuh"
 #include "common/vector_pack.cuh"
+#include "elementwise/fused_kernels.cuh"
+#include "elementwise/rope_rotate.cuh"
+#include "elementwise/silu_mul.cuh"
 
 namespace toyllm {
 namespace {
 
 constexpr int kWarp = 32;
 constexpr int kMaxNormThreads = kRmsNormMaxThreads;  // threads per RMSNorm block, at most
-constexpr int kThreads = 256;                   // threads per block of RoPE and silu * up
-constexpr int64_t kMaxGrid = int64_t{1} << 20;  // blocks per launch (grid-stride past that)
+constexpr int kThreads = 256;                        // threads per block of RoPE and silu * up
+constexpr int64_t kMaxGrid = int64_t{1} << 20;       // blocks per launch (grid-stride past that)
 
 int64_t grid_for(int64_t work, int64_t per_block) {
     return std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, kMaxGrid));
@@ -147,17 +147,17 @@ cudaError_t rms_norm_for(const void* x, const void* residual, const void* weight
     T* ot = static_cast<T*>(out);
     cudaError_t err = cudaSuccess;
     if (add && vec) {
-        err = launch_kernel(rms_norm_kernel<T, kVec, true>, dim3(grid), dim3(threads), 0,
-                           stream, xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
+        err = launch_kernel(rms_norm_kernel<T, kVec, true>, dim3(grid), dim3(threads), 0, stream,
+                            xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
     } else if (add) {
-        err = launch_kernel(rms_norm_kernel<T, 1, true>, dim3(grid), dim3(threads), 0,
-                           stream, xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
+        err = launch_kernel(rms_norm_kernel<T, 1, true>, dim3(grid), dim3(threads), 0, stream, xt,
+                            rt, wt, st, ot, rows, hidden, inv_hidden, eps);
     } else if (vec) {
-        err = launch_kernel(rms_norm_kernel<T, kVec, false>, dim3(grid), dim3(threads), 0,
-                           stream, xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
+        err = launch_kernel(rms_norm_kernel<T, kVec, false>, dim3(grid), dim3(threads), 0, stream,
+                            xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
     } else {
-        err = launch_kernel(rms_norm_kernel<T, 1, false>, dim3(grid), dim3(threads), 0,
-                           stream, xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
+        err = launch_kernel(rms_norm_kernel<T, 1, false>, dim3(grid), dim3(threads), 0, stream, xt,
+                            rt, wt, st, ot, rows, hidden, inv_hidden, eps);
     }
     return err;
 }
@@ -184,8 +184,8 @@ cudaError_t rms_norm_dispatch(const void* x, const void* residual, const void* w
             return rms_norm_for<__half>(x, residual, weight, sum_out, out, rows, hidden, eps,
                                         stream);
         case FusedDtype::kBFloat16:
-            return rms_norm_for<__nv_bfloat16>(x, residual, weight, sum_out, out, rows, hidden,
-                                               eps, stream);
+            return rms_norm_for<__nv_bfloat16>(x, residual, weight, sum_out, out, rows, hidden, eps,
+                                               stream);
     }
     return cudaErrorInvalidValue;
 }
@@ -254,15 +254,15 @@ cudaError_t rope_for(const void* x, const void* cos, const void* sin, void* out,
     if (vec) {
         const int64_t total = rows * (half / kVec);
         err = launch_kernel(rope_kernel<T, kVec>,
-                           dim3(static_cast<unsigned>(grid_for(total, kThreads))), dim3(kThreads), 0,
-                           stream, xt, ct, st, ot, tokens, heads, half, total, x_stride_batch,
-                           x_stride_token, x_stride_head, cs_stride_batch, cs_stride_token);
+                            dim3(static_cast<unsigned>(grid_for(total, kThreads))), dim3(kThreads),
+                            0, stream, xt, ct, st, ot, tokens, heads, half, total, x_stride_batch,
+                            x_stride_token, x_stride_head, cs_stride_batch, cs_stride_token);
     } else {
         const int64_t total = rows * half;
         err = launch_kernel(rope_kernel<T, 1>,
-                           dim3(static_cast<unsigned>(grid_for(total, kThreads))), dim3(kThreads), 0,
-                           stream, xt, ct, st, ot, tokens, heads, half, total, x_stride_batch,
-                           x_stride_token, x_stride_head, cs_stride_batch, cs_stride_token);
+                            dim3(static_cast<unsigned>(grid_for(total, kThreads))), dim3(kThreads),
+                            0, stream, xt, ct, st, ot, tokens, heads, half, total, x_stride_batch,
+                            x_stride_token, x_stride_head, cs_stride_batch, cs_stride_token);
     }
     return err;
 }
@@ -308,13 +308,13 @@ cudaError_t silu_mul_for(const void* gate_up, void* out, int64_t rows, int64_t i
     if (vec) {
         const int64_t total = rows * (intermediate / kVec);
         err = launch_kernel(silu_mul_kernel<T, kVec>,
-                           dim3(static_cast<unsigned>(grid_for(total, kThreads))), dim3(kThreads), 0,
-                           stream, gt, ot, intermediate, total);
+                            dim3(static_cast<unsigned>(grid_for(total, kThreads))), dim3(kThreads),
+                            0, stream, gt, ot, intermediate, total);
     } else {
         const int64_t total = rows * intermediate;
         err = launch_kernel(silu_mul_kernel<T, 1>,
-                           dim3(static_cast<unsigned>(grid_for(total, kThreads))), dim3(kThreads), 0,
-                           stream, gt, ot, intermediate, total);
+                            dim3(static_cast<unsigned>(grid_for(total, kThreads))), dim3(kThreads),
+                            0, stream, gt, ot, intermediate, total);
     }
     return err;
 }

@@ -144,8 +144,7 @@ void check_add_rms_norm_args(const at::Tensor& x, const at::Tensor& residual,
 // models/layer_math.py's add_rms_norm: s = x + residual, the very ATen op torch's `+` runs (so
 // the same bits), then rms_norm_cpu's math on s (fp32: its C++ loop, so the same bits as
 // rms_norm(s)). Both results contiguous.
-std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x,
-                                                    const at::Tensor& residual,
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
                                                     const at::Tensor& weight, double eps) {
     check_add_rms_norm_args(x, residual, weight, eps);
     at::Tensor sum = at::add(x, residual).contiguous();

@@ -1,5 +1,6 @@
-// The CPU and CUDA implementations of `toyllm::rope_kv_update` (schema: registration.cpp): a decode step's RoPE on q and k and its K/V
-// write, from the fused q/k/v projection of one new token per row:
+// The CPU and CUDA implementations of `toyllm::rope_kv_update` (schema: registration.cpp): a decode
+// step's RoPE on q and k and its K/V write, from the fused q/k/v projection of one new token per
+// row:
 //   q = rope_kv_update(qkv, cos, sin, k_cache, v_cache, positions, num_q_heads)
 // returns rope(q heads) as a new contiguous [rows, 1, Hq, D] tensor and writes rope(k heads) and
 // the v heads as they are to k_cache / v_cache[r, positions[r]] (rows at a negative position,
@@ -75,8 +76,8 @@ at::Tensor rope_kv_update_cuda(const at::Tensor& qkv, const at::Tensor& cos, con
     const cudaError_t err = launch_rope_kv_update(
         qkv.const_data_ptr(), c.const_data_ptr(), s.const_data_ptr(),
         positions.const_data_ptr<int32_t>(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        kernel_dtype<FusedDtype>(qkv.scalar_type()), rows, k_cache.size(1), num_q_heads, k_cache.size(2),
-        head_dim, qkv.stride(0), qkv.stride(2), c.stride(0),
+        kernel_dtype<FusedDtype>(qkv.scalar_type()), rows, k_cache.size(1), num_q_heads,
+        k_cache.size(2), head_dim, qkv.stride(0), qkv.stride(2), c.stride(0),
         at::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == cudaSuccess,
                 "rope_kv_update: CUDA kernel launch failed: ", cudaGetErrorString(err));

@@ -7,9 +7,9 @@
 #include <cstdint>
 
 #include "common/programmatic_launch.cuh"
+#include "common/vector_pack.cuh"
 #include "elementwise/rope_kv_update.cuh"
 #include "elementwise/rope_rotate.cuh"
-#include "common/vector_pack.cuh"
 
 namespace toyllm {
 namespace {

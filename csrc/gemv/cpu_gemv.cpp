@@ -1,5 +1,6 @@
-// The CPU implementations of `toyllm::gemv(x, weight) -> y` (schemas: registration.cpp): y = F.linear(x, weight) (no bias) for fp32 CPU
-// tensors with a few rows, the matrix-vector products of a decode step.
+// The CPU implementations of `toyllm::gemv(x, weight) -> y` (schemas: registration.cpp): y =
+// F.linear(x, weight) (no bias) for fp32 CPU tensors with a few rows, the matrix-vector products of
+// a decode step.
 //
 // Why: with batch 1 every projection of a decode step is a matrix-vector product that reads
 // each weight once, so decode is bound by how fast the weights stream from DRAM. On our 2-core
@@ -25,9 +26,10 @@
 // And `toyllm::gemv_add_rms_norm(x, residual, norm_weight, eps, weight, warps) -> (sum, y)` = (x +
 // residual, F.linear(rms_norm(x + residual), weight)), the product after a residual add and an
 // RMSNorm, whose CUDA kernel computes the norm itself; on the CPU toyllm::add_rms_norm then
-// F.linear (any dtype add_rms_norm takes; warps, a CUDA launch choice, is only checked). And `toyllm::gemv_add_rms_norm_silu_mul`, the same
-// with weight = [gate; up] and y = silu_mul of the product (SwiGLU's h). And
-// `toyllm::gemv_add_rms_norm_rope_kv(..., cos, sin, k_cache, v_cache, positions, num_q_heads)
+// F.linear (any dtype add_rms_norm takes; warps, a CUDA launch choice, is only checked). And
+// `toyllm::gemv_add_rms_norm_silu_mul`, the same with weight = [gate; up] and y = silu_mul of the
+// product (SwiGLU's h). And `toyllm::gemv_add_rms_norm_rope_kv(..., cos, sin, k_cache, v_cache,
+// positions, num_q_heads)
 // -> (sum, q)`: the q/k/v product handed to toyllm::rope_kv_update (its epilogue on CUDA).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -328,19 +330,15 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_product_cpu(const char* op, cons
 
 std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_cpu(const at::Tensor& x,
                                                          const at::Tensor& residual,
-                                                         const at::Tensor& norm_weight,
-                                                         double eps, const at::Tensor& weight,
-                                                         int64_t warps) {
+                                                         const at::Tensor& norm_weight, double eps,
+                                                         const at::Tensor& weight, int64_t warps) {
     return add_rms_norm_product_cpu("gemv_add_rms_norm", x, residual, norm_weight, eps, weight,
                                     false, warps);
 }
 
-std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_silu_mul_cpu(const at::Tensor& x,
-                                                                  const at::Tensor& residual,
-                                                                  const at::Tensor& norm_weight,
-                                                                  double eps,
-                                                                  const at::Tensor& weight,
-                                                                  int64_t warps) {
+std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_silu_mul_cpu(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+    const at::Tensor& weight, int64_t warps) {
     return add_rms_norm_product_cpu("gemv_add_rms_norm_silu_mul", x, residual, norm_weight, eps,
                                     weight, true, warps);
 }
@@ -363,8 +361,8 @@ std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_rope_kv_cpu(
     static const auto rope_kv_update =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("toyllm::rope_kv_update", "")
-            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              at::Tensor&, at::Tensor&, const at::Tensor&, int64_t)>();
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
+                              at::Tensor&, const at::Tensor&, int64_t)>();
     const int64_t rows = qkv.numel() / out;
     at::Tensor q = rope_kv_update.call(qkv.reshape({rows, 1, out / head_dim, head_dim}), cos, sin,
                                        k_cache, v_cache, positions, num_q_heads);

@@ -1,12 +1,13 @@
 // The CUDA implementations of `toyllm::gemv(x, weight) -> y`,
 // `toyllm::gemv_silu_mul(gate_up, weight) -> y` and `toyllm::gemv_add_rms_norm(x, residual,
 // norm_weight, eps, weight, warps) -> (sum, y)` and its silu_mul and rope_kv variants (schemas:
-// registration.cpp; the CPU kernels: cpu_gemv.cpp): y = F.linear(x, weight) (no bias) for the few-row products of a decode step,
-// with the kernel of gemv.cu; y = F.linear(silu_mul(gate_up), weight), a SwiGLU MLP's down
-// product, with the kernel of gemv_silu_mul.cu, which computes silu(gate) * up itself (the same
-// bits as toyllm::silu_mul then toyllm::gemv); and sum = x + residual, y = F.linear(
-// rms_norm(sum), weight), the product after a residual add and RMSNorm, with the kernel of
-// gemv_add_rms_norm.cu (the same bits as toyllm::add_rms_norm then toyllm::gemv).
+// registration.cpp; the CPU kernels: cpu_gemv.cpp): y = F.linear(x, weight) (no bias) for the
+// few-row products of a decode step, with the kernel of gemv.cu; y = F.linear(silu_mul(gate_up),
+// weight), a SwiGLU MLP's down product, with the kernel of gemv_silu_mul.cu, which computes
+// silu(gate) * up itself (the same bits as toyllm::silu_mul then toyllm::gemv); and sum = x +
+// residual, y = F.linear( rms_norm(sum), weight), the product after a residual add and RMSNorm,
+// with the kernel of gemv_add_rms_norm.cu (the same bits as toyllm::add_rms_norm then
+// toyllm::gemv).
 //
 // x: [..., in] with at most 4 rows (x.numel() / in), fp32, fp16 or bf16 (packed here when it is
 // not contiguous); weight: [out, in] contiguous (nn.Linear's layout), x's dtype and device.
@@ -28,12 +29,12 @@
 
 #include "common/op_args.h"
 #include "elementwise/fused_kernels.cuh"
-#include "gemv/gemv_args.h"
+#include "elementwise/rope_kv_args.h"
 #include "gemv/gemv.cuh"
 #include "gemv/gemv_add_rms_norm.cuh"
+#include "gemv/gemv_args.h"
 #include "gemv/gemv_norm_rope_kv.cuh"
 #include "gemv/gemv_silu_mul.cuh"
-#include "elementwise/rope_kv_args.h"
 
 namespace toyllm {
 namespace {
@@ -104,10 +105,10 @@ at::Tensor gemv_cuda(const at::Tensor& x, const at::Tensor& weight) {
     // The kernel reads rows of x at a fixed pitch: a strided view (the last token of a batch,
     // say) is packed first; in the model x is contiguous (no copy).
     const at::Tensor xc = x.contiguous();
-    const cudaError_t err = launch_gemv(xc.const_data_ptr(), weight.const_data_ptr(),
-                                        y.mutable_data_ptr(), gemv_dtype(x.scalar_type()),
-                                        leading_rows(x), in, out,
-                                        at::cuda::getCurrentCUDAStream().stream());
+    const cudaError_t err =
+        launch_gemv(xc.const_data_ptr(), weight.const_data_ptr(), y.mutable_data_ptr(),
+                    gemv_dtype(x.scalar_type()), leading_rows(x), in, out,
+                    at::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == cudaSuccess, "gemv: CUDA kernel launch failed: ", cudaGetErrorString(err));
     return y;
 }
@@ -182,12 +183,9 @@ void check_norm_product_cuda(const OpNames& names, const at::Tensor& x, const at
 // `silu` gemv_add_rms_norm_silu_mul -> (x + residual, silu_mul(y)): one kernel for one row
 // (gemv_add_rms_norm.cu), add_rms_norm's, gemv's (and silu_mul's) kernels for 2 to 4 rows or a
 // row too long for a block's shared memory (the same bits either way).
-std::tuple<at::Tensor, at::Tensor> add_rms_norm_product_cuda(const OpNames& names,
-                                                             const at::Tensor& x,
-                                                             const at::Tensor& residual,
-                                                             const at::Tensor& norm_weight,
-                                                             double eps, const at::Tensor& weight,
-                                                             bool silu, int64_t warps) {
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_product_cuda(
+    const OpNames& names, const at::Tensor& x, const at::Tensor& residual,
+    const at::Tensor& norm_weight, double eps, const at::Tensor& weight, bool silu, int64_t warps) {
     check_norm_product_cuda(names, x, residual, norm_weight, eps, weight, silu, warps);
     const c10::cuda::CUDAGuard guard(x.device());
     const int64_t out = weight.size(0);
@@ -239,19 +237,15 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_product_cuda(const OpNames& name
 
 std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_cuda(const at::Tensor& x,
                                                           const at::Tensor& residual,
-                                                          const at::Tensor& norm_weight,
-                                                          double eps, const at::Tensor& weight,
-                                                          int64_t warps) {
+                                                          const at::Tensor& norm_weight, double eps,
+                                                          const at::Tensor& weight, int64_t warps) {
     return add_rms_norm_product_cuda(kGemvAddRmsNormNames, x, residual, norm_weight, eps, weight,
                                      false, warps);
 }
 
-std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_silu_mul_cuda(const at::Tensor& x,
-                                                                   const at::Tensor& residual,
-                                                                   const at::Tensor& norm_weight,
-                                                                   double eps,
-                                                                   const at::Tensor& weight,
-                                                                   int64_t warps) {
+std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_silu_mul_cuda(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+    const at::Tensor& weight, int64_t warps) {
     return add_rms_norm_product_cuda(kGemvAddRmsNormSiluMulNames, x, residual, norm_weight, eps,
                                      weight, true, warps);
 }
@@ -269,9 +263,8 @@ std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_rope_kv_cuda(
     // the q/k/v this product makes, [rows, 1, heads, head_dim], for rope_kv_update's checks
     const int64_t head_dim = k_cache.dim() == 4 ? k_cache.size(3) : 0;
     const int64_t out = weight.size(0);
-    TORCH_CHECK_VALUE(head_dim >= 1 && out % head_dim == 0, names.op,
-                      ": expected weight rows (", out,
-                      ") to be whole heads of k_cache's head_dim (k_cache of shape ",
+    TORCH_CHECK_VALUE(head_dim >= 1 && out % head_dim == 0, names.op, ": expected weight rows (",
+                      out, ") to be whole heads of k_cache's head_dim (k_cache of shape ",
                       k_cache.sizes(), ")");
     const std::vector<int64_t> qkv_sizes{leading_rows(x), 1, out / head_dim, head_dim};
     const std::vector<int64_t> qkv_strides{out, out, head_dim, 1};
@@ -284,8 +277,8 @@ std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_rope_kv_cuda(
     const bool one_kernel = leading_rows(x) == 1 && cos.is_contiguous() && sin.is_contiguous() &&
                             gemv_staged_shared_bytes(dtype, in) <= props->sharedMemPerBlockOptin;
     if (!one_kernel) {
-        auto [sum, qkv] = add_rms_norm_product_cuda(kGemvAddRmsNormNames, x, residual,
-                                                    norm_weight, eps, weight, false, warps);
+        auto [sum, qkv] = add_rms_norm_product_cuda(kGemvAddRmsNormNames, x, residual, norm_weight,
+                                                    eps, weight, false, warps);
         static const auto rope_kv_update =
             c10::Dispatcher::singleton()
                 .findSchemaOrThrow("toyllm::rope_kv_update", "")
@@ -306,8 +299,8 @@ std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_rope_kv_cuda(
         k_cache.data_ptr(), v_cache.data_ptr(), dtype, in, num_q_heads, k_cache.size(2), head_dim,
         k_cache.size(1), static_cast<float>(eps), props->multiProcessorCount,
         static_cast<int>(warps), at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess, names.op, ": CUDA kernel launch failed: ",
-                cudaGetErrorString(err));
+    TORCH_CHECK(err == cudaSuccess, names.op,
+                ": CUDA kernel launch failed: ", cudaGetErrorString(err));
     return {sum, q};
 }
 

@@ -28,10 +28,10 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "gemv/gemv.cuh"
-#include "gemv/gemv_row.cuh"
 #include "common/programmatic_launch.cuh"
 #include "common/vector_pack.cuh"
+#include "gemv/gemv.cuh"
+#include "gemv/gemv_row.cuh"
 
 namespace toyllm {
 namespace {
@@ -99,8 +99,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 }
 
 template <typename T, int N, int R>
-void launch_rows(const T* x, const T* weight, T* y, int64_t in, int64_t out,
-                 cudaStream_t stream) {
+void launch_rows(const T* x, const T* weight, T* y, int64_t in, int64_t out, cudaStream_t stream) {
     const int warps_per_row = warps_per_row_for(in / N, kUnroll<N>);
     const int64_t rows_per_block = kWarps / warps_per_row;
     const int64_t blocks = std::min((out + rows_per_block - 1) / rows_per_block, kMaxGrid);

@@ -3,9 +3,10 @@
 // gemv took two; and the SwiGLU gate/up product after the norm with silu(gate) * up taken in
 // its epilogue, one kernel where add_rms_norm, gemv and silu_mul took three (the down product
 // that follows is then a plain toyllm::gemv, which streams faster than a kernel that has to
-// compute silu(gate) * up in every block first: bench_gemv.py). A staged GEMV (gemv_staged.cuh): every block (at most one per SM) computes the
-// whole normalised row into shared memory, then streams its rows of W. The norm is ~2048
-// elements against megabytes of W, and it runs while the block's first loads of W are under way.
+// compute silu(gate) * up in every block first: bench_gemv.py). A staged GEMV (gemv_staged.cuh):
+// every block (blocks of `warps` warps, 16 warps per SM at most) computes the whole normalised row
+// into shared memory, then streams its rows of W. The norm is ~2048 elements against megabytes of
+// W, and it runs while the block's first loads of W are under way.
 //
 // The norm is add_rms_norm_stage.cuh's (add_rms_norm's bits).
 #include <cuda_bf16.h>
@@ -15,23 +16,23 @@
 #include <cstdint>
 
 #include "common/float_convert.cuh"
+#include "common/vector_pack.cuh"
+#include "elementwise/add_rms_norm_stage.cuh"
 #include "elementwise/fused_kernels.cuh"
+#include "elementwise/silu_mul.cuh"
 #include "gemv/gemv.cuh"
 #include "gemv/gemv_add_rms_norm.cuh"
-#include "elementwise/add_rms_norm_stage.cuh"
 #include "gemv/gemv_staged.cuh"
-#include "elementwise/silu_mul.cuh"
-#include "common/vector_pack.cuh"
 
 namespace toyllm {
 namespace {
 
+using gemv_staged::kNormWarps;
 using gemv_staged::kThreads;
 using gemv_staged::kWarp;
-using gemv_staged::staged_launch;
-using gemv_staged::kNormWarps;
 using gemv_staged::norm_packs16;
 using gemv_staged::stage_add_rms_norm;
+using gemv_staged::staged_launch;
 using gemv_staged::staged_row_pairs;
 using gemv_staged::staged_rows;
 
@@ -81,22 +82,21 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 template <typename T, int N>
-cudaError_t launch_norm_packs(const T* x, const T* residual, const T* norm_weight,
-                              const T* weight, T* sum_out, T* y, int64_t in, int64_t out,
-                              float eps, bool silu, int num_sms, int warps, cudaStream_t stream) {
+cudaError_t launch_norm_packs(const T* x, const T* residual, const T* norm_weight, const T* weight,
+                              T* sum_out, T* y, int64_t in, int64_t out, float eps, bool silu,
+                              int num_sms, int warps, cudaStream_t stream) {
     constexpr int kVec = kVec16<T>;
     const bool norm_vec = norm_packs16<T>(x, residual, norm_weight, sum_out, in);
     const int norm_threads = rms_norm_threads(norm_vec ? in / kVec : in);
     if (norm_vec) {
-        return staged_launch<T, N>(silu ? gemv_add_rms_norm_silu_kernel<T, N, kVec>
-                                        : gemv_add_rms_norm_kernel<T, N, kVec>,
-                                   in, out, num_sms, warps, stream, x, residual, norm_weight, weight,
-                                   sum_out, y, norm_threads, eps);
+        return staged_launch<T, N>(
+            silu ? gemv_add_rms_norm_silu_kernel<T, N, kVec> : gemv_add_rms_norm_kernel<T, N, kVec>,
+            in, out, num_sms, warps, stream, x, residual, norm_weight, weight, sum_out, y,
+            norm_threads, eps);
     }
-    return staged_launch<T, N>(silu ? gemv_add_rms_norm_silu_kernel<T, N, 1>
-                                    : gemv_add_rms_norm_kernel<T, N, 1>,
-                               in, out, num_sms, warps, stream, x, residual, norm_weight, weight, sum_out,
-                               y, norm_threads, eps);
+    return staged_launch<T, N>(
+        silu ? gemv_add_rms_norm_silu_kernel<T, N, 1> : gemv_add_rms_norm_kernel<T, N, 1>, in, out,
+        num_sms, warps, stream, x, residual, norm_weight, weight, sum_out, y, norm_threads, eps);
 }
 
 template <typename T>
@@ -114,16 +114,18 @@ cudaError_t gemv_add_rms_norm_for(const void* x, const void* residual, const voi
     // gemv.cu's choice for an aligned x (n in shared memory is aligned, as gemv's fresh input
     // is): 16-byte loads of W when every row of W starts 16-byte aligned
     if (in % kVec == 0 && aligned16(weight)) {
-        return launch_norm_packs<T, kVec>(xt, rt, nt, wt, st, yt, in, out, eps, silu, num_sms, warps,
-                                          stream);
+        return launch_norm_packs<T, kVec>(xt, rt, nt, wt, st, yt, in, out, eps, silu, num_sms,
+                                          warps, stream);
     }
-    return launch_norm_packs<T, 1>(xt, rt, nt, wt, st, yt, in, out, eps, silu, num_sms, warps, stream);
+    return launch_norm_packs<T, 1>(xt, rt, nt, wt, st, yt, in, out, eps, silu, num_sms, warps,
+                                   stream);
 }
 
 // Both launchers: checks, then the dtype's instance.
 cudaError_t launch_any(const void* x, const void* residual, const void* norm_weight,
                        const void* weight, void* sum_out, void* y, GemvDtype dtype, int64_t in,
-                       int64_t out, float eps, bool silu, int num_sms, int warps, cudaStream_t stream) {
+                       int64_t out, float eps, bool silu, int num_sms, int warps,
+                       cudaStream_t stream) {
     if (in < 1 || out < 0 || num_sms < 1 || (silu && out % 2 != 0) ||
         !gemv_staged::valid_block_warps(warps)) {
         return cudaErrorInvalidValue;
@@ -137,7 +139,8 @@ cudaError_t launch_any(const void* x, const void* residual, const void* norm_wei
                                                  out, eps, silu, num_sms, warps, stream);
         case GemvDtype::kBFloat16:
             return gemv_add_rms_norm_for<__nv_bfloat16>(x, residual, norm_weight, weight, sum_out,
-                                                        y, in, out, eps, silu, num_sms, warps, stream);
+                                                        y, in, out, eps, silu, num_sms, warps,
+                                                        stream);
         case GemvDtype::kFloat32:
             return gemv_add_rms_norm_for<float>(x, residual, norm_weight, weight, sum_out, y, in,
                                                 out, eps, silu, num_sms, warps, stream);
@@ -157,8 +160,8 @@ cudaError_t launch_gemv_add_rms_norm(const void* x, const void* residual, const 
 
 cudaError_t launch_gemv_add_rms_norm_silu_mul(const void* x, const void* residual,
                                               const void* norm_weight, const void* weight,
-                                              void* sum_out, void* h, GemvDtype dtype,
-                                              int64_t in, int64_t out, float eps, int num_sms, int warps,
+                                              void* sum_out, void* h, GemvDtype dtype, int64_t in,
+                                              int64_t out, float eps, int num_sms, int warps,
                                               cudaStream_t stream) {
     return launch_any(x, residual, norm_weight, weight, sum_out, h, dtype, in, out, eps, true,
                       num_sms, warps, stream);

@@ -30,10 +30,10 @@ namespace toyllm {
 // j < out. in >= 1. num_sms: the device's SM count; warps: warps per block, 4, 8 or 16 (the
 // grid is at most 16 / warps blocks per SM: gemv_staged.cuh). sum_out and y must not overlap
 // the inputs.
-// Returns cudaErrorInvalidValue for in < 1, out < 0, num_sms < 1 or other warps, cudaSuccess without a
-// launch when out is 0 (sum_out is then not written either: call launch_add_rms_norm), the error
-// of cudaFuncSetAttribute when the shared memory exceeds the device's limit, otherwise the
-// launch's error.
+// Returns cudaErrorInvalidValue for in < 1, out < 0, num_sms < 1 or other warps, cudaSuccess
+// without a launch when out is 0 (sum_out is then not written either: call launch_add_rms_norm),
+// the error of cudaFuncSetAttribute when the shared memory exceeds the device's limit, otherwise
+// the launch's error.
 cudaError_t launch_gemv_add_rms_norm(const void* x,            // [in]
                                      const void* residual,     // [in]
                                      const void* norm_weight,  // [in]
@@ -50,10 +50,10 @@ cudaError_t launch_gemv_add_rms_norm(const void* x,            // [in]
 cudaError_t launch_gemv_add_rms_norm_silu_mul(const void* x,            // [in]
                                               const void* residual,     // [in]
                                               const void* norm_weight,  // [in]
-                                              const void* weight,  // [out, in]: gate; up
-                                              void* sum_out,       // [in]
-                                              void* h,             // [out / 2]
-                                              GemvDtype dtype, int64_t in, int64_t out,
-                                              float eps, int num_sms, int warps, cudaStream_t stream);
+                                              const void* weight,       // [out, in]: gate; up
+                                              void* sum_out,            // [in]
+                                              void* h,                  // [out / 2]
+                                              GemvDtype dtype, int64_t in, int64_t out, float eps,
+                                              int num_sms, int warps, cudaStream_t stream);
 
 }  // namespace toyllm

@@ -40,9 +40,8 @@ inline void check_gemv_silu_mul_shapes(const at::Tensor& gate_up, const at::Tens
 // kernel (gemv_staged.cuh), checked on every device.
 inline void check_gemv_add_rms_norm_shapes(const char* op, const at::Tensor& x,
                                            const at::Tensor& residual,
-                                           const at::Tensor& norm_weight,
-                                           const at::Tensor& weight, double eps, bool silu,
-                                           int64_t warps) {
+                                           const at::Tensor& norm_weight, const at::Tensor& weight,
+                                           double eps, bool silu, int64_t warps) {
     TORCH_CHECK_VALUE(weight.dim() == 2, op, ": expected weight of 2 dims [out, in], got shape ",
                       weight.sizes());
     TORCH_CHECK_VALUE(!silu || weight.size(0) % 2 == 0, op,

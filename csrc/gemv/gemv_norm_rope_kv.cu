@@ -9,20 +9,20 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/vector_pack.cuh"
 #include "elementwise/add_rms_norm_stage.cuh"
 #include "elementwise/fused_kernels.cuh"
+#include "elementwise/rope_rotate.cuh"
 #include "gemv/gemv.cuh"
 #include "gemv/gemv_norm_rope_kv.cuh"
 #include "gemv/gemv_staged.cuh"
-#include "elementwise/rope_rotate.cuh"
-#include "common/vector_pack.cuh"
 
 namespace toyllm {
 namespace {
 
 using gemv_staged::kNormWarps;
-using gemv_staged::norm_packs16;
 using gemv_staged::kThreads;
+using gemv_staged::norm_packs16;
 using gemv_staged::stage_add_rms_norm;
 using gemv_staged::staged_launch;
 using gemv_staged::staged_row_pairs;
@@ -101,24 +101,25 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename T, int N>
 cudaError_t launch_packs(const T* x, const T* residual, const T* norm_weight, const T* weight,
-                         const T* cos, const T* sin, T* sum_out, T* q_out, T* k_cache,
-                         T* v_cache, const RopeKvTarget& target, int64_t in, int64_t out,
-                         float eps, int num_sms, int warps, cudaStream_t stream) {
+                         const T* cos, const T* sin, T* sum_out, T* q_out, T* k_cache, T* v_cache,
+                         const RopeKvTarget& target, int64_t in, int64_t out, float eps,
+                         int num_sms, int warps, cudaStream_t stream) {
     constexpr int kVec = kVec16<T>;
     const bool norm_vec = norm_packs16<T>(x, residual, norm_weight, sum_out, in);
     const int norm_threads = rms_norm_threads(norm_vec ? in / kVec : in);
     const auto kernel =
         norm_vec ? gemv_norm_rope_kv_kernel<T, N, kVec> : gemv_norm_rope_kv_kernel<T, N, 1>;
-    return staged_launch<T, N>(kernel, in, out, num_sms, warps, stream, x, residual, norm_weight, weight,
-                               cos, sin, sum_out, q_out, k_cache, v_cache, target, norm_threads,
-                               eps);
+    return staged_launch<T, N>(kernel, in, out, num_sms, warps, stream, x, residual, norm_weight,
+                               weight, cos, sin, sum_out, q_out, k_cache, v_cache, target,
+                               norm_threads, eps);
 }
 
 template <typename T>
 cudaError_t launch_for(const void* x, const void* residual, const void* norm_weight,
                        const void* weight, const void* cos, const void* sin, void* sum_out,
                        void* q_out, void* k_cache, void* v_cache, const RopeKvTarget& target,
-                       int64_t in, int64_t out, float eps, int num_sms, int warps, cudaStream_t stream) {
+                       int64_t in, int64_t out, float eps, int num_sms, int warps,
+                       cudaStream_t stream) {
     constexpr int kVec = kVec16<T>;
     const auto* xt = static_cast<const T*>(x);
     const auto* rt = static_cast<const T*>(residual);
@@ -135,8 +136,8 @@ cudaError_t launch_for(const void* x, const void* residual, const void* norm_wei
         return launch_packs<T, kVec>(xt, rt, nt, wt, ct, st, so, qo, kc, vc, target, in, out, eps,
                                      num_sms, warps, stream);
     }
-    return launch_packs<T, 1>(xt, rt, nt, wt, ct, st, so, qo, kc, vc, target, in, out, eps,
-                              num_sms, warps, stream);
+    return launch_packs<T, 1>(xt, rt, nt, wt, ct, st, so, qo, kc, vc, target, in, out, eps, num_sms,
+                              warps, stream);
 }
 
 }  // namespace
@@ -157,14 +158,16 @@ cudaError_t launch_gemv_norm_rope_kv(const void* x, const void* residual, const 
     switch (dtype) {
         case GemvDtype::kFloat16:
             return launch_for<__half>(x, residual, norm_weight, weight, cos, sin, sum_out, q_out,
-                                      k_cache, v_cache, target, in, out, eps, num_sms, warps, stream);
+                                      k_cache, v_cache, target, in, out, eps, num_sms, warps,
+                                      stream);
         case GemvDtype::kBFloat16:
             return launch_for<__nv_bfloat16>(x, residual, norm_weight, weight, cos, sin, sum_out,
-                                             q_out, k_cache, v_cache, target, in, out, eps,
-                                             num_sms, warps, stream);
+                                             q_out, k_cache, v_cache, target, in, out, eps, num_sms,
+                                             warps, stream);
         case GemvDtype::kFloat32:
             return launch_for<float>(x, residual, norm_weight, weight, cos, sin, sum_out, q_out,
-                                     k_cache, v_cache, target, in, out, eps, num_sms, warps, stream);
+                                     k_cache, v_cache, target, in, out, eps, num_sms, warps,
+                                     stream);
     }
     return cudaErrorInvalidValue;
 }

@@ -3,26 +3,26 @@
 // kernel where toyllm::silu_mul and toyllm::gemv took two, so a decode step has one launch (and
 // one gap between kernels) fewer per layer.
 //
-// The kernel is a staged GEMV (gemv_staged.cuh: one block of 16 warps per SM at most, each
-// computing all of h = silu_mul(gate_up) into shared memory, then looping over output rows with
-// two rows' loads of W in flight per group). Each block computes h once: gemv.cu launches ~2,000
-// blocks of 4 warps for Llama-1B's down product, and h's 8192 expf and fp32 divides in each
-// block would cost more than the product. h is computed by silu_mul's own per-element function
-// and rounded to the dtype, so y has the bits of toyllm::silu_mul then toyllm::gemv.
-// For 2 to 4 rows (not a decode step's shape: there cuBLAS takes the product) and where h does
-// not fit a block's shared memory, the operator runs silu_mul and gemv instead (cuda_gemv.cpp).
-// One row also keeps the kernel within 128 registers a thread without spills.
+// The kernel is a staged GEMV (gemv_staged.cuh: blocks of kDefaultBlockWarps warps, 16 warps
+// per SM at most, each computing all of h = silu_mul(gate_up) into shared memory, then looping over
+// output rows with two rows' loads of W in flight per group). Each block computes h once: gemv.cu
+// launches ~2,000 blocks of 4 warps for Llama-1B's down product, and h's 8192 expf and fp32 divides
+// in each block would cost more than the product. h is computed by silu_mul's own per-element
+// function and rounded to the dtype, so y has the bits of toyllm::silu_mul then toyllm::gemv. For 2
+// to 4 rows (not a decode step's shape: there cuBLAS takes the product) and where h does not fit a
+// block's shared memory, the operator runs silu_mul and gemv instead (cuda_gemv.cpp). One row also
+// keeps the kernel within 128 registers a thread without spills.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstddef>
 #include <cstdint>
 
+#include "common/vector_pack.cuh"
+#include "elementwise/silu_mul.cuh"
 #include "gemv/gemv.cuh"
 #include "gemv/gemv_silu_mul.cuh"
 #include "gemv/gemv_staged.cuh"
-#include "elementwise/silu_mul.cuh"
-#include "common/vector_pack.cuh"
 
 namespace toyllm {
 namespace {
@@ -85,12 +85,11 @@ cudaError_t gemv_silu_mul_for(const void* gate_up, const void* weight, void* y, 
     // when every row of W starts 16-byte aligned
     if (in % kVec == 0 && aligned16(weight)) {
         return staged_launch<T, kVec>(gemv_silu_mul_kernel<T, kVec>, in, out, num_sms,
-                                      gemv_staged::kDefaultBlockWarps, stream, gt,
-                                      wt, yt, pack_gate_up);
+                                      gemv_staged::kDefaultBlockWarps, stream, gt, wt, yt,
+                                      pack_gate_up);
     }
     return staged_launch<T, 1>(gemv_silu_mul_kernel<T, 1>, in, out, num_sms,
-                                      gemv_staged::kDefaultBlockWarps, stream, gt, wt, yt,
-                               pack_gate_up);
+                               gemv_staged::kDefaultBlockWarps, stream, gt, wt, yt, pack_gate_up);
 }
 
 }  // namespace

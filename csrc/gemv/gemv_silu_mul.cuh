@@ -25,12 +25,12 @@ namespace toyllm {
 // y[j] = to_dtype(sum_i float(h[i]) * float(weight[j, i])) for j < out, with
 // h[i] = to_dtype(to_dtype(silu(g)) * u), g = gate_up[i], u = gate_up[in + i] (the value
 // launch_silu_mul writes). in == 0 writes zeros. num_sms: the device's SM count (the grid is at
-// most 16 / kDefaultBlockWarps blocks per SM: gemv_staged.cuh). 16-byte loads of W when `in` is a multiple of 16 bytes and weight is
-// 16-byte aligned, element loads otherwise (as launch_gemv for an aligned x); gate_up is read in
-// 16-byte packs when it allows them.
-// Returns cudaErrorInvalidValue for negative sizes or num_sms < 1, cudaSuccess without a launch
-// when out is 0, the error of cudaFuncSetAttribute when the shared memory exceeds the device's
-// limit, otherwise cudaGetLastError() after the launch.
+// most 16 / kDefaultBlockWarps blocks per SM: gemv_staged.cuh). 16-byte loads of W when `in` is a
+// multiple of 16 bytes and weight is 16-byte aligned, element loads otherwise (as launch_gemv for
+// an aligned x); gate_up is read in 16-byte packs when it allows them. Returns
+// cudaErrorInvalidValue for negative sizes or num_sms < 1, cudaSuccess without a launch when out is
+// 0, the error of cudaFuncSetAttribute when the shared memory exceeds the device's limit, otherwise
+// cudaGetLastError() after the launch.
 cudaError_t launch_gemv_silu_mul(const void* gate_up,  // [2 * in], contiguous
                                  const void* weight,   // [out, in], contiguous
                                  void* y,              // [out]

@@ -4,7 +4,8 @@
 // rms_norm(a + b), gemv_add_rms_norm.cu), so that each of those is one kernel where it was two.
 //
 // Every output row needs all of x, so every block computes it, once, and the grid is small: at
-// most 16 warps per SM (blocks of 4, 8 or 16 warps: staged_launch's `warps`), each looping over output rows:
+// most 16 warps per SM (blocks of 4, 8 or 16 warps: staged_launch's `warps`), each looping over
+// output rows:
 //   - before it waits for its inputs (programmatic launch) and stages x, each group of warps
 //     issues the loads of its first row's first batch of W (W is no kernel's output), so the
 //     weight stream starts at once and the staging runs while those loads are under way;
@@ -31,9 +32,9 @@
 #include <cstdint>
 
 #include "common/float_convert.cuh"
-#include "gemv/gemv_row.cuh"
 #include "common/programmatic_launch.cuh"
 #include "common/vector_pack.cuh"
+#include "gemv/gemv_row.cuh"
 
 namespace toyllm {
 namespace gemv_staged {
@@ -326,8 +327,8 @@ cudaError_t staged_launch(Kernel kernel, int64_t in, int64_t out, int num_sms, i
             return err;
         }
     }
-    return launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(warps * kWarp),
-                         dynamic, stream, args..., in, out, warps_per_row);
+    return launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(warps * kWarp), dynamic,
+                         stream, args..., in, out, warps_per_row);
 }
 
 // Shared memory one block takes for this `in`: x, plus the static allowance.

@@ -22,9 +22,9 @@
 #include <cstdint>
 #include <cstring>
 
-#include "sampling/argmax.cuh"
 #include "common/float_convert.cuh"
 #include "common/vector_pack.cuh"
+#include "sampling/argmax.cuh"
 
 namespace toyllm {
 namespace {
