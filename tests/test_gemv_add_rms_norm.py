@@ -1,17 +1,17 @@
-"""toyllm::gemv_add_rms_norm(x, residual, norm_weight, eps, weight) -> (sum, y), the product
-after a residual add and an RMSNorm with the norm computed in its kernel, and
+"""toyllm::gemv_add_rms_norm(x, residual, norm_weight, eps, weight, warps=8) -> (sum, y), the
+product after a residual add and an RMSNorm with the norm computed in its kernel, and
 toyllm::gemv_add_rms_norm_silu_mul (the same for a SwiGLU gate/up product, with silu(gate) * up
-in its epilogue, against add_rms_norm, gemv and silu_mul) (CUDA:
-csrc/gemv_add_rms_norm.cu through csrc/cuda_gemv.cpp; CPU: csrc/cpu_gemv.cpp), against the two
-operators it replaces, toyllm::add_rms_norm then toyllm::gemv: the same bits (compared as
-integers) for fp32, fp16 and bf16.
+in its epilogue, against add_rms_norm, gemv and silu_mul) (CUDA: csrc/gemv/gemv_add_rms_norm.cu
+through csrc/gemv/cuda_gemv.cpp; CPU: csrc/gemv/cpu_gemv.cpp), against the two operators it
+replaces, toyllm::add_rms_norm then toyllm::gemv: the same bits (compared as integers) for fp32,
+fp16 and bf16.
 
 CUDA (marked `cuda`): rows of 2048 (Llama-1B: 256 norm threads, 1 warp per row of W), 8192 and
 4096 (4 and 2 warps), 4097, 33 and 1 (element accesses), 40,000 fp32 (the norm's 1024 threads
 played by 512, each looping; shared memory past 48 KB) and 65,536 fp32 (past the device's limit:
-two kernels); out 1, 3, 2048, 16384 (several rows per group of warps); 1 to 4 rows; misaligned x,
-residual and weight; one kernel at one row; CUDA-graph replay; bad inputs; opcheck; the model's
-logits with TOYLLM_FUSED_NORM_GEMV on and off.
+two kernels); out 1, 3, 2048, 16384 (several rows per group of warps); 1 to 4 rows; misaligned
+x, residual and weight; one kernel at one row; CUDA-graph replay; bad inputs; opcheck; blocks of
+4 and 16 warps (the same bits as 8); the model's logits with TOYLLM_FUSED_NORM_GEMV on and off.
 
 Everywhere: the CPU operator, its bad inputs, opcheck, the fake's rules, the dispatch on the CPU
 (never the operator) and the switch, read at import.

@@ -1,11 +1,12 @@
 """toyllm::gemv_add_rms_norm_rope_kv(x, residual, norm_weight, eps, weight, cos, sin, k_cache,
-v_cache, positions, num_q_heads) -> (sum, q): a decode step's q/k/v product after the residual
-add and input RMSNorm with RoPE and the K/V write in its epilogue (CUDA: csrc/gemv_norm_rope_kv.cu
-for one row), against the ops it replaces, toyllm::gemv_add_rms_norm then toyllm::rope_kv_update:
-the same bits for the sum, q and every byte of both caches (compared as integers), fp32, fp16 and
-bf16, Llama-1B's shape and small odd ones, positions 0, inside, last, finished (-1) and past the
-end; 2 rows (the two ops); bad inputs (nothing written); opcheck; CUDA-graph replay; the decode
-step's logits with TOYLLM_FUSED_NORM_ROPE on and off. CPU: the composition and its checks.
+v_cache, positions, num_q_heads, warps=8) -> (sum, q): a decode step's q/k/v product after the
+residual add and input RMSNorm with RoPE and the K/V write in its epilogue (CUDA:
+csrc/gemv/gemv_norm_rope_kv.cu for one row), against the ops it replaces,
+toyllm::gemv_add_rms_norm then toyllm::rope_kv_update: the same bits for the sum, q and every
+byte of both caches (compared as integers), fp32, fp16 and bf16, Llama-1B's shape and small odd
+ones, positions 0, inside, last, finished (-1) and past the end; 2 rows (the two ops); bad
+inputs (nothing written); opcheck; CUDA-graph replay; the decode step's logits with
+TOYLLM_FUSED_NORM_ROPE on and off. CPU: the composition and its checks.
 """
 
 from __future__ import annotations
