@@ -69,7 +69,7 @@ build_ext() {  # verbose pip build; keep the link line and the module's NEEDED l
     local rc=$?
     grep -E -- "-shared" "$OUT/logs/pip_build.log" | tail -2 | cut -c1-400
     $PY -c 'import sysconfig as s; print("LDSHARED:", s.get_config_var("LDSHARED")); print("LDCXXSHARED:", s.get_config_var("LDCXXSHARED"))'
-    readelf -d engine/_C*.so | grep NEEDED
+    readelf -d engine/ops/_C*.so | grep NEEDED
     (( rc == 0 )) && $PY -c "$SMOKE"
 }
 export -f build_ext
@@ -77,7 +77,7 @@ export SMOKE PY OUT
 if want build; then
     stage build bash -c build_ext
     if ! grep -q "smoke: C++ exception came back" "$OUT/logs/build.log"; then
-        rm -rf build engine/_C*.so
+        rm -rf build engine/ops/_C*.so
         CC=gcc CXX=g++ LDSHARED="g++ -shared" LDCXXSHARED="g++ -shared" stage build_gxx bash -c build_ext
     fi
 fi

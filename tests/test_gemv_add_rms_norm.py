@@ -1,17 +1,18 @@
-"""toyllm::gemv_add_rms_norm(x, residual, norm_weight, eps, weight) -> (sum, y), the product
-after a residual add and an RMSNorm with the norm computed in its kernel, and
+"""toyllm::gemv_add_rms_norm(x, residual, norm_weight, eps, weight, warps=8) -> (sum, y), the
+product after a residual add and an RMSNorm with the norm computed in its kernel, and
 toyllm::gemv_add_rms_norm_silu_mul (the same for a SwiGLU gate/up product, with silu(gate) * up
-in its epilogue, against add_rms_norm, gemv and silu_mul) (CUDA:
-csrc/gemv_add_rms_norm.cu through csrc/cuda_gemv.cpp; CPU: csrc/cpu_gemv.cpp), against the two
-operators it replaces, toyllm::add_rms_norm then toyllm::gemv: the same bits (compared as
-integers) for fp32, fp16 and bf16.
+in its epilogue, against add_rms_norm, gemv and silu_mul) (CUDA: csrc/gemv/gemv_add_rms_norm.cu
+through csrc/gemv/cuda_gemv.cpp; CPU: csrc/gemv/cpu_gemv.cpp), against the two operators it
+replaces, toyllm::add_rms_norm then toyllm::gemv: the same bits (compared as integers) for fp32,
+fp16 and bf16.
 
 CUDA (marked `cuda`): rows of 2048 (Llama-1B: 256 norm threads, 1 warp per row of W), 8192 and
 4096 (4 and 2 warps), 4097, 33 and 1 (element accesses), 40,000 fp32 (the norm's 1024 threads
 played by 512, each looping; shared memory past 48 KB) and 65,536 fp32 (past the device's limit:
 two kernels); out 1, 3, 2048, 16384 (several rows per group of warps); 1 to 4 rows; misaligned x,
-residual and weight; one kernel at one row; CUDA-graph replay; bad inputs; opcheck; the engine's
-logits with the fusions on and off (Settings.fusion FULL against SILU_GEMV).
+residual and weight; one kernel at one row; CUDA-graph replay; bad inputs; opcheck; blocks of 4
+and 16 warps (the same bits as 8); the engine's logits with the fusions on and off
+(Settings.fusion FULL against SILU_GEMV).
 
 Everywhere: the CPU operator, its bad inputs, opcheck, the fake's rules, and the engine's forward
 on the CPU (never the operator).
@@ -316,6 +317,32 @@ def test_gemv_add_rms_norm_cuda_rejects_bad_inputs_as_its_fake_does(case):
         OPS.gemv_add_rms_norm(*args)
     with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(ValueError, match=message):
         OPS.gemv_add_rms_norm(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# warps: the block size of the one-row CUDA kernels, a launch choice that keeps the bits
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("warps", [4, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_block_size_has_the_bits_of_the_default(dtype, warps):
+    # Llama-1B's hidden size and more rows than any grid takes at once (rows loop per group)
+    x, r, g, w = inputs((1,), 2048, 16384, dtype, seed=40)
+    for op in (OPS.gemv_add_rms_norm, OPS.gemv_add_rms_norm_silu_mul):
+        s, y = op(x, r, g, EPS, w)
+        s2, y2 = op(x, r, g, EPS, w, warps)
+        assert_same_bits(s, s2)
+        assert_same_bits(y, y2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("name", ["gemv_add_rms_norm", "gemv_add_rms_norm_silu_mul"])
+@pytest.mark.parametrize("warps", [5, 0, 32])
+def test_warps_other_than_4_8_or_16_is_a_value_error(device, name, warps):
+    x, r, g, w = inputs((1,), 64, 8, torch.float32, seed=41, device=device)
+    with pytest.raises(ValueError, match=rf"{name}: expected warps to be 4, 8 or 16, got {warps}"):
+        getattr(OPS, name)(x, r, g, EPS, w, warps=warps)
 
 
 # ---------------------------------------------------------------------------------------------

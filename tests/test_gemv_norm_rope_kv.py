@@ -1,12 +1,13 @@
 """toyllm::gemv_add_rms_norm_rope_kv(x, residual, norm_weight, eps, weight, cos, sin, k_cache,
-v_cache, positions, num_q_heads) -> (sum, q): a decode step's q/k/v product after the residual
-add and input RMSNorm with RoPE and the K/V write in its epilogue (CUDA: csrc/gemv_norm_rope_kv.cu
-for one row), against the ops it replaces, toyllm::gemv_add_rms_norm then toyllm::rope_kv_update:
-the same bits for the sum, q and every byte of both caches (compared as integers), fp32, fp16 and
-bf16, Llama-1B's shape and small odd ones, positions 0, inside, last, finished (-1) and past the
-end; 2 rows (the two ops); bad inputs (nothing written); opcheck; CUDA-graph replay; the decode
-step's logits with the epilogue on and off (Settings.fusion FULL, FULL with the epilogue refused,
-SILU_GEMV). CPU: the composition and its checks.
+v_cache, positions, num_q_heads, warps=8) -> (sum, q): a decode step's q/k/v product after the
+residual add and input RMSNorm with RoPE and the K/V write in its epilogue (CUDA:
+csrc/gemv/gemv_norm_rope_kv.cu for one row), against the ops it replaces,
+toyllm::gemv_add_rms_norm then toyllm::rope_kv_update: the same bits for the sum, q and every
+byte of both caches (compared as integers), fp32, fp16 and bf16, Llama-1B's shape and small odd
+ones, positions 0, inside, last, finished (-1) and past the end; 2 rows (the two ops); bad
+inputs (nothing written); opcheck; CUDA-graph replay; the decode step's logits with the epilogue
+on and off (Settings.fusion FULL, FULL with the epilogue refused, SILU_GEMV). CPU: the
+composition and its checks.
 """
 
 from __future__ import annotations
@@ -163,6 +164,30 @@ def test_bad_inputs_are_refused_before_anything_is_written_as_the_fake_does(devi
         assert torch.equal(args[7], k_before) and torch.equal(args[8], v_before), message
         with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(ValueError, match=message):
             OPS.gemv_add_rms_norm_rope_kv(*args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("warps", [4, 16])
+def test_cuda_every_block_size_has_the_bits_of_the_default(warps):
+    args = make_case(SHAPES[0], torch.bfloat16, seed=21)
+    default, other = list(args), list(args)
+    default[7], default[8] = args[7].clone(), args[8].clone()
+    other[7], other[8] = args[7].clone(), args[8].clone()
+    got = OPS.gemv_add_rms_norm_rope_kv(*default)
+    expected = OPS.gemv_add_rms_norm_rope_kv(*other, warps)
+    for a, b in zip((*got, default[7], default[8]), (*expected, other[7], other[8]), strict=True):
+        assert_same_bits(a, b)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("warps", [5, 0, 32])
+def test_warps_other_than_4_8_or_16_is_a_value_error(device, warps):
+    args = make_case(SHAPES[2], torch.float32, seed=22, device=device)
+    k_before = args[7].clone()
+    with pytest.raises(ValueError, match=rf"gemv_add_rms_norm_rope_kv: expected warps to be 4, "
+                                         rf"8 or 16, got {warps}"):
+        OPS.gemv_add_rms_norm_rope_kv(*args, warps=warps)
+    assert torch.equal(args[7], k_before)  # nothing written
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
