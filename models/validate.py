@@ -89,11 +89,11 @@ def regular_file(path: Path, what: str, error: type[Exception]) -> Path:
     except FileNotFoundError:
         raise error(f"{what} not found: {path}") from None
     except OSError as exc:  # ELOOP (symlink loop), EACCES, ENAMETOOLONG...
-        raise error(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
+        raise error(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if not stat.S_ISREG(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) \
             else "not a regular file"
-        raise error(f"{what} {path}: expected a regular file, got {kind}")
+        raise error(f"{path}: expected a regular file ({what}), got {kind}")
     return path
 
 
@@ -103,7 +103,7 @@ def read_text(path: Path, what: str, error: type[Exception]) -> str:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise error(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
+        raise error(f"{path}: cannot be read ({exc.strerror or exc})") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -111,12 +111,13 @@ def read_text(path: Path, what: str, error: type[Exception]) -> str:
                     f"{exc.start}") from None
 
 
-def inside(directory: Path, name: Any, what: str, error: type[Exception]) -> Path:
+def inside(directory: Path, name: Any, what: str, error: type[Exception],
+           root: Path | None = None) -> Path:
     """directory / name, refused unless name is a relative path that resolves (symlinks
-    included) to a regular file inside directory."""
+    included) to a regular file inside root (default: directory)."""
     if not isinstance(name, str) or not name:
         raise error(f"{what}: expected a file name, got {describe(name)}")
-    root = directory.resolve()
+    root = (root or directory).resolve()
     candidate = directory / name
     try:
         resolved = candidate.resolve(strict=True)
@@ -125,6 +126,5 @@ def inside(directory: Path, name: Any, what: str, error: type[Exception]) -> Pat
     except (OSError, RuntimeError) as exc:  # symlink loops
         raise error(f"{what}: {name!r} cannot be resolved ({exc})") from None
     if Path(name).is_absolute() or not resolved.is_relative_to(root):
-        raise error(f"{what}: {name!r} resolves to {resolved}, outside the checkpoint "
-                    f"directory {root}; refused")
+        raise error(f"{what}: {name!r} resolves to {resolved}, outside {root}; refused")
     return regular_file(resolved, what, error)
