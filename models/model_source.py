@@ -38,7 +38,8 @@ def load_model(
     tokenizer_path: str | Path | None = None,
 ) -> LoadedModel:
     """source None: the shipped default model. A directory: a checkpoint. A .toml: a config,
-    which needs random_weights=True (its tokenizer is the default one when the vocab fits)."""
+    which needs random_weights=True (its tokenizer is the default one, or tokenizer_path; the
+    config's vocab_size must equal the tokenizer's size)."""
     t0 = time.perf_counter()
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise ModelSourceError(f"tokenizer not found: {tokenizer_path}")
@@ -50,14 +51,19 @@ def load_model(
     if path.is_dir():
         if random_weights:
             raise ModelSourceError("--random-weights goes with a config .toml, not a checkpoint")
-        try:
-            model, config = load_checkpoint(path, device=device, dtype=dtype)
-        except (CheckpointError, ConfigError) as exc:
-            raise ModelSourceError(str(exc)) from None
         tok_file = Path(tokenizer_path) if tokenizer_path else path / "tokenizer.model"
         tokenizer = Tokenizer.from_file(tok_file) if tok_file.is_file() else None
         if tokenizer_path and tokenizer is None:
             raise ModelSourceError(f"tokenizer not found: {tok_file}")
+        if tokenizer is not None and (path / "config.json").is_file():
+            try:  # the cheap check first: a mismatch is refused before any weight is read
+                _check_vocab(path, tokenizer, load_config(path / "config.json"))
+            except ConfigError as exc:
+                raise ModelSourceError(str(exc)) from None
+        try:
+            model, config = load_checkpoint(path, device=device, dtype=dtype)
+        except (CheckpointError, ConfigError) as exc:
+            raise ModelSourceError(str(exc)) from None
     elif path.suffix == ".toml":
         if not random_weights:
             raise ModelSourceError(
@@ -68,26 +74,32 @@ def load_model(
             config = load_config(path)
         except ConfigError as exc:
             raise ModelSourceError(str(exc)) from None
-        model = build_model(config, device=device, dtype=dtype, seed=seed)
         tok_file = Path(tokenizer_path) if tokenizer_path else DEFAULT_MODEL_DIR / "tokenizer.model"
-        tokenizer = None
-        if tok_file.is_file():
-            candidate = Tokenizer.from_file(tok_file)
-            if candidate.vocab_size <= config.vocab_size:
-                tokenizer = candidate
-            elif tokenizer_path:
-                raise ModelSourceError(
-                    f"tokenizer {tok_file} has {candidate.vocab_size} pieces but the config's "
-                    f"vocab_size is {config.vocab_size}"
-                )
+        tokenizer = Tokenizer.from_file(tok_file) if tok_file.is_file() else None
+        if tokenizer is not None:
+            _check_vocab(path, tokenizer, config)  # before any weight is built
+        model = build_model(config, device=device, dtype=dtype, seed=seed)
     else:
         raise ModelSourceError(
             f"{path}: expected a checkpoint directory (config.json + safetensors) or a config "
             ".toml"
         )
-    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
-        raise ModelSourceError(
-            f"tokenizer has {tokenizer.vocab_size} pieces, more than the model's vocab_size "
-            f"{config.vocab_size}"
-        )
+    if tokenizer is not None:
+        _check_vocab(path, tokenizer, config)
     return LoadedModel(model, config, tokenizer, str(path), time.perf_counter() - t0)
+
+
+def _check_vocab(path: Path, tokenizer: Tokenizer, config: ModelConfig) -> None:
+    """The tokenizer and the model must have the same vocabulary size. Fewer pieces: the model
+    samples ids the tokenizer cannot decode (random weights do so at once, a trained model may
+    later), ending the run mid-stream; more: a prompt can hold ids the model has no embedding
+    for. Refused before anything runs, rather than sampling from part of the vocabulary, which
+    would quietly change the model's distribution."""
+    if tokenizer.vocab_size != config.vocab_size:
+        fix = (f"set vocab_size = {tokenizer.vocab_size} in the config or pass --tokenizer with "
+               f"{config.vocab_size} pieces" if path.suffix == ".toml"
+               else "pass --tokenizer with a matching tokenizer.model")
+        raise ModelSourceError(
+            f"{path}: the model's vocab_size is {config.vocab_size} but the tokenizer "
+            f"{tokenizer.path} has {tokenizer.vocab_size} pieces; {fix}"
+        )
