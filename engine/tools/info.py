@@ -32,7 +32,7 @@ ELEMENT_SIZES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 # The same directory as models.model_source.DEFAULT_MODEL_DIR, named here so that `info` needs
 # neither torch nor the extension.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "default"
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,8 @@ def describe(config: ModelConfig, batch: int = 1, context: int | None = None,
     """The arithmetic for `config`; context defaults to config.max_seq_len."""
     context = config.max_seq_len if context is None else context
     for name, value in (("batch", batch), ("context", context)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"--{name}: expected a positive integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+            raise ConfigError(f"--{name}: expected an integer in [1, 2**31 - 1], got {value!r}")
     if context > config.max_seq_len:
         raise ConfigError(
             f"--context {context} is longer than the model's max_seq_len {config.max_seq_len}"
