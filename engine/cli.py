@@ -8,10 +8,14 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
+
+# click's exception classes as this typer uses them (recent typer vendors its own click), found
+# through the public typer.BadParameter: ClickException -> UsageError -> BadParameter
+_CLICK_ERRORS = {c.__name__: c for c in typer.BadParameter.__mro__}
+ClickException, UsageError = _CLICK_ERRORS["ClickException"], _CLICK_ERRORS["UsageError"]
 
 
 class _OneLineErrors(TyperGroup):
@@ -25,14 +29,17 @@ class _OneLineErrors(TyperGroup):
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
             code = super().main(args, prog_name, complete_var, False, **extra)
-        except click.UsageError as exc:
+        except UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `toyllm`: the help itself
+                sys.stdout.write(exc.format_message() + "\n")
+                sys.exit(2)
             hint = f" (see {exc.ctx.command_path} -h)" if exc.ctx is not None else ""
             _print_error(exc.format_message() + hint)
             sys.exit(2)
-        except click.ClickException as exc:  # a file option that cannot be opened
+        except ClickException as exc:  # a file option that cannot be opened
             _print_error(exc.format_message())
             sys.exit(2)
-        except click.Abort:
+        except typer.Abort:
             _print_error("aborted")
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
@@ -151,7 +158,7 @@ def _run(body: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a command's body: bad input is one line and exit code 2, never a traceback."""
     try:
         return body(*args, **kwargs)
-    except (typer.Exit, click.exceptions.Exit, KeyboardInterrupt):
+    except (typer.Exit, KeyboardInterrupt):
         raise
     except Exception as exc:
         if is_user_error(exc):
