@@ -146,9 +146,11 @@ def _check_positive(name: str, value: Any, kind: type) -> None:
     if kind is float:
         validate.positive_number(name, value, ConfigError)
         return
-    if not validate.is_int(value) or not 0 < value <= validate.MAX_SIZE:
-        raise ConfigError(f"{name}: expected a positive integer (at most 2**31 - 1), got "
-                          f"{validate.describe(value)}")
+    if not validate.is_int(value) or value <= 0:
+        raise ConfigError(f"{name}: expected a positive integer, got {validate.describe(value)}")
+    if value > validate.MAX_SIZE:
+        raise ConfigError(f"{name}: expected a positive integer of at most 2**31 - 1, got "
+                          f"{value}")
 
 
 _FIELDS = {f.name for f in fields(ModelConfig)}
