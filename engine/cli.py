@@ -181,21 +181,20 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     with "prompt" per line) or plain text (one prompt per line, blank lines skipped)."""
     result = list(prompts)
     if prompts_file is not None:
-        if not prompts_file.is_file():
+        from toyllm.models.validate import read_text
+
+        if not prompts_file.exists() and not prompts_file.is_symlink():
             raise UserError(f"prompts file not found: {prompts_file}")
-        try:
-            lines = prompts_file.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{prompts_file}: expected UTF-8 text ({exc.reason} at byte "
-                            f"{exc.start})") from None
+        lines = read_text(prompts_file, "prompts file", UserError).splitlines()
         for n, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             if prompts_file.suffix == ".jsonl":
                 try:
                     item = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{prompts_file}:{n}: not valid JSON ({exc})") from None
+                except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+                    raise UserError(f"{prompts_file}:{n}: not valid JSON "
+                                    f"({str(exc)[:200] or type(exc).__name__})") from None
                 if isinstance(item, dict):
                     item = item.get("prompt")
                 if not isinstance(item, str):

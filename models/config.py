@@ -216,7 +216,8 @@ def config_from_hf(data: dict[str, Any], source: str = "config.json") -> ModelCo
             "hidden_size": data["hidden_size"],
             "num_layers": data["num_hidden_layers"],
             "num_heads": num_heads,
-            "num_kv_heads": data.get("num_key_value_heads") or num_heads,
+            "num_kv_heads": num_heads if data.get("num_key_value_heads") is None
+            else data["num_key_value_heads"],
             "intermediate_size": data["intermediate_size"],
         }
     except KeyError as exc:

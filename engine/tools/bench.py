@@ -369,17 +369,21 @@ def options(device: str = "auto", dtype: str = "auto", models: str | None = None
     gpu = dev.type == "cuda"
     args = argparse.Namespace(device=dev, dtype=resolve_dtype(dtype, dev), hf=hf,
                               reference=reference, hf_static_all=hf_static_all, json=json)
-    names = [m.strip() for m in (models or ("default,llama-1b" if gpu else "stories15m"))
-             .split(",")]
+    names = [m.strip() for m in (("default,llama-1b" if gpu else "stories15m")
+                                 if models is None else models).split(",")]
     if not all(names) or len(set(names)) != len(names):
         raise BenchError(f"--models: expected a comma-separated list of distinct names, got "
                          f"{models!r}")
     args.models = names
-    args.batches = num.int_list("--batches", batches or ("1,16" if gpu else "1"), 1, 4096)
-    args.contexts = num.int_list("--contexts", contexts or ("128,4096" if gpu else "32"))
+    args.batches = num.int_list(
+        "--batches", ("1,16" if gpu else "1") if batches is None else batches, 1, 4096)
+    args.contexts = num.int_list(
+        "--contexts", ("128,4096" if gpu else "32") if contexts is None else contexts)
     args.new_tokens = num.integer("--new-tokens", 128 if gpu and new_tokens is None else
                                   64 if new_tokens is None else new_tokens, minimum=2)
-    args.positions = num.int_list("--positions", positions, allow_empty=True) if gpu else []
+    # checked on every device, used on CUDA only
+    args.positions = num.int_list("--positions", positions, allow_empty=True)
+    args.positions = args.positions if gpu else []
     args.prefill = num.int_list("--prefill", prefill if prefill is not None else
                                 ("512,2048" if gpu else ""), allow_empty=True)
     if json is not None:
