@@ -118,8 +118,9 @@ def load_checkpoint(
     config_file = directory / "config.json"
     if not config_file.exists() and not config_file.is_symlink():
         raise CheckpointError(f"{directory}: not a checkpoint (no config.json)")
+    validate.regular_file(config_file, "config file", CheckpointError)
     try:
-        config = load_config(directory / "config.json")
+        config = load_config(config_file)
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     shapes = expected_shapes(config)

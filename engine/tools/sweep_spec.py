@@ -115,7 +115,7 @@ def load_experiment(path: str | Path, device: str | None = None) -> Experiment:
     """Read and validate an experiment file: every point's config is built and every size is
     checked here, so nothing runs unless the whole grid can. device overrides the file's."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ExperimentError(f"experiment file not found: {path}")
     text = validate.read_text(path, "experiment file", ExperimentError)
     try:
