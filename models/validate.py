@@ -120,11 +120,12 @@ def inside(directory: Path, name: Any, what: str, error: type[Exception],
     root = (root or directory).resolve()
     candidate = directory / name
     try:
+        resolved = candidate.resolve()  # as far as it exists: where it would lead
+        if Path(name).is_absolute() or not resolved.is_relative_to(root):
+            raise error(f"{what}: {name!r} resolves to {resolved}, outside {root}; refused")
         resolved = candidate.resolve(strict=True)
     except FileNotFoundError:
         raise error(f"{what}: names a file that does not exist: {name!r}") from None
     except (OSError, RuntimeError) as exc:  # symlink loops
         raise error(f"{what}: {name!r} cannot be resolved ({exc})") from None
-    if Path(name).is_absolute() or not resolved.is_relative_to(root):
-        raise error(f"{what}: {name!r} resolves to {resolved}, outside {root}; refused")
     return regular_file(resolved, what, error)
