@@ -72,9 +72,9 @@ def test_out_of_range_sampling_numbers_are_refused(field: str, value) -> None:
         SamplingParams(**{field: value})
 
 
-def _poisoned(model, token: int):
+def _poisoned(model, token: int, device: str = "cpu"):
     """A copy of the model whose embedding of `token` is NaN: any row that reads it goes NaN."""
-    m = build_model(CONFIG, seed=0)
+    m = build_model(CONFIG, device=device, seed=0)
     m.load_state_dict(model.state_dict())
     with torch.no_grad():
         m.embed_tokens.weight[token] = float("nan")
@@ -102,3 +102,29 @@ def test_nan_logits_during_decode_name_the_decode_step(model, temperature: float
     k = fresh[0]
     with pytest.raises(GenerationError, match=rf"at step {k + 1} \(decode\), row 0"):
         Engine(_poisoned(model, first[k])).generate([[10, 11]], params)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda-graph"])
+def test_on_cuda_a_prompt_samples_the_same_tokens_alone_and_in_a_batch(graph: bool) -> None:
+    """On CUDA a batch of 3 runs in a graph bucket of 4 rows: the padding row draws nothing."""
+    m = build_model(CONFIG, device="cuda", dtype=torch.float32, seed=0)
+    m.init_weights(0, std=0.2)
+    engine = Engine(m, cuda_graph=graph)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=50, seed=5,
+                            stop_at_eos=False)
+    batch = prompts(3, seed=4)
+    together = engine.generate(batch, params).completions
+    for i, p in enumerate(batch):
+        assert engine.generate([p], params).completions[0].token_ids == together[i].token_ids
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda-graph"])
+def test_on_cuda_nan_logits_stop_the_request(model, temperature: float, graph: bool) -> None:
+    m = _poisoned(model, 5, device="cuda")
+    engine = Engine(m, cuda_graph=graph)
+    params = SamplingParams(max_new_tokens=4, temperature=temperature, seed=0)
+    with pytest.raises(GenerationError, match=r"NaN or inf at step 0 \(prefill\), row 1"):
+        engine.generate([[10, 11], [12, 5, 13]], params)
