@@ -120,6 +120,7 @@ _ERROR_CLASSES = (
     ("toyllm.engine.sampling", "SamplingError"),
     ("toyllm.engine.settings", "SettingsError"),
     ("toyllm.engine.cli_numbers", "NumberError"),
+    ("toyllm.models.chat_template", "ChatTemplateError"),
     ("toyllm.models.checkpoint", "CheckpointError"),
     ("toyllm.models.config", "ConfigError"),
     ("toyllm.models.model_source", "ModelSourceError"),
