@@ -106,6 +106,9 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the tokens ranked before it already reach top_p
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        # the most likely token always stays: a top_p below fp32's range (1e-300) compares
+        # as 0 here and would otherwise drop every token
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

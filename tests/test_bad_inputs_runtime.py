@@ -128,3 +128,12 @@ def test_on_cuda_nan_logits_stop_the_request(model, temperature: float, graph: b
     params = SamplingParams(max_new_tokens=4, temperature=temperature, seed=0)
     with pytest.raises(GenerationError, match=r"NaN or inf at step 0 \(prefill\), row 1"):
         engine.generate([[10, 11], [12, 5, 13]], params)
+
+
+def test_a_top_p_below_fp32_range_keeps_the_most_likely_token(model) -> None:
+    engine = Engine(model)
+    p = prompts(2)
+    greedy = engine.generate(p, SamplingParams(max_new_tokens=6, stop_at_eos=False))
+    tiny = engine.generate(p, SamplingParams(max_new_tokens=6, temperature=1.0, top_p=1e-300,
+                                             seed=1, stop_at_eos=False))
+    assert [c.token_ids for c in tiny.completions] == [c.token_ids for c in greedy.completions]
