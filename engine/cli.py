@@ -216,7 +216,7 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
 @app.command()
 def generate(
     prompts: Annotated[list[str] | None, typer.Argument(
-        metavar="PROMPT...", help="Prompt text (several allowed).")] = None,
+        metavar="PROMPT", help="Prompt text (several allowed).")] = None,
     model: Annotated[str | None, typer.Option(
         help="Checkpoint directory (Hugging Face layout) or config .toml; default: the "
              "shipped model.")] = None,
