@@ -49,7 +49,7 @@ def _weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint, each a regular file that resolves inside it."""
     index = directory / INDEX_FILE
     if index.exists() or index.is_symlink():
-        text = validate.read_text(_inside(directory, INDEX_FILE, str(directory)),
+        text = validate.read_text(inside_checkpoint(directory, INDEX_FILE, str(directory)),
                                   "safetensors index", CheckpointError)
         try:
             data = json.loads(text)
@@ -65,10 +65,10 @@ def _weight_files(directory: Path) -> list[Path]:
             raise CheckpointError(f"{index}: weight_map[{bad[0]!r}]: expected a file name, "
                                   f"got {validate.describe(weight_map[bad[0]])}")
         names = sorted(set(weight_map.values()))
-        return [_inside(directory, name, f"{index}: weight_map") for name in names]
+        return [inside_checkpoint(directory, name, f"{index}: weight_map") for name in names]
     single = directory / SINGLE_FILE
     if single.exists() or single.is_symlink():
-        return [_inside(directory, SINGLE_FILE, str(directory))]
+        return [inside_checkpoint(directory, SINGLE_FILE, str(directory))]
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
         raise CheckpointError(
             f"{directory}: holds only pickled weights (.bin/.pt); toyllm loads safetensors "
@@ -77,7 +77,7 @@ def _weight_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
 
 
-def _inside(directory: Path, name: str, what: str) -> Path:
+def inside_checkpoint(directory: Path, name: str, what: str) -> Path:
     """directory / name as a regular file that resolves inside the checkpoint directory. A
     Hugging Face hub snapshot (<repo>/snapshots/<rev>/) links its files to <repo>/blobs/, so
     there the repository folder counts as inside."""
@@ -118,7 +118,7 @@ def load_checkpoint(
     config_file = directory / "config.json"
     if not config_file.exists() and not config_file.is_symlink():
         raise CheckpointError(f"{directory}: not a checkpoint (no config.json)")
-    validate.regular_file(config_file, "config file", CheckpointError)
+    inside_checkpoint(directory, "config.json", str(directory))  # a regular file, inside
     try:
         config = load_config(config_file)
     except ConfigError as exc:

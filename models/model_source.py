@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from toyllm.models.checkpoint import CheckpointError, load_checkpoint
+from toyllm.models.checkpoint import CheckpointError, inside_checkpoint, load_checkpoint
 from toyllm.models.config import ConfigError, ModelConfig, load_config
 from toyllm.models.llama import Transformer, build_model
 from toyllm.models.tokenizer import Tokenizer
@@ -52,13 +52,19 @@ def load_model(
         if random_weights:
             raise ModelSourceError("--random-weights goes with a config .toml, not a checkpoint")
         tok_file = Path(tokenizer_path) if tokenizer_path else path / "tokenizer.model"
+        if not tokenizer_path and (tok_file.exists() or tok_file.is_symlink()):
+            try:  # the checkpoint's own tokenizer, like its weights, resolves inside it
+                inside_checkpoint(path, tok_file.name, str(path))
+            except CheckpointError as exc:
+                raise ModelSourceError(str(exc)) from None
         tokenizer = Tokenizer.from_file(tok_file) if tok_file.is_file() else None
         if tokenizer_path and tokenizer is None:
             raise ModelSourceError(f"tokenizer not found: {tok_file}")
         if tokenizer is not None and (path / "config.json").is_file():
             try:  # the cheap check first: a mismatch is refused before any weight is read
-                _check_vocab(path, tokenizer, load_config(path / "config.json"))
-            except ConfigError as exc:
+                config_file = inside_checkpoint(path, "config.json", str(path))
+                _check_vocab(path, tokenizer, load_config(config_file))
+            except (CheckpointError, ConfigError) as exc:
                 raise ModelSourceError(str(exc)) from None
         try:
             model, config = load_checkpoint(path, device=device, dtype=dtype)

@@ -226,3 +226,13 @@ def test_a_tokenizer_smaller_than_the_vocab_is_refused_before_the_weights(tmp_pa
     result = runner.invoke(app, ["generate", "x", "--model", str(big)])
     assert result.exit_code == 2
     assert "vocab_size is 5000" in result.stderr and "4096 pieces" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.model"])
+def test_a_config_or_tokenizer_linked_outside_the_checkpoint_is_refused(ckpt: Path,
+                                                                        name: str) -> None:
+    os.rename(ckpt / name, ckpt.parent / name)
+    os.symlink(ckpt.parent / name, ckpt / name)
+    result = runner.invoke(app, ["generate", "x", "--model", str(ckpt), "--max-new-tokens", "2"])
+    assert result.exit_code == 2, result.output
+    assert "outside" in result.stderr and "refused" in result.stderr
