@@ -90,6 +90,8 @@ def regular_file(path: Path, what: str, error: type[Exception]) -> Path:
         raise error(f"{what} not found: {path}") from None
     except OSError as exc:  # ELOOP (symlink loop), EACCES, ENAMETOOLONG...
         raise error(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except ValueError:  # an embedded NUL byte
+        raise error(f"{what} {str(path)!r}: not a valid path") from None
     if not stat.S_ISREG(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) \
             else "not a regular file"
@@ -126,6 +128,6 @@ def inside(directory: Path, name: Any, what: str, error: type[Exception],
         resolved = candidate.resolve(strict=True)
     except FileNotFoundError:
         raise error(f"{what}: names a file that does not exist: {name!r}") from None
-    except (OSError, RuntimeError) as exc:  # symlink loops
+    except (OSError, RuntimeError, ValueError) as exc:  # symlink loops, NUL bytes
         raise error(f"{what}: {name!r} cannot be resolved ({exc})") from None
     return regular_file(resolved, what, error)
