@@ -128,7 +128,8 @@ def load_experiment(path: str | Path, device: str | None = None) -> Experiment:
             f"{path}: unknown key(s) {unknown}; expected some of {list(TOP_KEYS)}"
         )
     name = _string(path, "name", data.get("name", path.stem))
-    if not name or any(c in name for c in "/\\") or name.startswith("."):
+    if not name or any(c in name for c in "/\\") or name.startswith(".") or \
+            not name.isprintable() or len(name) > 200:
         raise ExperimentError(f"{path}: name: expected a plain file-name word, got {name!r}")
     base = _base_config(path, data)
     dev = _device(path, device if device is not None else data.get("device", "auto"))
