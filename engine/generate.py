@@ -31,7 +31,7 @@ from toyllm.engine.cached_attention import DecodeStep, PrefillStep
 from toyllm.engine.cpu_layout import store_weights_input_major
 from toyllm.engine.forward import EngineForward
 from toyllm.engine.ops.kv_cache import KVCache, set_programmatic_launch
-from toyllm.engine.sampling import SamplingParams, make_generator, sample
+from toyllm.engine.sampling import NONFINITE, SamplingParams, make_generators, sample
 from toyllm.engine.settings import Settings
 from toyllm.engine.stopping import StopWatcher
 from toyllm.models.llama import Transformer
@@ -309,7 +309,7 @@ class Engine:
                       StopWatcher(params.stop))
             for i, ids in enumerate(prompt_ids)
         ]
-        gen = make_generator(params, self.device)
+        gen = make_generators(params, self.device, n)  # one per request row: its own seed
         stats = GenerationStats(cache_bytes=cache.bytes_allocated())
 
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -324,12 +324,13 @@ class Engine:
         stats.prefill_tokens = sum(len(p) for p in prompt_ids)
 
         t1 = time.perf_counter()
-        self._accept(cache, seqs, tokens, params, on_text)
+        self._accept(cache, seqs, tokens, params, on_text, step=0)
         while any(s.finish_reason is None for s in seqs):
             logits = self.decode_step(cache, rows, tokens)
             tokens = sample(logits, params, gen, self.settings.cuda_argmax)
             stats.decode_steps += 1
-            stats.decode_tokens += self._accept(cache, seqs, tokens, params, on_text)
+            stats.decode_tokens += self._accept(cache, seqs, tokens, params, on_text,
+                                                step=stats.decode_steps)
         stats.decode_s = time.perf_counter() - t1
         completions = [
             Completion(s.index, s.text, s.token_ids, len(s.prompt_ids), s.finish_reason or "")
@@ -338,14 +339,20 @@ class Engine:
         return GenerationResult(completions, stats)
 
     def _accept(self, cache: KVCache, seqs: list[_Sequence], tokens: Tensor,
-                params: SamplingParams, on_text: TextCallback | None) -> int:
-        """Take the sampled token of every running sequence; finish those that are done."""
+                params: SamplingParams, on_text: TextCallback | None, step: int = 0) -> int:
+        """Take the sampled token of every running sequence; finish those that are done.
+        step: 0 for the token sampled after prefill, then the decode step's number."""
         ids = tokens.tolist()  # the one host sync of a decode step
         taken = 0
         for s in seqs:
             if s.finish_reason is not None:
                 continue
             tok = ids[s.index]
+            if tok == NONFINITE:
+                raise GenerationError(
+                    f"the model's logits hold NaN or inf at step {step} "
+                    f"({'prefill' if step == 0 else 'decode'}), row {s.index} (prompt "
+                    f"{s.index}); the weights or activations overflowed (try --dtype fp32)")
             taken += 1
             s.token_ids.append(tok)
             piece = ""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import platform
 import tempfile
 import time
@@ -518,8 +519,11 @@ def select_cases(
             cases += default_matrix("cpu", cpu_dtypes)
     if cuda is not None:
         cases += [_on(c, cuda) for c in default_matrix("cuda", wanted)]
-    if configs:
+    if configs is not None:
         filters = [f.strip() for c in configs for f in c.split(",") if f.strip()]
+        if not filters:
+            raise CheckError(f"--configs: expected case names or parts of them, got "
+                             f"{', '.join(repr(c) for c in configs) or 'nothing'}")
         unmatched = [f for f in filters if not any(f in c.name for c in cases)]
         if unmatched:
             names = sorted({c.name for c in cases})
@@ -528,6 +532,9 @@ def select_cases(
                 f"cases are: {', '.join(names)}"
             )
         cases = [c for c in cases if any(f in c.name for f in filters)]
+    if not cases:  # a check of nothing must not say PASS
+        raise CheckError(f"no case to run for --device {device} and --dtypes "
+                         f"{', '.join(wanted or [])}")
     return cases
 
 
@@ -547,10 +554,16 @@ def run_check(
     1 otherwise. Raises CheckError for a request that cannot run (the CLI's exit 2)."""
     console = console or Console(highlight=False)
     cases = select_cases(configs, dtypes, device)
-    if json_path is not None:
+    if json_path is not None:  # checked before any case runs, so no result is lost
         json_path = Path(json_path)
-        if json_path.parent and not json_path.parent.is_dir():
-            raise CheckError(f"--json: directory {json_path.parent} does not exist")
+        parent = json_path.parent
+        if not parent.is_dir():
+            raise CheckError(f"--json: directory {parent} does not exist")
+        if json_path.is_dir():
+            raise CheckError(f"--json: {json_path} is a directory; expected a file path")
+        if not os.access(parent, os.W_OK) or (json_path.exists()
+                                              and not os.access(json_path, os.W_OK)):
+            raise CheckError(f"--json: {json_path} is not writable")
     with console.status("checking...", spinner="dots") as status:
         def progress(i: int, n: int, case: Case) -> None:
             status.update(f"case {i + 1}/{n}: {case.label}")

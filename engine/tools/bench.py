@@ -33,6 +33,17 @@ from toyllm.models.model_source import DEFAULT_MODEL_DIR, load_model
 from toyllm.models.shipped import resolve_config
 
 
+class BenchError(ValueError):
+    """Benchmark options that cannot run: reported before anything is measured."""
+
+
+def model_config_path(name: str) -> Path | None:
+    """None for the shipped default model; else a shipped config name or a .toml path."""
+    if name == "default":
+        return None
+    return resolve_config(name)
+
+
 @dataclass
 class Row:
     model: str
@@ -186,7 +197,7 @@ def bench_model(
         model, source = loaded.model, DEFAULT_MODEL_DIR
     else:
         model, source = (
-            build_model(load_config(resolve_config(name)), device=device, dtype=dtype),
+            build_model(load_config(model_config_path(name)), device=device, dtype=dtype),
             None,
         )
     config = model.config
@@ -345,44 +356,56 @@ def print_table(rows: list[Row], extras: dict, bandwidth: float, device_name: st
             console.print(f"  transformers unavailable: {ex['hf_error']}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="toyllm bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument(
-        "--models",
-        default=None,
-        help="comma list: default (the shipped model) and/or shipped config names or config "
-        ".toml paths (GPU: default,llama-1b; CPU: stories15m)",
-    )
-    ap.add_argument("--batches", default=None)
-    ap.add_argument("--contexts", default=None)
-    ap.add_argument("--new-tokens", type=int, default=None)
-    ap.add_argument("--positions", default="100,3000")
-    ap.add_argument("--prefill", default=None)
-    ap.add_argument("--no-hf", dest="hf", action="store_false")
-    ap.add_argument("--no-reference", dest="reference", action="store_false")
-    ap.add_argument("--hf-static-all", action="store_true",
-                    help="HF static cache at every batch and context (default: batch 1, "
-                    "shortest context)")
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args(argv)
+def options(device: str = "auto", dtype: str = "auto", models: str | None = None,
+            batches: str | None = None, contexts: str | None = None,
+            new_tokens: int | None = None, positions: str = "100,3000",
+            prefill: str | None = None, hf: bool = True, reference: bool = True,
+            hf_static_all: bool = False, json: Path | None = None) -> argparse.Namespace:
+    """Every option parsed, range-checked and defaulted for the device, and every model's
+    config read, before anything is measured (BenchError, ConfigError, DeviceError)."""
+    from toyllm.engine import cli_numbers as num
+    from toyllm.engine.device import resolve_device, resolve_dtype
 
-    from toyllm.engine.device import dtype_name, resolve_device, resolve_dtype
+    dev = resolve_device(device)
+    gpu = dev.type == "cuda"
+    args = argparse.Namespace(device=dev, dtype=resolve_dtype(dtype, dev), hf=hf,
+                              reference=reference, hf_static_all=hf_static_all, json=json)
+    names = [m.strip() for m in (("default,llama-1b" if gpu else "stories15m")
+                                 if models is None else models).split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise BenchError(f"--models: expected a comma-separated list of distinct names, got "
+                         f"{models!r}")
+    args.models = names
+    args.batches = num.int_list(
+        "--batches", ("1,16" if gpu else "1") if batches is None else batches, 1, 4096)
+    args.contexts = num.int_list(
+        "--contexts", ("128,4096" if gpu else "32") if contexts is None else contexts)
+    args.new_tokens = num.integer("--new-tokens", 128 if gpu and new_tokens is None else
+                                  64 if new_tokens is None else new_tokens, minimum=2)
+    # checked on every device, used on CUDA only
+    args.positions = num.int_list("--positions", positions, allow_empty=True)
+    args.positions = args.positions if gpu else []
+    args.prefill = num.int_list("--prefill", prefill if prefill is not None else
+                                ("512,2048" if gpu else ""), allow_empty=True)
+    if json is not None:
+        num.output_file("--json", Path(json))
+    for name in names:  # a config that cannot load, or no context that fits: refused now
+        path = model_config_path(name)
+        config = load_config(DEFAULT_MODEL_DIR / "config.json" if path is None else path)
+        if not any(c + args.new_tokens <= config.max_seq_len for c in args.contexts):
+            raise BenchError(
+                f"--contexts {','.join(map(str, args.contexts))} + --new-tokens "
+                f"{args.new_tokens}: no context fits model {name}'s max_seq_len "
+                f"{config.max_seq_len}")
+    return args
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+
+def run(args: argparse.Namespace) -> int:
+    """Measure every model of the validated options (options()); print and write JSON."""
+    from toyllm.engine.device import dtype_name
+
+    device, dtype = args.device, args.dtype
     gpu = device.type == "cuda"
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    args.models = (args.models or ("default,llama-1b" if gpu else "stories15m")).split(",")
-    args.batches = ints(args.batches or ("1,16" if gpu else "1"))
-    args.contexts = ints(args.contexts or ("128,4096" if gpu else "32"))
-    args.new_tokens = args.new_tokens or (128 if gpu else 64)
-    args.positions = ints(args.positions) if gpu else []
-    args.prefill = ints(args.prefill or ("512,2048" if gpu else ""))
-    for name in args.models:  # an unknown name fails here, before anything is measured
-        if name != "default":
-            resolve_config(name)
     torch.manual_seed(0)
     if not gpu:
         torch.set_num_threads(torch.get_num_threads())
@@ -400,6 +423,28 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.models) > 1:
         print_table(rows, extras, bandwidth, device_name)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/bench_decode.py's entry: the same options as `toyllm bench` (engine/cli.py)."""
+    ap = argparse.ArgumentParser(prog="bench_decode.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--models", default=None,
+                    help="comma list: default and/or config names (GPU: default,llama-1b; CPU: "
+                    "stories15m)")
+    ap.add_argument("--batches", default=None)
+    ap.add_argument("--contexts", default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--positions", default="100,3000")
+    ap.add_argument("--prefill", default=None)
+    ap.add_argument("--no-hf", dest="hf", action="store_false")
+    ap.add_argument("--no-reference", dest="reference", action="store_false")
+    ap.add_argument("--hf-static-all", action="store_true",
+                    help="HF static cache at every batch and context (default: batch 1, "
+                    "shortest context)")
+    ap.add_argument("--json", type=Path, default=None)
+    return run(options(**vars(ap.parse_args(argv))))
 
 
 def write_json(path: Path, rows: list[Row], extras: dict, device_name: str, dtype: str,

@@ -101,8 +101,9 @@ def describe(config: ModelConfig, batch: int = 1, context: int | None = None,
     """The arithmetic for `config`; context defaults to config.max_seq_len."""
     context = config.max_seq_len if context is None else context
     for name, value in (("batch", batch), ("context", context)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"--{name}: expected a positive integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+            raise ConfigError(f"--{name}: expected a positive integer (at most 2**31 - 1), "
+                              f"got {value!r}")
     if context > config.max_seq_len:
         raise ConfigError(
             f"--context {context} is longer than the model's max_seq_len {config.max_seq_len}"

@@ -13,18 +13,23 @@ with its errors. A point that fails (out of memory, a dtype the device lacks...)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import gc
+import io
 import json
 import math
+import os
 import platform
+import signal
 import statistics
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -46,6 +51,7 @@ from toyllm.engine.tools.sweep_spec import (
 from toyllm.models.config import ModelConfig
 
 LIVE_ROWS = 20  # rows of the live table while a sweep runs (the final table has all)
+DRY_RUN_ROWS = 200  # rows a --dry-run prints (it says how many points there are)
 
 # The columns of the CSV/JSON rows, in order (ModelConfig axes outside this list are appended).
 COLUMNS: tuple[str, ...] = (
@@ -271,12 +277,62 @@ def report(exp: Experiment, rows: list[dict[str, Any]], plots: list[str], comple
     }
 
 
-def write_csv(path: Path, columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+def write_csv(target: Path | IO[str], columns: Sequence[str],
+              rows: list[dict[str, Any]]) -> None:
+    """The rows as CSV, to a path or an open text buffer."""
+    if isinstance(target, Path):
+        with target.open("w", newline="", encoding="utf-8") as f:
+            write_csv(f, columns, rows)
+        return
+    writer = csv.DictWriter(target, fieldnames=list(columns))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """The output directory must be a directory (or creatable as one) that can be written:
+    checked before any point runs. Raises ExperimentError."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExperimentError(f"--out {out_dir}: exists and is not a directory")
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ExperimentError(f"--out {out_dir}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ExperimentError(f"--out {out_dir}: {existing} is not writable")
+    for name in ("sweep.csv", "sweep.json"):
+        target = out_dir / name
+        if target.is_dir() or (target.exists() and not os.access(target, os.W_OK)):
+            raise ExperimentError(f"--out {out_dir}: {target} cannot be written")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExperimentError(f"--out {out_dir}: cannot be created ({exc.strerror})") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: a kill mid-write leaves the old file whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8", newline="")
+    os.replace(tmp, path)
+
+
+def write_tables(exp: Experiment, out_dir: Path, rows: list[dict[str, Any]], complete: bool,
+                 seconds: float, plots: Sequence[str] = (),
+                 plot_error: str | None = None) -> dict[str, Path]:
+    """sweep.csv and sweep.json (rows so far; "complete" says whether every point ran)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / "sweep.csv", "json": out_dir / "sweep.json"}
+    buffer = io.StringIO()
+    write_csv(buffer, columns_for(exp), rows)
+    _write_atomic(paths["csv"], buffer.getvalue())
+    doc = report(exp, rows, list(plots), complete, seconds)
+    if plot_error is not None:
+        doc["plot_error"] = plot_error
+    _write_atomic(paths["json"], json.dumps(doc, indent=2) + "\n")
+    return paths
 
 
 def write_outputs(exp: Experiment, out_dir: Path, rows: list[dict[str, Any]], complete: bool,
@@ -286,20 +342,34 @@ def write_outputs(exp: Experiment, out_dir: Path, rows: list[dict[str, Any]], co
     from toyllm.engine.tools.sweep_plots import write_plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out_dir / "sweep.csv", "json": out_dir / "sweep.json"}
-    write_csv(paths["csv"], columns_for(exp), rows)
     plots: list[Path] = []
     plot_error = None
     try:
         plots = write_plots(rows, list(exp.grid), out_dir) if rows else []
     except Exception as exc:  # the measurements matter more than their pictures
         plot_error = f"{type(exc).__name__}: {_first_line(exc)}"
-    doc = report(exp, rows, [p.name for p in plots], complete, seconds)
-    if plot_error is not None:
-        doc["plot_error"] = plot_error
-    paths["json"].write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    paths = write_tables(exp, out_dir, rows, complete, seconds, [p.name for p in plots],
+                         plot_error)
     paths.update({p.stem: p for p in plots})
     return paths
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a kill, a job scheduler's timeout) stops the sweep as Ctrl-C does: the points
+    measured so far are written. Only the main thread can own signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # the terminal ---------------------------------------------------------------------------------
@@ -360,16 +430,20 @@ def run_experiment(path: str | Path, out_dir: str | Path | None = None,
                    device: str | None = None, console: Console | None = None,
                    dry_run: bool = False) -> int:
     """`toyllm sweep`: validate (ExperimentError before any work), run every point with a
-    live table and progress bar, write CSV/JSON/PNG. 0 when every point ran and every check
-    passed, 1 otherwise."""
+    live table and progress bar, write CSV/JSON/PNG (the tables after every point). 0 when
+    every point ran and every check passed, 1 otherwise, 130 when interrupted (Ctrl-C or
+    SIGTERM: what was measured is written first)."""
     console = console or Console(highlight=False)
     exp = load_experiment(path, device)
     if dry_run:
-        preview = [dict(analytic_row(exp, p), status="not run (--dry-run)") for p in exp.points]
+        shown = exp.points[:DRY_RUN_ROWS]
+        preview = [dict(analytic_row(exp, p), status="not run (--dry-run)") for p in shown]
         print_wide(console, render_table(exp, preview))
-        console.print(f"{len(exp.points)} point(s) valid; nothing measured (--dry-run)")
+        more = f" (the first {len(shown)} shown)" if len(shown) < len(exp.points) else ""
+        console.print(f"{len(exp.points)} point(s) valid{more}; nothing measured (--dry-run)")
         return 0
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"sweep-{exp.name}"
+    check_out_dir(out)  # before any point runs: a bad --out must not cost the measurements
     rows: list[dict[str, Any]] = []
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console)
@@ -378,20 +452,31 @@ def run_experiment(path: str | Path, out_dir: str | Path | None = None,
     complete = False
     # While it runs: the rows so far above a progress bar (redrawn in place on a terminal);
     # at the end the whole table once, at full width.
-    with Live(progress, console=console, refresh_per_second=4, transient=True) as live:
+    with Live(progress, console=console, refresh_per_second=4, transient=True) as live, \
+            sigterm_as_interrupt():
         def on_start(point: Point) -> None:
             progress.update(task, description=f"point {point.index}: {point.label}")
 
         def on_row(_: int, row: dict[str, Any]) -> None:
             rows.append(row)
+            # the tables on disk after every point, so a kill at any moment keeps them
+            write_tables(exp, out, rows, False, time.perf_counter() - t0)
             progress.advance(task)
             live.update(Group(render_table(exp, rows[-LIVE_ROWS:]), progress))
 
+        interrupted = False
         try:
             run_points(exp, on_row=on_row, on_start=on_start)
             complete = True
-        finally:  # an interrupted sweep still leaves what it measured
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+            interrupted = True
+        finally:  # an interrupted sweep still leaves what it measured, and its figures
             paths = write_outputs(exp, out, rows, complete, time.perf_counter() - t0)
+    if interrupted:
+        print_wide(console, render_table(exp, rows))
+        console.print(f"interrupted after {len(rows)} of {len(exp.points)} point(s); written: "
+                      + ", ".join(str(p) for p in paths.values()), markup=False)
+        return 130
     print_wide(console, render_table(exp, rows))
     bad = [r for r in rows if r["status"].startswith("error")
            or r.get("check") not in (None, "PASS")]

@@ -35,12 +35,19 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from toyllm.models import validate
 from toyllm.models.config import ConfigError, ModelConfig, load_config
 from toyllm.models.shipped import resolve_config, resolve_experiment
 
 
 class ExperimentError(ValueError):
     """An experiment file that cannot run: reported before any point is measured."""
+
+
+# The most points a grid may have: the product of its axes' lengths, computed before anything
+# is expanded. Beyond it a sweep is a typo (or days of work) and is refused with its size.
+MAX_POINTS = 4096
+MAX_THREADS = 1024  # [run] threads: more is not a machine, it is a typo
 
 
 MODEL_AXES: tuple[str, ...] = tuple(
@@ -112,19 +119,21 @@ def load_experiment(path: str | Path, device: str | None = None) -> Experiment:
         path = resolve_experiment(path)
     except ConfigError as exc:
         raise ExperimentError(str(exc)) from None
-    if not path.is_file():
+    if path.is_dir():
         raise ExperimentError(f"{path}: expected an experiment .toml file, got a directory")
+    text = validate.read_text(path, "experiment file", ExperimentError)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ExperimentError(f"{path}: not valid TOML ({exc})") from None
+        data = tomllib.loads(text)
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError is a ValueError
+        raise ExperimentError(f"{path}: not valid TOML ({str(exc)[:200]})") from None
     unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
         raise ExperimentError(
             f"{path}: unknown key(s) {unknown}; expected some of {list(TOP_KEYS)}"
         )
     name = _string(path, "name", data.get("name", path.stem))
-    if not name or any(c in name for c in "/\\") or name.startswith("."):
+    if not name or any(c in name for c in "/\\") or name.startswith(".") or \
+            not name.isprintable() or len(name) > 200:
         raise ExperimentError(f"{path}: name: expected a plain file-name word, got {name!r}")
     base_path, base = _base_config(path, data)
     dev = _device(path, device if device is not None else data.get("device", "auto"))
@@ -181,10 +190,12 @@ def _device(path: Path, name: Any) -> str:
         raise ExperimentError(f"{path}: device: {exc}") from None
 
 
-def _positive(path: Path, key: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _positive(path: Path, key: str, value: Any, minimum: int = 1,
+              maximum: int = validate.MAX_SIZE) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise ExperimentError(
-            f"{path}: {key}: expected an integer >= {minimum}, got {value!r}"
+            f"{path}: {key}: expected an integer in [{minimum}, {maximum}], got "
+            f"{validate.describe(value)}"
         )
     return value
 
@@ -201,7 +212,7 @@ def _run_settings(path: Path, table: Any) -> RunSettings:
     kw = dict(table)
     prompt = kw.get("prompt_tokens", RunSettings.prompt_tokens)
     if prompt != "fill" and (isinstance(prompt, bool) or not isinstance(prompt, int)
-                             or prompt < 1):
+                             or not 1 <= prompt <= validate.MAX_SIZE):
         raise ExperimentError(
             f"{path}: [run] prompt_tokens: expected an integer >= 1 or \"fill\", got {prompt!r}"
         )
@@ -209,14 +220,15 @@ def _run_settings(path: Path, table: Any) -> RunSettings:
     _positive(path, "[run] check_tokens", kw.get("check_tokens", RunSettings.check_tokens), 2)
     _positive(path, "[run] warmup", kw.get("warmup", RunSettings.warmup), 0)
     _positive(path, "[run] repeats", kw.get("repeats", RunSettings.repeats))
-    _positive(path, "[run] seed", kw.get("seed", RunSettings.seed), 0)
-    _positive(path, "[run] threads", kw.get("threads", RunSettings.threads), 0)
+    _positive(path, "[run] seed", kw.get("seed", RunSettings.seed), 0, 2**63 - 2)
+    _positive(path, "[run] threads", kw.get("threads", RunSettings.threads), 0, MAX_THREADS)
     for flag in ("check", "measure"):
         if not isinstance(kw.get(flag, True), bool):
             raise ExperimentError(f"{path}: [run] {flag}: expected true or false, "
                                   f"got {kw[flag]!r}")
     modes = kw.get("modes", [])
-    if not isinstance(modes, list) or any(m not in MODES for m in modes):
+    if not isinstance(modes, list) or any(not isinstance(m, str) or m not in MODES
+                                          for m in modes):
         raise ExperimentError(
             f"{path}: [run] modes: expected a list of {list(MODES)}, got {modes!r}"
         )
@@ -244,6 +256,15 @@ def _grid(path: Path, grid: Any) -> dict[str, list[Any]]:
         raise ExperimentError(
             f"{path}: empty grid: [grid] names no axis; expected at least one of "
             f"{list(MODEL_AXES + RUN_AXES)}"
+        )
+    size = 1
+    for values in grid.values():
+        size *= len(values) if isinstance(values, list) else 1
+    if size > MAX_POINTS:  # before any value is checked or any point built
+        shape = " x ".join(f"{len(v) if isinstance(v, list) else 1} {a}" for a, v in grid.items())
+        raise ExperimentError(
+            f"{path}: [grid] has {size:,} points ({shape}); at most {MAX_POINTS:,} are allowed: "
+            "split it into several experiments"
         )
     out: dict[str, list[Any]] = {}
     for axis, values in grid.items():
