@@ -1,4 +1,4 @@
-"""Builds the KV-cache extension `toyllm.engine.ops._C` (engine/ops/_C*.so) against the installed torch.
+"""Builds the extension `toyllm.engine.ops._C` (engine/ops/_C*.so) against the installed torch.
 
 The C++ part (host class, CPU kernel, operator registration, bindings) builds everywhere.
 The CUDA part builds when the installed torch has CUDA and nvcc is present; set
