@@ -1,13 +1,13 @@
-// Python bindings of engine._C: the KVCache class and KVCacheOverflowError.
-// (The `toyllm::kv_update` operator is registered with the dispatcher in kv_ops.cpp and is
-// reached from Python as torch.ops.toyllm.kv_update.)
+// Python bindings of toyllm.engine.ops._C (pybind11): the KVCache class, KVCacheOverflowError
+// and the programmatic-launch switch. (The operators are registered with the dispatcher,
+// registration.cpp, and reached from Python as torch.ops.toyllm.*.)
 #include <torch/extension.h>
 
 #include <optional>
 #include <string>
 
-#include "kv_cache.h"
-#include "programmatic_launch.h"
+#include "cache/kv_cache.h"
+#include "common/programmatic_launch.h"
 
 namespace py = pybind11;
 
@@ -42,7 +42,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "setting they were captured with.");
     m.def("programmatic_launch_enabled", &toyllm::programmatic_launch_enabled);
 
-#ifdef TOYLLM_WITH_CUDA
+#ifdef WITH_CUDA_KERNELS
     m.attr("with_cuda") = true;
 #else
     m.attr("with_cuda") = false;

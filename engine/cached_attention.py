@@ -1,77 +1,28 @@
-"""Attention through the extension's KV cache: the `AttentionCache` the model calls per layer.
+"""Attention through the extension's KV cache: the steps a forward pass attends through.
 
-Two kinds of step, each an `AttentionCache` (models/llama.py) for one forward pass:
+Two kinds of step, each with `attend(layer, q, k, v)` (the `models.llama.Attend` seam) for one
+forward pass:
 
 * `PrefillStep`: one sequence (row `seq`, new tokens at positions p..p+n-1), or rows that all
   start at the same position; K/V are written with `KVCache.update` and the queries attend
   causally over the cache's keys 0..p+n-1, read in place (a view, never a copy);
 * `DecodeStep`: one new token per row, each row at its own position; K/V are written by the
-  extension op at the device positions, and each row attends over exactly its own keys. With
-  fused q/k/v weights the layer hands it the projection before RoPE (`attend_qkv`): RoPE on q
-  and k and the K/V write are then one op (engine/rope_kv_update.py).
+  extension op at the device positions, and each row attends over exactly its own keys
+  (`attend_cached`, also for K/V that a fused op wrote: engine/forward.py).
 
 Nothing here advances positions: the engine does that only after the whole step succeeded.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.gemv_add_rms_norm import add_rms_norm_rope_kv
-from engine.gemv_add_rms_norm import rope_kv_applies as norm_rope_kv_applies
-from engine.kv_cache import KVCache, kv_update
-from engine.rope_kv_update import applies as rope_kv_applies
-from engine.rope_kv_update import rope_kv_update
-from models.rope import gather_cos_sin
-
-# Rows up to which decode attention takes the extension's kernel rather than SDPA with a length
-# mask, when its pass 1 runs on CUDA cores: above, it lost to SDPA (bench_decode_attention.py,
-# NVIDIA H200, 2026-11-27: 88 vs 72 us at 16 x 4096 keys), bound by the instructions per key.
-# On tensor cores (fp16/bf16 with head_dim 64 or 128) the kernel is taken at every batch size.
-# TOYLLM_DECODE_KERNEL_MAX_ROWS overrides both (to compare against SDPA).
-DECODE_KERNEL_MAX_ROWS = 8
-TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
-TENSOR_CORE_HEAD_DIMS = (64, 128)
-_MAX_ROWS_OVERRIDE = os.environ.get("TOYLLM_DECODE_KERNEL_MAX_ROWS")
-if _MAX_ROWS_OVERRIDE is not None and not _MAX_ROWS_OVERRIDE.strip().isdigit():
-    raise ValueError("expected TOYLLM_DECODE_KERNEL_MAX_ROWS to be a whole number of rows, got "
-                     f"'{_MAX_ROWS_OVERRIDE}'")
-
-
-# On the CPU the operator's fp32 implementation is a plain C++ loop: for a small model's decode
-# step (stories15M shape, 2026-11-27) a few us per layer where the masked SDPA path below costs
-# ~15 small ops (~100 us). TOYLLM_CPU_DECODE_ATTENTION=0 keeps SDPA (to compare).
-CPU_DECODE_KERNEL = os.environ.get("TOYLLM_CPU_DECODE_ATTENTION", "1") != "0"
-
-
-def decode_kernel_max_rows(dtype: torch.dtype | None, head_dim: int | None) -> int | None:
-    """Rows up to which the CUDA decode-attention kernel is the faster path; None: any."""
-    if _MAX_ROWS_OVERRIDE is not None:
-        return int(_MAX_ROWS_OVERRIDE)
-    if dtype in TENSOR_CORE_DTYPES and head_dim in TENSOR_CORE_HEAD_DIMS:
-        return None
-    return DECODE_KERNEL_MAX_ROWS
-
-
-def has_decode_attention(device: torch.device, rows: int = 1,
-                         dtype: torch.dtype | None = None, head_dim: int | None = None) -> bool:
-    """True when the extension's decode-attention operator is the faster path for `rows`
-    sequences on `device`: the CUDA kernel (up to decode_kernel_max_rows), or on the CPU its
-    fp32 loop (`dtype` float32; for other dtypes SDPA over in-place views is the faster path
-    there)."""
-    if not hasattr(torch.ops.toyllm, "decode_attention"):
-        return False
-    if device.type == "cpu":
-        return CPU_DECODE_KERNEL and dtype == torch.float32 and rows <= DECODE_KERNEL_MAX_ROWS
-    if device.type != "cuda":
-        return False
-    most = decode_kernel_max_rows(dtype, head_dim)
-    return most is None or rows <= most
+from toyllm.engine.ops.kv_cache import KVCache, decode_attention, kv_update
+from toyllm.models.rope import gather_cos_sin
 
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
@@ -143,12 +94,11 @@ class DecodeStep:
     """One new token for each of `rows` sequences, each at its own position.
 
     Holds only tensors (the per-layer cache views and the device positions), so the whole
-    step can be traced by torch.compile and captured in a CUDA graph. K/V are written by the
-    extension op at the device positions (rows at -1, finished, are skipped): kv_update
-    (`attend`), or with RoPE in the same op (`attend_qkv`, the layers' path with fused q/k/v
-    weights); each row then attends over exactly its keys 0..p_b: through the decode-attention
-    kernel when it is built, otherwise SDPA with a per-row length mask over the first `span`
-    positions.
+    step can be captured in a CUDA graph. K/V are written by the extension op at the device
+    positions (rows at -1, finished, are skipped): kv_update (`attend`), or a fused op of
+    engine/forward.py; each row then attends over exactly its keys 0..p_b (`attend_cached`):
+    through toyllm::decode_attention where `use_kernel` (engine/forward.py chooses), otherwise
+    SDPA with a per-row length mask over the first `span` positions.
     """
 
     k_caches: list[Tensor]  # per layer: [rows, max_seq_len, Hkv, D] views of the cache
@@ -156,8 +106,8 @@ class DecodeStep:
     positions: Tensor  # int32 [rows]: where this step's token goes; -1 = finished row
     use_kernel: bool = True
     span: int | None = None  # keys read per row by SDPA (None: all max_seq_len)
-    # models/rope.py's rope_table for positions 0..max_seq_len-1 (None: the model computes
-    # cos/sin from rope_positions itself)
+    # models/rope.py's rope_table for positions 0..max_seq_len-1 (None: the engine's forward
+    # computes cos/sin from rope_positions itself)
     rope_table: Tensor | None = None
     # per step, not per layer: row b's key lengths and SDPA mask, made on first use
     _seq_lens: Tensor | None = field(default=None, init=False, repr=False)
@@ -178,48 +128,17 @@ class DecodeStep:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
         kv_update(k_cache, v_cache, k.contiguous(), v.contiguous(), self.positions)
-        return self._attend_cached(layer, q)
+        return self.attend_cached(layer, q)
 
-    def attend_qkv(self, layer: int, qkv: Tensor, cos: Tensor, sin: Tensor,
-                   num_q_heads: int) -> Tensor | None:
-        """`attend` from the fused projection before RoPE, qkv [rows, 1, Hq + 2 Hkv, D] (q, k,
-        v heads side by side; cos/sin [rows, 1, 1, D]): RoPE on q and k and the K/V write are
-        one op, toyllm::rope_kv_update, with the bits of RoPE then `attend`. None where that op
-        does not apply (TOYLLM_FUSED_ROPE_KV=0, an unsupported dtype, autograd): the layer then
-        rotates q and k itself and calls `attend`."""
-        k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
-        if not rope_kv_applies(qkv, k_cache):
-            return None
-        q = rope_kv_update(qkv, cos, sin, k_cache, v_cache, self.positions, num_q_heads)
-        return self._attend_cached(layer, q)
-
-    def attend_norm_qkv(
-        self, layer: int, x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float,
-        qkv_weight: Tensor, cos: Tensor, sin: Tensor, num_q_heads: int,
-    ) -> tuple[Tensor, Tensor] | None:
-        """The layer's residual add, input norm, q/k/v product and `attend_qkv` in one go:
-        (x + residual, attention output [rows, 1, Hq, D]), with the add, the norm, the product,
-        RoPE and the K/V write in one kernel (toyllm::gemv_add_rms_norm_rope_kv, the bits of
-        those ops one by one). None where that kernel does not apply (more than one row, the
-        CPU, TOYLLM_FUSED_NORM_ROPE=0, ...): the layer then runs them itself."""
-        k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
-        if not norm_rope_kv_applies(x, residual, norm_weight, qkv_weight, cos, k_cache):
-            return None
-        s, q = add_rms_norm_rope_kv(x, residual, norm_weight, eps, qkv_weight, cos, sin,
-                                    k_cache, v_cache, self.positions, num_q_heads)
-        return s, self._attend_cached(layer, q)
-
-    def _attend_cached(self, layer: int, q: Tensor) -> Tensor:
+    def attend_cached(self, layer: int, q: Tensor) -> Tensor:
         """q [rows, 1, Hq, D] over each row's keys 0..p_b, already in the cache."""
         k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
         rows = q.shape[0]
         if self._seq_lens is None:
             self._seq_lens = (self.positions.clamp(min=0) + 1).to(torch.int32)  # keys 0..p_b
-        if self.use_kernel and has_decode_attention(q.device, rows, q.dtype, q.shape[-1]):
-            out = torch.ops.toyllm.decode_attention(
-                q.reshape(rows, q.shape[2], q.shape[3]).contiguous(), k_cache, v_cache,
-                self._seq_lens, q.shape[-1] ** -0.5,
-            )
+        if self.use_kernel:
+            out = decode_attention(q.reshape(rows, q.shape[2], q.shape[3]).contiguous(), k_cache,
+                                   v_cache, self._seq_lens, q.shape[-1] ** -0.5)
             return out.view_as(q)
         span = self.span or k_cache.shape[1]
         if self._allowed is None:

@@ -6,22 +6,85 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+# click's exception classes as this typer uses them (recent typer vendors its own click), found
+# through the public typer.BadParameter: ClickException -> UsageError -> BadParameter
+_CLICK_ERRORS = {c.__name__: c for c in typer.BadParameter.__mro__}
+ClickException, UsageError = _CLICK_ERRORS["ClickException"], _CLICK_ERRORS["UsageError"]
+
+
+class _OneLineErrors(TyperGroup):
+    """The root command: a usage mistake click catches (a malformed number, an unknown
+    option) is one line and exit code 2, like every other refusal, instead of click's box."""
+
+    def main(self, args: Any = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `toyllm`: the help itself
+                sys.stdout.write(exc.format_message() + "\n")
+                sys.exit(2)
+            hint = f" (see {exc.ctx.command_path} -h)" if exc.ctx is not None else ""
+            _print_error(exc.format_message() + hint)
+            sys.exit(2)
+        except ClickException as exc:  # a file option that cannot be opened
+            _print_error(exc.format_message())
+            sys.exit(2)
+        except typer.Abort:
+            _print_error("aborted")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="toyllm",
     help="A small, honest LLM generation engine on a C++/CUDA KV cache.",
+    cls=_OneLineErrors,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: flags read `--stats / --no-stats`, with no value label
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("toyllm")
+    except PackageNotFoundError:  # run from a source tree (the .pth layout): pyproject says
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"]
+        except (OSError, ValueError, KeyError):
+            return "unknown"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"toyllm {_version()} (Python {sys.version.split()[0]})")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_show_version, is_eager=True,
+        help="Print the version and exit.")] = False,
+) -> None:
     """toyllm: generate text, check the cache against a no-cache reference, run experiments."""
 
 
@@ -33,27 +96,85 @@ class UserError(Exception):
     """A mistake in what the user asked for: printed as one line, exit code 2."""
 
 
-def fail(message: str) -> typer.Exit:
-    """Print one error line (the message is literal text, never rich markup); exit code 2."""
+def _print_error(message: str) -> None:
+    """One line on stderr: `error: ...` (literal text, never rich markup)."""
     from rich.markup import escape
 
-    err.print(f"[bold red]error:[/] {escape(message)}", markup=True)
+    line = " ".join(str(message).split()) or "unknown error"
+    err.print(f"[bold red]error:[/] {escape(line)}", markup=True)
+
+
+def fail(message: str) -> typer.Exit:
+    """Print one error line; exit code 2."""
+    _print_error(message)
     return typer.Exit(code=2)
 
 
-def user_errors():
-    """The exception types that mean 'bad input', not 'bug'."""
-    from engine.device import DeviceError
-    from engine.generate import GenerationError
-    from engine.kv_cache import KVCacheOverflowError
-    from engine.sampling import SamplingError
-    from models.checkpoint import CheckpointError
-    from models.config import ConfigError
-    from models.model_source import ModelSourceError
-    from models.tokenizer import TokenizerError
+# Error classes that mean 'bad input', not 'bug', by module. Each module is imported on its
+# own and skipped if it cannot be: the handler must never fail the way the command did (a
+# module that raises at import, e.g. on a bad TOYLLM_* value, would otherwise raise again here).
+_ERROR_CLASSES = (
+    ("toyllm.engine.device", "DeviceError"),
+    ("toyllm.engine.generate", "GenerationError"),
+    ("toyllm.engine.ops.kv_cache", "KVCacheOverflowError"),
+    ("toyllm.engine.sampling", "SamplingError"),
+    ("toyllm.engine.settings", "SettingsError"),
+    ("toyllm.engine.cli_numbers", "NumberError"),
+    ("toyllm.models.chat_template", "ChatTemplateError"),
+    ("toyllm.models.checkpoint", "CheckpointError"),
+    ("toyllm.models.config", "ConfigError"),
+    ("toyllm.models.model_source", "ModelSourceError"),
+    ("toyllm.models.tokenizer", "TokenizerError"),
+)
 
-    return (UserError, DeviceError, GenerationError, SamplingError, CheckpointError, ConfigError,
-            ModelSourceError, TokenizerError, KVCacheOverflowError, OSError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean 'bad input', not 'bug' (those whose modules import)."""
+    import importlib
+
+    found: list[type[BaseException]] = [UserError, OSError]
+    for module, name in _ERROR_CLASSES:
+        mod = sys.modules.get(module)
+        if mod is None:
+            try:
+                mod = importlib.import_module(module)
+            except Exception:  # noqa: BLE001 - see above: never fail in the handler
+                continue
+        cls = getattr(mod, name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return tuple(found)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Bad input: one of user_errors(), or any ValueError that toyllm itself defines (every
+    toyllm error class is one), found without importing anything."""
+    if isinstance(exc, user_errors()):
+        return True
+    return any(isinstance(exc, ValueError) and cls.__module__.startswith("toyllm.")
+               for cls in type(exc).__mro__ if cls is not ValueError)
+
+
+def _run(body: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a command's body: bad input is one line and exit code 2, never a traceback."""
+    try:
+        return body(*args, **kwargs)
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if is_user_error(exc):
+            raise fail(str(exc)) from None
+        if _out_of_memory(exc):
+            raise fail("out of memory: " + str(exc).split("DefaultCPUAllocator: ")[-1]) from None
+        raise
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation the machine cannot make (a shape too large for it) is the user's to fix,
+    not a bug: torch's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
@@ -61,21 +182,20 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     with "prompt" per line) or plain text (one prompt per line, blank lines skipped)."""
     result = list(prompts)
     if prompts_file is not None:
-        if not prompts_file.is_file():
+        from toyllm.models.validate import read_text
+
+        if not prompts_file.exists() and not prompts_file.is_symlink():
             raise UserError(f"prompts file not found: {prompts_file}")
-        try:
-            lines = prompts_file.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{prompts_file}: expected UTF-8 text ({exc.reason} at byte "
-                            f"{exc.start})") from None
+        lines = read_text(prompts_file, "prompts file", UserError).splitlines()
         for n, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             if prompts_file.suffix == ".jsonl":
                 try:
                     item = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{prompts_file}:{n}: not valid JSON ({exc})") from None
+                except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+                    raise UserError(f"{prompts_file}:{n}: not valid JSON "
+                                    f"({str(exc)[:200] or type(exc).__name__})") from None
                 if isinstance(item, dict):
                     item = item.get("prompt")
                 if not isinstance(item, str):
@@ -95,22 +215,32 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
 
 @app.command()
 def generate(
-    prompts: Annotated[list[str] | None, typer.Argument(help="Prompt text (several allowed).")]
-    = None,
+    prompts: Annotated[list[str] | None, typer.Argument(
+        metavar="PROMPT", help="Prompt text (several allowed).")] = None,
     model: Annotated[str | None, typer.Option(
-        help="Checkpoint directory (Hugging Face layout) or config .toml; default: the "
-             "shipped model.")] = None,
+        help="Checkpoint directory (Hugging Face layout), config .toml or shipped config name "
+             "(llama-1b, stories15m, ...); default: the shipped model.")] = None,
     random_weights: Annotated[bool, typer.Option(
-        help="With a config .toml: random weights (experiments).")] = False,
-    tokenizer: Annotated[Path | None, typer.Option(help="sentencepiece tokenizer.model")] = None,
+        help="With a config .toml: random weights (experiments). The config's vocab_size "
+             "must equal the tokenizer's (the shipped one has 4096 pieces).")] = False,
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="tokenizer.json, sentencepiece tokenizer.model, or a directory holding one.")]
+    = None,
+    chat: Annotated[bool, typer.Option(
+        help="Apply the model's chat template to each prompt (a user turn).")] = False,
+    system: Annotated[str | None, typer.Option(help="With --chat: a system message.")] = None,
     prompts_file: Annotated[Path | None, typer.Option(
         help="More prompts: .jsonl or one per line.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 64,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
+    temperature: Annotated[float, typer.Option(
+        help="0 (or below 1e-5) = greedy.")] = 0.7,
     top_k: Annotated[int, typer.Option(help="0 = off.")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus mass in (0, 1].")] = 0.95,
-    seed: Annotated[int | None, typer.Option(help="Makes sampling repeatable.")] = None,
-    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="0 to 2**64-1: makes sampling repeatable. Every prompt samples with this seed "
+             "on its own, so its tokens are the same alone or in any batch.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(
+        metavar="TEXT", help="Stop string (repeatable).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")] = "auto",
     prefill_chunk: Annotated[int | None, typer.Option(
@@ -124,19 +254,17 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="JSON output for scripts.")] = False,
 ) -> None:
     """Generate text from a model: the shipped default or your own checkpoint."""
-    try:
-        _generate(**locals())
-    except user_errors() as exc:
-        raise fail(str(exc)) from None
+    _run(_generate, **locals())
 
 
-def _generate(prompts, model, random_weights, tokenizer, prompts_file, max_new_tokens,
+def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_file,
+              max_new_tokens,
               temperature, top_k, top_p, seed, stop, device, dtype, prefill_chunk,
               max_context, cuda_graph, stats, as_json) -> None:
-    from engine.device import dtype_name, resolve_device, resolve_dtype
-    from engine.generate import Engine
-    from engine.sampling import SamplingParams
-    from models.model_source import load_model
+    from toyllm.engine.device import dtype_name, resolve_device, resolve_dtype
+    from toyllm.engine.generate import Engine
+    from toyllm.engine.sampling import SamplingParams
+    from toyllm.models.model_source import load_model
 
     texts = read_prompts(prompts or [], prompts_file)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
@@ -151,21 +279,31 @@ def _generate(prompts, model, random_weights, tokenizer, prompts_file, max_new_t
         loaded = load_model(model, dev, dt, random_weights=random_weights,
                             tokenizer_path=tokenizer)
     if loaded.tokenizer is None:
-        raise UserError(f"{loaded.source}: no tokenizer.model found; pass --tokenizer")
+        raise UserError(f"{loaded.source}: no tokenizer found (tokenizer.json or "
+                        "tokenizer.model); pass --tokenizer")
+    if system is not None and not chat:
+        raise UserError("--system goes with --chat")
     engine = Engine(loaded.model, loaded.tokenizer, prefill_chunk=prefill_chunk,
                     cuda_graph=cuda_graph and dev.type == "cuda", max_seq_len=max_context)
+    inputs = texts
+    if chat:  # each prompt is one user turn of its own conversation, rendered by the template
+        from toyllm.models.chat_template import chat_prompt_ids
+
+        head = [{"role": "system", "content": system}] if system else []
+        inputs = [chat_prompt_ids(loaded.tokenizer, [*head, {"role": "user", "content": t}])
+                  for t in texts]
     stream = len(texts) == 1 and not as_json
     if stream:
-        out.print(texts[0], style="dim", end="")
+        out.print(texts[0], style="dim", end="\n" if chat else "")
 
         def on_text(_: int, piece: str) -> None:
             out.print(piece, end="", markup=False)
 
-        result = engine.generate(texts, params, on_text=on_text)
+        result = engine.generate(inputs, params, on_text=on_text)
         out.print()
     else:
         with err.status(f"generating {len(texts)} completion(s)...", spinner="dots"):
-            result = engine.generate(texts, params)
+            result = engine.generate(inputs, params)
     st = result.stats
     if as_json:
         payload = {
@@ -188,7 +326,7 @@ def _generate(prompts, model, random_weights, tokenizer, prompts_file, max_new_t
     if not stream:
         for c in result.completions:
             out.rule(f"[{c.index}] {c.finish_reason}, {c.completion_tokens} tokens")
-            out.print(texts[c.index], style="dim", end="")
+            out.print(texts[c.index], style="dim", end="\n" if chat else "")
             out.print(c.text, markup=False)
     if stats:
         sys.stdout.flush()
@@ -201,19 +339,105 @@ def _generate(prompts, model, random_weights, tokenizer, prompts_file, max_new_t
         )
 
 
-# --- toyllm bench: decode/prefill benchmark (engine/bench_decode.py) ----------------------------
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-             add_help_option=False)
-def bench(ctx: typer.Context) -> None:
-    """Decode and prefill tok/s against transformers and the roofline (`toyllm bench --help`
-    lists its options)."""
-    from engine.bench_decode import main as bench_main
-
+@app.command()
+def chat(
+    model: Annotated[str | None, typer.Option(
+        help="Checkpoint directory, .gguf file or config .toml; default: the shipped model.")]
+    = None,
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="tokenizer.json, tokenizer.model, or a directory holding one.")] = None,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    prompt: Annotated[str | None, typer.Option(
+        help="Answer this one message and exit (stdin is read when it is not a terminal).")]
+    = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 512,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
+    top_k: Annotated[int, typer.Option(help="0 = off.")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus mass in (0, 1].")] = 0.95,
+    seed: Annotated[int | None, typer.Option(help="Makes sampling repeatable.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")] = "auto",
+    max_context: Annotated[int | None, typer.Option(
+        help="Cap the KV cache at this many positions.")] = None,
+    cuda_graph: Annotated[bool, typer.Option(
+        help="Capture decode steps in CUDA graphs (GPU only).")] = True,
+    stats: Annotated[bool, typer.Option(help="Print prefill and decode figures per turn.")]
+    = False,
+) -> None:
+    """Chat with a model through its chat template: /reset, /quit; Ctrl-C stops an answer.
+    The conversation stays in the KV cache; each turn prefills only its new tokens."""
     try:
-        code = bench_main(list(ctx.args))
+        from toyllm.engine.chat import ChatSession
+        from toyllm.engine.chat_cli import run_chat
+        from toyllm.engine.device import resolve_device, resolve_dtype
+        from toyllm.engine.generate import Engine
+        from toyllm.engine.sampling import SamplingParams
+        from toyllm.models.model_source import load_model
+
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed)
+        if max_context is not None and max_context <= 0:
+            raise UserError(f"--max-context: expected a positive integer, got {max_context}")
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        with err.status("loading model...", spinner="dots"):
+            loaded = load_model(model, dev, dt, tokenizer_path=tokenizer)
+        if loaded.tokenizer is None:
+            raise UserError(f"{loaded.source}: no tokenizer found (tokenizer.json or "
+                            "tokenizer.model); pass --tokenizer")
+        engine = Engine(loaded.model, loaded.tokenizer, max_seq_len=max_context,
+                        cuda_graph=cuda_graph and dev.type == "cuda")
+        session = ChatSession(engine, params, system=system)
+        code = run_chat(session, prompt, out, err, stats)
     except user_errors() as exc:
         raise fail(str(exc)) from None
     raise typer.Exit(code)
+
+
+# --- toyllm bench: decode/prefill benchmark (engine/tools/bench.py) ----------------------------
+@app.command()
+def bench(
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")] = "auto",
+    models: Annotated[str | None, typer.Option(
+        metavar="NAME,...", help="default (the shipped model) and/or config names under "
+        "configs/ or .toml paths; default: default,llama-1b on CUDA, stories15m on the CPU.")]
+    = None,
+    batches: Annotated[str | None, typer.Option(
+        metavar="N,...", help="Batch sizes, 1 to 4096; default: 1,16 on CUDA, 1 on the CPU.")]
+    = None,
+    contexts: Annotated[str | None, typer.Option(
+        metavar="N,...", help="Prompt lengths; default: 128,4096 on CUDA, 32 on the CPU.")]
+    = None,
+    new_tokens: Annotated[int | None, typer.Option(
+        help="Tokens decoded per timed run, at least 2; default: 128 on CUDA, 64 on the "
+             "CPU.")] = None,
+    positions: Annotated[str, typer.Option(
+        metavar="N,...", help="CUDA only: ms per token at these positions (empty: none).")]
+    = "100,3000",
+    prefill: Annotated[str | None, typer.Option(
+        metavar="N,...", help="Prefill lengths to time (empty: none); default: 512,2048 on "
+        "CUDA, none on the CPU.")] = None,
+    hf: Annotated[bool, typer.Option(help="Time transformers on the same shape.")] = True,
+    reference: Annotated[bool, typer.Option(help="Time the no-cache reference.")] = True,
+    hf_static_all: Annotated[bool, typer.Option(
+        help="HF static cache at every batch and context (default: batch 1, shortest "
+             "context).")] = False,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="Write the rows here too (after each model).")] = None,
+) -> None:
+    """Decode and prefill tok/s against transformers and the roofline, measured in one run.
+    Every option is checked before anything is measured."""
+
+    def body() -> int:
+        from toyllm.engine.tools import bench as tool
+
+        return tool.run(tool.options(
+            device=device, dtype=dtype, models=models, batches=batches, contexts=contexts,
+            new_tokens=new_tokens, positions=positions, prefill=prefill, hf=hf,
+            reference=reference, hf_static_all=hf_static_all, json=json_path))
+
+    raise typer.Exit(_run(body))
 
 
 # --- toyllm check: the correctness harness (engine/check.py) ---------------------------------
@@ -234,13 +458,12 @@ def check(
 ) -> None:
     """Check the cached engine against the no-cache reference (and HF transformers) on a
     matrix of models and requests; exit 1 if any case fails."""
-    from engine.check import CheckError, run_check
+    def body() -> int:
+        from toyllm.engine.check.harness import run_check
 
-    try:
-        code = run_check(configs, dtypes, device, json_path, out, hf=hf)
-    except (CheckError, *user_errors()) as exc:
-        raise fail(str(exc)) from None
-    raise typer.Exit(code)
+        return run_check(configs, dtypes, device, json_path, out, hf=hf)
+
+    raise typer.Exit(_run(body))
 # --- end of toyllm check ---------------------------------------------------------------------
 
 
@@ -248,7 +471,8 @@ def check(
 @app.command()
 def info(
     source: Annotated[str | None, typer.Argument(
-        help="Config .toml, config.json or checkpoint directory; default: the shipped model.")]
+        help="Config .toml, config.json, checkpoint directory or shipped config name "
+             "(llama-1b, stories15m, ...); default: the shipped model.")]
     = None,
     batch: Annotated[int, typer.Option(help="Sequences whose KV cache is counted.")] = 1,
     context: Annotated[int | None, typer.Option(
@@ -256,23 +480,26 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="JSON output for scripts.")] = False,
 ) -> None:
     """Parameters by part, weight bytes and KV-cache bytes per dtype (arithmetic only)."""
-    from engine.model_info import describe, load_for_info, render_info
-    from models.config import ConfigError
+    def body() -> Any:
+        from toyllm.engine.tools.info import describe, load_for_info
 
-    try:
         config, where = load_for_info(source)
-        result = describe(config, batch=batch, context=context, source=where)
-    except (UserError, ConfigError, OSError) as exc:
-        raise fail(str(exc)) from None
+        return describe(config, batch=batch, context=context, source=where)
+
+    result = _run(body)
     if as_json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
     else:
+        from toyllm.engine.tools.info import render_info
+
         render_info(result, out)
 
 
 @app.command()
 def sweep(
-    experiment: Annotated[Path, typer.Argument(help="Experiment .toml (base config + grid).")],
+    experiment: Annotated[Path, typer.Argument(
+        help="Experiment .toml (base config + grid) or shipped experiment name "
+             "(attention-variants, cpu-smoke, ...).")],
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Output directory; default: runs/sweep-<name>.")] = None,
     device: Annotated[str | None, typer.Option(
@@ -281,15 +508,12 @@ def sweep(
         help="Validate and print the arithmetic columns; measure and write nothing.")] = False,
 ) -> None:
     """Measure an experiment grid (table, CSV, JSON, PNG plots); exit 1 if a point failed."""
-    from engine.device import DeviceError
-    from engine.sweep import ExperimentError, run_experiment
-    from models.config import ConfigError
+    def body() -> int:
+        from toyllm.engine.tools.sweep import run_experiment
 
-    try:
-        code = run_experiment(experiment, out_dir, device, out, dry_run=dry_run)
-    except (UserError, ExperimentError, ConfigError, DeviceError, OSError) as exc:
-        raise fail(str(exc)) from None
-    raise typer.Exit(code)
+        return run_experiment(experiment, out_dir, device, out, dry_run=dry_run)
+
+    raise typer.Exit(_run(body))
 # --- end of toyllm info / toyllm sweep --------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ survives.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 
 import torch
@@ -45,6 +46,10 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self, rows: int) -> None:
+        # An engine is a reference cycle (its decode function closes over it): collect dropped
+        # engines now, or their graphs may be freed during this capture and invalidate it
+        # (torch.cuda.graph collects only with force_cudagraph_gc).
+        gc.collect()
         ks, vs, positions = self.views(rows)
         tokens = torch.zeros(rows, 1, dtype=torch.long, device=positions.device)
         side = torch.cuda.Stream()

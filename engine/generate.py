@@ -1,9 +1,15 @@
 """The generation loop: prefill each prompt into the extension's KV cache, then decode one
 token per step for the whole batch until every sequence has finished.
 
-    engine = Engine(model, tokenizer)
-    result = engine.generate(["def fib(n):"], SamplingParams(max_new_tokens=32))
-    print(result.completions[0].text, result.completions[0].finish_reason)
+    >>> import torch
+    >>> from toyllm.engine.generate import Engine
+    >>> from toyllm.engine.sampling import SamplingParams
+    >>> from toyllm.models.model_source import load_model
+    >>> loaded = load_model(None, torch.device("cpu"), torch.float32)  # the shipped model
+    >>> engine = Engine(loaded.model, loaded.tokenizer)
+    >>> result = engine.generate(["def fib(n):"], SamplingParams(max_new_tokens=8))
+    >>> len(result.completions[0].token_ids), result.completions[0].finish_reason
+    (8, 'max_new_tokens')
 
 Finish reasons: "eos" (the model ended the text), "stop" (a stop string appeared; the text
 ends before it), "max_new_tokens", and "length" (the KV cache is full; never a crash).
@@ -21,15 +27,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from engine import gemv
-from engine.cached_attention import DecodeStep, PrefillStep
-from engine.cpu_layout import store_weights_input_major
-from engine.kv_cache import KVCache
-from engine.sampling import SamplingParams, make_generator, sample
-from engine.stopping import StopWatcher
-from models.llama import Transformer
-from models.rope import rope_table
-from models.tokenizer import StreamDecoder, Tokenizer
+from toyllm.engine.cached_attention import DecodeStep, PrefillStep
+from toyllm.engine.cpu_layout import store_weights_input_major
+from toyllm.engine.forward import EngineForward
+from toyllm.engine.ops.kv_cache import KVCache, set_programmatic_launch
+from toyllm.engine.sampling import NONFINITE, SamplingParams, make_generators, sample
+from toyllm.engine.settings import Settings
+from toyllm.engine.stopping import StopWatcher
+from toyllm.models.llama import Transformer
+from toyllm.models.rope import rope_table
+from toyllm.models.tokenizer import StreamDecoder, Tokenizer
 
 Prompt = str | Sequence[int]
 TextCallback = Callable[[int, str], None]
@@ -88,7 +95,11 @@ class _Sequence:
 
 
 class Engine:
-    """Serves generation requests for one model on one device."""
+    """Serves generation requests for one model on one device.
+
+    `settings` chooses kernels (engine/settings.py); None reads them from the environment once,
+    here (`Settings.from_env`). Build the engine after the model has its final device and dtype.
+    """
 
     def __init__(
         self,
@@ -97,8 +108,8 @@ class Engine:
         *,
         prefill_chunk: int | None = None,
         cuda_graph: bool | None = None,
-        decode_kernel: bool = True,
         max_seq_len: int | None = None,
+        settings: Settings | None = None,
     ) -> None:
         if prefill_chunk is not None and prefill_chunk <= 0:
             raise GenerationError(
@@ -107,19 +118,26 @@ class Engine:
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
+        # ids that end a sequence: the config's eos and every one the tokenizer names (a
+        # checkpoint's generation_config may list several, as Llama 3's does)
+        self.eos_ids = frozenset((self.config.eos_id, *getattr(tokenizer, "eos_ids", ())))
         self.device = model.device
         self.dtype = model.dtype
         self.prefill_chunk = prefill_chunk
-        self.decode_kernel = decode_kernel
+        self.settings = settings = Settings.from_env() if settings is None else settings
         self.max_seq_len = min(max_seq_len or self.config.max_seq_len, self.config.max_seq_len)
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise GenerationError("CUDA graphs need a CUDA device; use cuda_graph=False on CPU")
-        if self.device.type == "cpu" and not gemv.CPU_ENABLED:
+        if self.device.type == "cpu" and not settings.cpu_gemv:
             # same values, 3x faster decode GEMVs on MKL. The extension's GEMV streams
             # nn.Linear's [out, in] layout fastest (docs/PERF.md), so with it the weights stay.
             store_weights_input_major(model)
-        model.fuse_projections()  # q/k/v and gate/up as one product each (views, no copy)
+        if self.device.type == "cuda":
+            # process-wide in the extension: the last engine built sets it
+            set_programmatic_launch(settings.programmatic_launch)
+        # q/k/v and gate/up as one product each (views, no copy), the fused kernels as allowed
+        self.forward = EngineForward(model, settings)
         self.cache: KVCache | None = None
         self._graphs = None  # engine.cuda_graph.DecodeGraphs, built on first use
         self._views: dict[int, tuple[list[Tensor], list[Tensor], Tensor]] = {}
@@ -130,18 +148,17 @@ class Engine:
         """The decode step as a function of tensors only (tokens [rows, 1], positions
         int32 [rows], per-layer cache views), so a CUDA graph can capture it.
 
-        NOTE: torch.compile accepts it (the extension ops have fake implementations) but is
-        not used: compiled, decode ran 20x slower than eager on the CPU (2026-11-27; not yet
-        profiled, the functionalised in-place cache update is the first suspect)."""
-        model, use_kernel = self.model, self.decode_kernel
+        NOTE: not compiled with torch.compile: compiled, decode ran 20x slower than eager on
+        the CPU (docs/PERF.md; the functionalised in-place cache update is the first suspect)."""
+        forward = self.forward
 
         def decode_forward(tokens: Tensor, positions: Tensor, k_caches: list[Tensor],
                            v_caches: list[Tensor], span: int | None = None) -> Tensor:
-            step = DecodeStep(k_caches, v_caches, positions, use_kernel, span,
-                              self._rope_table_for(k_caches[0].shape[1]))
-            # with a table the model takes cos/sin from the step: no rope_positions (two kernels)
+            step = DecodeStep(k_caches, v_caches, positions, forward.decode_kernel(len(positions)),
+                              span, self._rope_table_for(k_caches[0].shape[1]))
+            # with a table the step gives cos/sin: no rope_positions (two kernels)
             rope_positions = step.rope_positions() if step.rope_table is None else None
-            return model(tokens, rope_positions, step)[:, -1]
+            return forward(tokens, rope_positions, step)[:, -1]
 
         return decode_forward
 
@@ -232,7 +249,7 @@ class Engine:
     def _rows_for(self, n: int) -> int:
         if not self.cuda_graph:
             return n
-        from engine.cuda_graph import bucket_for
+        from toyllm.engine.cuda_graph import bucket_for
 
         return bucket_for(n)
 
@@ -247,8 +264,8 @@ class Engine:
             start = cache.sequence_position(row)
             tokens = torch.tensor([piece], device=self.device)
             positions = torch.arange(start, start + len(piece), device=self.device).unsqueeze(0)
-            logits = self.model(tokens, positions, PrefillStep(cache, start, seq=row),
-                                last_only=True)
+            logits = self.forward(tokens, positions, PrefillStep(cache, start, seq=row),
+                                  last_only=True)
             cache.advance_sequence(row, len(piece))
         return logits[0, -1]
 
@@ -259,7 +276,7 @@ class Engine:
         ks, vs, positions = self.cache_views(rows)
         if self.cuda_graph:
             if self._graphs is None:
-                from engine.cuda_graph import DecodeGraphs
+                from toyllm.engine.cuda_graph import DecodeGraphs
 
                 self._graphs = DecodeGraphs(self.decode_forward, self.cache_views)
             logits = self._graphs.run(rows, tokens)
@@ -292,7 +309,7 @@ class Engine:
                       StopWatcher(params.stop))
             for i, ids in enumerate(prompt_ids)
         ]
-        gen = make_generator(params, self.device)
+        gen = make_generators(params, self.device, n)  # one per request row: its own seed
         stats = GenerationStats(cache_bytes=cache.bytes_allocated())
 
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -301,18 +318,19 @@ class Engine:
         last = torch.stack([self.prefill(cache, s.index, s.prompt_ids) for s in seqs])
         if rows > n:
             last = torch.cat([last, last.new_zeros(rows - n, last.shape[-1])])
-        tokens = sample(last, params, gen)
+        tokens = sample(last, params, gen, self.settings.cuda_argmax)
         sync()
         stats.prefill_s = time.perf_counter() - t0
         stats.prefill_tokens = sum(len(p) for p in prompt_ids)
 
         t1 = time.perf_counter()
-        self._accept(cache, seqs, tokens, params, on_text)
+        self._accept(cache, seqs, tokens, params, on_text, step=0)
         while any(s.finish_reason is None for s in seqs):
             logits = self.decode_step(cache, rows, tokens)
-            tokens = sample(logits, params, gen)
+            tokens = sample(logits, params, gen, self.settings.cuda_argmax)
             stats.decode_steps += 1
-            stats.decode_tokens += self._accept(cache, seqs, tokens, params, on_text)
+            stats.decode_tokens += self._accept(cache, seqs, tokens, params, on_text,
+                                                step=stats.decode_steps)
         stats.decode_s = time.perf_counter() - t1
         completions = [
             Completion(s.index, s.text, s.token_ids, len(s.prompt_ids), s.finish_reason or "")
@@ -321,18 +339,24 @@ class Engine:
         return GenerationResult(completions, stats)
 
     def _accept(self, cache: KVCache, seqs: list[_Sequence], tokens: Tensor,
-                params: SamplingParams, on_text: TextCallback | None) -> int:
-        """Take the sampled token of every running sequence; finish those that are done."""
+                params: SamplingParams, on_text: TextCallback | None, step: int = 0) -> int:
+        """Take the sampled token of every running sequence; finish those that are done.
+        step: 0 for the token sampled after prefill, then the decode step's number."""
         ids = tokens.tolist()  # the one host sync of a decode step
         taken = 0
         for s in seqs:
             if s.finish_reason is not None:
                 continue
             tok = ids[s.index]
+            if tok == NONFINITE:
+                raise GenerationError(
+                    f"the model's logits hold NaN or inf at step {step} "
+                    f"({'prefill' if step == 0 else 'decode'}), row {s.index} (prompt "
+                    f"{s.index}); the weights or activations overflowed (try --dtype fp32)")
             taken += 1
             s.token_ids.append(tok)
             piece = ""
-            if params.stop_at_eos and tok == self.config.eos_id:
+            if params.stop_at_eos and tok in self.eos_ids:
                 s.token_ids.pop()
                 s.finish_reason = "eos"
             else:

@@ -15,8 +15,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.config import ConfigError, ModelConfig, config_to_hf, load_config
-from models.llama import Transformer
+from toyllm.models import validate
+from toyllm.models.config import ConfigError, ModelConfig, config_to_hf, load_config
+from toyllm.models.llama import Transformer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -46,26 +47,57 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, each a regular file that resolves inside it."""
     index = directory / INDEX_FILE
-    if index.is_file():
+    if index.exists() or index.is_symlink():
+        text = validate.read_text(inside_checkpoint(directory, INDEX_FILE, str(directory)),
+                                  "safetensors index", CheckpointError)
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
-        files = sorted({directory / f for f in weight_map.values()})
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index}: names shard files that do not exist: {missing}")
-        return files
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise CheckpointError(f"{index}: not valid JSON ({str(exc)[:200]})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(
+                f"{index}: expected an object with a non-empty \"weight_map\" mapping tensor "
+                f"names to file names, got {validate.describe(weight_map)}")
+        bad = [k for k, v in weight_map.items() if not isinstance(v, str)]
+        if bad:
+            raise CheckpointError(f"{index}: weight_map[{bad[0]!r}]: expected a file name, "
+                                  f"got {validate.describe(weight_map[bad[0]])}")
+        names = sorted(set(weight_map.values()))
+        return [inside_checkpoint(directory, name, f"{index}: weight_map") for name in names]
     single = directory / SINGLE_FILE
-    if single.is_file():
-        return [single]
+    if single.exists() or single.is_symlink():
+        return [inside_checkpoint(directory, SINGLE_FILE, str(directory))]
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
         raise CheckpointError(
             f"{directory}: holds only pickled weights (.bin/.pt); toyllm loads safetensors "
             "only (convert with transformers' save_pretrained(safe_serialization=True))"
         )
     raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
+def inside_checkpoint(directory: Path, name: str, what: str) -> Path:
+    """directory / name as a regular file that resolves inside the checkpoint directory. A
+    Hugging Face hub snapshot (<repo>/snapshots/<rev>/) links its files to <repo>/blobs/, so
+    there the repository folder counts as inside."""
+    root = directory.resolve()
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        root = root.parent.parent
+    return validate.inside(directory, name, what, CheckpointError, root=root)
+
+
+def check_tensor(where: str, name: str, t: torch.Tensor) -> None:
+    """A weight must be floating point (an int32 tensor cast to float is garbage, not a
+    model) and finite (one NaN turns every logit into NaN a few layers later)."""
+    if not t.dtype.is_floating_point:
+        raise CheckpointError(f"{where}: weight {name} is {str(t.dtype).removeprefix('torch.')}; "
+                              "expected a floating-point dtype (fp32, fp16 or bf16)")
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{where}: weight {name} holds {bad} non-finite value(s) "
+                              "(NaN or inf); refused")
 
 
 def is_checkpoint_dir(path: str | Path) -> bool:
@@ -84,21 +116,28 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint not found: {directory}")
     if not directory.is_dir():
         raise CheckpointError(f"expected a checkpoint directory, got a file: {directory}")
-    if not (directory / "config.json").is_file():
+    config_file = directory / "config.json"
+    if not config_file.exists() and not config_file.is_symlink():
         raise CheckpointError(f"{directory}: not a checkpoint (no config.json)")
+    inside_checkpoint(directory, "config.json", str(directory))  # a regular file, inside
     try:
-        config = load_config(directory / "config.json")
+        config = load_config(config_file)
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     shapes = expected_shapes(config)
     tensors: dict[str, torch.Tensor] = {}
+    files: dict[str, Path] = {}  # where each tensor came from, for error messages
     for file in _weight_files(directory):
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for hf_name in f.keys():
                     tensors[from_hf_name(hf_name)] = f.get_tensor(hf_name)
+                    files[from_hf_name(hf_name)] = file
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{file}: cannot read safetensors ({exc})") from None
+    for name in shapes:
+        if name in tensors:
+            check_tensor(str(files[name]), to_hf_name(name), tensors[name])
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # some exporters write the tied copy anyway
     missing = sorted(set(shapes) - set(tensors))

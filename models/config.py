@@ -7,12 +7,12 @@ the field, what was expected and what was given, before any weight is allocated.
 from __future__ import annotations
 
 import json
-import math
+import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import tomllib
+from toyllm.models import validate
 
 
 class ConfigError(ValueError):
@@ -143,12 +143,14 @@ class ModelConfig:
 
 
 def _check_positive(name: str, value: Any, kind: type) -> None:
-    ok_types = (int, float) if kind is float else (int,)
-    if isinstance(value, bool) or not isinstance(value, ok_types) or value <= 0 or (
-        isinstance(value, float) and not math.isfinite(value)
-    ):
-        what = "a positive number" if kind is float else "a positive integer"
-        raise ConfigError(f"{name}: expected {what}, got {value!r}")
+    if kind is float:
+        validate.positive_number(name, value, ConfigError)
+        return
+    if not validate.is_int(value) or value <= 0:
+        raise ConfigError(f"{name}: expected a positive integer, got {validate.describe(value)}")
+    if value > validate.MAX_SIZE:
+        raise ConfigError(f"{name}: expected a positive integer of at most 2**31 - 1, got "
+                          f"{value}")
 
 
 _FIELDS = {f.name for f in fields(ModelConfig)}
@@ -168,6 +170,8 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> ModelConfi
         raise ConfigError(f"{source}: missing required key(s) {missing}")
     data = dict(data)
     scaling = data.pop("rope_scaling", None)
+    if "name" in data:
+        validate.string(f"{source}: name", data["name"], ConfigError)
     if scaling is not None:
         if not isinstance(scaling, dict):
             raise ConfigError(f"{source}: rope_scaling must be a table, got {scaling!r}")
@@ -188,7 +192,12 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> ModelConfi
 
 def config_from_hf(data: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Map a Hugging Face LlamaConfig dict (old `rope_theta`/`rope_scaling` keys or the newer
-    `rope_parameters`) onto ModelConfig."""
+    `rope_parameters`) onto ModelConfig. Types are checked, not coerced: "false" is not a
+    bool and "1e-5" is not a number."""
+
+    def where(key: str) -> str:
+        return f"{source}: {key}"
+
     model_type = data.get("model_type", "llama")
     if model_type not in ("llama", "mistral"):
         raise ConfigError(f"{source}: expected model_type 'llama', got {model_type!r}")
@@ -196,7 +205,7 @@ def config_from_hf(data: dict[str, Any], source: str = "config.json") -> ModelCo
     if act != "silu":
         raise ConfigError(f"{source}: expected hidden_act 'silu' (SwiGLU), got {act!r}")
     for flag in ("attention_bias", "mlp_bias"):
-        if data.get(flag):
+        if data.get(flag) is not None and validate.boolean(where(flag), data[flag], ConfigError):
             raise ConfigError(f"{source}: {flag}=true is not supported (Llama has no biases)")
     if data.get("sliding_window"):
         raise ConfigError(f"{source}: sliding-window attention is not supported")
@@ -207,24 +216,31 @@ def config_from_hf(data: dict[str, Any], source: str = "config.json") -> ModelCo
             "hidden_size": data["hidden_size"],
             "num_layers": data["num_hidden_layers"],
             "num_heads": num_heads,
-            "num_kv_heads": data.get("num_key_value_heads") or num_heads,
+            "num_kv_heads": num_heads if data.get("num_key_value_heads") is None
+            else data["num_key_value_heads"],
             "intermediate_size": data["intermediate_size"],
         }
     except KeyError as exc:
         raise ConfigError(f"{source}: missing required key {exc.args[0]!r}") from None
 
     rope = data.get("rope_parameters")
-    if isinstance(rope, dict) and "full_attention" in rope and isinstance(
-        rope["full_attention"], dict
-    ):
-        rope = rope["full_attention"]
-    if rope is None:
-        rope = dict(data.get("rope_scaling") or {})
+    if rope is not None:
+        validate.table(where("rope_parameters"), rope, ConfigError)
+        if isinstance(rope.get("full_attention"), dict):
+            rope = rope["full_attention"]
+    else:
+        scaling_table = data.get("rope_scaling")
+        rope = {} if scaling_table is None else dict(
+            validate.table(where("rope_scaling"), scaling_table, ConfigError))
         if "rope_theta" in data:
             rope["rope_theta"] = data["rope_theta"]
     rope = dict(rope)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    theta = rope.get("rope_theta", data.get("rope_theta", 10000.0))
+    if not isinstance(rope_type, str):
+        raise ConfigError(f"{where('rope_type')}: expected a string, got "
+                          f"{validate.describe(rope_type)}")
+    theta = validate.positive_number(
+        where("rope_theta"), rope.get("rope_theta", data.get("rope_theta", 10000.0)), ConfigError)
     scaling = None
     if rope_type in ("llama3", "linear"):
         kwargs = {"rope_type": rope_type, "factor": rope.get("factor")}
@@ -233,31 +249,48 @@ def config_from_hf(data: dict[str, Any], source: str = "config.json") -> ModelCo
                 if key not in rope:
                     raise ConfigError(f"{source}: llama3 rope scaling is missing {key!r}")
                 kwargs[key] = rope[key]
-        scaling = RopeScaling(**kwargs)
+        try:
+            scaling = RopeScaling(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
     elif rope_type != "default":
         raise ConfigError(
             f"{source}: unsupported rope type {rope_type!r}; expected default, linear or llama3"
         )
     head_dim = data.get("head_dim") or 0
-    bos = data.get("bos_token_id", 1)
-    eos = data.get("eos_token_id", 2)
-    if isinstance(eos, list):
-        eos = eos[0]
     config = dict(
         base,
         head_dim=head_dim,
-        rope_theta=float(theta),
+        rope_theta=theta,
         rope_scaling=scaling,
-        norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+        norm_eps=validate.positive_number(
+            where("rms_norm_eps"), data.get("rms_norm_eps", 1e-6), ConfigError),
         max_seq_len=data.get("max_position_embeddings", 2048),
-        tie_embeddings=bool(data.get("tie_word_embeddings", False)),
-        bos_id=1 if bos is None else bos,
-        eos_id=2 if eos is None else eos,
+        tie_embeddings=validate.boolean(
+            where("tie_word_embeddings"), data.get("tie_word_embeddings", False), ConfigError),
+        bos_id=_token_id(source, "bos_token_id", data.get("bos_token_id"), 1),
+        eos_id=_token_id(source, "eos_token_id", data.get("eos_token_id"), 2),
     )
     try:
         return ModelConfig(**config)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _token_id(source: str, key: str, value: Any, default: int) -> int:
+    """bos/eos ids: an integer, null (the default), or a non-empty list of integers (the
+    first one is used: Llama 3 lists several end-of-turn ids)."""
+    if value is None:
+        return default
+    if isinstance(value, list):
+        if not value or not all(validate.is_int(v) for v in value):
+            raise ConfigError(f"{source}: {key}: expected an integer or a non-empty list of "
+                              f"integers, got {validate.describe(value)}")
+        return value[0]
+    if not validate.is_int(value):
+        raise ConfigError(f"{source}: {key}: expected an integer or a non-empty list of "
+                          f"integers, got {validate.describe(value)}")
+    return value
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
@@ -301,22 +334,28 @@ def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".toml", ".json"):
+        raise ConfigError(
+            f"{path}: expected a .toml config or a config.json, got {path.suffix!r}")
+    text = validate.read_text(path, "config file", ConfigError)
     if path.suffix == ".toml":
         try:
             data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        except (ValueError, RecursionError) as exc:  # TOMLDecodeError is a ValueError
+            raise ConfigError(f"{path}: not valid TOML ({_first_line(exc)})") from None
         name = data.pop("name", path.stem)
         return config_from_dict(dict(data, name=name), source=str(path))
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        return replace(config_from_hf(data, source=str(path)), name=path.parent.name)
-    raise ConfigError(f"{path}: expected a .toml config or a config.json, got {path.suffix!r}")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"{path}: not valid JSON ({_first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return replace(config_from_hf(data, source=str(path)), name=path.parent.name)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

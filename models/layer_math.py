@@ -1,11 +1,10 @@
 """The elementwise math of a Llama layer in plain torch: RMSNorm (alone and after the residual
 add) and SwiGLU's silu(gate) * up.
 
-These functions are the definition. engine/fused_ops.py has one-kernel CUDA versions that
-must give the same bits (RMSNorm: up to the order of its fp32 sum); the model calls those on
-CUDA when the extension is built and these everywhere else. RoPE, the third such piece, is
-`apply_rope` in models/rope.py. Nothing here imports the engine, so models/ stays importable
-without the extension.
+These functions are the definition. engine/ops/elementwise.py has one-kernel CUDA versions that
+must give the same bits (RMSNorm: up to the order of its fp32 sum); the engine's forward
+(engine/forward.py) calls those, the reference model (models/llama.py) these. RoPE, the third
+such piece, is `apply_rope` in models/rope.py. Nothing in models/ imports the engine.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from models.config import ModelConfig
+from toyllm.models.config import ModelConfig
 
 
 def inverse_frequencies(config: ModelConfig) -> Tensor:

@@ -30,6 +30,25 @@ class Tokenizer:
     def __init__(self, processor: spm.SentencePieceProcessor, path: Path | None = None) -> None:
         self._sp = processor
         self.path = path
+        self.chat_template: str | None = None  # from the side files (tokenizer_files.py)
+        self._extra_eos: tuple[int, ...] = ()
+
+    def attach(self, files) -> None:
+        """Take the chat template and the extra EOS ids of a checkpoint's side files
+        (`tokenizer_files.TokenizerFiles`)."""
+        self.chat_template = files.chat_template
+        self._extra_eos = tuple(i for i in files.eos_token_ids if 0 <= i < self.vocab_size)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation: the model's eos, then generation_config's."""
+        own = (self.eos_id,) if self.eos_id >= 0 else ()
+        return own + tuple(i for i in self._extra_eos if i not in own)
+
+    def special_tokens(self) -> dict[str, str]:
+        """bos_token / eos_token / unk_token texts, as chat templates read them."""
+        ids = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.unk_id}
+        return {k: self._sp.id_to_piece(i) for k, i in ids.items() if i >= 0}
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:

@@ -5,7 +5,7 @@ logits, both measured in one run on one GPU.
 
 Cases: rows 1 and 16, vocab 32000 (Llama-2) and 128256 (Llama-3), fp32 and bf16 logits. "graph"
 is the GPU time per call over a CUDA graph of --graph-calls calls on the same logits (no launch
-cost; scripts/bench_kv_update.py's timer, median of --reps replays); the logits stay in L2, as
+cost; toyllm.engine.tools.timing's timer, median of --reps replays); the logits stay in L2, as
 they do right after the lm_head product wrote them. "eager" is one call issued from Python
 between two CUDA events (dispatch and launch included; the engine samples eagerly after the
 decode graph). For bf16 the table also times what the engine did before: torch.argmax of
@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_kv_update's timers
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # engine
+from toyllm.engine.tools.timing import time_eager, time_graph
 
 ROWS = (1, 16)
 VOCABS = (32000, 128256)
@@ -47,7 +45,6 @@ class Row:
 
 
 def measure(rows: int, vocab: int, dtype: torch.dtype, graph_calls: int, reps: int) -> Row:
-    from bench_kv_update import time_eager, time_graph
 
     gen = torch.Generator(device="cuda").manual_seed(rows * vocab)
     logits = torch.randn(rows, vocab, generator=gen, device="cuda").mul(3).to(dtype)
@@ -117,14 +114,14 @@ def main(argv: list[str] | None = None) -> int:
               "measured.")
         return 2
     try:
-        import engine.argmax  # noqa: F401  (a clear message when engine._C predates the op)
-        from engine.kv_cache import WITH_CUDA
+        import toyllm.engine.ops.argmax  # noqa: F401  (a clear message when toyllm.engine.ops._C predates the op)
+        from toyllm.engine.ops.kv_cache import WITH_CUDA
     except ImportError as exc:
         print(f"bench_argmax: {exc}", file=sys.stderr)
         return 2
     if not WITH_CUDA:
-        print("bench_argmax: engine._C was built without CUDA; rebuild on this machine with "
-              "pip install --no-build-isolation -e .", file=sys.stderr)
+        print("bench_argmax: toyllm.engine.ops._C was built without CUDA; rebuild on this "
+              "machine with pip install --no-build-isolation -e .", file=sys.stderr)
         return 2
 
     result = run(args.graph_calls, args.reps)

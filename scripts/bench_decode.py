@@ -1,11 +1,7 @@
-"""Decode and prefill benchmark (the same as `toyllm bench`): see engine/bench_decode.py."""
+"""Decode and prefill benchmark, the same as `toyllm bench` (engine/tools/bench.py): kept so
+that `python scripts/bench_decode.py ARGS` runs where the console script is not on PATH."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.bench_decode import main  # noqa: E402
+from toyllm.engine.tools.bench import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

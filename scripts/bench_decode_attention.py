@@ -4,30 +4,26 @@ per-row length mask (what the engine uses otherwise), in one run on one GPU.
     python scripts/bench_decode_attention.py --json out/bench_decode_attention.json
 
 Both read K/V in place from a [batch, max_seq_len, kv_heads, head_dim] cache. "ours" is the
-default (pass 1 on tensor cores where it applies), "cores" the same op with TOYLLM_DECODE_MMA=0
-(pass 1 on CUDA cores), to compare the two in the same run. Times are per
-call inside a CUDA graph of 50 calls (GPU time without launch overhead; bench_kv_update's
-time_graph), median of 5 replays;
-GB/s counts the K/V bytes each call must read (batch x seq_len x kv_heads x head_dim x 2).
+default (pass 1 on tensor cores where it applies), "cores" the same op with tensor_cores=False
+(pass 1 on CUDA cores), to compare the two in the same run. Times are per call inside a CUDA
+graph of 50 calls (GPU time without launch overhead: toyllm.engine.tools.timing.time_graph),
+median of 5 replays; GB/s counts the K/V bytes each call must read (batch x seq_len x kv_heads
+x head_dim x 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.cached_attention import grouped_attention  # noqa: E402
-from engine.kv_cache import decode_attention  # noqa: E402
-from scripts.bench_kv_update import time_graph  # noqa: E402
+from toyllm.engine.cached_attention import grouped_attention
+from toyllm.engine.ops.kv_cache import decode_attention
+from toyllm.engine.tools.timing import time_graph
 
 # (batch, seq_len, q_heads, kv_heads, head_dim): Llama-1B heads, batch and context swept
 SHAPES = [(1, 128, 32, 8, 64), (1, 4096, 32, 8, 64), (4, 4096, 32, 8, 64),
@@ -60,13 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         sdpa = partial(grouped_attention, q.unsqueeze(1), kc, vc, allowed)
         err = ((ours().float() - sdpa()[:, 0].float()).norm() / sdpa().float().norm()).item()
         t_ours, t_sdpa = time_graph(ours, 50, 5), time_graph(sdpa, 50, 5)
-        os.environ["TOYLLM_DECODE_MMA"] = "0"
-        try:
-            err_cores = ((ours().float() - sdpa()[:, 0].float()).norm()
-                         / sdpa().float().norm()).item()
-            t_cores = time_graph(ours, 50, 5)
-        finally:
-            del os.environ["TOYLLM_DECODE_MMA"]
+        cores = partial(decode_attention, q, kc, vc, lens, tensor_cores=False)
+        err_cores = ((cores().float() - sdpa()[:, 0].float()).norm()
+                     / sdpa().float().norm()).item()
+        t_cores = time_graph(cores, 50, 5)
         nbytes = 2 * int(lens.sum()) * hkv * d * kc.element_size()
         row = dict(batch=b, seq_len=s, q_heads=hq, kv_heads=hkv, head_dim=d, ours_us=t_ours,
                    cores_us=t_cores, sdpa_us=t_sdpa, ours_gbs=nbytes / t_ours / 1e3,

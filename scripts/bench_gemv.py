@@ -14,12 +14,12 @@ L2 (50-60 MB on an H100/H200), as in a real decode step. GB/s counts the weight 
 call. The "decode step" rows add up the products of one step of the 16-layer model.
 
 The second table times down [2048, 8192] from one row of gate_up [1, 16384]: gemv_silu_mul (one
-kernel) against toyllm::silu_mul then toyllm::gemv (the model's path with
-TOYLLM_FUSED_SILU_GEMV=0) and silu_mul then F.linear, in graphs of the same kind, and says
+kernel) against toyllm::silu_mul then toyllm::gemv (the engine's path at
+fusion level rope_kv) and silu_mul then F.linear, in graphs of the same kind, and says
 whether the fused output has the bits of the two kernels'. The third times q/k/v [3072, 2048]
 and gate/up [16384, 2048] after a residual add and RMSNorm of one row: gemv_add_rms_norm (one
-kernel, csrc/gemv_add_rms_norm.cu) against toyllm::add_rms_norm then toyllm::gemv (the model's
-path with TOYLLM_FUSED_NORM_GEMV=0), likewise, and gate/up with silu(gate) * up in the same
+kernel) against toyllm::add_rms_norm then toyllm::gemv (the engine's path at fusion level
+silu_gemv), likewise, and gate/up with silu(gate) * up in the same
 kernel (gemv_add_rms_norm_silu_mul) against those two and toyllm::silu_mul.
 Exits with status 2 and a one-line message where there is no GPU.
 """
@@ -29,15 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_kv_update's timers
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # engine
+from toyllm.engine.tools.timing import copy_ceiling_gb_per_s, time_graph
 
 LAYERS = 16  # Llama-1B (Llama-3.2-1B: hidden 2048, 16 layers, MLP 8192, vocab 128256)
 SHAPES = {  # name: (out, in, calls per decode step)
@@ -126,7 +124,6 @@ def cycling(fn, x: torch.Tensor, weights: list[torch.Tensor]):
 
 
 def measure(name: str, rows: int, dtype: torch.dtype, graph_calls: int, reps: int) -> Row:
-    from bench_kv_update import time_graph
 
     out, inp, _ = SHAPES[name]
     weight_bytes = out * inp * (torch.finfo(dtype).bits // 8)
@@ -146,7 +143,6 @@ def measure(name: str, rows: int, dtype: torch.dtype, graph_calls: int, reps: in
 def measure_silu_down(rows: int, dtype: torch.dtype, graph_calls: int,
                       reps: int) -> SiluDownRow:
     """Llama-1B's down product from the fused gate/up output: one kernel against two."""
-    from bench_kv_update import time_graph
 
     out, inp, _ = SHAPES["down"]
     weight_bytes = out * inp * (torch.finfo(dtype).bits // 8)
@@ -176,7 +172,6 @@ def measure_norm_product(name: str, dtype: torch.dtype, graph_calls: int, reps: 
                          silu: bool = False) -> NormRow:
     """A product after the residual add and RMSNorm of one row: one kernel against two (silu:
     with silu(gate) * up of the product in the kernel, against three)."""
-    from bench_kv_update import time_graph
     out, inp, _ = SHAPES[name]
     weight_bytes = out * inp * (torch.finfo(dtype).bits // 8)
     gen = torch.Generator(device="cuda").manual_seed(2)
@@ -205,7 +200,6 @@ def measure_norm_product(name: str, dtype: torch.dtype, graph_calls: int, reps: 
 
 
 def run(rows_list: list[int], dtype: torch.dtype, graph_calls: int, reps: int) -> dict:
-    from bench_kv_update import copy_ceiling_gb_per_s
 
     ceiling, ceiling_bytes = copy_ceiling_gb_per_s(200)
     rows = []
@@ -326,13 +320,13 @@ def main(argv: list[str] | None = None) -> int:
               "measured.")
         return 2
     try:
-        from engine.kv_cache import WITH_CUDA
+        from toyllm.engine.ops.kv_cache import WITH_CUDA
     except ImportError as exc:
         print(f"bench_gemv: {exc}", file=sys.stderr)
         return 2
     if not WITH_CUDA:
-        print("bench_gemv: engine._C was built without CUDA; rebuild on this machine with "
-              "pip install --no-build-isolation -e .", file=sys.stderr)
+        print("bench_gemv: toyllm.engine.ops._C was built without CUDA; rebuild on this "
+              "machine with pip install --no-build-isolation -e .", file=sys.stderr)
         return 2
 
     result = run(rows_list, getattr(torch, args.dtype), args.graph_calls, args.reps)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+
+from toyllm.engine.tools.timing import copy_ceiling_gb_per_s, time_eager, time_graph
 
 GRAPH_MAX_BYTES = 64 * 2**20  # sizes below this are also timed through a CUDA graph
 
@@ -59,60 +60,8 @@ class Row:
     speedup_vs_slice: float | None = None
 
 
-def time_eager(fn: Callable[[], None], reps: int, warmup: int = 10) -> float:
-    """Median microseconds of one call, each call between its own pair of CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    pairs = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        for _ in range(reps)
-    ]
-    for start, end in pairs:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in pairs) * 1e3
-
-
-def time_graph(fn: Callable[[], None], calls: int, reps: int) -> float:
-    """Median microseconds per call of a CUDA graph holding `calls` calls (no launch cost)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
-
-
-def copy_ceiling_gb_per_s(reps: int) -> tuple[float, int]:
-    """Device-to-device copy of 1 GiB: (read + write) bytes per second, in GB/s."""
-    nbytes = 2**30
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    us = time_eager(lambda: dst.copy_(src), reps=max(10, reps // 10), warmup=3)
-    return 2 * nbytes / (us * 1e-6) / 1e9, nbytes
-
-
 def make_methods(case: Case, dtype: torch.dtype) -> tuple[dict[str, Callable[[], None]], int]:
-    from engine.kv_cache import kv_update
+    from toyllm.engine.ops.kv_cache import kv_update
 
     shape_cache = (1, case.max_seq_len, case.num_kv_heads, case.head_dim)
     shape_new = (1, case.num_tokens, case.num_kv_heads, case.head_dim)
@@ -278,14 +227,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        from engine.kv_cache import WITH_CUDA
+        from toyllm.engine.ops.kv_cache import WITH_CUDA
     except ImportError as exc:
         print(f"bench_kv_update: {exc}", file=sys.stderr)
         return 2
     if not WITH_CUDA:
         print(
-            "bench_kv_update: engine._C was built without CUDA; rebuild on this machine with "
-            "pip install --no-build-isolation -e .",
+            "bench_kv_update: toyllm.engine.ops._C was built without CUDA; rebuild on this "
+            "machine with pip install --no-build-isolation -e .",
             file=sys.stderr,
         )
         return 2

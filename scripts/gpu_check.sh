@@ -8,9 +8,14 @@
 #
 # STAGES: comma list of build,tests,check,probe,sanitizer,generate,bench,profile,sweep (default:
 # all, in that order: correctness first).
-# STAGE_TIMEOUT caps each stage (s), BUDGET_S the whole run; BENCH_ARGS go to bench_decode.py; SWEEPS names the
-# experiments (configs/experiments/NAME.toml) to run; PROBE_ARGS go to probe_decode_rounding.py;
-# SANITIZE_ONLY (a bash regex) keeps the sanitizer stages whose names match it.
+# STAGE_TIMEOUT caps each stage (s), BUDGET_S the whole run; BENCH_ARGS go to toyllm bench; SWEEPS names the
+# shipped experiments (configs/experiments/NAME.toml) to run; PROBE_ARGS go to probe_decode_rounding.py;
+# SANITIZE_ONLY (a bash regex) keeps the sanitizer stages whose names match it; TESTS (pytest
+# paths and options) narrows the tests stage.
+# Stage baseline (not in the default list): BASELINE=DIR holds an earlier commit's tree
+# (`git archive REV | tar -x -C DIR`); it is built in place there, and its decode bench and this
+# tree's alternate at batch 1 x 128 and 16 x 4096 (Llama-1B, bf16, BASELINE_ROUNDS times), so
+# that before and after a change are measured in one run on one card.
 # A failing stage is recorded in OUT_DIR/summary.txt and the script goes on to the next.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR [STAGES]}
@@ -52,7 +57,7 @@ cat "$OUT/env.txt"
 # A C++ exception raised through the extension must come back as a Python error; a build
 # linked without libstdc++ crashes the interpreter instead (seen on this machine's Python).
 SMOKE='import torch
-from engine.kv_cache import KVCache
+from toyllm.engine.ops.kv_cache import KVCache
 c = KVCache(num_layers=1, max_seq_len=2, num_kv_heads=1, head_dim=8, dtype=torch.float16,
             device="cuda")
 try:
@@ -64,7 +69,7 @@ build_ext() {  # verbose pip build; keep the link line and the module's NEEDED l
     local rc=$?
     grep -E -- "-shared" "$OUT/logs/pip_build.log" | tail -2 | cut -c1-400
     $PY -c 'import sysconfig as s; print("LDSHARED:", s.get_config_var("LDSHARED")); print("LDCXXSHARED:", s.get_config_var("LDCXXSHARED"))'
-    readelf -d engine/_C*.so | grep NEEDED
+    readelf -d engine/ops/_C*.so | grep NEEDED
     (( rc == 0 )) && $PY -c "$SMOKE"
 }
 export -f build_ext
@@ -72,14 +77,14 @@ export SMOKE PY OUT
 if want build; then
     stage build bash -c build_ext
     if ! grep -q "smoke: C++ exception came back" "$OUT/logs/build.log"; then
-        rm -rf build engine/_C*.so
+        rm -rf build engine/ops/_C*.so
         CC=gcc CXX=g++ LDSHARED="g++ -shared" LDCXXSHARED="g++ -shared" stage build_gxx bash -c build_ext
     fi
 fi
 if want tests; then
     # the CUDA matrix test is the check stage below; not run twice
     stage pytest_cuda $PY -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" \
-        --deselect tests/test_check.py::test_default_cuda_matrix_passes_every_case
+        --deselect tests/test_check.py::test_default_cuda_matrix_passes_every_case ${TESTS:-}
 fi
 if want check; then
     stage check_gpu toyllm check --device cuda --dtypes fp32,fp16,bf16 --json "$OUT/check_gpu.json"
@@ -137,33 +142,42 @@ if want bench; then
     stage bench_gemv $PY scripts/bench_gemv.py --json "$OUT/bench_gemv.json"
     stage bench_argmax $PY scripts/bench_argmax.py --json "$OUT/bench_argmax.json"
     stage bench_decode toyllm bench ${BENCH_ARGS:-} --json "$OUT/bench_decode.json"
-    # A/B of the fused norm products, batch 1 only, same machine minutes later:
-    # TOYLLM_FUSED_NORM_ROPE=0 leaves RoPE and the K/V write to rope_kv_update,
-    # TOYLLM_FUSED_NORM_SILU=0 leaves silu(gate) * up to the down product,
-    # TOYLLM_STAGED_WARPS=16 gives the staged kernels one block of 16 warps per SM (default 8),
-    # TOYLLM_FUSED_NORM_GEMV=0 runs add_rms_norm and each product as separate kernels
+    # A/B of the fusion ladder (docs/ENGINE.md, "Settings"), batch 1 only, same machine minutes
+    # later: each level below full takes one fusion out (silu_gemv: the residual add + RMSNorm
+    # run as their own kernel, not inside the one-row products; rope_kv: silu*up leaves the down
+    # product too; elementwise: RoPE and the K/V write are two ops again)
     if [[ -n ${AB_BENCH:-} ]]; then
         B1=(--models llama-1b --batches 1 --contexts 128 --no-hf --no-reference)
-        TOYLLM_FUSED_NORM_ROPE=0 stage bench_decode_no_norm_rope toyllm bench "${B1[@]}" \
-            --json "$OUT/bench_decode_no_norm_rope.json"
-        TOYLLM_FUSED_NORM_SILU=0 stage bench_decode_no_norm_silu toyllm bench "${B1[@]}" \
-            --json "$OUT/bench_decode_no_norm_silu.json"
-        TOYLLM_STAGED_WARPS=16 stage bench_decode_staged_16_warps toyllm bench "${B1[@]}" \
-            --json "$OUT/bench_decode_staged_16_warps.json"
-        TOYLLM_FUSED_NORM_GEMV=0 stage bench_decode_norm_unfused toyllm bench "${B1[@]}" \
-            --json "$OUT/bench_decode_norm_unfused.json"
+        for level in silu_gemv rope_kv elementwise; do
+            TOYLLM_FUSION=$level stage "bench_decode_fusion_$level" toyllm bench "${B1[@]}" \
+                --json "$OUT/bench_decode_fusion_$level.json"
+        done
         stage bench_decode_b1_again toyllm bench "${B1[@]}" --json "$OUT/bench_decode_b1_again.json"
     fi
+fi
+if want baseline; then
+    BASE=${BASELINE:?the baseline stage needs BASELINE=DIR}
+    stage baseline_build bash -c "cd '$BASE' && MAX_JOBS=16 $PY setup.py build_ext --inplace"
+    BARGS=(--models llama-1b --dtype bf16 --no-hf --no-reference)
+    for round in $(seq "${BASELINE_ROUNDS:-1}"); do
+        for shape in 1x128 16x4096; do
+            b=${shape%x*} c=${shape#*x}
+            stage "baseline_${shape}_$round" bash -c "cd '$BASE' && $PY scripts/bench_decode.py \
+                ${BARGS[*]} --batches $b --contexts $c --json '$OUT/baseline_${shape}_$round.json'"
+            stage "current_${shape}_$round" toyllm bench "${BARGS[@]}" --batches "$b" \
+                --contexts "$c" --json "$OUT/current_${shape}_$round.json"
+        done
+    done
 fi
 if want profile; then
     stage profile_decode $PY scripts/profile_decode.py --model llama-1b --dtype bf16
     stage profile_decode_graph $PY scripts/profile_decode.py --model llama-1b --dtype bf16 --graph
-    TOYLLM_FUSED_OPS=0 stage profile_decode_unfused $PY scripts/profile_decode.py \
+    TOYLLM_FUSION=none stage profile_decode_unfused $PY scripts/profile_decode.py \
         --model llama-1b --dtype bf16
 fi
 if want sweep; then
     for name in ${SWEEPS:-attention-variants context-length}; do
-        stage "sweep_$name" toyllm sweep "configs/experiments/$name.toml" --device cuda \
+        stage "sweep_$name" toyllm sweep "$name" --device cuda \
             --out "$OUT/sweep_$name"
     done
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compile-checks every csrc/*.cu alone with nvcc for sm_90, with the macros PyTorch passes to
-# nvcc, and prints ptxas's register / spill report (-Xptxas -v). Needs no GPU and no torch.
+# Compile-checks every csrc/**/*.cu (csrc/gemv/gemv.cu, ...) alone with nvcc for sm_90, with
+# the macros PyTorch passes to nvcc, and prints ptxas's register / spill report (-Xptxas -v). Needs no GPU and no torch.
 # Exits non-zero if a file fails to compile; skips (exit 0) when nvcc is absent.
 #
 #   bash scripts/nvcc_check.sh            # uses nvcc from PATH, else $CUDA_HOME/bin/nvcc
@@ -28,17 +28,20 @@ FLAGS=(
     -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
     -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
     -Xptxas -v -Xcompiler -Wall
+    -I "${ROOT}/csrc"  # sources include each other by their path under csrc/, as setup.py says
 )
 
 "${NVCC}" --version | tail -n 1
 status=0
-shopt -s nullglob
-for cu in "${ROOT}"/csrc/*.cu; do
-    name="$(basename "${cu}" .cu)"
-    echo "== ${name}.cu"
+shopt -s nullglob globstar
+for cu in "${ROOT}"/csrc/**/*.cu; do
+    rel="${cu#"${ROOT}/csrc/"}"  # gemv/gemv.cu
+    name="${rel%.cu}"
+    name="${name//\//_}"  # one flat log/object name per source: gemv_gemv
+    echo "== ${rel}"
     if ! "${NVCC}" "${FLAGS[@]}" -c "${cu}" -o "${OUT}/${name}.o" 2> "${OUT}/${name}.log"; then
         cat "${OUT}/${name}.log"
-        echo "nvcc_check: FAILED to compile ${name}.cu"
+        echo "nvcc_check: FAILED to compile ${rel}"
         status=1
         continue
     fi
@@ -52,7 +55,7 @@ for cu in "${ROOT}"/csrc/*.cu; do
         grep "warning" "${OUT}/${name}.log"
     fi
     if grep -Eq "[1-9][0-9]* bytes spill (stores|loads)" "${OUT}/${name}.log"; then
-        echo "nvcc_check: note: ${name}.cu spills registers (see above)"
+        echo "nvcc_check: note: ${rel} spills registers (see above)"
     fi
 done
 exit "${status}"

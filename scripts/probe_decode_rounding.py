@@ -5,8 +5,8 @@ The harness compares the cached engine (prefill through SDPA, decode through
 same low precision. Both round p to the cache dtype before P @ V, against a running max that
 depends on how the kernel tiles the keys. This script runs the bf16/fp16 CUDA cases of the
 harness for every SDPA backend PyTorch has here (put first in the priority list) and every
-kernel rounding setting (TOYLLM_DECODE_TILE x TOYLLM_DECODE_REVERSE, on tensor cores and on CUDA
-cores: TOYLLM_DECODE_MMA), and prints the worst
+kernel rounding setting (the decode-attention op's `tile` x `reverse` arguments, on tensor cores
+and on CUDA cores: `tensor_cores`, given to every call the engine makes), and prints the worst
 step's ||engine - reference|| / ||reference|| per case. Tolerances are not involved: this
 measures, the harness judges.
 
@@ -16,18 +16,17 @@ measures, the harness judges.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine.check import run_matrix, select_cases  # noqa: E402
+from toyllm.engine import cached_attention
+from toyllm.engine.check.harness import run_matrix, select_cases
+from toyllm.engine.ops.kv_cache import decode_attention
 
 BACKENDS = {
     "default": None,
@@ -45,8 +44,8 @@ def main() -> int:
     parser.add_argument("--configs", default=None, help="case-name filters (comma list)")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma list")
     parser.add_argument("--tiles", default="64,128")
-    parser.add_argument("--orders", default="1,0", help="TOYLLM_DECODE_REVERSE values")
-    parser.add_argument("--mma", default="1,0", help="TOYLLM_DECODE_MMA values")
+    parser.add_argument("--orders", default="1,0", help="reverse: 1 last tile first, 0 first")
+    parser.add_argument("--mma", default="1,0", help="tensor_cores: 1 on, 0 CUDA cores")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -58,9 +57,9 @@ def main() -> int:
     for backend, tile, order, mma in itertools.product(
             args.backends.split(","), args.tiles.split(","), args.orders.split(","),
             args.mma.split(",")):
-        os.environ["TOYLLM_DECODE_TILE"] = tile
-        os.environ["TOYLLM_DECODE_REVERSE"] = order
-        os.environ["TOYLLM_DECODE_MMA"] = mma
+        # every decode-attention call of the engine gets this setting's arguments
+        cached_attention.decode_attention = functools.partial(
+            decode_attention, tile=int(tile), reverse=order == "1", tensor_cores=mma == "1")
         first = BACKENDS[backend]
         setting = (f"{backend} tile={tile} {'reverse' if order == '1' else 'forward'} "
                    f"{'mma' if mma == '1' else 'cores'}")

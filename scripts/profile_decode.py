@@ -12,23 +12,21 @@ kernel times can exceed the wall time.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from engine.device import resolve_dtype
-from engine.generate import Engine
-from engine.sampling import SamplingParams
-from models.config import load_config
-from models.llama import build_model
-
-ROOT = Path(__file__).resolve().parents[1]
+from toyllm.engine.device import resolve_dtype
+from toyllm.engine.generate import Engine
+from toyllm.engine.sampling import SamplingParams
+from toyllm.models.config import load_config
+from toyllm.models.llama import build_model
+from toyllm.models.shipped import resolve_config
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="llama-1b")
+    ap.add_argument("--model", default="llama-1b", help="shipped config name or config .toml")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=16)
@@ -39,7 +37,7 @@ def main() -> int:
               "profiled.")
         return 2
     device = torch.device("cuda")
-    model = build_model(load_config(ROOT / "configs" / f"{args.model}.toml"), device=device,
+    model = build_model(load_config(resolve_config(args.model)), device=device,
                         dtype=resolve_dtype(args.dtype, device))
     engine = Engine(model, cuda_graph=args.graph)
     prompt = [[5] * args.context]

@@ -38,24 +38,22 @@ import sys
 import time
 from array import array
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
 import torch
 import torch.nn.functional as F
+from build_corpus import Corpus, load_corpus  # a sibling script (scripts/ is first on sys.path)
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from toyllm.models.checkpoint import save_checkpoint
+from toyllm.models.config import ModelConfig, load_config
+from toyllm.models.llama import Transformer, build_model
+from toyllm.models.tokenizer import Tokenizer
 
-from models.checkpoint import save_checkpoint  # noqa: E402
-from models.config import ModelConfig, load_config  # noqa: E402
-from models.llama import Transformer, build_model  # noqa: E402
-from models.tokenizer import Tokenizer  # noqa: E402
-from scripts.build_corpus import Corpus, load_corpus  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 CALIBRATION_START = 5  # steps run before timing starts (compilation, allocator warm-up)
 CALIBRATION_STEPS = 20  # steps timed to fit the schedule to a time budget
@@ -404,7 +402,7 @@ def train(args: TrainArgs, console: Console | None = None) -> dict[str, object]:
         "seed": args.seed,
         "config": args.config.name,
         "num_params": config.num_params(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
     }
     metadata = {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in facts.items()}

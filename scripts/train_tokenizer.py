@@ -30,12 +30,7 @@ import time
 from pathlib import Path
 
 import sentencepiece as spm
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from scripts.build_corpus import (  # noqa: E402
+from build_corpus import (  # a sibling: `python scripts/X.py` puts scripts/ first on sys.path
     DEFAULT_OUT_DIR,
     Corpus,
     collect_stdlib,
@@ -44,6 +39,7 @@ from scripts.build_corpus import (  # noqa: E402
     write_corpus,
 )
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER_PATH = REPO_ROOT / "models" / "default" / "tokenizer.model"
 
 # A line break alone, and a line break followed by 1..6 levels of 4-space indentation.

@@ -18,11 +18,11 @@ def _cuda_skip_reason() -> str | None:
     if not torch.cuda.is_available():
         return "needs a CUDA GPU (torch.cuda.is_available() is False)"
     try:
-        from engine import _C
+        from toyllm.engine.ops import _C
     except ImportError:
         return None  # the test module reports the missing extension itself
     if not _C.with_cuda:
-        return "engine._C was built without CUDA (rebuild on a machine with nvcc)"
+        return "toyllm.engine.ops._C was built without CUDA (rebuild on a machine with nvcc)"
     return None
 
 

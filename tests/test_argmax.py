@@ -7,30 +7,36 @@ CUDA (marked `cuda`): random logits of every dtype, rows 1 to 33, vocab 1, 7, 8,
 around the kernel's block boundaries and everywhere in a sweep; -inf, +inf and NaN rows; many
 rows (one block per row) and more rows than one grid holds; row-strided, transposed and
 misaligned logits; empty rows; bad inputs; opcheck; CUDA-graph capture and replay with new
-logits; engine.argmax's dispatch and greedy generation with the kernel on and off.
-Everywhere: the operator on the CPU, its checks and its fake (fake CUDA tensors need no GPU),
-the TOYLLM_CUDA_ARGMAX switch, and the torch behaviour the kernel is built to match.
+logits; engine/ops/argmax.py's dispatch and greedy generation with the kernel on and off
+(Settings.cuda_argmax). Everywhere: the operator on the CPU, its checks and its fake (fake CUDA
+tensors need no GPU), the wrapper and the engine's greedy pick on the CPU, and the torch
+behaviour the kernel is built to match.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import collect_dead_graphs
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import engine.argmax as argmax_mod
-from engine.sampling import SamplingParams, sample
+import toyllm.engine.ops.argmax as argmax_mod
+from toyllm.engine.sampling import SamplingParams, sample
+from toyllm.engine.settings import Settings
 
 OPS = torch.ops.toyllm
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAN, INF = float("nan"), float("inf")
+
+
+@pytest.fixture(autouse=True)
+def _no_dead_graphs_left(request):
+    """CUDA tests leave no dropped engine for the collector to find during a later capture."""
+    yield
+    if request.node.get_closest_marker("cuda") is not None:
+        collect_dead_graphs()
 
 
 def reference(logits: torch.Tensor) -> torch.Tensor:
@@ -153,10 +159,15 @@ def test_argmax_cpu_opcheck(dtype) -> None:
     torch.library.opcheck(OPS.argmax.default, (randn((3, 37), dtype, "cpu", seed=1),))
 
 
-def test_argmax_wrapper_on_the_cpu_is_torch_argmax() -> None:
+def test_argmax_wrapper_on_the_cpu_is_torch_argmax(monkeypatch) -> None:
+    def refuse(*args):
+        raise AssertionError("toyllm::argmax called for CPU logits")
+
+    monkeypatch.setattr(argmax_mod, "_argmax", refuse)
     logits = randn((3, 50), torch.bfloat16, "cpu", seed=2)
     assert not argmax_mod.applies(logits)
     assert torch.equal(argmax_mod.argmax(logits), logits.argmax(-1))
+    assert torch.equal(argmax_mod.argmax(logits, kernel=False), logits.argmax(-1))
     vector = randn((50,), torch.float32, "cpu", seed=3)  # any shape torch takes
     assert argmax_mod.argmax(vector).item() == vector.argmax().item()
 
@@ -167,14 +178,7 @@ def test_greedy_sample_of_bf16_logits_is_the_argmax_of_their_fp32_widening() -> 
     greedy = SamplingParams(temperature=0.0)
     assert torch.equal(sample(logits, greedy, None), logits.float().argmax(-1))
     assert sample(logits, greedy, None)[0].item() == 10
-
-
-def test_cuda_switch_is_read_at_import() -> None:
-    assert argmax_mod.CUDA_ENABLED == (os.environ.get("TOYLLM_CUDA_ARGMAX", "1") != "0")
-    code = "import engine.argmax as a; print(a.CUDA_ENABLED, a.CUDA_AVAILABLE)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=ROOT, env={**os.environ, "TOYLLM_CUDA_ARGMAX": "0"})
-    assert out.stdout.split() == ["False", "False"]  # off, whatever the build
+    assert torch.equal(sample(logits, greedy, None, cuda_argmax=False), logits.float().argmax(-1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,15 +386,18 @@ def test_argmax_cuda_graph_replays_with_new_logits(dtype, rows, vocab) -> None:
 @pytest.mark.cuda
 def test_argmax_dispatch_on_cuda(monkeypatch) -> None:
     logits = randn((2, 300), torch.bfloat16, "cuda", seed=22)
-    assert argmax_mod.applies(logits) == argmax_mod.CUDA_AVAILABLE
+    assert argmax_mod.applies(logits) == argmax_mod.WITH_CUDA
     assert not argmax_mod.applies(logits.double())
     assert not argmax_mod.applies(logits[0])  # 1 dim: torch
     assert not argmax_mod.applies(logits[:, :0])  # empty vocab: torch's own error
     calls = []
-    monkeypatch.setattr(argmax_mod, "CUDA_AVAILABLE", True)
     monkeypatch.setattr(argmax_mod, "_argmax", lambda x: calls.append(1) or OPS.argmax(x))
     assert torch.equal(argmax_mod.argmax(logits), logits.float().argmax(-1)) and calls
-    monkeypatch.setattr(argmax_mod, "CUDA_AVAILABLE", False)
+    # Settings(cuda_argmax=False): torch.argmax
+    assert torch.equal(argmax_mod.argmax(logits, kernel=False), logits.float().argmax(-1))
+    assert len(calls) == 1
+    monkeypatch.setattr(argmax_mod, "WITH_CUDA", False)  # an extension built without CUDA
+    assert not argmax_mod.applies(logits)
     assert torch.equal(argmax_mod.argmax(logits), logits.float().argmax(-1)) and len(calls) == 1
 
 
@@ -398,9 +405,9 @@ def test_argmax_dispatch_on_cuda(monkeypatch) -> None:
 @pytest.mark.parametrize("cuda_graph", [True, False])
 def test_model_greedy_generation_on_cuda_is_the_same_with_and_without_the_kernel(
         monkeypatch, cuda_graph) -> None:
-    from engine.generate import Engine
-    from models.config import ModelConfig
-    from models.llama import build_model
+    from toyllm.engine.generate import Engine
+    from toyllm.models.config import ModelConfig
+    from toyllm.models.llama import build_model
 
     config = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, intermediate_size=96, max_seq_len=64)
@@ -409,10 +416,31 @@ def test_model_greedy_generation_on_cuda_is_the_same_with_and_without_the_kernel
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
     params = SamplingParams(max_new_tokens=24, stop_at_eos=False)
     calls = []
-    monkeypatch.setattr(argmax_mod, "CUDA_AVAILABLE", True)
     monkeypatch.setattr(argmax_mod, "_argmax", lambda x: calls.append(x.dtype) or OPS.argmax(x))
-    on = Engine(model, cuda_graph=cuda_graph).generate(prompts, params)
+    on = Engine(model, cuda_graph=cuda_graph,
+                settings=Settings(cuda_argmax=True)).generate(prompts, params)
     assert calls and set(calls) == {torch.bfloat16}  # the model's logits, not a float copy
-    monkeypatch.setattr(argmax_mod, "CUDA_AVAILABLE", False)
-    off = Engine(model, cuda_graph=cuda_graph).generate(prompts, params)
+    made = len(calls)
+    collect_dead_graphs()  # the first engine, before the second captures
+    off = Engine(model, cuda_graph=cuda_graph,
+                 settings=Settings(cuda_argmax=False)).generate(prompts, params)
+    assert len(calls) == made  # torch.argmax picked every token
     assert [c.token_ids for c in on.completions] == [c.token_ids for c in off.completions]
+
+
+def test_engine_greedy_generation_on_the_cpu_never_calls_the_kernel(monkeypatch) -> None:
+    from toyllm.engine.generate import Engine
+    from toyllm.models.config import ModelConfig
+    from toyllm.models.llama import build_model
+
+    def refuse(*args):
+        raise AssertionError("toyllm::argmax called for CPU logits")
+
+    monkeypatch.setattr(argmax_mod, "_argmax", refuse)
+    config = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, intermediate_size=96, max_seq_len=64)
+    model = build_model(config, seed=3)
+    params = SamplingParams(max_new_tokens=4, stop_at_eos=False)
+    tokens = [Engine(model, settings=Settings(cuda_argmax=on)).generate([[5, 6, 7]], params)
+              .completions[0].token_ids for on in (True, False)]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 4

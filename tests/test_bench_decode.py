@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from engine.cli import app
+from toyllm.engine.cli import app
 
 
 def test_cpu_bench_writes_rows_for_each_engine_and_the_roofline(tmp_path: Path) -> None:

@@ -15,13 +15,15 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-import engine.cached_attention as cached_attention
-from engine.cached_attention import DecodeStep, PrefillStep
-from engine.check import CheckError, decode_steps, run_check, select_cases
-from engine.check_cases import LLAMA3_ROPE, default_matrix, model_config
-from engine.cli import app
-from engine.reference import reference_logits
-from models.llama import build_model
+import toyllm.engine.cached_attention as cached_attention
+from toyllm.engine.cached_attention import DecodeStep, PrefillStep
+from toyllm.engine.check.cases import LLAMA3_ROPE, default_matrix, model_config
+from toyllm.engine.check.harness import CheckError, decode_steps, run_check, select_cases
+from toyllm.engine.check.reference import reference_logits
+from toyllm.engine.cli import app
+from toyllm.engine.forward import EngineForward
+from toyllm.engine.ops import elementwise, gemv, gemv_norm, rope_kv
+from toyllm.models.llama import build_model
 
 # Cases the planted-bug tests run: batch 1 and ragged, whole and chunked prefill, the cache's
 # end, and prompts that fill the cache (decode only in the greedy run's shorter row).
@@ -181,9 +183,9 @@ def plant_prefill_write_shifted(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def plant_decode_write_shifted(monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode writes the new token's K/V at position p+1 instead of p (through kv_update, or
-    rope_kv_update where the layers hand over their fused projection)."""
+    rope_kv_update where the engine hands over the fused projection)."""
     real_update = cached_attention.kv_update
-    real_rope_kv = cached_attention.rope_kv_update
+    real_rope_kv = rope_kv.rope_kv_update
 
     def shifted(k_cache: torch.Tensor, v_cache: torch.Tensor, new_k: torch.Tensor,
                 new_v: torch.Tensor, positions: torch.Tensor) -> None:
@@ -197,15 +199,14 @@ def plant_decode_write_shifted(monkeypatch: pytest.MonkeyPatch) -> None:
                             shift_in_bounds(positions, 1, k_cache.shape[1]), num_q_heads)
 
     monkeypatch.setattr(cached_attention, "kv_update", shifted)
-    monkeypatch.setattr(cached_attention, "rope_kv_update", shifted_rope_kv)
+    monkeypatch.setattr(rope_kv, "rope_kv_update", shifted_rope_kv)
 
 
 def plant_skipped_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     """Layer 1's K/V are never written (prefill or decode); it attends over zeros."""
-    real_prefill, real_decode = PrefillStep.attend, DecodeStep.attend
-    real_decode_qkv = DecodeStep.attend_qkv
+    real_prefill, real_attend = PrefillStep.attend, EngineForward._attend
     real_update = cached_attention.kv_update
-    real_rope_kv = cached_attention.rope_kv_update
+    real_rope_kv = rope_kv.rope_kv_update
     layer_now = [0]
 
     class NoLayer1(_CacheProxy):
@@ -218,54 +219,38 @@ def plant_skipped_layer(monkeypatch: pytest.MonkeyPatch) -> None:
                 v: torch.Tensor) -> torch.Tensor:
         return real_prefill(replace(self, cache=NoLayer1(self.cache)), layer, q, k, v)
 
-    def decode(self: DecodeStep, layer: int, q: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> torch.Tensor:
-        layer_now[0] = layer
-        return real_decode(self, layer, q, k, v)
-
-    def decode_qkv(self: DecodeStep, layer: int, qkv: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, num_q_heads: int) -> torch.Tensor | None:
-        layer_now[0] = layer
-        return real_decode_qkv(self, layer, qkv, cos, sin, num_q_heads)
+    def attend(self: EngineForward, i: int, *args: Any) -> torch.Tensor:
+        layer_now[0] = i  # the layer whose K/V the step writes next
+        return real_attend(self, i, *args)
 
     def update(*args: torch.Tensor) -> None:
         if layer_now[0] != 1:
             real_update(*args)
 
-    def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, positions: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    def skip_rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                     num_q_heads: int) -> torch.Tensor:
         if layer_now[0] == 1:  # every row finished: q is still rotated, nothing is written
             positions = torch.full_like(positions, -1)
         return real_rope_kv(qkv, cos, sin, k_cache, v_cache, positions, num_q_heads)
 
     monkeypatch.setattr(PrefillStep, "attend", prefill)
-    monkeypatch.setattr(DecodeStep, "attend", decode)
-    monkeypatch.setattr(DecodeStep, "attend_qkv", decode_qkv)
+    monkeypatch.setattr(EngineForward, "_attend", attend)
     monkeypatch.setattr(cached_attention, "kv_update", update)
-    monkeypatch.setattr(cached_attention, "rope_kv_update", rope_kv)
+    monkeypatch.setattr(rope_kv, "rope_kv_update", skip_rope_kv)
 
 
 def plant_attention_length(monkeypatch: pytest.MonkeyPatch, delta: int) -> None:
     """Decode attends over p_b + 1 + delta keys instead of p_b + 1 (reading all positions,
     so one key more reaches an unwritten slot)."""
-    real_decode, real_decode_qkv = DecodeStep.attend, DecodeStep.attend_qkv
+    real_attend_cached = DecodeStep.attend_cached
     real_attention = cached_attention.grouped_attention
     in_decode = [False]
 
-    def decode(self: DecodeStep, layer: int, q: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> torch.Tensor:
+    def attend_cached(self: DecodeStep, layer: int, q: torch.Tensor) -> torch.Tensor:
         in_decode[0] = True
         try:
-            return real_decode(replace(self, span=None, use_kernel=False), layer, q, k, v)
-        finally:
-            in_decode[0] = False
-
-    def decode_qkv(self: DecodeStep, layer: int, qkv: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, num_q_heads: int) -> torch.Tensor | None:
-        in_decode[0] = True
-        try:
-            return real_decode_qkv(replace(self, span=None, use_kernel=False), layer, qkv, cos,
-                                   sin, num_q_heads)
+            return real_attend_cached(replace(self, span=None, use_kernel=False), layer, q)
         finally:
             in_decode[0] = False
 
@@ -276,9 +261,49 @@ def plant_attention_length(monkeypatch: pytest.MonkeyPatch, delta: int) -> None:
             allowed = torch.arange(allowed.shape[-1], device=allowed.device) < lens
         return real_attention(q, k, v, allowed)
 
-    monkeypatch.setattr(DecodeStep, "attend", decode)
-    monkeypatch.setattr(DecodeStep, "attend_qkv", decode_qkv)
+    monkeypatch.setattr(DecodeStep, "attend_cached", attend_cached)
     monkeypatch.setattr(cached_attention, "grouped_attention", attention)
+
+
+def plant_wrong_fused_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every fused op of the engine returns values 1% off: the elementwise kernels (CUDA) and
+    CPU loops, the GEMVs, the norm-fused products and decode attention."""
+
+    def off(t: torch.Tensor) -> torch.Tensor:
+        return t * 1.01
+
+    for name in ("rms_norm", "rope", "silu_mul"):
+        real = getattr(elementwise, name)
+        monkeypatch.setattr(elementwise, name, lambda *a, _real=real: off(_real(*a)))
+    real_add = elementwise.add_rms_norm
+
+    def add_rms_norm(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        s, h = real_add(*args)
+        return s, off(h)
+
+    monkeypatch.setattr(elementwise, "add_rms_norm", add_rms_norm)
+    for name in ("_gemv", "_gemv_silu_mul"):
+        real = getattr(gemv, name)
+        monkeypatch.setattr(gemv, name, lambda *a, _real=real: off(_real(*a)))
+    for name in ("_op", "_silu_op", "_rope_op"):  # (sum, product): the product goes wrong
+        real = getattr(gemv_norm, name)
+        monkeypatch.setattr(gemv_norm, name,
+                            lambda *a, _real=real: (lambda s, y: (s, off(y)))(*_real(*a)))
+
+
+def test_reference_is_independent_of_the_engines_fused_ops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The witness shares no kernel with what it checks: with every fused op of the engine
+    made wrong, the reference's logits keep their bits and `toyllm check` fails."""
+    model = build_model(model_config(dict(num_heads=4, num_kv_heads=2)))
+    ids = list(range(3, 30))
+    before = reference_logits(model, ids)
+    plant_wrong_fused_ops(monkeypatch)
+    assert torch.equal(reference_logits(model, ids), before)
+    code, report = run_report(tmp_path, ["gqa-ragged", "mha-chunked"])
+    assert code == 1 and report["summary"]["verdict"] == "FAIL"
+    assert all(c["verdict"] == "FAIL" for c in report["cases"])
 
 
 PLANTED = {
@@ -324,4 +349,20 @@ def test_planted_decode_write_bug_fails_the_cuda_matrix(
     code, report = run_report(tmp_path, ["gqa-ragged", "mha-chunked"], device="cuda")
     assert code == 1
     assert {c["dtype"] for c in report["cases"]} == {"fp32", "fp16", "bf16"}
+    assert all(c["verdict"] == "FAIL" for c in report["cases"])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_on_cuda_is_independent_of_the_engines_fused_ops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+) -> None:
+    model = build_model(model_config(dict(num_heads=4, num_kv_heads=2)), device="cuda",
+                        dtype=dtype)
+    ids = list(range(3, 30))
+    before = reference_logits(model, ids)
+    plant_wrong_fused_ops(monkeypatch)
+    assert torch.equal(reference_logits(model, ids), before)
+    code, report = run_report(tmp_path, ["gqa-ragged", "mha-chunked"], device="cuda")
+    assert code == 1
     assert all(c["verdict"] == "FAIL" for c in report["cases"])

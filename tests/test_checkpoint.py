@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from models.config import ModelConfig
-from models.llama import build_model
+from toyllm.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
 
 CONFIG = ModelConfig(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                      intermediate_size=64, max_seq_len=64)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from engine.cli import app
-from models.checkpoint import save_checkpoint
-from models.config import ModelConfig
-from models.llama import build_model
-from models.model_source import DEFAULT_MODEL_DIR
+from toyllm.engine.cli import app
+from toyllm.models.checkpoint import save_checkpoint
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
+from toyllm.models.model_source import DEFAULT_MODEL_DIR
 
 TOKENIZER = DEFAULT_MODEL_DIR / "tokenizer.model"
 pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason="default tokenizer not built")

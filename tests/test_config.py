@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from models.config import ConfigError, ModelConfig, config_from_hf, config_to_hf, load_config
+from toyllm.models.config import ConfigError, ModelConfig, config_from_hf, config_to_hf, load_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.toml"))
 

@@ -1,18 +1,20 @@
 """toyllm::gemv on the CPU (csrc/cpu_gemv.cpp) against torch.matmul in fp32: both weight
 layouts, 1 to 4 rows and more, sizes that are not multiples of the kernels' 8-float vectors,
-4-row and 32-column blocks; non-contiguous x; bad inputs; opcheck; engine.gemv.linear's
-dispatch; one thread and two; the model's logits with the operator on and off. The CUDA
-kernel's tests: tests/test_cuda_gemv.py."""
+4-row and 32-column blocks; non-contiguous x; bad inputs; opcheck; engine/ops/gemv.py's
+Gemv.linear dispatch; one thread and two; the engine's logits with the operator on and off
+(Settings.cpu_gemv). The CUDA kernel's tests: tests/test_cuda_gemv.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_helpers import engine_logits
 
-import engine.gemv as gemv
-from models.config import ModelConfig
-from models.llama import build_model
+import toyllm.engine.ops.gemv as gemv
+from toyllm.engine.settings import Settings
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
 
 OPS = torch.ops.toyllm
 # (in, out): model-like, odd, and below and above one block of either kernel.
@@ -116,20 +118,26 @@ def test_gemv_opcheck(rows, input_major) -> None:
     torch.library.opcheck(OPS.gemv.default, (rand((*rows, 40), 6), w))
 
 
-def test_linear_dispatch() -> None:
+@pytest.mark.parametrize("cpu", [True, False], ids=["cpu_gemv", "mkl"])
+def test_linear_dispatch(cpu, monkeypatch) -> None:
+    g = gemv.Gemv(cpu=cpu)  # Settings.cpu_gemv
     w = weight(32, 16, False)
-    assert gemv.applies(torch.zeros(1, 32), w) == gemv.CPU_ENABLED
-    assert gemv.applies(torch.zeros(2, 2, 32), w.t().contiguous().t()) == gemv.CPU_ENABLED
-    assert not gemv.applies(torch.zeros(5, 32), w)  # prefill rows: MKL
-    assert not gemv.applies(torch.zeros(1, 32, dtype=torch.float64), w.double())
-    assert not gemv.applies(torch.zeros(1, 32), torch.zeros(16, 64)[:, ::2])
+    assert g.applies(torch.zeros(1, 32), w) == cpu
+    assert g.applies(torch.zeros(2, 2, 32), w.t().contiguous().t()) == cpu
+    assert not g.applies(torch.zeros(5, 32), w)  # prefill rows: MKL
+    assert not g.applies(torch.zeros(1, 32, dtype=torch.float64), w.double())
+    assert not g.applies(torch.zeros(1, 32), torch.zeros(16, 64)[:, ::2])
     x = torch.zeros(1, 32, requires_grad=True)
-    assert not gemv.applies(x, w)  # no backward: autograd keeps F.linear
+    assert not g.applies(x, w)  # no backward: autograd keeps F.linear
     with torch.no_grad():
-        assert gemv.applies(x, w) == gemv.CPU_ENABLED
+        assert g.applies(x, w) == cpu
+    calls = []
+    monkeypatch.setattr(gemv, "_gemv", lambda *a: calls.append(1) or OPS.gemv(*a))
     x = rand((3, 32), 7)
-    assert (gemv.linear(x, w) - F.linear(x, w)).abs().max().item() <= 1e-5
-    assert torch.equal(gemv.linear(rand((6, 32), 8), w), F.linear(rand((6, 32), 8), w))
+    assert (g.linear(x, w) - F.linear(x, w)).abs().max().item() <= 1e-5
+    assert len(calls) == (1 if cpu else 0)
+    assert torch.equal(g.linear(rand((6, 32), 8), w), F.linear(rand((6, 32), 8), w))
+    assert len(calls) == (1 if cpu else 0)
 
 
 def test_model_logits_with_and_without_the_operator(monkeypatch) -> None:
@@ -139,9 +147,14 @@ def test_model_logits_with_and_without_the_operator(monkeypatch) -> None:
     model = build_model(config, seed=3)
     tokens = torch.randint(0, 300, (1, 1), generator=torch.Generator().manual_seed(0))
     positions = torch.zeros(1, 1, dtype=torch.long)
+    calls = []
+    monkeypatch.setattr(gemv, "_gemv", lambda *a: calls.append(1) or OPS.gemv(*a))
     with torch.inference_mode():
-        monkeypatch.setattr(gemv, "CPU_ENABLED", True)
-        on = model(tokens, positions)
-        monkeypatch.setattr(gemv, "CPU_ENABLED", False)
-        off = model(tokens, positions)
+        on = engine_logits(model, tokens, positions, Settings(cpu_gemv=True))
+        # q/k/v, o, gate/up, down per layer, and the output head
+        assert len(calls) == 4 * config.num_layers + 1
+        off = engine_logits(model, tokens, positions, Settings(cpu_gemv=False))
+        assert len(calls) == 4 * config.num_layers + 1  # MKL's products
+        reference = model(tokens, positions)
     assert (on - off).abs().max().item() <= 1e-5
+    assert (on - reference).abs().max().item() <= 1e-5

@@ -5,31 +5,29 @@ ulps by which an fp32 sum can differ from the exact one). Shapes: 1 to 4 rows wi
 batch dims, in = 2048 and 8192 (16-byte loads, 1 to 4 warps per row), 33 and 4097 (element
 loads), out = 1, 3, 2048, 16384; misaligned pointers; strided x; empty sizes; bad inputs (the
 operator and its fake say the same); opcheck; CUDA-graph capture and replay with a new x;
-engine.gemv.linear's dispatch; the model's logits with the kernel on and off.
+engine/ops/gemv.py's Gemv.linear dispatch (Settings.cuda_gemv, cuda_gemv_max_mib); the engine's
+logits with the kernel on and off.
 
-Tests marked `cuda` need a GPU; the fake implementation's CUDA rules and the TOYLLM_CUDA_GEMV
-switch are checked everywhere (fake CUDA tensors need no GPU).
+Tests marked `cuda` need a GPU; the fake implementation's CUDA rules and Gemv's choices for CUDA
+are checked everywhere (fake CUDA tensors need no GPU).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_helpers import engine_logits
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import engine.gemv as gemv
-from models.config import ModelConfig
-from models.llama import build_model
+import toyllm.engine.ops.gemv as gemv
+from toyllm.engine.settings import Settings
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
 
 OPS = torch.ops.toyllm
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 IN_SIZES = [2048, 8192, 33, 4097]  # 16-byte loads (1 and 4 warps per row); element loads
 OUT_SIZES = [1, 3, 2048, 16384]
@@ -147,7 +145,7 @@ def test_gemv_cuda_empty_shapes() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# bad inputs: the operator (csrc/cuda_gemv.cpp) and its fake (engine/gemv.py) say the same
+# bad inputs: the operator (csrc/cuda_gemv.cpp) and its fake (engine/ops/gemv.py) say the same
 
 Make = Callable[..., torch.Tensor]  # make(shape, dtype=bf16, device="cuda", stride=contiguous)
 
@@ -265,32 +263,59 @@ def test_gemv_cuda_graph_replays_with_a_new_x(rows, n_in) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# engine.gemv.linear and the model
+# Gemv.linear and the engine
 
 
 @pytest.mark.cuda
-def test_linear_dispatch_on_cuda() -> None:
+def test_linear_dispatch_on_cuda(monkeypatch) -> None:
+    g = gemv.Gemv()  # the default Settings: cuda_gemv, weights up to 128 MiB
     w = weight(16, 32, torch.bfloat16)
     x = randn((1, 32), torch.bfloat16, seed=12)
-    expected = gemv.CUDA_AVAILABLE
-    assert gemv.applies(x, w) == expected
-    assert gemv.applies(randn((1, 1, 32), torch.bfloat16, seed=13), w) == expected
+    expected = gemv.WITH_CUDA
+    assert g.applies(x, w) == expected
+    assert g.applies(randn((1, 1, 32), torch.bfloat16, seed=13), w) == expected
     # 2 to 4 rows: the operator takes them, linear() leaves them to cuBLAS (faster there)
-    assert not gemv.applies(randn((2, 2, 32), torch.bfloat16, seed=13), w)
-    assert gemv.applies(x.float(), w.float()) == expected
-    assert not gemv.applies(randn((5, 32), torch.bfloat16, seed=14), w)  # prefill: cuBLAS
-    assert not gemv.applies(x, w.half())  # dtypes differ
-    assert not gemv.applies(x.double(), w.double())
-    assert not gemv.applies(x, weight(32, 16, torch.bfloat16).t())  # not contiguous
-    assert not gemv.applies(x, w.cpu())
+    assert not g.applies(randn((2, 2, 32), torch.bfloat16, seed=13), w)
+    assert g.applies(x.float(), w.float()) == expected
+    assert not g.applies(randn((5, 32), torch.bfloat16, seed=14), w)  # prefill: cuBLAS
+    assert not g.applies(x, w.half())  # dtypes differ
+    assert not g.applies(x.double(), w.double())
+    assert not g.applies(x, weight(32, 16, torch.bfloat16).t())  # not contiguous
+    assert not g.applies(x, w.cpu())
     xg = x.float().requires_grad_()
-    assert not gemv.applies(xg, w.float())  # no backward: autograd keeps F.linear
+    assert not g.applies(xg, w.float())  # no backward: autograd keeps F.linear
     with torch.no_grad():
-        assert gemv.applies(xg, w.float()) == expected
+        assert g.applies(xg, w.float()) == expected
     if expected:
-        assert torch.equal(gemv.linear(x, w), OPS.gemv(x, w))
-    assert torch.equal(gemv.linear(randn((6, 32), torch.bfloat16, seed=15), w),
+        assert torch.equal(g.linear(x, w), OPS.gemv(x, w))
+    assert torch.equal(g.linear(randn((6, 32), torch.bfloat16, seed=15), w),
                        F.linear(randn((6, 32), torch.bfloat16, seed=15), w))
+    # Settings(cuda_gemv=False), and weights past cuda_gemv_max_mib: cuBLAS, the kernel not called
+    calls = []
+    monkeypatch.setattr(gemv, "_gemv", lambda *a: calls.append(1) or OPS.gemv(*a))
+    for off in (gemv.Gemv(cuda=False), gemv.Gemv(cuda_max_bytes=w.numel() * 2 - 1)):
+        assert not off.applies(x, w)
+        assert torch.equal(off.linear(x, w), F.linear(x, w))
+    assert not calls
+    assert gemv.Gemv(cuda_max_bytes=w.numel() * 2).applies(x, w) == expected  # at the limit
+    # the CPU's choice is its own
+    assert gemv.Gemv(cuda=False).applies(x.float().cpu(), w.float().cpu())
+
+
+def test_gemv_choices_for_cuda_tensors_follow_the_settings() -> None:
+    """Gemv's CUDA rules without a GPU (fake CUDA tensors): cuda off, the size limit, rows."""
+    with FakeTensorMode():
+        w = torch.empty(16, 32, dtype=torch.bfloat16, device="cuda")
+        x = torch.empty(1, 32, dtype=torch.bfloat16, device="cuda")
+        bytes_ = w.numel() * w.element_size()
+        assert gemv.Gemv().applies_cuda(x, w) == gemv.WITH_CUDA
+        assert gemv.Gemv(cuda_max_bytes=bytes_).applies_cuda(x, w) == gemv.WITH_CUDA
+        assert not gemv.Gemv(cuda_max_bytes=bytes_ - 1).applies_cuda(x, w)
+        assert not gemv.Gemv(cuda=False).applies_cuda(x, w)
+        assert not gemv.Gemv().applies_cuda(torch.empty(2, 32, dtype=torch.bfloat16,
+                                                        device="cuda"), w)
+    settings = Settings(cuda_gemv=False, cuda_gemv_max_mib=3)
+    assert settings.cuda_gemv_max_bytes == 3 * 2**20
 
 
 @pytest.mark.cuda
@@ -298,28 +323,20 @@ def test_model_logits_on_cuda_with_and_without_the_kernel(monkeypatch) -> None:
     config = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, intermediate_size=96, max_seq_len=64,
                          tie_embeddings=True)
-    model = build_model(config, seed=3).cuda().fuse_projections()
-    # one row: the kernel takes one-row products only (engine/gemv.py CUDA_MAX_ROWS)
+    model = build_model(config, seed=3).cuda()
+    # one row: the kernel takes one-row products only (engine/ops/gemv.py CUDA_MAX_ROWS)
     tokens = torch.randint(0, 300, (1, 1), generator=torch.Generator().manual_seed(0)).cuda()
     positions = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     calls = []
+    monkeypatch.setattr(gemv, "_gemv", lambda *a: calls.append(1) or OPS.gemv(*a))
     with torch.inference_mode():
-        monkeypatch.setattr(gemv, "CUDA_AVAILABLE", True)
-        monkeypatch.setattr(gemv, "_gemv", lambda *a: calls.append(1) or OPS.gemv(*a))
-        on = model(tokens, positions)
-        monkeypatch.setattr(gemv, "CUDA_AVAILABLE", False)
-        off = model(tokens, positions)
-    assert calls  # the kernel ran
+        on = engine_logits(model, tokens, positions, Settings(cuda_gemv=True))
+        assert calls  # the kernel ran
+        made = len(calls)
+        off = engine_logits(model, tokens, positions, Settings(cuda_gemv=False))
+        assert len(calls) == made  # cuBLAS's products
+        # weights past cuda_gemv_max_mib go to cuBLAS too: the whole model is under 1 MiB
+        small = engine_logits(model, tokens, positions, Settings(cuda_gemv_max_mib=0))
+        assert len(calls) == made
     assert (on - off).abs().max().item() <= 1e-4 * off.abs().max().item()
-
-
-def test_cuda_switch_is_read_at_import() -> None:
-    code = "import engine.gemv as g; print(g.CUDA_ENABLED, g.CUDA_AVAILABLE, g.CPU_ENABLED)"
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_GEMV")}
-    for value in ("0", "1"):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True, cwd=ROOT, env={**env, "TOYLLM_CUDA_GEMV": value})
-        cuda_enabled, cuda_available, cpu_enabled = out.stdout.split()
-        assert cuda_enabled == str(value == "1") and cpu_enabled == "True"
-        if value == "0":
-            assert cuda_available == "False"  # whatever the build
+    assert torch.equal(small, off)

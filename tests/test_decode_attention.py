@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kv_cache import decode_attention
+from toyllm.engine.ops.kv_cache import decode_attention
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -77,14 +77,17 @@ def run_case(
     max_seq_len: int,
     seq_lens: list[int],
     seed: int = 0,
+    **options: int | bool,
 ) -> None:
+    """One decode_attention call against the float64 reference; `options` are the op's tile,
+    reverse and tensor_cores."""
     num_q_heads, num_kv_heads = heads
     q, k, v = random_inputs(
         device, dtype, len(seq_lens), max_seq_len, num_q_heads, num_kv_heads, head_dim, seed
     )
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     scale = head_dim**-0.5
-    out = torch.ops.toyllm.decode_attention(q, k, v, lens, scale)
+    out = torch.ops.toyllm.decode_attention(q, k, v, lens, scale, **options)
     assert out.shape == q.shape and out.dtype == dtype and out.device == q.device
     assert_close_rows(
         out, reference_attention(q, k, v, seq_lens, scale), seq_lens, TOLERANCE[dtype]
@@ -269,49 +272,43 @@ def test_cuda_graph_replay_uses_the_new_seq_lens() -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("tile", ["64", "128"])
-@pytest.mark.parametrize("reverse", ["0", "1"])
-@pytest.mark.parametrize("mma", ["1", "0"], ids=["tensor-cores", "cuda-cores"])
+@pytest.mark.parametrize("tile", [64, 128])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor-cores", "cuda-cores"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_tile_setting_matches_the_reference(
-    monkeypatch: pytest.MonkeyPatch, tile: str, reverse: str, mma: str, dtype: torch.dtype
+    tile: int, reverse: bool, tensor_cores: bool, dtype: torch.dtype
 ) -> None:
     # Both tile sizes in both orders, on both kinds of core: one chunk (batch 4, 300 keys at
     # most: ~8 blocks per chunk) and many (batch 1 x 5000 keys), with a last tile cut short.
     # (Tensor cores take fp16/bf16 with 64 x 64, 64 x 128 and 128 x 64 head_dim x tile; the
-    # other settings run on CUDA cores whatever TOYLLM_DECODE_MMA says.)
-    monkeypatch.setenv("TOYLLM_DECODE_TILE", tile)
-    monkeypatch.setenv("TOYLLM_DECODE_REVERSE", reverse)
-    monkeypatch.setenv("TOYLLM_DECODE_MMA", mma)
-    run_case("cuda", dtype, (32, 8), 64, max_seq_len=300, seq_lens=[300, 129, 1, 0], seed=8)
-    run_case("cuda", dtype, (32, 8), 128, max_seq_len=5000, seq_lens=[4999], seed=9)
+    # other settings run on CUDA cores whatever tensor_cores says.)
+    options = {"tile": tile, "reverse": reverse, "tensor_cores": tensor_cores}
+    run_case("cuda", dtype, (32, 8), 64, max_seq_len=300, seq_lens=[300, 129, 1, 0], seed=8,
+             **options)
+    run_case("cuda", dtype, (32, 8), 128, max_seq_len=5000, seq_lens=[4999], seed=9, **options)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("mma", ["1", "0"], ids=["tensor-cores", "cuda-cores"])
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor-cores", "cuda-cores"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("heads", HEADS + [(32, 1), (64, 4)], ids=lambda h: f"q{h[0]}kv{h[1]}")
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_both_kernels_match_the_reference(
-    monkeypatch: pytest.MonkeyPatch, mma: str, dtype: torch.dtype, heads: tuple[int, int],
-    head_dim: int,
+    tensor_cores: bool, dtype: torch.dtype, heads: tuple[int, int], head_dim: int
 ) -> None:
     # Pass 1 on tensor cores (the default for these shapes) and on CUDA cores: groups of 1 to
     # 32 query heads (32: two blocks of 16 on tensor cores), rows of several chunks with a
     # last tile cut short, one key, one tile exactly, none.
-    monkeypatch.setenv("TOYLLM_DECODE_MMA", mma)
     run_case("cuda", dtype, heads, head_dim, max_seq_len=700,
-             seq_lens=[700, 1, 129, 0, 385, 128, 64], seed=11)
+             seq_lens=[700, 1, 129, 0, 385, 128, 64], seed=11, tensor_cores=tensor_cores)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("mma", ["1", "0"], ids=["tensor-cores", "cuda-cores"])
-def test_a_cache_not_16_byte_aligned_still_gives_the_right_output(
-    monkeypatch: pytest.MonkeyPatch, mma: str
-) -> None:
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor-cores", "cuda-cores"])
+def test_a_cache_not_16_byte_aligned_still_gives_the_right_output(tensor_cores: bool) -> None:
     # K/V views 2 bytes past a 16-byte boundary: the tensor-core pass cannot take them (its
     # copies are 16 bytes), so the plan keeps the CUDA cores.
-    monkeypatch.setenv("TOYLLM_DECODE_MMA", mma)
     batch, max_seq_len, hq, hkv, d = 3, 300, 16, 4, 64
     q, k, v = random_inputs("cuda", torch.bfloat16, batch, max_seq_len, hq, hkv, d, seed=12)
     shape, n = k.shape, k.numel()
@@ -320,22 +317,29 @@ def test_a_cache_not_16_byte_aligned_still_gives_the_right_output(
     assert k_off.data_ptr() % 16 != 0
     seq_lens = [300, 7, 150]
     lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
-    out = torch.ops.toyllm.decode_attention(q, k_off, v_off, lens, d**-0.5)
+    out = torch.ops.toyllm.decode_attention(q, k_off, v_off, lens, d**-0.5,
+                                            tensor_cores=tensor_cores)
     assert_close_rows(out, reference_attention(q, k, v, seq_lens, d**-0.5), seq_lens,
                       TOLERANCE[torch.bfloat16])
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("name, value", [("TOYLLM_DECODE_TILE", "32"),
-                                         ("TOYLLM_DECODE_REVERSE", "yes"),
-                                         ("TOYLLM_DECODE_MMA", "on")])
-def test_a_bad_tile_setting_is_a_value_error(
-    monkeypatch: pytest.MonkeyPatch, name: str, value: str
-) -> None:
-    monkeypatch.setenv(name, value)
-    args = _good_args("cuda")
-    with pytest.raises(ValueError, match=rf"expected {name} to be .* got '{value}'"):
-        torch.ops.toyllm.decode_attention(**args)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tile", [32, 7, -64])
+def test_a_bad_tile_is_a_value_error(device: str, tile: int) -> None:
+    # Checked on every device (the CPU has no tiles, but takes the same arguments).
+    args = _good_args(device)
+    with pytest.raises(ValueError, match=rf"decode_attention: expected tile to be 0 \(default\), "
+                                         rf"64 or 128, got {tile}"):
+        torch.ops.toyllm.decode_attention(**args, tile=tile)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("options", [{"tile": 64}, {"tile": 128, "reverse": False},
+                                     {"tensor_cores": False}], ids=str)
+def test_the_kernel_options_keep_the_result(device: str, options: dict) -> None:
+    # Any tile, order and kind of core computes the same attention (to rounding).
+    run_case(device, torch.float16, (8, 2), 64, max_seq_len=300, seq_lens=[300, 129, 1, 0],
+             seed=13, **options)
 
 
 @pytest.mark.cuda

@@ -22,16 +22,18 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from models.checkpoint import load_checkpoint, read_metadata
-from models.config import load_config
+from toyllm.models.checkpoint import load_checkpoint, read_metadata
+from toyllm.models.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # scripts/ is not an installed package
-    sys.path.insert(0, str(REPO_ROOT))
+# scripts/ is not an installed package: its files import each other as siblings, the way
+# `python scripts/X.py` runs them (scripts/ first on sys.path)
+if str(REPO_ROOT / "scripts") not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
-from scripts.build_corpus import Document, collect_stdlib, make_corpus, write_corpus  # noqa: E402
-from scripts.train_default_model import TrainArgs, train  # noqa: E402
-from scripts.train_tokenizer import record_path_for, train_tokenizer  # noqa: E402
+from build_corpus import Document, collect_stdlib, make_corpus, write_corpus  # noqa: E402
+from train_default_model import TrainArgs, train  # noqa: E402
+from train_tokenizer import record_path_for, train_tokenizer  # noqa: E402
 
 DEFAULT_DIR = REPO_ROOT / "models" / "default"
 DEFAULT_TOKENIZER = DEFAULT_DIR / "tokenizer.model"
@@ -76,8 +78,8 @@ def test_shipped_model_loads_in_under_a_second_in_a_fresh_process() -> None:
     # itself does not.
     code = (
         "import time, torch\n"
-        "from models.checkpoint import load_checkpoint\n"
-        "from models.tokenizer import Tokenizer\n"
+        "from toyllm.models.checkpoint import load_checkpoint\n"
+        "from toyllm.models.tokenizer import Tokenizer\n"
         "t = time.perf_counter()\n"
         f"model, config = load_checkpoint({str(DEFAULT_DIR)!r})\n"
         f"tok = Tokenizer.from_file({str(DEFAULT_TOKENIZER)!r})\n"

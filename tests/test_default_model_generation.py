@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
-from engine.generate import Engine
-from engine.reference import reference_greedy
-from engine.sampling import SamplingParams
-from models.model_source import DEFAULT_MODEL_DIR, load_model
+from toyllm.engine.check.reference import reference_greedy
+from toyllm.engine.generate import Engine
+from toyllm.engine.sampling import SamplingParams
+from toyllm.models.model_source import DEFAULT_MODEL_DIR, load_model
 
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_MODEL_DIR / "model.safetensors").is_file(),

@@ -2,8 +2,9 @@
 (models/layer_math.py, models/rope.py): bit for bit on the CPU (but fp32 rms_norm, a C++
 loop: within 4 ulps); on CUDA rope, silu_mul and add_rms_norm's sum bit for bit and rms_norm
 (alone or add_rms_norm's) within an ulp; fp32/fp16/bf16, odd head dims and hidden sizes,
-strided inputs; bad inputs; opcheck; CUDA-graph replay; the Llama forward with and without
-them (fusing the residual adds changes no bit); models/ importable without the extension."""
+strided inputs; bad inputs; opcheck; CUDA-graph replay; the engine's forward (engine/forward.py)
+with and without them (Settings.fusion ELEMENTWISE against NONE, and against the model's own
+forward; fusing the residual adds changes no bit); models/ imports nothing of the engine."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import sys
 
 import pytest
 import torch
+from engine_helpers import NoCache, engine_logits
 
-import engine.fused_ops as fused_ops
-import models.llama as llama
-from models import layer_math
-from models.config import ModelConfig
-from models.llama import build_model
-from models.rope import apply_rope, rope_cos_sin
+import toyllm.engine.ops.elementwise as fused_ops
+from toyllm.engine.forward import EngineForward
+from toyllm.engine.settings import Fusion, Settings
+from toyllm.models import layer_math
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
+from toyllm.models.rope import apply_rope, rope_cos_sin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -172,15 +175,18 @@ def test_wrappers_on_the_cpu_run_the_torch_code() -> None:
 
 
 def test_silu_mul_doubles_as_swiglu_of_the_unfused_model() -> None:
-    """The fused-weights MLP (silu_mul of one product) equals the unfused one on the CPU."""
+    """The fused-weights MLP (silu_mul of one product) equals the unfused one on the CPU: the
+    engine's forward against the model's own (separate gate and up products)."""
     config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_layers=1,
                          num_heads=4, num_kv_heads=2, max_seq_len=16)
     model = build_model(config)
     tokens = torch.randint(0, 64, (2, 5))
     positions = torch.arange(5).expand(2, 5)
-    unfused = model(tokens, positions)
-    fused = model.fuse_projections()(tokens, positions)
-    torch.testing.assert_close(fused, unfused, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        unfused = model(tokens, positions)
+        for fusion in (Fusion.NONE, Fusion.FULL):
+            fused = engine_logits(model, tokens, positions, Settings(fusion=fusion))
+            torch.testing.assert_close(fused, unfused, atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,9 +503,23 @@ def test_add_rms_norm_cuda_graph_replay_reads_the_new_inputs(dtype) -> None:
 # The model with and without the fused ops
 
 
-def unfused_forward(model, tokens, positions, last_only=False):
-    """Transformer.forward as it was before add_rms_norm: every residual add its own torch op,
-    then the norm (RMSNorm.forward: the fused rms_norm where the model would take it)."""
+class AddThenNorm(EngineForward):
+    """The engine's forward as it was before add_rms_norm: every residual add its own torch op,
+    then the norm alone (the fused rms_norm where the settings take it)."""
+
+    def _add_norm(self, x, residual, norm_weight):
+        if residual is not None:
+            x = x + residual
+        return x, self.rms_norm(x, norm_weight, self.eps)
+
+
+def unfused_forward(model, tokens, positions, settings, last_only=False):
+    """AddThenNorm's logits without a cache."""
+    return AddThenNorm(model, settings)(tokens, positions, NoCache(), last_only=last_only)
+
+
+def torch_forward(model, tokens, positions, last_only=False):
+    """The add-then-norm forward in the model's own modules (plain torch), written out."""
     x = model.embed_tokens(tokens)
     cos, sin = rope_cos_sin(model.inv_freq, positions, x.dtype)
     for layer in model.layers:
@@ -507,7 +527,7 @@ def unfused_forward(model, tokens, positions, last_only=False):
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     if last_only:
         x = x[:, -1:]
-    return llama._linear(model.norm(x), model.lm_head.weight)
+    return model.lm_head(model.norm(x))
 
 
 def _model_inputs(config: ModelConfig, batch: int, tokens: int, device: str):
@@ -521,28 +541,32 @@ SMALL = ModelConfig(vocab_size=256, hidden_size=36, intermediate_size=52, num_la
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fused_cpu", [True, False], ids=["fp32_loops", "torch_code"])
-def test_llama_cpu_forward_fusing_the_residual_adds_changes_no_bit(dtype, fused_cpu,
-                                                                  monkeypatch) -> None:
-    """The model's add_rms_norm path against the add-then-norm forward it replaced: equal bits
+@pytest.mark.parametrize("fusion", [Fusion.FULL, Fusion.ELEMENTWISE, Fusion.NONE],
+                         ids=["full", "fp32_loops", "torch_code"])
+def test_llama_cpu_forward_fusing_the_residual_adds_changes_no_bit(dtype, fusion) -> None:
+    """The engine's add_rms_norm path against the add-then-norm forward it replaced: equal bits
     on the CPU, with the fp32 loops (fp32: add_rms_norm's loop is rms_norm's) or without."""
-    if not fused_cpu:
-        monkeypatch.setattr(llama, "_fused_cpu", None)
-    model = build_model(SMALL, dtype=dtype).fuse_projections()
+    model = build_model(SMALL, dtype=dtype)
+    settings = Settings(fusion=fusion)
     tokens, positions = _model_inputs(SMALL, 2, 9, "cpu")
     with torch.no_grad():
         for last_only in (False, True):
-            got = model(tokens, positions, last_only=last_only)
-            assert torch.equal(got, unfused_forward(model, tokens, positions, last_only))
+            got = engine_logits(model, tokens, positions, settings, last_only=last_only)
+            want = unfused_forward(model, tokens, positions, settings, last_only)
+            assert torch.equal(got, want)
+            # ... and both within the fp32 loops' ulps of the model's own forward
+            ref = model(tokens, positions, last_only=last_only)
+            tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+            assert float((got.float() - ref.float()).norm() / ref.float().norm()) <= tol
 
 
 def test_llama_training_forward_and_gradients_are_todays_torch_code() -> None:
-    """With autograd recording the wrappers take the torch code: the loss and every gradient
-    are those of the add-then-norm forward."""
+    """The model trains on the torch code alone (models/ calls no operator): the loss and every
+    gradient are those of the add-then-norm forward written out in torch."""
     model = build_model(SMALL)
     tokens, positions = _model_inputs(SMALL, 2, 9, "cpu")
     grads = []
-    for forward in (model, lambda t, p: unfused_forward(model, t, p)):
+    for forward in (model, lambda t, p: torch_forward(model, t, p)):
         model.zero_grad()
         loss = forward(tokens, positions).float().logsumexp(-1).mean()
         loss.backward()
@@ -550,44 +574,56 @@ def test_llama_training_forward_and_gradients_are_todays_torch_code() -> None:
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
-def test_llama_fuses_every_residual_add_into_a_norm(monkeypatch) -> None:
+@pytest.mark.parametrize("fusion", list(Fusion), ids=lambda f: f.name.lower())
+def test_llama_fuses_every_residual_add_into_a_norm(fusion, monkeypatch) -> None:
     """L layers: 2L residual adds, 2L + 1 norms. Layer 0's input norm has nothing to add; every
-    other norm runs add_rms_norm (CPU fp32: the operator), and no norm runs alone twice."""
-    assert llama._fused_cpu is fused_ops, "the CPU should use engine.fused_ops' wrappers"
-    calls = {"rms_norm": 0, "add_rms_norm": 0}
-    for name in calls:
-        real = getattr(fused_ops, name)
+    other norm runs add_rms_norm (CPU fp32: the operator), and no norm runs alone twice. From
+    Fusion.ELEMENTWISE on the engine takes engine/ops/elementwise.py's wrappers (on the CPU:
+    the operators' fp32 loops); at NONE the torch code of models/layer_math.py."""
+    calls = {}
+    for module in (fused_ops, layer_math):
+        for name in ("rms_norm", "add_rms_norm"):
+            real = getattr(module, name)
+            key = f"{module.__name__.rsplit('.', 1)[1]}.{name}"
+            calls[key] = 0
 
-        def counted(*args, _real=real, _name=name):
-            calls[_name] += 1
-            return _real(*args)
+            def counted(*args, _real=real, _key=key):
+                calls[_key] += 1
+                return _real(*args)
 
-        monkeypatch.setattr(fused_ops, name, counted)
+            monkeypatch.setattr(module, name, counted)
     model = build_model(SMALL)
     tokens, positions = _model_inputs(SMALL, 1, 4, "cpu")
+    forward = EngineForward(model, Settings(fusion=fusion))  # binds the functions it will call
     with torch.no_grad():
-        model(tokens, positions)
-    assert calls == {"rms_norm": 1, "add_rms_norm": 2 * SMALL.num_layers}
+        forward(tokens, positions, NoCache())
+    adds = 2 * SMALL.num_layers
+    if fusion >= Fusion.ELEMENTWISE:
+        # (the wrappers' own fallback to layer_math would count there too: it must not happen)
+        assert calls == {"elementwise.rms_norm": 1, "elementwise.add_rms_norm": adds,
+                         "layer_math.rms_norm": 0, "layer_math.add_rms_norm": 0}
+    else:  # (layer_math.add_rms_norm is the add, then layer_math.rms_norm)
+        assert calls == {"elementwise.rms_norm": 0, "elementwise.add_rms_norm": 0,
+                         "layer_math.rms_norm": 1 + adds, "layer_math.add_rms_norm": adds}
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2),
                                        (torch.float16, 2e-3)])
-def test_llama_forward_with_fused_ops_matches_the_torch_code(dtype, tol, monkeypatch) -> None:
-    assert llama._fused is not None, "a CUDA build should use the fused ops"
+def test_llama_forward_with_fused_ops_matches_the_torch_code(dtype, tol) -> None:
+    """The engine's forward with every fusion against the model's own forward (plain torch)."""
     config = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=344, num_layers=2,
                          num_heads=4, num_kv_heads=2, max_seq_len=64)
-    model = build_model(config, device="cuda", dtype=dtype).fuse_projections()
+    model = build_model(config, device="cuda", dtype=dtype)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 256, (2, 9), generator=g).cuda()
     positions = torch.arange(9, device="cuda").expand(2, 9)
     with torch.no_grad():
-        fused = model(tokens, positions).float()
-        monkeypatch.setattr(llama, "_fused", None)
+        fused = engine_logits(model, tokens, positions, Settings(fusion=Fusion.FULL)).float()
         plain = model(tokens, positions).float()
     if dtype == torch.float32:
         assert float((fused - plain).abs().max()) <= tol
-    else:  # the tolerances of engine/tolerances.py: relative norm of the difference
+    else:  # the tolerances of engine/check/tolerances.py: relative norm of the difference
         assert float((fused - plain).norm() / plain.norm()) <= tol
 
 
@@ -597,76 +633,72 @@ def test_llama_cuda_forward_fusing_the_residual_adds_changes_no_bit(dtype) -> No
     """add_rms_norm against the old forward's torch add + toyllm::rms_norm: the same sum, and
     the same norm kernel code with the same launch (fresh, aligned tensors), so equal logits
     (cuBLAS and SDPA see equal inputs in both)."""
-    assert llama._fused is not None, "a CUDA build should use the fused ops"
     config = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=344, num_layers=2,
                          num_heads=4, num_kv_heads=2, max_seq_len=64)
-    model = build_model(config, device="cuda", dtype=dtype).fuse_projections()
+    model = build_model(config, device="cuda", dtype=dtype)
+    settings = Settings(fusion=Fusion.FULL)
     tokens, positions = _model_inputs(config, 2, 9, "cuda")
     with torch.no_grad():
         for last_only in (False, True):
-            got = model(tokens, positions, last_only=last_only)
-            assert torch.equal(got, unfused_forward(model, tokens, positions, last_only))
+            got = engine_logits(model, tokens, positions, settings, last_only=last_only)
+            want = unfused_forward(model, tokens, positions, settings, last_only)
+            assert torch.equal(got, want)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 1e-2),
                                        ("float16", 2e-3)])
-def test_llama_cuda_forward_with_and_without_toyllm_fused_ops(dtype, tol, tmp_path) -> None:
-    """The switch itself, in fresh interpreters: TOYLLM_FUSED_OPS=1 runs the fused kernels
-    (add_rms_norm included), =0 the torch code; the logits agree to the tolerances above."""
-    code = (
-        "import sys, torch, models.llama as m\n"
-        "from models.config import ModelConfig\n"
-        "assert (m._fused is not None) == (sys.argv[1] == '1'), m._fused\n"
-        "cfg = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=344, num_layers=2,"
-        " num_heads=4, num_kv_heads=2, max_seq_len=64)\n"
-        f"model = m.build_model(cfg, device='cuda', dtype=torch.{dtype}).fuse_projections()\n"
-        "g = torch.Generator().manual_seed(0)\n"
-        "tokens = torch.randint(0, 256, (2, 9), generator=g).cuda()\n"
-        "positions = torch.arange(9, device='cuda').expand(2, 9)\n"
-        "with torch.no_grad():\n"
-        "    torch.save(model(tokens, positions).float().cpu(), sys.argv[2])\n"
-    )
+def test_llama_cuda_forward_with_and_without_toyllm_fused_ops(dtype, tol, monkeypatch) -> None:
+    """The setting itself, through an Engine that reads it from the environment:
+    TOYLLM_FUSION=full runs the fused kernels (add_rms_norm included), =none the torch code;
+    the logits agree to the tolerances above."""
+    from toyllm.engine.generate import Engine
+
+    config = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=344, num_layers=2,
+                         num_heads=4, num_kv_heads=2, max_seq_len=64)
+    model = build_model(config, device="cuda", dtype=getattr(torch, dtype))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (2, 9), generator=g).cuda()
+    positions = torch.arange(9, device="cuda").expand(2, 9)
     logits = {}
-    for switch in ("1", "0"):
-        path = tmp_path / f"logits{switch}.pt"
-        result = subprocess.run(
-            [sys.executable, "-c", code, switch, str(path)], cwd=ROOT, capture_output=True,
-            text=True, timeout=300,
-            env={**os.environ, "PYTHONPATH": ROOT, "TOYLLM_FUSED_OPS": switch},
-        )
-        assert result.returncode == 0, result.stderr
-        logits[switch] = torch.load(path)
-    fused, plain = logits["1"], logits["0"]
+    for switch, fusion in (("full", Fusion.FULL), ("none", Fusion.NONE)):
+        monkeypatch.setenv("TOYLLM_FUSION", switch)
+        engine = Engine(model, cuda_graph=False)
+        assert engine.settings.fusion == fusion
+        fused_ops_bound = engine.forward.rms_norm is fused_ops.rms_norm
+        assert fused_ops_bound == (fusion >= Fusion.ELEMENTWISE)
+        with torch.no_grad():
+            logits[switch] = engine.forward(tokens, positions, NoCache()).float().cpu()
+    fused, plain = logits["full"], logits["none"]
     if dtype == "float32":
         assert float((fused - plain).abs().max()) <= tol
     else:
         assert float((fused - plain).norm() / plain.norm()) <= tol
 
 
-def test_llama_cpu_forward_with_the_fp32_loops_matches_the_torch_code(monkeypatch) -> None:
-    assert llama._fused_cpu is not None, "the CPU should use the fp32 rms_norm and rope loops"
+def test_llama_cpu_forward_with_the_fp32_loops_matches_the_torch_code() -> None:
     config = ModelConfig(vocab_size=256, hidden_size=36, intermediate_size=52, num_layers=2,
                          num_heads=3, num_kv_heads=1, max_seq_len=64)
-    model = build_model(config).fuse_projections()
+    model = build_model(config)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 256, (2, 9), generator=g)
     positions = torch.arange(9).expand(2, 9)
     with torch.no_grad():
-        fused = model(tokens, positions)
-        monkeypatch.setattr(llama, "_fused_cpu", None)
-        plain = model(tokens, positions)
+        fused = engine_logits(model, tokens, positions, Settings(fusion=Fusion.ELEMENTWISE))
+        plain = engine_logits(model, tokens, positions, Settings(fusion=Fusion.NONE))
+        reference = model(tokens, positions)
     assert float((fused - plain).abs().max()) <= 1e-5
+    assert float((fused - reference).abs().max()) <= 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
-# Switches and layering
+# Settings and layering
 
 
 def _python(code: str, **env: str) -> str:
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": ROOT, **env},
+        env={**os.environ, **env},
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
@@ -674,21 +706,28 @@ def _python(code: str, **env: str) -> str:
 
 def test_models_import_without_the_extension_and_use_the_torch_code() -> None:
     code = (
-        "import sys; sys.modules['engine._C'] = None\n"  # `from engine import _C` now fails
-        "import torch, models.llama as m\n"
-        "assert m._fused is None\n"
-        "from models.config import ModelConfig\n"
+        "import sys; sys.modules['toyllm.engine.ops._C'] = None\n"  # importing _C now fails
+        "import torch, toyllm.models.llama as m\n"
+        "from toyllm.models.config import ModelConfig\n"
         "cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=1,"
         " num_heads=2, num_kv_heads=1, max_seq_len=8)\n"
-        "model = m.build_model(cfg).fuse_projections()\n"
-        "print(tuple(model(torch.zeros(1, 3, dtype=torch.long), torch.arange(3)[None]).shape))"
+        "model = m.build_model(cfg)\n"
+        "print(tuple(model(torch.zeros(1, 3, dtype=torch.long), torch.arange(3)[None]).shape))\n"
+        "print(sorted(n for n, mod in sys.modules.items()"
+        " if n.startswith('toyllm.engine') and mod is not None))"
     )
-    assert _python(code) == "(1, 3, 32)"
+    assert _python(code).splitlines() == ["(1, 3, 32)", "[]"]
 
 
-def test_toyllm_fused_ops_0_turns_the_fused_path_off() -> None:
-    code = (
-        "import engine.fused_ops as f, models.llama as m\n"
-        "print(f.ENABLED, f.AVAILABLE, m._fused, m._fused_cpu)"
-    )
-    assert _python(code, TOYLLM_FUSED_OPS="0") == "False False None None"
+def test_fusion_none_turns_the_fused_path_off() -> None:
+    """Fusion.NONE (TOYLLM_FUSION=none): the engine's norms, RoPE and silu*up are the torch
+    code of models/; from ELEMENTWISE on, engine/ops/elementwise.py's wrappers."""
+    model = build_model(SMALL)
+    off = EngineForward(model, Settings.from_env({"TOYLLM_FUSION": "none"}))
+    assert off.fusion == Fusion.NONE
+    assert (off.rms_norm, off.add_rms_norm, off.rope, off.silu_mul) == (
+        layer_math.rms_norm, layer_math.add_rms_norm, apply_rope, layer_math.silu_mul)
+    for fusion in list(Fusion)[1:]:
+        on = EngineForward(model, Settings(fusion=fusion))
+        assert (on.rms_norm, on.add_rms_norm, on.rope, on.silu_mul) == (
+            fused_ops.rms_norm, fused_ops.add_rms_norm, fused_ops.rope, fused_ops.silu_mul)

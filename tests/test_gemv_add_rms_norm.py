@@ -1,43 +1,41 @@
-"""toyllm::gemv_add_rms_norm(x, residual, norm_weight, eps, weight) -> (sum, y), the product
-after a residual add and an RMSNorm with the norm computed in its kernel, and
+"""toyllm::gemv_add_rms_norm(x, residual, norm_weight, eps, weight, warps=8) -> (sum, y), the
+product after a residual add and an RMSNorm with the norm computed in its kernel, and
 toyllm::gemv_add_rms_norm_silu_mul (the same for a SwiGLU gate/up product, with silu(gate) * up
-in its epilogue, against add_rms_norm, gemv and silu_mul) (CUDA:
-csrc/gemv_add_rms_norm.cu through csrc/cuda_gemv.cpp; CPU: csrc/cpu_gemv.cpp), against the two
-operators it replaces, toyllm::add_rms_norm then toyllm::gemv: the same bits (compared as
-integers) for fp32, fp16 and bf16.
+in its epilogue, against add_rms_norm, gemv and silu_mul) (CUDA: csrc/gemv/gemv_add_rms_norm.cu
+through csrc/gemv/cuda_gemv.cpp; CPU: csrc/gemv/cpu_gemv.cpp), against the two operators it
+replaces, toyllm::add_rms_norm then toyllm::gemv: the same bits (compared as integers) for fp32,
+fp16 and bf16.
 
 CUDA (marked `cuda`): rows of 2048 (Llama-1B: 256 norm threads, 1 warp per row of W), 8192 and
 4096 (4 and 2 warps), 4097, 33 and 1 (element accesses), 40,000 fp32 (the norm's 1024 threads
 played by 512, each looping; shared memory past 48 KB) and 65,536 fp32 (past the device's limit:
 two kernels); out 1, 3, 2048, 16384 (several rows per group of warps); 1 to 4 rows; misaligned x,
-residual and weight; one kernel at one row; CUDA-graph replay; bad inputs; opcheck; the model's
-logits with TOYLLM_FUSED_NORM_GEMV on and off.
+residual and weight; one kernel at one row; CUDA-graph replay; bad inputs; opcheck; blocks of 4
+and 16 warps (the same bits as 8); the engine's logits with the fusions on and off
+(Settings.fusion FULL against SILU_GEMV).
 
-Everywhere: the CPU operator, its bad inputs, opcheck, the fake's rules, the dispatch on the CPU
-(never the operator) and the switch, read at import.
+Everywhere: the CPU operator, its bad inputs, opcheck, the fake's rules, and the engine's forward
+on the CPU (never the operator).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import NoCache, engine_logits
+from same_bits import assert_same_bits
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import engine.gemv as gemv
-import engine.gemv_add_rms_norm as norm_gemv
-import models.llama as llama
-from models.config import ModelConfig
-from models.llama import build_model
-from tests.same_bits import assert_same_bits
+import toyllm.engine.ops.gemv as gemv
+import toyllm.engine.ops.gemv_norm as norm_gemv
+from toyllm.engine.forward import EngineForward
+from toyllm.engine.settings import Fusion, Settings
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
 
 OPS = torch.ops.toyllm
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 IN_SIZES = [2048, 8192, 4096, 4097, 33, 1]
 OUT_SIZES = [1, 3, 2048]
@@ -322,6 +320,32 @@ def test_gemv_add_rms_norm_cuda_rejects_bad_inputs_as_its_fake_does(case):
 
 
 # ---------------------------------------------------------------------------------------------
+# warps: the block size of the one-row CUDA kernels, a launch choice that keeps the bits
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("warps", [4, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_block_size_has_the_bits_of_the_default(dtype, warps):
+    # Llama-1B's hidden size and more rows than any grid takes at once (rows loop per group)
+    x, r, g, w = inputs((1,), 2048, 16384, dtype, seed=40)
+    for op in (OPS.gemv_add_rms_norm, OPS.gemv_add_rms_norm_silu_mul):
+        s, y = op(x, r, g, EPS, w)
+        s2, y2 = op(x, r, g, EPS, w, warps)
+        assert_same_bits(s, s2)
+        assert_same_bits(y, y2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("name", ["gemv_add_rms_norm", "gemv_add_rms_norm_silu_mul"])
+@pytest.mark.parametrize("warps", [5, 0, 32])
+def test_warps_other_than_4_8_or_16_is_a_value_error(device, name, warps):
+    x, r, g, w = inputs((1,), 64, 8, torch.float32, seed=41, device=device)
+    with pytest.raises(ValueError, match=rf"{name}: expected warps to be 4, 8 or 16, got {warps}"):
+        getattr(OPS, name)(x, r, g, EPS, w, warps=warps)
+
+
+# ---------------------------------------------------------------------------------------------
 # CPU values and opcheck
 
 
@@ -349,64 +373,77 @@ def test_gemv_add_rms_norm_cuda_opcheck(dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# engine.gemv_add_rms_norm and the model
+# engine/ops/gemv_norm.py and the engine
 
 
 @pytest.mark.cuda
-def test_applies_where_the_one_row_cuda_gemv_does(monkeypatch):
-    monkeypatch.setattr(gemv, "CUDA_AVAILABLE", True)  # whatever TOYLLM_CUDA_GEMV says
-    monkeypatch.setattr(norm_gemv, "FUSED_NORM_ENABLED", True)
-    x, r, g, w = inputs((1, 1), 64, 16, torch.bfloat16, seed=40)
-    assert norm_gemv.applies(x, r, g, w)
-    assert norm_gemv.applies(x.view(64), r.view(64), g, w)
-    assert not norm_gemv.applies(x.repeat(2, 1, 1), r.repeat(2, 1, 1), g, w)  # two rows
-    assert not norm_gemv.applies(x, r.view(1, 64), g, w)  # shapes differ
-    assert not norm_gemv.applies(x, r.float(), g, w)
-    assert not norm_gemv.applies(x, r, g.float(), w)
-    assert not norm_gemv.applies(x, r, g, w.float())
-    assert not norm_gemv.applies(x, r, g, values((64, 16), torch.bfloat16, 41).t())
-    assert not norm_gemv.applies(x, r, g.cpu(), w)
+def test_applies_where_the_one_row_cuda_gemv_does():
+    g = gemv.Gemv(cuda=True)  # Settings.cuda_gemv, whatever the environment says
+    x, r, nw, w = inputs((1, 1), 64, 16, torch.bfloat16, seed=40)
+    assert norm_gemv.applies(x, r, nw, w, g)
+    assert norm_gemv.applies(x.view(64), r.view(64), nw, w, g)
+    assert not norm_gemv.applies(x.repeat(2, 1, 1), r.repeat(2, 1, 1), nw, w, g)  # two rows
+    assert not norm_gemv.applies(x, r.view(1, 64), nw, w, g)  # shapes differ
+    assert not norm_gemv.applies(x, r.float(), nw, w, g)
+    assert not norm_gemv.applies(x, r, nw.float(), w, g)
+    assert not norm_gemv.applies(x, r, nw, w.float(), g)
+    assert not norm_gemv.applies(x, r, nw, values((64, 16), torch.bfloat16, 41).t(), g)
+    assert not norm_gemv.applies(x, r, nw.cpu(), w, g)
     xs = values((1, 1, 128), torch.bfloat16, 42)[..., ::2]
-    assert not norm_gemv.applies(xs, r, g, w)  # strided x
+    assert not norm_gemv.applies(xs, r, nw, w, g)  # strided x
     xg = x.float().requires_grad_()
-    assert not norm_gemv.applies(xg, r.float(), g.float(), w.float())
+    assert not norm_gemv.applies(xg, r.float(), nw.float(), w.float(), g)
     with torch.no_grad():
-        assert norm_gemv.applies(xg, r.float(), g.float(), w.float())
-    monkeypatch.setattr(norm_gemv, "FUSED_NORM_ENABLED", False)
-    assert not norm_gemv.applies(x, r, g, w)
+        assert norm_gemv.applies(xg, r.float(), nw.float(), w.float(), g)
+    # a product the engine's GEMV would not give the CUDA kernel: Settings(cuda_gemv=False), or
+    # a weight past cuda_gemv_max_mib
+    assert not norm_gemv.applies(x, r, nw, w, gemv.Gemv(cuda=False))
+    assert not norm_gemv.applies(x, r, nw, w, gemv.Gemv(cuda_max_bytes=w.numel() * 2 - 1))
+    assert norm_gemv.silu_applies(x, r, nw, w, g)  # 16 rows: gate and up
+    assert not norm_gemv.silu_applies(x, r, nw, w[:15], g)  # an odd number of rows
+
+
+def test_applies_never_on_the_cpu():
+    x, r, nw, w = inputs((1, 1), 32, 8, torch.float32, seed=43, device="cpu")
+    with torch.no_grad():
+        assert not norm_gemv.applies(x, r, nw, w, gemv.Gemv())
+        assert not norm_gemv.silu_applies(x, r, nw, w, gemv.Gemv())
 
 
 def test_add_rms_norm_linear_on_the_cpu_is_add_norm_then_linear(monkeypatch):
+    """The engine's norm-then-product on the CPU: its add_rms_norm (the operator's loop at
+    ELEMENTWISE and above), then its product; never the fused operator."""
     def refuse(*args):
         raise AssertionError("gemv_add_rms_norm called on the CPU")
 
     monkeypatch.setattr(norm_gemv, "_op", refuse)
-    x, r, g, w = inputs((1, 1), 32, 8, torch.float32, seed=43, device="cpu")
+    forward = EngineForward(_model(torch.float32, "cpu"), Settings(fusion=Fusion.FULL))
+    x, r, nw, w = inputs((1, 1), 64, 8, torch.float32, seed=43, device="cpu")
     calls = []
 
-    def add_norm(a, b):
+    def add_norm(a, b, weight, eps):
         calls.append((a, b))
-        return OPS.add_rms_norm(a, b, g, EPS)
+        return OPS.add_rms_norm(a, b, weight, eps)
 
-    s, y = norm_gemv.add_rms_norm_linear(x, r, g, EPS, w, add_norm)
+    forward.add_rms_norm = add_norm
+    with torch.no_grad():
+        s, y = forward._add_norm_linear(x, r, nw, w)
     assert len(calls) == 1 and calls[0][0] is x and calls[0][1] is r
-    s2, n = OPS.add_rms_norm(x, r, g, EPS)
+    s2, n = OPS.add_rms_norm(x, r, nw, forward.eps)
     assert_same_bits(s, s2)
-    assert_same_bits(y, gemv.linear(n, w))
+    assert_same_bits(y, gemv.Gemv().linear(n, w))
 
 
 def _model(dtype: torch.dtype, device: str):
     config = ModelConfig(vocab_size=300, hidden_size=64, num_layers=3, num_heads=4,
                          num_kv_heads=2, intermediate_size=200, max_seq_len=64,
                          tie_embeddings=True)
-    return build_model(config, seed=3, device=device, dtype=dtype).fuse_projections()
+    return build_model(config, seed=3, device=device, dtype=dtype)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_logits_on_cuda_are_the_same_bits_with_the_fusions_on_and_off(dtype, monkeypatch):
-    assert llama._add_rms_norm_linear is not None, "a CUDA build should use the fused ops"
-    monkeypatch.setattr(gemv, "CUDA_AVAILABLE", True)  # whatever TOYLLM_CUDA_GEMV says
     model = _model(dtype, "cuda")
     calls = {"norm": 0, "silu": 0, "down": 0}
 
@@ -419,54 +456,59 @@ def test_logits_on_cuda_are_the_same_bits_with_the_fusions_on_and_off(dtype, mon
     monkeypatch.setattr(norm_gemv, "_op", counting("norm", OPS.gemv_add_rms_norm))
     monkeypatch.setattr(norm_gemv, "_silu_op", counting("silu", OPS.gemv_add_rms_norm_silu_mul))
     monkeypatch.setattr(gemv, "_gemv_silu_mul", counting("down", OPS.gemv_silu_mul))
+    real_silu_applies = norm_gemv.silu_applies
     gen = torch.Generator(device="cuda").manual_seed(44)
     tokens = torch.randint(0, 300, (1, 1), device="cuda", generator=gen)
     positions = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     logits = {}
-    with torch.inference_mode():
-        for norm_on, silu_on in ((True, True), (True, False), (False, False)):
-            monkeypatch.setattr(norm_gemv, "FUSED_NORM_ENABLED", norm_on)
-            monkeypatch.setattr(norm_gemv, "FUSED_NORM_SILU_ENABLED", silu_on)
-            before = dict(calls)
-            logits[norm_on, silu_on] = model(tokens, positions)
-            made = {k: calls[k] - before[k] for k in calls}
-            # 3 layers: the input norms after the first layer's (2), the post-attention norms
-            # (3) with or without the silu epilogue; the down product computes silu itself
-            # where the gate/up product did not
-            if norm_on and silu_on:
-                assert made == {"norm": 2, "silu": 3, "down": 0}
-            elif norm_on:
-                assert made == {"norm": 2 + 3, "silu": 0, "down": 3}
-            else:
-                assert made == {"norm": 0, "silu": 0, "down": 3}
+    # (norm_on, silu_on): FULL; FULL with the gate/up product's silu epilogue refused;
+    # SILU_GEMV (no norm fusion). A one-row forward without a cache: not a decode step, so the
+    # q/k/v product is gemv_add_rms_norm's (its RoPE/KV epilogue: tests/test_gemv_norm_rope_kv.py)
+    for norm_on, silu_on in ((True, True), (True, False), (False, False)):
+        fusion = Fusion.FULL if norm_on else Fusion.SILU_GEMV
+        forward = EngineForward(model, Settings(fusion=fusion, cuda_gemv=True))
+        monkeypatch.setattr(norm_gemv, "silu_applies",
+                            real_silu_applies if silu_on else lambda *args: False)
         before = dict(calls)
-        monkeypatch.setattr(norm_gemv, "FUSED_NORM_ENABLED", True)
-        monkeypatch.setattr(norm_gemv, "FUSED_NORM_SILU_ENABLED", True)
-        model(tokens.repeat(2, 1), positions.repeat(2, 1))  # a batch: separate kernels
-        assert calls == before
+        with torch.inference_mode():
+            logits[norm_on, silu_on] = forward(tokens, positions, NoCache())
+        made = {k: calls[k] - before[k] for k in calls}
+        # 3 layers: the input norms after the first layer's (2), the post-attention norms
+        # (3) with or without the silu epilogue; the down product computes silu itself
+        # where the gate/up product did not
+        if norm_on and silu_on:
+            assert made == {"norm": 2, "silu": 3, "down": 0}
+        elif norm_on:
+            assert made == {"norm": 2 + 3, "silu": 0, "down": 3}
+        else:
+            assert made == {"norm": 0, "silu": 0, "down": 3}
+    monkeypatch.setattr(norm_gemv, "silu_applies", real_silu_applies)
+    before = dict(calls)
+    with torch.inference_mode():  # a batch: separate kernels
+        engine_logits(model, tokens.repeat(2, 1), positions.repeat(2, 1),
+                      Settings(fusion=Fusion.FULL))
+    assert calls == before
     assert_same_bits(logits[True, True], logits[False, False])
     assert_same_bits(logits[True, False], logits[False, False])
 
 
 def test_model_on_the_cpu_never_calls_the_operators(monkeypatch):
+    from toyllm.engine.generate import Engine
+    from toyllm.engine.sampling import SamplingParams
+
     def refuse(*args):
-        raise AssertionError("gemv_add_rms_norm(_silu_mul) called on the CPU")
+        raise AssertionError("gemv_add_rms_norm(_silu_mul, _rope_kv) called on the CPU")
 
     monkeypatch.setattr(norm_gemv, "_op", refuse)
     monkeypatch.setattr(norm_gemv, "_silu_op", refuse)
+    monkeypatch.setattr(norm_gemv, "_rope_op", refuse)
     model = _model(torch.float32, "cpu")
     tokens = torch.randint(0, 300, (1, 1), generator=torch.Generator().manual_seed(45))
     with torch.inference_mode():
-        model(tokens, torch.zeros(1, 1, dtype=torch.long))
-
-
-def test_fused_norm_switches_are_read_at_import():
-    code = ("import engine.gemv_add_rms_norm as g; "
-            "print(g.FUSED_NORM_ENABLED, g.FUSED_NORM_SILU_ENABLED)")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOYLLM_")}
-    for extra, expected in (({"TOYLLM_FUSED_NORM_GEMV": "0"}, "False True"),
-                            ({"TOYLLM_FUSED_NORM_SILU": "0"}, "True False"),
-                            ({"TOYLLM_FUSED_NORM_GEMV": "1"}, "True True"), ({}, "True True")):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True, cwd=ROOT, env={**env, **extra})
-        assert out.stdout.strip() == expected
+        engine_logits(model, tokens, torch.zeros(1, 1, dtype=torch.long),
+                      Settings(fusion=Fusion.FULL))
+    # and the decode steps of a generation (where the q/k/v product may take RoPE and the K/V
+    # write on CUDA)
+    done = Engine(model, settings=Settings(fusion=Fusion.FULL)).generate(
+        [[1, 2, 3]], SamplingParams(max_new_tokens=3, stop_at_eos=False))
+    assert len(done.completions[0].token_ids) == 3

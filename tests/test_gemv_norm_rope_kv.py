@@ -1,26 +1,28 @@
 """toyllm::gemv_add_rms_norm_rope_kv(x, residual, norm_weight, eps, weight, cos, sin, k_cache,
-v_cache, positions, num_q_heads) -> (sum, q): a decode step's q/k/v product after the residual
-add and input RMSNorm with RoPE and the K/V write in its epilogue (CUDA: csrc/gemv_norm_rope_kv.cu
-for one row), against the ops it replaces, toyllm::gemv_add_rms_norm then toyllm::rope_kv_update:
-the same bits for the sum, q and every byte of both caches (compared as integers), fp32, fp16 and
-bf16, Llama-1B's shape and small odd ones, positions 0, inside, last, finished (-1) and past the
-end; 2 rows (the two ops); bad inputs (nothing written); opcheck; CUDA-graph replay; the decode
-step's logits with TOYLLM_FUSED_NORM_ROPE on and off. CPU: the composition and its checks.
+v_cache, positions, num_q_heads, warps=8) -> (sum, q): a decode step's q/k/v product after the
+residual add and input RMSNorm with RoPE and the K/V write in its epilogue (CUDA:
+csrc/gemv/gemv_norm_rope_kv.cu for one row), against the ops it replaces,
+toyllm::gemv_add_rms_norm then toyllm::rope_kv_update: the same bits for the sum, q and every
+byte of both caches (compared as integers), fp32, fp16 and bf16, Llama-1B's shape and small odd
+ones, positions 0, inside, last, finished (-1) and past the end; 2 rows (the two ops); bad
+inputs (nothing written); opcheck; CUDA-graph replay; the decode step's logits with the epilogue
+on and off (Settings.fusion FULL, FULL with the epilogue refused, SILU_GEMV). CPU: the
+composition and its checks.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from same_bits import assert_same_bits
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import engine.gemv as gemv
-import engine.gemv_add_rms_norm as norm_gemv
-from engine.generate import Engine
-from models.config import ModelConfig
-from models.llama import build_model
-from models.rope import inverse_frequencies, rope_cos_sin
-from tests.same_bits import assert_same_bits
+import toyllm.engine.ops.gemv_norm as norm_gemv
+from toyllm.engine.generate import Engine
+from toyllm.engine.settings import Fusion, Settings
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
+from toyllm.models.rope import inverse_frequencies, rope_cos_sin
 
 OPS = torch.ops.toyllm
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -164,6 +166,30 @@ def test_bad_inputs_are_refused_before_anything_is_written_as_the_fake_does(devi
             OPS.gemv_add_rms_norm_rope_kv(*args)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("warps", [4, 16])
+def test_cuda_every_block_size_has_the_bits_of_the_default(warps):
+    args = make_case(SHAPES[0], torch.bfloat16, seed=21)
+    default, other = list(args), list(args)
+    default[7], default[8] = args[7].clone(), args[8].clone()
+    other[7], other[8] = args[7].clone(), args[8].clone()
+    got = OPS.gemv_add_rms_norm_rope_kv(*default)
+    expected = OPS.gemv_add_rms_norm_rope_kv(*other, warps)
+    for a, b in zip((*got, default[7], default[8]), (*expected, other[7], other[8]), strict=True):
+        assert_same_bits(a, b)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("warps", [5, 0, 32])
+def test_warps_other_than_4_8_or_16_is_a_value_error(device, warps):
+    args = make_case(SHAPES[2], torch.float32, seed=22, device=device)
+    k_before = args[7].clone()
+    with pytest.raises(ValueError, match=rf"gemv_add_rms_norm_rope_kv: expected warps to be 4, "
+                                         rf"8 or 16, got {warps}"):
+        OPS.gemv_add_rms_norm_rope_kv(*args, warps=warps)
+    assert torch.equal(args[7], k_before)  # nothing written
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_is_gemv_add_rms_norm_then_rope_kv_update(dtype):
     check(make_case(SHAPES[2], dtype, rows=2, seed=10, device="cpu"))
@@ -182,27 +208,34 @@ def test_cuda_opcheck():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decode_logits_are_the_same_bits_with_the_epilogue_on_and_off(dtype, monkeypatch):
-    monkeypatch.setattr(gemv, "CUDA_AVAILABLE", True)  # whatever TOYLLM_CUDA_GEMV says
     config = ModelConfig(vocab_size=300, hidden_size=128, num_layers=3, num_heads=4,
                          num_kv_heads=2, intermediate_size=200, max_seq_len=64)
     model = build_model(config, seed=13, device="cuda", dtype=dtype)
     calls = []
     monkeypatch.setattr(norm_gemv, "_rope_op",
                         lambda *a: calls.append(1) or OPS.gemv_add_rms_norm_rope_kv(*a))
-    engine = Engine(model, tokenizer=None, cuda_graph=False)
+    real_rope_kv_applies = norm_gemv.rope_kv_applies
     logits, caches = {}, {}
-    for on in (True, False):
-        monkeypatch.setattr(norm_gemv, "FUSED_NORM_ROPE_ENABLED", on)
+    # "on": FULL; "refused": FULL with the epilogue refused (gemv_add_rms_norm, then
+    # rope_kv_update); "off": SILU_GEMV (add_rms_norm, gemv, rope_kv_update)
+    for case, fusion in (("on", Fusion.FULL), ("refused", Fusion.FULL),
+                         ("off", Fusion.SILU_GEMV)):
+        monkeypatch.setattr(norm_gemv, "rope_kv_applies",
+                            (lambda *a: False) if case == "refused" else real_rope_kv_applies)
+        # cuda_gemv: the epilogue needs a product the CUDA GEMV takes, whatever the environment
+        engine = Engine(model, tokenizer=None, cuda_graph=False,
+                        settings=Settings(fusion=fusion, cuda_gemv=True))
         cache = engine.prepare_cache(1, 32)
         with torch.inference_mode():
             engine.prefill(cache, 0, [1, 2, 3, 4, 5])
             ks, vs, positions = engine.cache_views(1)
             before = len(calls)
-            logits[on] = engine.decode_forward(torch.tensor([[9]], device="cuda"), positions,
-                                               ks, vs)
+            logits[case] = engine.decode_forward(torch.tensor([[9]], device="cuda"), positions,
+                                                 ks, vs)
             # every layer after the first (whose input norm has no residual to add)
-            assert len(calls) - before == (config.num_layers - 1 if on else 0)
-        caches[on] = [t.clone() for t in ks + vs]
-    assert_same_bits(logits[True], logits[False])
-    for a, b in zip(caches[True], caches[False], strict=True):
-        assert_same_bits(a, b)
+            assert len(calls) - before == (config.num_layers - 1 if case == "on" else 0)
+        caches[case] = [t.clone() for t in ks + vs]
+    for case in ("refused", "off"):
+        assert_same_bits(logits["on"], logits[case])
+        for a, b in zip(caches["on"], caches[case], strict=True):
+            assert_same_bits(a, b)

@@ -8,37 +8,33 @@ warps), 33, 4097, 1 (element loads); out = 1, 3, 2048; 1 to 4 rows with batch di
 silu's whole range (0, -0, saturating and overflowing exp); misaligned gate_up and weight;
 strided gate_up; h near and past 48 KB of shared memory and past the device's limit; one kernel
 at one row, silu_mul's and gemv's for 2 to 4 rows or a too big h; empty sizes; bad inputs;
-opcheck; CUDA-graph replay (with the shared-memory opt-in); engine.gemv.silu_mul_applies; the
-MLP and the model's logits with TOYLLM_FUSED_SILU_GEMV on and off.
+opcheck; CUDA-graph replay (with the shared-memory opt-in); engine/ops/gemv.py's
+Gemv.silu_mul_applies; the engine's MLP and logits with the fusion on and off (Settings.fusion
+SILU_GEMV against ROPE_KV).
 
 Everywhere: the CPU operator (fp32), its bad inputs, opcheck; the fake implementation's CUDA and
-CPU rules (same messages as the operators); the dispatch on the CPU (never the operator) and the
-switch, read at import.
+CPU rules (same messages as the operators); the engine's forward on the CPU (never the operator).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import NoCache, engine_logits
+from same_bits import assert_same_bits
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import engine.gemv as gemv
-import engine.gemv_add_rms_norm as norm_gemv
-import models.llama as llama
-from models import layer_math
-from models.config import ModelConfig
-from models.llama import build_model
-from tests.same_bits import assert_same_bits
+import toyllm.engine.ops.gemv as gemv
+from toyllm.engine.forward import EngineForward
+from toyllm.engine.settings import Fusion, Settings
+from toyllm.models import layer_math
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
 
 OPS = torch.ops.toyllm
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # 16-byte loads at 4, 1 and 2 warps per row (bf16: 8192, 2048, 4096); element loads (odd sizes)
 IN_SIZES = [8192, 2048, 4096, 33, 4097, 1]
@@ -216,7 +212,7 @@ def test_gemv_silu_mul_cuda_empty_shapes() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # bad inputs: the operators (csrc/cuda_gemv.cpp, csrc/cpu_gemv.cpp) and the fake
-# (engine/gemv.py) say the same
+# (engine/ops/gemv.py) say the same
 
 Make = Callable[..., torch.Tensor]  # make(shape, dtype=bf16, device="cuda", stride=contiguous)
 
@@ -402,35 +398,37 @@ def test_gemv_silu_mul_cuda_graph_replays_with_a_new_gate_up(rows, n_in) -> None
 
 
 # ---------------------------------------------------------------------------------------------
-# engine.gemv.silu_mul_linear and the model
+# Gemv.silu_mul_linear and the engine
 
 
 @pytest.mark.cuda
-def test_silu_mul_applies_where_the_one_row_cuda_gemv_does(monkeypatch) -> None:
-    monkeypatch.setattr(gemv, "CUDA_AVAILABLE", True)  # whatever TOYLLM_CUDA_GEMV says
-    monkeypatch.setattr(gemv, "FUSED_SILU_ENABLED", True)
+def test_silu_mul_applies_where_the_one_row_cuda_gemv_does() -> None:
+    g = gemv.Gemv(cuda=True)  # Settings.cuda_gemv, whatever the environment says
     w = weight(16, 32, torch.bfloat16)
     gu = gate_up_values((1, 64), torch.bfloat16, seed=18)
-    assert gemv.silu_mul_applies(gu, w)
-    assert gemv.silu_mul_applies(gu.view(1, 1, 64), w)
-    assert gemv.silu_mul_applies(gu.view(64), w)
-    assert gemv.silu_mul_applies(gu.float(), w.float())
-    assert gemv.silu_mul_applies(gu.half(), w.half())
+    assert g.silu_mul_applies(gu, w)
+    assert g.silu_mul_applies(gu.view(1, 1, 64), w)
+    assert g.silu_mul_applies(gu.view(64), w)
+    assert g.silu_mul_applies(gu.float(), w.float())
+    assert g.silu_mul_applies(gu.half(), w.half())
     h = OPS.silu_mul(gu)
-    assert gemv.applies(h, w)  # where linear(h, w) is the one-row kernel
-    assert not gemv.silu_mul_applies(gate_up_values((2, 64), torch.bfloat16, seed=19), w)
-    assert not gemv.silu_mul_applies(gu[:, :32], w)  # gate_up of width in, not 2 * in
-    assert not gemv.silu_mul_applies(gu, w.half())  # dtypes differ
-    assert not gemv.silu_mul_applies(gu.double(), w.double())
-    assert not gemv.silu_mul_applies(gu, weight(32, 16, torch.bfloat16).t())  # not contiguous
-    assert not gemv.silu_mul_applies(gu, w.cpu())
+    assert g.applies(h, w)  # where linear(h, w) is the one-row kernel
+    assert not g.silu_mul_applies(gate_up_values((2, 64), torch.bfloat16, seed=19), w)
+    assert not g.silu_mul_applies(gu[:, :32], w)  # gate_up of width in, not 2 * in
+    assert not g.silu_mul_applies(gu, w.half())  # dtypes differ
+    assert not g.silu_mul_applies(gu.double(), w.double())
+    assert not g.silu_mul_applies(gu, weight(32, 16, torch.bfloat16).t())  # not contiguous
+    assert not g.silu_mul_applies(gu, w.cpu())
     gg = gu.float().requires_grad_()
-    assert not gemv.silu_mul_applies(gg, w.float())  # no backward: autograd keeps two ops
+    assert not g.silu_mul_applies(gg, w.float())  # no backward: autograd keeps two ops
     with torch.no_grad():
-        assert gemv.silu_mul_applies(gg, w.float())
-    monkeypatch.setattr(gemv, "FUSED_SILU_ENABLED", False)
-    assert not gemv.silu_mul_applies(gu, w)
-    assert_same_bits(gemv.silu_mul_linear(gu, w, OPS.silu_mul), gemv.linear(h, w))
+        assert g.silu_mul_applies(gg, w.float())
+    # Settings(cuda_gemv=False) or a weight past cuda_gemv_max_mib: no one-row kernel at all
+    assert not gemv.Gemv(cuda=False).silu_mul_applies(gu, w)
+    assert not gemv.Gemv(cuda_max_bytes=w.numel() * 2 - 1).silu_mul_applies(gu, w)
+    # fused=False (Settings.fusion below SILU_GEMV): silu_mul, then the product
+    assert_same_bits(g.silu_mul_linear(gu, w, OPS.silu_mul, fused=False), g.linear(h, w))
+    assert_same_bits(g.silu_mul_linear(gu, w, OPS.silu_mul, fused=True), g.linear(h, w))
 
 
 def test_silu_mul_linear_on_the_cpu_is_silu_mul_then_linear(monkeypatch) -> None:
@@ -438,38 +436,48 @@ def test_silu_mul_linear_on_the_cpu_is_silu_mul_then_linear(monkeypatch) -> None
         raise AssertionError("gemv_silu_mul called on the CPU")
 
     monkeypatch.setattr(gemv, "_gemv_silu_mul", refuse)
+    g = gemv.Gemv()
     w = weight(16, 32, torch.float32, device="cpu")
     gu = gate_up_values((1, 64), torch.float32, seed=20, device="cpu")
-    assert not gemv.silu_mul_applies(gu, w)
+    assert not g.silu_mul_applies(gu, w)
     calls = []
 
     def silu(t):
         calls.append(t)
         return layer_math.silu_mul(t)
 
-    y = gemv.silu_mul_linear(gu, w, silu)
+    y = g.silu_mul_linear(gu, w, silu)
     assert len(calls) == 1 and calls[0] is gu
-    assert_same_bits(y, gemv.linear(layer_math.silu_mul(gu), w))
+    assert_same_bits(y, g.linear(layer_math.silu_mul(gu), w))
 
 
 def _mlp_model(dtype: torch.dtype, device: str):
     config = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, intermediate_size=200, max_seq_len=64,
                          tie_embeddings=True)
-    return build_model(config, seed=3, device=device, dtype=dtype).fuse_projections()
+    return build_model(config, seed=3, device=device, dtype=dtype)
+
+
+def _mlp(forward: EngineForward, x: torch.Tensor, layer: int = 0) -> torch.Tensor:
+    """The engine's MLP of layer `layer` on an already normalised x: the gate/up product, then
+    silu(gate) * up and the down product (one kernel from Fusion.SILU_GEMV on, where it
+    applies)."""
+    w = forward.layers[layer]
+    return forward.gemv.silu_mul_linear(forward.gemv.linear(x, w.gate_up), w.down,
+                                        forward.silu_mul,
+                                        fused=forward.fusion >= Fusion.SILU_GEMV)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_mlp_and_logits_on_cuda_are_the_same_bits_with_the_fusion_on_and_off(dtype,
                                                                             monkeypatch) -> None:
-    assert llama._fused is not None, "a CUDA build should use the fused ops"
-    monkeypatch.setattr(gemv, "CUDA_AVAILABLE", True)  # whatever TOYLLM_CUDA_GEMV says
-    # the layers' gate/up products leave silu(gate) * up to the down product (the path with
-    # silu in the gate/up product's epilogue is tests/test_gemv_add_rms_norm.py's)
-    monkeypatch.setattr(norm_gemv, "FUSED_NORM_SILU_ENABLED", False)
+    # the layers' gate/up products leave silu(gate) * up to the down product: SILU_GEMV, below
+    # FULL (the path with silu in the gate/up product's epilogue is
+    # tests/test_gemv_add_rms_norm.py's); cuda_gemv whatever the environment says
     model = _mlp_model(dtype, "cuda")
-    mlp = model.layers[0].mlp
+    on = EngineForward(model, Settings(fusion=Fusion.SILU_GEMV, cuda_gemv=True))
+    off = EngineForward(model, Settings(fusion=Fusion.ROPE_KV, cuda_gemv=True))
     calls = []
     monkeypatch.setattr(gemv, "_gemv_silu_mul",
                         lambda *a: calls.append(a) or OPS.gemv_silu_mul(*a))
@@ -478,22 +486,20 @@ def test_mlp_and_logits_on_cuda_are_the_same_bits_with_the_fusion_on_and_off(dty
     tokens = torch.randint(0, 300, (1, 1), device="cuda", generator=gen)
     positions = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     with torch.inference_mode():
-        monkeypatch.setattr(gemv, "FUSED_SILU_ENABLED", True)
-        mlp_on, logits_on = mlp(x), model(tokens, positions)
+        mlp_on, logits_on = _mlp(on, x), on(tokens, positions, NoCache())
         assert len(calls) == 1 + 2 and calls[0][0].shape == (1, 1, 400)  # the MLP + 2 layers
-        monkeypatch.setattr(gemv, "FUSED_SILU_ENABLED", False)
-        mlp_off, logits_off = mlp(x), model(tokens, positions)
+        mlp_off, logits_off = _mlp(off, x), off(tokens, positions, NoCache())
         assert len(calls) == 3  # off: silu_mul and gemv
         # two rows (a batch): cuBLAS's product, unchanged, the operator not called
-        monkeypatch.setattr(gemv, "FUSED_SILU_ENABLED", True)
         x2 = torch.randn(2, 1, 64, generator=gen, device="cuda").to(dtype)
-        mlp(x2)
+        _mlp(on, x2)
         assert len(calls) == 3
     assert_same_bits(mlp_on, mlp_off)
     assert_same_bits(logits_on, logits_off)
     # the off path is what it was: silu_mul's kernel, then gemv
-    gate_up = gemv.linear(x, mlp.gate_up_weight)
-    assert_same_bits(mlp_off, OPS.gemv(OPS.silu_mul(gate_up), mlp.down_proj.weight))
+    w = off.layers[0]
+    gate_up = off.gemv.linear(x, w.gate_up)
+    assert_same_bits(mlp_off, OPS.gemv(OPS.silu_mul(gate_up), w.down))
 
 
 def test_mlp_on_the_cpu_never_calls_the_operator(monkeypatch) -> None:
@@ -503,18 +509,8 @@ def test_mlp_on_the_cpu_never_calls_the_operator(monkeypatch) -> None:
     monkeypatch.setattr(gemv, "_gemv_silu_mul", refuse)
     model = _mlp_model(torch.float32, "cpu")
     tokens = torch.randint(0, 300, (1, 1), generator=torch.Generator().manual_seed(22))
+    positions = torch.zeros(1, 1, dtype=torch.long)
     with torch.inference_mode():
-        on = model(tokens, torch.zeros(1, 1, dtype=torch.long))
-        monkeypatch.setattr(gemv, "FUSED_SILU_ENABLED", False)
-        off = model(tokens, torch.zeros(1, 1, dtype=torch.long))
+        on = engine_logits(model, tokens, positions, Settings(fusion=Fusion.FULL))
+        off = engine_logits(model, tokens, positions, Settings(fusion=Fusion.ROPE_KV))
     assert_same_bits(on, off)
-
-
-def test_fused_silu_switch_is_read_at_import() -> None:
-    code = "import engine.gemv as g; print(g.FUSED_SILU_ENABLED, g.CUDA_ENABLED)"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOYLLM_")}
-    for value, expected in (("0", "False True"), ("1", "True True"), (None, "True True")):
-        extra = {} if value is None else {"TOYLLM_FUSED_SILU_GEMV": value}
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True, cwd=ROOT, env={**env, **extra})
-        assert out.stdout.strip() == expected

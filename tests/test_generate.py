@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.generate import Engine, GenerationError
-from engine.reference import reference_greedy, reference_logits
-from engine.sampling import SamplingParams
-from models.config import ModelConfig
-from models.llama import build_model
+from toyllm.engine.check.reference import reference_greedy, reference_logits
+from toyllm.engine.generate import Engine, GenerationError
+from toyllm.engine.sampling import SamplingParams
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
 
 CONFIGS = {
     "gqa": ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,

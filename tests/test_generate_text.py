@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from engine.generate import Engine
-from engine.sampling import SamplingParams
-from models.config import ModelConfig
-from models.llama import build_model
-from models.model_source import DEFAULT_MODEL_DIR
-from models.tokenizer import Tokenizer
+from toyllm.engine.generate import Engine
+from toyllm.engine.sampling import SamplingParams
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
+from toyllm.models.model_source import DEFAULT_MODEL_DIR
+from toyllm.models.tokenizer import Tokenizer
 
 TOKENIZER = DEFAULT_MODEL_DIR / "tokenizer.model"
 pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason="default tokenizer not built")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.checkpoint import load_checkpoint, save_checkpoint
+from toyllm.models.checkpoint import load_checkpoint, save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import engine.sweep as sweep
-from engine.cli import app
-from engine.model_info import describe
-from engine.sweep import ExperimentError, load_experiment
-from models.config import ModelConfig
+import toyllm.engine.tools.sweep as sweep
+from toyllm.engine.cli import app
+from toyllm.engine.tools.info import describe
+from toyllm.engine.tools.sweep import ExperimentError, load_experiment
+from toyllm.models.config import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = REPO / "configs" / "experiments"
@@ -78,7 +78,7 @@ def test_info_json_matches_hand_count_of_params_and_kv_bytes(small_config: Path)
 
 def test_info_kv_bytes_equal_what_the_cache_allocates() -> None:
     torch = pytest.importorskip("torch")
-    kv_cache = pytest.importorskip("engine.kv_cache")
+    kv_cache = pytest.importorskip("toyllm.engine.ops.kv_cache")
     config = ModelConfig(vocab_size=100, hidden_size=8, num_layers=2, num_heads=2,
                          num_kv_heads=1, intermediate_size=12, max_seq_len=128)
     info = describe(config, batch=3, context=32)

@@ -11,8 +11,9 @@ import os
 
 import pytest
 import torch
+from kv_reference import reference_update
 
-from engine.kv_cache import KVCache, KVCacheOverflowError, kv_update, reference_update
+from toyllm.engine.ops.kv_cache import KVCache, KVCacheOverflowError, kv_update
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

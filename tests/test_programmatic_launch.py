@@ -2,14 +2,32 @@
 start before the kernel ahead of them in the stream has finished, and wait on the device for
 their inputs. These tests check that this changes no result: a chain of dependent extension
 kernels (each reading what the previous one wrote) gives the same bits with the launch
-attribute on and off, eagerly and replayed from a CUDA graph, and a whole model's decode too."""
+attribute on and off, eagerly and replayed from a CUDA graph, and a whole model's decode too
+(an Engine sets the switch from Settings.programmatic_launch)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import collect_dead_graphs
 
-from engine.kv_cache import _C, decode_attention, kv_update, set_programmatic_launch
+from toyllm.engine.generate import Engine
+from toyllm.engine.ops.kv_cache import _C, decode_attention, kv_update, set_programmatic_launch
+from toyllm.engine.sampling import SamplingParams
+from toyllm.engine.settings import Settings
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
+
+CONFIG = ModelConfig(vocab_size=300, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                     intermediate_size=200, max_seq_len=64)
+
+
+@pytest.fixture(autouse=True)
+def _no_dead_graphs_left(request):
+    """CUDA tests leave no dropped engine for the collector to find during a later capture."""
+    yield
+    if request.node.get_closest_marker("cuda") is not None:
+        collect_dead_graphs()
 
 
 @pytest.fixture
@@ -94,3 +112,42 @@ def test_a_chain_replayed_from_a_cuda_graph_gives_the_same_bits_on_and_off(resto
     for a, b in zip(off, on, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert torch.equal(kc_off, kc_on)
+
+
+def test_a_cpu_engine_leaves_the_switch_alone(restore_switch) -> None:
+    Engine(build_model(CONFIG, seed=1), settings=Settings(programmatic_launch=False))
+    assert _C.programmatic_launch_enabled()  # process-wide, and only CUDA engines set it
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "cuda_graph"])
+def test_an_engine_sets_the_switch_and_decodes_the_same_bits_on_and_off(restore_switch,
+                                                                        cuda_graph) -> None:
+    model = build_model(CONFIG, seed=1, device="cuda", dtype=torch.bfloat16)
+    model.init_weights(1, std=0.2)  # peaked logits
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    params = SamplingParams(max_new_tokens=12, stop_at_eos=False)
+    results = {}
+    for enabled in (False, True):
+        engine = None
+        collect_dead_graphs()  # the first engine, before the second captures
+        engine = Engine(model, cuda_graph=cuda_graph,
+                        settings=Settings(programmatic_launch=enabled))
+        assert _C.programmatic_launch_enabled() == enabled  # the last engine built sets it
+        cache = engine.prepare_cache(2, 32)
+        with torch.inference_mode():
+            last = torch.stack([engine.prefill(cache, r, p) for r, p in enumerate(prompts)])
+            tokens = last.argmax(-1)
+            steps = [last]
+            for _ in range(6):
+                logits = engine.decode_step(cache, 2, tokens)
+                steps.append(logits.clone())
+                tokens = logits.argmax(-1)
+        torch.cuda.synchronize()
+        storage = cache.storage().clone()
+        done = engine.generate(prompts, params)
+        results[enabled] = (steps, storage, [c.token_ids for c in done.completions])
+    (off, kc_off, ids_off), (on, kc_on, ids_on) = results[False], results[True]
+    assert all(torch.equal(a, b) for a, b in zip(off, on, strict=True))
+    assert torch.equal(kc_off, kc_on)
+    assert ids_off == ids_on

@@ -4,30 +4,30 @@ assignment): bit for bit, on the CPU and on CUDA, fp32/fp16/bf16, MHA/GQA/MQA, h
 128 (and 34 and 36: the kernel's narrow path), batch 1 and ragged batches with a finished row
 (-1), strided projections; every bad input (message, nothing written); opcheck; CUDA-graph
 replay with moved positions; programmatic dependent launch on and off; the engine's decode
-logits with the op and without it (TOYLLM_FUSED_ROPE_KV), eager and in CUDA graphs; prefill and
-the reference never use it."""
+logits with the op and without it (Settings.fusion ROPE_KV against ELEMENTWISE), eager and in
+CUDA graphs; the fusion levels that take it; prefill and the reference never use it."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from engine_helpers import collect_dead_graphs
+from kv_reference import reference_update
 
-import engine.cached_attention as cached_attention
-import engine.gemv_add_rms_norm as norm_gemv
-import engine.rope_kv_update as rope_kv_module
-from engine.generate import Engine
-from engine.kv_cache import decode_attention, kv_update, reference_update, set_programmatic_launch
-from engine.reference import reference_logits
-from engine.rope_kv_update import rope_kv_update
-from models.config import ModelConfig
-from models.llama import build_model
-from models.rope import apply_rope, rope_cos_sin
+import toyllm.engine.ops.rope_kv as rope_kv_module
+from toyllm.engine.check.reference import reference_logits
+from toyllm.engine.generate import Engine
+from toyllm.engine.ops.kv_cache import (
+    decode_attention,
+    kv_update,
+    set_programmatic_launch,
+)
+from toyllm.engine.ops.rope_kv import rope_kv_update
+from toyllm.engine.settings import Fusion, Settings
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
+from toyllm.models.rope import apply_rope, rope_cos_sin
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = torch.ops.toyllm
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -37,6 +37,14 @@ LAYOUTS = {"mha": (4, 4), "gqa": (8, 2), "mqa": (4, 1)}
 # a finished row (-1), a row at 0 and one at the cache's last slot
 POSITIONS = {"batch1": [5], "ragged": [3, -1, 0, 15], "ten_rows": [1, 2, -1, 4, 5, 9, 0, 15, 3, 8]}
 MAX_SEQ_LEN = 16
+
+
+@pytest.fixture(autouse=True)
+def _no_dead_graphs_left(request):
+    """CUDA tests leave no dropped engine for the collector to find during a later capture."""
+    yield
+    if request.node.get_closest_marker("cuda") is not None:
+        collect_dead_graphs()
 
 
 def make_inputs(positions: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int,
@@ -445,20 +453,26 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, 256, (m,), generator=g).tolist() for m in lengths]
 
 
-def decode_run(model, prompts: list[list[int]], steps: int, fused: bool,
-               monkeypatch: pytest.MonkeyPatch, **engine_args) -> tuple[torch.Tensor, int]:
-    """Prefill the prompts, then `steps` greedy decode steps, row 0 finishing after the second
-    (its slot goes -1): (the steps' logits [steps, rows, vocab], the op's call count)."""
-    monkeypatch.setattr(rope_kv_module, "ENABLED", fused)
+def _count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the engine's calls of the op (engine/forward.py calls rope_kv.rope_kv_update)."""
     calls = [0]
-    real = cached_attention.rope_kv_update
+    real = rope_kv_module.rope_kv_update
 
     def counted(*args, **kwargs):
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cached_attention, "rope_kv_update", counted)
-    engine = Engine(model, **engine_args)
+    monkeypatch.setattr(rope_kv_module, "rope_kv_update", counted)
+    return calls
+
+
+def decode_run(model, prompts: list[list[int]], steps: int, fusion: Fusion,
+               monkeypatch: pytest.MonkeyPatch, **engine_args) -> tuple[torch.Tensor, int]:
+    """Prefill the prompts, then `steps` greedy decode steps, row 0 finishing after the second
+    (its slot goes -1): (the steps' logits [steps, rows, vocab], the op's call count)."""
+    calls = _count_calls(monkeypatch)
+    collect_dead_graphs()  # the last run's engine, before this one captures
+    engine = Engine(model, settings=Settings(fusion=fusion), **engine_args)
     n = len(prompts)
     rows = engine._rows_for(n)
     cache = engine.prepare_cache(rows, max(len(p) for p in prompts) + steps)
@@ -481,15 +495,17 @@ def _compare_engine(device: str, dtype: torch.dtype, name: str, n: int, monkeypa
     """Decode logits with and without the op, bit for bit. 10 rows take SDPA for attention on
     the CPU (and on CUDA where the decode kernel has no tensor-core path: fp32, head_dim 34),
     so the op's q meets both attention paths."""
-    # one row on CUDA would take rope_kv_update's work inside the q/k/v product's kernel
-    # (toyllm::gemv_add_rms_norm_rope_kv, tests/test_gemv_norm_rope_kv.py): tested alone here
-    monkeypatch.setattr(norm_gemv, "FUSED_NORM_ROPE_ENABLED", False)
+    # Fusion.ROPE_KV, not FULL: at FULL one row on CUDA would take rope_kv_update's work inside
+    # the q/k/v product's kernel (toyllm::gemv_add_rms_norm_rope_kv,
+    # tests/test_gemv_norm_rope_kv.py): tested alone here, against the level below
     model = build_model(CONFIGS[name], device=device, dtype=dtype, seed=1)
     model.init_weights(1, std=0.2)
     prompts = _prompts(n)
     steps = 5
-    fused, fused_calls = decode_run(model, prompts, steps, True, monkeypatch, **engine_args)
-    plain, plain_calls = decode_run(model, prompts, steps, False, monkeypatch, **engine_args)
+    fused, fused_calls = decode_run(model, prompts, steps, Fusion.ROPE_KV, monkeypatch,
+                                    **engine_args)
+    plain, plain_calls = decode_run(model, prompts, steps, Fusion.ELEMENTWISE, monkeypatch,
+                                    **engine_args)
     assert plain_calls == 0
     assert torch.isfinite(plain).all()  # (NaN would make the equality below fail for nothing)
     if not engine_args.get("cuda_graph"):  # (graph replays call no Python)
@@ -520,16 +536,9 @@ def test_engine_cuda_decode_logits_with_and_without_the_op_are_equal(dtype, name
 def test_engine_cpu_decode_with_the_op_matches_the_no_cache_reference(monkeypatch) -> None:
     """Teacher-forced: every decode step's logits against the uncached forward of the whole
     sequence (not only the old path: both could share a mistake)."""
-    calls = [0]
-    real = cached_attention.rope_kv_update
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cached_attention, "rope_kv_update", counted)
+    calls = _count_calls(monkeypatch)
     model = build_model(CONFIGS["gqa_hd64"], seed=2)
-    engine = Engine(model)
+    engine = Engine(model, settings=Settings())  # FULL: on the CPU the op takes every layer
     ids = _prompts(1, seed=4)[0] + [7, 8, 9, 10]
     n_prompt = len(ids) - 4
     cache = engine.prepare_cache(1, len(ids))
@@ -545,9 +554,9 @@ def test_prefill_and_the_no_cache_forward_never_call_the_op(monkeypatch) -> None
     def refuse(*args, **kwargs):
         raise AssertionError("rope_kv_update called outside a decode step")
 
-    monkeypatch.setattr(cached_attention, "rope_kv_update", refuse)
+    monkeypatch.setattr(rope_kv_module, "rope_kv_update", refuse)
     model = build_model(CONFIGS["gqa_hd64"], seed=2)
-    engine = Engine(model)  # fuses the projections
+    engine = Engine(model, settings=Settings())  # fuses the projections
     ids = _prompts(1, seed=4)[0]
     cache = engine.prepare_cache(1, len(ids) + 1)
     engine.prefill(cache, 0, ids)
@@ -578,31 +587,27 @@ def test_decode_step_compiles_with_the_op_and_gives_the_eager_logits(monkeypatch
 
 
 # ---------------------------------------------------------------------------------------------
-# The switch
+# The setting
 
 
-def _python(code: str, **env: str) -> str:
-    """Runs code in a fresh interpreter whose environment has no TOYLLM_FUSED_* but `env`."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("TOYLLM_FUSED_")}
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**base, "PYTHONPATH": ROOT, **env},
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+@pytest.mark.parametrize("fusion", list(Fusion), ids=lambda f: f.name.lower())
+def test_the_op_runs_from_fusion_rope_kv_on(fusion, monkeypatch) -> None:
+    """Fusion.ROPE_KV and above take the op for every layer of a CPU decode step (FULL's
+    gemv_add_rms_norm_rope_kv is CUDA's), NONE and ELEMENTWISE never; the logits agree."""
+    config = CONFIGS["gqa_hd64"]
+    model = build_model(config, seed=2)
+    calls = _count_calls(monkeypatch)
+    engine = Engine(model, settings=Settings(fusion=fusion))
+    cache = engine.prepare_cache(1, 8)
+    engine.prefill(cache, 0, [3, 4, 5])
+    assert calls[0] == 0  # prefill: never
+    logits = engine.decode_step(cache, 1, torch.tensor([6]))
+    assert calls[0] == (config.num_layers if fusion >= Fusion.ROPE_KV else 0)
+    want = reference_logits(model, [3, 4, 5, 6])[-1]
+    assert float((logits[0] - want).abs().max()) <= 1e-4
 
 
-@pytest.mark.parametrize(("env", "enabled"), [
-    ({}, "True"),
-    ({"TOYLLM_FUSED_ROPE_KV": "0"}, "False"),
-    ({"TOYLLM_FUSED_OPS": "0"}, "False"),
-])
-def test_toyllm_fused_rope_kv_switch(env: dict, enabled: str) -> None:
-    code = "import engine.rope_kv_update as r; print(r.ENABLED)"
-    assert _python(code, **env) == enabled
-
-
-def test_applies_only_where_switched_on_supported_and_not_recording_autograd(monkeypatch) -> None:
+def test_applies_only_where_supported_and_not_recording_autograd() -> None:
     args = make_inputs([1, 3], 4, 2, 8, torch.float32, "cpu")
     qkv = args["qkv"].requires_grad_()
     assert not rope_kv_module.applies(qkv, args["k_cache"])
@@ -612,5 +617,3 @@ def test_applies_only_where_switched_on_supported_and_not_recording_autograd(mon
     assert not rope_kv_module.applies(qkv.detach().double(), args["k_cache"].double())
     assert not rope_kv_module.applies(qkv.detach().half(), args["k_cache"])  # dtypes differ
     assert not rope_kv_module.applies(qkv.detach().to("meta"), args["k_cache"].to("meta"))
-    monkeypatch.setattr(rope_kv_module, "ENABLED", False)
-    assert not rope_kv_module.applies(qkv.detach(), args["k_cache"])

@@ -1,18 +1,19 @@
 """models/rope.py's rope_table and gather_cos_sin, and the decode step that takes its RoPE
 cos/sin from the table (engine/cached_attention.py's DecodeStep.rope_cos_sin, built by
-engine/generate.py on CUDA): the same values as rope_cos_sin of the step's positions, so the
-same logits."""
+engine/generate.py on CUDA, read by engine/forward.py's EngineForward): the same values as
+rope_cos_sin of the step's positions, so the same logits."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.cached_attention import DecodeStep
-from engine.generate import Engine
-from models.config import ModelConfig, RopeScaling
-from models.llama import build_model
-from models.rope import gather_cos_sin, inverse_frequencies, rope_cos_sin, rope_table
+from toyllm.engine.cached_attention import DecodeStep
+from toyllm.engine.generate import Engine
+from toyllm.engine.settings import Settings
+from toyllm.models.config import ModelConfig, RopeScaling
+from toyllm.models.llama import build_model
+from toyllm.models.rope import gather_cos_sin, inverse_frequencies, rope_cos_sin, rope_table
 
 CONFIGS = [
     ModelConfig(vocab_size=64, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
@@ -54,7 +55,7 @@ def test_rope_table_on_cuda_has_the_bits_of_rope_cos_sin(config, dtype) -> None:
     _check_table(config, dtype, "cuda", exact=True)
 
 
-def test_decode_step_without_a_table_leaves_cos_sin_to_the_model() -> None:
+def test_decode_step_without_a_table_leaves_cos_sin_to_the_forward() -> None:
     step = DecodeStep([], [], torch.tensor([3, -1], dtype=torch.int32))
     assert step.rope_cos_sin() is None
     table = rope_table(inverse_frequencies(CONFIGS[0]), 8, torch.float32)
@@ -68,6 +69,24 @@ def test_engine_makes_no_table_on_the_cpu() -> None:
     model = build_model(CONFIGS[0], seed=1)
     engine = Engine(model, tokenizer=None, cuda_graph=False)
     assert engine._rope_table_for(64) is None
+
+
+def test_engine_forward_takes_cos_sin_from_the_steps_table_on_the_cpu() -> None:
+    model = build_model(CONFIGS[1], seed=2)
+    engine = Engine(model, tokenizer=None, cuda_graph=False, settings=Settings())
+    cache = engine.prepare_cache(2, 64)
+    with torch.inference_mode():
+        engine.prefill(cache, 0, [1, 2, 3, 4, 5])
+        engine.prefill(cache, 1, [6, 7])
+        ks, vs, positions = engine.cache_views(2)
+        tokens = torch.tensor([[9], [10]])
+        computed = engine.decode_forward(tokens, positions, ks, vs)  # no table on the CPU
+        engine._rope_table_for = lambda n: rope_table(model.inv_freq, n, model.dtype)
+        with_table = engine.decode_forward(tokens, positions, ks, vs)
+        # the CPU's vectorised and scalar cos may round an element differently
+        torch.testing.assert_close(with_table, computed)
+        with pytest.raises(ValueError, match=r"expected positions \[B, T\]"):
+            engine.forward(tokens, None, DecodeStep(ks, vs, positions))  # no table either
 
 
 @pytest.mark.cuda

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.stopping import StopWatcher
+from toyllm.engine.stopping import StopWatcher
 
 
 def feed_all(pieces: list[str], stops: tuple[str, ...]) -> tuple[str, bool]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from models.tokenizer import StreamDecoder, Tokenizer, TokenizerError
+from toyllm.models.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = REPO_ROOT / "models" / "default" / "tokenizer.model"

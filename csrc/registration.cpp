@@ -1,0 +1,57 @@
+// The schemas of every `toyllm::` operator, in one place: what each op takes and returns. The
+// implementations register beside their code (TORCH_LIBRARY_IMPL blocks for CPU and CUDA):
+//   cache/kv_ops.cpp                kv_update
+//   attention/attention_ops.cpp     decode_attention
+//   elementwise/fused_ops.cpp       rms_norm, add_rms_norm, rope, silu_mul
+//   elementwise/rope_kv_ops.cpp     rope_kv_update
+//   gemv/cpu_gemv.cpp, cuda_gemv.cpp  gemv, gemv_silu_mul and the norm-fused products
+//   sampling/argmax_ops.cpp         argmax
+// Every op checks its arguments in C++ on every device and raises ValueError (TORCH_CHECK_VALUE)
+// naming what was expected and what was given. Tensor(a!) marks an argument written in place.
+#include <torch/library.h>
+
+TORCH_LIBRARY(toyllm, m) {
+    // KV cache: writes new_k[b, t] / new_v[b, t] at row positions[b] + t of each cache
+    // (positions[b] < 0: sequence b is skipped).
+    m.def(
+        "kv_update(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor new_k, Tensor new_v, "
+        "Tensor positions) -> ()");
+
+    // Decode attention: one query token per sequence over the first seq_lens[b] keys (GQA).
+    // tile: keys per tile of the CUDA kernel, 0 (FlashAttention-2's choice: 128 up to head_dim
+    // 64, else 64), 64 or 128; reverse: its tiles last to first; tensor_cores: pass 1 on tensor
+    // cores where it applies. The three set where the CUDA kernel rounds (probes compare them);
+    // the CPU checks tile and ignores the rest.
+    m.def(
+        "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, float scale, "
+        "int tile=0, bool reverse=True, bool tensor_cores=True) -> Tensor");
+
+    // Elementwise ops of a Llama layer.
+    m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+    m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+    m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+    m.def("silu_mul(Tensor gate_up) -> Tensor");
+    // RoPE on a decode step's q and k heads and the K/V write, from the fused q/k/v product.
+    m.def(
+        "rope_kv_update(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, Tensor positions, int num_q_heads) -> Tensor");
+
+    // Decode GEMVs: y = F.linear(x, weight) for a few rows, and the same after silu_mul, or
+    // after a residual add and RMSNorm (-> (x + residual, y)). warps: warps per block of the
+    // one-row CUDA kernel of the norm-fused products, 4, 8 or 16 (the bits do not depend on it).
+    m.def("gemv(Tensor x, Tensor weight) -> Tensor");
+    m.def("gemv_silu_mul(Tensor gate_up, Tensor weight) -> Tensor");
+    m.def(
+        "gemv_add_rms_norm(Tensor x, Tensor residual, Tensor norm_weight, float eps, "
+        "Tensor weight, int warps=8) -> (Tensor, Tensor)");
+    m.def(
+        "gemv_add_rms_norm_silu_mul(Tensor x, Tensor residual, Tensor norm_weight, float eps, "
+        "Tensor weight, int warps=8) -> (Tensor, Tensor)");
+    m.def(
+        "gemv_add_rms_norm_rope_kv(Tensor x, Tensor residual, Tensor norm_weight, float eps, "
+        "Tensor weight, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor positions, int num_q_heads, int warps=8) -> (Tensor, Tensor)");
+
+    // Greedy sampling: torch.argmax(logits, dim=-1) of [rows, vocab] logits.
+    m.def("argmax(Tensor logits) -> Tensor");
+}

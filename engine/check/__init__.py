@@ -1,0 +1,1 @@
+"""The correctness harness behind `toyllm check`: cases, no-cache reference, tolerances, report."""

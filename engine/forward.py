@@ -1,0 +1,260 @@
+"""The engine's forward pass: the model's weights through the extension's kernels.
+
+This file is the one place that decides which kernel runs. `EngineForward` walks the layers of
+a `models.llama.Transformer` (whose own forward is the plain-torch reference and is never
+called here) with q/k/v and gate/up fused into one product each, each residual add left to the
+norm that reads its sum, and at every step the fastest op that applies, as `Settings` allows:
+
+    per layer         CUDA, one row (decode at batch 1)      CUDA, more rows    CPU (fp32)
+    norm + q/k/v      gemv_add_rms_norm_rope_kv: the add,    add_rms_norm,      add_rms_norm
+    + RoPE + K/V      the norm, the product, RoPE and the    cuBLAS, then       (C++ loop),
+                      K/V write in one kernel (FULL)         rope_kv_update     gemv (AVX2),
+                                                             (decode) or rope   rope_kv_update
+                                                             + the cache write  or rope + write
+    attention         decode_attention (split-K, tensor      decode_attention   decode_attention
+                      cores for fp16/bf16)                   or SDPA (prefill)  (<= 8 rows) / SDPA
+    o_proj            gemv                                   cuBLAS             gemv
+    norm + gate/up    gemv_add_rms_norm_silu_mul (FULL)      add_rms_norm,      add_rms_norm, gemv
+    + silu*up                                                cuBLAS, silu_mul   silu*up (torch)
+    down              gemv                                   cuBLAS             gemv
+
+The fused ops give the bits of the ops they replace (tests/ compare them as integers), so every
+Fusion level computes the same numbers on one device; the GEMV choices (`Gemv`) do not: MKL and
+cuBLAS sum in other orders. The first layer has no residual to add, so its input norm runs
+alone. Positions are never advanced here: the Engine does it after a whole step succeeded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from toyllm.engine.cached_attention import DecodeStep, PrefillStep
+from toyllm.engine.ops import WITH_CUDA, elementwise, gemv_norm, rope_kv
+from toyllm.engine.ops.gemv import Gemv
+from toyllm.engine.settings import Fusion, Settings
+from toyllm.models import layer_math
+from toyllm.models.llama import Transformer
+from toyllm.models.rope import apply_rope, rope_cos_sin
+
+#: Rows up to which decode attention takes the extension's kernel when its pass 1 runs on CUDA
+#: cores (and on the CPU): above, SDPA with a length mask was faster (docs/PERF.md).
+DECODE_KERNEL_MAX_ROWS = 8
+#: Where the CUDA kernel's pass 1 runs on tensor cores; it is then taken at every batch size.
+TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
+TENSOR_CORE_HEAD_DIMS = (64, 128)
+
+Step = PrefillStep | DecodeStep
+
+
+def decode_kernel_max_rows(settings: Settings, dtype: torch.dtype | None,
+                           head_dim: int | None) -> int | None:
+    """Rows up to which a decode step's attention takes the extension's kernel; None: any."""
+    if settings.decode_kernel_max_rows is not None:
+        return settings.decode_kernel_max_rows
+    if dtype in TENSOR_CORE_DTYPES and head_dim in TENSOR_CORE_HEAD_DIMS:
+        return None
+    return DECODE_KERNEL_MAX_ROWS
+
+
+def decode_attention_kernel(settings: Settings, device: torch.device, rows: int,
+                            dtype: torch.dtype, head_dim: int) -> bool:
+    """True when a decode step of `rows` rows attends through toyllm::decode_attention: the
+    CUDA kernel (up to decode_kernel_max_rows), or on the CPU its fp32 loop (other dtypes:
+    SDPA over in-place views is faster there)."""
+    if settings.decode_attention != "kernel":
+        return False
+    if device.type == "cpu":
+        if dtype != torch.float32:
+            return False
+        most = settings.decode_kernel_max_rows
+        return rows <= (DECODE_KERNEL_MAX_ROWS if most is None else most)
+    if device.type != "cuda" or not WITH_CUDA:
+        return False
+    most = decode_kernel_max_rows(settings, dtype, head_dim)
+    return most is None or rows <= most
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's weights as the engine reads them: q/k/v and gate/up as one matrix
+    each, whose row blocks the model's own parameters become views of."""
+
+    input_norm: Tensor  # [hidden]
+    qkv: Tensor  # [(Hq + 2 Hkv) * D, hidden]: q, k, v rows
+    o: Tensor  # [hidden, Hq * D]
+    post_norm: Tensor  # [hidden]
+    gate_up: Tensor  # [2 * intermediate, hidden]: gate, then up rows
+    down: Tensor  # [hidden, intermediate]
+
+
+@torch.no_grad()
+def fuse_rows(linears: list[nn.Linear]) -> Tensor:
+    """One [sum of out, in] weight for several linears of the same input; each linear's weight
+    becomes a view of its rows (same values, same state_dict, no extra memory). Keeps the
+    storage order: input-major weights (engine/cpu_layout.py) give an input-major matrix.
+    Weights that are already such views (an earlier engine fused them) are reused as they are."""
+    weights = [lin.weight for lin in linears]
+    fused = _fused_already(weights)
+    if fused is not None:
+        return fused
+    if all(w.stride(0) == 1 and w.stride(1) >= w.shape[0] for w in weights):
+        fused = torch.cat([w.t() for w in weights], dim=1).t()  # [in, out] storage
+    else:
+        fused = torch.cat(list(weights), dim=0)
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight.data = fused[start : start + rows]
+        start += rows
+    return fused
+
+
+def _fused_already(weights: list[Tensor]) -> Tensor | None:
+    """The fused matrix `weights` are consecutive row blocks of, or None."""
+    base = weights[0]._base
+    if base is None or base.dim() != 2 or any(w._base is not base for w in weights):
+        return None
+    rows, cols = sum(w.shape[0] for w in weights), weights[0].shape[1]
+    if base.shape == (rows, cols):  # [out, in] storage: block i starts at row `start`
+        fused, step = base, cols
+    elif base.shape == (cols, rows):  # [in, out] storage: block i starts at column `start`
+        fused, step = base.t(), 1
+    else:
+        return None
+    start = 0
+    for w in weights:
+        if w.data_ptr() != base.data_ptr() + start * step * base.element_size():
+            return None
+        start += w.shape[0]
+    return fused
+
+
+def layer_weights(model: Transformer) -> list[LayerWeights]:
+    """The engine's view of every layer's weights (fusing q/k/v and gate/up in place)."""
+    out = []
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        out.append(LayerWeights(
+            input_norm=layer.input_layernorm.weight,
+            qkv=fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj]),
+            o=attn.o_proj.weight,
+            post_norm=layer.post_attention_layernorm.weight,
+            gate_up=fuse_rows([mlp.gate_proj, mlp.up_proj]),
+            down=mlp.down_proj.weight,
+        ))
+    return out
+
+
+class EngineForward:
+    """forward(tokens, positions, step) -> logits, through the cache `step` attends over.
+
+    Build it after the model has its final device, dtype and weight layout: it holds views of
+    the model's weights (moving the model afterwards leaves them behind).
+    """
+
+    def __init__(self, model: Transformer, settings: Settings) -> None:
+        self.model = model
+        self.settings = settings
+        config = model.config
+        self.eps = config.norm_eps
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.fusion = settings.fusion
+        self.gemv = Gemv(cpu=settings.cpu_gemv, cuda=settings.cuda_gemv,
+                         cuda_max_bytes=settings.cuda_gemv_max_bytes)
+        fused = self.fusion >= Fusion.ELEMENTWISE  # one kernel each (CUDA), C++ loops (CPU)
+        self.rms_norm = elementwise.rms_norm if fused else layer_math.rms_norm
+        self.add_rms_norm = elementwise.add_rms_norm if fused else layer_math.add_rms_norm
+        self.rope = elementwise.rope if fused else apply_rope
+        self.silu_mul = elementwise.silu_mul if fused else layer_math.silu_mul
+        self.layers = layer_weights(model)
+
+    def decode_kernel(self, rows: int) -> bool:
+        """Whether a decode step of `rows` rows attends through the extension's kernel."""
+        return decode_attention_kernel(self.settings, self.model.device, rows, self.model.dtype,
+                                       self.head_dim)
+
+    def __call__(self, tokens: Tensor, positions: Tensor | None, step: Step,
+                 last_only: bool = False) -> Tensor:
+        """tokens [B, T] (positions int64 [B, T], or None for a decode step that gathers RoPE's
+        cos/sin from its table) -> logits [B, T, vocab] ([B, 1, vocab] if last_only)."""
+        model = self.model
+        x = model.embed_tokens(tokens)  # [B, T, hidden]
+        cos_sin = step.rope_cos_sin() if isinstance(step, DecodeStep) else None
+        if cos_sin is None:
+            if positions is None:
+                raise ValueError("expected positions [B, T]: the step gives no RoPE cos/sin")
+            cos_sin = rope_cos_sin(model.inv_freq, positions, x.dtype)
+        cos, sin = cos_sin
+        pending: Tensor | None = None  # the residual stream is x + pending
+        for i, weights in enumerate(self.layers):
+            x, pending = self._layer(i, weights, x, pending, cos, sin, step)
+        if last_only:  # the sum's last token is the sum of the last tokens
+            x = x[:, -1:]
+            pending = pending[:, -1:] if pending is not None else None
+        _, h = self._add_norm(x, pending, model.norm.weight)
+        return self.gemv.linear(h, model.lm_head.weight)
+
+    def _layer(self, i: int, w: LayerWeights, x: Tensor, pending: Tensor | None, cos: Tensor,
+               sin: Tensor, step: Step) -> tuple[Tensor, Tensor]:
+        """The layer on the residual stream x + pending (pending None: x). Returns the stream
+        after it as (x, pending) again: the MLP's output is left for the next norm to add."""
+        out = None
+        if (self.fusion >= Fusion.FULL and pending is not None and isinstance(step, DecodeStep)
+                and gemv_norm.rope_kv_applies(x, pending, w.input_norm, w.qkv, cos,
+                                              step.k_caches[i], self.gemv)):
+            # the residual add, the input norm, q/k/v, RoPE and the K/V write: one kernel
+            x, q = gemv_norm.add_rms_norm_rope_kv(
+                x, pending, w.input_norm, self.eps, w.qkv, cos, sin, step.k_caches[i],
+                step.v_caches[i], step.positions, self.num_heads)
+            out = step.attend_cached(i, q)
+        if out is None:
+            x, qkv = self._add_norm_linear(x, pending, w.input_norm, w.qkv)
+            out = self._attend(i, qkv, cos, sin, step)
+        b, t = out.shape[:2]
+        attn = self.gemv.linear(out.reshape(b, t, self.num_heads * self.head_dim), w.o)
+        if self.fusion >= Fusion.FULL and gemv_norm.silu_applies(x, attn, w.post_norm,
+                                                                 w.gate_up, self.gemv):
+            # the residual add, the post-attention norm, gate/up and silu(gate) * up: one kernel
+            x, h = gemv_norm.add_rms_norm_silu_mul(x, attn, w.post_norm, self.eps, w.gate_up)
+            return x, self.gemv.linear(h, w.down)
+        x, gate_up = self._add_norm_linear(x, attn, w.post_norm, w.gate_up)
+        # silu(gate) * up inside the one-row CUDA down product from SILU_GEMV on
+        return x, self.gemv.silu_mul_linear(gate_up, w.down, self.silu_mul,
+                                            fused=self.fusion >= Fusion.SILU_GEMV)
+
+    def _add_norm(self, x: Tensor, residual: Tensor | None,
+                  norm_weight: Tensor) -> tuple[Tensor, Tensor]:
+        """(s, rms_norm(s)) with s = x + residual (x when residual is None)."""
+        if residual is None:
+            return x, self.rms_norm(x, norm_weight, self.eps)
+        return self.add_rms_norm(x, residual, norm_weight, self.eps)
+
+    def _add_norm_linear(self, x: Tensor, residual: Tensor | None, norm_weight: Tensor,
+                         weight: Tensor) -> tuple[Tensor, Tensor]:
+        """(s, linear(rms_norm(s), weight)) with s = x + residual: one kernel at one CUDA row
+        from FULL on (the bits of add_rms_norm then gemv)."""
+        if (self.fusion >= Fusion.FULL and residual is not None
+                and gemv_norm.applies(x, residual, norm_weight, weight, self.gemv)):
+            return gemv_norm.add_rms_norm_linear(x, residual, norm_weight, self.eps, weight)
+        x, h = self._add_norm(x, residual, norm_weight)
+        return x, self.gemv.linear(h, weight)
+
+    def _attend(self, i: int, qkv: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
+        """Attention output [B, T, Hq, D] from the fused projection qkv [B, T, (Hq + 2 Hkv) D]
+        (before RoPE), K/V written into the step's cache."""
+        b, t, _ = qkv.shape
+        hq, hkv = self.num_heads, self.num_kv_heads
+        qkv = qkv.view(b, t, hq + 2 * hkv, self.head_dim)
+        if (self.fusion >= Fusion.ROPE_KV and isinstance(step, DecodeStep)
+                and rope_kv.applies(qkv, step.k_caches[i])):
+            # RoPE on q and k and the K/V write: one op
+            q = rope_kv.rope_kv_update(qkv, cos, sin, step.k_caches[i], step.v_caches[i],
+                                       step.positions, hq)
+            return step.attend_cached(i, q)
+        qk = self.rope(qkv[:, :, : hq + hkv], cos, sin)  # one RoPE for q and k
+        q, k, v = qk[:, :, :hq], qk[:, :, hq:], qkv[:, :, hq + hkv :]
+        return step.attend(i, q, k, v)

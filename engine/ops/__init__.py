@@ -1,0 +1,45 @@
+"""The one Python face of the C++/CUDA extension (`_C`, built from csrc/).
+
+Importing this package loads the extension, which registers the ``toyllm::`` operators with
+PyTorch and defines the `KVCache` class; an extension that is missing or older than this code
+stops the import here, once, with the command that rebuilds it. The modules beside this file
+wrap the operators by subsystem (kv_cache, elementwise, rope_kv, gemv, gemv_norm, argmax): each
+wrapper says where its operator applies; engine/forward.py decides which one runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_REBUILD = "pip install --no-build-isolation -e . (from the repository root)"
+
+try:
+    from toyllm.engine.ops import _C
+except ImportError as exc:  # pragma: no cover - depends on the build
+    raise ImportError(
+        "toyllm's C++ extension toyllm.engine.ops._C is not built (or does not match the "
+        f"installed torch): {exc}. Build it with: {_REBUILD}"
+    ) from exc
+
+#: Every operator the Python side calls; a stale build lacks some.
+OPERATORS = (
+    "kv_update", "decode_attention", "rms_norm", "add_rms_norm", "rope", "silu_mul",
+    "rope_kv_update", "gemv", "gemv_silu_mul", "gemv_add_rms_norm", "gemv_add_rms_norm_silu_mul",
+    "gemv_add_rms_norm_rope_kv", "argmax",
+)
+_missing = [op for op in OPERATORS if not hasattr(torch.ops.toyllm, op)]
+if _missing:
+    raise ImportError(
+        f"toyllm.engine.ops._C predates the operators toyllm::{', '.join(_missing)}: rebuild it "
+        f"with: {_REBUILD}"
+    )
+
+#: The extension was built with its CUDA kernels.
+WITH_CUDA: bool = bool(_C.with_cuda)
+#: The dtypes every operator takes on CUDA (the CPU loops take float32).
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def no_autograd(*tensors: torch.Tensor) -> bool:
+    """Nothing here records autograd: the operators have no backward."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))

@@ -1,0 +1,76 @@
+"""The greedy pick of a decode step: ``torch.ops.toyllm.argmax`` (csrc/argmax_ops.cpp, CUDA
+kernel in csrc/argmax.cu), torch.argmax(logits, dim=-1) of [rows, vocab] logits.
+
+The answer is torch's bit for bit: the first index of each row's maximum, NaN counting as the
+maximum (the first NaN wins), -0.0 equal to +0.0. fp16 and bf16 logits are compared after their
+exact widening to fp32, so ``argmax(logits)`` is also ``torch.argmax(logits.float(), -1)`` and
+the engine hands the model's logits over as they are (no ``.float()`` kernel before greedy).
+
+* CPU: at::argmax itself (the operator exists there so its checks and the fake are the same
+  everywhere).
+* CUDA: one kernel that splits each row over many blocks and lets the last block of a row to
+  finish combine their results (plus a memset of per-row counters). torch's reduction took
+  ~27 us for one row of Llama-1B's 128,256 logits on an H200 (docs/PERF.md);
+  ``scripts/bench_argmax.py`` compares the two.
+
+``argmax(logits)`` uses the operator where it applies: a CUDA tensor of 2 dims with a non-empty
+vocab, fp32, fp16 or bf16, and an extension built with CUDA (the engine's Settings.cuda_argmax
+may turn it off: ``argmax(logits, kernel=False)``). Everything else is ``logits.argmax(dim=-1)``.
+
+Example::
+
+    >>> import torch
+    >>> from toyllm.engine.ops.argmax import argmax
+    >>> argmax(torch.tensor([[1.0, 3.0, 3.0], [float("nan"), 2.0, float("nan")]]))
+    tensor([1, 0])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from toyllm.engine.ops import DTYPES, WITH_CUDA
+
+__all__ = ["applies", "argmax"]
+
+_DTYPES = DTYPES
+
+_argmax = torch.ops.toyllm.argmax.default
+
+
+def applies(logits: Tensor) -> bool:
+    """True when ``argmax`` hands these logits to the CUDA kernel."""
+    return (WITH_CUDA and logits.is_cuda and logits.dim() == 2 and logits.shape[1] > 0
+            and logits.dtype in _DTYPES)
+
+
+def argmax(logits: Tensor, kernel: bool = True) -> Tensor:
+    """logits [rows, vocab] -> int64 [rows]: torch.argmax(logits, dim=-1), through the CUDA
+    kernel where it applies (and `kernel`)."""
+    if kernel and applies(logits):
+        return _argmax(logits)
+    return logits.argmax(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) implementation for torch.compile and opcheck: the C++ checks, same messages.
+
+
+@torch.library.register_fake("toyllm::argmax")
+def _argmax_fake(logits: Tensor) -> Tensor:
+    if logits.dim() != 2:
+        raise ValueError(
+            f"argmax: expected logits of 2 dims [rows, vocab], got shape {list(logits.shape)}"
+        )
+    if logits.dtype not in _DTYPES:
+        raise ValueError(
+            "argmax: expected logits of dtype torch.float32, torch.float16 or torch.bfloat16, "
+            f"got {logits.dtype}"
+        )
+    if logits.shape[1] < 1:
+        raise ValueError(
+            "argmax: expected a non-empty vocab (logits.size(1) >= 1), got shape "
+            f"{list(logits.shape)}"
+        )
+    return logits.new_empty((logits.shape[0],), dtype=torch.long)

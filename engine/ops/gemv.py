@@ -1,0 +1,246 @@
+"""Matrix-vector products of decode: ``torch.ops.toyllm.gemv`` on the CPU (csrc/cpu_gemv.cpp)
+and on CUDA (csrc/cuda_gemv.cpp, kernel in csrc/gemv.cu), and ``torch.ops.toyllm.gemv_silu_mul``,
+a SwiGLU MLP's down product with silu(gate) * up computed in the same CUDA kernel
+(csrc/gemv_silu_mul.cu).
+
+A decode step at batch 1 is 4 products per layer plus the output head, each reading its whole
+weight once; they are bound by how fast the weights stream from memory. The operator computes
+``F.linear(x, weight)`` (no bias):
+
+* CPU: fp32 tensors, an AVX2 loop split over the cores. Alone it streams about as fast as
+  MKL's sgemv on the input-major layout; in the model's decode step it is worth 1.96x -> 2.24x
+  of transformers (docs/PERF.md, "CPU decode, stories15M shape"). Its sums run in another order
+  than MKL's: results agree to a few ulps.
+* CUDA: fp32, fp16 or bf16 (x and weight alike), at most 4 rows, a contiguous [out, in]
+  weight; one kernel that streams the weight with 16-byte loads and sums in fp32, rounding
+  once to the dtype (within 1 ulp of cuBLAS's fp32-accumulated result). It replaces cuBLAS's
+  GEMV and split-K reduce kernels of a decode step (scripts/bench_gemv.py measures both).
+
+``Gemv(cpu=..., cuda=..., cuda_max_bytes=...)`` is the engine's choice of products (from its
+Settings): ``Gemv.linear(x, weight)`` hands (x, weight) to the operator where it applies, at
+most ``MAX_ROWS`` rows on the CPU and ``CUDA_MAX_ROWS`` on CUDA, where it beats MKL / cuBLAS
+(prefill's many rows stay with their matrix-matrix kernels), and nothing records autograd.
+``Gemv.silu_mul_linear(gate_up, weight, silu_mul, fused)`` is ``linear(silu_mul(gate_up),
+weight)``: with ``fused``, where the one-row CUDA kernel would take that product, it hands
+gate_up to ``gemv_silu_mul`` instead, one kernel instead of silu_mul's and gemv's, with the same
+bits (h is computed by silu_mul's own device code, the sums by gemv's). The CPU operator is
+silu_mul then gemv (no gain, so the engine does not use it there).
+
+Example::
+
+    >>> import torch
+    >>> from toyllm.engine.ops.gemv import Gemv
+    >>> Gemv().linear(torch.ones(1, 3), torch.arange(6.0).view(2, 3))  # rows [0, 1, 2], [3, 4, 5]
+    tensor([[ 3., 12.]])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from toyllm.engine.ops import DTYPES, WITH_CUDA, no_autograd
+
+__all__ = ["CUDA_MAX_ROWS", "MAX_ROWS", "Gemv"]
+
+#: Products with more rows than this (prefill) go to MKL / cuBLAS; the CUDA kernel takes no more.
+MAX_ROWS = 4
+#: The engine hands CUDA products to the kernel up to this many rows: at one row it beats
+#: cuBLAS, at four it loses (four fp32 accumulators per lane slow the loop; docs/PERF.md).
+CUDA_MAX_ROWS = 1
+
+_CUDA_DTYPES = DTYPES
+
+_gemv = torch.ops.toyllm.gemv.default
+_gemv_silu_mul = torch.ops.toyllm.gemv_silu_mul.default
+
+
+@dataclass(frozen=True)
+class Gemv:
+    """Where the decode products take toyllm::gemv (engine Settings: cpu_gemv, cuda_gemv,
+    cuda_gemv_max_mib); F.linear everywhere else."""
+
+    cpu: bool = True  # fp32 CPU products of up to MAX_ROWS rows
+    cuda: bool = True  # CUDA products of up to CUDA_MAX_ROWS rows ...
+    cuda_max_bytes: int = 128 * 2**20  # ... of weights up to this size (larger: cuBLAS)
+
+    def applies_cpu(self, x: Tensor, weight: Tensor) -> bool:
+        if not self.cpu or x.dtype != torch.float32 or weight.dtype != torch.float32:
+            return False
+        if x.device.type != "cpu" or weight.device.type != "cpu":
+            return False
+        return weight.is_contiguous() or weight.stride() == (1, weight.shape[0])
+
+    def applies_cuda(self, x: Tensor, weight: Tensor) -> bool:
+        """The one-row CUDA kernel takes (x, weight) (shapes aside: see `applies`)."""
+        if not (self.cuda and WITH_CUDA and x.is_cuda) or weight.device != x.device:
+            return False
+        if x.numel() > CUDA_MAX_ROWS * x.shape[-1]:
+            return False
+        if x.dtype not in _CUDA_DTYPES or weight.dtype != x.dtype:
+            return False
+        if weight.numel() * weight.element_size() > self.cuda_max_bytes:
+            return False
+        return weight.is_contiguous()
+
+    def applies(self, x: Tensor, weight: Tensor) -> bool:
+        """True when ``linear`` hands (x, weight) to the operator."""
+        if x.dim() == 0:
+            return False
+        n = x.shape[-1]
+        if n == 0 or x.numel() > MAX_ROWS * n or weight.dim() != 2 or weight.shape[1] != n:
+            return False
+        if not no_autograd(x, weight):
+            return False
+        return self.applies_cpu(x, weight) or self.applies_cuda(x, weight)
+
+    def linear(self, x: Tensor, weight: Tensor) -> Tensor:
+        """F.linear(x, weight) without bias: through the operator where it applies."""
+        if self.applies(x, weight):
+            return _gemv(x, weight)
+        return F.linear(x, weight)
+
+    def silu_mul_applies(self, gate_up: Tensor, weight: Tensor) -> bool:
+        """True when gate_up [..., 2 * in] for weight [out, in] can go to ``gemv_silu_mul``:
+        the product of its silu_mul, [..., in], is one the CUDA kernel takes."""
+        if gate_up.dim() == 0 or weight.dim() != 2:
+            return False
+        n = weight.shape[1]
+        if n == 0 or gate_up.shape[-1] != 2 * n or gate_up.numel() > CUDA_MAX_ROWS * 2 * n:
+            return False
+        return no_autograd(gate_up, weight) and self.applies_cuda(gate_up, weight)
+
+    def silu_mul_linear(self, gate_up: Tensor, weight: Tensor,
+                        silu_mul: Callable[[Tensor], Tensor], fused: bool = True) -> Tensor:
+        """``linear(silu_mul(gate_up), weight)``: gate_up [..., 2 * in] (gate, then up), weight
+        [out, in] -> [..., out]. One kernel where ``fused`` and ``silu_mul_applies``, with the
+        same bits as toyllm::silu_mul then toyllm::gemv; else ``silu_mul`` (the caller's: the
+        fused operator or the torch code, which agree bit for bit) then ``linear``."""
+        if fused and self.silu_mul_applies(gate_up, weight):
+            return _gemv_silu_mul(gate_up, weight)
+        return self.linear(silu_mul(gate_up), weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) implementations for torch.compile and opcheck: the C++ checks, same messages. CUDA
+# tensors get the CUDA kernel's rules (csrc/cuda_gemv.cpp), anything else the CPU's
+# (csrc/cpu_gemv.cpp), as the dispatcher would choose. gemv_silu_mul has gemv's rules with
+# gate_up [..., 2 * in] in x's place.
+
+
+@dataclass(frozen=True)
+class OpNames:
+    """How an operator's messages name it, its first argument and that argument's rows."""
+
+    op: str  # "gemv"
+    x: str  # "x"
+    rows: str  # how rows are counted: "x.numel() / in"
+    instead: str  # what to use for more rows on CUDA: "F.linear"
+    width: int  # x's last dim in units of weight's in: 1, or 2 for gate_up
+
+
+_GEMV = OpNames("gemv", "x", "x.numel() / in", "F.linear", 1)
+_GEMV_SILU_MUL = OpNames("gemv_silu_mul", "gate_up", "gate_up.numel() / (2 * in)",
+                         "silu_mul and F.linear", 2)
+
+
+def _check_shapes(n: OpNames, x: Tensor, weight: Tensor) -> None:
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{n.op}: expected weight of 2 dims [out, in], got shape {list(weight.shape)}"
+        )
+    if n.width == 1:
+        if x.dim() < 1:
+            raise ValueError(
+                f"gemv: expected x of at least 1 dim [..., in], got shape {list(x.shape)}"
+            )
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(
+                f"gemv: expected x [..., {weight.shape[1]}] (weight's in = weight.size(1)), got x "
+                f"of shape {list(x.shape)} for weight of shape {list(weight.shape)}"
+            )
+        return
+    if x.dim() < 1:
+        raise ValueError(
+            f"{n.op}: expected {n.x} of at least 1 dim [..., 2 * in], got shape {list(x.shape)}"
+        )
+    if x.shape[-1] != 2 * weight.shape[1]:
+        raise ValueError(
+            f"{n.op}: expected {n.x} [..., {2 * weight.shape[1]}] (gate then up, each of "
+            f"weight's in = weight.size(1)), got {n.x} of shape {list(x.shape)} for weight of "
+            f"shape {list(weight.shape)}"
+        )
+
+
+def _check_cpu(n: OpNames, x: Tensor, weight: Tensor) -> None:
+    for name, t in ((n.x, x), ("weight", weight)):
+        if t.dtype != torch.float32:
+            raise ValueError(f"{n.op}: expected {name} of dtype torch.float32, got {t.dtype}")
+    if weight.device != x.device:
+        raise ValueError(
+            f"{n.op}: expected weight on {x.device} ({n.x}'s device), got {weight.device}"
+        )
+    _check_shapes(n, x, weight)
+    out = weight.shape[0]
+    if not (weight.is_contiguous() or weight.stride() == (1, max(out, 1))):
+        raise ValueError(
+            f"{n.op}: expected weight [out, in] contiguous (strides [in, 1]) or the transposed "
+            "view of a contiguous [in, out] matrix (strides [1, out]), got strides "
+            f"{list(weight.stride())} for shape {list(weight.shape)}"
+        )
+
+
+def check_cuda_args(n: OpNames, x: Tensor, weight: Tensor) -> None:
+    if x.device.type != "cuda":
+        raise ValueError(
+            f"{n.op}: expected {n.x} on a CUDA device (weight is on {weight.device}), got "
+            f"{x.device}"
+        )
+    if weight.device != x.device:
+        raise ValueError(
+            f"{n.op}: expected weight on {x.device} ({n.x}'s device), got {weight.device}"
+        )
+    if x.dtype not in _CUDA_DTYPES:
+        raise ValueError(
+            f"{n.op}: expected {n.x} of dtype torch.float32, torch.float16 or torch.bfloat16 on "
+            f"CUDA, got {x.dtype}"
+        )
+    if weight.dtype != x.dtype:
+        raise ValueError(
+            f"{n.op}: expected weight of dtype {x.dtype} ({n.x}'s dtype), got {weight.dtype}"
+        )
+    _check_shapes(n, x, weight)
+    if not weight.is_contiguous():
+        raise ValueError(
+            f"{n.op}: expected a contiguous weight [out, in] (strides [in, 1]) on CUDA, got "
+            f"strides {list(weight.stride())} for shape {list(weight.shape)}"
+        )
+    rows = math.prod(x.shape[:-1])
+    if rows > MAX_ROWS:
+        raise ValueError(
+            f"{n.op}: expected at most {MAX_ROWS} rows of {n.x} on CUDA ({n.rows}), got {rows} "
+            f"({n.x} of shape {list(x.shape)}); use {n.instead} for more"
+        )
+
+
+def _fake(n: OpNames, x: Tensor, weight: Tensor) -> Tensor:
+    if x.device.type == "cuda" or weight.device.type == "cuda":
+        check_cuda_args(n, x, weight)
+    else:
+        _check_cpu(n, x, weight)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("toyllm::gemv")
+def _gemv_fake(x: Tensor, weight: Tensor) -> Tensor:
+    return _fake(_GEMV, x, weight)
+
+
+@torch.library.register_fake("toyllm::gemv_silu_mul")
+def _gemv_silu_mul_fake(gate_up: Tensor, weight: Tensor) -> Tensor:
+    return _fake(_GEMV_SILU_MUL, gate_up, weight)

@@ -1,0 +1,1 @@
+"""Tools over the engine: `toyllm bench`, `toyllm info`, `toyllm sweep` (and its plots)."""
