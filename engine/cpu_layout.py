@@ -1,10 +1,9 @@
 """Weight storage that makes CPU decode fast: every projection stored input-major.
 
 A decode step is a chain of matrix-vector products. With PyTorch's nn.Linear layout
-(weight [out, in], row-major), MKL's sgemv walks the matrix in its slow transposed mode:
-measured on our 2-core CI machine (AMD EPYC, 32 MB L3, 2026-11-27), a 32000 x 288 fp32
-output head took 6.1 ms per token that way and 2.2 ms with the same numbers stored as a
-contiguous [in, out] matrix. So on the CPU each weight is re-stored as W.t().contiguous()
+(weight [out, in], row-major), MKL's sgemv walks the matrix in its slow transposed mode,
+about 3x slower than on the same numbers stored as a contiguous [in, out] matrix (docs/PERF.md,
+"CPU decode"). So on the CPU each weight is re-stored as W.t().contiguous()
 and the parameter becomes its transposed *view*: same shape, same values, same
 state_dict, no extra memory; F.linear(x, W) then hands MKL a contiguous [in, out] matrix.
 """

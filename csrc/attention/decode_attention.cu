@@ -199,8 +199,8 @@ DecodeAttentionPlan plan_decode_attention(int64_t batch, int64_t num_q_heads, in
         // About eight blocks per SM in all (two fit at a time at head_dim 64, one at 128: their
         // slot rings take most of the shared memory): short blocks, so that rows of different
         // lengths leave little tail. But no chunk shorter than a tile per warp while the cache
-        // has that many, so a short cache is one chunk and needs no pass 2. (H200, 2026-11-27:
-        // two blocks per SM in all left 16 x 4096 keys at ~2.6 TB/s, the last wave half full.)
+        // has that many, so a short cache is one chunk and needs no pass 2. (Two blocks per SM
+        // in all left the last wave half full at 16 x 4096 keys: docs/PERF.md.)
         namespace mma = decode_attention_mma;
         plan.tensor_cores = true;
         plan.head_blocks = (group + mma::kRows - 1) / mma::kRows;

@@ -8,10 +8,9 @@
 namespace toyllm {
 namespace {
 
-// Threads per block. Measured on an H200 (2026-11-27, two 128 MiB slabs, median of 25 launches,
-// two rounds): 1024 threads 134.5 / 134.2 us, cudaMemcpyAsync x2 135.4 / 136.1, 512 threads
-// 135.7 / 135.8, 256 threads 136.8 / 138.3 (unrolling 4 or 8, streaming loads or stores and
-// capped grids were all slower): 256 left the kernel ~1% behind the slice copy.
+// Threads per block: 1024 measured fastest, level with two cudaMemcpyAsync; 512 and 256 were
+// slower, and so were unrolling 4 or 8, streaming loads or stores and capped grids
+// (docs/PERF.md, "KV-cache update").
 constexpr int kThreads = 1024;
 constexpr int kUnroll = 2;                       // vectors each thread has in flight per loop trip
 constexpr int64_t kMaxGridX = int64_t{1} << 24;  // blocks along a slab (grid-stride past that)

@@ -3,11 +3,9 @@
 // a decode step.
 //
 // Why: with batch 1 every projection of a decode step is a matrix-vector product that reads
-// each weight once, so decode is bound by how fast the weights stream from DRAM. On our 2-core
-// CI machine (AMD EPYC, 2026-11-27) a plain read of both cores reaches ~20 GB/s; this loop,
-// split over the cores, reaches ~16 GB/s on the 25 products of a stories15M-shaped model,
-// about what MKL's sgemv gets on the input-major layout; in the whole decode step it is the
-// faster of the two (docs/PERF.md, "CPU decode, stories15M shape").
+// each weight once, so decode is bound by how fast the weights stream from memory. This loop,
+// split over the cores, streams about as fast as MKL's sgemv on the input-major layout, and in
+// the whole decode step it is the faster of the two (docs/PERF.md, "CPU decode").
 //
 // x: [..., in] fp32 (packed here when it is not contiguous); weight: [out, in] fp32, either
 // contiguous (nn.Linear's layout; the fastest: each output is a dot product over a contiguous

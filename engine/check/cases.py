@@ -44,9 +44,9 @@ def weight_std(config: ModelConfig) -> float:
     keeps its input's scale (attention scores and logits with std ~1, as in a trained model).
 
     An earlier init with 2.26x that gain (0.2 at hidden 128) saturated the softmax (score std
-    ~5) and amplified fp16/bf16 rounding: on the same engine, the fp16 reference drifted 3x
-    farther from fp32 (measured on the CPU, 2026-11-27: 5-8e-3 vs 1.6-2.5e-3). That is a
-    property of the test model, not of the cache; the tolerances did not change."""
+    ~5) and amplified fp16/bf16 rounding: on the same engine, the fp16 reference drifted about
+    3x farther from fp32 (docs/PERF.md). That is a property of the test model, not of the
+    cache; the tolerances did not change."""
     return 1.0 / math.sqrt(config.hidden_size)
 
 
