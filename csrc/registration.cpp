@@ -52,6 +52,7 @@ TORCH_LIBRARY(toyllm, m) {
         "Tensor weight, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor positions, int num_q_heads, int warps=8) -> (Tensor, Tensor)");
 
-    // Greedy sampling: torch.argmax(logits, dim=-1) of [rows, vocab] logits.
-    m.def("argmax(Tensor logits) -> Tensor");
+    // Greedy sampling: torch.argmax(logits, dim=-1) of [rows, vocab] logits; flag_nonfinite:
+    // -1 for a row that holds a NaN or an inf.
+    m.def("argmax(Tensor logits, bool flag_nonfinite=False) -> Tensor");
 }

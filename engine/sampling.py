@@ -29,7 +29,7 @@ class SamplingError(ValueError):
 # and dividing by a temperature such as 1e-300 overflows every logit to inf (vLLM: the same rule).
 MIN_TEMPERATURE = 1e-5
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
-NONFINITE = -1  # the token of a row whose logits are not all finite
+NONFINITE = -1  # the token of a row whose logits are not all finite (toyllm::argmax's flag)
 
 
 @dataclass(frozen=True)
@@ -123,23 +123,23 @@ def sample(logits: Tensor, params: SamplingParams,
     `cuda_argmax` False: torch.argmax).
     generator: one for the batch, or one per row (make_generators: rows beyond the list are
     padding and get token 0). A row with a NaN or inf logit gets NONFINITE."""
+    if params.greedy:
+        # the argmax pass flags the rows: no reduction of its own (on CUDA, one kernel in all)
+        return argmax(logits, kernel=cuda_argmax, flag_nonfinite=True)
     # one reduction, accumulated in fp32 (an fp16 sum of finite logits could overflow): its
     # total is finite exactly when every logit of the row is (barring a 1e38 total)
     finite = torch.isfinite(torch.sum(logits, dim=-1, dtype=torch.float32))  # [B]
-    if params.greedy:
-        tokens = argmax(logits, kernel=cuda_argmax)
+    scaled = logits.float().masked_fill(~finite.unsqueeze(-1), 0.0) / params.temperature
+    scaled = filter_logits(scaled, params.top_k, params.top_p)
+    probs = scaled.softmax(dim=-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     else:
-        scaled = logits.float().masked_fill(~finite.unsqueeze(-1), 0.0) / params.temperature
-        scaled = filter_logits(scaled, params.top_k, params.top_p)
-        probs = scaled.softmax(dim=-1)
-        if generator is None or isinstance(generator, torch.Generator):
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        else:
-            # each row draws from its own stream, so its tokens ignore its neighbours
-            picks = [torch.multinomial(probs[row : row + 1], 1, generator=gen)
-                     for row, gen in enumerate(generator)]
-            padding = probs.shape[0] - len(picks)
-            if padding:
-                picks.append(torch.zeros(padding, 1, dtype=torch.int64, device=probs.device))
-            tokens = torch.cat(picks).squeeze(-1)
+        # each row draws from its own stream, so its tokens ignore its neighbours
+        picks = [torch.multinomial(probs[row : row + 1], 1, generator=gen)
+                 for row, gen in enumerate(generator)]
+        padding = probs.shape[0] - len(picks)
+        if padding:
+            picks.append(torch.zeros(padding, 1, dtype=torch.int64, device=probs.device))
+        tokens = torch.cat(picks).squeeze(-1)
     return tokens.masked_fill(~finite, NONFINITE)

@@ -444,3 +444,75 @@ def test_engine_greedy_generation_on_the_cpu_never_calls_the_kernel(monkeypatch)
     tokens = [Engine(model, settings=Settings(cuda_argmax=on)).generate([[5, 6, 7]], params)
               .completions[0].token_ids for on in (True, False)]
     assert tokens[0] == tokens[1] and len(tokens[0]) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# flag_nonfinite: -1 for a row holding a NaN or an inf, found in the argmax pass itself
+
+
+def flagged_reference(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax of the fp32 widening, -1 where the row is not all finite."""
+    x = logits.detach().cpu().float()
+    return x.argmax(dim=-1).masked_fill(~torch.isfinite(x).all(dim=-1), -1)
+
+
+def _nonfinite_rows(dtype: torch.dtype, device: str, vocab: int, rows: int) -> torch.Tensor:
+    """rows of random logits; every other row gets one NaN, +inf or -inf at a spot that moves
+    over the row (so over the kernel's blocks), the rest stay finite."""
+    logits = randn((rows, vocab), dtype, device, seed=11)
+    kinds = [NAN, INF, -INF]
+    for r in range(0, rows, 2):
+        spot = (r * 7919) % vocab
+        logits[r, spot] = kinds[(r // 2) % 3]
+    return logits
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_argmax_cpu_flags_each_row_that_holds_a_nan_or_an_inf(dtype) -> None:
+    logits = _nonfinite_rows(dtype, "cpu", 1000, 9)
+    got = OPS.argmax(logits, True)
+    assert torch.equal(got, flagged_reference(logits))
+    assert got[::2].eq(-1).all() and got[1::2].ge(0).all()
+    # without the flag: torch's answer, as before
+    assert torch.equal(OPS.argmax(logits), reference(logits))
+    assert torch.equal(argmax_mod.argmax(logits, flag_nonfinite=True), got)
+
+
+def test_greedy_sample_flags_nonfinite_rows_and_keeps_the_others() -> None:
+    logits = torch.zeros(3, 10)
+    logits[:, 4] = 1.0
+    logits[1, 7] = -INF  # only a -inf: still not a finite row
+    got = sample(logits, SamplingParams(temperature=0.0), None).tolist()
+    assert got == [4, -1, 4]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("vocab", [7, 32000, 128256, 128257])
+@pytest.mark.parametrize("rows", [1, 2, 33])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_argmax_cuda_flags_each_row_that_holds_a_nan_or_an_inf(dtype, rows, vocab) -> None:
+    logits = _nonfinite_rows(dtype, "cuda", vocab, rows)
+    got = OPS.argmax(logits, True)
+    assert torch.equal(got.cpu(), flagged_reference(logits))
+    assert_same_as_torch(logits)  # the flag off: torch's answer
+    if rows == 1:  # a -inf alone, in the last block of a row split over many
+        one = randn((1, vocab), dtype, "cuda", seed=12)
+        one[0, vocab - 1] = -INF
+        assert OPS.argmax(one, True).item() == -1
+        one[0, vocab - 1] = 0.0
+        assert OPS.argmax(one, True).item() == reference(one).item()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_argmax_cuda_flag_in_a_graph_follows_new_logits(dtype) -> None:
+    logits = randn((4, 128256), dtype, "cuda", seed=13)
+    OPS.argmax(logits, True)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = OPS.argmax(logits, True)
+    for seed in (14, 15):
+        logits.copy_(randn((4, 128256), dtype, "cuda", seed=seed))
+        logits[seed % 4, 1000 * seed] = NAN
+        graph.replay()
+        assert torch.equal(out.cpu(), flagged_reference(logits))

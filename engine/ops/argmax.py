@@ -1,5 +1,6 @@
 """The greedy pick of a decode step: ``torch.ops.toyllm.argmax`` (csrc/argmax_ops.cpp, CUDA
-kernel in csrc/argmax.cu), torch.argmax(logits, dim=-1) of [rows, vocab] logits.
+kernel in csrc/argmax.cu), torch.argmax(logits, dim=-1) of [rows, vocab] logits; with
+``flag_nonfinite``, -1 for a row that holds a NaN or an inf.
 
 The answer is torch's bit for bit: the first index of each row's maximum, NaN counting as the
 maximum (the first NaN wins), -0.0 equal to +0.0. fp16 and bf16 logits are compared after their
@@ -45,12 +46,16 @@ def applies(logits: Tensor) -> bool:
             and logits.dtype in _DTYPES)
 
 
-def argmax(logits: Tensor, kernel: bool = True) -> Tensor:
+def argmax(logits: Tensor, kernel: bool = True, flag_nonfinite: bool = False) -> Tensor:
     """logits [rows, vocab] -> int64 [rows]: torch.argmax(logits, dim=-1), through the CUDA
-    kernel where it applies (and `kernel`)."""
+    kernel where it applies (and `kernel`). flag_nonfinite: -1 for each row holding a NaN or an
+    inf (the kernel finds them in the pass that finds the maximum)."""
     if kernel and applies(logits):
-        return _argmax(logits)
-    return logits.argmax(dim=-1)
+        return _argmax(logits, flag_nonfinite)
+    index = logits.argmax(dim=-1)
+    if flag_nonfinite:
+        index = index.masked_fill(~torch.isfinite(logits).all(dim=-1), -1)
+    return index
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +63,7 @@ def argmax(logits: Tensor, kernel: bool = True) -> Tensor:
 
 
 @torch.library.register_fake("toyllm::argmax")
-def _argmax_fake(logits: Tensor) -> Tensor:
+def _argmax_fake(logits: Tensor, flag_nonfinite: bool = False) -> Tensor:
     if logits.dim() != 2:
         raise ValueError(
             f"argmax: expected logits of 2 dims [rows, vocab], got shape {list(logits.shape)}"
