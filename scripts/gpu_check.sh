@@ -10,7 +10,7 @@
 # all, in that order: correctness first).
 # STAGE_TIMEOUT caps each stage (s), BUDGET_S the whole run; BENCH_ARGS go to toyllm bench; SWEEPS names the
 # shipped experiments (configs/experiments/NAME.toml) to run; PROBE_ARGS go to probe_decode_rounding.py;
-# SANITIZE_ONLY (a bash regex) keeps the sanitizer stages whose names match it; TESTS (pytest
+# PACK_ONLY=1 leaves only gpu_check.tar.gz and summary.txt in OUT_DIR; SANITIZE_ONLY (a bash regex) keeps the sanitizer stages whose names match it; TESTS (pytest
 # paths and options) narrows the tests stage.
 # Stage baseline (not in the default list): BASELINE=DIR holds an earlier commit's tree
 # (`git archive REV | tar -x -C DIR`); it is built in place there, and its decode bench and this
@@ -182,4 +182,8 @@ if want sweep; then
     done
 fi
 tar -czf "$OUT/gpu_check.tar.gz" -C "$OUT" --exclude gpu_check.tar.gz . 2>/dev/null
+# PACK_ONLY=1: leave only the archive and the summary (the device tool brings back few files)
+if [[ ${PACK_ONLY:-0} == 1 ]]; then
+    find "$OUT" -mindepth 1 ! -name gpu_check.tar.gz ! -name summary.txt -delete
+fi
 echo "== summary"; cat "$SUMMARY"
