@@ -4,7 +4,10 @@ Importing this package loads the extension, which registers the ``toyllm::`` ope
 PyTorch and defines the `KVCache` class; an extension that is missing or older than this code
 stops the import here, once, with the command that rebuilds it. The modules beside this file
 wrap the operators by subsystem (kv_cache, elementwise, rope_kv, gemv, gemv_norm, argmax): each
-wrapper says where its operator applies; engine/forward.py decides which one runs.
+wrapper says where its operator applies; engine/forward.py decides which one runs. `fakes`,
+registered here with the extension, gives every operator's output shapes for fake and meta
+tensors (FakeTensorMode, opcheck, torch.compile); the operators check their arguments once, in
+C++, with the messages users see.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ if _missing:
         f"toyllm.engine.ops._C predates the operators toyllm::{', '.join(_missing)}: rebuild it "
         f"with: {_REBUILD}"
     )
+
+# Every operator's fake (its output shapes), registered once, whichever wrapper is imported.
+from toyllm.engine.ops import fakes  # noqa: E402, F401
 
 #: The extension was built with its CUDA kernels.
 WITH_CUDA: bool = bool(_C.with_cuda)
