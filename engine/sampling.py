@@ -136,7 +136,11 @@ def seen_mask(seen: Sequence[Sequence[int]], rows: Sequence[int], vocab: int,
               device: torch.device) -> Tensor:
     """[len(seen), vocab] bool: True where row r has seen the token (rows not listed in `rows`
     stay all False). seen: each row's prompt and output token ids so far."""
-    ids = torch.tensor(list(chain.from_iterable(seen[r] for r in rows)), dtype=torch.int64)
+    ids = torch.tensor(list(chain.from_iterable(seen[r] for r in rows)))
+    if not ids.numel():
+        ids = ids.long()
+    elif ids.dtype != torch.int64:  # floats or bools among the ids: refused, never truncated
+        raise SamplingError(f"seen: expected integer token ids, got {ids.dtype} values")
     if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
         bad = ids[(ids < 0) | (ids >= vocab)][0].item()
         raise SamplingError(f"seen: expected token ids in [0, {vocab}), got {bad}")
@@ -157,14 +161,22 @@ def apply_repetition_penalty(logits: Tensor, penalty: Tensor, seen: Tensor) -> T
 
 
 def _mass_before(probs: Tensor) -> Tensor:
-    """probs [rows, V] -> [rows, V]: the sum of each row's probabilities before each position.
+    """probs [rows, V] -> [rows, V]: the sum of each row's probabilities before each position,
+    computed from that row alone. On the CPU torch's cumsum along the last dim is one sequential
+    loop per row (accumulated in double); on CUDA its algorithm, and so its rounding, depends on
+    the number of rows too, which would let a row's top-p set depend on its neighbours: there
+    the sums come from _chunked_mass_before."""
+    if probs.device.type == "cpu":
+        rows = probs.shape[0]
+        return torch.cat([probs.new_zeros(rows, 1), torch.cumsum(probs, dim=-1)[:, :-1]], dim=1)
+    return _chunked_mass_before(probs)
 
-    Summed in an order that V alone fixes: sequentially within chunks of PREFIX_CHUNK positions,
-    and the chunks' totals sequentially before them. torch.cumsum along the last dim picks its
-    CUDA algorithm (and so its rounding) from the number of rows too, which would let a row's
-    top-p set depend on its neighbours; a cumsum along a dim that is not the last is one
-    sequential loop per column on every device, which is what this uses (never with a single
-    column: torch hands that case to another algorithm)."""
+
+def _chunked_mass_before(probs: Tensor) -> Tensor:
+    """_mass_before summed in an order that V alone fixes, on any device: sequentially within
+    chunks of PREFIX_CHUNK positions, and the chunks' totals sequentially before them. A cumsum
+    along a dim that is not the last is one sequential loop per column on every device, which is
+    what this uses (never with a single column: torch hands that case to another algorithm)."""
     rows, vocab = probs.shape
     chunks = max(2, -(-vocab // PREFIX_CHUNK))
     padded = torch.nn.functional.pad(probs, (0, chunks * PREFIX_CHUNK - vocab))

@@ -21,6 +21,7 @@ from toyllm.engine.sampling import (
     NONFINITE,
     SamplingError,
     SamplingParams,
+    _chunked_mass_before,
     _mass_before,
     apply_repetition_penalty,
     filtered_logits,
@@ -215,18 +216,20 @@ def test_sampled_tokens_always_lie_in_the_min_p_set(device: str) -> None:
 # --- one row, any neighbours -----------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunked", [False, True], ids=["device-path", "chunked"])
 @pytest.mark.parametrize("vocab", [1, 7, 256, 257, 1000, 4097])
 def test_prefix_mass_is_the_exclusive_cumsum_and_the_same_bits_in_any_batch(
-        device: str, vocab: int) -> None:
+        device: str, chunked: bool, vocab: int) -> None:
+    mass = _chunked_mass_before if chunked else _mass_before
     g = torch.Generator().manual_seed(vocab)
-    probs = torch.rand(300, vocab, generator=g).softmax(-1).to(device)
-    got = _mass_before(probs)
+    probs = (torch.rand(300, vocab, generator=g) * 8).softmax(-1).to(device)
+    got = mass(probs)
     expected = probs.double().cumsum(-1) - probs.double()
     assert (got.double() - expected).abs().max().item() < 1e-5
     assert torch.equal(got[:, 0], torch.zeros(300, device=device))
-    for rows in (1, 2, 3, 17):
-        assert torch.equal(_bits(_mass_before(probs[:rows])), _bits(got[:rows])), rows
-    assert torch.equal(_bits(_mass_before(probs[5:6])), _bits(got[5:6]))
+    for rows in (1, 2, 3, 17, 64):
+        assert torch.equal(_bits(mass(probs[:rows])), _bits(got[:rows])), rows
+    assert torch.equal(_bits(mass(probs[5:6])), _bits(got[5:6]))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -307,6 +310,8 @@ def test_non_finite_rows_get_the_flag_and_the_other_rows_their_own_tokens(device
                            [[1], [10]]), "seen: expected token ids in [0, 10), got 10"),
     (lambda x: sample_rows(x, [SamplingParams(repetition_penalty=1.1)] * 2, [None] * 2,
                            [[-1], [1]]), "seen: expected token ids in [0, 10), got -1"),
+    (lambda x: sample_rows(x, [SamplingParams(repetition_penalty=1.1)] * 2, [None] * 2,
+                           [[1.5], [1]]), "seen: expected integer token ids, got torch.float32"),
     (lambda x: sample_rows(x[0], [SamplingParams()], [None]), "logits: expected a float"),
     (lambda x: sample_rows(x.long(), [SamplingParams()] * 2, [None] * 2),
      "logits: expected a float"),
