@@ -181,9 +181,7 @@ def test_abort_frees_every_block_and_the_others_go_on() -> None:
             outputs.setdefault(out.request_id, []).append(out)
     assert outputs[ids[0]][-1].finish_reason == "abort"
     assert outputs[ids[2]][-1].finish_reason == "abort"
-    survivor = [t for o in outputs[ids[1]] for t in o.new_token_ids]
-    expected = Engine(model).generate([prompts[1]], params).completions[0].token_ids
-    assert survivor[-len(expected) + len(survivor) - 20:] or True
+    assert outputs[ids[1]][-1].finish_reason == "max_new_tokens"
     assert not block_problems(engine)
 
 
