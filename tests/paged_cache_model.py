@@ -3,7 +3,7 @@ allocator with reference counts and the per-sequence block lists and lengths, wi
 
 The scheduler and prefix-cache tests drive it where no K/V are needed (thousands of random
 operations per second), and it is a second witness for the extension's class: the same calls
-must give the same blocks, counts and errors (tests/test_scheduler.py runs both)."""
+must give the same sharing of blocks, counts and refusals (tests/test_scheduler.py runs both)."""
 
 from __future__ import annotations
 

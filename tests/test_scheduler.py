@@ -288,3 +288,77 @@ def test_random_workloads_keep_counts_and_outputs(seed: int) -> None:
             full = full[: r.num_output_tokens]
         assert r.output_ids == full
     sim.check_all_free()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_python_model_allocates_like_the_extension(seed: int) -> None:
+    """The same random calls on PagedCacheModel and PagedKVCache give the same sharing of
+    blocks, counts, lengths and refusals, so the scheduler tests above speak for the
+    extension's class."""
+    import torch
+
+    from toyllm.engine.ops.paged_cache import PagedCacheFullError, PagedKVCache
+
+    rng = random.Random(seed)
+    bs, blocks, seqs, per_seq = rng.choice([1, 2, 4]), rng.randint(4, 24), 4, 8
+    model = PagedCacheModel(blocks, bs, seqs, per_seq)
+    real = PagedKVCache(1, blocks, bs, 1, 2, torch.float32, "cpu", seqs, per_seq)
+    live: list[int] = []
+    for _ in range(300):
+        op = rng.choice(["add", "free", "reserve", "fork", "cow", "truncate"])
+        s = rng.choice(live) if live else None
+        try:
+            if op == "add":
+                result = model.add_sequence()
+            elif s is None:
+                continue
+            elif op == "free":
+                model.free_sequence(s)
+            elif op == "reserve":
+                n = rng.randint(1, 3 * bs)
+                model.reserve(s, n)
+                model.advance(s, n)
+            elif op == "fork":
+                result = model.fork(s)
+            elif op == "cow":
+                result = model.copy_on_write(s)
+            else:
+                result = model.truncate(s, rng.randint(0, model.sequence_length(s)))
+        except AssertionError:
+            continue
+        except RuntimeError:  # the model refuses: so must the extension, changing nothing
+            with pytest.raises(PagedCacheFullError):
+                if op == "add":
+                    real.add_sequence()
+                elif op == "reserve":
+                    real.reserve(s, n)
+                else:
+                    real.fork(s)
+            continue
+        if op == "add":
+            assert real.add_sequence() == result
+            live.append(result)
+        elif op == "free":
+            real.free_sequence(s)
+            live.remove(s)
+        elif op == "reserve":
+            real.reserve(s, n)
+            real.advance(s, n)
+        elif op == "fork":
+            assert real.fork(s) == result
+            live.append(result)
+        elif op == "cow":
+            assert real.copy_on_write(s) == result
+        else:
+            real.truncate(s, model.sequence_length(s))
+        # block ids may differ (free-list order is the allocator's own): the sharing may not
+        assert real.num_free_blocks() == model.num_free_blocks()
+        same: dict[int, int] = {}
+        for q in live:
+            assert real.sequence_length(q) == model.sequence_length(q)
+            mine, theirs = model.sequence_blocks(q), real.sequence_blocks(q)
+            assert len(mine) == len(theirs)
+            for r, m in zip(theirs, mine, strict=True):
+                assert same.setdefault(r, m) == m
+                assert real.ref_count(r) == model.ref_count(m)
+        assert len(set(same.values())) == len(same)
