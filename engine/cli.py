@@ -236,6 +236,13 @@ def generate(
         help="0 (or below 1e-5) = greedy.")] = 0.7,
     top_k: Annotated[int, typer.Option(help="0 = off.")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus mass in (0, 1].")] = 0.95,
+    min_p: Annotated[float, typer.Option(
+        help="Min-p: keep only tokens at least this fraction as likely as the most likely one, "
+             "in [0, 1]; 0 = off (default).")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(
+        help="Repetition penalty: tokens already in the prompt or output get their logit "
+             "divided by it (if > 0) or multiplied by it (if < 0); > 0, above 1 repeats less, "
+             "1 = off (default).")] = 1.0,
     seed: Annotated[int | None, typer.Option(
         help="0 to 2**64-1: makes sampling repeatable. Every prompt samples with this seed "
              "on its own, so its tokens are the same alone or in any batch.")] = None,
@@ -271,10 +278,10 @@ def generate(
 
 def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_file,
               max_new_tokens,
-              temperature, top_k, top_p, seed, stop, device, dtype, prefill_chunk,
-              max_context, cuda_graph, block_size, kv_memory, token_budget, prefix_caching,
-              stats, as_json) -> None:
-    from toyllm.engine.cli_numbers import integer, memory_amount
+              temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, device, dtype,
+              prefill_chunk, max_context, cuda_graph, block_size, kv_memory, token_budget,
+              prefix_caching, stats, as_json) -> None:
+    from toyllm.engine import cli_numbers
     from toyllm.engine.device import dtype_name, resolve_device, resolve_dtype
     from toyllm.engine.generate import Engine
     from toyllm.engine.sampling import SamplingParams
@@ -282,7 +289,11 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
 
     texts = read_prompts(prompts or [], prompts_file)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop or ()))
+                            top_k=top_k, top_p=top_p,
+                            min_p=cli_numbers.number("--min-p", min_p, 0.0, 1.0),
+                            repetition_penalty=cli_numbers.positive("--repetition-penalty",
+                                                                    repetition_penalty),
+                            seed=seed, stop=tuple(stop or ()))
     if prefill_chunk is not None and prefill_chunk <= 0:
         raise UserError(f"--prefill-chunk: expected a positive integer, got {prefill_chunk}")
     if max_context is not None and max_context <= 0:
@@ -292,9 +303,9 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
         if prefill_chunk is not None:
             raise UserError("--prefill-chunk applies to prompts given as arguments; with "
                             "--prompts-file the scheduler chunks prompts within --token-budget")
-        integer("--block-size", block_size)
-        integer("--token-budget", token_budget)
-        pool = memory_amount("--kv-memory", kv_memory)
+        cli_numbers.integer("--block-size", block_size)
+        cli_numbers.integer("--token-budget", token_budget)
+        pool = cli_numbers.memory_amount("--kv-memory", kv_memory)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     with err.status("loading model...", spinner="dots"):
@@ -399,6 +410,13 @@ def chat(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
     top_k: Annotated[int, typer.Option(help="0 = off.")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus mass in (0, 1].")] = 0.95,
+    min_p: Annotated[float, typer.Option(
+        help="Min-p: keep only tokens at least this fraction as likely as the most likely one, "
+             "in [0, 1]; 0 = off (default).")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(
+        help="Repetition penalty: tokens already in the prompt or output get their logit "
+             "divided by it (if > 0) or multiplied by it (if < 0); > 0, above 1 repeats less, "
+             "1 = off (default).")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Makes sampling repeatable.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")] = "auto",
@@ -412,6 +430,7 @@ def chat(
     """Chat with a model through its chat template: /reset, /quit; Ctrl-C stops an answer.
     The conversation stays in the KV cache; each turn prefills only its new tokens."""
     try:
+        from toyllm.engine import cli_numbers
         from toyllm.engine.chat import ChatSession
         from toyllm.engine.chat_cli import run_chat
         from toyllm.engine.device import resolve_device, resolve_dtype
@@ -419,8 +438,11 @@ def chat(
         from toyllm.engine.sampling import SamplingParams
         from toyllm.models.model_source import load_model
 
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                                top_k=top_k, top_p=top_p, seed=seed)
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            min_p=cli_numbers.number("--min-p", min_p, 0.0, 1.0),
+            repetition_penalty=cli_numbers.positive("--repetition-penalty", repetition_penalty),
+            seed=seed)
         if max_context is not None and max_context <= 0:
             raise UserError(f"--max-context: expected a positive integer, got {max_context}")
         dev = resolve_device(device)

@@ -37,6 +37,14 @@ def number(flag: str, value: object, minimum: float, maximum: float = math.inf) 
     return float(value)
 
 
+def positive(flag: str, value: object) -> float:
+    """A finite float > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+            value) or not value > 0:
+        raise NumberError(f"{flag}: expected a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def int_list(flag: str, text: str, minimum: int = 1, maximum: int = MAX_INT,
              allow_empty: bool = False) -> list[int]:
     """'1,16' -> [1, 16]; every item an integer in [minimum, maximum], none repeated."""

@@ -330,7 +330,8 @@ class Engine:
         last = torch.stack([self.prefill(cache, s.index, s.prompt_ids) for s in seqs])
         if rows > n:
             last = torch.cat([last, last.new_zeros(rows - n, last.shape[-1])])
-        tokens = sample(last, params, gen, self.settings.cuda_argmax)
+        tokens = sample(last, params, gen, self.settings.cuda_argmax,
+                        _seen(seqs, rows, params))
         sync()
         stats.prefill_s = time.perf_counter() - t0
         stats.prefill_tokens = sum(len(p) for p in prompt_ids)
@@ -339,7 +340,8 @@ class Engine:
         self._accept(cache, seqs, tokens, params, on_text, step=0)
         while any(s.finish_reason is None for s in seqs):
             logits = self.decode_step(cache, rows, tokens)
-            tokens = sample(logits, params, gen, self.settings.cuda_argmax)
+            tokens = sample(logits, params, gen, self.settings.cuda_argmax,
+                            _seen(seqs, rows, params))
             stats.decode_steps += 1
             stats.decode_tokens += self._accept(cache, seqs, tokens, params, on_text,
                                                 step=stats.decode_steps)
@@ -389,3 +391,11 @@ class Engine:
                 if on_text is not None:
                     on_text(s.index, piece)
         return taken
+
+
+def _seen(seqs: list[_Sequence], rows: int, params: SamplingParams) -> list[list[int]] | None:
+    """Each row's prompt and output ids so far, for the repetition penalty (None without one);
+    padding rows have seen nothing."""
+    if params.repetition_penalty == 1:
+        return None
+    return [s.prompt_ids + s.token_ids for s in seqs] + [[] for _ in range(rows - len(seqs))]

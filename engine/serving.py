@@ -53,7 +53,7 @@ from toyllm.engine.ops.paged_cache import PagedKVCache
 from toyllm.engine.paged_step import PagedStep, prefill_segment
 from toyllm.engine.prefix_cache import PrefixCache
 from toyllm.engine.request import ABORT, ERROR, Request, RequestStatus, RequestTimings
-from toyllm.engine.sampling import NONFINITE, SamplingParams, make_generator, sample
+from toyllm.engine.sampling import NONFINITE, SamplingParams, make_generator, sample_rows
 from toyllm.engine.scheduler import Chunk, Scheduler, StepPlan, blocks_for
 from toyllm.engine.settings import Settings
 from toyllm.engine.stopping import StopWatcher
@@ -350,30 +350,18 @@ class ServingEngine:
         return self._rope_table
 
     def _sample(self, chunks: list[Chunk], logits: Tensor) -> list[int]:
-        """One token per sampling chunk (logits [K, vocab] in the same order): one argmax for
-        every greedy row, one `sample` per group of rows with the same parameters, each row
-        drawing from its request's own generator. One host sync."""
+        """One token per sampling chunk (logits [K, vocab] in the same order), each row with
+        its request's params and generator (engine/sampling.py's sample_rows). One host
+        sync."""
         if not chunks:
             return []
-        groups: dict[tuple, list[int]] = {}
-        for i, c in enumerate(chunks):
-            p = c.request.params
-            key = ("greedy",) if p.greedy else (p.temperature, p.top_k, p.top_p)
-            groups.setdefault(key, []).append(i)
-        if len(groups) == 1:
-            rows = next(iter(groups.values()))
-            return self._sample_group(chunks, rows, logits).tolist()
-        out = torch.empty(len(chunks), dtype=torch.int64, device=logits.device)
-        for rows in groups.values():
-            index = torch.tensor(rows, dtype=torch.int64).to(logits.device)
-            out.index_copy_(0, index, self._sample_group(chunks, rows, logits.index_select(0,
-                                                                                      index)))
-        return out.tolist()
-
-    def _sample_group(self, chunks: list[Chunk], rows: list[int], logits: Tensor) -> Tensor:
-        params = chunks[rows[0]].request.params
-        gens = None if params.greedy else [chunks[i].request.generator for i in rows]
-        return sample(logits, params, gens, self.settings.cuda_argmax)
+        requests = [c.request for c in chunks]
+        params = [r.params for r in requests]
+        seen = None
+        if any(p.repetition_penalty != 1 for p in params):
+            seen = [r.token_ids for r in requests]  # prompt and output so far
+        return sample_rows(logits, params, [r.generator for r in requests], seen,
+                           self.settings.cuda_argmax).tolist()
 
     # finishing --------------------------------------------------------------------------------
     def _accept(self, request: Request, tok: int, now: float) -> RequestOutput:

@@ -148,8 +148,9 @@ def test_seeded_requests_give_the_same_tokens_alone_or_in_any_mix() -> None:
     mine = SamplingParams(max_new_tokens=24, temperature=0.9, top_p=0.9, seed=1234,
                           stop_at_eos=False)
     others = [SamplingParams(max_new_tokens=n, temperature=t, top_k=k, seed=s,
-                             stop_at_eos=False)
-              for n, t, k, s in [(30, 0.9, 0, 7), (5, 0.0, 0, None), (17, 1.3, 20, 99)]]
+                             min_p=mp, repetition_penalty=rp, stop_at_eos=False)
+              for n, t, k, s, mp, rp in [(30, 0.9, 0, 7, 0.0, 1.0), (5, 0.0, 0, None, 0.0, 1.5),
+                                         (17, 1.3, 20, 99, 0.1, 1.2)]]
     kw = dict(block_size=4, kv_memory=pool(model, 128, 4))
     alone = ServingEngine(model, **kw).generate([prompt], mine).completions[0].token_ids
     static = Engine(model).generate([prompt], mine).completions[0].token_ids
@@ -159,6 +160,10 @@ def test_seeded_requests_give_the_same_tokens_alone_or_in_any_mix() -> None:
         params = [mine if i == 0 else others[i - 1] for i in order]
         got = ServingEngine(model, **kw).generate(prompts, params)
         assert got.completions[order.index(0)].token_ids == alone
+    for i, p in enumerate(others):  # min-p and the repetition penalty: as the static Engine
+        prompt_i = random_ids(4 + 3 * (i + 1), i + 1)
+        assert ServingEngine(model, **kw).generate([prompt_i], p).completions[0].token_ids == \
+            Engine(model).generate([prompt_i], p).completions[0].token_ids
 
 
 # --- requests in flight --------------------------------------------------------------------
