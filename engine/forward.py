@@ -22,6 +22,11 @@ The fused ops give the bits of the ops they replace (tests/ compare them as inte
 Fusion level computes the same numbers on one device; the GEMV choices (`Gemv`) do not: MKL and
 cuBLAS sum in other orders. The first layer has no residual to add, so its input norm runs
 alone. Positions are never advanced here: the Engine does it after a whole step succeeded.
+
+The serving engine's steps (engine/paged_step.py, over the paged cache) take the unfused path
+for q/k/v: the decode fusions above that write K/V (rope_kv_update, gemv_add_rms_norm_rope_kv)
+address the contiguous cache by position, so RoPE runs alone and the paged step writes K/V at
+its slots; every other fusion applies to them as to the static engine's.
 """
 
 from __future__ import annotations
