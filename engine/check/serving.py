@@ -19,15 +19,25 @@ cache's own checks before the numbers show it). The problems found come back as 
 
 from __future__ import annotations
 
+import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from toyllm.engine.check.reference import reference_greedy, reference_logits
+from toyllm.engine.check.result import ERROR, FAIL, CaseResult
 from toyllm.engine.generate import Engine
+from toyllm.engine.ops.paged_cache import PagedKVCache
 from toyllm.engine.sampling import SamplingParams
 from toyllm.engine.serving import RequestOutput, ServingEngine
 from toyllm.models.llama import Transformer
+
+if TYPE_CHECKING:
+    from toyllm.engine.check.cases import Case
 
 
 @dataclass
@@ -45,6 +55,9 @@ class Arrival:
 class ServingReport:
     problems: list[str] = field(default_factory=list)
     max_abs: float = 0.0  # worst |engine - reference| logit over every compared step
+    rel: float = 0.0  # worst step's ||engine - reference|| / ||reference||
+    argmax_steps: int = 0  # compared steps
+    argmax_agreed: int = 0  # ... where engine and reference pick the same top token
     preemptions: int = 0
     prefix_hit_blocks: int = 0
     prefill_tokens: int = 0
@@ -141,7 +154,11 @@ def check_serving(model: Transformer, workload: list[Arrival], tolerance: float 
         ref = reference_logits(model, prompt + tokens).float().cpu()
         worst = 0.0
         for k, row in enumerate(got[: len(tokens)]):
-            worst = max(worst, (row - ref[len(prompt) - 1 + k]).abs().max().item())
+            want = ref[len(prompt) - 1 + k]
+            worst = max(worst, (row - want).abs().max().item())
+            report.rel = max(report.rel, ((row - want).norm() / want.norm()).item())
+            report.argmax_steps += 1
+            report.argmax_agreed += int(row.argmax() == want.argmax())
         report.max_abs = max(report.max_abs, worst)
         if worst > tolerance:
             report.problems.append(f"request {i}: teacher-forced logits differ from the "
@@ -170,3 +187,88 @@ def block_problems(engine: ServingEngine) -> list[str]:
             problems.append(f"after evicting the prefix cache {cache.num_free_blocks()} of "
                             f"{cache.num_blocks} blocks are free")
     return problems
+
+
+# the workloads of `toyllm check`'s serving cases ---------------------------------------------
+def _ids(n: int, seed: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def join_leave(vocab: int) -> list[Arrival]:
+    """Ragged prompts joining at different steps, leaving after different token counts."""
+    spec = [(9, 20, 0), (1, 7, 0), (23, 12, 2), (5, 25, 5), (17, 3, 5), (30, 9, 11)]
+    return [Arrival(_ids(n, i, vocab), m, s) for i, (n, m, s) in enumerate(spec)]
+
+
+def shared_prefix(vocab: int) -> list[Arrival]:
+    """A 32-token head shared by later prompts, the head alone (every block cached: its last
+    token is recomputed into a copied block) and a repeated prompt."""
+    head = _ids(32, 100, vocab)
+    arrivals = [Arrival(head + _ids(3 + i, 110 + i, vocab), 8, 0 if i == 0 else 6 + i)
+                for i in range(4)]
+    return arrivals + [Arrival(list(head), 6, 20), Arrival(list(arrivals[1].prompt), 5, 24)]
+
+
+def fork_cow(vocab: int) -> list[Arrival]:
+    """Forks of a request (and of a fork) whose last block is partly filled."""
+    return [Arrival(_ids(13, 200, vocab), 20, 0), Arrival([], 16, 3, fork_of=0),
+            Arrival([], 24, 7, fork_of=0), Arrival([], 18, 9, fork_of=1)]
+
+
+def preempt(vocab: int) -> list[Arrival]:
+    spec = [(10, 30, 0), (14, 25, 0), (6, 40, 1), (20, 12, 2), (3, 30, 4)]
+    return [Arrival(_ids(n, 300 + n, vocab), m, s) for n, m, s in spec]
+
+
+def _pool(blocks: int, block_size: int) -> Callable[[Transformer], int]:
+    """kv_memory in bytes for a pool of `blocks` blocks of the model's shape."""
+    def bytes_for(model: Transformer) -> int:
+        c = model.config
+        return blocks * PagedKVCache.block_bytes(c.num_layers, block_size, c.num_kv_heads,
+                                                 c.head_dim, model.dtype)
+    return bytes_for
+
+
+# name -> (workload builder, engine options; "kv_memory" may be a function of the model)
+WORKLOADS: dict[str, tuple[Callable[[int], list[Arrival]], dict[str, Any]]] = {
+    "join-leave": (join_leave, dict(block_size=4, token_budget=16, kv_memory=_pool(128, 4))),
+    "shared-prefix": (shared_prefix, dict(block_size=8, token_budget=64,
+                                          kv_memory=_pool(64, 8))),
+    "fork-cow": (fork_cow, dict(block_size=4, kv_memory=_pool(64, 4))),
+    # 14 blocks of 4 hold the longest request alone (46 tokens), not all five at once
+    "preempt": (preempt, dict(block_size=4, max_running=5, kv_memory=_pool(14, 4))),
+}
+
+
+def run_serving_case(case: Case, model: Transformer) -> CaseResult:
+    """A `toyllm check` case whose request is a serving workload (case.serving)."""
+    t0 = time.perf_counter()
+    result = CaseResult(case.name, case.dtype, case.device)
+    try:
+        build, options = WORKLOADS[case.serving]
+        options = {k: v(model) if callable(v) else v for k, v in options.items()}
+        workload = build(model.config.vocab_size)
+        report = check_serving(model, workload, cuda_graph=case.cuda_graph,
+                               settings=case.settings(), **options)
+    except Exception as exc:  # noqa: BLE001 - a case that cannot run is an ERROR, not a crash
+        result.verdict, result.error = ERROR, f"{type(exc).__name__}: {exc}"
+        result.traceback = traceback.format_exc()
+        result.seconds = time.perf_counter() - t0
+        return result
+    result.max_abs, result.rel = report.max_abs, report.rel
+    result.steps = report.argmax_steps
+    if report.argmax_steps:
+        result.argmax_agree = report.argmax_agreed / report.argmax_steps
+    result.hf_note = "serving cases: the static cases carry the transformers witness"
+    result.greedy_tokens = sum(len(t) for t in report.outputs.values())
+    result.greedy_expected = sum(a.max_new_tokens for a in workload)
+    result.greedy_match = not any("greedy tokens" in p for p in report.problems)
+    result.failures = list(report.problems)
+    result.notes.append(f"serving: {report.steps} steps, {report.preemptions} preemptions, "
+                        f"{report.prefix_hit_blocks} prefix-cache blocks reused, "
+                        f"{report.prefill_tokens} tokens prefilled")
+    if report.problems:
+        result.verdict = FAIL
+    result.seconds = time.perf_counter() - t0
+    return result
