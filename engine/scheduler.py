@@ -8,7 +8,9 @@ chunk of tokens per scheduled request, within a token budget:
 2. then waiting requests, while the budget, the running limit and the pool allow: each takes a
    cache slot, adopts the blocks of its longest cached prefix (engine/prefix_cache.py) and is
    planned a first chunk of the rest. A request is admitted only when the pool can hold all
-   its known tokens now, so it is not preempted again at once.
+   its known tokens now, so it is not preempted again at once, and not while a running request
+   is still computing the next block of its prompt (a burst of requests with one system prompt
+   computes it once: the others wait for its blocks and adopt them).
 
 Blocks come from the paged cache's allocator. When a running request needs blocks and none are
 free, the prefix cache first evicts blocks only it holds; then the newest running request is
@@ -234,6 +236,10 @@ class Scheduler:
         if self.prefix is not None:
             names = block_hashes(request.token_ids, size, request.block_hashes)
             matched = self.prefix.match(names)
+        if self.prefix is not None and self._being_computed(names[len(matched):len(matched) + 1]):
+            # a running request is computing this prompt's next block right now: wait a step
+            # or two and adopt it, instead of computing the same prefix twice
+            return None
         computed = len(matched) * size
         shared_tail = computed == tokens  # all cached: the last token is recomputed for logits
         if shared_tail:
@@ -263,6 +269,17 @@ class Scheduler:
             self.prefix.evict(short)  # enough are evictable: checked above
         self._reserve(request, n)
         return Chunk(request, computed, n)
+
+    def _being_computed(self, names: list[bytes]) -> bool:
+        """Whether one of `names` is a full block that a running request has yet to compute
+        (and will name in the prefix cache when it has)."""
+        if not names:
+            return False
+        for r in self.running:
+            if r.num_pending > 1 and any(n in names for n in
+                                         r.block_hashes[r.num_registered_blocks:]):
+                return True
+        return False
 
     def _preempt(self, request: Request, plan: StepPlan) -> None:
         self.running.remove(request)

@@ -82,6 +82,9 @@ class Sim:
         for c in plan.chunks:
             r = c.request
             assert self.cache.sequence_length(r.seq) == r.num_computed
+            # at most one partly filled block per sequence, none empty
+            assert len(self.cache.sequence_blocks(r.seq)) == -(-r.num_computed //
+                                                               self.cache.block_size)
             if c.samples:
                 r.token_ids.append(next_token(r.token_ids))
                 if r.num_output_tokens >= r.params.max_new_tokens:
@@ -362,3 +365,28 @@ def test_the_python_model_allocates_like_the_extension(seed: int) -> None:
                 assert same.setdefault(r, m) == m
                 assert real.ref_count(r) == model.ref_count(m)
         assert len(set(same.values())) == len(same)
+
+
+def test_a_burst_sharing_a_prefix_computes_it_once_in_little_memory() -> None:
+    """64 requests with one 64-token head arrive together: the head is computed once (the
+    others wait for its blocks), and the pool never holds more than 1.2x the head's blocks
+    plus each request's own."""
+    shared = list(range(500, 564))  # 16 blocks of 4
+    rng = random.Random(5)
+    sim = Sim(num_blocks=400, block_size=4, max_running=64, budget=256)
+    own = []
+    for _ in range(64):
+        p = shared + [rng.randrange(3, 1000) for _ in range(rng.randint(1, 6))]
+        sim.add(p, 5)
+        own.append(len(p) - len(shared) + 5)
+    peak = 0
+    while sim.sched.has_unfinished():
+        sim.step()
+        peak = max(peak, sim.cache.num_used_blocks())
+    assert sim.computed_tokens == len(shared) + sum(own) - 64  # the last token is sampled
+    assert sim.sched.prefix_hit_blocks == 63 * 16
+    own_blocks = sum(-(-n // 4) for n in own)
+    assert peak <= 1.2 * (16 + own_blocks)
+    for r in sim.requests:
+        assert r.output_ids == expected_output(r.prompt_ids, 5)
+    sim.check_all_free()
