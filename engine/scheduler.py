@@ -209,6 +209,8 @@ class Scheduler:
         """Free blocks for request's next n tokens: evict cached blocks, then preempt newer
         running requests. False when only preempting `request` itself would be left."""
         needed = self._blocks_needed(request, n)
+        if needed == 0:  # a decode token in its last block's room: the common case
+            return True
         while True:
             short = needed - self.cache.num_free_blocks()
             if short <= 0:
@@ -221,11 +223,13 @@ class Scheduler:
             self._preempt(newest, plan)
 
     def _reserve(self, request: Request, n: int) -> None:
-        """Room for n more tokens (free blocks made sure of), copying a shared tail first."""
+        """Room for n more tokens (free blocks made sure of), copying a shared tail first.
+        Tokens that fit the room of the sequence's last block need no call."""
         if request.tail_may_be_shared:
             self.cache.copy_on_write(request.seq)
             request.tail_may_be_shared = False
-        self.cache.reserve(request.seq, n)
+        if self._blocks_needed(request, n):
+            self.cache.reserve(request.seq, n)
 
     def _admit(self, request: Request, budget: int) -> Chunk | None:
         """Give a waiting request a slot, its cached prefix and room for a first chunk; None
