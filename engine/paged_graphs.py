@@ -92,7 +92,8 @@ class PagedDecodeGraphs:
              [c.request.seq for c in plan.chunks]], dtype=torch.int64)
         # the previous step's copy from `host` is done: that step read its tokens back
         host[:, :n] = fill
-        host[:, n:] = padding_inputs(rows - n) if n < rows else host[:, n:]
+        if n < rows:
+            host[:, n:] = padding_inputs(rows - n)
         inputs.copy_(host, non_blocking=True)
         graph.replay()
         return logits[:n]

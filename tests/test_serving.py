@@ -331,3 +331,79 @@ def test_a_block_freed_while_shared_fails_the_check(monkeypatch) -> None:
 
     monkeypatch.setattr(Scheduler, "_release", release_one_too_many)
     assert _check(model_for())
+
+
+# --- the CUDA-graph decode step's inputs, replayed eagerly on the CPU ----------------------
+
+def test_the_graph_decode_step_gives_the_eager_tokens_with_padding_rows() -> None:
+    """PagedDecodeGraphs' static buffer (tokens, positions, slots, table rows; padding rows
+    past the batch) and its decode forward, run on the CPU by a stand-in for the captured
+    graph that calls the same function on the same buffer: the tokens of every request are
+    the eager engine's and the reference's, through bucket changes as requests leave."""
+    from toyllm.engine.paged_graphs import PagedDecodeGraphs, padding_inputs
+
+    class ReplayOnCPU(PagedDecodeGraphs):
+        def __init__(self, engine: ServingEngine) -> None:
+            self.engine = engine
+            self.graphs = {}
+
+        def _capture(self, rows: int) -> None:
+            host = padding_inputs(rows)
+            inputs = host.clone()
+            logits = torch.empty(rows, self.engine.config.vocab_size)
+            outer = self
+
+            class Replay:
+                def replay(self) -> None:
+                    logits.copy_(outer.decode_forward(inputs))
+
+            self.graphs[rows] = (Replay(), inputs, host, logits)
+
+    model = model_for()
+    kw = dict(block_size=4, kv_memory=pool(model, 128, 4))
+    prompts = [random_ids(n, n) for n in (5, 17, 1, 9, 3)]
+    params = [SamplingParams(max_new_tokens=m, stop_at_eos=False) for m in (12, 30, 7, 21, 3)]
+    eager = ServingEngine(model, **kw).generate(prompts, params)
+    replayed = ServingEngine(model, **kw)
+    replayed.cuda_graph = True
+    replayed._graphs = ReplayOnCPU(replayed)
+    got = replayed.generate(prompts, params)
+    assert [c.token_ids for c in got.completions] == [c.token_ids for c in eager.completions]
+    assert sorted(replayed._graphs.graphs) == [1, 2, 4, 8]  # 5 rows, then fewer
+    for p, sp, c in zip(prompts, params, got.completions, strict=True):
+        assert c.token_ids == Engine(model).generate([p], sp).completions[0].token_ids
+    assert not block_problems(replayed)
+
+
+def test_non_finite_logits_finish_that_request_with_an_error_and_the_others_go_on(
+        monkeypatch) -> None:
+    model = model_for()
+    engine = ServingEngine(model, block_size=4, kv_memory=pool(model, 64, 4))
+    params = SamplingParams(max_new_tokens=8, stop_at_eos=False)
+    good, bad = random_ids(6, 1), random_ids(9, 2)
+    ids = [engine.add_request(good, params), engine.add_request(bad, params)]
+    forward = ServingEngine._forward
+
+    def nan_for_the_second(self, plan):
+        logits = forward(self, plan).clone()
+        for i, c in enumerate([c for c in plan.chunks if c.samples]):
+            if c.request.prompt_ids == bad and c.request.num_output_tokens == 3:
+                logits[i, 5] = float("nan")
+        return logits
+
+    monkeypatch.setattr(ServingEngine, "_forward", nan_for_the_second)
+    outs: dict[str, list] = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+    last = outs[ids[1]][-1]
+    assert last.finish_reason == "error" and "NaN or inf" in last.error
+    assert last.completion_tokens == 3
+    assert [t for o in outs[ids[0]] for t in o.new_token_ids] == \
+        Engine(model).generate([good], params).completions[0].token_ids
+    assert not block_problems(engine)
+    with pytest.raises(GenerationError, match="NaN or inf"):
+        engine.generate([good, bad], params)
+    while engine.has_unfinished():  # generate aborted its other requests: reported here
+        assert all(o.finish_reason == "abort" for o in engine.step())
+    assert not block_problems(engine)
