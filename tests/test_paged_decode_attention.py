@@ -408,3 +408,10 @@ def test_cuda_graph_replays_with_tables_changed_through_sync_device(
         for s in range(max_seqs):
             if s not in seqs:
                 assert torch.equal(out[s], torch.zeros_like(out[s]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_accepts_the_paged_decode_attention_operator(device: str) -> None:
+    args = _good_args(device)
+    args["q"] = torch.randn(args["q"].shape, device=device)
+    torch.library.opcheck(torch.ops.toyllm.paged_decode_attention.default, tuple(args.values()))

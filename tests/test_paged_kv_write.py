@@ -204,3 +204,9 @@ def test_cuda_graph_replay_writes_at_the_slots_of_the_replay(dtype: torch.dtype)
         ref_k = reference_write(before_k, k, written).reshape(-1).view(dtype).view(k_pool.shape)
         ref_v = reference_write(before_v, v, written).reshape(-1).view(dtype).view(v_pool.shape)
         assert torch.equal(k_pool.cpu(), ref_k) and torch.equal(v_pool.cpu(), ref_v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_accepts_the_paged_kv_write_operator(device: str) -> None:
+    args = tuple(good_args(device).values())
+    torch.library.opcheck(torch.ops.toyllm.paged_kv_write.default, args)

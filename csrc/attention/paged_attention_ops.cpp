@@ -289,9 +289,76 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_p
     return out;
 }
 
+#ifdef WITH_CUDA_KERNELS
+// The key tile where the kernel rounds, as decode_attention's (attention_ops.cpp): tile 0 is
+// FlashAttention-2's choice, 128 keys up to head_dim 64, else 64.
+int64_t rounding_tile(int64_t tile, int64_t head_dim) {
+    if (tile != 0) {
+        return tile;  // 64 or 128 (checked)
+    }
+    return head_dim <= 64 ? 128 : 64;
+}
+
+at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_pool,
+                                       const at::Tensor& v_pool, const at::Tensor& block_tables,
+                                       const at::Tensor& seq_lens, double scale, int64_t tile,
+                                       bool reverse, bool tensor_cores) {
+    check_paged_decode_attention_args(q, k_pool, v_pool, block_tables, seq_lens, scale, tile);
+    // NOTE: seq_lens and block_tables live on the device; the kernel clamps a length to the
+    // table's capacity and reads an entry outside the pool as a zero key and value instead of
+    // checking (a check would need a host sync and break CUDA-graph capture).
+    const c10::cuda::CUDAGuard guard(q.device());
+    const int64_t batch = q.size(0);
+    const int64_t num_q_heads = q.size(1);
+    const int64_t head_dim = q.size(2);
+    const int64_t block_size = k_pool.size(1);
+    const int64_t num_kv_heads = k_pool.size(2);
+    const int64_t capacity = block_tables.size(1) * block_size;  // fits in int32 (checked)
+
+    const auto dtype = kernel_dtype<AttentionDtype>(q.scalar_type());
+    const bool aligned = reinterpret_cast<uintptr_t>(k_pool.const_data_ptr()) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(v_pool.const_data_ptr()) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 4 == 0;
+    const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    // The plan of decode_attention over a contiguous cache of `capacity` keys per row: the same
+    // chunks, tiles and rounding.
+    const DecodeAttentionPlan plan = plan_decode_attention(
+        batch, num_q_heads, num_kv_heads, head_dim, capacity, dtype, aligned, sm_count,
+        rounding_tile(tile, head_dim), reverse, tensor_cores);
+    // Scratch for the split pass: sizes depend on shapes only, so a captured graph keeps them.
+    const auto float_options = q.options().dtype(at::kFloat);
+    const int64_t stat_floats = decode_attention_partial_stat_floats(plan, batch, num_q_heads);
+    at::Tensor partial_out = at::empty(
+        {decode_attention_partial_out_floats(plan, batch, num_q_heads, head_dim)}, float_options);
+    at::Tensor partial_stats = at::empty({2 * stat_floats}, float_options);
+    at::Tensor out = at::empty_like(q);
+
+    const PagedKeys pages{block_tables.const_data_ptr<int32_t>(),
+                          block_tables.size(0) > 1 ? block_tables.stride(0) : 0,
+                          __builtin_ctzll(static_cast<uint64_t>(block_size)), k_pool.size(0)};
+    float* stats = plan.num_splits > 1 ? partial_stats.data_ptr<float>() : nullptr;
+    const cudaError_t err = launch_paged_decode_attention(
+        q.const_data_ptr(), k_pool.const_data_ptr(), v_pool.const_data_ptr(), pages,
+        seq_lens.const_data_ptr<int32_t>(), out.data_ptr(),
+        plan.num_splits > 1 ? partial_out.data_ptr<float>() : nullptr, stats,
+        stats == nullptr ? nullptr : stats + stat_floats, dtype, batch, num_q_heads, num_kv_heads,
+        head_dim, capacity, static_cast<float>(scale), plan,
+        at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == cudaSuccess,
+                "paged_decode_attention: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    return out;
+}
+#endif
+
 }  // namespace
 }  // namespace toyllm
 
 TORCH_LIBRARY_IMPL(toyllm, CPU, m) {
     m.impl("paged_decode_attention", &toyllm::paged_decode_attention_cpu);
 }
+
+#ifdef WITH_CUDA_KERNELS
+TORCH_LIBRARY_IMPL(toyllm, CUDA, m) {
+    m.impl("paged_decode_attention", &toyllm::paged_decode_attention_cuda);
+}
+#endif
