@@ -8,10 +8,12 @@ chunks, each token at its own RoPE position. In every layer `attend(layer, q, k,
    (`PagedKVCache.slot_mapping`; slot -1 skips a padding row of a CUDA-graph bucket);
 2. attends the decode rows with `paged_decode_attention`: each reads its keys through its
    row of the block table, in place (no gather);
-3. attends each prefill chunk over its sequence's keys 0..start+n-1: the blocks holding them
-   are gathered (index_select on the pool, a copy) and SDPA runs with a causal mask offset by
-   the chunk's start. A paged prefill kernel would read them in place; the gather costs one
-   copy of the sequence's K/V per layer per chunk, small beside the chunk's own products.
+3. attends each prefill chunk over its sequence's keys 0..start+n-1: a chunk that starts at
+   position 0 attends over its own new K/V (SDPA's causal kernel, nothing read back); a later
+   chunk (chunked prefill, or a prompt after a prefix-cache hit) gathers the blocks holding
+   its keys (index_select on the pool, a copy) and runs SDPA with a causal mask offset by its
+   start. A paged prefill kernel would read them in place; the gather costs one copy of the
+   sequence's K/V per layer per chunk, small beside the chunk's own products.
 
 The decode-only fusions of engine/forward.py (rope_kv_update, gemv_add_rms_norm_rope_kv) write
 K/V through the contiguous cache's views at positions, so the forward takes its unfused path
@@ -81,22 +83,24 @@ class PagedStep:
         hq, d = q.shape[-2], q.shape[-1]
         hkv = k.shape[-2]
         qf = q.reshape(-1, hq, d)  # [tokens, Hq, D]
+        kf, vf = k.reshape(-1, hkv, d), v.reshape(-1, hkv, d)  # [tokens, Hkv, D]
         k_pool, v_pool = self.k_pools[layer], self.v_pools[layer]
-        paged_kv_write(k_pool, v_pool, k.reshape(-1, hkv, d), v.reshape(-1, hkv, d), self.slots)
+        paged_kv_write(k_pool, v_pool, kf, vf, self.slots)
         outs = []
         nd = self.num_decode
         if nd:
             outs.append(paged_decode_attention(qf[:nd].contiguous(), k_pool, v_pool,
                                                self.decode_tables, self.decode_lens, d ** -0.5))
         for seg in self.segments:
-            length = seg.start + seg.num_tokens
-            # [blocks, block_size, Hkv, D] -> keys 0..length-1 [1, length, Hkv, D] (a copy)
-            keys = k_pool.index_select(0, seg.blocks).flatten(0, 1)[:length].unsqueeze(0)
-            values = v_pool.index_select(0, seg.blocks).flatten(0, 1)[:length].unsqueeze(0)
-            qs = qf[seg.offset:seg.offset + seg.num_tokens].unsqueeze(0)  # [1, n, Hq, D]
-            if seg.allowed is None:
-                out = _causal(qs, keys, values)
+            mine = slice(seg.offset, seg.offset + seg.num_tokens)
+            qs = qf[mine].unsqueeze(0)  # [1, n, Hq, D]
+            if seg.start == 0:  # its keys are its own, just computed: no gather
+                out = _causal(qs, kf[mine].unsqueeze(0), vf[mine].unsqueeze(0))
             else:
+                length = seg.start + seg.num_tokens
+                # [blocks, block_size, Hkv, D] -> keys 0..length-1 [1, length, Hkv, D] (a copy)
+                keys = k_pool.index_select(0, seg.blocks).flatten(0, 1)[:length].unsqueeze(0)
+                values = v_pool.index_select(0, seg.blocks).flatten(0, 1)[:length].unsqueeze(0)
                 out = grouped_attention(qs, keys, values, seg.allowed)
             outs.append(out[0])
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
