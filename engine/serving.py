@@ -177,6 +177,9 @@ class ServingEngine:
         self.tokenizer = tokenizer
         self.eos_ids = frozenset((config.eos_id, *getattr(tokenizer, "eos_ids", ())))
         self.device, self.dtype = model.device, model.dtype
+        if cuda_graph is not None and not isinstance(cuda_graph, bool):
+            raise GenerationError(f"cuda_graph: expected True, False or None, got "
+                                  f"{cuda_graph!r}")
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise GenerationError("CUDA graphs need a CUDA device; use cuda_graph=False on CPU")
@@ -486,7 +489,7 @@ class ServingEngine:
         index = {r.request_id: i for i, r in enumerate(requests)}
         stats = GenerationStats(cache_bytes=self.cache.bytes_allocated())
         left = len(requests)
-        bar = _progress_bar(len(requests)) if progress else None
+        bar = _ProgressBar(len(requests)) if progress else None
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         try:
             while left:
@@ -547,6 +550,3 @@ class _ProgressBar:
     def close(self) -> None:
         self._progress.stop()
 
-
-def _progress_bar(total: int) -> _ProgressBar:
-    return _ProgressBar(total)

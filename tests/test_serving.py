@@ -225,7 +225,9 @@ def test_a_bad_kv_memory_is_refused(kv_memory) -> None:
 
 
 @pytest.mark.parametrize("option,value", [("max_running", 0), ("token_budget", -1),
-                                          ("max_running", 2.5), ("prefix_caching", "yes")])
+                                          ("max_running", 2.5), ("prefix_caching", "yes"),
+                                          ("cuda_graph", "no"), ("cuda_graph", True),
+                                          ("max_seq_len", 0)])
 def test_bad_engine_options_are_refused(option: str, value) -> None:
     with pytest.raises(GenerationError, match=option):
         ServingEngine(model_for(), kv_memory=2**20, **{option: value})
@@ -407,3 +409,14 @@ def test_non_finite_logits_finish_that_request_with_an_error_and_the_others_go_o
     while engine.has_unfinished():  # generate aborted its other requests: reported here
         assert all(o.finish_reason == "abort" for o in engine.step())
     assert not block_problems(engine)
+
+
+def test_generate_with_a_progress_bar_gives_the_same_completions(capsys) -> None:
+    model = model_for()
+    kw = dict(block_size=4, kv_memory=pool(model, 64, 4))
+    prompts = [random_ids(n, n) for n in (4, 8, 2)]
+    params = SamplingParams(max_new_tokens=5, stop_at_eos=False)
+    plain = ServingEngine(model, **kw).generate(prompts, params)
+    shown = ServingEngine(model, **kw).generate(prompts, params, progress=True)
+    assert [c.token_ids for c in shown.completions] == [c.token_ids for c in plain.completions]
+    assert capsys.readouterr().out == ""  # the bar goes to stderr
