@@ -99,10 +99,12 @@ def test_shared_prefixes_are_prefilled_once_and_change_nothing() -> None:
 def test_forked_requests_copy_the_shared_block_before_writing() -> None:
     model = model_for()
     prompt = random_ids(13, 5)  # 13 tokens, blocks of 4: the tail block is partial
-    workload = [Arrival(prompt, 20, 0), Arrival([], 16, 3, fork_of=0),
-                Arrival([], 24, 7, fork_of=0), Arrival([], 18, 9, fork_of=1)]
+    workload = [Arrival(prompt, 20, 0), Arrival([], 16, 2, fork_of=0, temperature=1.5, seed=1),
+                Arrival([], 24, 7, fork_of=0), Arrival([], 18, 9, fork_of=1, temperature=1.5,
+                                                       seed=2)]
     report = check_serving(model, workload, block_size=4, kv_memory=pool(model, 64, 4))
     assert report.ok, report.problems
+    assert report.outputs[1][:2] == report.outputs[0][:2] != report.outputs[1][2:4]  # forked
 
 
 def test_a_fully_cached_prompt_copies_its_last_block() -> None:
@@ -318,6 +320,23 @@ def test_an_off_by_one_slot_fails_the_check(monkeypatch) -> None:
 
     monkeypatch.setattr(paged_step, "paged_kv_write", off_by_one)
     assert _check(model_for())
+
+
+def test_a_skipped_copy_on_write_fails_the_check(monkeypatch) -> None:
+    """The fork shares the block holding positions 12..15 with 14 and 15 still to write: the
+    sampled child's token at 15 differs from its parent's."""
+    def reserve_without_copy(self, request, n):
+        request.tail_may_be_shared = False  # the shared block is written in place
+        if self._blocks_needed(request, n):
+            self.cache.reserve(request.seq, n)
+
+    model = model_for()
+    workload = [Arrival(random_ids(13, 5), 20, 0),
+                Arrival([], 16, 2, fork_of=0, temperature=1.5, seed=1)]
+    kw = dict(block_size=4, kv_memory=pool(model, 64, 4))
+    assert check_serving(model, workload, **kw).ok
+    monkeypatch.setattr(Scheduler, "_reserve", reserve_without_copy)
+    assert not check_serving(model, workload, **kw).ok
 
 
 def test_a_block_freed_while_shared_fails_the_check(monkeypatch) -> None:

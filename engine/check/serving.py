@@ -2,14 +2,15 @@
 
 `check_serving(model, workload, **engine_options)` runs a workload through a ServingEngine:
 requests that join at given steps (while others decode), leave when their own token count is
-reached, share prompt prefixes, fork mid-decode, and, with a small pool, get preempted. Every
-request is greedy. It then judges, per request:
+reached, share prompt prefixes, fork mid-decode, and, with a small pool, get preempted. It
+then judges, per request:
 
 * teacher-forced logits: the logits each token was sampled from, against `reference_logits`
   of the no-cache reference over the request's final sequence, max |diff| <= tolerance
   (1e-4 in fp32, engine/check/tolerances.py);
 * free-running greedy: the tokens against `reference_greedy` (the reference alone) and the
-  static Engine (the contiguous cache) on the same prompts, identical;
+  static Engine (the contiguous cache) on the same prompts, identical (a sampled request, e.g.
+  a fork with a temperature, is judged by its logits alone);
 * blocks: after the workload no block is held but by the prefix cache, and each of those is
   evictable (evicting them all empties the pool).
 
@@ -49,6 +50,12 @@ class Arrival:
     max_new_tokens: int
     step: int = 0
     fork_of: int | None = None
+    temperature: float = 0.0  # > 0: sampled (seeded); only its logits are judged then
+    seed: int = 0
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                              seed=self.seed, stop_at_eos=False)
 
 
 @dataclass
@@ -97,7 +104,7 @@ def check_serving(model: Transformer, workload: list[Arrival], tolerance: float 
             for i, a in enumerate(workload):
                 if a.step != step or i in ids:
                     continue
-                params = SamplingParams(max_new_tokens=a.max_new_tokens, stop_at_eos=False)
+                params = a.params()
                 if a.fork_of is None:
                     ids[i] = engine.add_request(a.prompt, params, request_id=f"r{i}")
                     tokens_of[ids[i]] = []
@@ -134,16 +141,16 @@ def check_serving(model: Transformer, workload: list[Arrival], tolerance: float 
         while workload[root].fork_of is not None:  # a fork's prompt is its first parent's
             root = workload[root].fork_of
         prompt = workload[root].prompt
+        greedy = a.temperature == 0
         expected, _ = reference_greedy(model, prompt, a.max_new_tokens,
-                                       max_seq_len=engine.max_seq_len)
-        if tokens != expected:
+                                       max_seq_len=engine.max_seq_len) if greedy else ([], [])
+        if greedy and tokens != expected:
             at = next((k for k, (x, y) in enumerate(zip(tokens, expected, strict=False))
                        if x != y), min(len(tokens), len(expected)))
             report.problems.append(f"request {i}: greedy tokens differ from the no-cache "
                                    f"reference at token {at}")
-        if a.fork_of is None:
-            params = SamplingParams(max_new_tokens=a.max_new_tokens, stop_at_eos=False)
-            static_tokens = static.generate([prompt], params).completions[0].token_ids
+        if a.fork_of is None and greedy:
+            static_tokens = static.generate([prompt], a.params()).completions[0].token_ids
             if tokens != static_tokens:
                 report.problems.append(f"request {i}: greedy tokens differ from the static "
                                        f"Engine's")
@@ -211,9 +218,13 @@ def shared_prefix(vocab: int) -> list[Arrival]:
 
 
 def fork_cow(vocab: int) -> list[Arrival]:
-    """Forks of a request (and of a fork) whose last block is partly filled."""
-    return [Arrival(_ids(13, 200, vocab), 20, 0), Arrival([], 16, 3, fork_of=0),
-            Arrival([], 24, 7, fork_of=0), Arrival([], 18, 9, fork_of=1)]
+    """Forks of a request (and of a fork) whose last block is partly filled; the sampled
+    forks write other tokens than their greedy parent into the block they shared, so a missing
+    copy on write shows in the parent's logits."""
+    return [Arrival(_ids(13, 200, vocab), 20, 0),
+            Arrival([], 16, 2, fork_of=0, temperature=1.5, seed=1),
+            Arrival([], 24, 7, fork_of=0),
+            Arrival([], 18, 9, fork_of=1, temperature=1.5, seed=2)]
 
 
 def preempt(vocab: int) -> list[Arrival]:
