@@ -113,9 +113,17 @@ def test_a_fully_cached_prompt_copies_its_last_block() -> None:
     engine = ServingEngine(model, block_size=8, kv_memory=pool(model, 32, 8))
     first = engine.generate([prompt], SamplingParams(max_new_tokens=6, stop_at_eos=False))
     used = engine.cache.num_used_blocks()
+    named = engine.prefix.blocks()
+    rid = engine.add_request(prompt, SamplingParams(max_new_tokens=2, stop_at_eos=False))
+    engine.step()
+    seq = engine._requests[rid].seq
+    first_block, last_block = engine.cache.sequence_blocks(seq)
+    assert first_block in named and last_block not in named  # adopted, then copied on write
+    while engine.has_unfinished():
+        engine.step()
     again = engine.generate([prompt], SamplingParams(max_new_tokens=6, stop_at_eos=False))
     assert again.completions[0].token_ids == first.completions[0].token_ids
-    assert engine.stats().prefix_hit_blocks == 2
+    assert engine.stats().prefix_hit_blocks == 4
     assert again.stats.prefill_tokens == 1  # all cached; the last token recomputed for logits
     assert used >= 2 and not block_problems(engine)
 
