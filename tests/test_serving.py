@@ -447,3 +447,22 @@ def test_generate_with_a_progress_bar_gives_the_same_completions(capsys) -> None
     shown = ServingEngine(model, **kw).generate(prompts, params, progress=True)
     assert [c.token_ids for c in shown.completions] == [c.token_ids for c in plain.completions]
     assert capsys.readouterr().out == ""  # the bar goes to stderr
+
+
+def test_text_stop_strings_and_eos_finish_as_in_the_static_engine() -> None:
+    from toyllm.models.model_source import load_model
+
+    loaded = load_model(None, torch.device("cpu"), torch.float32)
+    prompts = ["def fib(n):", "import os\n", "class Stack:", "    return"]
+    params = [SamplingParams(max_new_tokens=40, stop=("fiber to the",)),
+              SamplingParams(max_new_tokens=30, stop=("\n\n", "os.")),
+              SamplingParams(max_new_tokens=25, temperature=0.8, seed=3),
+              SamplingParams(max_new_tokens=60)]
+    engine = ServingEngine(loaded.model, loaded.tokenizer, kv_memory=2**24)
+    served = engine.generate(prompts, params)
+    for prompt, p, c in zip(prompts, params, served.completions, strict=True):
+        static = Engine(loaded.model, loaded.tokenizer).generate([prompt], p).completions[0]
+        assert (c.text, c.token_ids, c.finish_reason) == \
+            (static.text, static.token_ids, static.finish_reason)
+    assert {c.finish_reason for c in served.completions} >= {"stop"}
+    assert not block_problems(engine)
