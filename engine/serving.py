@@ -497,7 +497,11 @@ class ServingEngine:
                 t0 = time.perf_counter()
                 decode_only = not self.scheduler.waiting and all(
                     r.num_pending == 1 for r in self.scheduler.running)
+                steps = self._steps
                 outputs = self.step()
+                if not outputs and self._steps == steps:  # a scheduler bug, never user input
+                    raise RuntimeError("serving engine: a step planned nothing while requests "
+                                       "wait")
                 sync()
                 dt = time.perf_counter() - t0
                 sampled = 0
