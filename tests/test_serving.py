@@ -466,3 +466,20 @@ def test_text_stop_strings_and_eos_finish_as_in_the_static_engine() -> None:
             (static.text, static.token_ids, static.finish_reason)
     assert {c.finish_reason for c in served.completions} >= {"stop"}
     assert not block_problems(engine)
+
+
+def test_a_burst_sharing_a_system_prompt_prefills_it_once() -> None:
+    model = model_for()
+    head = random_ids(64, 77)
+    prompts = [head + random_ids(2 + i % 5, 300 + i) for i in range(16)]
+    params = SamplingParams(max_new_tokens=4, stop_at_eos=False)
+    kw = dict(block_size=8, kv_memory=pool(model, 256, 8))
+    shared = ServingEngine(model, **kw)
+    result = shared.generate(prompts, params)
+    own = sum(len(p) - len(head) for p in prompts)
+    # the head once (the first request's prompt), then only each other request's own tokens
+    assert result.stats.prefill_tokens == len(head) + own
+    assert shared.stats().prefill_tokens <= len(head) + own  # tokens the forward computed
+    plain = ServingEngine(model, prefix_caching=False, **kw).generate(prompts, params)
+    assert [c.token_ids for c in result.completions] == [c.token_ids for c in plain.completions]
+    assert not block_problems(shared)
