@@ -462,7 +462,12 @@ class ServingEngine:
         """Generate a completion for each prompt (each with its own params when a list is
         given), running steps until all are done. on_text(index, piece) streams text;
         `progress` shows a progress bar on stderr. Every prompt and params is checked before
-        any is queued. Completions come back in prompt order."""
+        any is queued. Completions come back in prompt order. Refused while requests added
+        with add_request are in flight (their outputs would be consumed here)."""
+        if self.has_unfinished():  # their outputs would be consumed here and lost
+            raise GenerationError(
+                f"generate: {len(self._requests)} request(s) added with add_request are in "
+                f"flight; drive them with step() until has_unfinished() is False first")
         if isinstance(prompts, str):
             prompts = [prompts]
         if len(prompts) == 0:

@@ -285,6 +285,10 @@ def test_generate_checks_every_prompt_before_queueing_any() -> None:
         engine.generate([], params)
     assert not engine.has_unfinished()
     assert engine.cache.num_free_blocks() == engine.cache.num_blocks
+    engine.add_request([5, 6], params)
+    with pytest.raises(GenerationError, match="in flight"):  # its outputs would be lost
+        engine.generate([[7]], params)
+    assert engine.stats().waiting == 1  # the request in flight is untouched
 
 
 # --- planted bugs: each must fail the check ------------------------------------------------
