@@ -256,18 +256,31 @@ def generate(
         help="Cap the KV cache at this many positions.")] = None,
     cuda_graph: Annotated[bool, typer.Option(
         help="Capture decode steps in CUDA graphs (GPU only).")] = True,
+    block_size: Annotated[int, typer.Option(
+        help="With --prompts-file: tokens per block of the paged KV cache.")] = 16,
+    kv_memory: Annotated[str, typer.Option(
+        help="With --prompts-file: the paged KV pool, a fraction of free memory (0.9) or a "
+             "size (4GiB).")] = "0.9",
+    token_budget: Annotated[int, typer.Option(
+        help="With --prompts-file: most tokens computed per step (prefill chunks + decode "
+             "rows).")] = 8192,
+    prefix_caching: Annotated[bool, typer.Option(
+        help="With --prompts-file: share the KV blocks of common prompt prefixes.")] = True,
     stats: Annotated[bool, typer.Option(help="Print prefill ms, decode tok/s, cache bytes.")]
     = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output for scripts.")] = False,
 ) -> None:
-    """Generate text from a model: the shipped default or your own checkpoint."""
+    """Generate text from a model: the shipped default or your own checkpoint. Prompts from
+    --prompts-file run through the serving engine (continuous batching over a paged KV cache
+    with prefix caching); prompts given as arguments through the static engine."""
     _run(_generate, **locals())
 
 
 def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_file,
               max_new_tokens,
               temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, device, dtype,
-              prefill_chunk, max_context, cuda_graph, stats, as_json) -> None:
+              prefill_chunk, max_context, cuda_graph, block_size, kv_memory, token_budget,
+              prefix_caching, stats, as_json) -> None:
     from toyllm.engine import cli_numbers
     from toyllm.engine.device import dtype_name, resolve_device, resolve_dtype
     from toyllm.engine.generate import Engine
@@ -285,6 +298,14 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
         raise UserError(f"--prefill-chunk: expected a positive integer, got {prefill_chunk}")
     if max_context is not None and max_context <= 0:
         raise UserError(f"--max-context: expected a positive integer, got {max_context}")
+    serving = prompts_file is not None
+    if serving:
+        if prefill_chunk is not None:
+            raise UserError("--prefill-chunk applies to prompts given as arguments; with "
+                            "--prompts-file the scheduler chunks prompts within --token-budget")
+        cli_numbers.integer("--block-size", block_size)
+        cli_numbers.integer("--token-budget", token_budget)
+        pool = cli_numbers.memory_amount("--kv-memory", kv_memory)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     with err.status("loading model...", spinner="dots"):
@@ -295,8 +316,17 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
                         "tokenizer.model); pass --tokenizer")
     if system is not None and not chat:
         raise UserError("--system goes with --chat")
-    engine = Engine(loaded.model, loaded.tokenizer, prefill_chunk=prefill_chunk,
-                    cuda_graph=cuda_graph and dev.type == "cuda", max_seq_len=max_context)
+    if serving:
+        from toyllm.engine.serving import ServingEngine
+
+        engine = ServingEngine(
+            loaded.model, loaded.tokenizer, block_size=block_size, kv_memory=pool,
+            max_running=min(256, len(texts)), token_budget=token_budget,
+            prefix_caching=prefix_caching, cuda_graph=cuda_graph and dev.type == "cuda",
+            max_seq_len=max_context)
+    else:
+        engine = Engine(loaded.model, loaded.tokenizer, prefill_chunk=prefill_chunk,
+                        cuda_graph=cuda_graph and dev.type == "cuda", max_seq_len=max_context)
     inputs = texts
     if chat:  # each prompt is one user turn of its own conversation, rendered by the template
         from toyllm.models.chat_template import chat_prompt_ids
@@ -313,6 +343,9 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
 
         result = engine.generate(inputs, params, on_text=on_text)
         out.print()
+    elif serving:
+        # a progress bar where someone watches; a pipe gets no redraws
+        result = engine.generate(inputs, params, progress=err.is_terminal)
     else:
         with err.status(f"generating {len(texts)} completion(s)...", spinner="dots"):
             result = engine.generate(inputs, params)
@@ -333,6 +366,12 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
                       "decode_tok_per_s": st.decode_tok_per_s, "cache_bytes": st.cache_bytes,
                       "load_s": loaded.load_s},
         }
+        if serving:
+            sv = engine.stats()
+            payload["serving"] = {"preemptions": sv.preemptions,
+                                  "prefix_hit_blocks": sv.prefix_hit_blocks,
+                                  "block_size": sv.block_size, "blocks_total": sv.blocks_total,
+                                  "steps": sv.steps}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
     if not stream:
@@ -349,6 +388,11 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
             f"{st.decode_tokens} tok at {st.decode_tok_per_s:.1f} tok/s, KV cache "
             f"{st.cache_bytes / 2**20:.2f} MiB, finish: {reasons}[/]"
         )
+        if serving:
+            sv = engine.stats()
+            err.print(f"[dim]serving: {sv.steps} steps, {sv.blocks_total} blocks of "
+                      f"{sv.block_size} tokens, {sv.prefix_hit_blocks} prefix-cache hits, "
+                      f"{sv.preemptions} preemptions[/]")
 
 
 @app.command()
@@ -500,14 +544,18 @@ def info(
     batch: Annotated[int, typer.Option(help="Sequences whose KV cache is counted.")] = 1,
     context: Annotated[int | None, typer.Option(
         help="Positions per sequence; default: the config's max_seq_len.")] = None,
+    block_size: Annotated[int, typer.Option(
+        help="Tokens per block of the serving engine's paged cache.")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output for scripts.")] = False,
 ) -> None:
-    """Parameters by part, weight bytes and KV-cache bytes per dtype (arithmetic only)."""
+    """Parameters by part, weight bytes, KV-cache bytes and paged KV blocks per GiB, per
+    dtype (arithmetic only)."""
     def body() -> Any:
         from toyllm.engine.tools.info import describe, load_for_info
 
         config, where = load_for_info(source)
-        return describe(config, batch=batch, context=context, source=where)
+        return describe(config, batch=batch, context=context, source=where,
+                        block_size=block_size)
 
     result = _run(body)
     if as_json:

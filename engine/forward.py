@@ -22,11 +22,17 @@ The fused ops give the bits of the ops they replace (tests/ compare them as inte
 Fusion level computes the same numbers on one device; the GEMV choices (`Gemv`) do not: MKL and
 cuBLAS sum in other orders. The first layer has no residual to add, so its input norm runs
 alone. Positions are never advanced here: the Engine does it after a whole step succeeded.
+
+The serving engine's steps (engine/paged_step.py, over the paged cache) take the unfused path
+for q/k/v: the decode fusions above that write K/V (rope_kv_update, gemv_add_rms_norm_rope_kv)
+address the contiguous cache by position, so RoPE runs alone and the paged step writes K/V at
+its slots; every other fusion applies to them as to the static engine's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +52,13 @@ DECODE_KERNEL_MAX_ROWS = 8
 TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
 TENSOR_CORE_HEAD_DIMS = (64, 128)
 
-Step = PrefillStep | DecodeStep
+if TYPE_CHECKING:
+    from toyllm.engine.paged_step import PagedStep
+
+    #: PagedStep (the serving engine's, engine/paged_step.py) is not a DecodeStep: the
+    #: decode-only fusions that write K/V into the contiguous cache (rope_kv_update,
+    #: gemv_add_rms_norm_rope_kv) never take it; it writes K/V at its pool slots in `attend`.
+    Step = PrefillStep | DecodeStep | PagedStep
 
 
 def decode_kernel_max_rows(settings: Settings, dtype: torch.dtype | None,
@@ -178,12 +190,15 @@ class EngineForward:
                                        self.head_dim)
 
     def __call__(self, tokens: Tensor, positions: Tensor | None, step: Step,
-                 last_only: bool = False) -> Tensor:
+                 last_only: bool = False, select: Tensor | None = None) -> Tensor:
         """tokens [B, T] (positions int64 [B, T], or None for a decode step that gathers RoPE's
-        cos/sin from its table) -> logits [B, T, vocab] ([B, 1, vocab] if last_only)."""
+        cos/sin from its table) -> logits [B, T, vocab] ([B, 1, vocab] if last_only; with
+        `select`, int64 [K] indices into the B * T tokens, [1, K, vocab]: only theirs)."""
         model = self.model
         x = model.embed_tokens(tokens)  # [B, T, hidden]
-        cos_sin = step.rope_cos_sin() if isinstance(step, DecodeStep) else None
+        # a decode step may gather RoPE's cos/sin from a table by position (DecodeStep,
+        # PagedStep); None: computed here from `positions`
+        cos_sin = step.rope_cos_sin() if hasattr(step, "rope_cos_sin") else None
         if cos_sin is None:
             if positions is None:
                 raise ValueError("expected positions [B, T]: the step gives no RoPE cos/sin")
@@ -195,6 +210,10 @@ class EngineForward:
         if last_only:  # the sum's last token is the sum of the last tokens
             x = x[:, -1:]
             pending = pending[:, -1:] if pending is not None else None
+        if select is not None:  # [B, T, hidden] -> [1, K, hidden]
+            x = x.flatten(0, 1).index_select(0, select).unsqueeze(0)
+            if pending is not None:
+                pending = pending.flatten(0, 1).index_select(0, select).unsqueeze(0)
         _, h = self._add_norm(x, pending, model.norm.weight)
         return self.gemv.linear(h, model.lm_head.weight)
 

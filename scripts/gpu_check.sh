@@ -103,7 +103,8 @@ if want sanitizer; then
     KERNEL_TESTS="tests/test_kv_cache_spec.py tests/test_decode_attention.py tests/test_fused_ops.py
         tests/test_cuda_gemv.py tests/test_argmax.py tests/test_rope_kv_update.py
         tests/test_gemv_silu_mul.py tests/test_gemv_add_rms_norm.py tests/test_gemv_norm_rope_kv.py
-        tests/test_programmatic_launch.py"
+        tests/test_programmatic_launch.py tests/test_paged_kv_cache.py tests/test_paged_kv_write.py
+        tests/test_paged_decode_attention.py"
     sanitize() {  # sanitize NAME TOOL PYTEST_ARGS...
         local name=$1 tool=$2; shift 2
         [[ $name =~ ${SANITIZE_ONLY:-.} ]] || return 0
@@ -119,6 +120,8 @@ if want sanitizer; then
     # (fused_ops: the switch test runs the model in fresh interpreters, which the sanitizer
     # follows and where conftest's TOYLLM_TEST_NO_CUDNN_SDPA does not reach, so cuDNN's SDPA
     # kernel, whose hazards are not ours, ran there; its fused kernels run in-process elsewhere)
+    sanitize racecheck_paged_decode_attention racecheck tests/test_paged_decode_attention.py \
+        -k "cuda_options or clamps or (ragged and bfloat16 and q8kv2)"
     sanitize racecheck_fused_ops racecheck tests/test_fused_ops.py \
         -k "not graph and not compile and not model and not engine and not profile and not with_and_without_toyllm_fused_ops"
     sanitize racecheck_cuda_gemv racecheck tests/test_cuda_gemv.py -k "misaligned or strided or empty"
@@ -141,6 +144,8 @@ if want bench; then
     stage bench_kv_update $PY scripts/bench_kv_update.py --json "$OUT/bench_kv_update.json"
     stage bench_decode_attention $PY scripts/bench_decode_attention.py \
         --json "$OUT/bench_decode_attention.json"
+    stage bench_paged_decode_attention $PY scripts/bench_paged_decode_attention.py \
+        --json "$OUT/bench_paged_decode_attention.json"
     stage bench_gemv $PY scripts/bench_gemv.py --json "$OUT/bench_gemv.json"
     stage bench_argmax $PY scripts/bench_argmax.py --json "$OUT/bench_argmax.json"
     stage bench_decode toyllm bench ${BENCH_ARGS:-} --json "$OUT/bench_decode.json"

@@ -106,8 +106,9 @@ def test_report_has_cases_errors_margins_tolerances_versions_and_device(
                 "greedy_match", "divergences", "margin", "hf_rel", "error", "failures",
                 "case"} <= set(case)
         assert case["max_abs"] <= 1e-4 and case["argmax_agree"] == 1.0
-    if report["hf_witness"] == "on":
-        assert all(c["hf_rel"] <= 1e-5 and c["hf_greedy_match"] for c in report["cases"])
+    if report["hf_witness"] == "on":  # the serving cases leave the HF witness to the others
+        assert all(c["hf_rel"] <= 1e-5 and c["hf_greedy_match"] for c in report["cases"]
+                   if not c["name"].startswith("serving-"))
 
 
 # the command line -----------------------------------------------------------------------------

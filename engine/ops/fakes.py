@@ -44,6 +44,18 @@ def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Ten
     return q.new_empty(q.shape)  # [batch, num_q_heads, head_dim]
 
 
+@_fake("toyllm::paged_kv_write")
+def _paged_kv_write(k_pool: Tensor, v_pool: Tensor, k: Tensor, v: Tensor, slots: Tensor) -> None:
+    """Nothing to describe: the op writes the pools in place and returns nothing."""
+
+
+@_fake("toyllm::paged_decode_attention")
+def _paged_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
+                            seq_lens: Tensor, scale: float, tile: int = 0, reverse: bool = True,
+                            tensor_cores: bool = True) -> Tensor:
+    return q.new_empty(q.shape)  # [batch, num_q_heads, head_dim]
+
+
 # --- elementwise (csrc/elementwise/)
 
 
