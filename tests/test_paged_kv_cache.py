@@ -13,14 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    Bundle,
-    RuleBasedStateMachine,
-    consumes,
-    invariant,
-    precondition,
-    rule,
-)
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from toyllm.engine.ops.paged_cache import PagedCacheFullError, PagedKVCache
 
@@ -452,8 +445,6 @@ class AllocatorMachine(RuleBasedStateMachine):
     MAX_SEQS = 4
     MAX_BLOCKS = 5
 
-    seqs = Bundle("seqs")
-
     def __init__(self) -> None:
         super().__init__()
         self.cache = make_cache(num_layers=1, num_blocks=self.NUM_BLOCKS,
@@ -477,18 +468,21 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert self.count(b) == 0, f"block {b} handed out while held"
         self.model[seq] = (now, self.model[seq][1])
 
+    def live(self, data: st.DataObject) -> int:
+        """One of the sequences in use (the rules that take one run only when there is one)."""
+        return data.draw(st.sampled_from(sorted(self.model)))
+
     @precondition(lambda self: len(self.model) < self.MAX_SEQS)
-    @rule(target=seqs)
-    def add(self) -> int:
+    @rule()
+    def add(self) -> None:
         seq = self.cache.add_sequence()
         assert seq not in self.model
         self.model[seq] = ([], 0)
-        return seq
 
-    @rule(seq=seqs, n=st.integers(0, 7))
-    def reserve(self, seq: int, n: int) -> None:
-        if seq not in self.model:
-            return
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), n=st.integers(0, 7))
+    def reserve(self, data: st.DataObject, n: int) -> None:
+        seq = self.live(data)
         blocks, length = self.model[seq]
         need = -(-(length + n) // self.BLOCK_SIZE)
         fits = length + n <= self.MAX_BLOCKS * self.BLOCK_SIZE and (
@@ -502,10 +496,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.cache.reserve(seq, n)
         self.take_new_blocks(seq, blocks)
 
-    @rule(seq=seqs, n=st.integers(0, 4))
-    def advance(self, seq: int, n: int) -> None:
-        if seq not in self.model:
-            return
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), n=st.integers(0, 4))
+    def advance(self, data: st.DataObject, n: int) -> None:
+        seq = self.live(data)
         blocks, length = self.model[seq]
         if length + n > len(blocks) * self.BLOCK_SIZE:
             with pytest.raises(ValueError):
@@ -514,30 +508,28 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.cache.advance(seq, n)
         self.model[seq] = (blocks, length + n)
 
-    @rule(seq=seqs, data=st.data())
-    def truncate(self, seq: int, data: st.DataObject) -> None:
-        if seq not in self.model:
-            return
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def truncate(self, data: st.DataObject) -> None:
+        seq = self.live(data)
         blocks, length = self.model[seq]
         new = data.draw(st.integers(0, length))
         self.cache.truncate(seq, new)
         self.model[seq] = (blocks[: -(-new // self.BLOCK_SIZE)], new)
 
-    @precondition(lambda self: len(self.model) < self.MAX_SEQS)
-    @rule(target=seqs, seq=seqs)
-    def fork(self, seq: int) -> int:
-        if seq not in self.model:
-            return -1
+    @precondition(lambda self: 0 < len(self.model) < self.MAX_SEQS)
+    @rule(data=st.data())
+    def fork(self, data: st.DataObject) -> None:
+        seq = self.live(data)
         blocks, length = self.model[seq]
         child = self.cache.fork(seq)
         assert child not in self.model
         self.model[child] = (blocks[: -(-length // self.BLOCK_SIZE)], length)
-        return child
 
-    @rule(seq=seqs)
-    def copy_on_write(self, seq: int) -> None:
-        if seq not in self.model:
-            return
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def copy_on_write(self, data: st.DataObject) -> None:
+        seq = self.live(data)
         blocks, length = self.model[seq]
         index = length // self.BLOCK_SIZE
         shared = index < len(blocks) and self.count(blocks[index]) > 1
@@ -554,10 +546,10 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert self.count(now[index]) == 0
             self.model[seq] = (now, length)
 
-    @rule(seq=consumes(seqs))
-    def free(self, seq: int) -> None:
-        if seq not in self.model:
-            return
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def free(self, data: st.DataObject) -> None:
+        seq = self.live(data)
         self.cache.free_sequence(seq)
         del self.model[seq]
 
@@ -589,10 +581,12 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert self.cache.decref(b) == self.count(b) - 1
         self.outside[b] -= 1
 
-    @rule(seq=seqs, data=st.data())
-    def append_outside(self, seq: int, data: st.DataObject) -> None:
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def append_outside(self, data: st.DataObject) -> None:
+        seq = self.live(data)
         mine = sorted(b for b, n in self.outside.items() if n > 0)
-        if seq not in self.model or not mine:
+        if not mine:
             return
         blocks, length = self.model[seq]
         b = data.draw(st.sampled_from(mine))
@@ -629,6 +623,6 @@ class AllocatorMachine(RuleBasedStateMachine):
 
 
 AllocatorMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
+    max_examples=100, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 test_allocator_keeps_reference_counts_consistent = AllocatorMachine.TestCase
