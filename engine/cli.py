@@ -492,11 +492,29 @@ def bench(
              "context).")] = False,
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="Write the rows here too (after each model).")] = None,
+    workload: Annotated[str, typer.Option(
+        help="decode: the decode/prefill table; random: 256 requests of 100-1024 prompt and "
+             "output tokens through the serving engine, the static batch and transformers' "
+             "continuous batching; shared-prefix: 64 requests sharing a 1,000-token prompt, "
+             "prefix caching on and off (docs/SERVING.md).")] = "decode",
+    hf_requests: Annotated[int | None, typer.Option(
+        help="With --workload random: transformers on the first N requests only.")] = None,
+    kv_memory: Annotated[str, typer.Option(
+        help="With --workload: the KV pool, a fraction of free memory or a size (4GiB).")]
+    = "0.5",
+    block_size: Annotated[int, typer.Option(
+        help="With --workload: tokens per KV block.")] = 16,
 ) -> None:
-    """Decode and prefill tok/s against transformers and the roofline, measured in one run.
-    Every option is checked before anything is measured."""
+    """Decode and prefill tok/s against transformers and the roofline, measured in one run;
+    or a serving workload (--workload). Every option is checked before anything is measured."""
 
     def body() -> int:
+        if workload != "decode":
+            from toyllm.engine.tools import serving_bench
+
+            return serving_bench.run_cli(
+                workload, models or "llama-1b", device, dtype, hf=hf, hf_requests=hf_requests,
+                static=True, kv_memory=kv_memory, block_size=block_size, json_path=json_path)
         from toyllm.engine.tools import bench as tool
 
         return tool.run(tool.options(
