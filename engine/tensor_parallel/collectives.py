@@ -1,0 +1,50 @@
+"""One rank's view of its process group: the collectives a sharded forward pass needs and the
+broadcasts that let the other ranks follow rank 0.
+
+gloo on the CPU, NCCL on GPUs (engine/tensor_parallel/launch.py starts the group). Every
+collective is a blocking call on the current stream, so a decode step that holds them can be
+captured in a CUDA graph (NCCL kernels are captured like any other).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass
+class RankGroup:
+    """rank of ranks, on `device`; `group` None is the default process group."""
+
+    rank: int
+    ranks: int
+    device: torch.device
+    group: dist.ProcessGroup | None = None
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, partial: Tensor) -> Tensor:
+        """Sum over the ranks, in place (partial: contiguous, any shape); returns it."""
+        dist.all_reduce(partial, group=self.group)
+        return partial
+
+    def gather_vocab(self, logits: Tensor) -> Tensor:
+        """[..., V/N] slices of the ranks, in rank order -> [..., V] on every rank."""
+        logits = logits.contiguous()
+        parts = [torch.empty_like(logits) for _ in range(self.ranks)]
+        dist.all_gather(parts, logits, group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def broadcast(self, tensor: Tensor) -> Tensor:
+        """Rank 0's `tensor` on every rank (in place; same shape and dtype everywhere)."""
+        dist.broadcast(tensor, src=0, group=self.group)
+        return tensor
+
+    def barrier(self) -> None:
+        # a tiny all-reduce instead of dist.barrier: NCCL's barrier guesses a device
+        self.all_reduce(torch.zeros(1, device=self.device))
