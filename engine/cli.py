@@ -166,6 +166,9 @@ def _run(body: Any, *args: Any, **kwargs: Any) -> Any:
             raise fail(str(exc)) from None
         if _out_of_memory(exc):
             raise fail("out of memory: " + str(exc).split("DefaultCPUAllocator: ")[-1]) from None
+        if type(exc).__name__ == "RankFailure":  # a tensor-parallel rank failed: all were ended
+            _print_error(str(exc))
+            raise typer.Exit(code=2 if getattr(exc, "user_error", False) else 1) from None
         raise
 
 
@@ -252,6 +255,9 @@ def generate(
     stats: Annotated[bool, typer.Option(help="Print prefill ms, decode tok/s, cache bytes.")]
     = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output for scripts.")] = False,
+    tensor_parallel: Annotated[int, typer.Option(
+        help="Split the model over this many ranks (processes; GPUs cuda:0..N-1 on CUDA, gloo "
+             "on the CPU): heads, K/V heads, MLP units and vocabulary must divide by it.")] = 1,
 ) -> None:
     """Generate text from a model: the shipped default or your own checkpoint."""
     _run(_generate, **locals())
@@ -260,7 +266,7 @@ def generate(
 def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_file,
               max_new_tokens,
               temperature, top_k, top_p, seed, stop, device, dtype, prefill_chunk,
-              max_context, cuda_graph, stats, as_json) -> None:
+              max_context, cuda_graph, stats, as_json, tensor_parallel) -> None:
     from toyllm.engine.device import dtype_name, resolve_device, resolve_dtype
     from toyllm.engine.generate import Engine
     from toyllm.engine.sampling import SamplingParams
@@ -273,18 +279,27 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
         raise UserError(f"--prefill-chunk: expected a positive integer, got {prefill_chunk}")
     if max_context is not None and max_context <= 0:
         raise UserError(f"--max-context: expected a positive integer, got {max_context}")
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    with err.status("loading model...", spinner="dots"):
-        loaded = load_model(model, dev, dt, random_weights=random_weights,
-                            tokenizer_path=tokenizer)
+    if system is not None and not chat:
+        raise UserError("--system goes with --chat")
+    if tensor_parallel != 1:  # rank 0 of N renders the chat turns, samples and sends the text
+        from toyllm.engine.tensor_parallel.cli_generate import start_ranks
+
+        with err.status(f"starting {tensor_parallel} ranks...", spinner="dots"):
+            engine, loaded, dev, dt = start_ranks(
+                model, tensor_parallel, device, dtype, random_weights, tokenizer, chat, system,
+                prefill_chunk=prefill_chunk, cuda_graph=cuda_graph, max_seq_len=max_context)
+        chat = False
+    else:
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        with err.status("loading model...", spinner="dots"):
+            loaded = load_model(model, dev, dt, random_weights=random_weights,
+                                tokenizer_path=tokenizer)
+        engine = Engine(loaded.model, loaded.tokenizer, prefill_chunk=prefill_chunk,
+                        cuda_graph=cuda_graph and dev.type == "cuda", max_seq_len=max_context)
     if loaded.tokenizer is None:
         raise UserError(f"{loaded.source}: no tokenizer found (tokenizer.json or "
                         "tokenizer.model); pass --tokenizer")
-    if system is not None and not chat:
-        raise UserError("--system goes with --chat")
-    engine = Engine(loaded.model, loaded.tokenizer, prefill_chunk=prefill_chunk,
-                    cuda_graph=cuda_graph and dev.type == "cuda", max_seq_len=max_context)
     inputs = texts
     if chat:  # each prompt is one user turn of its own conversation, rendered by the template
         from toyllm.models.chat_template import chat_prompt_ids

@@ -22,7 +22,9 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
@@ -45,10 +47,11 @@ class RankFailure(RuntimeError):
     """A rank failed (raised, died or timed out); every rank has been stopped."""
 
     def __init__(self, message: str, rank: int | None = None,
-                 rank_traceback: str | None = None) -> None:
+                 rank_traceback: str | None = None, user_error: bool = False) -> None:
         super().__init__(message)
         self.rank = rank
         self.rank_traceback = rank_traceback
+        self.user_error = user_error  # the rank refused bad input (a toyllm ValueError)
 
 
 @dataclass(frozen=True)
@@ -118,8 +121,9 @@ def _rank_main(rank: int, world: World, store_path: str, conn: Connection,
     except BaseException as exc:  # noqa: BLE001 - every failure ends the run, with its message
         failed = True
         message = f"{type(exc).__name__}: {exc}"
+        user = isinstance(exc, ValueError) and type(exc).__module__.startswith("toyllm.")
         try:
-            send(conn, "fatal", rank, time.time(), message, traceback.format_exc())
+            send(conn, "fatal", rank, time.time(), message, traceback.format_exc(), user)
         except (OSError, EOFError):
             pass
     finally:
@@ -130,6 +134,20 @@ def _rank_main(rank: int, world: World, store_path: str, conn: Connection,
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
+
+
+@contextmanager
+def _without_main() -> Iterator[None]:
+    """Spawn runs the parent's __main__ again in each child: a console script (or a user's
+    script) without an `if __name__ == "__main__"` guard would start the whole command again
+    in every rank. The ranks need only importable modules (toyllm's, a test's), so while they
+    start, __main__ is a bare module and the children import nothing of it."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 class RankProcesses:
@@ -149,12 +167,13 @@ class RankProcesses:
         pairs = [ctx.Pipe(duplex=True) for _ in range(world.size)]
         ours, theirs = [p[0] for p in pairs], [p[1] for p in pairs]
         procs = []
-        for rank in range(world.size):
-            p = ctx.Process(target=_rank_main, name=f"toyllm-tp-rank{rank}", daemon=True,
-                            args=(rank, world, os.path.join(tmp.name, "store"), theirs[rank],
-                                  target, args))
-            p.start()
-            procs.append(p)
+        with _without_main():
+            for rank in range(world.size):
+                p = ctx.Process(target=_rank_main, name=f"toyllm-tp-rank{rank}", daemon=True,
+                                args=(rank, world, os.path.join(tmp.name, "store"),
+                                      theirs[rank], target, args))
+                p.start()
+                procs.append(p)
         for c in theirs:  # each rank holds only its own end: its death reads as EOF here
             c.close()
         return cls(world, procs, ours, tmp)
@@ -212,9 +231,9 @@ class RankProcesses:
                     reports.append(m)
         self.stop()
         if reports:
-            _, rank, _, message, tb = min(reports, key=lambda m: m[2])
+            _, rank, _, message, tb, user = min(reports, key=lambda m: m[2])
             raise RankFailure(f"rank {rank} of {self.world.size} failed: {message}; every rank "
-                              "was stopped", rank, tb)
+                              "was stopped", rank, tb, user)
         codes = {r: p.exitcode for r, p in enumerate(self.procs)}
         who = first if first is not None else next(
             (r for r, c in codes.items() if c not in (0, None, -15)), None)
