@@ -470,10 +470,18 @@ def check(
     = None,
     hf: Annotated[bool, typer.Option(
         help="Hugging Face transformers as a third witness, when installed.")] = True,
+    tensor_parallel: Annotated[int, typer.Option(
+        help="Check the model split over this many ranks against one process and the "
+             "reference (the cases that split; gloo on the CPU, NCCL on CUDA).")] = 1,
 ) -> None:
     """Check the cached engine against the no-cache reference (and HF transformers) on a
     matrix of models and requests; exit 1 if any case fails."""
     def body() -> int:
+        if tensor_parallel != 1:
+            from toyllm.engine.tensor_parallel.check import run_tensor_parallel_check
+
+            return run_tensor_parallel_check(tensor_parallel, configs, dtypes, device,
+                                             json_path, out)
         from toyllm.engine.check.harness import run_check
 
         return run_check(configs, dtypes, device, json_path, out, hf=hf)
