@@ -1,0 +1,45 @@
+"""Rank targets for the tensor-parallel tests: module-level functions, so spawned ranks can
+import them by name (engine/tensor_parallel/launch.py runs `target(ranks, conn, *args)`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from toyllm.engine.tensor_parallel.rank_engine import ShardEngine, serve_ranks
+
+
+def raise_on_rank(ranks: Any, conn: Any, bad_rank: int) -> None:
+    """Every rank joins one all-reduce; then `bad_rank` raises while the others wait in a
+    second all-reduce that it will never join."""
+    ranks.all_reduce(torch.ones(4))
+    if ranks.rank == bad_rank:
+        raise ValueError(f"injected failure on rank {bad_rank}")
+    ranks.all_reduce(torch.ones(4))
+
+
+def hang_on_rank(ranks: Any, conn: Any, bad_rank: int, seconds: float) -> None:
+    """`bad_rank` sleeps (no collective, no error) while the others wait in an all-reduce:
+    only the process group's timeout can end it."""
+    if ranks.rank == bad_rank:
+        time.sleep(seconds)
+    ranks.all_reduce(torch.ones(4))
+
+
+def serve_failing_decode(ranks: Any, conn: Any, spec: Any, bad_rank: int, step: int) -> None:
+    """serve_ranks, with `bad_rank`'s engine raising at its `step`-th decode step (the others
+    are then inside that step's collectives, or waiting for the next command)."""
+    if ranks.rank == bad_rank:
+        original = ShardEngine.decode_step
+        calls = {"n": 0}
+
+        def decode_step(self, cache, rows, tokens):  # type: ignore[no-untyped-def]
+            calls["n"] += 1
+            if calls["n"] == step:
+                raise RuntimeError(f"injected decode failure at step {step}")
+            return original(self, cache, rows, tokens)
+
+        ShardEngine.decode_step = decode_step  # this rank's process only
+    serve_ranks(ranks, conn, spec)
