@@ -8,16 +8,24 @@ from typing import Any
 
 import torch
 
-from toyllm.engine.tensor_parallel.rank_engine import ShardEngine, serve_ranks
+from toyllm.engine.sampling import SamplingParams
+from toyllm.engine.tensor_parallel.launch import send
+from toyllm.engine.tensor_parallel.rank_engine import (
+    LeaderEngine,
+    ShardEngine,
+    build_engine,
+    follow,
+    serve_ranks,
+)
 
 
 def raise_on_rank(ranks: Any, conn: Any, bad_rank: int) -> None:
     """Every rank joins one all-reduce; then `bad_rank` raises while the others wait in a
     second all-reduce that it will never join."""
-    ranks.all_reduce(torch.ones(4))
+    ranks.all_reduce(torch.ones(4, device=ranks.device))
     if ranks.rank == bad_rank:
         raise ValueError(f"injected failure on rank {bad_rank}")
-    ranks.all_reduce(torch.ones(4))
+    ranks.all_reduce(torch.ones(4, device=ranks.device))
 
 
 def hang_on_rank(ranks: Any, conn: Any, bad_rank: int, seconds: float) -> None:
@@ -25,7 +33,7 @@ def hang_on_rank(ranks: Any, conn: Any, bad_rank: int, seconds: float) -> None:
     only the process group's timeout can end it."""
     if ranks.rank == bad_rank:
         time.sleep(seconds)
-    ranks.all_reduce(torch.ones(4))
+    ranks.all_reduce(torch.ones(4, device=ranks.device))
 
 
 def serve_failing_decode(ranks: Any, conn: Any, spec: Any, bad_rank: int, step: int) -> None:
@@ -43,3 +51,18 @@ def serve_failing_decode(ranks: Any, conn: Any, spec: Any, bad_rank: int, step: 
 
         ShardEngine.decode_step = decode_step  # this rank's process only
     serve_ranks(ranks, conn, spec)
+
+
+def graph_probe(ranks: Any, conn: Any, spec: Any, prompts: list[list[int]],
+                max_new_tokens: int) -> None:
+    """One greedy request; rank 0 sends (tokens, the row buckets its decode graphs were
+    captured for) so a test can see the step ran as a CUDA graph holding the all-reduces."""
+    engine, _ = build_engine(spec, ranks)
+    if not isinstance(engine, LeaderEngine):
+        follow(engine)
+        return
+    params = SamplingParams(max_new_tokens=max_new_tokens, stop_at_eos=False)
+    result = engine.generate(prompts, params)
+    engine.end()
+    graphs = sorted(engine._graphs.graphs) if engine._graphs is not None else []
+    send(conn, "probe", [c.token_ids for c in result.completions], graphs)
