@@ -102,9 +102,11 @@ def model_config_of(source: str | Path | None, random_weights: bool = False) -> 
 
 def load_shard(source: str | Path | None, ranks: RankGroup, dtype: torch.dtype,
                random_weights: bool = False, seed: int = 0,
-               tokenizer_path: str | Path | None = None) -> LoadedShard:
+               tokenizer_path: str | Path | None = None,
+               with_tokenizer: bool = True) -> LoadedShard:
     """This rank's shard of `source` on ranks.device in `dtype` (and on rank 0 the
-    tokenizer), with every check `models.model_source.load_model` makes."""
+    tokenizer, unless with_tokenizer is False: token-id requests, as benchmarks send), with
+    every check `models.model_source.load_model` makes."""
     t0 = time.perf_counter()
     path = resolve_source(source)
     config = model_config_of(source, random_weights)
@@ -119,7 +121,9 @@ def load_shard(source: str | Path | None, ranks: RankGroup, dtype: torch.dtype,
             read = _safetensors_reader(path, config)
         else:
             read = _random_reader(config, ranks.device, dtype, seed)
-        if ranks.leader:
+        if not with_tokenizer:
+            tokenizer = None
+        elif ranks.leader:
             if tokenizer_path is not None:
                 if not Path(tokenizer_path).exists():
                     raise ModelSourceError(f"tokenizer not found: {tokenizer_path}")

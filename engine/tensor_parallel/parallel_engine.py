@@ -48,7 +48,8 @@ def tensor_parallel_device(device: str | torch.device) -> torch.device:
 
 class TensorParallelEngine:
     """generate(prompts, params, on_text) on `tensor_parallel` ranks; close() (or `with`)
-    ends them."""
+    ends them. with_tokenizer=False: token-id prompts only (a random-weight shape whose
+    vocabulary no tokenizer has, as the benchmarks run)."""
 
     def __init__(
         self,
@@ -60,6 +61,7 @@ class TensorParallelEngine:
         random_weights: bool = False,
         seed: int = 0,
         tokenizer: str | Path | None = None,
+        with_tokenizer: bool = True,
         prefill_chunk: int | None = None,
         cuda_graph: bool | None = None,
         max_seq_len: int | None = None,
@@ -78,7 +80,7 @@ class TensorParallelEngine:
         options = dict(prefill_chunk=prefill_chunk, max_seq_len=max_seq_len,
                        cuda_graph=(dev.type == "cuda") if cuda_graph is None else cuda_graph)
         spec = ShardSpec(None if model is None else str(model), dt, random_weights, seed,
-                         None if tokenizer is None else str(tokenizer), options)
+                         None if tokenizer is None else str(tokenizer), options, with_tokenizer)
         self.device, self.dtype, self.ranks = dev, dt, tensor_parallel
         self._procs = RankProcesses.start(world, serve_ranks, spec)
         kind, info = self._procs.receive(0)

@@ -132,12 +132,14 @@ class ShardSpec:
     seed: int = 0
     tokenizer_path: str | None = None
     engine_options: dict[str, Any] = field(default_factory=dict)  # Engine keyword arguments
+    with_tokenizer: bool = True  # False: requests of token ids only (no tokenizer loaded)
 
 
 def build_engine(spec: ShardSpec, ranks: RankGroup) -> tuple[ShardEngine, Any]:
     """(this rank's engine, its LoadedShard)."""
     shard = load_shard(spec.source, ranks, spec.dtype, spec.random_weights, spec.seed,
-                       Path(spec.tokenizer_path) if spec.tokenizer_path else None)
+                       Path(spec.tokenizer_path) if spec.tokenizer_path else None,
+                       spec.with_tokenizer)
     kind = LeaderEngine if ranks.leader else ShardEngine
     return kind(shard.model, shard.tokenizer, ranks, **spec.engine_options), shard
 
