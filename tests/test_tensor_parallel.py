@@ -97,6 +97,34 @@ def test_each_rank_holds_exactly_its_slice_of_every_weight(tmp_path: Path, reade
     assert q.shape == (2 * config.head_dim, config.hidden_size)  # rank 0: query heads 0 and 1
 
 
+def test_a_gguf_shard_is_the_slice_of_the_dequantised_unpermuted_whole(tmp_path: Path) -> None:
+    """Q8_0 blocks and llama.cpp's Q/K row permutation: each rank's slices, joined, are the
+    weights the one-process GGUF loader gives."""
+    gguf = pytest.importorskip("gguf")
+    from test_gguf import CONFIG, write_gguf
+    from tokenizer_fixtures import train_byte_level_bpe
+
+    from toyllm.engine.tensor_parallel.load import _gguf_reader
+    from toyllm.models.gguf_file import load_gguf
+
+    path = write_gguf(tmp_path / "m.gguf", build_model(CONFIG, seed=7), train_byte_level_bpe(),
+                      qtype=gguf.GGMLQuantizationType.Q8_0)
+    whole, config, _ = load_gguf(path, dtype=torch.float32)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for rank in range(2):
+        plan = ShardPlan(config, rank, 2)
+        got_config, read, tokenizer = _gguf_reader(path, plan)
+        assert got_config == config and tokenizer is not None
+        shard = build_shard(config, plan, RankGroup(rank, 2, torch.device("cpu")), read,
+                            torch.float32, str(path))
+        for name, p in shard.named_parameters():
+            parts.setdefault(name, []).append(p.detach())
+    for name, p in whole.named_parameters():
+        cut = ShardPlan(config, 0, 2).split(name)
+        joined = parts[name][0] if cut is None else torch.cat(parts[name], dim=cut[0])
+        assert torch.equal(joined, p.detach()), name
+
+
 # the sharded engine against its witnesses ------------------------------------------------------
 def test_two_ranks_match_the_reference_and_one_process(tmp_path: Path) -> None:
     """`toyllm check --tensor-parallel 2` on a GQA ragged batch and a chunked-prefill MHA

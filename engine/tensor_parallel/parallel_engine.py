@@ -105,14 +105,20 @@ class TensorParallelEngine:
                          on_text is not None, chat, system)
         while True:
             msg = self._procs.receive(0)
-            if msg[0] == "text":
-                on_text(msg[1], msg[2])
-            elif msg[0] == "result":
+            if msg[0] == "result":
                 return msg[1]
-            elif msg[0] == "error":
+            if msg[0] == "error":  # refused before any step: the ranks serve on
                 raise msg[1]
-            else:
-                raise AssertionError(f"unexpected message from rank 0: {msg[0]!r}")
+            if msg[0] != "text":
+                self._procs.stop()
+                raise RankFailure(f"unexpected message from rank 0: {msg[0]!r}; every rank "
+                                  "was stopped")
+            try:
+                on_text(msg[1], msg[2])
+            except BaseException:
+                # the ranks are mid-request and cannot be told to drop it: end them all
+                self._procs.stop()
+                raise
 
     def close(self) -> None:
         """Tell the ranks to finish and wait for them (stopping any that hang)."""
