@@ -176,6 +176,20 @@ def test_a_served_engine_matches_one_process_and_survives_a_refused_request(
         assert c.text and "".join(s for j, s in pieces if j == i) == c.text
 
 
+def test_the_shards_plain_forward_gives_the_whole_models_logits() -> None:
+    ids = [1, 17, 300, 42, 7, 250, 3]
+    whole = build_model(load_config(TINY), seed=5)
+    with torch.inference_mode():
+        expected = whole(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0))[0]
+    spec = ShardSpec(str(TINY), torch.float32, random_weights=True, seed=5)
+    procs = RankProcesses.start(World(2, "cpu", timeout_s=60), tp_targets.plain_forward_probe,
+                                spec, ids)
+    _, logits = procs.receive(0)
+    procs.join()
+    assert logits.shape == expected.shape
+    assert (logits - expected).abs().max().item() <= 1e-4
+
+
 # failures end every rank, with one message --------------------------------------------------------
 def _all_ended(procs: RankProcesses) -> bool:
     return all(not p.is_alive() for p in procs.procs)

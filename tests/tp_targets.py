@@ -66,3 +66,16 @@ def graph_probe(ranks: Any, conn: Any, spec: Any, prompts: list[list[int]],
     engine.end()
     graphs = sorted(engine._graphs.graphs) if engine._graphs is not None else []
     send(conn, "probe", [c.token_ids for c in result.completions], graphs)
+
+
+def plain_forward_probe(ranks: Any, conn: Any, spec: Any, ids: list[int]) -> None:
+    """The shard's own plain-torch forward (Transformer.forward through the modules of
+    engine/tensor_parallel/layers.py, no cache, no engine); rank 0 sends its logits."""
+    from toyllm.engine.tensor_parallel.load import load_shard
+
+    shard = load_shard(spec.source, ranks, spec.dtype, spec.random_weights, spec.seed,
+                       with_tokenizer=False)
+    with torch.inference_mode():
+        logits = shard.model(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0))[0]
+    if ranks.leader:
+        send(conn, "logits", logits)

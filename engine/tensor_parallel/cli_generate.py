@@ -30,10 +30,13 @@ class OneRequest:
 
     def generate(self, inputs: Any, params: Any, on_text: Any = None) -> GenerationResult:
         try:
-            return self.engine.generate(inputs, params, on_text, chat=self.chat,
-                                        system=self.system)
-        finally:
-            self.engine.close()
+            result = self.engine.generate(inputs, params, on_text, chat=self.chat,
+                                          system=self.system)
+        except BaseException:  # a refusal, a failed rank, Ctrl-C: no rank is left running
+            self.engine.abort()
+            raise
+        self.engine.close()
+        return result
 
 
 def start_ranks(model: str | None, ranks: int, device: str, dtype: str, random_weights: bool,

@@ -23,18 +23,30 @@ class RankGroup:
     ranks: int
     device: torch.device
     group: dist.ProcessGroup | None = None
+    # rank 0 only: a forward pass may run only inside a step announced to the other ranks
+    # (rank_engine.LeaderEngine counts them); one that is not would pair its collectives with
+    # the followers' wait for a command, so it fails at once instead
+    guard_steps: bool = False
+    announced: int = 0
 
     @property
     def leader(self) -> bool:
         return self.rank == 0
 
+    def _check_announced(self) -> None:
+        if self.guard_steps and not self.announced:
+            raise RuntimeError("rank 0 ran a forward pass the other ranks were not told of (an "
+                               "Engine path other than prepare_cache / prefill / decode_step?)")
+
     def all_reduce(self, partial: Tensor) -> Tensor:
         """Sum over the ranks, in place (partial: contiguous, any shape); returns it."""
+        self._check_announced()
         dist.all_reduce(partial, group=self.group)
         return partial
 
     def gather_vocab(self, logits: Tensor) -> Tensor:
         """[..., V/N] slices of the ranks, in rank order -> [..., V] on every rank."""
+        self._check_announced()
         logits = logits.contiguous()
         parts = [torch.empty_like(logits) for _ in range(self.ranks)]
         dist.all_gather(parts, logits, group=self.group)
@@ -47,4 +59,4 @@ class RankGroup:
 
     def barrier(self) -> None:
         # a tiny all-reduce instead of dist.barrier: NCCL's barrier guesses a device
-        self.all_reduce(torch.zeros(1, device=self.device))
+        dist.all_reduce(torch.zeros(1, device=self.device), group=self.group)

@@ -120,6 +120,10 @@ class TensorParallelEngine:
                 self._procs.stop()
                 raise
 
+    def abort(self) -> None:
+        """End every rank now, whatever it is doing (after an interrupt or a failure)."""
+        self._procs.stop()
+
     def close(self) -> None:
         """Tell the ranks to finish and wait for them (stopping any that hang)."""
         procs = self._procs
@@ -139,4 +143,4 @@ class TensorParallelEngine:
         if exc[0] is None:
             self.close()
         else:
-            self._procs.stop()
+            self.abort()

@@ -19,7 +19,8 @@ from the parent (not in a collective, which would time out while the engine sits
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -64,11 +65,20 @@ class LeaderEngine(ShardEngine):
         super().__init__(model, tokenizer, ranks, **options)
         self.commands_sent = 0
         self._active_sent: list[bool] | None = None  # the followers' active flags
+        ranks.guard_steps = True  # a forward pass outside an announced step fails at once
 
     def command(self, code: int, a: int = 0, b: int = 0) -> None:
         self.ranks.broadcast(torch.tensor([code, a, b, 0], dtype=torch.int64,
                                           device=self.device))
         self.commands_sent += 1
+
+    @contextmanager
+    def _announced(self) -> Iterator[None]:
+        self.ranks.announced += 1
+        try:
+            yield
+        finally:
+            self.ranks.announced -= 1
 
     def end(self) -> None:
         """The request is over: the followers go back to waiting for the parent."""
@@ -77,13 +87,15 @@ class LeaderEngine(ShardEngine):
     def prepare_cache(self, rows: int, seq_len: int) -> KVCache:
         self.command(PREPARE, rows, seq_len)
         self._active_sent = None  # a reset makes every row active again, on every rank
-        return super().prepare_cache(rows, seq_len)
+        with self._announced():
+            return super().prepare_cache(rows, seq_len)
 
     def prefill(self, cache: KVCache, row: int, ids: Sequence[int]) -> Tensor:
         ids = [int(t) for t in ids]
         self.command(PREFILL, row, len(ids))
         self.ranks.broadcast(torch.tensor(ids, dtype=torch.int64, device=self.device))
-        return super().prefill(cache, row, ids)
+        with self._announced():
+            return super().prefill(cache, row, ids)
 
     def decode_step(self, cache: KVCache, rows: int, tokens: Tensor) -> Tensor:
         """tokens [rows] (sampled here) go to the followers with the rows' active flags when
@@ -95,7 +107,8 @@ class LeaderEngine(ShardEngine):
             self.ranks.broadcast(torch.tensor(active, dtype=torch.int64, device=self.device))
             self._active_sent = active
         self.ranks.broadcast(tokens.reshape(rows).to(torch.int64).contiguous())
-        return super().decode_step(cache, rows, tokens)
+        with self._announced():
+            return super().decode_step(cache, rows, tokens)
 
 
 def follow(engine: ShardEngine) -> None:
