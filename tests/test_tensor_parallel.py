@@ -229,6 +229,17 @@ def test_a_rank_failing_mid_generation_ends_every_rank_with_one_message(tiny4096
     assert _all_ended(procs)
 
 
+def test_a_forward_rank_0_did_not_announce_fails_at_once() -> None:
+    spec = ShardSpec(str(TINY), torch.float32, random_weights=True, seed=5,
+                     with_tokenizer=False)
+    procs = RankProcesses.start(World(2, "cpu", timeout_s=60), tp_targets.unannounced_forward,
+                                spec)
+    with pytest.raises(RankFailure, match="rank 0 of 2 failed: RuntimeError: rank 0 ran a "
+                                          "forward pass the other ranks were not told of"):
+        procs.receive(0)
+    assert _all_ended(procs)
+
+
 # the command line --------------------------------------------------------------------------------
 @pytest.mark.parametrize(("value", "fragment"), [
     ("0", "expected a positive integer, got 0"),

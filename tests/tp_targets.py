@@ -79,3 +79,16 @@ def plain_forward_probe(ranks: Any, conn: Any, spec: Any, ids: list[int]) -> Non
         logits = shard.model(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0))[0]
     if ranks.leader:
         send(conn, "logits", logits)
+
+
+def unannounced_forward(ranks: Any, conn: Any, spec: Any) -> None:
+    """Rank 0 runs its engine's forward directly, outside prepare_cache / prefill /
+    decode_step, while the followers wait for a command."""
+    engine, _ = build_engine(spec, ranks)
+    if not isinstance(engine, LeaderEngine):
+        follow(engine)
+        return
+    cache = engine.prepare_cache(1, 8)
+    from toyllm.engine.cached_attention import PrefillStep
+
+    engine.forward(torch.tensor([[1, 2]]), torch.arange(2).unsqueeze(0), PrefillStep(cache, 0))
