@@ -206,6 +206,14 @@ def test_a_raising_rank_ends_every_rank_with_its_message() -> None:
     assert _all_ended(procs) and not multiprocessing.active_children()
 
 
+def test_a_rank_dying_without_a_word_is_named_as_the_cause() -> None:
+    procs = RankProcesses.start(World(2, "cpu", timeout_s=60), tp_targets.die_on_rank, 1)
+    with pytest.raises(RankFailure, match=r"rank 1 of 2 exited \(code 3\) without a message; "
+                                          "every rank was stopped"):
+        procs.receive(0)
+    assert _all_ended(procs)
+
+
 def test_a_hanging_rank_ends_every_rank_at_the_timeout() -> None:
     procs = RankProcesses.start(World(2, "cpu", timeout_s=3), tp_targets.hang_on_rank, 1, 120.0)
     t0 = time.monotonic()

@@ -92,3 +92,14 @@ def unannounced_forward(ranks: Any, conn: Any, spec: Any) -> None:
     from toyllm.engine.cached_attention import PrefillStep
 
     engine.forward(torch.tensor([[1, 2]]), torch.arange(2).unsqueeze(0), PrefillStep(cache, 0))
+
+
+def die_on_rank(ranks: Any, conn: Any, bad_rank: int) -> None:
+    """`bad_rank` exits at once with code 3 and no message (as a killed process would) while
+    the others wait in an all-reduce."""
+    import os
+
+    ranks.all_reduce(torch.ones(4, device=ranks.device))
+    if ranks.rank == bad_rank:
+        os._exit(3)
+    ranks.all_reduce(torch.ones(4, device=ranks.device))

@@ -229,16 +229,20 @@ class RankProcesses:
                     break
                 if m[0] == "fatal":
                     reports.append(m)
-        self.stop()
-        if reports:
-            _, rank, _, message, tb, user = min(reports, key=lambda m: m[2])
-            raise RankFailure(f"rank {rank} of {self.world.size} failed: {message}; every rank "
-                              "was stopped", rank, tb, user)
+        # a rank that died without a word (killed, crashed) is the cause of the others' errors
+        # (a peer that vanished), which they report only after it died
+        reported = {m[1] for m in reports}
+        silent = [r for r, p in enumerate(self.procs)
+                  if p.exitcode not in (None, 0) and r not in reported]
         codes = {r: p.exitcode for r, p in enumerate(self.procs)}
-        who = first if first is not None else next(
-            (r for r, c in codes.items() if c not in (0, None, -15)), None)
-        raise RankFailure(f"rank {who} of {self.world.size} exited (code {codes.get(who)}) "
-                          "without a message; every rank was stopped", who)
+        self.stop()
+        if silent or not reports:
+            who = silent[0] if silent else first
+            raise RankFailure(f"rank {who} of {self.world.size} exited (code {codes.get(who)}) "
+                              "without a message; every rank was stopped", who)
+        _, rank, _, message, tb, user = min(reports, key=lambda m: m[2])
+        raise RankFailure(f"rank {rank} of {self.world.size} failed: {message}; every rank "
+                          "was stopped", rank, tb, user)
 
     def stop(self) -> None:
         """End every rank still running (SIGTERM, then SIGKILL after STOP_GRACE_S)."""
