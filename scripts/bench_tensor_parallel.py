@@ -22,6 +22,7 @@ gather) that one GPU does not pay: the 1B shape shows where they start to domina
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             model = build_model(config, device=devices[0], dtype=dtype, seed=0)
             one, _ = time_engine(Engine(model, cuda_graph=cuda), prompts, args.new_tokens)
             del model
+            gc.collect()  # an Engine is a reference cycle: free its weights and graphs now
             if cuda:
                 torch.cuda.empty_cache()
             print(f"{name}: 1 GPU {one:.1f} tok/s", flush=True)
