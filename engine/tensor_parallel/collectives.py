@@ -39,8 +39,10 @@ class RankGroup:
                                "Engine path other than prepare_cache / prefill / decode_step?)")
 
     def all_reduce(self, partial: Tensor) -> Tensor:
-        """Sum over the ranks, in place (partial: contiguous, any shape); returns it."""
+        """Sum over the ranks (in place when partial is contiguous, else on a contiguous copy);
+        returns the sum."""
         self._check_announced()
+        partial = partial.contiguous()
         dist.all_reduce(partial, group=self.group)
         return partial
 
