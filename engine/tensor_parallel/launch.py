@@ -105,7 +105,10 @@ def _rank_main(rank: int, world: World, store_path: str, conn: Connection,
     failed = False
     try:
         if world.device_type == "cuda":
-            os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast off (the machine's notes)
+            # NVLink multicast off (the GPU machine's notes ask it): NCCL reads this variable
+            # with C getenv when the group starts. Written for the library, never read here
+            # (engine/settings.py stays the one reader of the environment)
+            os.putenv("NCCL_NVLS_ENABLE", "0")
             torch.cuda.set_device(rank)
             device = torch.device("cuda", rank)
         else:
