@@ -166,6 +166,9 @@ def _run(body: Any, *args: Any, **kwargs: Any) -> Any:
             raise fail(str(exc)) from None
         if _out_of_memory(exc):
             raise fail("out of memory: " + str(exc).split("DefaultCPUAllocator: ")[-1]) from None
+        if type(exc).__name__ == "RankFailure":  # a tensor-parallel rank failed: all were ended
+            _print_error(str(exc))
+            raise typer.Exit(code=2 if getattr(exc, "user_error", False) else 1) from None
         raise
 
 
@@ -269,6 +272,9 @@ def generate(
     stats: Annotated[bool, typer.Option(help="Print prefill ms, decode tok/s, cache bytes.")]
     = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output for scripts.")] = False,
+    tensor_parallel: Annotated[int, typer.Option(
+        help="Split the model over this many ranks (processes; GPUs cuda:0..N-1 on CUDA, gloo "
+             "on the CPU): heads, K/V heads, MLP units and vocabulary must divide by it.")] = 1,
 ) -> None:
     """Generate text from a model: the shipped default or your own checkpoint. Prompts from
     --prompts-file run through the serving engine (continuous batching over a paged KV cache
@@ -280,7 +286,7 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
               max_new_tokens,
               temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, device, dtype,
               prefill_chunk, max_context, cuda_graph, block_size, kv_memory, token_budget,
-              prefix_caching, stats, as_json) -> None:
+              prefix_caching, stats, as_json, tensor_parallel) -> None:
     from toyllm.engine import cli_numbers
     from toyllm.engine.device import dtype_name, resolve_device, resolve_dtype
     from toyllm.engine.generate import Engine
@@ -303,30 +309,43 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
         if prefill_chunk is not None:
             raise UserError("--prefill-chunk applies to prompts given as arguments; with "
                             "--prompts-file the scheduler chunks prompts within --token-budget")
+        if tensor_parallel != 1:
+            raise UserError("--tensor-parallel runs prompts given as arguments; the serving "
+                            "engine of --prompts-file runs on one device")
         cli_numbers.integer("--block-size", block_size)
         cli_numbers.integer("--token-budget", token_budget)
         pool = cli_numbers.memory_amount("--kv-memory", kv_memory)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    with err.status("loading model...", spinner="dots"):
-        loaded = load_model(model, dev, dt, random_weights=random_weights,
-                            tokenizer_path=tokenizer)
-    if loaded.tokenizer is None:
-        raise UserError(f"{loaded.source}: no tokenizer found (tokenizer.json or "
-                        "tokenizer.model); pass --tokenizer")
     if system is not None and not chat:
         raise UserError("--system goes with --chat")
-    if serving:
-        from toyllm.engine.serving import ServingEngine
+    if tensor_parallel != 1:  # rank 0 of N renders the chat turns, samples and sends the text
+        from toyllm.engine.tensor_parallel.cli_generate import start_ranks
 
-        engine = ServingEngine(
-            loaded.model, loaded.tokenizer, block_size=block_size, kv_memory=pool,
-            max_running=min(256, len(texts)), token_budget=token_budget,
-            prefix_caching=prefix_caching, cuda_graph=cuda_graph and dev.type == "cuda",
-            max_seq_len=max_context)
+        with err.status(f"starting {tensor_parallel} ranks...", spinner="dots"):
+            engine, loaded, dev, dt = start_ranks(
+                model, tensor_parallel, device, dtype, random_weights, tokenizer, chat, system,
+                prefill_chunk=prefill_chunk, cuda_graph=cuda_graph, max_seq_len=max_context)
+        chat = False
     else:
-        engine = Engine(loaded.model, loaded.tokenizer, prefill_chunk=prefill_chunk,
-                        cuda_graph=cuda_graph and dev.type == "cuda", max_seq_len=max_context)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        with err.status("loading model...", spinner="dots"):
+            loaded = load_model(model, dev, dt, random_weights=random_weights,
+                                tokenizer_path=tokenizer)
+        if loaded.tokenizer is None:
+            raise UserError(f"{loaded.source}: no tokenizer found (tokenizer.json or "
+                            "tokenizer.model); pass --tokenizer")
+        if serving:
+            from toyllm.engine.serving import ServingEngine
+
+            engine = ServingEngine(
+                loaded.model, loaded.tokenizer, block_size=block_size, kv_memory=pool,
+                max_running=min(256, len(texts)), token_budget=token_budget,
+                prefix_caching=prefix_caching, cuda_graph=cuda_graph and dev.type == "cuda",
+                max_seq_len=max_context)
+        else:
+            engine = Engine(loaded.model, loaded.tokenizer, prefill_chunk=prefill_chunk,
+                            cuda_graph=cuda_graph and dev.type == "cuda",
+                            max_seq_len=max_context)
     inputs = texts
     if chat:  # each prompt is one user turn of its own conversation, rendered by the template
         from toyllm.models.chat_template import chat_prompt_ids
@@ -540,10 +559,18 @@ def check(
     = None,
     hf: Annotated[bool, typer.Option(
         help="Hugging Face transformers as a third witness, when installed.")] = True,
+    tensor_parallel: Annotated[int, typer.Option(
+        help="Check the model split over this many ranks against one process and the "
+             "reference (the cases that split; gloo on the CPU, NCCL on CUDA).")] = 1,
 ) -> None:
     """Check the cached engine against the no-cache reference (and HF transformers) on a
     matrix of models and requests; exit 1 if any case fails."""
     def body() -> int:
+        if tensor_parallel != 1:
+            from toyllm.engine.tensor_parallel.check import run_tensor_parallel_check
+
+            return run_tensor_parallel_check(tensor_parallel, configs, dtypes, device,
+                                             json_path, out)
         from toyllm.engine.check.harness import run_check
 
         return run_check(configs, dtypes, device, json_path, out, hf=hf)

@@ -32,7 +32,7 @@ its slots; every other fusion applies to them as to the static engine's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +87,16 @@ def decode_attention_kernel(settings: Settings, device: torch.device, rows: int,
         return False
     most = decode_kernel_max_rows(settings, dtype, head_dim)
     return most is None or rows <= most
+
+
+class Collectives(Protocol):
+    """What a tensor-parallel rank's forward needs from its process group
+    (engine/tensor_parallel/): the sum over ranks of the row-sharded o and down products'
+    partial outputs, and the whole vocabulary's logits from each rank's slice of them."""
+
+    def all_reduce(self, partial: Tensor) -> Tensor: ...
+
+    def gather_vocab(self, logits: Tensor) -> Tensor: ...
 
 
 @dataclass
@@ -164,11 +174,15 @@ class EngineForward:
     """forward(tokens, positions, step) -> logits, through the cache `step` attends over.
 
     Build it after the model has its final device, dtype and weight layout: it holds views of
-    the model's weights (moving the model afterwards leaves them behind).
+    the model's weights (moving the model afterwards leaves them behind). `collectives`: one
+    rank's shard of a tensor-parallel model (engine/tensor_parallel/) sums the o and down
+    products over the ranks and gathers the logits; its embedding sums its own rows.
     """
 
-    def __init__(self, model: Transformer, settings: Settings) -> None:
+    def __init__(self, model: Transformer, settings: Settings,
+                 collectives: Collectives | None = None) -> None:
         self.model = model
+        self.collectives = collectives
         self.settings = settings
         config = model.config
         self.eps = config.norm_eps
@@ -215,7 +229,12 @@ class EngineForward:
             if pending is not None:
                 pending = pending.flatten(0, 1).index_select(0, select).unsqueeze(0)
         _, h = self._add_norm(x, pending, model.norm.weight)
-        return self.gemv.linear(h, model.lm_head.weight)
+        logits = self.gemv.linear(h, model.lm_head.weight)
+        return logits if self.collectives is None else self.collectives.gather_vocab(logits)
+
+    def _reduce(self, partial: Tensor) -> Tensor:
+        """The o or down product summed over the ranks (itself in one process)."""
+        return partial if self.collectives is None else self.collectives.all_reduce(partial)
 
     def _layer(self, i: int, w: LayerWeights, x: Tensor, pending: Tensor | None, cos: Tensor,
                sin: Tensor, step: Step) -> tuple[Tensor, Tensor]:
@@ -234,16 +253,17 @@ class EngineForward:
             x, qkv = self._add_norm_linear(x, pending, w.input_norm, w.qkv)
             out = self._attend(i, qkv, cos, sin, step)
         b, t = out.shape[:2]
-        attn = self.gemv.linear(out.reshape(b, t, self.num_heads * self.head_dim), w.o)
+        attn = self._reduce(self.gemv.linear(out.reshape(b, t, self.num_heads * self.head_dim),
+                                             w.o))
         if self.fusion >= Fusion.FULL and gemv_norm.silu_applies(x, attn, w.post_norm,
                                                                  w.gate_up, self.gemv):
             # the residual add, the post-attention norm, gate/up and silu(gate) * up: one kernel
             x, h = gemv_norm.add_rms_norm_silu_mul(x, attn, w.post_norm, self.eps, w.gate_up)
-            return x, self.gemv.linear(h, w.down)
+            return x, self._reduce(self.gemv.linear(h, w.down))
         x, gate_up = self._add_norm_linear(x, attn, w.post_norm, w.gate_up)
         # silu(gate) * up inside the one-row CUDA down product from SILU_GEMV on
-        return x, self.gemv.silu_mul_linear(gate_up, w.down, self.silu_mul,
-                                            fused=self.fusion >= Fusion.SILU_GEMV)
+        return x, self._reduce(self.gemv.silu_mul_linear(gate_up, w.down, self.silu_mul,
+                                                         fused=self.fusion >= Fusion.SILU_GEMV))
 
     def _add_norm(self, x: Tensor, residual: Tensor | None,
                   norm_weight: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@
 # shipped experiments (configs/experiments/NAME.toml) to run; PROBE_ARGS go to probe_decode_rounding.py;
 # PACK_ONLY=1 leaves only gpu_check.tar.gz and summary.txt in OUT_DIR; SANITIZE_ONLY (a bash regex) keeps the sanitizer stages whose names match it; TESTS (pytest
 # paths and options) narrows the tests stage.
+# Stage tp (not in the default list): tensor parallel on 2 GPUs (tests, check, generate, bench).
 # Stage real (not in the default list): REAL_MODEL=FILE_OR_DIR runs tests/test_real_model.py, a
 # greedy chat answer on the GPU and scripts/bench_real_model.py on that checkpoint.
 # Stage baseline (not in the default list): BASELINE=DIR holds an earlier commit's tree
@@ -198,6 +199,16 @@ if want sweep; then
         stage "sweep_$name" toyllm sweep "$name" --device cuda \
             --out "$OUT/sweep_$name"
     done
+fi
+if want tp; then
+    # tensor parallel (not in the default list; needs 2 GPUs of one host): the 2-GPU tests,
+    # the check in fp32 and bf16, a generation, the 1 vs 2 GPU benchmark (docs/TENSOR_PARALLEL.md)
+    stage tp_tests $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_tensor_parallel_cuda.py
+    stage tp_check toyllm check --tensor-parallel 2 --device cuda --dtypes fp32,bf16 \
+        --json "$OUT/tp_check.json"
+    stage tp_generate toyllm generate "def parse_args(argv):" --tensor-parallel 2 --device cuda \
+        --dtype bf16 --temperature 0 --max-new-tokens 64 --stats
+    stage tp_bench $PY scripts/bench_tensor_parallel.py --json "$OUT/tp_bench.json"
 fi
 tar -czf "$OUT/gpu_check.tar.gz" -C "$OUT" --exclude gpu_check.tar.gz . 2>/dev/null
 # PACK_ONLY=1: leave only the archive and the summary (the device tool brings back few files)
