@@ -3,8 +3,9 @@
 Importing this package loads the extension, which registers the ``toyllm::`` operators with
 PyTorch and defines the `KVCache` class; an extension that is missing or older than this code
 stops the import here, once, with the command that rebuilds it. The modules beside this file
-wrap the operators by subsystem (kv_cache, elementwise, rope_kv, gemv, gemv_norm, argmax): each
-wrapper says where its operator applies; engine/forward.py decides which one runs.
+wrap the operators by subsystem (kv_cache, elementwise, rope_kv, gemv, gemv_norm, argmax,
+cpu_layer): each wrapper says where its operator applies; engine/forward.py decides which one
+runs.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 OPERATORS = (
     "kv_update", "decode_attention", "rms_norm", "add_rms_norm", "rope", "silu_mul",
     "rope_kv_update", "gemv", "gemv_silu_mul", "gemv_add_rms_norm", "gemv_add_rms_norm_silu_mul",
-    "gemv_add_rms_norm_rope_kv", "argmax",
+    "gemv_add_rms_norm_rope_kv", "argmax", "cpu_decode_layer",
 )
 _missing = [op for op in OPERATORS if not hasattr(torch.ops.toyllm, op)]
 if _missing:
