@@ -8,6 +8,7 @@
 //   elementwise/rope_kv_ops.cpp     rope_kv_update
 //   gemv/cpu_gemv.cpp, cuda_gemv.cpp  gemv, gemv_silu_mul and the norm-fused products
 //   sampling/argmax_ops.cpp         argmax
+//   layer/cpu_decode_layer.cpp      cpu_decode_layer (CPU only)
 // Every op checks its arguments in C++ on every device and raises ValueError (TORCH_CHECK_VALUE)
 // naming what was expected and what was given. Tensor(a!) marks an argument written in place.
 #include <torch/library.h>
@@ -67,6 +68,17 @@ TORCH_LIBRARY(toyllm, m) {
         "gemv_add_rms_norm_rope_kv(Tensor x, Tensor residual, Tensor norm_weight, float eps, "
         "Tensor weight, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor positions, int num_q_heads, int warps=8) -> (Tensor, Tensor)");
+
+    // A whole decoder layer of a CPU decode step, fp32, one new token per row: the residual add
+    // (residual None: the first layer), input RMSNorm, q/k/v, RoPE and the K/V write at
+    // positions[r] (< 0: a finished row, nothing written), attention over keys 0..positions[r],
+    // o, the residual add, post-attention RMSNorm, gate/up, silu(gate) * up and down ->
+    // (stream after attention, the MLP's output): the bits of the ops it replaces.
+    m.def(
+        "cpu_decode_layer(Tensor x, Tensor? residual, Tensor input_norm, Tensor qkv_weight, "
+        "Tensor o_weight, Tensor post_norm, Tensor gate_up_weight, Tensor down_weight, float eps, "
+        "Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
+        "int num_q_heads) -> (Tensor, Tensor)");
 
     // Greedy sampling: torch.argmax(logits, dim=-1) of [rows, vocab] logits; flag_nonfinite:
     // -1 for a row that holds a NaN or an inf.

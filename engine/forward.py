@@ -18,6 +18,10 @@ norm that reads its sum, and at every step the fastest op that applies, as `Sett
     + silu*up                                                cuBLAS, silu_mul   silu*up (torch)
     down              gemv                                   cuBLAS             gemv
 
+On the CPU at FULL, a decode step of up to 4 rows whose products take the extension's GEMV
+runs each whole layer as one call, cpu_decode_layer (engine/ops/cpu_layer.py): the ops of the
+CPU column above, in C++, with their bits.
+
 The fused ops give the bits of the ops they replace (tests/ compare them as integers), so every
 Fusion level computes the same numbers on one device; the GEMV choices (`Gemv`) do not: MKL and
 cuBLAS sum in other orders. The first layer has no residual to add, so its input norm runs
@@ -38,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from toyllm.engine.cached_attention import DecodeStep, PrefillStep
-from toyllm.engine.ops import WITH_CUDA, elementwise, gemv_norm, rope_kv
+from toyllm.engine.ops import WITH_CUDA, cpu_layer, elementwise, gemv_norm, rope_kv
 from toyllm.engine.ops.gemv import Gemv
 from toyllm.engine.settings import Fusion, Settings
 from toyllm.models import layer_math
@@ -197,6 +201,11 @@ class EngineForward:
         self.rope = elementwise.rope if fused else apply_rope
         self.silu_mul = elementwise.silu_mul if fused else layer_math.silu_mul
         self.layers = layer_weights(model)
+        # whole CPU decode layers in one call: at FULL, with the extension's CPU GEMV, where
+        # every weight is one cpu_decode_layer takes (asked once; the step's tensors per step)
+        self.cpu_layer = (self.fusion >= Fusion.FULL and settings.cpu_gemv
+                          and model.device.type == "cpu" and cpu_layer.weights_apply(
+                              t for w in self.layers for t in vars(w).values()))
 
     def decode_kernel(self, rows: int) -> bool:
         """Whether a decode step of `rows` rows attends through the extension's kernel."""
@@ -219,8 +228,12 @@ class EngineForward:
             cos_sin = rope_cos_sin(model.inv_freq, positions, x.dtype)
         cos, sin = cos_sin
         pending: Tensor | None = None  # the residual stream is x + pending
+        layer = self._layer
+        if (self.cpu_layer and isinstance(step, DecodeStep) and step.use_kernel
+                and cpu_layer.applies(x, cos, sin)):
+            layer = self._cpu_layer
         for i, weights in enumerate(self.layers):
-            x, pending = self._layer(i, weights, x, pending, cos, sin, step)
+            x, pending = layer(i, weights, x, pending, cos, sin, step)
         if last_only:  # the sum's last token is the sum of the last tokens
             x = x[:, -1:]
             pending = pending[:, -1:] if pending is not None else None
@@ -264,6 +277,13 @@ class EngineForward:
         # silu(gate) * up inside the one-row CUDA down product from SILU_GEMV on
         return x, self._reduce(self.gemv.silu_mul_linear(gate_up, w.down, self.silu_mul,
                                                          fused=self.fusion >= Fusion.SILU_GEMV))
+
+    def _cpu_layer(self, i: int, w: LayerWeights, x: Tensor, pending: Tensor | None,
+                   cos: Tensor, sin: Tensor, step: DecodeStep) -> tuple[Tensor, Tensor]:
+        """`_layer` of a CPU decode step in one call (toyllm::cpu_decode_layer), the same bits."""
+        return cpu_layer.cpu_decode_layer(
+            x, pending, w.input_norm, w.qkv, w.o, w.post_norm, w.gate_up, w.down, self.eps, cos,
+            sin, step.k_caches[i], step.v_caches[i], step.positions, self.num_heads)
 
     def _add_norm(self, x: Tensor, residual: Tensor | None,
                   norm_weight: Tensor) -> tuple[Tensor, Tensor]:

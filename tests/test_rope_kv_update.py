@@ -529,7 +529,9 @@ def test_engine_cpu_decode_with_the_op_matches_the_no_cache_reference(monkeypatc
     sequence (not only the old path: both could share a mistake)."""
     calls = _count_calls(monkeypatch)
     model = build_model(CONFIGS["gqa_hd64"], seed=2)
-    engine = Engine(model, settings=Settings())  # FULL: on the CPU the op takes every layer
+    # ROPE_KV: the op takes every layer (at FULL toyllm::cpu_decode_layer runs the whole CPU
+    # layer, with the same bits: tests/test_cpu_decode_layer.py)
+    engine = Engine(model, settings=Settings(fusion=Fusion.ROPE_KV))
     ids = _prompts(1, seed=4)[0] + [7, 8, 9, 10]
     n_prompt = len(ids) - 4
     cache = engine.prepare_cache(1, len(ids))
@@ -547,7 +549,7 @@ def test_prefill_and_the_no_cache_forward_never_call_the_op(monkeypatch) -> None
 
     monkeypatch.setattr(rope_kv_module, "rope_kv_update", refuse)
     model = build_model(CONFIGS["gqa_hd64"], seed=2)
-    engine = Engine(model, settings=Settings())  # fuses the projections
+    engine = Engine(model, settings=Settings(fusion=Fusion.ROPE_KV))  # the op at decode (CPU)
     ids = _prompts(1, seed=4)[0]
     cache = engine.prepare_cache(1, len(ids) + 1)
     engine.prefill(cache, 0, ids)
@@ -583,8 +585,9 @@ def test_decode_step_compiles_with_the_op_and_gives_the_eager_logits(monkeypatch
 
 @pytest.mark.parametrize("fusion", list(Fusion), ids=lambda f: f.name.lower())
 def test_the_op_runs_from_fusion_rope_kv_on(fusion, monkeypatch) -> None:
-    """Fusion.ROPE_KV and above take the op for every layer of a CPU decode step (FULL's
-    gemv_add_rms_norm_rope_kv is CUDA's), NONE and ELEMENTWISE never; the logits agree."""
+    """Fusion.ROPE_KV to SILU_GEMV take the op for every layer of a CPU decode step, NONE and
+    ELEMENTWISE never, FULL neither (toyllm::cpu_decode_layer runs the whole CPU layer, with
+    the op's code; FULL's gemv_add_rms_norm_rope_kv is CUDA's); the logits agree."""
     config = CONFIGS["gqa_hd64"]
     model = build_model(config, seed=2)
     calls = _count_calls(monkeypatch)
@@ -593,7 +596,8 @@ def test_the_op_runs_from_fusion_rope_kv_on(fusion, monkeypatch) -> None:
     engine.prefill(cache, 0, [3, 4, 5])
     assert calls[0] == 0  # prefill: never
     logits = engine.decode_step(cache, 1, torch.tensor([6]))
-    assert calls[0] == (config.num_layers if fusion >= Fusion.ROPE_KV else 0)
+    takes_op = Fusion.ROPE_KV <= fusion < Fusion.FULL
+    assert calls[0] == (config.num_layers if takes_op else 0)
     want = reference_logits(model, [3, 4, 5, 6])[-1]
     assert float((logits[0] - want).abs().max()) <= 1e-4
 
