@@ -13,12 +13,14 @@
 # PACK_ONLY=1 leaves only gpu_check.tar.gz and summary.txt in OUT_DIR; SANITIZE_ONLY (a bash regex) keeps the sanitizer stages whose names match it; TESTS (pytest
 # paths and options) narrows the tests stage.
 # Stage tp (not in the default list): tensor parallel on 2 GPUs (tests, check, generate, bench).
+# Stage serving (not in the default list): toyllm bench --workload random and shared-prefix on
+# the Llama-1B shape in bf16 (HF_REQUESTS: transformers' share of the random workload).
 # Stage real (not in the default list): REAL_MODEL=FILE_OR_DIR runs tests/test_real_model.py, a
 # greedy chat answer on the GPU and scripts/bench_real_model.py on that checkpoint.
 # Stage baseline (not in the default list): BASELINE=DIR holds an earlier commit's tree
 # (`git archive REV | tar -x -C DIR`); it is built in place there, and its decode bench and this
 # tree's alternate at batch 1 x 128 and 16 x 4096 (Llama-1B, bf16, BASELINE_ROUNDS times), so
-# that before and after a change are measured in one run on one card.
+# that before and after a change are measured in one run on one card (BASELINE_SHAPES narrows).
 # A failing stage is recorded in OUT_DIR/summary.txt and the script goes on to the next.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR [STAGES]}
@@ -101,11 +103,11 @@ if want sanitizer; then
     # they add no kernel of ours, only time); racecheck (slow: shared-memory kernels only) over a
     # selection that still reaches every kernel and code path, one stage per file so that one
     # slow file cannot starve the others.
-    KERNEL_TESTS="tests/test_kv_cache_spec.py tests/test_decode_attention.py tests/test_fused_ops.py
+    KERNEL_TESTS=${SANITIZE_FILES:-"tests/test_kv_cache_spec.py tests/test_decode_attention.py tests/test_fused_ops.py
         tests/test_cuda_gemv.py tests/test_argmax.py tests/test_rope_kv_update.py
         tests/test_gemv_silu_mul.py tests/test_gemv_add_rms_norm.py tests/test_gemv_norm_rope_kv.py
         tests/test_programmatic_launch.py tests/test_paged_kv_cache.py tests/test_paged_kv_write.py
-        tests/test_paged_decode_attention.py"
+        tests/test_paged_decode_attention.py"}
     sanitize() {  # sanitize NAME TOOL PYTEST_ARGS...
         local name=$1 tool=$2; shift 2
         [[ $name =~ ${SANITIZE_ONLY:-.} ]] || return 0
@@ -168,7 +170,7 @@ if want baseline; then
     stage baseline_build bash -c "cd '$BASE' && MAX_JOBS=16 $PY setup.py build_ext --inplace"
     BARGS=(--models llama-1b --dtype bf16 --no-hf --no-reference)
     for round in $(seq "${BASELINE_ROUNDS:-1}"); do
-        for shape in 1x128 16x4096; do
+        for shape in ${BASELINE_SHAPES:-1x128 16x4096}; do
             b=${shape%x*} c=${shape#*x}
             stage "baseline_${shape}_$round" bash -c "cd '$BASE' && $PY scripts/bench_decode.py \
                 ${BARGS[*]} --batches $b --contexts $c --json '$OUT/baseline_${shape}_$round.json'"
@@ -187,6 +189,15 @@ if want real; then
         --model "$REAL" --device cuda --dtype bf16 --temperature 0 --max-new-tokens 32 --stats
     stage real_bench $PY scripts/bench_real_model.py "$REAL" --device cuda --dtype bf16 \
         --json "$OUT/real_bench.json"
+fi
+if want serving; then
+    # the serving workloads of issue 19 (not in the default list): 256 random requests through
+    # the serving engine, the static batch and transformers (on the first HF_REQUESTS only),
+    # then 64 requests sharing a 1,000-token prompt with prefix caching on and off
+    stage serving_random toyllm bench --workload random --models llama-1b --dtype bf16 \
+        --hf-requests "${HF_REQUESTS:-256}" --json "$OUT/serving_random.json"
+    stage serving_shared_prefix toyllm bench --workload shared-prefix --models llama-1b \
+        --dtype bf16 --json "$OUT/serving_shared_prefix.json"
 fi
 if want profile; then
     stage profile_decode $PY scripts/profile_decode.py --model llama-1b --dtype bf16
