@@ -374,7 +374,7 @@ def test_argmax_dispatch_on_cuda(monkeypatch) -> None:
     assert not argmax_mod.applies(logits[0])  # 1 dim: torch
     assert not argmax_mod.applies(logits[:, :0])  # empty vocab: torch's own error
     calls = []
-    monkeypatch.setattr(argmax_mod, "_argmax", lambda x: calls.append(1) or OPS.argmax(x))
+    monkeypatch.setattr(argmax_mod, "_argmax", lambda x, *a: calls.append(1) or OPS.argmax(x, *a))
     assert torch.equal(argmax_mod.argmax(logits), logits.float().argmax(-1)) and calls
     # Settings(cuda_argmax=False): torch.argmax
     assert torch.equal(argmax_mod.argmax(logits, kernel=False), logits.float().argmax(-1))
@@ -399,7 +399,8 @@ def test_model_greedy_generation_on_cuda_is_the_same_with_and_without_the_kernel
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
     params = SamplingParams(max_new_tokens=24, stop_at_eos=False)
     calls = []
-    monkeypatch.setattr(argmax_mod, "_argmax", lambda x: calls.append(x.dtype) or OPS.argmax(x))
+    monkeypatch.setattr(argmax_mod, "_argmax",
+                        lambda x, *a: calls.append(x.dtype) or OPS.argmax(x, *a))
     on = Engine(model, cuda_graph=cuda_graph,
                 settings=Settings(cuda_argmax=True)).generate(prompts, params)
     assert calls and set(calls) == {torch.bfloat16}  # the model's logits, not a float copy
