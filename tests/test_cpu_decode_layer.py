@@ -257,3 +257,15 @@ def test_a_finished_row_writes_nothing_and_the_others_write_their_position():
     assert torch.equal(args[11][0], k_before[0]) and torch.equal(args[12][0], v_before[0])
     changed = (args[11][1] != k_before[1]).flatten(1).any(1)
     assert changed.tolist() == [p == 5 for p in range(16)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("index, name", [(0, "x"), (11, "k_cache"), (3, "qkv_weight")])
+def test_cuda_tensors_are_refused_naming_the_device(index, name):
+    args = layer_args()
+    if index == 0:  # all on CUDA
+        args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    else:  # one argument on CUDA, the rest on the CPU
+        args[index] = args[index].cuda()
+    with pytest.raises(ValueError, match=f"cpu_decode_layer: expected {name} on the CPU, got cuda"):
+        OPS.cpu_decode_layer(*args)

@@ -307,3 +307,10 @@ std::tuple<at::Tensor, at::Tensor> cpu_decode_layer(
 }  // namespace toyllm
 
 TORCH_LIBRARY_IMPL(toyllm, CPU, m) { m.impl("cpu_decode_layer", &toyllm::cpu_decode_layer); }
+
+#ifdef WITH_CUDA_KERNELS
+// CUDA tensors reach the same function, whose first check refuses them with a message that
+// names the device ("cpu_decode_layer: expected x on the CPU, got cuda:0"), not the
+// dispatcher's missing-kernel error.
+TORCH_LIBRARY_IMPL(toyllm, CUDA, m) { m.impl("cpu_decode_layer", &toyllm::cpu_decode_layer); }
+#endif
