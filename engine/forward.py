@@ -202,8 +202,11 @@ class EngineForward:
         self.silu_mul = elementwise.silu_mul if fused else layer_math.silu_mul
         self.layers = layer_weights(model)
         # whole CPU decode layers in one call: at FULL, with the extension's CPU GEMV, where
-        # every weight is one cpu_decode_layer takes (asked once; the step's tensors per step)
+        # every weight is one cpu_decode_layer takes (asked once; the step's tensors per step);
+        # not for a rank of a tensor-parallel model, whose o and down products must be summed
+        # over the ranks between the ops that the one call runs back to back
         self.cpu_layer = (self.fusion >= Fusion.FULL and settings.cpu_gemv
+                          and collectives is None
                           and model.device.type == "cpu" and cpu_layer.weights_apply(
                               t for w in self.layers for t in vars(w).values()))
 
