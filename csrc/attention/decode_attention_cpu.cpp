@@ -9,33 +9,6 @@
 #include <vector>
 
 namespace toyllm {
-namespace {
-
-// q . k over n floats in 8 interleaved partial sums, which the compiler keeps in SIMD registers
-// (a single running sum is a chain of dependent adds it may not reorder), added pairwise at the
-// end, then the last n % 8 products.
-inline float dot8(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
-    float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    int64_t d = 0;
-    for (; d + 8 <= n; d += 8) {
-        for (int l = 0; l < 8; ++l) {
-            part[l] += a[d + l] * b[d + l];
-        }
-    }
-    float sum =
-        ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-    for (; d < n; ++d) {
-        sum += a[d] * b[d];
-    }
-    return sum;
-}
-
-// Products of q . k and p * v (about 2 * len * head_dim) below which one (sequence, head) pair
-// is not worth waking another thread for: a decode step of a small model at a short context
-// stays on the calling thread, long contexts are split over the cores.
-constexpr int64_t kAttentionGrainProducts = int64_t{1} << 15;
-
-}  // namespace
 
 // A loop per (sequence, query head) over the sequence's own keys. A decode step of a small model
 // attends over a few hundred keys; ATen ops cost ~15 ops (~70 us) per layer there, this a few us.

@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention/decode_attention_cpu.h"
 #include "common/op_args.h"
 
 #ifdef WITH_CUDA_KERNELS
@@ -118,23 +119,6 @@ void check_paged_decode_attention_args(const at::Tensor& q, const at::Tensor& k_
                       tile);
 }
 
-// q . k over n floats in 8 interleaved partial sums (SIMD registers), added pairwise at the end.
-inline float dot8(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
-    float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    int64_t d = 0;
-    for (; d + 8 <= n; d += 8) {
-        for (int l = 0; l < 8; ++l) {
-            part[l] += a[d + l] * b[d + l];
-        }
-    }
-    float sum =
-        ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-    for (; d < n; ++d) {
-        sum += a[d] * b[d];
-    }
-    return sum;
-}
-
 // A K or V row as floats: the row itself for fp32, else converted into `buf`.
 template <typename T>
 inline const float* row_as_float(const T* row, int64_t n, float* buf) {
@@ -147,10 +131,6 @@ inline const float* row_as_float(const T* row, int64_t n, float* buf) {
         return buf;
     }
 }
-
-// Products of q . k and p * v (about 2 * group * len * head_dim) below which one (row, KV head)
-// pair is not worth waking another thread for.
-constexpr int64_t kAttentionGrainProducts = int64_t{1} << 15;
 
 // One (row b, KV head) pair at a time, split over threads (at::parallel_for) when there is enough
 // work: the group's query heads score each key as it is read (one K/V read for the group), with a
