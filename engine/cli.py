@@ -216,6 +216,25 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     return result
 
 
+# Options that several commands take, each declared once: its type and help text.
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")]
+DtypeOption = Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")]
+TopKOption = Annotated[int, typer.Option(help="0 = off.")]
+TopPOption = Annotated[float, typer.Option(help="Nucleus mass in (0, 1].")]
+MinPOption = Annotated[float, typer.Option(
+    help="Min-p: keep only tokens at least this fraction as likely as the most likely one, "
+         "in [0, 1]; 0 = off (default).")]
+RepetitionPenaltyOption = Annotated[float, typer.Option(
+    help="Repetition penalty: tokens already in the prompt or output get their logit "
+         "divided by it (if > 0) or multiplied by it (if < 0); > 0, above 1 repeats less, "
+         "1 = off (default).")]
+MaxContextOption = Annotated[int | None, typer.Option(
+    help="Cap the KV cache at this many positions.")]
+CudaGraphOption = Annotated[bool, typer.Option(
+    help="Capture decode steps in CUDA graphs (GPU only).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="JSON output for scripts.")]
+
+
 @app.command()
 def generate(
     prompts: Annotated[list[str] | None, typer.Argument(
@@ -237,28 +256,21 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 64,
     temperature: Annotated[float, typer.Option(
         help="0 (or below 1e-5) = greedy.")] = 0.7,
-    top_k: Annotated[int, typer.Option(help="0 = off.")] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus mass in (0, 1].")] = 0.95,
-    min_p: Annotated[float, typer.Option(
-        help="Min-p: keep only tokens at least this fraction as likely as the most likely one, "
-             "in [0, 1]; 0 = off (default).")] = 0.0,
-    repetition_penalty: Annotated[float, typer.Option(
-        help="Repetition penalty: tokens already in the prompt or output get their logit "
-             "divided by it (if > 0) or multiplied by it (if < 0); > 0, above 1 repeats less, "
-             "1 = off (default).")] = 1.0,
+    top_k: TopKOption = 0,
+    top_p: TopPOption = 0.95,
+    min_p: MinPOption = 0.0,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
     seed: Annotated[int | None, typer.Option(
         help="0 to 2**64-1: makes sampling repeatable. Every prompt samples with this seed "
              "on its own, so its tokens are the same alone or in any batch.")] = None,
     stop: Annotated[list[str] | None, typer.Option(
         metavar="TEXT", help="Stop string (repeatable).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     prefill_chunk: Annotated[int | None, typer.Option(
         help="Prefill in chunks of this many tokens.")] = None,
-    max_context: Annotated[int | None, typer.Option(
-        help="Cap the KV cache at this many positions.")] = None,
-    cuda_graph: Annotated[bool, typer.Option(
-        help="Capture decode steps in CUDA graphs (GPU only).")] = True,
+    max_context: MaxContextOption = None,
+    cuda_graph: CudaGraphOption = True,
     block_size: Annotated[int, typer.Option(
         help="With --prompts-file: tokens per block of the paged KV cache.")] = 16,
     kv_memory: Annotated[str, typer.Option(
@@ -271,7 +283,7 @@ def generate(
         help="With --prompts-file: share the KV blocks of common prompt prefixes.")] = True,
     stats: Annotated[bool, typer.Option(help="Print prefill ms, decode tok/s, cache bytes.")]
     = False,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output for scripts.")] = False,
+    as_json: JsonOption = False,
     tensor_parallel: Annotated[int, typer.Option(
         help="Split the model over this many ranks (processes; GPUs cuda:0..N-1 on CUDA, gloo "
              "on the CPU): heads, K/V heads, MLP units and vocabulary must divide by it.")] = 1,
@@ -427,22 +439,15 @@ def chat(
     = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 512,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
-    top_k: Annotated[int, typer.Option(help="0 = off.")] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus mass in (0, 1].")] = 0.95,
-    min_p: Annotated[float, typer.Option(
-        help="Min-p: keep only tokens at least this fraction as likely as the most likely one, "
-             "in [0, 1]; 0 = off (default).")] = 0.0,
-    repetition_penalty: Annotated[float, typer.Option(
-        help="Repetition penalty: tokens already in the prompt or output get their logit "
-             "divided by it (if > 0) or multiplied by it (if < 0); > 0, above 1 repeats less, "
-             "1 = off (default).")] = 1.0,
+    top_k: TopKOption = 0,
+    top_p: TopPOption = 0.95,
+    min_p: MinPOption = 0.0,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
     seed: Annotated[int | None, typer.Option(help="Makes sampling repeatable.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")] = "auto",
-    max_context: Annotated[int | None, typer.Option(
-        help="Cap the KV cache at this many positions.")] = None,
-    cuda_graph: Annotated[bool, typer.Option(
-        help="Capture decode steps in CUDA graphs (GPU only).")] = True,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    max_context: MaxContextOption = None,
+    cuda_graph: CudaGraphOption = True,
     stats: Annotated[bool, typer.Option(help="Print prefill and decode figures per turn.")]
     = False,
 ) -> None:
@@ -483,8 +488,8 @@ def chat(
 # --- toyllm bench: decode/prefill benchmark (engine/tools/bench.py) ----------------------------
 @app.command()
 def bench(
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     models: Annotated[str | None, typer.Option(
         metavar="NAME,...", help="default (the shipped model) and/or config names under "
         "configs/ or .toml paths; default: default,llama-1b on CUDA, stories15m on the CPU.")]
@@ -591,7 +596,7 @@ def info(
         help="Positions per sequence; default: the config's max_seq_len.")] = None,
     block_size: Annotated[int, typer.Option(
         help="Tokens per block of the serving engine's paged cache.")] = 16,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output for scripts.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Parameters by part, weight bytes, KV-cache bytes and paged KV blocks per GiB, per
     dtype (arithmetic only)."""
