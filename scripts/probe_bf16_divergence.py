@@ -12,11 +12,16 @@ prompts and fed tokens, as engine/check/harness.py draws them) through three pat
   graph: the hooks are Python).
 
 and records the same intermediate values of every layer on each (hooks on the model's modules
-for the two reference runs; wrappers of the engine forward's products and layer function for the
-engine), token by token, aligned by (row, position). For each point it prints the relative error
-||a-b||/||b|| of ref and eng against fp32 and of eng against ref: the mean over tokens, the
-worst token, split into prefill and decode tokens. The first point where eng-vs-ref jumps is
-where the two computations part.
+for the reference runs; wrappers of the engine forward's products and layer function for the
+engine), token by token, aligned by (row, position). Per point it prints the relative error
+||a-b||/||b|| (mean over tokens / worst token) of ref and eng against fp32, of eng against ref
+(all tokens, prefill tokens, decode tokens), of the reference against itself run over each
+sequence plus ``--pad`` later tokens (``padded-ref``: causally the same values, so whatever it
+shows is the reference's own dependence on the sequence's length), and the fraction of elements
+whose bits differ between eng and ref (``eng!=ref``). The first point where eng!=ref leaves 0 is
+where the two computations part. Then: the SDPA backend each path's calls took, the worst
+logits step (row, position, prefill or decode), and what the check's metric reads for the
+reference against itself with ``--nudge`` of layer 0's attention outputs moved by one ulp.
 
 Points per layer i (the engine's fused one-row kernels hide some of them: those print '-'):
   L{i}.norm1    input RMSNorm output (the q/k/v product's input)
@@ -45,7 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -53,7 +58,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend
 
 from toyllm.engine import forward as engine_forward
 from toyllm.engine.check.cases import BASE_CASES, CUDA_ONLY_CASES, Case
@@ -235,6 +242,31 @@ def run_engine(engine: Engine, prompts: list[list[int]], conts: list[list[int]])
     return record
 
 
+# which SDPA backend each path's calls take ------------------------------------------------
+@contextmanager
+def sdpa_backends(seen: Counter[str]) -> Iterator[None]:
+    """Counts, while the block runs, the backend PyTorch picks for each SDPA call (flash,
+    cuDNN, efficient, math) with how it was called: causal, with a mask, or GQA heads."""
+    plain = F.scaled_dot_product_attention
+
+    def counted(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+                dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                enable_gqa: bool = False) -> Tensor:
+        choice = torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, is_causal,
+                                         scale=scale, enable_gqa=enable_gqa)
+        how = ("causal" if is_causal else "mask" if attn_mask is not None else "full") + \
+            (" gqa" if enable_gqa else "")
+        seen[f"{SDPBackend(choice).name.lower()} ({how}, {q.shape[-2]} rows)"] += 1
+        return plain(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                     scale=scale, enable_gqa=enable_gqa)
+
+    F.scaled_dot_product_attention = counted
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = plain
+
+
 # the reference's alternatives (--swap) -----------------------------------------------------
 @contextmanager
 def swapped(swap: str | None) -> Iterator[None]:
@@ -372,10 +404,13 @@ def probe_case(case: Case, swap: str | None, fusion: Fusion | None, pad: int,
         settings = replace(settings, fusion=fusion)
     engine = Engine(model, max_seq_len=limit, prefill_chunk=case.prefill_chunk,
                     cuda_graph=False, settings=settings)
-    eng = run_engine(engine, prompts, conts)
+    backends: dict[str, Counter[str]] = {"eng": Counter(), "ref": Counter()}
+    with sdpa_backends(backends["eng"]):
+        eng = run_engine(engine, prompts, conts)
     extra = _random_ids(pad, vocab, torch.Generator().manual_seed(case.seed + 7))
     with swapped(swap):
-        ref = run_reference(model, seqs)
+        with sdpa_backends(backends["ref"]):
+            ref = run_reference(model, seqs)
         padded = run_reference(model, [s + extra for s in seqs]) if pad > 0 else {}
         fp32 = run_reference(_fp32_twin(model), seqs)
         low = model.dtype in (torch.float16, torch.bfloat16)
@@ -386,7 +421,8 @@ def probe_case(case: Case, swap: str | None, fusion: Fusion | None, pad: int,
     rows, worst = compare(fp32, ref, eng, padded, prompts, logits_from)
     result = {"case": case.name, "dtype": case.dtype, "device": case.device, "swap": swap,
               "engine_fusion": settings.fusion.name, "pad": pad, "points": rows,
-              "worst_logits_step": worst}
+              "worst_logits_step": worst,
+              "sdpa": {path: dict(seen) for path, seen in backends.items()}}
     if low and nudge_fraction > 0:
         # the reference against itself with a few ulps moved: where the check's metric lands
         # for a change far below any bug
@@ -448,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['engine_fusion'].lower()}, eager; reference swap {args.swap}; "
               f"padded by {args.pad}):")
         print(render(result["points"]))
+        for path, seen in result["sdpa"].items():
+            print(f"{path} SDPA calls: " + (", ".join(f"{n} x {k}" for k, n in seen.items())
+                                            or "none"))
         w = result["worst_logits_step"]
         if "row" in w:
             print(f"worst logits step eng vs ref: {w['rel']:.4f} at row {w['row']} position "
