@@ -1,5 +1,5 @@
 """scripts/probe_bf16_divergence.py, the layer-by-layer instrument of the bf16 check: on the CPU
-the engine's path has the reference's bits up to the first attention, the probe sees a rounding
+the engine and the reference share the input norm's bits, the probe sees a rounding
 point planted in the engine at the first point it touches, and bad arguments exit 2 in one line.
 """
 
@@ -45,7 +45,7 @@ def points(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {p["point"]: p for p in result["points"]}
 
 
-def test_cpu_engine_has_the_reference_bits_until_the_first_attention() -> None:
+def test_cpu_probe_reports_every_point_and_the_input_norms_same_bits() -> None:
     result = probe("cpu")
     by_point = points(result)
     # every point of both layers, then the final norm and the logits
