@@ -9,7 +9,8 @@
 # STAGES: comma list of build,tests,check,probe,sanitizer,generate,bench,profile,sweep (default:
 # all, in that order: correctness first).
 # STAGE_TIMEOUT caps each stage (s), BUDGET_S the whole run; BENCH_ARGS go to toyllm bench; SWEEPS names the
-# shipped experiments (configs/experiments/NAME.toml) to run; PROBE_ARGS go to probe_decode_rounding.py;
+# shipped experiments (configs/experiments/NAME.toml) to run; PROBE_ARGS go to probe_decode_rounding.py
+# (the probe stage also runs probe_bf16_divergence.py);
 # PACK_ONLY=1 leaves only gpu_check.tar.gz and summary.txt in OUT_DIR; SANITIZE_ONLY (a bash regex) keeps the sanitizer stages whose names match it; TESTS (pytest
 # paths and options) narrows the tests stage.
 # Stage tp (not in the default list): tensor parallel on 2 GPUs (tests, check, generate, bench).
@@ -97,6 +98,8 @@ fi
 if want probe; then
     stage probe_rounding $PY scripts/probe_decode_rounding.py ${PROBE_ARGS:---backends default,flash} \
         --json "$OUT/probe_rounding.json"
+    # the bf16 cases layer by layer: where the engine and the no-cache reference part
+    stage probe_bf16 $PY scripts/probe_bf16_divergence.py --device cuda --json "$OUT/probe_bf16.json"
 fi
 if want sanitizer; then
     # memcheck over every kernel's CUDA tests (graphs, torch.compile and whole models left out:
