@@ -114,6 +114,9 @@ class Scheduler:
         self.running: list[Request] = []  # admission order: the last is the newest
         self.preemptions = 0
         self.prefix_hit_blocks = 0  # blocks adopted from the prefix cache, all admissions
+        # during one schedule(): the names _being_computed looks up, kept up to date as
+        # requests are admitted (None: not built yet this step)
+        self._computing: set[bytes] | None = None
 
     # queue ------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -170,6 +173,7 @@ class Scheduler:
             plan.chunks.append(Chunk(request, request.num_computed, n))
             budget -= n
             i += 1
+        self._computing = None  # names of blocks running prompts will compute (on first use)
         if not plan.preempted:
             while (self.waiting and budget > 0 and len(self.running) < self.max_running):
                 request = self.waiting[0]
@@ -272,18 +276,25 @@ class Scheduler:
         if short > 0:
             self.prefix.evict(short)  # enough are evictable: checked above
         self._reserve(request, n)
+        self._note_computing(request)  # running from now on: later admissions see its blocks
         return Chunk(request, computed, n)
 
     def _being_computed(self, names: list[bytes]) -> bool:
         """Whether one of `names` is a full block that a running request has yet to compute
-        (and will name in the prefix cache when it has)."""
+        (and will name in the prefix cache when it has). The running requests' names are
+        gathered once per schedule() (admitting n requests stays linear in n)."""
         if not names:
             return False
-        for r in self.running:
-            if r.num_pending > 1 and any(n in names for n in
-                                         r.block_hashes[r.num_registered_blocks:]):
-                return True
-        return False
+        if self._computing is None:
+            self._computing = set()
+            for r in self.running:
+                self._note_computing(r)
+        return any(n in self._computing for n in names)
+
+    def _note_computing(self, request: Request) -> None:
+        """Add the names of the blocks a running request has yet to compute to the set."""
+        if self._computing is not None and request.num_pending > 1:
+            self._computing.update(request.block_hashes[request.num_registered_blocks:])
 
     def _preempt(self, request: Request, plan: StepPlan) -> None:
         self.running.remove(request)
