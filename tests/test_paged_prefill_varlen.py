@@ -146,3 +146,27 @@ def test_varlen_reference_is_per_chunk_causal_sdpa() -> None:
             want = torch.softmax(keys @ q[row, h] / 8 ** 0.5, dim=0) @ v[base:base + start + i
                                                                        + 1, h // 2]
             assert torch.allclose(out[row, h], want, atol=1e-5), (row, h)
+
+
+def test_decode_slots_on_the_device_are_the_caches_slot_mapping() -> None:
+    """The graph decode step derives each row's slot from its block-table row
+    (engine/paged_graphs.py): the host's PagedKVCache.slot_mapping, and -1 for padding."""
+    from toyllm.engine.ops.paged_cache import PagedKVCache
+    from toyllm.engine.paged_graphs import decode_slots
+
+    cache = PagedKVCache(num_layers=1, num_blocks=40, block_size=4, num_kv_heads=1, head_dim=4,
+                         dtype=torch.float32, device="cpu", max_seqs=4, max_blocks_per_seq=8)
+    lengths = [13, 1, 30]
+    seqs = []
+    for n in lengths:
+        seq = cache.add_sequence()
+        cache.reserve(seq, n)
+        seqs.append(seq)
+    cache.sync_device()
+    rows = [(s, p) for s, n in zip(seqs, lengths, strict=True) for p in range(n)]
+    rows.append((0, -1))  # a padding row
+    seq_t = torch.tensor([s for s, _ in rows])
+    pos_t = torch.tensor([p for _, p in rows])
+    got = decode_slots(cache.block_tables().index_select(0, seq_t), pos_t, 4).tolist()
+    want = [cache.slot_mapping(s, p, 1)[0] for s, p in rows[:-1]] + [-1]
+    assert got == want
