@@ -158,9 +158,18 @@ class Scheduler:
         plan = StepPlan()
         budget = self.token_budget
         i = 0
+        size = self.block_size
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_pending, budget)
+            computed = request.num_computed
+            n = min(len(request.token_ids) - computed, budget)  # num_pending, inlined
+            if n == 1 and computed % size and not request.tail_may_be_shared:
+                # the common decode row: its token fits the room of its own last block, so
+                # nothing to reserve, copy or free (what _make_room and _reserve would find)
+                plan.chunks.append(Chunk(request, computed, 1))
+                budget -= 1
+                i += 1
+                continue
             if not self._make_room(request, n, plan):
                 # newest and still short: preempt it, or, alone, it fills the pool itself
                 if len(self.running) == 1:
