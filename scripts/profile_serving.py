@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from toyllm.engine.device import resolve_device, resolve_dtype
@@ -213,9 +214,10 @@ def profiled_run(engine: ServingEngine, work: Workload, timing: Timing, device: 
                          else "none")
     while engine.has_unfinished():  # the rest, unprofiled (the engine is left empty)
         engine.step()
+    t = time.perf_counter()
     step_events = {}
-    for e in prof.events():
-        if e.name.startswith("serving_step#"):
+    for e in prof.events():  # the host ranges (CUDA also records a device-side copy of each)
+        if e.name.startswith("serving_step#") and e.device_type == DeviceType.CPU:
             step_events[int(e.name.split("#")[1])] = e
     rows: dict[str, list[tuple[float, float, float, int]]] = defaultdict(list)
     host_ops: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])  # self cpu, dev, n
@@ -240,7 +242,7 @@ def profiled_run(engine: ServingEngine, work: Workload, timing: Timing, device: 
         _walk(e, visit)
         rows[kind].append((wall_us, e.device_time_total, waited[0], syncs[0]))
     print(f"\n== profiled run: the first {len(kinds)} steps (times under the profiler: its "
-          f"overhead inflates host time)")
+          f"overhead inflates host time; trace read in {time.perf_counter() - t:.1f} s)")
     print(f"{'kind':<13} {'steps':>6} {'wall ms':>9} {'device ms':>10} {'sync wait ms':>13} "
           f"{'host ms':>9} {'syncs':>6}   (per step, means)")
     for kind in KINDS:
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token-budget", type=int, default=None)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--kv-memory", type=float, default=0.5, help="fraction of free memory")
-    ap.add_argument("--profile-steps", type=int, default=40,
+    ap.add_argument("--profile-steps", type=int, default=24,
                     help="steps of the profiled run (the rest runs unprofiled)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--no-timed", dest="timed", action="store_false",
@@ -340,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{model_name} {dtype} on {device}: workload {a.workload}, {requests} requests, "
           f"{sum(map(len, work.prompts))} prompt + {sum(work.outputs)} output tokens; token "
           f"budget {budget}, block size {a.block_size}, {engine.cache.num_blocks} blocks")
+    if cuda:  # which attention backends the segment path's SDPA calls would take
+        order = getattr(torch._C, "_get_sdp_priority_order", None)
+        print(f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, SDPA "
+              f"priority {[str(b) for b in order()] if order else 'unknown'}; prefill "
+              f"chunks: {'one varlen call' if engine._prefill_varlen else 'one SDPA each'}")
     t = time.perf_counter()
     warm_up(engine, work)
     print(f"warm-up {time.perf_counter() - t:.1f} s")
