@@ -58,18 +58,19 @@ class PagedCacheHost(Protocol):
     def ref_count(self, block: int) -> int: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class Chunk:
     """Tokens start..start+num_tokens-1 of a request, computed in this step."""
 
     request: Request
     start: int
     num_tokens: int
+    # the chunk ends at the request's last known token: its logits pick the next one (fixed
+    # when planned: a request's tokens grow only once its step has sampled)
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """The chunk ends at the request's last known token: its logits pick the next one."""
-        return self.start + self.num_tokens == len(self.request.token_ids)
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_tokens == len(self.request.token_ids)
 
 
 @dataclass
@@ -159,6 +160,7 @@ class Scheduler:
         budget = self.token_budget
         i = 0
         size = self.block_size
+        prefill_seen = unordered = False  # a decode chunk after a prefill chunk: sort below
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             computed = request.num_computed
@@ -167,6 +169,7 @@ class Scheduler:
                 # the common decode row: its token fits the room of its own last block, so
                 # nothing to reserve, copy or free (what _make_room and _reserve would find)
                 plan.chunks.append(Chunk(request, computed, 1))
+                unordered |= prefill_seen
                 budget -= 1
                 i += 1
                 continue
@@ -180,6 +183,8 @@ class Scheduler:
                 break
             self._reserve(request, n)
             plan.chunks.append(Chunk(request, request.num_computed, n))
+            unordered |= prefill_seen and n == 1
+            prefill_seen |= n > 1
             budget -= n
             i += 1
         self._computing = None  # names of blocks running prompts will compute (on first use)
@@ -197,18 +202,23 @@ class Scheduler:
                 self.waiting.popleft()
                 self.running.append(chunk.request)
                 plan.chunks.append(chunk)
+                unordered |= prefill_seen and chunk.num_tokens == 1
+                prefill_seen |= chunk.num_tokens > 1
                 budget -= chunk.num_tokens
-        plan.ordered()
+        if unordered:
+            plan.ordered()
         return plan
 
     def complete(self, plan: StepPlan) -> None:
         """After the forward pass of `plan` succeeded: advance each sequence over its chunk
         and name its newly full blocks in the prefix cache."""
+        size, named = self.block_size, self.prefix is not None
         for chunk in plan.chunks:
             request = chunk.request
             self.cache.advance(request.seq, chunk.num_tokens)
             request.num_computed += chunk.num_tokens
-            self._register(request)
+            if named and request.num_computed // size > request.num_registered_blocks:
+                self._register(request)  # a block filled up
 
     # blocks -------------------------------------------------------------------------------------
     def _blocks_needed(self, request: Request, n: int) -> int:

@@ -65,7 +65,7 @@ from toyllm.models.tokenizer import StreamDecoder, Tokenizer
 DEFAULT_TOKEN_BUDGET = 8192
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request: its new tokens and text (stop strings held
     back until they can no longer start one), and whether it finished."""
