@@ -36,6 +36,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from toyllm.engine.device import resolve_device, resolve_dtype
+from toyllm.engine.generate import GenerationError
 from toyllm.engine.sampling import SamplingParams
 from toyllm.engine.scheduler import StepPlan
 from toyllm.engine.serving import ServingEngine
@@ -314,12 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     model_name = a.model or ("llama-1b" if cuda else "tiny")
     dtype = resolve_dtype(a.dtype or ("bf16" if cuda else "fp32"), device)
-    requests = a.requests or (256 if cuda else 32)
+    requests = a.requests if a.requests is not None else (256 if cuda else 32)
     prompt_lens = a.prompt_lens or ((100, 1024) if cuda else (16, 120))
     output_lens = a.output_lens or ((100, 1024) if cuda else (16, 120))
     prefix = a.prefix if a.prefix is not None else (1000 if cuda else 64)
     for name, value in (("--requests", requests), ("--profile-steps", a.profile_steps),
-                        ("--top", a.top), ("--block-size", a.block_size)):
+                        ("--top", a.top), ("--block-size", a.block_size),
+                        ("--token-budget", 1 if a.token_budget is None else a.token_budget)):
         if value <= 0:
             print(f"profile_serving: {name}: expected a positive integer, got {value}",
                   file=sys.stderr)
@@ -332,9 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.manual_seed(a.seed)
     model = build_model(config, device=device, dtype=dtype)
-    budget = a.token_budget or (8192 if cuda else 256)
-    engine = ServingEngine(model, kv_memory=a.kv_memory, block_size=a.block_size,
-                           token_budget=budget)
+    budget = a.token_budget if a.token_budget is not None else (8192 if cuda else 256)
+    try:
+        engine = ServingEngine(model, kv_memory=a.kv_memory, block_size=a.block_size,
+                               token_budget=budget)
+    except GenerationError as exc:  # a block size or pool size the engine refuses
+        print(f"profile_serving: {exc}", file=sys.stderr)
+        return 2
     timing = Timing()
     instrument(engine, timing)
     work = make_workload(a.workload, config.vocab_size, requests, prompt_lens, output_lens,
