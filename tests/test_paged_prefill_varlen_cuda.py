@@ -14,6 +14,7 @@ from test_serving import join_and_leave, model_for, pool, random_ids, shared_pre
 
 import toyllm.engine.serving as serving
 from toyllm.engine.check.serving import Arrival, block_problems, check_serving
+from toyllm.engine.check.tolerances import tolerance_for
 from toyllm.engine.sampling import SamplingParams
 from toyllm.engine.serving import ServingEngine
 from toyllm.engine.settings import Settings
@@ -90,18 +91,29 @@ class Count:
 @pytest.mark.parametrize("workload", ["join_and_leave", "shared_prefix"])
 def test_serving_through_flash_varlen_is_within_tolerance(monkeypatch, dtype: torch.dtype,
                                                           workload: str) -> None:
+    """The serving check with the dtype's judge (relative bound, greedy flips only at
+    near-ties), the packed path against the per-segment one on the same model: no problem the
+    per-segment path does not have too, and the logits within the bound or no farther from the
+    reference than the per-segment path's (these random models' rounding sits near bf16's
+    bound: docs/CHECK.md)."""
     count = Count()
     monkeypatch.setattr(serving, "varlen_causal_attention", count)
     model = model_for("gqa").to("cuda", dtype)
-    arrivals = {"join_and_leave": join_and_leave, "shared_prefix": shared_prefix}[workload]()
-    report = check_serving(model, arrivals, tolerance=float("inf"), block_size=8,
-                           token_budget=16, kv_memory=pool(model, 128, 8))
-    # low precision: a greedy token may flip at a near-tie; the logits along the engine's own
-    # tokens (teacher-forced) must stay within tolerance, and every block must come back
-    others = [p for p in report.problems if "greedy tokens differ" not in p]
-    assert not others, others
-    assert report.rel <= REL[dtype], report.rel
-    assert count.calls > 0 and count.after_prefix > 0  # chunked prefill / prefix hits
+    arrivals = {"join_and_leave": join_and_leave, "shared_prefix": shared_prefix}[workload]
+    judge = tolerance_for("fp16" if dtype == torch.float16 else "bf16")
+    reports = {}
+    for mode in ("varlen", "segments"):
+        reports[mode] = check_serving(model, arrivals(), low_precision=judge, block_size=8,
+                                      token_budget=16, kv_memory=pool(model, 128, 8),
+                                      settings=Settings(paged_prefill=mode))
+        if mode == "varlen":
+            assert count.calls > 0 and count.after_prefix > 0  # chunked prefill / prefix hits
+            calls = count.calls
+    assert count.calls == calls  # the per-segment engine did not take the packed path
+    varlen, segments = reports["varlen"], reports["segments"]
+    new = [p for p in varlen.problems if "||a-b||/||b||" not in p and p not in segments.problems]
+    assert not new, new
+    assert varlen.rel <= max(REL[dtype], 1.25 * segments.rel), (varlen.rel, segments.rel)
 
 
 def test_varlen_and_segment_steps_agree_in_bf16() -> None:
@@ -135,11 +147,17 @@ def test_varlen_and_segment_steps_agree_in_bf16() -> None:
 
 def test_a_long_burst_of_prefill_chunks_in_one_step() -> None:
     """Many requests admitted at once (one step of many chunks, the random workload's first
-    steps): the packed step computes every chunk; the pool comes back whole."""
+    steps): the packed step computes every chunk as the per-segment step does (the same judge
+    and bound as above); the pool comes back whole."""
     model = model_for("gqa").to("cuda", torch.bfloat16)
     arrivals = [Arrival(random_ids(3 + (11 * i) % 60, 500 + i), 3, 0) for i in range(24)]
-    report = check_serving(model, arrivals, tolerance=float("inf"), block_size=4,
-                           token_budget=512, kv_memory=pool(model, 600, 4))
-    others = [p for p in report.problems if "greedy tokens differ" not in p]
-    assert not others, others
-    assert report.rel <= REL[torch.bfloat16], report.rel
+    reports = {mode: check_serving(model, arrivals, low_precision=tolerance_for("bf16"),
+                                   block_size=4, token_budget=512,
+                                   kv_memory=pool(model, 600, 4),
+                                   settings=Settings(paged_prefill=mode))
+               for mode in ("varlen", "segments")}
+    varlen, segments = reports["varlen"], reports["segments"]
+    new = [p for p in varlen.problems if "||a-b||/||b||" not in p and p not in segments.problems]
+    assert not new, new
+    assert varlen.rel <= max(REL[torch.bfloat16], 1.25 * segments.rel), (varlen.rel,
+                                                                         segments.rel)
