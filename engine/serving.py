@@ -423,7 +423,7 @@ class ServingEngine:
                 piece = request.watcher.feed(request.decoder.feed(tok))
             if request.watcher.stopped:
                 reason = "stop"
-            elif request.num_output_tokens >= params.max_new_tokens:
+            elif len(request.token_ids) - len(request.prompt_ids) >= params.max_new_tokens:
                 reason = "max_new_tokens"
             elif request.num_computed >= self.max_seq_len:
                 reason = "length"  # no room left to write this token's K/V
@@ -446,13 +446,14 @@ class ServingEngine:
         return self._output(request)
 
     def _output(self, request: Request) -> RequestOutput:
-        done = request.finished
+        # every request, every step: Request's properties inlined (this runs per row)
+        done = request.status is RequestStatus.FINISHED
         if done:
             self._finished += 1
+        prompt = len(request.prompt_ids)
         out = RequestOutput(request.request_id, request.new_token_ids, request.new_text, done,
-                            request.finish_reason, request.num_prompt_tokens,
-                            request.num_output_tokens, request.error,
-                            request.timings if done else None)
+                            request.finish_reason, prompt, len(request.token_ids) - prompt,
+                            request.error, request.timings if done else None)
         request.new_token_ids, request.new_text = [], ""
         return out
 
