@@ -183,9 +183,10 @@ def timed_run(engine: ServingEngine, work: Workload, timing: Timing, device: tor
         host = " ".join(f"{parts[kind][p] / n * 1e3:8.2f}" for p in PARTS)
         print(f"{kind:<13} {n:6d} {tokens[kind]:8d} {sum(w):8.2f} {sum(w) / n * 1e3:8.2f} "
               f"{max(w) * 1e3:8.2f}  {' ' * 18}{host}")
-    print("(forward: the eager forward's host time, waits for the device included where an op "
-          "syncs; decode_graph: the graph replay's; prepare: the cache's sync_device; rest: "
-          "the step's wall time less the parts: accepting tokens, the device's tail)")
+    print("(host time of each part; on CUDA the device's time lands where the host first "
+          "waits for it: in sample, whose read of the tokens waits for the forward. forward: "
+          "the eager forward's launches; decode_graph: the graph replay's; prepare: the "
+          "cache's sync_device; rest: the step's wall time less the parts, accepting tokens)")
 
 
 def _walk(event, visit) -> None:
