@@ -12,7 +12,8 @@ norm that reads its sum, and at every step the fastest op that applies, as `Sett
                                                              (decode) or rope   rope_kv_update
                                                              + the cache write  or rope + write
     attention         decode_attention (split-K, tensor      decode_attention   decode_attention
-                      cores for fp16/bf16)                   or SDPA (prefill)  (<= 8 rows) / SDPA
+                      cores for fp16/bf16)                   or SDPA (prefill;  (<= 8 rows) / SDPA
+                                                             serving: varlen)
     o_proj            gemv                                   cuBLAS             gemv
     norm + gate/up    gemv_add_rms_norm_silu_mul (FULL)      add_rms_norm,      add_rms_norm, gemv
     + silu*up                                                cuBLAS, silu_mul   silu*up (torch)
@@ -30,7 +31,9 @@ alone. Positions are never advanced here: the Engine does it after a whole step 
 The serving engine's steps (engine/paged_step.py, over the paged cache) take the unfused path
 for q/k/v: the decode fusions above that write K/V (rope_kv_update, gemv_add_rms_norm_rope_kv)
 address the contiguous cache by position, so RoPE runs alone and the paged step writes K/V at
-its slots; every other fusion applies to them as to the static engine's.
+its slots; every other fusion applies to them as to the static engine's. Their prefill chunks
+attend in one FlashAttention varlen call per layer where `paged_prefill_varlen` says so (CUDA,
+fp16/bf16, TOYLLM_PAGED_PREFILL=varlen), one SDPA per chunk otherwise.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from toyllm.engine.cached_attention import DecodeStep, PrefillStep
 from toyllm.engine.ops import WITH_CUDA, cpu_layer, elementwise, gemv_norm, rope_kv
 from toyllm.engine.ops.gemv import Gemv
 from toyllm.engine.settings import Fusion, Settings
+from toyllm.engine.varlen_attention import flash_varlen_applies
 from toyllm.models import layer_math
 from toyllm.models.llama import Transformer
 from toyllm.models.rope import apply_rope, rope_cos_sin
@@ -91,6 +95,15 @@ def decode_attention_kernel(settings: Settings, device: torch.device, rows: int,
         return False
     most = decode_kernel_max_rows(settings, dtype, head_dim)
     return most is None or rows <= most
+
+
+def paged_prefill_varlen(settings: Settings, device: torch.device, dtype: torch.dtype,
+                         head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
+    """True when the serving engine's steps attend all their prefill chunks in one varlen
+    FlashAttention call (engine/paged_step.py's PackedPrefill): where the settings ask for it
+    and the kernel applies (CUDA, fp16/bf16; engine/varlen_attention.py)."""
+    return settings.paged_prefill == "varlen" and flash_varlen_applies(
+        device, dtype, head_dim, num_heads, num_kv_heads)
 
 
 class Collectives(Protocol):
@@ -209,6 +222,11 @@ class EngineForward:
                           and collectives is None
                           and model.device.type == "cpu" and cpu_layer.weights_apply(
                               t for w in self.layers for t in vars(w).values()))
+
+    def paged_prefill_varlen(self) -> bool:
+        """Whether the serving engine's prefill chunks take the packed varlen attention."""
+        return paged_prefill_varlen(self.settings, self.model.device, self.model.dtype,
+                                    self.head_dim, self.num_heads, self.num_kv_heads)
 
     def decode_kernel(self, rows: int) -> bool:
         """Whether a decode step of `rows` rows attends through the extension's kernel."""

@@ -50,13 +50,14 @@ from toyllm.engine.generate import (
     engine_forward,
 )
 from toyllm.engine.ops.paged_cache import PagedKVCache
-from toyllm.engine.paged_step import PagedStep, prefill_segment
+from toyllm.engine.paged_step import PackedPrefill, PagedStep, prefill_segment
 from toyllm.engine.prefix_cache import PrefixCache
 from toyllm.engine.request import ABORT, ERROR, Request, RequestStatus, RequestTimings
 from toyllm.engine.sampling import NONFINITE, SamplingParams, make_generator, sample_rows
 from toyllm.engine.scheduler import Chunk, Scheduler, StepPlan, blocks_for
 from toyllm.engine.settings import Settings
 from toyllm.engine.stopping import StopWatcher
+from toyllm.engine.varlen_attention import varlen_causal_attention
 from toyllm.models.llama import Transformer
 from toyllm.models.rope import rope_table
 from toyllm.models.tokenizer import StreamDecoder, Tokenizer
@@ -64,7 +65,7 @@ from toyllm.models.tokenizer import StreamDecoder, Tokenizer
 DEFAULT_TOKEN_BUDGET = 8192
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request: its new tokens and text (stop strings held
     back until they can no longer start one), and whether it finished."""
@@ -194,6 +195,8 @@ class ServingEngine:
             raise GenerationError(f"kv_memory: {budget} bytes hold no KV block of "
                                   f"{block_bytes} bytes (block_size {self.block_size})")
         self.forward = engine_forward(model, self.settings)
+        # the prefill chunks of a step in one varlen attention (CUDA fp16/bf16; forward.py)
+        self._prefill_varlen = self.forward.paged_prefill_varlen()
         with torch.inference_mode(False):  # a normal tensor, written inside and outside
             self.cache = PagedKVCache(config.num_layers, num_blocks, self.block_size,
                                       config.num_kv_heads, config.head_dim, self.dtype,
@@ -309,38 +312,71 @@ class ServingEngine:
 
     def build_step(self, plan: StepPlan) -> tuple[Tensor, Tensor, PagedStep, Tensor]:
         """The eager step of a plan: tokens and positions int64 [1, N], the PagedStep, and
-        the indices [K] of the tokens whose logits sample (each sampling chunk's last)."""
+        the indices [K] of the tokens whose logits sample (each sampling chunk's last).
+
+        Every index the step needs is built on the host in one int64 tensor and copied to the
+        device once: tokens, positions and slots [N], the sampled tokens [K], the decode
+        rows' sequences [nd], and for a packed prefill the chunks' bounds and key slots."""
+        nd = plan.num_decode  # plan order: the decode rows first
+        packed = self._prefill_varlen and nd < len(plan.chunks)
+        prefix = packed and any(c.start > 0 for c in plan.chunks[nd:])
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         select: list[int] = []
-        for c in plan.chunks:
-            r = c.request
-            ids += r.token_ids[c.start:c.start + c.num_tokens]
-            positions += range(c.start, c.start + c.num_tokens)
-            slots += self.cache.slot_mapping(r.seq, c.start, c.num_tokens)
+        seqs: list[int] = []
+        cu_q, cu_k, key_slots = [0], [0], []
+        max_q = max_k = 0
+        for i, c in enumerate(plan.chunks):
+            r, end = c.request, c.start + c.num_tokens
+            ids += r.token_ids[c.start:end]
+            positions += range(c.start, end)
+            if i < nd:
+                seqs.append(r.seq)
+            if prefix and i >= nd:  # a chunk's keys 0..end-1; its own slots are their tail
+                mine = self.cache.slot_mapping(r.seq, 0, end)
+                key_slots += mine
+                slots += mine[c.start:]
+            else:
+                slots += self.cache.slot_mapping(r.seq, c.start, c.num_tokens)
+            if packed and i >= nd:
+                cu_q.append(cu_q[-1] + c.num_tokens)
+                cu_k.append(cu_k[-1] + end)
+                max_q, max_k = max(max_q, c.num_tokens), max(max_k, end)
             if c.samples:
                 select.append(len(ids) - 1)
-        host = torch.tensor([ids, positions, slots], dtype=torch.int64)
-        dev = host.to(self.device, non_blocking=True)  # [3, N]: one copy
-        decode = [c for c in plan.chunks if c.num_tokens == 1]
-        nd = len(decode)
+        n, k = len(ids), len(select)
+        bounds = (cu_q + cu_k) if packed else []
+        host = torch.tensor(ids + positions + slots + select + seqs + bounds + key_slots,
+                            dtype=torch.int64)
+        dev = host.to(self.device, non_blocking=True)  # one copy
+        tokens, pos, slot = dev[:n], dev[n:2 * n], dev[2 * n:3 * n]
+        at = 3 * n
+        select_t, seqs_t = dev[at:at + k], dev[at + k:at + k + nd]
+        at += k + nd
         tables = lens = None
         if nd:
-            seqs = torch.tensor([c.request.seq for c in decode], dtype=torch.int64)
-            tables = self.cache.block_tables().index_select(0, seqs.to(self.device))
-            lens = (dev[1, :nd] + 1).to(torch.int32)  # keys 0..position
+            tables = self.cache.block_tables().index_select(0, seqs_t)
+            lens = (pos[:nd] + 1).to(torch.int32)  # keys 0..position
         segments = []
-        offset = nd
-        device_tables = self.cache.block_tables()
-        for c in plan.chunks[nd:]:
-            blocks = device_tables[c.request.seq, :blocks_for(c.start + c.num_tokens,
-                                                              self.block_size)]
-            segments.append(prefill_segment(offset, c.start, c.num_tokens, blocks))
-            offset += c.num_tokens
-        step = PagedStep(self.k_pools, self.v_pools, dev[2], nd, tables, lens, segments)
-        select_t = torch.tensor(select, dtype=torch.int64).to(self.device, non_blocking=True)
-        return dev[0].unsqueeze(0), dev[1].unsqueeze(0), step, select_t
+        packed_prefill = None
+        if packed:
+            s = len(cu_q)
+            bounds_t = dev[at:at + 2 * s].to(torch.int32)
+            packed_prefill = PackedPrefill(bounds_t[:s], bounds_t[s:], max_q, max_k,
+                                           dev[at + 2 * s:] if prefix else None,
+                                           varlen_causal_attention)
+        else:
+            offset = nd
+            device_tables = self.cache.block_tables()
+            for c in plan.chunks[nd:]:
+                blocks = device_tables[c.request.seq, :blocks_for(c.start + c.num_tokens,
+                                                                  self.block_size)]
+                segments.append(prefill_segment(offset, c.start, c.num_tokens, blocks))
+                offset += c.num_tokens
+        step = PagedStep(self.k_pools, self.v_pools, slot, nd, tables, lens, segments,
+                         packed=packed_prefill)
+        return tokens.unsqueeze(0), pos.unsqueeze(0), step, select_t
 
     def rope_table(self) -> Tensor | None:
         """On CUDA, RoPE's cos/sin for every position of the context (models/rope.py), for the
@@ -387,7 +423,7 @@ class ServingEngine:
                 piece = request.watcher.feed(request.decoder.feed(tok))
             if request.watcher.stopped:
                 reason = "stop"
-            elif request.num_output_tokens >= params.max_new_tokens:
+            elif len(request.token_ids) - len(request.prompt_ids) >= params.max_new_tokens:
                 reason = "max_new_tokens"
             elif request.num_computed >= self.max_seq_len:
                 reason = "length"  # no room left to write this token's K/V
@@ -410,13 +446,14 @@ class ServingEngine:
         return self._output(request)
 
     def _output(self, request: Request) -> RequestOutput:
-        done = request.finished
+        # every request, every step: Request's properties inlined (this runs per row)
+        done = request.status is RequestStatus.FINISHED
         if done:
             self._finished += 1
+        prompt = len(request.prompt_ids)
         out = RequestOutput(request.request_id, request.new_token_ids, request.new_text, done,
-                            request.finish_reason, request.num_prompt_tokens,
-                            request.num_output_tokens, request.error,
-                            request.timings if done else None)
+                            request.finish_reason, prompt, len(request.token_ids) - prompt,
+                            request.error, request.timings if done else None)
         request.new_token_ids, request.new_text = [], ""
         return out
 

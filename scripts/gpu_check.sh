@@ -15,7 +15,8 @@
 # paths and options) narrows the tests stage.
 # Stage tp (not in the default list): tensor parallel on 2 GPUs (tests, check, generate, bench).
 # Stage serving (not in the default list): toyllm bench --workload random and shared-prefix on
-# the Llama-1B shape in bf16 (HF_REQUESTS: transformers' share of the random workload).
+# the Llama-1B shape in bf16 (HF_REQUESTS: transformers' share of the random workload),
+# then scripts/profile_serving.py --device cuda (step kinds, host vs device time, top ops).
 # Stage real (not in the default list): REAL_MODEL=FILE_OR_DIR runs tests/test_real_model.py, a
 # greedy chat answer on the GPU and scripts/bench_real_model.py on that checkpoint.
 # Stage baseline (not in the default list): BASELINE=DIR holds an earlier commit's tree
@@ -201,6 +202,8 @@ if want serving; then
         --hf-requests "${HF_REQUESTS:-256}" --json "$OUT/serving_random.json"
     stage serving_shared_prefix toyllm bench --workload shared-prefix --models llama-1b \
         --dtype bf16 --json "$OUT/serving_shared_prefix.json"
+    # where a serving step's time goes: step kinds, host against device, top ops
+    stage serving_profile $PY scripts/profile_serving.py --device cuda
 fi
 if want profile; then
     stage profile_decode $PY scripts/profile_decode.py --model llama-1b --dtype bf16
