@@ -486,6 +486,9 @@ def serve(
     model: Annotated[str | None, typer.Option(
         help="Checkpoint directory, .gguf file or config .toml; default: the shipped model.")]
     = None,
+    random_weights: Annotated[bool, typer.Option(
+        help="With a config .toml: random weights (benchmarks); its vocab_size must equal the "
+             "tokenizer's.")] = False,
     tokenizer: Annotated[Path | None, typer.Option(
         help="tokenizer.json, tokenizer.model, or a directory holding one.")] = None,
     host: Annotated[str, typer.Option(
@@ -531,8 +534,9 @@ def serve(
         from toyllm.engine.server.launch import serve as run_server
 
         return run_server(ServeOptions(
-            model=model, tokenizer=tokenizer, host=host, port=port, api_key=api_key,
-            api_key_file=api_key_file, served_model_name=served_model_name, device=device,
+            model=model, random_weights=random_weights, tokenizer=tokenizer, host=host,
+            port=port, api_key=api_key, api_key_file=api_key_file,
+            served_model_name=served_model_name, device=device,
             dtype=dtype, block_size=block_size, kv_memory=kv_memory, max_running=max_running,
             max_waiting=max_waiting, token_budget=token_budget, prefix_caching=prefix_caching,
             max_context=max_context, cuda_graph=cuda_graph, shutdown_timeout=shutdown_timeout,

@@ -202,3 +202,27 @@ def test_bad_serve_options_exit_2_with_one_line(tmp_path: Path, checkpoint: Path
             assert len(lines) == 1 and says in lines[0], (args, done.output)
     finally:
         taken.close()
+
+
+def test_the_http_benchmark_replays_every_request_over_http_and_the_api(server,
+                                                                       checkpoint: Path) -> None:
+    import asyncio
+
+    from toyllm.engine.serving import ServingEngine
+    from toyllm.engine.tools.http_bench import arrivals, replay_api, replay_http
+    from toyllm.engine.tools.serving_bench import random_workload
+    from toyllm.models.model_source import load_model
+
+    assert arrivals(3, float("inf")) == [0.0, 0.0, 0.0]
+    times = arrivals(200, 50.0)
+    assert times == sorted(times) and 2.0 < times[-1] < 6.0  # about 200 / 50 s
+    work = random_workload(400, requests=3, low=4, high=12)
+    http = asyncio.run(replay_http(server.url, "tiny-chat", work, float("inf"), headers=AUTH))
+    assert http.failures == 0 and http.output_tokens == work.output_tokens
+    assert len(http.ttft) == 3 and http.duration_s > 0
+    loaded = load_model(checkpoint, torch.device("cpu"), torch.float32)
+    engine = ServingEngine(loaded.model, loaded.tokenizer, kv_memory=2**22, cuda_graph=False)
+    api = replay_api(engine, work, 100.0)
+    assert api.output_tokens == work.output_tokens and len(api.ttft) == 3
+    assert len(api.itl) == work.output_tokens - 3
+    wait_idle(server.url, AUTH)

@@ -181,10 +181,13 @@ class EngineLoop:
             torch.cuda.set_device(engine.device)  # the current device is per thread
         stopping = False
         last_snapshot = 0.0
+        changed = False  # since the last snapshot
         try:
             while True:
                 busy = engine.has_unfinished()
-                stopping |= self._take_commands(block=not busy and not stopping)
+                took, stop = self._take_commands(block=not busy and not stopping)
+                stopping |= stop
+                changed |= took
                 deadline = self._deadline
                 if (stopping or (deadline is not None and time.monotonic() >= deadline)) \
                         and self._streams:
@@ -194,10 +197,14 @@ class EngineLoop:
                     outputs = engine.step()
                     now = time.perf_counter()
                     self._dispatch(outputs, now)
+                    changed = True
                     if now - last_snapshot >= SNAPSHOT_INTERVAL_S:
                         self.snapshot, last_snapshot = self._take_snapshot(), now
+                        changed = False
                     continue
-                self.snapshot, last_snapshot = self._take_snapshot(), time.perf_counter()
+                if changed:  # idle now: show the state the engine rests in
+                    self.snapshot, last_snapshot = self._take_snapshot(), time.perf_counter()
+                    changed = False
                 if stopping and not self._streams:
                     return
         except Exception as exc:  # a bug or a device failure: end every request, say why
@@ -205,15 +212,15 @@ class EngineLoop:
             log.exception("engine loop failed")
             self._fail_all(self.failure)
 
-    def _take_commands(self, block: bool) -> bool:
-        """Apply queued commands (waiting up to IDLE_WAIT_S for one when `block`); True when
-        one was stop."""
+    def _take_commands(self, block: bool) -> tuple[bool, bool]:
+        """Apply queued commands (waiting up to IDLE_WAIT_S for one when `block`): whether
+        there were any, and whether one was stop."""
         stop = False
         try:
             command = self._commands.get(timeout=IDLE_WAIT_S) if block \
                 else self._commands.get_nowait()
         except queue.Empty:
-            return False
+            return False, False
         while True:
             kind, arg = command
             if kind == "add":
@@ -225,7 +232,7 @@ class EngineLoop:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return stop
+                return True, stop
 
     def _add(self, stream: RequestStream) -> None:
         try:

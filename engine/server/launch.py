@@ -37,6 +37,7 @@ class ServeError(ValueError):
 @dataclass
 class ServeOptions:
     model: str | None = None
+    random_weights: bool = False  # with a config .toml: random weights (benchmarks)
     tokenizer: Path | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -176,7 +177,8 @@ def prepare(o: ServeOptions) -> PreparedServer:
     dt = resolve_dtype(o.dtype, dev)
     sock = bind(o.host, o.port)
     try:
-        loaded = load_model(o.model, dev, dt, tokenizer_path=o.tokenizer)
+        loaded = load_model(o.model, dev, dt, random_weights=o.random_weights,
+                            tokenizer_path=o.tokenizer)
         if loaded.tokenizer is None:
             raise ServeError(f"{loaded.source}: no tokenizer found (tokenizer.json or "
                              "tokenizer.model); pass --tokenizer")
