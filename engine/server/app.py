@@ -40,6 +40,8 @@ from toyllm.models.chat_template import ChatTemplateError, chat_prompt_ids
 
 #: seconds a client is told to wait (Retry-After) when the server is at capacity
 RETRY_AFTER_S = 1
+#: the largest request body read (a prompt of a whole context is far smaller); beyond it 413
+MAX_BODY_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -146,7 +148,14 @@ def build_app(state: ServerState) -> FastAPI:
 
 # parsing and checking -------------------------------------------------------------------------
 async def _parse(request: Request, model: type[BaseModel], state: ServerState) -> Any:
-    body = await request.body()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            state.metrics.rejected("invalid")
+            raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
@@ -205,10 +214,9 @@ async def _submit(state: ServerState, ids: list[int], params: SamplingParams,
         raise ApiError(503, f"the server is at capacity ({state.loop.capacity} requests in "
                             f"flight); retry after {RETRY_AFTER_S} s", kind="server_error",
                        code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-    except ShuttingDown:
+    except ShuttingDown as exc:
         state.metrics.rejected("shutting_down")
-        raise ApiError(503, "the server is shutting down", kind="server_error",
-                       code="shutting_down") from None
+        raise ApiError(503, str(exc), kind="server_error", code="shutting_down") from None
     try:
         event = await stream.get()
     except asyncio.CancelledError:  # the client left before the engine took the request

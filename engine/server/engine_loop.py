@@ -145,8 +145,10 @@ class EngineLoop:
         max_running + max_waiting requests are in flight; ShuttingDown while draining."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            if self._draining or self.failure is not None:
-                raise ShuttingDown()
+            if self.failure is not None:
+                raise ShuttingDown(f"the server cannot serve: {self.failure}")
+            if self._draining:
+                raise ShuttingDown("the server is shutting down")
             if self._in_flight >= self.capacity:
                 raise Overloaded()
             self._in_flight += 1
