@@ -226,3 +226,45 @@ def test_the_http_benchmark_replays_every_request_over_http_and_the_api(server,
     assert api.output_tokens == work.output_tokens and len(api.ttft) == 3
     assert len(api.itl) == work.output_tokens - 3
     wait_idle(server.url, AUTH)
+
+
+def test_the_engine_loop_aborts_within_one_step_and_refuses_what_the_pool_cannot_hold(
+        checkpoint: Path) -> None:
+    import asyncio
+
+    from toyllm.engine.sampling import SamplingParams
+    from toyllm.engine.server.engine_loop import Accepted, EngineLoop, Rejected
+    from toyllm.engine.server.metrics import Metrics
+    from toyllm.engine.serving import ServingEngine
+    from toyllm.models.model_source import load_model
+
+    loaded = load_model(checkpoint, torch.device("cpu"), torch.float32)
+    blocks = 64  # of 16 tokens: the pool holds 1,024 tokens
+    block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # k and v, 2 layers, 16 tokens, 2 heads, 16 dims
+    engine = ServingEngine(loaded.model, loaded.tokenizer, kv_memory=blocks * block_bytes,
+                           cuda_graph=False)
+    assert engine.cache.num_blocks == blocks
+    loop = EngineLoop(engine, Metrics(), max_waiting=4)
+    loop.start()
+
+    async def run() -> tuple[int, str | None, object]:
+        stream = loop.submit([5] * 10, SamplingParams(max_new_tokens=LONG, stop_at_eos=False))
+        assert isinstance(await stream.get(), Accepted)
+        for _ in range(5):  # decoding
+            assert not (await stream.get()).finished
+        loop.abort(stream.request_id)
+        after = 0  # outputs with tokens after the abort: the step in progress at most
+        while not (out := await stream.get()).finished:
+            after += len(out.new_token_ids) > 0
+        too_long = loop.submit([5] * 1100, SamplingParams(max_new_tokens=4))
+        return after, out.finish_reason, await too_long.get()
+
+    try:
+        after, reason, refused = asyncio.run(run())
+    finally:
+        loop.stop()
+    assert reason == "abort" and after <= 1
+    assert isinstance(refused, Rejected) and "KV blocks" in refused.message
+    assert loop.in_flight == 0 and not loop.alive
+    snapshot = loop.snapshot
+    assert snapshot.blocks_reclaimable == snapshot.stats.blocks_total == blocks

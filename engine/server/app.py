@@ -115,7 +115,8 @@ def build_app(state: ServerState) -> FastAPI:
         stream = await _submit(state, ids, params, "cmpl")
         if req.stream:
             with_usage = req.stream_options is not None and req.stream_options.include_usage
-            return _sse(_completion_events(state, stream, req.model, with_usage), state, stream)
+            events = _completion_events(stream, req.model, with_usage)
+            return _EngineStream(events, state, stream)
         out = await _gather(request, state, stream)
         return JSONResponse(protocol.completion_response(
             stream.request_id, req.model, protocol.now(), out.text, out.finish_reason,
@@ -137,7 +138,7 @@ def build_app(state: ServerState) -> FastAPI:
         stream = await _submit(state, ids, params, "chatcmpl")
         if req.stream:
             with_usage = req.stream_options is not None and req.stream_options.include_usage
-            return _sse(_chat_events(state, stream, req.model, with_usage), state, stream)
+            return _EngineStream(_chat_events(stream, req.model, with_usage), state, stream)
         out = await _gather(request, state, stream)
         return JSONResponse(protocol.chat_response(
             stream.request_id, req.model, protocol.now(), out.text, out.finish_reason,
@@ -295,21 +296,29 @@ async def _gather(request: Request, state: ServerState, stream: RequestStream) -
     return work.result()
 
 
-def _sse(events: AsyncIterator[dict[str, Any]], state: ServerState,
-         stream: RequestStream) -> StreamingResponse:
-    async def body() -> AsyncIterator[str]:
-        done = False
-        try:
-            async for event in events:
-                yield f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
-            done = True
-            yield "data: [DONE]\n\n"
-        finally:
-            if not done:  # the client went away (the response was cancelled): stop it
-                state.loop.abort(stream.request_id)
+class _EngineStream(StreamingResponse):
+    """Server-sent events of one request. However the response ends before its last event (the
+    client went away, the task was cancelled, even before the first event was asked for), its
+    request is aborted."""
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, events: AsyncIterator[dict[str, Any]], state: ServerState,
+                 stream: RequestStream) -> None:
+        self._state, self._stream, self._done = state, stream, False
+        super().__init__(self._body(events), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _body(self, events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+        async for event in events:
+            yield f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
+        self._done = True
+        yield "data: [DONE]\n\n"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self._done:
+                self._state.loop.abort(self._stream.request_id)
 
 
 async def _stream_events(stream: RequestStream) -> AsyncIterator[RequestOutput | dict]:
@@ -324,7 +333,7 @@ async def _stream_events(stream: RequestStream) -> AsyncIterator[RequestOutput |
         yield exc.body()
 
 
-async def _completion_events(state: ServerState, stream: RequestStream, model: str,
+async def _completion_events(stream: RequestStream, model: str,
                              with_usage: bool) -> AsyncIterator[dict[str, Any]]:
     created = protocol.now()
     rid = stream.request_id
@@ -342,7 +351,7 @@ async def _completion_events(state: ServerState, stream: RequestStream, model: s
                                            out.prompt_tokens, out.completion_tokens)
 
 
-async def _chat_events(state: ServerState, stream: RequestStream, model: str,
+async def _chat_events(stream: RequestStream, model: str,
                        with_usage: bool) -> AsyncIterator[dict[str, Any]]:
     created = protocol.now()
     rid = stream.request_id
