@@ -53,6 +53,8 @@ def test_greedy_completion_equals_toyllm_generate(client) -> None:
     assert got.usage.completion_tokens == len(expected["token_ids"]) == 24
     assert got.usage.prompt_tokens == expected["prompt_tokens"]
     assert got.choices[0].finish_reason == "length"
+    ids = client.completions.create(model=MODEL, prompt=[PROMPT], max_tokens=24, temperature=0)
+    assert ids.choices[0].text == expected["text"]  # a list holding one prompt: the same
 
 
 def test_streamed_text_equals_the_answer_for_the_same_seed(client) -> None:
@@ -139,6 +141,8 @@ def test_each_bad_request_is_a_400_naming_its_field_and_the_server_goes_on(serve
             "model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
         assert "no chat template" in r.json()["error"]["message"]
+        r = http.post("/v1/completions", content=b"x" * (16 * 2**20 + 1))
+        assert r.status_code == 413 and "16777216 bytes" in r.json()["error"]["message"]
         r = http.post("/v1/nowhere", json={})
         assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="temperature"):
