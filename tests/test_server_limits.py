@@ -268,3 +268,46 @@ def test_the_engine_loop_aborts_within_one_step_and_refuses_what_the_pool_cannot
     assert loop.in_flight == 0 and not loop.alive
     snapshot = loop.snapshot
     assert snapshot.blocks_reclaimable == snapshot.stats.blocks_total == blocks
+
+
+def test_a_failing_engine_loop_ends_every_request_and_refuses_new_ones(checkpoint: Path) -> None:
+    import asyncio
+
+    from toyllm.engine.sampling import SamplingParams
+    from toyllm.engine.server.engine_loop import Accepted, EngineLoop, Failed, ShuttingDown
+    from toyllm.engine.server.metrics import Metrics
+    from toyllm.engine.serving import ServingEngine
+    from toyllm.models.model_source import load_model
+
+    loaded = load_model(checkpoint, torch.device("cpu"), torch.float32)
+    engine = ServingEngine(loaded.model, loaded.tokenizer, kv_memory=2**22, cuda_graph=False)
+    step = engine.step
+    calls = 0
+
+    def failing_step():
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("device lost")
+        return step()
+
+    engine.step = failing_step  # the third step fails
+    loop = EngineLoop(engine, Metrics(), max_waiting=4)
+    loop.start()
+
+    async def run() -> list[object]:
+        stream = loop.submit([5] * 4, SamplingParams(max_new_tokens=50, stop_at_eos=False))
+        events = [await stream.get()]
+        while not isinstance(events[-1], Failed):
+            events.append(await stream.get())
+        with pytest.raises(ShuttingDown, match="device lost"):
+            loop.submit([5], SamplingParams())
+        return events
+
+    try:
+        events = asyncio.run(run())
+    finally:
+        loop.stop()
+    assert isinstance(events[0], Accepted) and len(events) == 4  # two steps' outputs, then
+    assert "RuntimeError: device lost" in events[-1].message
+    assert not loop.alive and loop.in_flight == 0

@@ -152,9 +152,10 @@ class EngineLoop:
             if self._in_flight >= self.capacity:
                 raise Overloaded()
             self._in_flight += 1
-        stream = RequestStream(f"{prefix}-{self._prefix}-{next(self._ids)}", prompt_ids,
-                               params, loop)
-        self._commands.put(("add", stream))
+            stream = RequestStream(f"{prefix}-{self._prefix}-{next(self._ids)}", prompt_ids,
+                                   params, loop)
+            # under the lock: once a failure is set, no request joins the queue _fail_all empties
+            self._commands.put(("add", stream))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -210,7 +211,8 @@ class EngineLoop:
                 if stopping and not self._streams:
                     return
         except Exception as exc:  # a bug or a device failure: end every request, say why
-            self.failure = f"the engine loop failed: {type(exc).__name__}: {exc}"
+            with self._lock:
+                self.failure = f"the engine loop failed: {type(exc).__name__}: {exc}"
             log.exception("engine loop failed")
             self._fail_all(self.failure)
 
@@ -270,18 +272,27 @@ class EngineLoop:
             self._in_flight -= 1
 
     def _send(self, events: list[tuple[RequestStream, Event]]) -> None:
-        """Hand events to their streams' event loop, all in one call."""
-        if not events:
-            return
-        loop = events[0][0]._loop
-        try:
-            loop.call_soon_threadsafe(_deliver, events)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
+        """Hand events to their streams' event loop (one, for a server): one call per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Event]]] = {}
+        for stream, event in events:
+            by_loop.setdefault(stream._loop, []).append((stream, event))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
 
     def _fail_all(self, message: str) -> None:
+        """End every request: those in the engine and those still queued as commands."""
         streams = list(self._streams.values())
         self._streams.clear()
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                streams.append(arg)  # type: ignore[arg-type]
         with self._lock:
             self._in_flight -= len(streams)
         self._send([(s, Failed(message)) for s in streams])
