@@ -77,6 +77,34 @@ def test_streamed_text_equals_the_answer_for_the_same_seed(client) -> None:
     assert other.choices[0].text != whole.choices[0].text  # the seed matters
 
 
+def test_logprobs_are_the_no_cache_references_streamed_or_not(client) -> None:
+    import torch
+
+    from toyllm.engine.check.reference import reference_greedy
+    from toyllm.models.model_source import load_model
+
+    args = dict(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=3)
+    whole = client.completions.create(**args)
+    lp = whole.choices[0].logprobs
+    assert "".join(lp.tokens) == whole.choices[0].text  # each token's own text, in order
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(12)]
+    for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) == 3 and max(top.values()) == chosen == top[token]  # greedy: the top
+        assert list(top.values()) == sorted(top.values(), reverse=True)
+    streamed = [c.choices[0].logprobs for c in client.completions.create(**args, stream=True)
+                if c.choices[0].logprobs is not None]
+    assert [t for c in streamed for t in c.token_logprobs] == lp.token_logprobs
+    # the witness: log_softmax of the no-cache reference's logits along its greedy path (fp32)
+    loaded = load_model(None, torch.device("cpu"), torch.float32)
+    prompt_ids = loaded.tokenizer.encode(PROMPT, bos=True)
+    ids, step_logits = reference_greedy(loaded.model, prompt_ids, 12)
+    assert loaded.tokenizer.decode(ids) == whole.choices[0].text
+    expected = [torch.log_softmax(g.float(), dim=-1)[t].item()
+                for g, t in zip(step_logits, ids, strict=True)]
+    assert torch.allclose(torch.tensor(lp.token_logprobs), torch.tensor(expected), atol=1e-4,
+                          rtol=0)
+
+
 def test_stop_strings_end_the_text_before_them(client) -> None:
     got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=48, temperature=0,
                                     stop=["return"])
@@ -114,7 +142,8 @@ BAD_REQUESTS = [
     ({"model": MODEL, "prompt": PROMPT, "seed": -1}, "seed"),
     ({"model": MODEL, "prompt": PROMPT, "stop": [""]}, "stop"),
     ({"model": MODEL, "prompt": PROMPT, "n": 2}, "n"),
-    ({"model": MODEL, "prompt": PROMPT, "logprobs": 2}, "logprobs"),
+    ({"model": MODEL, "prompt": PROMPT, "logprobs": 21}, "logprobs"),
+    ({"model": MODEL, "prompt": PROMPT, "echo": True}, "echo"),
     ({"model": MODEL, "prompt": PROMPT, "presence_penalty": 0.5}, "presence_penalty"),
     ({"model": MODEL, "prompt": PROMPT, "stream_options": {"include_usage": True}},
      "stream_options"),

@@ -98,6 +98,25 @@ def test_chat_streamed_and_not_equal_toyllm_generate_chat(checkpoint: Path, clie
     assert usage == whole.usage
 
 
+def test_chat_logprobs_streamed_and_not(client) -> None:
+    args = dict(model="tiny-chat", messages=MESSAGES, max_tokens=10, temperature=0,
+                logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**args)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens == 10
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode("utf-8"))
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob == entry.logprob
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    streamed = [e for chunk in client.chat.completions.create(**args, stream=True)
+                for choice in chunk.choices if choice.logprobs is not None
+                for e in choice.logprobs.content]
+    assert [e.logprob for e in streamed] == [e.logprob for e in content]
+    plain = client.chat.completions.create(**{**args, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].message.content == whole.choices[0].message.content
+
+
 def test_chat_bad_messages_are_400s_naming_the_field(server) -> None:
     cases = [({"model": "tiny-chat", "messages": []}, "messages"),
              ({"model": "tiny-chat", "messages": [{"role": "robot", "content": "x"}]},
@@ -105,7 +124,10 @@ def test_chat_bad_messages_are_400s_naming_the_field(server) -> None:
              ({"model": "tiny-chat", "messages": [{"content": "x"}]}, "messages.0.role"),
              ({"model": "tiny-chat", "messages": MESSAGES, "max_completion_tokens": 0},
               "max_completion_tokens"),
-             ({"model": "tiny-chat", "messages": MESSAGES, "logprobs": True}, "logprobs"),
+             ({"model": "tiny-chat", "messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
+             ({"model": "tiny-chat", "messages": MESSAGES, "logprobs": True,
+               "top_logprobs": 21}, "top_logprobs"),
+             ({"model": "tiny-chat", "messages": MESSAGES, "logprobs": 1}, "logprobs"),
              ({"model": "tiny-chat", "messages": [{"role": "user", "content": [
                  {"type": "image_url", "text": ""}]}]}, "messages.0.content.0.type")]
     for body, param in cases:

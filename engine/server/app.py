@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from toyllm.engine.sampling import SamplingError, SamplingParams
+from toyllm.engine.sampling import SamplingError, SamplingParams, TokenLogprob
 from toyllm.engine.server import protocol
 from toyllm.engine.server.engine_loop import (
     Accepted,
@@ -54,6 +54,19 @@ class ServerState:
     vocab_size: int
     api_key: str | None = None
     created: int = field(default_factory=protocol.now)
+    _texts: dict[int, str] = field(default_factory=dict)
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text in log-probabilities: what it adds after a plain word ("a"), so that
+        a leading space survives the decoders that drop it at the start of a text (Llama's
+        sentencepiece); a byte of a split UTF-8 character shows as U+FFFD."""
+        text = self._texts.get(token_id)
+        if text is None:
+            anchor = self.tokenizer.encode("a", bos=False)
+            before = self.tokenizer.decode(anchor)
+            text = self.tokenizer.decode([*anchor, token_id])[len(before):]
+            self._texts[token_id] = text
+        return text
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -111,16 +124,17 @@ def build_app(state: ServerState) -> FastAPI:
         _check_model(req.model, state)
         ids = _completion_prompt(req.prompt, state)
         max_tokens = protocol.requested_max_tokens(req) or protocol.COMPLETIONS_MAX_TOKENS
-        params = _params(req, max_tokens)
+        params = _params(req, max_tokens, protocol.requested_logprobs(req))
         stream = await _submit(state, ids, params, "cmpl")
         if req.stream:
             with_usage = req.stream_options is not None and req.stream_options.include_usage
-            events = _completion_events(stream, req.model, with_usage)
+            events = _completion_events(stream, req.model, with_usage, state.token_text)
             return _EngineStream(events, state, stream)
         out = await _gather(request, state, stream)
         return JSONResponse(protocol.completion_response(
             stream.request_id, req.model, protocol.now(), out.text, out.finish_reason,
-            out.prompt_tokens, out.completion_tokens))
+            out.prompt_tokens, out.completion_tokens,
+            protocol.completion_logprobs(out.logprobs, state.token_text)))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -134,15 +148,17 @@ def build_app(state: ServerState) -> FastAPI:
                                           "text)") from None
         _check_prompt_length(ids, "messages", state)
         max_tokens = protocol.requested_max_tokens(req) or state.max_seq_len - len(ids)
-        params = _params(req, max_tokens)
+        params = _params(req, max_tokens, protocol.requested_logprobs(req))
         stream = await _submit(state, ids, params, "chatcmpl")
         if req.stream:
             with_usage = req.stream_options is not None and req.stream_options.include_usage
-            return _EngineStream(_chat_events(stream, req.model, with_usage), state, stream)
+            events = _chat_events(stream, req.model, with_usage, state.token_text)
+            return _EngineStream(events, state, stream)
         out = await _gather(request, state, stream)
         return JSONResponse(protocol.chat_response(
             stream.request_id, req.model, protocol.now(), out.text, out.finish_reason,
-            out.prompt_tokens, out.completion_tokens))
+            out.prompt_tokens, out.completion_tokens,
+            protocol.chat_logprobs(out.logprobs, state.token_text)))
 
     return app
 
@@ -198,9 +214,9 @@ def _check_prompt_length(ids: list[int], param: str, state: ServerState) -> None
                                  f"token")
 
 
-def _params(req: Any, max_tokens: int) -> SamplingParams:
+def _params(req: Any, max_tokens: int, logprobs: int | None) -> SamplingParams:
     try:
-        return protocol.sampling_params(req, max_tokens)
+        return protocol.sampling_params(req, max_tokens, logprobs)
     except SamplingError as exc:  # every range is checked above under the API's names
         raise ApiError(400, str(exc)) from None
 
@@ -238,6 +254,7 @@ class _Gathered:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None
 
 
 async def _outputs(stream: RequestStream) -> AsyncIterator[RequestOutput]:
@@ -267,14 +284,19 @@ async def _gather(request: Request, state: ServerState, stream: RequestStream) -
     request aborted."""
     async def collect() -> _Gathered:
         pieces = []
+        logprobs: list[TokenLogprob] | None = None
         async for out in _outputs(stream):
             pieces.append(out.new_text)
+            if out.logprobs is not None:
+                logprobs = (logprobs or []) + out.logprobs
             if out.finished:
                 error = _ended_badly(out)
                 if error is not None:
                     raise error
+                if stream.params.logprobs is not None and logprobs is None:
+                    logprobs = []  # asked for, no token sampled (EOS at once)
                 return _Gathered("".join(pieces), out.finish_reason or "",
-                                 out.prompt_tokens, out.completion_tokens)
+                                 out.prompt_tokens, out.completion_tokens, logprobs)
         raise AssertionError("unreachable: the outputs end with a finished one")
 
     async def disconnected() -> None:
@@ -333,16 +355,21 @@ async def _stream_events(stream: RequestStream) -> AsyncIterator[RequestOutput |
         yield exc.body()
 
 
-async def _completion_events(stream: RequestStream, model: str,
-                             with_usage: bool) -> AsyncIterator[dict[str, Any]]:
+async def _completion_events(stream: RequestStream, model: str, with_usage: bool,
+                             text_of: protocol.TokenText) -> AsyncIterator[dict[str, Any]]:
     created = protocol.now()
     rid = stream.request_id
+    offset = 0  # of the next token's text, in the completion
     async for out in _stream_events(stream):
         if isinstance(out, dict):
             yield out
             return
-        if out.new_text:
-            yield protocol.completion_chunk(rid, model, created, out.new_text, None, with_usage)
+        if out.new_text or out.logprobs:
+            logprobs = protocol.completion_logprobs(out.logprobs, text_of, offset)
+            if logprobs is not None:
+                offset += sum(len(t) for t in logprobs["tokens"])
+            yield protocol.completion_chunk(rid, model, created, out.new_text, None, with_usage,
+                                            logprobs)
         if out.finished:
             yield protocol.completion_chunk(rid, model, created, "", out.finish_reason,
                                             with_usage)
@@ -351,8 +378,8 @@ async def _completion_events(stream: RequestStream, model: str,
                                            out.prompt_tokens, out.completion_tokens)
 
 
-async def _chat_events(stream: RequestStream, model: str,
-                       with_usage: bool) -> AsyncIterator[dict[str, Any]]:
+async def _chat_events(stream: RequestStream, model: str, with_usage: bool,
+                       text_of: protocol.TokenText) -> AsyncIterator[dict[str, Any]]:
     created = protocol.now()
     rid = stream.request_id
     yield protocol.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None,
@@ -361,9 +388,9 @@ async def _chat_events(stream: RequestStream, model: str,
         if isinstance(out, dict):
             yield out
             return
-        if out.new_text:
+        if out.new_text or out.logprobs:
             yield protocol.chat_chunk(rid, model, created, {"content": out.new_text}, None,
-                                      with_usage)
+                                      with_usage, protocol.chat_logprobs(out.logprobs, text_of))
         if out.finished:
             yield protocol.chat_chunk(rid, model, created, {}, out.finish_reason, with_usage)
             if with_usage:

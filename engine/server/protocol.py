@@ -4,19 +4,22 @@ responses and stream chunks.
 
 Sampling fields take OpenAI's names and defaults (temperature 1, top_p 1, completions'
 max_tokens 16) plus vLLM's extensions: top_k (0 or -1: off), min_p, repetition_penalty,
-ignore_eos. What the engine cannot do is refused with a 400 rather than ignored: n > 1,
-logprobs, echo, best_of > 1, suffix, logit_bias, non-zero presence/frequency penalties.
+ignore_eos. Log-probabilities (completions' `logprobs: k`, chat's `logprobs: true` with
+`top_logprobs: k`, k <= 20) are the model's, from its raw logits (app.py's token_text gives
+each token's text). What the engine cannot do is refused with a 400 rather than ignored: n > 1,
+echo, best_of > 1, suffix, logit_bias, non-zero presence/frequency penalties.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from toyllm.engine.sampling import MAX_SEED, SamplingParams
+from toyllm.engine.sampling import MAX_LOGPROBS, MAX_SEED, SamplingParams, TokenLogprob
 from toyllm.engine.server.errors import bad_request
 
 #: OpenAI's default max_tokens for /v1/completions (chat defaults to what the context has left)
@@ -111,10 +114,26 @@ def _refuse_unsupported(req: _SamplingFields) -> None:
         raise bad_request("stream_options", "only allowed with stream: true")
 
 
+def _logprobs_count(name: str, value: int) -> int:
+    if not 0 <= value <= MAX_LOGPROBS:
+        raise bad_request(name, f"expected an integer in [0, {MAX_LOGPROBS}], got {value}")
+    return value
+
+
+def requested_logprobs(req: _SamplingFields) -> int | None:
+    """How many alternatives each output token's log-probabilities list; None: none asked."""
+    if isinstance(req, CompletionRequest):
+        return None if req.logprobs is None else _logprobs_count("logprobs", req.logprobs)
+    assert isinstance(req, ChatCompletionRequest)
+    if req.top_logprobs is not None:
+        if not req.logprobs:
+            raise bad_request("top_logprobs", "needs logprobs: true")
+        return _logprobs_count("top_logprobs", req.top_logprobs)
+    return 0 if req.logprobs else None
+
+
 def check_completion(req: CompletionRequest) -> None:
     _refuse_unsupported(req)
-    if req.logprobs is not None:
-        raise bad_request("logprobs", "not supported by this server")
     if req.echo:
         raise bad_request("echo", "not supported by this server")
     if req.best_of is not None and req.best_of != 1:
@@ -125,9 +144,6 @@ def check_completion(req: CompletionRequest) -> None:
 
 def check_chat(req: ChatCompletionRequest) -> None:
     _refuse_unsupported(req)
-    if req.logprobs or req.top_logprobs is not None:
-        raise bad_request("logprobs" if req.logprobs else "top_logprobs",
-                          "not supported by this server")
     if req.max_tokens is not None and req.max_completion_tokens is not None:
         raise bad_request("max_completion_tokens", "give max_tokens or max_completion_tokens, "
                                                    "not both")
@@ -164,7 +180,8 @@ def requested_max_tokens(req: _SamplingFields) -> int | None:
     return value
 
 
-def sampling_params(req: _SamplingFields, max_tokens: int) -> SamplingParams:
+def sampling_params(req: _SamplingFields, max_tokens: int,
+                    logprobs: int | None = None) -> SamplingParams:
     """The request's sampling fields, range-checked with the API's names, as SamplingParams."""
     temperature = _finite("temperature", 1.0 if req.temperature is None else req.temperature,
                           0.0)
@@ -186,7 +203,7 @@ def sampling_params(req: _SamplingFields, max_tokens: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
                           top_k=max(top_k, 0), top_p=top_p, min_p=min_p,
                           repetition_penalty=penalty, seed=req.seed, stop=stops,
-                          stop_at_eos=not req.ignore_eos)
+                          stop_at_eos=not req.ignore_eos, logprobs=logprobs)
 
 
 # responses ------------------------------------------------------------------------------------
@@ -205,19 +222,53 @@ def now() -> int:
     return int(time.time())
 
 
+TokenText = Callable[[int], str]  # a token id as text (ServerState.token_text)
+
+
+def completion_logprobs(logprobs: list[TokenLogprob] | None, text_of: TokenText,
+                        offset: int = 0) -> dict[str, Any] | None:
+    """/v1/completions' logprobs object; text offsets count from `offset` (the text before)."""
+    if logprobs is None:
+        return None
+    tokens = [text_of(lp.token_id) for lp in logprobs]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{text_of(i): v for i, v in lp.top} for lp in logprobs],
+            "text_offset": offsets}
+
+
+def chat_logprobs(logprobs: list[TokenLogprob] | None,
+                  text_of: TokenText) -> dict[str, Any] | None:
+    """/v1/chat/completions' logprobs object: {"content": [per token]}."""
+    if logprobs is None:
+        return None
+
+    def entry(token_id: int, value: float) -> dict[str, Any]:
+        text = text_of(token_id)
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob),
+                         "top_logprobs": [entry(i, v) for i, v in lp.top]} for lp in logprobs]}
+
+
 def completion_response(rid: str, model: str, created: int, text: str, reason: str | None,
-                        prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+                        prompt_tokens: int, completion_tokens: int,
+                        logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None,
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs,
                          "finish_reason": finish_reason(reason)}],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str,
-                     reason: str | None, with_usage: bool) -> dict[str, Any]:
+                     reason: str | None, with_usage: bool,
+                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": rid, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None,
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs,
                      "finish_reason": finish_reason(reason)}]}
     if with_usage:
         chunk["usage"] = None
@@ -225,18 +276,20 @@ def completion_chunk(rid: str, model: str, created: int, text: str,
 
 
 def chat_response(rid: str, model: str, created: int, text: str, reason: str | None,
-                  prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+                  prompt_tokens: int, completion_tokens: int,
+                  logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish_reason(reason)}],
+                         "logprobs": logprobs, "finish_reason": finish_reason(reason)}],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict[str, str],
-               reason: str | None, with_usage: bool) -> dict[str, Any]:
+               reason: str | None, with_usage: bool,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None,
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
                      "finish_reason": finish_reason(reason)}]}
     if with_usage:
         chunk["usage"] = None
