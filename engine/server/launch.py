@@ -147,15 +147,16 @@ class PreparedServer:
         """Serve until an exit signal (main thread) or `stop`; the engine loop ends with it."""
         self.loop.start()
         main = threading.current_thread() is threading.main_thread()
-        # uvicorn re-raises the signal that stopped it once it has shut down; a handler that
-        # does nothing makes that SIGTERM a no-op, so a graceful stop exits 0
-        previous = signal.signal(signal.SIGTERM, _ignore) if main else None
+        # uvicorn re-raises the signal that stopped it once it has shut down; handlers that do
+        # nothing make that SIGTERM or SIGINT a no-op, so a graceful stop exits 0
+        stops = (signal.SIGTERM, signal.SIGINT)
+        previous = {sig: signal.signal(sig, _ignore) for sig in stops} if main else {}
         try:
             self.server.run(sockets=[self.sock])
         finally:
             self.loop.stop()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def stop(self) -> None:
         self.loop.drain(0.0)
