@@ -480,6 +480,71 @@ def chat(
     raise typer.Exit(code)
 
 
+# --- toyllm serve: the OpenAI-compatible HTTP server (engine/server/) -------------------------
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option(
+        help="Checkpoint directory, .gguf file or config .toml; default: the shipped model.")]
+    = None,
+    random_weights: Annotated[bool, typer.Option(
+        help="With a config .toml: random weights (benchmarks); its vocab_size must equal the "
+             "tokenizer's.")] = False,
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="tokenizer.json, tokenizer.model, or a directory holding one.")] = None,
+    host: Annotated[str, typer.Option(
+        help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port; 0 = any free port (printed).")] = 8000,
+    api_key: Annotated[str | None, typer.Option(
+        help="Every request must send 'Authorization: Bearer KEY' (else 401).")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(
+        help="As --api-key, the key read from this file's first line (not in `ps`).")] = None,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="The model id clients send; default: the model directory's (or file's) name.")]
+    = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")] = "auto",
+    block_size: Annotated[int, typer.Option(help="Tokens per block of the paged KV cache.")]
+    = 16,
+    kv_memory: Annotated[str, typer.Option(
+        help="The paged KV pool: a fraction of free memory (0.9) or a size (4GiB).")] = "0.9",
+    max_running: Annotated[int, typer.Option(
+        help="Most requests decoding at once (each holds a cache slot).")] = 64,
+    max_waiting: Annotated[int, typer.Option(
+        help="Most requests waiting beyond those running; more get 503 with Retry-After.")]
+    = 256,
+    token_budget: Annotated[int, typer.Option(
+        help="Most tokens computed per step (prefill chunks + decode rows).")] = 8192,
+    prefix_caching: Annotated[bool, typer.Option(
+        help="Share the KV blocks of common prompt prefixes.")] = True,
+    max_context: Annotated[int | None, typer.Option(
+        help="Cap each request's context at this many positions.")] = None,
+    cuda_graph: Annotated[bool, typer.Option(
+        help="Replay pure decode steps from CUDA graphs (GPU only).")] = True,
+    shutdown_timeout: Annotated[float, typer.Option(
+        help="On SIGTERM: seconds running requests may finish before they are aborted.")]
+    = 30.0,
+    access_log: Annotated[bool, typer.Option(help="Log every HTTP request (uvicorn).")]
+    = False,
+) -> None:
+    """Serve the model over HTTP with the OpenAI API: /v1/completions, /v1/chat/completions
+    (streamed or not), /v1/models, /health, /metrics (docs/SERVER.md). SIGTERM stops
+    gracefully (exit 0)."""
+    def body() -> int:
+        from toyllm.engine.server.launch import ServeOptions
+        from toyllm.engine.server.launch import serve as run_server
+
+        return run_server(ServeOptions(
+            model=model, random_weights=random_weights, tokenizer=tokenizer, host=host,
+            port=port, api_key=api_key, api_key_file=api_key_file,
+            served_model_name=served_model_name, device=device,
+            dtype=dtype, block_size=block_size, kv_memory=kv_memory, max_running=max_running,
+            max_waiting=max_waiting, token_budget=token_budget, prefix_caching=prefix_caching,
+            max_context=max_context, cuda_graph=cuda_graph, shutdown_timeout=shutdown_timeout,
+            access_log=access_log))
+
+    raise typer.Exit(_run(body))
+
+
 # --- toyllm bench: decode/prefill benchmark (engine/tools/bench.py) ----------------------------
 @app.command()
 def bench(

@@ -53,7 +53,14 @@ from toyllm.engine.ops.paged_cache import PagedKVCache
 from toyllm.engine.paged_step import PackedPrefill, PagedStep, prefill_segment
 from toyllm.engine.prefix_cache import PrefixCache
 from toyllm.engine.request import ABORT, ERROR, Request, RequestStatus, RequestTimings
-from toyllm.engine.sampling import NONFINITE, SamplingParams, make_generator, sample_rows
+from toyllm.engine.sampling import (
+    NONFINITE,
+    SamplingParams,
+    TokenLogprob,
+    make_generator,
+    sample_rows,
+    token_logprobs,
+)
 from toyllm.engine.scheduler import Chunk, Scheduler, StepPlan, blocks_for
 from toyllm.engine.settings import Settings
 from toyllm.engine.stopping import StopWatcher
@@ -79,6 +86,8 @@ class RequestOutput:
     completion_tokens: int
     error: str | None = None  # with finish_reason "error": what went wrong
     timings: RequestTimings | None = None  # when finished: arrival, first token, each token
+    # with params.logprobs: one per token of new_token_ids (engine/sampling.py TokenLogprob)
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -288,6 +297,7 @@ class ServingEngine:
             self.scheduler.complete(plan)
             sampling = [c for c in plan.chunks if c.samples]
             tokens = self._sample(sampling, logits)
+            logprobs = self._logprobs(sampling, logits, tokens)
         self._steps += 1
         for c in plan.chunks:
             if c.num_tokens == 1:
@@ -295,8 +305,8 @@ class ServingEngine:
             else:
                 self._prefill_tokens += c.num_tokens
         now = time.perf_counter()
-        for chunk, tok in zip(sampling, tokens, strict=True):
-            outputs.append(self._accept(chunk.request, tok, now))
+        for chunk, tok, lp in zip(sampling, tokens, logprobs, strict=True):
+            outputs.append(self._accept(chunk.request, tok, now, lp))
         return outputs
 
     def _forward(self, plan: StepPlan) -> Tensor:
@@ -402,8 +412,22 @@ class ServingEngine:
         return sample_rows(logits, params, [r.generator for r in requests], seen,
                            self.settings.cuda_argmax).tolist()
 
+    def _logprobs(self, chunks: list[Chunk], logits: Tensor,
+                  tokens: list[int]) -> list[TokenLogprob | None]:
+        """The sampled tokens' log-probabilities for the rows whose request asks for them
+        (logits [K, vocab] in the chunks' order); None for the others."""
+        rows = [i for i, c in enumerate(chunks) if c.request.params.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(chunks)
+        if rows:
+            picked = token_logprobs(logits[rows], [tokens[i] for i in rows],
+                                    [chunks[i].request.params.logprobs for i in rows])
+            for i, lp in zip(rows, picked, strict=True):
+                out[i] = lp
+        return out
+
     # finishing --------------------------------------------------------------------------------
-    def _accept(self, request: Request, tok: int, now: float) -> RequestOutput:
+    def _accept(self, request: Request, tok: int, now: float,
+                logprob: TokenLogprob | None = None) -> RequestOutput:
         """Take a sampled token: stream its text, finish the request when it is done."""
         params = request.params
         if tok == NONFINITE:
@@ -419,6 +443,8 @@ class ServingEngine:
         else:
             request.token_ids.append(tok)
             request.new_token_ids.append(tok)
+            if logprob is not None:
+                request.new_logprobs.append(logprob)
             if request.decoder is not None:
                 piece = request.watcher.feed(request.decoder.feed(tok))
             if request.watcher.stopped:
@@ -453,8 +479,10 @@ class ServingEngine:
         prompt = len(request.prompt_ids)
         out = RequestOutput(request.request_id, request.new_token_ids, request.new_text, done,
                             request.finish_reason, prompt, len(request.token_ids) - prompt,
-                            request.error, request.timings if done else None)
-        request.new_token_ids, request.new_text = [], ""
+                            request.error, request.timings if done else None,
+                            request.new_logprobs if request.params.logprobs is not None
+                            else None)
+        request.new_token_ids, request.new_text, request.new_logprobs = [], "", []
         return out
 
     # checking and queueing --------------------------------------------------------------------

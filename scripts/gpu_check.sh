@@ -17,6 +17,9 @@
 # Stage serving (not in the default list): toyllm bench --workload random and shared-prefix on
 # the Llama-1B shape in bf16 (HF_REQUESTS: transformers' share of the random workload),
 # then scripts/profile_serving.py --device cuda (step kinds, host vs device time, top ops).
+# Stage server (not in the default list): the random workload through `toyllm serve` (HTTP) at
+# SERVER_RATES requests/s and through the Python API in the same run (scripts/bench_server.py;
+# needs fastapi, uvicorn and httpx installed).
 # Stage real (not in the default list): REAL_MODEL=FILE_OR_DIR runs tests/test_real_model.py, a
 # greedy chat answer on the GPU and scripts/bench_real_model.py on that checkpoint.
 # Stage baseline (not in the default list): BASELINE=DIR holds an earlier commit's tree
@@ -204,6 +207,11 @@ if want serving; then
         --dtype bf16 --json "$OUT/serving_shared_prefix.json"
     # where a serving step's time goes: step kinds, host against device, top ops
     stage serving_profile $PY scripts/profile_serving.py --device cuda
+fi
+if want server; then
+    # issue 20: what HTTP costs, on the Llama-1B shape (the shipped tokenizer's vocabulary)
+    stage server_http $PY scripts/bench_server.py --model llama-1b --device cuda --dtype bf16 \
+        --rates "${SERVER_RATES:-4,16,64,inf}" --json "$OUT/server_http.json"
 fi
 if want profile; then
     stage profile_decode $PY scripts/profile_decode.py --model llama-1b --dtype bf16
