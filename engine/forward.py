@@ -33,7 +33,7 @@ for q/k/v: the decode fusions above that write K/V (rope_kv_update, gemv_add_rms
 address the contiguous cache by position, so RoPE runs alone and the paged step writes K/V at
 its slots; every other fusion applies to them as to the static engine's. Their prefill chunks
 attend in one FlashAttention varlen call per layer where `paged_prefill_varlen` says so (CUDA,
-fp16/bf16, TOYLLM_PAGED_PREFILL=varlen), one SDPA per chunk otherwise.
+fp16/bf16, unless ServingEngine(packed_prefill=False)), one SDPA per chunk otherwise.
 """
 
 from __future__ import annotations
@@ -97,13 +97,12 @@ def decode_attention_kernel(settings: Settings, device: torch.device, rows: int,
     return most is None or rows <= most
 
 
-def paged_prefill_varlen(settings: Settings, device: torch.device, dtype: torch.dtype,
-                         head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
-    """True when the serving engine's steps attend all their prefill chunks in one varlen
-    FlashAttention call (engine/paged_step.py's PackedPrefill): where the settings ask for it
-    and the kernel applies (CUDA, fp16/bf16; engine/varlen_attention.py)."""
-    return settings.paged_prefill == "varlen" and flash_varlen_applies(
-        device, dtype, head_dim, num_heads, num_kv_heads)
+def paged_prefill_varlen(device: torch.device, dtype: torch.dtype, head_dim: int,
+                         num_heads: int, num_kv_heads: int) -> bool:
+    """True when the serving engine's steps can attend all their prefill chunks in one varlen
+    FlashAttention call (engine/paged_step.py's PackedPrefill): where the kernel applies (CUDA,
+    fp16/bf16; engine/varlen_attention.py). ServingEngine(packed_prefill=False) declines it."""
+    return flash_varlen_applies(device, dtype, head_dim, num_heads, num_kv_heads)
 
 
 class Collectives(Protocol):
@@ -225,8 +224,8 @@ class EngineForward:
 
     def paged_prefill_varlen(self) -> bool:
         """Whether the serving engine's prefill chunks take the packed varlen attention."""
-        return paged_prefill_varlen(self.settings, self.model.device, self.model.dtype,
-                                    self.head_dim, self.num_heads, self.num_kv_heads)
+        return paged_prefill_varlen(self.model.device, self.model.dtype, self.head_dim,
+                                    self.num_heads, self.num_kv_heads)
 
     def decode_kernel(self, rows: int) -> bool:
         """Whether a decode step of `rows` rows attends through the extension's kernel."""

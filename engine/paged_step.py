@@ -16,7 +16,7 @@ chunks, each token at its own RoPE position. In every layer `attend(layer, q, k,
      read back); otherwise the keys of all chunks are gathered from the pool in one
      index_select per K and V at slots the host computed (a copy of the chunks' sequences'
      K/V, small beside the chunks' products);
-   * per segment (the CPU, fp32, or TOYLLM_PAGED_PREFILL=segments): a chunk that starts at
+   * per segment (the CPU, fp32, or ServingEngine(packed_prefill=False)): a chunk that starts at
      position 0 attends over its own new K/V (SDPA's causal kernel, nothing read back); a
      later chunk (chunked prefill, or a prompt after a prefix-cache hit) gathers the blocks
      holding its keys (index_select on the pool, a copy) and runs SDPA with a causal mask

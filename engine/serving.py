@@ -171,6 +171,7 @@ class ServingEngine:
         cuda_graph: bool | None = None,
         max_seq_len: int | None = None,
         settings: Settings | None = None,
+        packed_prefill: bool = True,
     ) -> None:
         config = model.config
         if max_seq_len is not None:
@@ -179,9 +180,10 @@ class ServingEngine:
         self.block_size = check_block_size(block_size, self.max_seq_len)
         self.max_running = _positive_int("max_running", max_running)
         self.token_budget = _positive_int("token_budget", token_budget)
-        if not isinstance(prefix_caching, bool):
-            raise GenerationError(f"prefix_caching: expected True or False, got "
-                                  f"{prefix_caching!r}")
+        for flag, value in (("prefix_caching", prefix_caching),
+                            ("packed_prefill", packed_prefill)):
+            if not isinstance(value, bool):
+                raise GenerationError(f"{flag}: expected True or False, got {value!r}")
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
@@ -204,8 +206,9 @@ class ServingEngine:
             raise GenerationError(f"kv_memory: {budget} bytes hold no KV block of "
                                   f"{block_bytes} bytes (block_size {self.block_size})")
         self.forward = engine_forward(model, self.settings)
-        # the prefill chunks of a step in one varlen attention (CUDA fp16/bf16; forward.py)
-        self._prefill_varlen = self.forward.paged_prefill_varlen()
+        # the prefill chunks of a step in one varlen attention where it applies (CUDA
+        # fp16/bf16; forward.py); packed_prefill=False: one SDPA per chunk (for A/B runs)
+        self._prefill_varlen = packed_prefill and self.forward.paged_prefill_varlen()
         with torch.inference_mode(False):  # a normal tensor, written inside and outside
             self.cache = PagedKVCache(config.num_layers, num_blocks, self.block_size,
                                       config.num_kv_heads, config.head_dim, self.dtype,

@@ -12,7 +12,7 @@ Example::
     >>> Settings.from_env({"TOYLLM_FUSION": "rope_kv", "TOYLLM_CUDA_GEMV": "0"})
     Settings(fusion=<Fusion.ROPE_KV: 2>, cpu_gemv=True, cuda_gemv=False, cuda_gemv_max_mib=128, \
 cuda_argmax=True, decode_attention='kernel', decode_kernel_max_rows=None, \
-programmatic_launch=True, paged_prefill='varlen')
+programmatic_launch=True)
     >>> Settings.from_env({"TOYLLM_FUSION": "most"})
     Traceback (most recent call last):
     ...
@@ -48,7 +48,6 @@ class Fusion(IntEnum):
 
 
 _DECODE_ATTENTION = ("kernel", "sdpa")
-_PAGED_PREFILL = ("varlen", "segments")
 
 
 @dataclass(frozen=True)
@@ -65,10 +64,6 @@ class Settings:
     # on CUDA cores (and on the CPU), any number where it runs on tensor cores
     decode_kernel_max_rows: int | None = None
     programmatic_launch: bool = True  # Hopper: kernels launch before their predecessor ends
-    # the serving engine's prefill chunks (engine/paged_step.py): "varlen": all of a step's
-    # chunks in one FlashAttention varlen call where it applies (CUDA, fp16/bf16); "segments":
-    # one SDPA per chunk
-    paged_prefill: str = "varlen"
 
     def __post_init__(self) -> None:
         try:
@@ -84,9 +79,6 @@ class Settings:
         if self.decode_attention not in _DECODE_ATTENTION:
             raise SettingsError(f"decode_attention: expected 'kernel' or 'sdpa', got "
                                 f"{self.decode_attention!r}")
-        if self.paged_prefill not in _PAGED_PREFILL:
-            raise SettingsError(f"paged_prefill: expected 'varlen' or 'segments', got "
-                                f"{self.paged_prefill!r}")
         _check_count("cuda_gemv_max_mib", self.cuda_gemv_max_mib, minimum=0)
         if self.decode_kernel_max_rows is not None:
             _check_count("decode_kernel_max_rows", self.decode_kernel_max_rows, minimum=0)
@@ -157,10 +149,6 @@ def _parse(var: str, name: str, raw: str) -> object:
     if name == "decode_attention":
         if raw not in _DECODE_ATTENTION:
             raise SettingsError(f"{var}: expected kernel or sdpa, got {raw!r}")
-        return raw
-    if name == "paged_prefill":
-        if raw not in _PAGED_PREFILL:
-            raise SettingsError(f"{var}: expected varlen or segments, got {raw!r}")
         return raw
     # cuda_gemv_max_mib, decode_kernel_max_rows: whole numbers
     if not raw.isdigit() or len(raw) > 12:

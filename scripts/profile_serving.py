@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-timed", dest="timed", action="store_false",
                     help="skip the timed run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--segments", action="store_true",
+                    help="prefill chunks one SDPA each (ServingEngine(packed_prefill=False)), "
+                         "to compare with the packed varlen path")
     a = ap.parse_args(argv)
     try:
         device = resolve_device(a.device)
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = a.token_budget if a.token_budget is not None else (8192 if cuda else 256)
     try:
         engine = ServingEngine(model, kv_memory=a.kv_memory, block_size=a.block_size,
-                               token_budget=budget)
+                               token_budget=budget, packed_prefill=not a.segments)
     except GenerationError as exc:  # a block size or pool size the engine refuses
         print(f"profile_serving: {exc}", file=sys.stderr)
         return 2

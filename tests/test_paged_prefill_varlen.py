@@ -19,7 +19,6 @@ from toyllm.engine.check.serving import Arrival, check_serving
 from toyllm.engine.forward import EngineForward, paged_prefill_varlen
 from toyllm.engine.sampling import SamplingParams
 from toyllm.engine.serving import ServingEngine
-from toyllm.engine.settings import Settings
 from toyllm.engine.varlen_attention import varlen_causal_reference
 
 
@@ -92,7 +91,7 @@ def test_packed_prefill_gives_the_segment_steps_tokens(packed: Calls) -> None:
     kw = dict(block_size=4, token_budget=24, kv_memory=pool(model, 128, 4))
     a = ServingEngine(model, **kw).generate(prompts, params)
     calls = packed.calls
-    plain = ServingEngine(model, settings=Settings(paged_prefill="segments"), **kw)
+    plain = ServingEngine(model, packed_prefill=False, **kw)
     plain._prefill_varlen = False  # the fixture's patch said True for every engine
     b = plain.generate(prompts, params)
     assert packed.calls == calls  # the segment engine did not take the packed path
@@ -119,14 +118,15 @@ def test_a_wrong_key_gather_fails_the_check(monkeypatch) -> None:
 
 def test_the_packed_path_is_chosen_only_where_flash_runs() -> None:
     cpu, f32, bf16 = torch.device("cpu"), torch.float32, torch.bfloat16
-    assert not paged_prefill_varlen(Settings(), cpu, bf16, 64, 32, 8)  # CUDA only
-    assert not paged_prefill_varlen(Settings(), cpu, f32, 64, 32, 8)
+    assert not paged_prefill_varlen(cpu, bf16, 64, 32, 8)  # CUDA only
+    assert not paged_prefill_varlen(cpu, f32, 64, 32, 8)
     if torch.cuda.is_available():  # pragma: no cover - CUDA machines
         cuda = torch.device("cuda")
-        assert not paged_prefill_varlen(Settings(), cuda, f32, 64, 32, 8)  # flash: fp16/bf16
-        assert not paged_prefill_varlen(Settings(paged_prefill="segments"), cuda, bf16, 64, 32,
-                                        8)
-        assert not paged_prefill_varlen(Settings(), cuda, bf16, 60, 32, 8)  # head_dim % 8
+        assert not paged_prefill_varlen(cuda, f32, 64, 32, 8)  # flash: fp16/bf16
+        assert not paged_prefill_varlen(cuda, bf16, 60, 32, 8)  # head_dim % 8
+        model = model_for().to("cuda", bf16)
+        assert ServingEngine(model, kv_memory=2**20)._prefill_varlen
+        assert not ServingEngine(model, kv_memory=2**20, packed_prefill=False)._prefill_varlen
     assert not ServingEngine(model_for(), kv_memory=2**20)._prefill_varlen
 
 

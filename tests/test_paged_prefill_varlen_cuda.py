@@ -17,7 +17,6 @@ from toyllm.engine.check.serving import Arrival, block_problems, check_serving
 from toyllm.engine.check.tolerances import tolerance_for
 from toyllm.engine.sampling import SamplingParams
 from toyllm.engine.serving import ServingEngine
-from toyllm.engine.settings import Settings
 from toyllm.engine.varlen_attention import (
     flash_varlen_applies,
     varlen_causal_attention,
@@ -105,7 +104,7 @@ def test_serving_through_flash_varlen_is_within_tolerance(monkeypatch, dtype: to
     for mode in ("varlen", "segments"):
         reports[mode] = check_serving(model, arrivals(), low_precision=judge, block_size=8,
                                       token_budget=16, kv_memory=pool(model, 128, 8),
-                                      settings=Settings(paged_prefill=mode))
+                                      packed_prefill=mode == "varlen")
         if mode == "varlen":
             assert count.calls > 0 and count.after_prefix > 0  # chunked prefill / prefix hits
             calls = count.calls
@@ -125,7 +124,7 @@ def test_varlen_and_segment_steps_agree_in_bf16() -> None:
     kw = dict(block_size=8, token_budget=24, kv_memory=pool(model, 128, 8), cuda_graph=False)
     firsts = []
     for mode in ("varlen", "segments"):
-        engine = ServingEngine(model, settings=Settings(paged_prefill=mode), **kw)
+        engine = ServingEngine(model, packed_prefill=mode == "varlen", **kw)
         assert engine._prefill_varlen == (mode == "varlen")
         seen = {}
         sample = engine._sample
@@ -154,7 +153,7 @@ def test_a_long_burst_of_prefill_chunks_in_one_step() -> None:
     reports = {mode: check_serving(model, arrivals, low_precision=tolerance_for("bf16"),
                                    block_size=4, token_budget=512,
                                    kv_memory=pool(model, 600, 4),
-                                   settings=Settings(paged_prefill=mode))
+                                   packed_prefill=mode == "varlen")
                for mode in ("varlen", "segments")}
     varlen, segments = reports["varlen"], reports["segments"]
     new = [p for p in varlen.problems if "||a-b||/||b||" not in p and p not in segments.problems]
