@@ -152,6 +152,13 @@ def pool_bytes(kv_memory: object, device: torch.device) -> int:
     return int(available_memory(device) * kv_memory)
 
 
+# The packed prefill (all of a step's prefill chunks in one FlashAttention varlen call per layer,
+# engine/varlen_attention.py) is tested on the CPU through a plain-torch reference of the kernel
+# but has not run on a GPU yet: off by default until its CUDA tests and the serving bench have
+# (issue 19; tests/test_paged_prefill_varlen_cuda.py, scripts/profile_serving.py).
+PACKED_PREFILL = False
+
+
 class ServingEngine:
     """Continuous batching over a paged KV cache for one model on one device.
 
@@ -171,7 +178,7 @@ class ServingEngine:
         cuda_graph: bool | None = None,
         max_seq_len: int | None = None,
         settings: Settings | None = None,
-        packed_prefill: bool = True,
+        packed_prefill: bool | None = None,
     ) -> None:
         config = model.config
         if max_seq_len is not None:
@@ -180,6 +187,8 @@ class ServingEngine:
         self.block_size = check_block_size(block_size, self.max_seq_len)
         self.max_running = _positive_int("max_running", max_running)
         self.token_budget = _positive_int("token_budget", token_budget)
+        if packed_prefill is None:
+            packed_prefill = PACKED_PREFILL
         for flag, value in (("prefix_caching", prefix_caching),
                             ("packed_prefill", packed_prefill)):
             if not isinstance(value, bool):
@@ -207,7 +216,7 @@ class ServingEngine:
                                   f"{block_bytes} bytes (block_size {self.block_size})")
         self.forward = engine_forward(model, self.settings)
         # the prefill chunks of a step in one varlen attention where it applies (CUDA
-        # fp16/bf16; forward.py); packed_prefill=False: one SDPA per chunk (for A/B runs)
+        # fp16/bf16; forward.py); packed_prefill=False: one SDPA per chunk; None: PACKED_PREFILL
         self._prefill_varlen = packed_prefill and self.forward.paged_prefill_varlen()
         with torch.inference_mode(False):  # a normal tensor, written inside and outside
             self.cache = PagedKVCache(config.num_layers, num_blocks, self.block_size,

@@ -42,6 +42,7 @@ def packed(monkeypatch) -> Calls:
     """Every ServingEngine built in the test takes the packed prefill, through the reference."""
     calls = Calls()
     monkeypatch.setattr(EngineForward, "paged_prefill_varlen", lambda self: True)
+    monkeypatch.setattr(serving, "PACKED_PREFILL", True)  # off by default until a GPU run
     monkeypatch.setattr(serving, "varlen_causal_attention", calls)
     return calls
 
@@ -108,6 +109,7 @@ def test_a_wrong_key_gather_fails_the_check(monkeypatch) -> None:
         return calls(q, k, v, cu_q, cu_k, max_q, max_k, scale)
 
     monkeypatch.setattr(EngineForward, "paged_prefill_varlen", lambda self: True)
+    monkeypatch.setattr(serving, "PACKED_PREFILL", True)
     monkeypatch.setattr(serving, "varlen_causal_attention", shifted)
     model = model_for()
     report = check_serving(model, join_and_leave(), block_size=4, token_budget=8,
@@ -125,7 +127,7 @@ def test_the_packed_path_is_chosen_only_where_flash_runs() -> None:
         assert not paged_prefill_varlen(cuda, f32, 64, 32, 8)  # flash: fp16/bf16
         assert not paged_prefill_varlen(cuda, bf16, 60, 32, 8)  # head_dim % 8
         model = model_for().to("cuda", bf16)
-        assert ServingEngine(model, kv_memory=2**20)._prefill_varlen
+        assert ServingEngine(model, kv_memory=2**20, packed_prefill=True)._prefill_varlen
         assert not ServingEngine(model, kv_memory=2**20, packed_prefill=False)._prefill_varlen
     assert not ServingEngine(model_for(), kv_memory=2**20)._prefill_varlen
 
