@@ -1,60 +1,71 @@
 #!/usr/bin/env bash
-# The real training run of the shipped default model, on one GPU (H100/H200): a few minutes.
+# The real training run of the shipped default model, on one GPU (H100/H200), in one call:
 #
-#   OUT_DIR=/somewhere scripts/train_default.sh [extra train_default_model.py args]
+#   bash scripts/train_default_model.sh BUDGET_S [extra train_default_model.py args]
 #
-# Extra args override the ones below (argparse keeps the last); DEVICE=cpu with small
-# --max-steps/--batch-size/--seq-len checks the whole command on a CPU.
+# BUDGET_S: wall-clock seconds for the training script in all (loading the corpus, compiling,
+# training, the evaluations and the save); the schedule is fitted to it. Extra args override
+# the ones below (argparse keeps the last); DEVICE=cpu with a tiny --config, --batch-size and
+# --seq-len checks the whole command on a CPU (tests/test_train_default_script.py does).
 #
-# Needs, in the repository:
-#   .corpus/corpus-py311.txt.gz and .corpus/corpus-py311.json: the corpus built on the dev
-#       machine (Python 3.11) by scripts/build_corpus.py. Carry both: the GPU machine's
-#       Python 3.12 stdlib is a different corpus, and the tokenizer was trained on this one.
-#   models/default/tokenizer.model (committed; scripts/train_tokenizer.py rebuilds it exactly).
-# Writes $OUT_DIR/default/: config.json, model.safetensors (bf16), tokenizer.model,
-# training.json and train-log.jsonl (train/val loss per step). Then, on the dev machine:
-#   cp $OUT_DIR/default/{config.json,model.safetensors,training.json,train-log.jsonl} models/default/
-#
-# The run stops at --max-steps (3000 x 32 x 1024 tokens = 98M tokens, ~10.7 epochs of the
-# 9.2M-token train split) or when --time-budget-s runs out, whichever comes first; with the
-# budget, the cosine schedule is fitted to the steps that fit after 25 timed steps. The best
-# validation checkpoint is the one saved.
+# Needs only torch and safetensors on the machine (no sentencepiece, no install of toyllm: the
+# reference model is imported from this checkout), and, in the checkout:
+#   .corpus/packed/: the corpus tokenised on the dev machine (scripts/build_corpus.py,
+#       scripts/train_tokenizer.py, scripts/pack_corpus.py): train.u16.xz, val.u16.xz,
+#       tokenizer.model, tokenizer-training.json, meta.json. Carry it (git ignores it).
+# Writes $OUT/default/ (OUT defaults to ./out): config.json, model.safetensors (bf16),
+# tokenizer.model, tokenizer-training.json, training.json, train-log.jsonl (train/val loss per
+# step); and $OUT/train-stdout.txt. Then, on the dev machine, the new model replaces the old:
+#   cp $OUT/default/* models/default/
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR="${OUT_DIR:-out}"
+BUDGET_S="${1:?usage: bash scripts/train_default_model.sh BUDGET_S [train_default_model.py args]}"
+shift
+OUT="${OUT:-out}"
 PYTHON="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}"
-CORPUS=.corpus/corpus-py311.txt.gz
+DATA="${DATA:-.corpus/packed}"
+CONFIG="${CONFIG:-configs/default.toml}"
 
-for f in "$CORPUS" "${CORPUS%.txt.gz}.json" models/default/tokenizer.model; do
-    if [[ ! -f "$f" ]]; then
-        echo "missing $f (build it on the dev machine: scripts/build_corpus.py," \
-            "scripts/train_tokenizer.py)" >&2
+for f in meta.json train.u16.xz val.u16.xz tokenizer.model; do
+    if [[ ! -f "$DATA/$f" ]]; then
+        echo "missing $DATA/$f (build it on the dev machine: scripts/pack_corpus.py)" >&2
         exit 2
     fi
 done
+# toyllm.models without installing toyllm: a package directory of symlinks into this checkout
+PYSRC="$(mktemp -d)"
+trap 'rm -rf "$PYSRC"' EXIT
+mkdir "$PYSRC/toyllm"
+ln -s "$PWD/models" "$PYSRC/toyllm/models"
+ln -s "$PWD/configs" "$PYSRC/toyllm/configs"
+export PYTHONPATH="$PYSRC${PYTHONPATH:+:$PYTHONPATH}"
+"$PYTHON" -c "import torch, safetensors; print('torch', torch.__version__)"
 if [[ "$DEVICE" == cuda* ]]; then
     "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU here'; \
-print('torch', torch.__version__, 'on', torch.cuda.get_device_name())"
+print('on', torch.cuda.get_device_name())"
 fi
 
-mkdir -p "$OUT_DIR/default"
+mkdir -p "$OUT/default"
 "$PYTHON" scripts/train_default_model.py \
-    --corpus "$CORPUS" \
-    --tokenizer models/default/tokenizer.model \
-    --config configs/default.toml \
-    --out "$OUT_DIR/default" \
-    --log "$OUT_DIR/default/train-log.jsonl" \
+    --data "$DATA" \
+    --config "$CONFIG" \
+    --out "$OUT/default" \
+    --log "$OUT/default/train-log.jsonl" \
     --seed 1234 \
     --seq-len 1024 \
-    --batch-size 32 \
-    --lr 2e-3 \
+    --batch-size 64 \
+    --lr 1.5e-3 \
+    --min-lr-ratio 0.1 \
     --warmup 200 \
-    --max-steps 3000 \
-    --eval-every 100 \
-    --log-every 10 \
-    --time-budget-s 300 \
+    --max-steps 100000 \
+    --eval-every 250 \
+    --log-every 25 \
+    --time-budget-s "$BUDGET_S" \
     --device "$DEVICE" \
     --compile \
-    "$@"
-ls -l "$OUT_DIR/default"
+    "$@" 2>&1 | tee "$OUT/train-stdout.txt"
+if [[ -f "$DATA/tokenizer-training.json" ]]; then
+    cp "$DATA/tokenizer-training.json" "$OUT/default/"
+fi
+ls -l "$OUT/default"
