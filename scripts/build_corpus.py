@@ -40,7 +40,7 @@ Written (named after the Python version, ``code-py311``):
 
 ``--stdlib-only`` writes the stdlib corpus alone (``corpus-py311``), no filters, no dedup: the
 corpus of the model before issue 22. ``--tokenizer`` counts the corpus's tokens with a
-sentencepiece model (default: the shipped one).
+sentencepiece model (default: the shipped one; ``--no-token-count`` skips it).
 
     python3 scripts/build_corpus.py                      # downloads once, then offline
     python3 scripts/build_corpus.py --stdlib-only
@@ -634,7 +634,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stdlib-only", action="store_true",
                         help="the stdlib alone, unfiltered (the corpus before issue 22)")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
-                        help="sentencepiece model to count tokens with ('' to skip)")
+                        help="sentencepiece model to count tokens with")
+    parser.add_argument("--no-token-count", action="store_true",
+                        help="skip counting tokens (minutes on 2 cores)")
     args = parser.parse_args(argv)
     try:
         if args.stdlib_only:
@@ -646,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
             corpus, facts = build_code_corpus(pins, args.dists_dir or args.out_dir / "dists",
                                               log=lambda line: print(line, flush=True))
             path = write_corpus(corpus, args.out_dir, kind="code", facts=facts)
-        if str(args.tokenizer):
+        if not args.no_token_count:
             if not args.tokenizer.is_file():
                 raise FileNotFoundError(f"--tokenizer: no such file {args.tokenizer}")
             tokens = count_tokens(corpus, args.tokenizer)
@@ -664,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"python {corpus.python_version}, stdlib {stdlib_root()}")
     print(f"{len(corpus.documents):,} documents ({len(val)} val), {text_bytes / 1e6:.1f} MB text "
           f"({val_bytes / 1e6:.2f} MB val); dropped {facts.get('dropped', {})}")
-    if str(args.tokenizer):
+    if not args.no_token_count:
         print(f"tokens ({args.tokenizer.name}): {tokens['train']:,} train, {tokens['val']:,} val")
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), sha256(text) {corpus.text_sha256}")
     return 0

@@ -26,6 +26,7 @@ import shutil
 import sys
 import time
 from array import array
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import sentencepiece as spm
@@ -34,6 +35,21 @@ from build_corpus import Corpus, load_corpus  # a sibling script (scripts/ is fi
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FORMAT = "toyllm-packed-1"
 XZ_PRESET = 6  # -9 gains under 0.1% on token ids and needs 8x the memory
+XZ_CHUNK_BYTES = 32 << 20  # compressed as separate xz streams, in parallel; lzma.decompress
+# reads the concatenation back as one (each stream's 8 MiB dictionary restarts: ~1% larger)
+
+
+def compress_chunk(chunk: bytes) -> bytes:
+    return lzma.compress(chunk, preset=XZ_PRESET)
+
+
+def xz_in_parallel(raw: bytes, workers: int) -> bytes:
+    """raw compressed as concatenated xz streams of XZ_CHUNK_BYTES, `workers` at a time."""
+    chunks = [raw[i : i + XZ_CHUNK_BYTES] for i in range(0, len(raw), XZ_CHUNK_BYTES)] or [b""]
+    if workers <= 1 or len(chunks) == 1:
+        return b"".join(map(compress_chunk, chunks))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return b"".join(pool.map(compress_chunk, chunks))
 
 
 def pack_split(corpus: Corpus, split: str, processor: spm.SentencePieceProcessor,
@@ -74,7 +90,7 @@ def pack(corpus_path: Path, tokenizer: Path, out: Path, num_threads: int = 2) ->
     }
     for split in ("train", "val"):
         raw, documents = pack_split(corpus, split, processor, num_threads)
-        (out / f"{split}.u16.xz").write_bytes(lzma.compress(raw, preset=XZ_PRESET))
+        (out / f"{split}.u16.xz").write_bytes(xz_in_parallel(raw, num_threads))
         meta[split] = {
             "documents": documents,
             "tokens": len(raw) // 2,
