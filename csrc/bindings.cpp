@@ -1,20 +1,23 @@
-// Python bindings of toyllm.engine.ops._C (pybind11): the KVCache class, KVCacheOverflowError
-// and the programmatic-launch switch. (The operators are registered with the dispatcher,
-// registration.cpp, and reached from Python as torch.ops.toyllm.*.)
+// Python bindings of toyllm.engine.ops._C (pybind11): the KVCache and PagedKVCache classes,
+// KVCacheOverflowError, PagedCacheFullError and the programmatic-launch switch. (The operators
+// are registered with the dispatcher, registration.cpp, and reached from Python as
+// torch.ops.toyllm.*.)
 #include <torch/extension.h>
 
 #include <optional>
 #include <string>
 
 #include "cache/kv_cache.h"
+#include "cache/paged_kv_cache.h"
 #include "common/programmatic_launch.h"
 
 namespace py = pybind11;
 
 namespace {
 
-// Accepts a torch.device or a string such as "cpu", "cuda", "cuda:1".
-at::Device device_from_python(const py::handle& obj) {
+// Accepts a torch.device or a string such as "cpu", "cuda", "cuda:1"; `cls` names the class
+// in the error.
+at::Device device_from_python(const py::handle& obj, const char* cls = "KVCache") {
     if (THPDevice_Check(obj.ptr())) {
         return reinterpret_cast<THPDevice*>(obj.ptr())->device;
     }
@@ -23,11 +26,13 @@ at::Device device_from_python(const py::handle& obj) {
         try {
             return at::Device(text);
         } catch (const c10::Error&) {
-            throw py::value_error(
-                "KVCache: expected device 'cpu', 'cuda' or 'cuda:<index>', got '" + text + "'");
+            throw py::value_error(std::string(cls) +
+                                  ": expected device 'cpu', 'cuda' or 'cuda:<index>', got '" +
+                                  text + "'");
         }
     }
-    throw py::type_error("KVCache: expected device as a torch.device or a string, got " +
+    throw py::type_error(std::string(cls) +
+                         ": expected device as a torch.device or a string, got " +
                          py::str(py::type::of(obj)).cast<std::string>());
 }
 
@@ -50,6 +55,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
     py::register_exception<toyllm::KVCacheOverflowError>(m, "KVCacheOverflowError",
                                                          PyExc_OverflowError);
+    py::register_exception<toyllm::PagedCacheFullError>(m, "PagedCacheFullError",
+                                                        PyExc_RuntimeError);
 
     // Errors from TORCH_CHECK_VALUE / TORCH_CHECK_INDEX map to ValueError / IndexError; this
     // translator makes that explicit for this module (without the C++ backtrace).
@@ -142,4 +149,97 @@ only sequence b is written. Everything is checked before anything is written.
         .def_property_readonly("dtype", &KVCache::dtype)
         .def_property_readonly("device", &KVCache::device)
         .def("__repr__", &KVCache::repr);
+
+    using toyllm::PagedKVCache;
+    py::class_<PagedKVCache>(m, "PagedKVCache", R"doc(
+Paged key/value cache: one zero-initialised allocation
+[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] of fixed-size blocks, a
+ref-counted block allocator, and sequences (slots 0..max_seqs-1) that each hold a list of blocks
+and a length. key_pool(layer) / value_pool(layer) are views [num_blocks, block_size,
+num_kv_heads, head_dim]; block_tables() / sequence_lengths() are int32 device mirrors of the
+sequences' blocks and lengths, refreshed by sync_device(), whose addresses never change (CUDA
+graphs read them). Every call checks its arguments before it changes anything.
+)doc")
+        .def(py::init([](int64_t num_layers, int64_t num_blocks, int64_t block_size,
+                         int64_t num_kv_heads, int64_t head_dim, at::ScalarType dtype,
+                         const py::object& device, int64_t max_seqs, int64_t max_blocks_per_seq) {
+                 return PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim,
+                                     dtype, device_from_python(device, "PagedKVCache"), max_seqs,
+                                     max_blocks_per_seq);
+             }),
+             py::arg("num_layers"), py::arg("num_blocks"), py::arg("block_size"),
+             py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("dtype"), py::arg("device"),
+             py::arg("max_seqs"), py::arg("max_blocks_per_seq"))
+        .def_static("block_bytes", &PagedKVCache::block_bytes, py::arg("num_layers"),
+                    py::arg("block_size"), py::arg("num_kv_heads"), py::arg("head_dim"),
+                    py::arg("dtype"),
+                    "Bytes one block takes over all layers, K and V (to size a pool from a "
+                    "memory budget before allocating it).")
+        // Memory.
+        .def("key_pool", &PagedKVCache::key_pool, py::arg("layer"),
+             "View [num_blocks, block_size, num_kv_heads, head_dim] of a layer's keys.")
+        .def("value_pool", &PagedKVCache::value_pool, py::arg("layer"),
+             "View [num_blocks, block_size, num_kv_heads, head_dim] of a layer's values.")
+        .def("storage", &PagedKVCache::storage,
+             "The whole allocation [num_layers, 2, num_blocks, block_size, heads, head_dim].")
+        .def("num_free_blocks", &PagedKVCache::num_free_blocks)
+        .def("num_used_blocks", &PagedKVCache::num_used_blocks)
+        .def("bytes_per_block", &PagedKVCache::bytes_per_block)
+        .def("bytes_used", &PagedKVCache::bytes_used)
+        .def("bytes_free", &PagedKVCache::bytes_free)
+        .def("bytes_allocated", &PagedKVCache::bytes_allocated)
+        // Block allocator.
+        .def("allocate_block", &PagedKVCache::allocate_block,
+             "A free block, now with reference count 1 (PagedCacheFullError when none is free).")
+        .def("incref", &PagedKVCache::incref, py::arg("block"))
+        .def("decref", &PagedKVCache::decref, py::arg("block"),
+             "The block's new reference count; at 0 it is free again.")
+        .def("ref_count", &PagedKVCache::ref_count, py::arg("block"))
+        // Sequences.
+        .def("add_sequence", &PagedKVCache::add_sequence,
+             "A free sequence slot, empty (PagedCacheFullError when all are taken).")
+        .def("free_sequence", &PagedKVCache::free_sequence, py::arg("seq"),
+             "Decref all the sequence's blocks; its slot is free again.")
+        .def("is_sequence", &PagedKVCache::is_sequence, py::arg("seq"),
+             "seq is a slot in use.")
+        .def("num_sequences", &PagedKVCache::num_sequences)
+        .def("sequence_length", &PagedKVCache::sequence_length, py::arg("seq"))
+        .def("sequence_blocks", &PagedKVCache::sequence_blocks, py::arg("seq"))
+        .def("sequence_capacity", &PagedKVCache::sequence_capacity, py::arg("seq"),
+             "Tokens its blocks hold room for: len(sequence_blocks(seq)) * block_size.")
+        .def("append_block", &PagedKVCache::append_block, py::arg("seq"), py::arg("block"),
+             "Adopt a full block of cached tokens (incref it; length += block_size). Every "
+             "block the sequence holds must be full.")
+        .def("reserve", &PagedKVCache::reserve, py::arg("seq"), py::arg("n"),
+             "Room for n more tokens, allocating blocks as needed: all or nothing "
+             "(PagedCacheFullError before any change).")
+        .def("advance", &PagedKVCache::advance, py::arg("seq"), py::arg("n"),
+             "length += n, within the reserved room.")
+        .def("truncate", &PagedKVCache::truncate, py::arg("seq"), py::arg("length"),
+             "Drop the tokens past length; decref the blocks no longer needed.")
+        .def("fork", &PagedKVCache::fork, py::arg("seq"),
+             "A new sequence sharing the blocks that hold seq's tokens, with its length.")
+        .def("copy_on_write", &PagedKVCache::copy_on_write, py::arg("seq"),
+             "Copy the shared block the next token lands in to a fresh one (all layers, K and "
+             "V); True when it copied.")
+        .def("slot_mapping", &PagedKVCache::slot_mapping, py::arg("seq"), py::arg("start"),
+             py::arg("n"),
+             "Flat pool slots block * block_size + offset of positions start..start+n-1.")
+        // Device mirrors.
+        .def("block_tables", &PagedKVCache::block_tables,
+             "int32 [max_seqs, max_blocks_per_seq] on the cache's device, -1 = no block.")
+        .def("sequence_lengths", &PagedKVCache::sequence_lengths,
+             "int32 [max_seqs] on the cache's device: tokens written per sequence.")
+        .def("sync_device", &PagedKVCache::sync_device,
+             "Copy the host tables and lengths that changed to the device mirrors.")
+        .def_property_readonly("num_layers", &PagedKVCache::num_layers)
+        .def_property_readonly("num_blocks", &PagedKVCache::num_blocks)
+        .def_property_readonly("block_size", &PagedKVCache::block_size)
+        .def_property_readonly("num_kv_heads", &PagedKVCache::num_kv_heads)
+        .def_property_readonly("head_dim", &PagedKVCache::head_dim)
+        .def_property_readonly("max_seqs", &PagedKVCache::max_seqs)
+        .def_property_readonly("max_blocks_per_seq", &PagedKVCache::max_blocks_per_seq)
+        .def_property_readonly("dtype", &PagedKVCache::dtype)
+        .def_property_readonly("device", &PagedKVCache::device)
+        .def("__repr__", &PagedKVCache::repr);
 }

@@ -1,11 +1,14 @@
 // The schemas of every `toyllm::` operator, in one place: what each op takes and returns. The
 // implementations register beside their code (TORCH_LIBRARY_IMPL blocks for CPU and CUDA):
 //   cache/kv_ops.cpp                kv_update
+//   cache/paged_kv_write_ops.cpp    paged_kv_write
 //   attention/attention_ops.cpp     decode_attention
+//   attention/paged_attention_ops.cpp  paged_decode_attention
 //   elementwise/fused_ops.cpp       rms_norm, add_rms_norm, rope, silu_mul
 //   elementwise/rope_kv_ops.cpp     rope_kv_update
 //   gemv/cpu_gemv.cpp, cuda_gemv.cpp  gemv, gemv_silu_mul and the norm-fused products
 //   sampling/argmax_ops.cpp         argmax
+//   layer/cpu_decode_layer.cpp      cpu_decode_layer (CPU only)
 // Every op checks its arguments in C++ on every device and raises ValueError (TORCH_CHECK_VALUE)
 // naming what was expected and what was given. Tensor(a!) marks an argument written in place.
 #include <torch/library.h>
@@ -25,6 +28,20 @@ TORCH_LIBRARY(toyllm, m) {
     m.def(
         "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, float scale, "
         "int tile=0, bool reverse=True, bool tensor_cores=True) -> Tensor");
+
+    // Paged KV cache (cache/paged_kv_cache.h): pools [num_blocks, block_size, num_kv_heads,
+    // head_dim]; token t's K/V rows go to flat slot slots[t] = block * block_size + offset
+    // (slots[t] < 0: a padding token, skipped).
+    m.def(
+        "paged_kv_write(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor k, Tensor v, Tensor slots) "
+        "-> ()");
+    // Decode attention over paged K/V: row b attends over its first seq_lens[b] keys, key j in
+    // block block_tables[b, j / block_size], read in place. tile, reverse and tensor_cores as
+    // for decode_attention.
+    m.def(
+        "paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, "
+        "Tensor seq_lens, float scale, int tile=0, bool reverse=True, bool tensor_cores=True) "
+        "-> Tensor");
 
     // Elementwise ops of a Llama layer.
     m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -52,6 +69,18 @@ TORCH_LIBRARY(toyllm, m) {
         "Tensor weight, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor positions, int num_q_heads, int warps=8) -> (Tensor, Tensor)");
 
-    // Greedy sampling: torch.argmax(logits, dim=-1) of [rows, vocab] logits.
-    m.def("argmax(Tensor logits) -> Tensor");
+    // A whole decoder layer of a CPU decode step, fp32, one new token per row: the residual add
+    // (residual None: the first layer), input RMSNorm, q/k/v, RoPE and the K/V write at
+    // positions[r] (< 0: a finished row, nothing written), attention over keys 0..positions[r],
+    // o, the residual add, post-attention RMSNorm, gate/up, silu(gate) * up and down ->
+    // (stream after attention, the MLP's output): the bits of the ops it replaces.
+    m.def(
+        "cpu_decode_layer(Tensor x, Tensor? residual, Tensor input_norm, Tensor qkv_weight, "
+        "Tensor o_weight, Tensor post_norm, Tensor gate_up_weight, Tensor down_weight, float eps, "
+        "Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
+        "int num_q_heads) -> (Tensor, Tensor)");
+
+    // Greedy sampling: torch.argmax(logits, dim=-1) of [rows, vocab] logits; flag_nonfinite:
+    // -1 for a row that holds a NaN or an inf.
+    m.def("argmax(Tensor logits, bool flag_nonfinite=False) -> Tensor");
 }

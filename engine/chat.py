@@ -127,7 +127,8 @@ class ChatSession:
         tokens = torch.zeros(self._rows, dtype=torch.long, device=engine.device)
         try:
             while True:
-                tok = int(sample(logits[:1], self.params, self._generator)[0])
+                seen = [ids + answer] if self.params.repetition_penalty != 1 else None
+                tok = int(sample(logits[:1], self.params, self._generator, seen=seen)[0])
                 if self.params.stop_at_eos and tok in engine.eos_ids:
                     reason = "eos"
                     break

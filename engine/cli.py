@@ -166,6 +166,9 @@ def _run(body: Any, *args: Any, **kwargs: Any) -> Any:
             raise fail(str(exc)) from None
         if _out_of_memory(exc):
             raise fail("out of memory: " + str(exc).split("DefaultCPUAllocator: ")[-1]) from None
+        if type(exc).__name__ == "RankFailure":  # a tensor-parallel rank failed: all were ended
+            _print_error(str(exc))
+            raise typer.Exit(code=2 if getattr(exc, "user_error", False) else 1) from None
         raise
 
 
@@ -236,6 +239,13 @@ def generate(
         help="0 (or below 1e-5) = greedy.")] = 0.7,
     top_k: Annotated[int, typer.Option(help="0 = off.")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus mass in (0, 1].")] = 0.95,
+    min_p: Annotated[float, typer.Option(
+        help="Min-p: keep only tokens at least this fraction as likely as the most likely one, "
+             "in [0, 1]; 0 = off (default).")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(
+        help="Repetition penalty: tokens already in the prompt or output get their logit "
+             "divided by it (if > 0) or multiplied by it (if < 0); > 0, above 1 repeats less, "
+             "1 = off (default).")] = 1.0,
     seed: Annotated[int | None, typer.Option(
         help="0 to 2**64-1: makes sampling repeatable. Every prompt samples with this seed "
              "on its own, so its tokens are the same alone or in any batch.")] = None,
@@ -249,18 +259,35 @@ def generate(
         help="Cap the KV cache at this many positions.")] = None,
     cuda_graph: Annotated[bool, typer.Option(
         help="Capture decode steps in CUDA graphs (GPU only).")] = True,
+    block_size: Annotated[int, typer.Option(
+        help="With --prompts-file: tokens per block of the paged KV cache.")] = 16,
+    kv_memory: Annotated[str, typer.Option(
+        help="With --prompts-file: the paged KV pool, a fraction of free memory (0.9) or a "
+             "size (4GiB).")] = "0.9",
+    token_budget: Annotated[int, typer.Option(
+        help="With --prompts-file: most tokens computed per step (prefill chunks + decode "
+             "rows).")] = 8192,
+    prefix_caching: Annotated[bool, typer.Option(
+        help="With --prompts-file: share the KV blocks of common prompt prefixes.")] = True,
     stats: Annotated[bool, typer.Option(help="Print prefill ms, decode tok/s, cache bytes.")]
     = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output for scripts.")] = False,
+    tensor_parallel: Annotated[int, typer.Option(
+        help="Split the model over this many ranks (processes; GPUs cuda:0..N-1 on CUDA, gloo "
+             "on the CPU): heads, K/V heads, MLP units and vocabulary must divide by it.")] = 1,
 ) -> None:
-    """Generate text from a model: the shipped default or your own checkpoint."""
+    """Generate text from a model: the shipped default or your own checkpoint. Prompts from
+    --prompts-file run through the serving engine (continuous batching over a paged KV cache
+    with prefix caching); prompts given as arguments through the static engine."""
     _run(_generate, **locals())
 
 
 def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_file,
               max_new_tokens,
-              temperature, top_k, top_p, seed, stop, device, dtype, prefill_chunk,
-              max_context, cuda_graph, stats, as_json) -> None:
+              temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, device, dtype,
+              prefill_chunk, max_context, cuda_graph, block_size, kv_memory, token_budget,
+              prefix_caching, stats, as_json, tensor_parallel) -> None:
+    from toyllm.engine import cli_numbers
     from toyllm.engine.device import dtype_name, resolve_device, resolve_dtype
     from toyllm.engine.generate import Engine
     from toyllm.engine.sampling import SamplingParams
@@ -268,23 +295,57 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
 
     texts = read_prompts(prompts or [], prompts_file)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop or ()))
+                            top_k=top_k, top_p=top_p,
+                            min_p=cli_numbers.number("--min-p", min_p, 0.0, 1.0),
+                            repetition_penalty=cli_numbers.positive("--repetition-penalty",
+                                                                    repetition_penalty),
+                            seed=seed, stop=tuple(stop or ()))
     if prefill_chunk is not None and prefill_chunk <= 0:
         raise UserError(f"--prefill-chunk: expected a positive integer, got {prefill_chunk}")
     if max_context is not None and max_context <= 0:
         raise UserError(f"--max-context: expected a positive integer, got {max_context}")
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    with err.status("loading model...", spinner="dots"):
-        loaded = load_model(model, dev, dt, random_weights=random_weights,
-                            tokenizer_path=tokenizer)
-    if loaded.tokenizer is None:
-        raise UserError(f"{loaded.source}: no tokenizer found (tokenizer.json or "
-                        "tokenizer.model); pass --tokenizer")
+    serving = prompts_file is not None
+    if serving:
+        if prefill_chunk is not None:
+            raise UserError("--prefill-chunk applies to prompts given as arguments; with "
+                            "--prompts-file the scheduler chunks prompts within --token-budget")
+        if tensor_parallel != 1:
+            raise UserError("--tensor-parallel runs prompts given as arguments; the serving "
+                            "engine of --prompts-file runs on one device")
+        cli_numbers.integer("--block-size", block_size)
+        cli_numbers.integer("--token-budget", token_budget)
+        pool = cli_numbers.memory_amount("--kv-memory", kv_memory)
     if system is not None and not chat:
         raise UserError("--system goes with --chat")
-    engine = Engine(loaded.model, loaded.tokenizer, prefill_chunk=prefill_chunk,
-                    cuda_graph=cuda_graph and dev.type == "cuda", max_seq_len=max_context)
+    if tensor_parallel != 1:  # rank 0 of N renders the chat turns, samples and sends the text
+        from toyllm.engine.tensor_parallel.cli_generate import start_ranks
+
+        with err.status(f"starting {tensor_parallel} ranks...", spinner="dots"):
+            engine, loaded, dev, dt = start_ranks(
+                model, tensor_parallel, device, dtype, random_weights, tokenizer, chat, system,
+                prefill_chunk=prefill_chunk, cuda_graph=cuda_graph, max_seq_len=max_context)
+        chat = False
+    else:
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        with err.status("loading model...", spinner="dots"):
+            loaded = load_model(model, dev, dt, random_weights=random_weights,
+                                tokenizer_path=tokenizer)
+        if loaded.tokenizer is None:
+            raise UserError(f"{loaded.source}: no tokenizer found (tokenizer.json or "
+                            "tokenizer.model); pass --tokenizer")
+        if serving:
+            from toyllm.engine.serving import ServingEngine
+
+            engine = ServingEngine(
+                loaded.model, loaded.tokenizer, block_size=block_size, kv_memory=pool,
+                max_running=min(256, len(texts)), token_budget=token_budget,
+                prefix_caching=prefix_caching, cuda_graph=cuda_graph and dev.type == "cuda",
+                max_seq_len=max_context)
+        else:
+            engine = Engine(loaded.model, loaded.tokenizer, prefill_chunk=prefill_chunk,
+                            cuda_graph=cuda_graph and dev.type == "cuda",
+                            max_seq_len=max_context)
     inputs = texts
     if chat:  # each prompt is one user turn of its own conversation, rendered by the template
         from toyllm.models.chat_template import chat_prompt_ids
@@ -301,6 +362,9 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
 
         result = engine.generate(inputs, params, on_text=on_text)
         out.print()
+    elif serving:
+        # a progress bar where someone watches; a pipe gets no redraws
+        result = engine.generate(inputs, params, progress=err.is_terminal)
     else:
         with err.status(f"generating {len(texts)} completion(s)...", spinner="dots"):
             result = engine.generate(inputs, params)
@@ -321,6 +385,12 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
                       "decode_tok_per_s": st.decode_tok_per_s, "cache_bytes": st.cache_bytes,
                       "load_s": loaded.load_s},
         }
+        if serving:
+            sv = engine.stats()
+            payload["serving"] = {"preemptions": sv.preemptions,
+                                  "prefix_hit_blocks": sv.prefix_hit_blocks,
+                                  "block_size": sv.block_size, "blocks_total": sv.blocks_total,
+                                  "steps": sv.steps}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
     if not stream:
@@ -337,6 +407,11 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
             f"{st.decode_tokens} tok at {st.decode_tok_per_s:.1f} tok/s, KV cache "
             f"{st.cache_bytes / 2**20:.2f} MiB, finish: {reasons}[/]"
         )
+        if serving:
+            sv = engine.stats()
+            err.print(f"[dim]serving: {sv.steps} steps, {sv.blocks_total} blocks of "
+                      f"{sv.block_size} tokens, {sv.prefix_hit_blocks} prefix-cache hits, "
+                      f"{sv.preemptions} preemptions[/]")
 
 
 @app.command()
@@ -354,6 +429,13 @@ def chat(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
     top_k: Annotated[int, typer.Option(help="0 = off.")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus mass in (0, 1].")] = 0.95,
+    min_p: Annotated[float, typer.Option(
+        help="Min-p: keep only tokens at least this fraction as likely as the most likely one, "
+             "in [0, 1]; 0 = off (default).")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(
+        help="Repetition penalty: tokens already in the prompt or output get their logit "
+             "divided by it (if > 0) or multiplied by it (if < 0); > 0, above 1 repeats less, "
+             "1 = off (default).")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Makes sampling repeatable.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")] = "auto",
@@ -367,6 +449,7 @@ def chat(
     """Chat with a model through its chat template: /reset, /quit; Ctrl-C stops an answer.
     The conversation stays in the KV cache; each turn prefills only its new tokens."""
     try:
+        from toyllm.engine import cli_numbers
         from toyllm.engine.chat import ChatSession
         from toyllm.engine.chat_cli import run_chat
         from toyllm.engine.device import resolve_device, resolve_dtype
@@ -374,8 +457,11 @@ def chat(
         from toyllm.engine.sampling import SamplingParams
         from toyllm.models.model_source import load_model
 
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                                top_k=top_k, top_p=top_p, seed=seed)
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            min_p=cli_numbers.number("--min-p", min_p, 0.0, 1.0),
+            repetition_penalty=cli_numbers.positive("--repetition-penalty", repetition_penalty),
+            seed=seed)
         if max_context is not None and max_context <= 0:
             raise UserError(f"--max-context: expected a positive integer, got {max_context}")
         dev = resolve_device(device)
@@ -425,11 +511,29 @@ def bench(
              "context).")] = False,
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="Write the rows here too (after each model).")] = None,
+    workload: Annotated[str, typer.Option(
+        help="decode: the decode/prefill table; random: 256 requests of 100-1024 prompt and "
+             "output tokens through the serving engine, the static batch and transformers' "
+             "continuous batching; shared-prefix: 64 requests sharing a 1,000-token prompt, "
+             "prefix caching on and off (docs/SERVING.md).")] = "decode",
+    hf_requests: Annotated[int | None, typer.Option(
+        help="With --workload random: transformers on the first N requests only.")] = None,
+    kv_memory: Annotated[str, typer.Option(
+        help="With --workload: the KV pool, a fraction of free memory or a size (4GiB).")]
+    = "0.5",
+    block_size: Annotated[int, typer.Option(
+        help="With --workload: tokens per KV block.")] = 16,
 ) -> None:
-    """Decode and prefill tok/s against transformers and the roofline, measured in one run.
-    Every option is checked before anything is measured."""
+    """Decode and prefill tok/s against transformers and the roofline, measured in one run;
+    or a serving workload (--workload). Every option is checked before anything is measured."""
 
     def body() -> int:
+        if workload != "decode":
+            from toyllm.engine.tools import serving_bench
+
+            return serving_bench.run_cli(
+                workload, models or "llama-1b", device, dtype, hf=hf, hf_requests=hf_requests,
+                static=True, kv_memory=kv_memory, block_size=block_size, json_path=json_path)
         from toyllm.engine.tools import bench as tool
 
         return tool.run(tool.options(
@@ -455,10 +559,18 @@ def check(
     = None,
     hf: Annotated[bool, typer.Option(
         help="Hugging Face transformers as a third witness, when installed.")] = True,
+    tensor_parallel: Annotated[int, typer.Option(
+        help="Check the model split over this many ranks against one process and the "
+             "reference (the cases that split; gloo on the CPU, NCCL on CUDA).")] = 1,
 ) -> None:
     """Check the cached engine against the no-cache reference (and HF transformers) on a
     matrix of models and requests; exit 1 if any case fails."""
     def body() -> int:
+        if tensor_parallel != 1:
+            from toyllm.engine.tensor_parallel.check import run_tensor_parallel_check
+
+            return run_tensor_parallel_check(tensor_parallel, configs, dtypes, device,
+                                             json_path, out)
         from toyllm.engine.check.harness import run_check
 
         return run_check(configs, dtypes, device, json_path, out, hf=hf)
@@ -477,14 +589,18 @@ def info(
     batch: Annotated[int, typer.Option(help="Sequences whose KV cache is counted.")] = 1,
     context: Annotated[int | None, typer.Option(
         help="Positions per sequence; default: the config's max_seq_len.")] = None,
+    block_size: Annotated[int, typer.Option(
+        help="Tokens per block of the serving engine's paged cache.")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output for scripts.")] = False,
 ) -> None:
-    """Parameters by part, weight bytes and KV-cache bytes per dtype (arithmetic only)."""
+    """Parameters by part, weight bytes, KV-cache bytes and paged KV blocks per GiB, per
+    dtype (arithmetic only)."""
     def body() -> Any:
         from toyllm.engine.tools.info import describe, load_for_info
 
         config, where = load_for_info(source)
-        return describe(config, batch=batch, context=context, source=where)
+        return describe(config, batch=batch, context=context, source=where,
+                        block_size=block_size)
 
     result = _run(body)
     if as_json:

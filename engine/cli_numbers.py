@@ -37,6 +37,14 @@ def number(flag: str, value: object, minimum: float, maximum: float = math.inf) 
     return float(value)
 
 
+def positive(flag: str, value: object) -> float:
+    """A finite float > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+            value) or not value > 0:
+        raise NumberError(f"{flag}: expected a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def int_list(flag: str, text: str, minimum: int = 1, maximum: int = MAX_INT,
              allow_empty: bool = False) -> list[int]:
     """'1,16' -> [1, 16]; every item an integer in [minimum, maximum], none repeated."""
@@ -68,3 +76,34 @@ def output_file(flag: str, path: Path) -> Path:
                                                     and not os.access(path, os.W_OK)):
         raise NumberError(f"{flag}: {path} is not writable")
     return path
+
+
+_MEMORY_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+                 "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def memory_amount(flag: str, text: str) -> int | float:
+    """'0.9' -> 0.9 (a number in (0, 1] without a unit: a fraction of free memory);
+    '4GiB', '512MiB', '1e9' or '1000000' -> bytes (a size with a unit, or a whole number
+    above 1 without one).
+
+    >>> memory_amount("--kv-memory", "0.5"), memory_amount("--kv-memory", "2GiB")
+    (0.5, 2147483648)
+    """
+    what = ("a fraction of free memory in (0, 1] or a size such as 4GiB, 512MiB or a byte "
+            "count")
+    raw = text.strip().lower().replace(" ", "")
+    digits = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(digits):]
+    try:
+        value = float(digits)
+    except ValueError:
+        raise NumberError(f"{flag}: expected {what}, got {text!r}") from None
+    if unit not in _MEMORY_UNITS or not math.isfinite(value) or value <= 0:
+        raise NumberError(f"{flag}: expected {what}, got {text!r}")
+    if not unit and value <= 1:
+        return value
+    size = value * _MEMORY_UNITS[unit]
+    if size < 1 or size >= 2**63 or (not unit and not value.is_integer()):
+        raise NumberError(f"{flag}: expected {what}, got {text!r}")
+    return int(size)

@@ -18,21 +18,31 @@ norm that reads its sum, and at every step the fastest op that applies, as `Sett
     + silu*up                                                cuBLAS, silu_mul   silu*up (torch)
     down              gemv                                   cuBLAS             gemv
 
+On the CPU at FULL, a decode step of up to 4 rows whose products take the extension's GEMV
+runs each whole layer as one call, cpu_decode_layer (engine/ops/cpu_layer.py): the ops of the
+CPU column above, in C++, with their bits.
+
 The fused ops give the bits of the ops they replace (tests/ compare them as integers), so every
 Fusion level computes the same numbers on one device; the GEMV choices (`Gemv`) do not: MKL and
 cuBLAS sum in other orders. The first layer has no residual to add, so its input norm runs
 alone. Positions are never advanced here: the Engine does it after a whole step succeeded.
+
+The serving engine's steps (engine/paged_step.py, over the paged cache) take the unfused path
+for q/k/v: the decode fusions above that write K/V (rope_kv_update, gemv_add_rms_norm_rope_kv)
+address the contiguous cache by position, so RoPE runs alone and the paged step writes K/V at
+its slots; every other fusion applies to them as to the static engine's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from toyllm.engine.cached_attention import DecodeStep, PrefillStep
-from toyllm.engine.ops import WITH_CUDA, elementwise, gemv_norm, rope_kv
+from toyllm.engine.ops import WITH_CUDA, cpu_layer, elementwise, gemv_norm, rope_kv
 from toyllm.engine.ops.gemv import Gemv
 from toyllm.engine.settings import Fusion, Settings
 from toyllm.models import layer_math
@@ -46,7 +56,13 @@ DECODE_KERNEL_MAX_ROWS = 8
 TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
 TENSOR_CORE_HEAD_DIMS = (64, 128)
 
-Step = PrefillStep | DecodeStep
+if TYPE_CHECKING:
+    from toyllm.engine.paged_step import PagedStep
+
+    #: PagedStep (the serving engine's, engine/paged_step.py) is not a DecodeStep: the
+    #: decode-only fusions that write K/V into the contiguous cache (rope_kv_update,
+    #: gemv_add_rms_norm_rope_kv) never take it; it writes K/V at its pool slots in `attend`.
+    Step = PrefillStep | DecodeStep | PagedStep
 
 
 def decode_kernel_max_rows(settings: Settings, dtype: torch.dtype | None,
@@ -75,6 +91,16 @@ def decode_attention_kernel(settings: Settings, device: torch.device, rows: int,
         return False
     most = decode_kernel_max_rows(settings, dtype, head_dim)
     return most is None or rows <= most
+
+
+class Collectives(Protocol):
+    """What a tensor-parallel rank's forward needs from its process group
+    (engine/tensor_parallel/): the sum over ranks of the row-sharded o and down products'
+    partial outputs, and the whole vocabulary's logits from each rank's slice of them."""
+
+    def all_reduce(self, partial: Tensor) -> Tensor: ...
+
+    def gather_vocab(self, logits: Tensor) -> Tensor: ...
 
 
 @dataclass
@@ -152,11 +178,15 @@ class EngineForward:
     """forward(tokens, positions, step) -> logits, through the cache `step` attends over.
 
     Build it after the model has its final device, dtype and weight layout: it holds views of
-    the model's weights (moving the model afterwards leaves them behind).
+    the model's weights (moving the model afterwards leaves them behind). `collectives`: one
+    rank's shard of a tensor-parallel model (engine/tensor_parallel/) sums the o and down
+    products over the ranks and gathers the logits; its embedding sums its own rows.
     """
 
-    def __init__(self, model: Transformer, settings: Settings) -> None:
+    def __init__(self, model: Transformer, settings: Settings,
+                 collectives: Collectives | None = None) -> None:
         self.model = model
+        self.collectives = collectives
         self.settings = settings
         config = model.config
         self.eps = config.norm_eps
@@ -171,6 +201,14 @@ class EngineForward:
         self.rope = elementwise.rope if fused else apply_rope
         self.silu_mul = elementwise.silu_mul if fused else layer_math.silu_mul
         self.layers = layer_weights(model)
+        # whole CPU decode layers in one call: at FULL, with the extension's CPU GEMV, where
+        # every weight is one cpu_decode_layer takes (asked once; the step's tensors per step);
+        # not for a rank of a tensor-parallel model, whose o and down products must be summed
+        # over the ranks between the ops that the one call runs back to back
+        self.cpu_layer = (self.fusion >= Fusion.FULL and settings.cpu_gemv
+                          and collectives is None
+                          and model.device.type == "cpu" and cpu_layer.weights_apply(
+                              t for w in self.layers for t in vars(w).values()))
 
     def decode_kernel(self, rows: int) -> bool:
         """Whether a decode step of `rows` rows attends through the extension's kernel."""
@@ -178,25 +216,41 @@ class EngineForward:
                                        self.head_dim)
 
     def __call__(self, tokens: Tensor, positions: Tensor | None, step: Step,
-                 last_only: bool = False) -> Tensor:
+                 last_only: bool = False, select: Tensor | None = None) -> Tensor:
         """tokens [B, T] (positions int64 [B, T], or None for a decode step that gathers RoPE's
-        cos/sin from its table) -> logits [B, T, vocab] ([B, 1, vocab] if last_only)."""
+        cos/sin from its table) -> logits [B, T, vocab] ([B, 1, vocab] if last_only; with
+        `select`, int64 [K] indices into the B * T tokens, [1, K, vocab]: only theirs)."""
         model = self.model
         x = model.embed_tokens(tokens)  # [B, T, hidden]
-        cos_sin = step.rope_cos_sin() if isinstance(step, DecodeStep) else None
+        # a decode step may gather RoPE's cos/sin from a table by position (DecodeStep,
+        # PagedStep); None: computed here from `positions`
+        cos_sin = step.rope_cos_sin() if hasattr(step, "rope_cos_sin") else None
         if cos_sin is None:
             if positions is None:
                 raise ValueError("expected positions [B, T]: the step gives no RoPE cos/sin")
             cos_sin = rope_cos_sin(model.inv_freq, positions, x.dtype)
         cos, sin = cos_sin
         pending: Tensor | None = None  # the residual stream is x + pending
+        layer = self._layer
+        if (self.cpu_layer and isinstance(step, DecodeStep) and step.use_kernel
+                and cpu_layer.applies(x, cos, sin)):
+            layer = self._cpu_layer
         for i, weights in enumerate(self.layers):
-            x, pending = self._layer(i, weights, x, pending, cos, sin, step)
+            x, pending = layer(i, weights, x, pending, cos, sin, step)
         if last_only:  # the sum's last token is the sum of the last tokens
             x = x[:, -1:]
             pending = pending[:, -1:] if pending is not None else None
+        if select is not None:  # [B, T, hidden] -> [1, K, hidden]
+            x = x.flatten(0, 1).index_select(0, select).unsqueeze(0)
+            if pending is not None:
+                pending = pending.flatten(0, 1).index_select(0, select).unsqueeze(0)
         _, h = self._add_norm(x, pending, model.norm.weight)
-        return self.gemv.linear(h, model.lm_head.weight)
+        logits = self.gemv.linear(h, model.lm_head.weight)
+        return logits if self.collectives is None else self.collectives.gather_vocab(logits)
+
+    def _reduce(self, partial: Tensor) -> Tensor:
+        """The o or down product summed over the ranks (itself in one process)."""
+        return partial if self.collectives is None else self.collectives.all_reduce(partial)
 
     def _layer(self, i: int, w: LayerWeights, x: Tensor, pending: Tensor | None, cos: Tensor,
                sin: Tensor, step: Step) -> tuple[Tensor, Tensor]:
@@ -215,16 +269,24 @@ class EngineForward:
             x, qkv = self._add_norm_linear(x, pending, w.input_norm, w.qkv)
             out = self._attend(i, qkv, cos, sin, step)
         b, t = out.shape[:2]
-        attn = self.gemv.linear(out.reshape(b, t, self.num_heads * self.head_dim), w.o)
+        attn = self._reduce(self.gemv.linear(out.reshape(b, t, self.num_heads * self.head_dim),
+                                             w.o))
         if self.fusion >= Fusion.FULL and gemv_norm.silu_applies(x, attn, w.post_norm,
                                                                  w.gate_up, self.gemv):
             # the residual add, the post-attention norm, gate/up and silu(gate) * up: one kernel
             x, h = gemv_norm.add_rms_norm_silu_mul(x, attn, w.post_norm, self.eps, w.gate_up)
-            return x, self.gemv.linear(h, w.down)
+            return x, self._reduce(self.gemv.linear(h, w.down))
         x, gate_up = self._add_norm_linear(x, attn, w.post_norm, w.gate_up)
         # silu(gate) * up inside the one-row CUDA down product from SILU_GEMV on
-        return x, self.gemv.silu_mul_linear(gate_up, w.down, self.silu_mul,
-                                            fused=self.fusion >= Fusion.SILU_GEMV)
+        return x, self._reduce(self.gemv.silu_mul_linear(gate_up, w.down, self.silu_mul,
+                                                         fused=self.fusion >= Fusion.SILU_GEMV))
+
+    def _cpu_layer(self, i: int, w: LayerWeights, x: Tensor, pending: Tensor | None,
+                   cos: Tensor, sin: Tensor, step: DecodeStep) -> tuple[Tensor, Tensor]:
+        """`_layer` of a CPU decode step in one call (toyllm::cpu_decode_layer), the same bits."""
+        return cpu_layer.cpu_decode_layer(
+            x, pending, w.input_norm, w.qkv, w.o, w.post_norm, w.gate_up, w.down, self.eps, cos,
+            sin, step.k_caches[i], step.v_caches[i], step.positions, self.num_heads)
 
     def _add_norm(self, x: Tensor, residual: Tensor | None,
                   norm_weight: Tensor) -> tuple[Tensor, Tensor]:

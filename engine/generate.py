@@ -94,6 +94,49 @@ class _Sequence:
     finish_reason: str | None = None
 
 
+def engine_forward(model: Transformer, settings: Settings) -> EngineForward:
+    """The model's forward through the extension (engine/forward.py), with the model prepared
+    for it: q/k/v and gate/up as one product each (views, no copy)."""
+    if model.device.type == "cpu" and not settings.cpu_gemv:
+        # same values, 3x faster decode GEMVs on MKL. The extension's GEMV streams
+        # nn.Linear's [out, in] layout fastest (docs/PERF.md), so with it the weights stay.
+        store_weights_input_major(model)
+    if model.device.type == "cuda":
+        # process-wide in the extension: the last engine built sets it
+        set_programmatic_launch(settings.programmatic_launch)
+    return EngineForward(model, settings)
+
+
+def encode_prompt(prompt: Prompt, index: int, tokenizer: Tokenizer | None, vocab_size: int,
+                  max_seq_len: int) -> list[int]:
+    """Token ids of prompt number `index` (text through the tokenizer, with BOS), checked:
+    not empty, ids in [0, vocab_size), at most max_seq_len tokens (GenerationError)."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise GenerationError(f"prompt {index} is empty: expected some text")
+        if tokenizer is None:
+            raise GenerationError("text prompts need a tokenizer; this engine has none")
+        ids = tokenizer.encode(prompt, bos=True)
+    else:
+        try:
+            ids = [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise GenerationError(f"prompt {index}: expected a string or a list of token ids, "
+                                  f"got {type(prompt).__name__}") from None
+        if not ids:
+            raise GenerationError(f"prompt {index} is empty: expected at least one token")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise GenerationError(
+                f"prompt {index}: token ids must be in [0, {vocab_size}), got {bad[:5]}"
+            )
+    if len(ids) > max_seq_len:
+        raise GenerationError(
+            f"prompt {index} is {len(ids)} tokens long; the model's context holds {max_seq_len}"
+        )
+    return ids
+
+
 class Engine:
     """Serves generation requests for one model on one device.
 
@@ -129,15 +172,7 @@ class Engine:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise GenerationError("CUDA graphs need a CUDA device; use cuda_graph=False on CPU")
-        if self.device.type == "cpu" and not settings.cpu_gemv:
-            # same values, 3x faster decode GEMVs on MKL. The extension's GEMV streams
-            # nn.Linear's [out, in] layout fastest (docs/PERF.md), so with it the weights stay.
-            store_weights_input_major(model)
-        if self.device.type == "cuda":
-            # process-wide in the extension: the last engine built sets it
-            set_programmatic_launch(settings.programmatic_launch)
-        # q/k/v and gate/up as one product each (views, no copy), the fused kernels as allowed
-        self.forward = EngineForward(model, settings)
+        self.forward = engine_forward(model, settings)
         self.cache: KVCache | None = None
         self._graphs = None  # engine.cuda_graph.DecodeGraphs, built on first use
         self._views: dict[int, tuple[list[Tensor], list[Tensor], Tensor]] = {}
@@ -195,31 +230,8 @@ class Engine:
             prompts = [prompts]
         if len(prompts) == 0:
             raise GenerationError("no prompts given: expected at least one")
-        out = []
-        for i, p in enumerate(prompts):
-            if isinstance(p, str):
-                if not p:
-                    raise GenerationError(f"prompt {i} is empty: expected some text")
-                if self.tokenizer is None:
-                    raise GenerationError("text prompts need a tokenizer; this engine has none")
-                ids = self.tokenizer.encode(p, bos=True)
-            else:
-                ids = [int(t) for t in p]
-                if not ids:
-                    raise GenerationError(f"prompt {i} is empty: expected at least one token")
-                bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-                if bad:
-                    raise GenerationError(
-                        f"prompt {i}: token ids must be in [0, {self.config.vocab_size}), "
-                        f"got {bad[:5]}"
-                    )
-            if len(ids) > self.max_seq_len:
-                raise GenerationError(
-                    f"prompt {i} is {len(ids)} tokens long; the model's context holds "
-                    f"{self.max_seq_len}"
-                )
-            out.append(ids)
-        return out
+        return [encode_prompt(p, i, self.tokenizer, self.config.vocab_size, self.max_seq_len)
+                for i, p in enumerate(prompts)]
 
     def prepare_cache(self, rows: int, seq_len: int) -> KVCache:
         """A reset cache with at least `rows` rows and `seq_len` positions. It only grows
@@ -318,7 +330,8 @@ class Engine:
         last = torch.stack([self.prefill(cache, s.index, s.prompt_ids) for s in seqs])
         if rows > n:
             last = torch.cat([last, last.new_zeros(rows - n, last.shape[-1])])
-        tokens = sample(last, params, gen, self.settings.cuda_argmax)
+        tokens = sample(last, params, gen, self.settings.cuda_argmax,
+                        _seen(seqs, rows, params))
         sync()
         stats.prefill_s = time.perf_counter() - t0
         stats.prefill_tokens = sum(len(p) for p in prompt_ids)
@@ -327,7 +340,8 @@ class Engine:
         self._accept(cache, seqs, tokens, params, on_text, step=0)
         while any(s.finish_reason is None for s in seqs):
             logits = self.decode_step(cache, rows, tokens)
-            tokens = sample(logits, params, gen, self.settings.cuda_argmax)
+            tokens = sample(logits, params, gen, self.settings.cuda_argmax,
+                            _seen(seqs, rows, params))
             stats.decode_steps += 1
             stats.decode_tokens += self._accept(cache, seqs, tokens, params, on_text,
                                                 step=stats.decode_steps)
@@ -377,3 +391,11 @@ class Engine:
                 if on_text is not None:
                     on_text(s.index, piece)
         return taken
+
+
+def _seen(seqs: list[_Sequence], rows: int, params: SamplingParams) -> list[list[int]] | None:
+    """Each row's prompt and output ids so far, for the repetition penalty (None without one);
+    padding rows have seen nothing."""
+    if params.repetition_penalty == 1:
+        return None
+    return [s.prompt_ids + s.token_ids for s in seqs] + [[] for _ in range(rows - len(seqs))]

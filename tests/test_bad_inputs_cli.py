@@ -59,7 +59,8 @@ def tiny_toml(tmp_path_factory) -> Path:
 @pytest.mark.skipif(not TOKENIZER.is_file(), reason="default tokenizer not built")
 @settings(max_examples=50, **FUZZ)
 @given(option=st.sampled_from(["--max-new-tokens", "--temperature", "--top-k", "--top-p",
-                               "--seed", "--prefill-chunk", "--max-context"]),
+                               "--min-p", "--repetition-penalty", "--seed", "--prefill-chunk",
+                               "--max-context"]),
        value=NUMBERS)
 def test_any_generate_number_runs_or_is_refused_in_one_line(tiny_toml: Path, option: str,
                                                              value: str) -> None:
@@ -102,6 +103,21 @@ def test_any_bench_number_is_checked_before_anything_runs(monkeypatch: pytest.Mo
     (["generate", "x", "--seed", str(2**64)], "seed: expected an integer in [0, 2**64 - 1]"),
     (["generate", "x", "--seed", "-1"], "seed"),
     (["generate", "x", "--max-new-tokens", "abc"], "--max-new-tokens"),
+    *[([command, *args, flag, value], message)
+      for command, args in (("generate", ["x"]), ("chat", ["--prompt", "x"]))
+      for flag, value, message in (
+          ("--min-p", "nan", "--min-p: expected a finite number in [0.0, 1.0], got nan"),
+          ("--min-p", "-0.1", "--min-p: expected a finite number in [0.0, 1.0], got -0.1"),
+          ("--min-p", "1.5", "--min-p: expected a finite number in [0.0, 1.0], got 1.5"),
+          ("--min-p", "inf", "--min-p: expected a finite number in [0.0, 1.0], got inf"),
+          ("--min-p", "abc", "'--min-p'"),
+          ("--repetition-penalty", "0", "--repetition-penalty: expected a finite number > 0, "
+                                        "got 0.0"),
+          ("--repetition-penalty", "-1.2", "--repetition-penalty: expected a finite number > 0,"
+                                           " got -1.2"),
+          ("--repetition-penalty", "nan", "--repetition-penalty: expected a finite number > 0"),
+          ("--repetition-penalty", "inf", "--repetition-penalty: expected a finite number > 0"),
+          ("--repetition-penalty", "x1", "'--repetition-penalty'"))],
     (["generate", "x", "--no-such-flag"], "No such option"),
     (["info", "--batch", str(10**40)], "--batch"),
     (["nope"], "No such command"),

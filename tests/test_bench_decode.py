@@ -19,6 +19,9 @@ def test_cpu_bench_writes_rows_for_each_engine_and_the_roofline(tmp_path: Path) 
     engines = {row["engine"] for row in report["rows"]}
     assert {"toyllm eager", "no-cache reference"} <= engines
     assert report["copy_bandwidth_gbs"] > 0
+    # the CPU roofline reads the weights' bytes where they sit, not a 256 MiB copy
+    assert report["models"]["tiny"]["roofline"].startswith("weight-read bandwidth")
+    assert report["models"]["tiny"]["roofline_bandwidth_gbs"] > 0
     for row in report["rows"]:
         assert row["tok_per_s"] > 0 and 0 < row["frac_roofline"] < 1, row
 

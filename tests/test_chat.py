@@ -69,6 +69,27 @@ def test_first_turn_equals_generate_of_the_rendered_prompt(engine: Engine) -> No
     assert turn.token_ids == result.completions[0].token_ids
 
 
+def test_a_turn_with_a_repetition_penalty_sees_the_conversation_and_the_answer(
+        engine: Engine) -> None:
+    """Chat passes the whole conversation and the answer so far as the seen tokens: a turn is
+    generate's answer to the rendered conversation with the same penalty (which
+    tests/test_sampling.py checks against the rule on the no-cache reference)."""
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, repetition_penalty=0.5,
+                            min_p=0.1, stop_at_eos=False)
+    session = ChatSession(engine, params)
+    first = session.ask(QUESTIONS[0])
+    second = session.ask(QUESTIONS[1])
+    fresh = Engine(engine.model, engine.tokenizer, cuda_graph=False)
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    ids = chat_prompt_ids(engine.tokenizer, messages)
+    assert first.token_ids == fresh.generate([ids], params).completions[0].token_ids
+    ids = session._history_ids[: len(session._history_ids) - len(second.token_ids)]
+    assert second.token_ids == fresh.generate([ids], params).completions[0].token_ids
+    plain = ChatSession(engine, SamplingParams(max_new_tokens=12, temperature=0.0,
+                                               stop_at_eos=False)).ask(QUESTIONS[0])
+    assert plain.token_ids != first.token_ids  # the penalty (< 1: repeat more) acted here
+
+
 def test_any_eos_of_generation_config_stops(checkpoint: Path, tmp_path: Path) -> None:
     loaded = load_model(checkpoint, CPU, torch.float32)
     first = Engine(loaded.model, loaded.tokenizer, cuda_graph=False).generate(

@@ -22,7 +22,7 @@ from toyllm.engine.check.harness import CheckError, decode_steps, run_check, sel
 from toyllm.engine.check.reference import reference_logits
 from toyllm.engine.cli import app
 from toyllm.engine.forward import EngineForward
-from toyllm.engine.ops import elementwise, gemv, gemv_norm, rope_kv
+from toyllm.engine.ops import cpu_layer, elementwise, gemv, gemv_norm, rope_kv
 from toyllm.models.llama import build_model
 
 # Cases the planted-bug tests run: batch 1 and ragged, whole and chunked prefill, the cache's
@@ -106,8 +106,9 @@ def test_report_has_cases_errors_margins_tolerances_versions_and_device(
                 "greedy_match", "divergences", "margin", "hf_rel", "error", "failures",
                 "case"} <= set(case)
         assert case["max_abs"] <= 1e-4 and case["argmax_agree"] == 1.0
-    if report["hf_witness"] == "on":
-        assert all(c["hf_rel"] <= 1e-5 and c["hf_greedy_match"] for c in report["cases"])
+    if report["hf_witness"] == "on":  # the serving cases leave the HF witness to the others
+        assert all(c["hf_rel"] <= 1e-5 and c["hf_greedy_match"] for c in report["cases"]
+                   if not c["name"].startswith("serving-"))
 
 
 # the command line -----------------------------------------------------------------------------
@@ -289,6 +290,8 @@ def plant_wrong_fused_ops(monkeypatch: pytest.MonkeyPatch) -> None:
         real = getattr(gemv_norm, name)
         monkeypatch.setattr(gemv_norm, name,
                             lambda *a, _real=real: (lambda s, y: (s, off(y)))(*_real(*a)))
+    real_layer = cpu_layer._op  # the whole CPU decode layer: (stream, MLP output)
+    monkeypatch.setattr(cpu_layer, "_op", lambda *a: (lambda s, y: (s, off(y)))(*real_layer(*a)))
 
 
 def test_reference_is_independent_of_the_engines_fused_ops(
@@ -315,9 +318,35 @@ PLANTED = {
 }
 
 
+def plant_cpu_layer_positions(monkeypatch: pytest.MonkeyPatch, delta: int) -> None:
+    """The whole CPU decode layer (toyllm::cpu_decode_layer) is handed positions + delta: it
+    writes K/V one slot off and attends over one key more (+1) or fewer (-1; a row at 0
+    becomes a finished row that writes nothing)."""
+    real = cpu_layer._op
+
+    def shifted(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        args = list(args)
+        positions, k_cache = args[13], args[11]
+        args[13] = (shift_in_bounds(positions, 1, k_cache.shape[1]) if delta > 0
+                    else positions - 1)
+        return real(*args)
+
+    monkeypatch.setattr(cpu_layer, "_op", shifted)
+
+
+PLANTED_CPU_LAYER = {
+    "write_and_attend_at_position_plus_1": lambda mp: plant_cpu_layer_positions(mp, +1),
+    "write_and_attend_at_position_minus_1": lambda mp: plant_cpu_layer_positions(mp, -1),
+}
+
+
 @pytest.mark.parametrize("bug", sorted(PLANTED))
 def test_planted_cache_bug_makes_check_fail(bug: str, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # the bugs are planted in the separate ops' Python seams (kv_update, rope_kv_update,
+    # attend_cached), which a CPU decode step takes below FULL; at FULL the whole layer is one
+    # call (its own planted bugs: the next test)
+    monkeypatch.setenv("TOYLLM_FUSION", "silu_gemv")
     PLANTED[bug](monkeypatch)
     code, report = run_report(tmp_path, PLANTED_FILTER)
     assert code == 1 and report["summary"]["verdict"] == "FAIL"
@@ -328,6 +357,21 @@ def test_planted_cache_bug_makes_check_fail(bug: str, tmp_path: Path,
     for case in report["cases"]:  # the logits comparison itself sees it, not only greedy
         assert any(f.startswith("teacher-forced") for f in case["failures"]), case["name"]
         assert case["max_abs"] > 1e-3
+
+
+@pytest.mark.parametrize("bug", sorted(PLANTED_CPU_LAYER))
+def test_planted_bug_in_the_cpu_decode_layer_makes_check_fail(
+        bug: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    PLANTED_CPU_LAYER[bug](monkeypatch)
+    planted = cpu_layer._op
+    monkeypatch.setattr(cpu_layer, "_op", lambda *a: calls.append(1) or planted(*a))
+    code, report = run_report(tmp_path, PLANTED_FILTER)
+    assert calls  # the default (FULL) CPU decode took the whole-layer op
+    assert code == 1 and report["summary"]["verdict"] == "FAIL"
+    for case in report["cases"]:
+        assert case["verdict"] == "FAIL", case["name"]
+        assert any(f.startswith("teacher-forced") for f in case["failures"]), case["name"]
 
 
 # GPU ------------------------------------------------------------------------------------------

@@ -49,6 +49,31 @@ def test_generate_json_output(checkpoint: Path) -> None:
     assert data["stats"]["cache_bytes"] > 0
 
 
+@pytest.mark.parametrize("flags, params", [
+    (["--temperature", "0", "--repetition-penalty", "0.5"],
+     dict(temperature=0.0, repetition_penalty=0.5)),
+    (["--temperature", "1", "--min-p", "0.9", "--top-p", "1", "--seed", "4"],
+     dict(temperature=1.0, min_p=0.9, seed=4)),
+])
+def test_min_p_and_repetition_penalty_reach_the_engine(checkpoint: Path, flags: list[str],
+                                                       params: dict) -> None:
+    from toyllm.engine.generate import Engine
+    from toyllm.engine.sampling import SamplingParams
+    from toyllm.models.model_source import load_model
+
+    r = run("generate", "def f(x):", "--model", str(checkpoint), "--max-new-tokens", "8",
+            "--json", "--device", "cpu", *flags)
+    assert r.exit_code == 0, r.output
+    loaded = load_model(str(checkpoint), torch.device("cpu"), torch.float32)
+    want = Engine(loaded.model, loaded.tokenizer).generate(
+        ["def f(x):"], SamplingParams(max_new_tokens=8, **params)).completions[0].token_ids
+    plain = Engine(loaded.model, loaded.tokenizer).generate(
+        ["def f(x):"], SamplingParams(max_new_tokens=8, **{**params, "min_p": 0.0,
+                                                           "repetition_penalty": 1.0}))
+    assert json.loads(r.stdout)["completions"][0]["token_ids"] == want
+    assert want != plain.completions[0].token_ids  # the flag changed what came out
+
+
 def test_generate_streams_one_prompt(checkpoint: Path) -> None:
     r = run("generate", "class A:", "--model", str(checkpoint), "--max-new-tokens", "4",
             "--seed", "0", "--stats")

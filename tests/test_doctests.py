@@ -39,5 +39,6 @@ def test_the_public_faces_have_examples() -> None:
     for face in ("toyllm.engine.settings", "toyllm.engine.ops.kv_cache",
                  "toyllm.engine.ops.gemv", "toyllm.engine.ops.elementwise",
                  "toyllm.engine.ops.rope_kv", "toyllm.engine.ops.argmax",
-                 "toyllm.engine.generate"):
+                 "toyllm.engine.ops.paged_cache", "toyllm.engine.generate",
+                 "toyllm.engine.serving", "toyllm.engine.prefix_cache"):
         assert face in with_examples, face

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["bench_kv_update", "bench_decode_attention", "bench_gemv", "bench_argmax",
-           "probe_decode_rounding", "profile_decode"]
+SCRIPTS = ["bench_kv_update", "bench_decode_attention", "bench_paged_decode_attention",
+           "bench_gemv", "bench_argmax", "probe_decode_rounding", "profile_decode"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

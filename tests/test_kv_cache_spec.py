@@ -953,10 +953,6 @@ BAD_OP_CASES = {
         _replace(v_cache=lambda a: a["v_cache"].bfloat16()),
         r"expected v_cache of dtype torch.float16 .*got torch.bfloat16",
     ),
-    "new_v_device": (
-        _replace(new_v=lambda a: a["new_v"].to("meta")),
-        r"expected new_v on .* \(the cache's device\), got meta",
-    ),
     "cache_non_contiguous": (
         _replace(k_cache=lambda a: _zeros(2, 2, 6, 8)(a).transpose(1, 2)),
         r"expected a contiguous k_cache, got strides",
@@ -973,10 +969,6 @@ BAD_OP_CASES = {
         _replace(positions=lambda a: a["positions"][:1]),
         r"expected positions of shape \[2\] \(the cache's batch\), got \[1\]",
     ),
-    "positions_device": (
-        _replace(positions=lambda a: a["positions"].to("meta")),
-        r"expected positions on .*got meta",
-    ),
 }
 
 
@@ -990,6 +982,25 @@ def test_op_rejects_bad_input_naming_expected_and_given_and_writes_nothing(
     make_bad(args)
     caches_before = (args["k_cache"].clone(), args["v_cache"].clone())
     with pytest.raises(ValueError, match=pattern):
+        kv_update(**args)
+    assert torch.equal(args["k_cache"], caches_before[0])
+    assert torch.equal(args["v_cache"], caches_before[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "name, whose",
+    [("v_cache", "k_cache's"), ("new_k", "the cache's"), ("new_v", "the cache's"),
+     ("positions", "the cache's")],
+)
+def test_op_on_cuda_rejects_an_argument_on_the_cpu_and_writes_nothing(name: str,
+                                                                       whose: str) -> None:
+    # (the dispatcher hands a call with any CUDA tensor to the CUDA operator, which checks)
+    args = _op_args("cuda")
+    args[name] = args[name].cpu()
+    caches_before = (args["k_cache"].clone(), args["v_cache"].clone())
+    with pytest.raises(ValueError, match=rf"expected {name} on cuda:0 \({whose} device\), "
+                                         r"got cpu"):
         kv_update(**args)
     assert torch.equal(args["k_cache"], caches_before[0])
     assert torch.equal(args["v_cache"], caches_before[1])

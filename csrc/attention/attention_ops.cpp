@@ -1,17 +1,17 @@
 // The CPU and CUDA implementations of `toyllm::decode_attention` (schema: registration.cpp): one
 // query token per sequence attends over the first seq_lens[b] keys of its KV-cache rows
-// (GQA-aware). CPU: a loop in fp32, and for fp16/bf16 ATen ops (matmul + masked softmax in
-// fp32). CUDA: the flash-decoding kernels of decode_attention.cu, whose key tiles, their order
-// and the kind of core of pass 1 are the operator's tile, reverse and tensor_cores arguments.
+// (GQA-aware). CPU: a loop in fp32 (decode_attention_cpu.cpp), and for fp16/bf16 ATen ops
+// (matmul + masked softmax in fp32). CUDA: the flash-decoding kernels of decode_attention.cu,
+// whose key tiles, their order and the kind of core of pass 1 are the operator's tile, reverse
+// and tensor_cores arguments.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <vector>
 
+#include "attention/decode_attention_cpu.h"
 #include "common/op_args.h"
 
 #ifdef WITH_CUDA_KERNELS
@@ -91,90 +91,6 @@ void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
                       "decode_attention: expected tile to be 0 (default), 64 or 128, got ", tile);
 }
 
-// q . k over n floats in 8 interleaved partial sums, which the compiler keeps in SIMD registers
-// (a single running sum is a chain of dependent adds it may not reorder), added pairwise at the
-// end, then the last n % 8 products.
-inline float dot8(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
-    float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    int64_t d = 0;
-    for (; d + 8 <= n; d += 8) {
-        for (int l = 0; l < 8; ++l) {
-            part[l] += a[d + l] * b[d + l];
-        }
-    }
-    float sum =
-        ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-    for (; d < n; ++d) {
-        sum += a[d] * b[d];
-    }
-    return sum;
-}
-
-// Products of q . k and p * v (about 2 * len * head_dim) below which one (sequence, head) pair
-// is not worth waking another thread for: a decode step of a small model at a short context
-// stays on the calling thread, long contexts are split over the cores.
-constexpr int64_t kAttentionGrainProducts = int64_t{1} << 15;
-
-// fp32: a loop per (sequence, query head) over the sequence's own keys, with a running maximum
-// for the softmax; the (sequence, head) pairs are split over threads (at::parallel_for) when
-// there is enough work. A decode step of a small model attends over a few hundred keys; the
-// ATen version below costs ~15 ops (~70 us) per layer there, this a few us. Keys and values past
-// seq_lens[b] are never read.
-void decode_attention_cpu_fp32(const at::Tensor& q, const at::Tensor& k_cache,
-                               const at::Tensor& v_cache, const int32_t* lens, int64_t longest,
-                               double scale, at::Tensor& out) {
-    const int64_t batch = q.size(0);
-    const int64_t num_q_heads = q.size(1);
-    const int64_t head_dim = q.size(2);
-    const int64_t max_seq_len = k_cache.size(1);
-    const int64_t num_kv_heads = k_cache.size(2);
-    const int64_t group = num_q_heads / num_kv_heads;
-    const int64_t key_stride = num_kv_heads * head_dim;  // contiguous caches (checked)
-    const float* qp = q.const_data_ptr<float>();
-    const float* kp = k_cache.const_data_ptr<float>();
-    const float* vp = v_cache.const_data_ptr<float>();
-    float* op = out.mutable_data_ptr<float>();
-    const float sc = static_cast<float>(scale);
-    const int64_t pair_products = std::max<int64_t>(1, 2 * longest * head_dim);
-    const int64_t grain = std::max<int64_t>(1, kAttentionGrainProducts / pair_products);
-    at::parallel_for(0, batch * num_q_heads, grain, [&](int64_t first, int64_t last) {
-        std::vector<float> scores(static_cast<size_t>(longest));
-        std::vector<float> acc(static_cast<size_t>(head_dim));
-        for (int64_t pair = first; pair < last; ++pair) {
-            const int64_t b = pair / num_q_heads;
-            const int64_t h = pair % num_q_heads;
-            const int64_t len = lens[b];
-            if (len == 0) {
-                continue;  // no keys: the output stays zero
-            }
-            const int64_t kvh = h / group;
-            const float* qh = qp + (b * num_q_heads + h) * head_dim;
-            const float* kh = kp + b * max_seq_len * key_stride + kvh * head_dim;
-            const float* vh = vp + b * max_seq_len * key_stride + kvh * head_dim;
-            float best = -std::numeric_limits<float>::infinity();
-            for (int64_t j = 0; j < len; ++j) {
-                scores[j] = dot8(qh, kh + j * key_stride, head_dim) * sc;
-                best = std::max(best, scores[j]);
-            }
-            std::fill(acc.begin(), acc.end(), 0.f);
-            float total = 0.f;
-            for (int64_t j = 0; j < len; ++j) {
-                const float p = std::exp(scores[j] - best);
-                total += p;
-                const float* vj = vh + j * key_stride;
-                for (int64_t d = 0; d < head_dim; ++d) {
-                    acc[d] += p * vj[d];
-                }
-            }
-            float* oh = op + (b * num_q_heads + h) * head_dim;
-            const float inv = 1.f / total;
-            for (int64_t d = 0; d < head_dim; ++d) {
-                oh[d] = acc[d] * inv;
-            }
-        }
-    });
-}
-
 // The CPU has no key tiles and no tensor cores: `tile` is checked as on CUDA (so a call that
 // fails on one device fails on the other), `reverse` and `tensor_cores` change nothing here.
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
@@ -203,7 +119,10 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
         return out;
     }
     if (q.scalar_type() == at::kFloat) {
-        decode_attention_cpu_fp32(q, k_cache, v_cache, lens, longest, scale, out);
+        decode_attention_fp32_cpu(q.const_data_ptr<float>(), k_cache.const_data_ptr<float>(),
+                                  v_cache.const_data_ptr<float>(), lens,
+                                  out.mutable_data_ptr<float>(), batch, num_q_heads, num_kv_heads,
+                                  head_dim, max_seq_len, longest, static_cast<float>(scale));
         return out;
     }
 

@@ -37,6 +37,7 @@ struct LaunchArgs {
     float scale_log2;
     DecodeAttentionPlan plan;
     cudaStream_t stream;
+    PagedKeys pages;  // paged K/V only: where the keys are (k_cache / v_cache are the pools)
 };
 
 // Lets `kernel` use `smem` bytes of dynamic shared memory. Above 48 KiB a kernel must opt in,
@@ -86,11 +87,11 @@ cudaError_t launch_combine(const LaunchArgs& a) {
                          a.scale_log2);
 }
 
-template <typename T, int VecBytes, int Tile>
+template <typename T, int VecBytes, int Tile, bool Paged>
 cudaError_t launch_typed(const LaunchArgs& a) {
     const int64_t stages = stages_for(a.head_dim, Tile, sizeof(T));
     const int64_t smem = split_smem_bytes(a.head_dim, Tile, stages, sizeof(T));
-    auto* kernel = decode_attention_split_kernel<T, VecBytes, Tile>;
+    auto* kernel = decode_attention_split_kernel<T, VecBytes, Tile, Paged>;
     static std::atomic<uint64_t> opted_in{0};
     const cudaError_t err = allow_shared_memory(kernel, smem, opted_in);
     if (err != cudaSuccess) {
@@ -106,16 +107,16 @@ cudaError_t launch_typed(const LaunchArgs& a) {
                       a.partial_out, a.partial_max, a.partial_sum, static_cast<int>(a.num_q_heads),
                       static_cast<int>(a.num_kv_heads), static_cast<int>(a.head_dim), a.max_seq_len,
                       static_cast<int>(a.plan.num_splits), static_cast<int>(a.plan.head_blocks),
-                      a.scale_log2, a.plan.reverse, static_cast<int>(stages));
+                      a.scale_log2, a.plan.reverse, static_cast<int>(stages), a.pages);
     return launched != cudaSuccess ? launched : launch_combine<T>(a);
 }
 
 // Pass 1 on tensor cores (decode_attention_mma.cuh), then pass 2.
-template <typename T, int HeadDim, int Tile>
+template <typename T, int HeadDim, int Tile, bool Paged>
 cudaError_t launch_mma(const LaunchArgs& a) {
     namespace mma = decode_attention_mma;
     const int64_t smem = mma::mma_smem_bytes(HeadDim);
-    auto* kernel = mma::decode_attention_mma_kernel<T, HeadDim, Tile>;
+    auto* kernel = mma::decode_attention_mma_kernel<T, HeadDim, Tile, Paged>;
     static std::atomic<uint64_t> opted_in{0};
     const cudaError_t err = allow_shared_memory(kernel, smem, opted_in);
     if (err != cudaSuccess) {
@@ -130,51 +131,102 @@ cudaError_t launch_mma(const LaunchArgs& a) {
         static_cast<const T*>(a.v_cache), a.seq_lens, static_cast<T*>(a.out), a.partial_out,
         a.partial_max, a.partial_sum, static_cast<int>(a.num_q_heads),
         static_cast<int>(a.num_kv_heads), a.max_seq_len, static_cast<int>(a.plan.num_splits),
-        static_cast<int>(a.plan.head_blocks), a.scale_log2, a.plan.reverse);
+        static_cast<int>(a.plan.head_blocks), a.scale_log2, a.plan.reverse, a.pages);
     return launched != cudaSuccess ? launched : launch_combine<T>(a);
 }
 
 // The tensor-core instantiations: (head_dim, tile) in (64, 64), (64, 128), (128, 64).
-template <typename T>
+template <typename T, bool Paged>
 cudaError_t launch_mma_for_shape(const LaunchArgs& a) {
     if (a.head_dim == 64) {
-        return a.plan.tile == 128 ? launch_mma<T, 64, 128>(a) : launch_mma<T, 64, 64>(a);
+        return a.plan.tile == 128 ? launch_mma<T, 64, 128, Paged>(a)
+                                  : launch_mma<T, 64, 64, Paged>(a);
     }
-    return launch_mma<T, 128, 64>(a);
+    return launch_mma<T, 128, 64, Paged>(a);
 }
 
 // The tile: the plan's, unless one stage of 128-key K/V tiles would not fit in shared memory
 // (fp32 with head_dim > 128), where it is 64.
-template <typename T, int VecBytes>
+template <typename T, int VecBytes, bool Paged>
 cudaError_t launch_tiled(const LaunchArgs& a) {
     if (a.plan.tile == 128 &&
         2 * 128 * a.head_dim * static_cast<int64_t>(sizeof(T)) <= 128 * 1024) {
-        return launch_typed<T, VecBytes, 128>(a);
+        return launch_typed<T, VecBytes, 128, Paged>(a);
     }
-    return launch_typed<T, VecBytes, 64>(a);
+    return launch_typed<T, VecBytes, 64, Paged>(a);
 }
 
 // The widest load that divides the row size and both cache pointers (rows then stay aligned:
 // every row starts a multiple of head_dim elements from the base).
-template <typename T>
+template <typename T, bool Paged>
 cudaError_t launch_for_dtype(const LaunchArgs& a) {
     const uintptr_t bits = reinterpret_cast<uintptr_t>(a.k_cache) |
                            reinterpret_cast<uintptr_t>(a.v_cache) |
                            static_cast<uintptr_t>(a.head_dim * sizeof(T));
     if (bits % 16 == 0) {
-        return launch_tiled<T, 16>(a);
+        return launch_tiled<T, 16, Paged>(a);
     }
     if (bits % 8 == 0) {
-        return launch_tiled<T, 8>(a);
+        return launch_tiled<T, 8, Paged>(a);
     }
     if constexpr (sizeof(T) == 4) {
-        return launch_tiled<T, 4>(a);
+        return launch_tiled<T, 4, Paged>(a);
     } else {
         if (bits % 4 == 0) {
-            return launch_tiled<T, 4>(a);
+            return launch_tiled<T, 4, Paged>(a);
         }
-        return launch_tiled<T, 2>(a);
+        return launch_tiled<T, 2, Paged>(a);
     }
+}
+
+// Checks the sizes and the plan, then launches pass 1 (tensor or CUDA cores) and pass 2; the
+// contiguous and the paged entry points below differ only in Paged and a.pages.
+template <bool Paged>
+cudaError_t launch_checked(const LaunchArgs& a, AttentionDtype dtype) {
+    const DecodeAttentionPlan& plan = a.plan;
+    if (a.batch < 0 || a.num_q_heads < 1 || a.num_kv_heads < 1 ||
+        a.num_q_heads % a.num_kv_heads != 0 || a.head_dim < 1 ||
+        a.head_dim > kDecodeAttentionMaxHeadDim || a.max_seq_len < 1) {
+        return cudaErrorInvalidValue;
+    }
+    if (a.batch == 0) {
+        return cudaSuccess;
+    }
+    if (a.batch > 65535 || a.num_kv_heads * plan.head_blocks > 65535 ||
+        a.num_q_heads > 2147483647 || plan.num_splits < 1 || plan.num_splits > 2147483647 ||
+        (plan.tile != 64 && plan.tile != 128) ||
+        plan.head_blocks * (plan.tensor_cores ? decode_attention_mma::kRows : kHeads) <
+            a.num_q_heads / a.num_kv_heads) {
+        return cudaErrorInvalidValue;
+    }
+    const bool aligned = (reinterpret_cast<uintptr_t>(a.k_cache) % 16 == 0) &&
+                         (reinterpret_cast<uintptr_t>(a.v_cache) % 16 == 0) &&
+                         (reinterpret_cast<uintptr_t>(a.q) % 4 == 0);
+    if (plan.tensor_cores &&
+        !decode_attention_tensor_cores_apply(dtype, a.head_dim, plan.tile, aligned)) {
+        return cudaErrorInvalidValue;
+    }
+    if (a.q == nullptr || a.k_cache == nullptr || a.v_cache == nullptr || a.seq_lens == nullptr ||
+        a.out == nullptr ||
+        (plan.num_splits > 1 &&
+         (a.partial_out == nullptr || a.partial_max == nullptr || a.partial_sum == nullptr))) {
+        return cudaErrorInvalidValue;
+    }
+    if (Paged && (a.pages.block_tables == nullptr || a.pages.table_stride < 0 ||
+                  a.pages.block_shift < 0 || a.pages.block_shift > 30 || a.pages.num_blocks < 1)) {
+        return cudaErrorInvalidValue;
+    }
+    switch (dtype) {
+        case AttentionDtype::kFloat32:
+            return launch_for_dtype<float, Paged>(a);
+        case AttentionDtype::kFloat16:
+            return plan.tensor_cores ? launch_mma_for_shape<__half, Paged>(a)
+                                     : launch_for_dtype<__half, Paged>(a);
+        case AttentionDtype::kBFloat16:
+            return plan.tensor_cores ? launch_mma_for_shape<__nv_bfloat16, Paged>(a)
+                                     : launch_for_dtype<__nv_bfloat16, Paged>(a);
+    }
+    return cudaErrorInvalidValue;
 }
 
 }  // namespace
@@ -236,49 +288,28 @@ cudaError_t launch_decode_attention(const void* q, const void* k_cache, const vo
                                     int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
                                     int64_t head_dim, int64_t max_seq_len, float scale,
                                     const DecodeAttentionPlan& plan, cudaStream_t stream) {
-    if (batch < 0 || num_q_heads < 1 || num_kv_heads < 1 || num_q_heads % num_kv_heads != 0 ||
-        head_dim < 1 || head_dim > kDecodeAttentionMaxHeadDim || max_seq_len < 1) {
-        return cudaErrorInvalidValue;
-    }
-    if (batch == 0) {
-        return cudaSuccess;
-    }
-    if (batch > 65535 || num_kv_heads * plan.head_blocks > 65535 || num_q_heads > 2147483647 ||
-        plan.num_splits < 1 || plan.num_splits > 2147483647 ||
-        (plan.tile != 64 && plan.tile != 128) ||
-        plan.head_blocks * (plan.tensor_cores ? decode_attention_mma::kRows : kHeads) <
-            num_q_heads / num_kv_heads) {
-        return cudaErrorInvalidValue;
-    }
-    const bool aligned = (reinterpret_cast<uintptr_t>(k_cache) % 16 == 0) &&
-                         (reinterpret_cast<uintptr_t>(v_cache) % 16 == 0) &&
-                         (reinterpret_cast<uintptr_t>(q) % 4 == 0);
-    if (plan.tensor_cores &&
-        !decode_attention_tensor_cores_apply(dtype, head_dim, plan.tile, aligned)) {
-        return cudaErrorInvalidValue;
-    }
-    if (q == nullptr || k_cache == nullptr || v_cache == nullptr || seq_lens == nullptr ||
-        out == nullptr ||
-        (plan.num_splits > 1 &&
-         (partial_out == nullptr || partial_max == nullptr || partial_sum == nullptr))) {
-        return cudaErrorInvalidValue;
-    }
     // flash attention's constant: the scale folded into exp2's argument, rounded to fp32 once.
     const LaunchArgs args{q,           k_cache,        v_cache,      seq_lens,
                           out,         partial_out,    partial_max,  partial_sum,
                           batch,       num_q_heads,    num_kv_heads, head_dim,
-                          max_seq_len, scale * kLog2e, plan,         stream};
-    switch (dtype) {
-        case AttentionDtype::kFloat32:
-            return launch_for_dtype<float>(args);
-        case AttentionDtype::kFloat16:
-            return plan.tensor_cores ? launch_mma_for_shape<__half>(args)
-                                     : launch_for_dtype<__half>(args);
-        case AttentionDtype::kBFloat16:
-            return plan.tensor_cores ? launch_mma_for_shape<__nv_bfloat16>(args)
-                                     : launch_for_dtype<__nv_bfloat16>(args);
-    }
-    return cudaErrorInvalidValue;
+                          max_seq_len, scale * kLog2e, plan,         stream,
+                          PagedKeys{nullptr, 0, 0, 0}};
+    return launch_checked<false>(args, dtype);
+}
+
+cudaError_t launch_paged_decode_attention(const void* q, const void* k_pool, const void* v_pool,
+                                          const PagedKeys& pages, const int32_t* seq_lens,
+                                          void* out, float* partial_out, float* partial_max,
+                                          float* partial_sum, AttentionDtype dtype, int64_t batch,
+                                          int64_t num_q_heads, int64_t num_kv_heads,
+                                          int64_t head_dim, int64_t capacity, float scale,
+                                          const DecodeAttentionPlan& plan, cudaStream_t stream) {
+    const LaunchArgs args{q,        k_pool,         v_pool,       seq_lens,
+                          out,      partial_out,    partial_max,  partial_sum,
+                          batch,    num_q_heads,    num_kv_heads, head_dim,
+                          capacity, scale * kLog2e, plan,         stream,
+                          pages};
+    return launch_checked<true>(args, dtype);
 }
 
 }  // namespace toyllm

@@ -25,6 +25,14 @@
 // cores (decode_attention_mma.cuh: fp16/bf16, head_dim 64 or 128, tile * head_dim <= 8192,
 // 16-byte aligned K/V and 4-byte aligned q; kDecodeAttentionMmaHeadsPerBlock query heads per
 // block, the chunk's tiles cut into one run per warp). The plan says which.
+//
+// Paged K/V (launch_paged_decode_attention): the same kernels, chunks, tiles and arithmetic, with
+// each key row found through the row's block table instead of at a fixed stride: key j of row b
+// is row (block_tables[b][j >> block_shift] << block_shift) + (j & (block_size - 1)) of the pools
+// [num_blocks, block_size, num_kv_heads, head_dim]. The kernels copy K/V to shared memory a row
+// at a time, so a tile may span any number of blocks and every power-of-two block size works with
+// the 64- and 128-key tiles; a row of the table is read once per copied vector (from L1). Given
+// the same keys, capacity and plan, the output is bit for bit decode_attention's.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -38,6 +46,15 @@ constexpr int kDecodeAttentionHeadsPerBlock = 4;
 constexpr int kDecodeAttentionMmaHeadsPerBlock = 16;
 
 enum class AttentionDtype { kFloat32, kFloat16, kBFloat16 };
+
+// Where the keys of a paged cache are. Passed by value to the kernels (unused for a contiguous
+// cache).
+struct PagedKeys {
+    const int32_t* block_tables;  // [batch, >= capacity / block_size], rows table_stride apart
+    int64_t table_stride;         // entries from one row of the table to the next
+    int block_shift;              // log2(block_size)
+    int64_t num_blocks;           // entries outside [0, num_blocks) read as zeros
+};
 
 // How the work is split; depends only on shapes and the GPU, so scratch buffers can be sized
 // (and allocated) before the launch.
@@ -86,6 +103,25 @@ cudaError_t launch_decode_attention(
     float* partial_sum,       // [batch, num_q_heads, num_splits]           (unused if 1 split)
     AttentionDtype dtype, int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
     int64_t head_dim, int64_t max_seq_len, float scale, const DecodeAttentionPlan& plan,
+    cudaStream_t stream);
+
+// Decode attention over paged K/V: as launch_decode_attention, key j of row b read through
+// pages (see PagedKeys and the header comment); `capacity` (the table's width times block_size)
+// takes max_seq_len's place, in the plan too.
+// NOTE: a table entry outside [0, num_blocks) for a key below seq_lens[b] reads as a zero key and
+// value (the host cannot check device tables without a sync; nothing outside the pools is read).
+cudaError_t launch_paged_decode_attention(
+    const void* q,            // [batch, num_q_heads, head_dim]
+    const void* k_pool,       // [num_blocks, block_size, num_kv_heads, head_dim]
+    const void* v_pool,       // [num_blocks, block_size, num_kv_heads, head_dim]
+    const PagedKeys& pages,   // block_tables in device memory
+    const int32_t* seq_lens,  // [batch], device memory: keys each row attends over
+    void* out,                // [batch, num_q_heads, head_dim], q's dtype
+    float* partial_out,       // [batch, num_q_heads, num_splits, head_dim] (unused if 1 split)
+    float* partial_max,       // [batch, num_q_heads, num_splits]           (unused if 1 split)
+    float* partial_sum,       // [batch, num_q_heads, num_splits]           (unused if 1 split)
+    AttentionDtype dtype, int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
+    int64_t head_dim, int64_t capacity, float scale, const DecodeAttentionPlan& plan,
     cudaStream_t stream);
 
 }  // namespace toyllm

@@ -59,12 +59,14 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// Starts copying `count` rows of `vecs` VecBytes-vectors (`row_stride` elements apart in
-// global memory) into shared memory, rows packed. 4-16 byte vectors go through cp.async (the
+// Starts copying `count` rows of `vecs` VecBytes-vectors into shared memory, rows packed: row t
+// from src + row_offset(t) in global memory (row_offset(t) = t * row_stride for a contiguous
+// cache; through the block table for a paged one, where a negative offset, a table entry outside
+// the pool, fills the row with zeros when Paged). 4-16 byte vectors go through cp.async (the
 // copy overlaps whatever the block does until __pipeline_wait_prior); 2-byte ones are copied
 // synchronously (cp.async has no 2-byte form).
-template <typename T, int VecBytes>
-__device__ __forceinline__ void copy_tile(T* smem, const T* __restrict__ src, int64_t row_stride,
+template <typename T, int VecBytes, bool Paged, typename RowOffset>
+__device__ __forceinline__ void copy_tile(T* smem, const T* __restrict__ src, RowOffset row_offset,
                                           int count, int vecs) {
     constexpr int kElems = VecBytes / static_cast<int>(sizeof(T));
     using Vec = typename RawVec<VecBytes>::type;
@@ -72,7 +74,14 @@ __device__ __forceinline__ void copy_tile(T* smem, const T* __restrict__ src, in
         const int t = i / vecs;
         const int c = i - t * vecs;
         T* dst = smem + (t * vecs + c) * kElems;
-        const T* from = src + t * row_stride + c * kElems;
+        const int64_t offset = row_offset(t);
+        if constexpr (Paged) {
+            if (offset < 0) {
+                *reinterpret_cast<Vec*>(dst) = Vec{};
+                continue;
+            }
+        }
+        const T* from = src + offset + c * kElems;
         if constexpr (VecBytes >= 4) {
             __pipeline_memcpy_async(dst, from, VecBytes);
         } else {
@@ -142,9 +151,30 @@ __device__ __forceinline__ void write_empty_chunk(T* __restrict__ out,
     }
 }
 
+// The element offset, in a cache or pool, of the row of key `key` (from 0) of sequence b for the
+// KV head at element kv_offset of a row: b's row of a contiguous cache [batch, max_seq_len,
+// ...], or the slot its block table gives in paged pools (-1 for an entry outside the pool).
+template <bool Paged>
+__device__ __forceinline__ int64_t key_row_offset(const PagedKeys& pages, int64_t b, int64_t key,
+                                                  int64_t max_seq_len, int64_t row_stride,
+                                                  int64_t kv_offset) {
+    if constexpr (Paged) {
+        const int64_t block =
+            pages.block_tables[b * pages.table_stride + (key >> pages.block_shift)];
+        if (block < 0 || block >= pages.num_blocks) {
+            return -1;
+        }
+        const int64_t mask = (int64_t{1} << pages.block_shift) - 1;
+        return ((block << pages.block_shift) + (key & mask)) * row_stride + kv_offset;
+    } else {
+        return (b * max_seq_len + key) * row_stride + kv_offset;
+    }
+}
+
 // Pass 1. Block (split, kv_head * head_blocks + head_block, b): chunk `split` of sequence b's
-// keys, KV head kv_head, query heads h_begin .. h_begin + nh - 1 of its group.
-template <typename T, int VecBytes, int Tile>
+// keys, KV head kv_head, query heads h_begin .. h_begin + nh - 1 of its group. Paged: the keys
+// are found through `pages` (k_cache and v_cache are the pools, max_seq_len the capacity).
+template <typename T, int VecBytes, int Tile, bool Paged>
 __global__ void __launch_bounds__(kThreads, 3) decode_attention_split_kernel(
     const T* __restrict__ q,               // [batch, num_q_heads, head_dim]
     const T* __restrict__ k_cache,         // [batch, max_seq_len, num_kv_heads, head_dim]
@@ -155,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, 3) decode_attention_split_kernel(
     float* __restrict__ partial_max,       // [batch, num_q_heads, num_splits]
     float* __restrict__ partial_sum,       // [batch, num_q_heads, num_splits]
     int num_q_heads, int num_kv_heads, int head_dim, int64_t max_seq_len, int num_splits,
-    int head_blocks, float scale_log2, bool reverse, int stages) {
+    int head_blocks, float scale_log2, bool reverse, int stages, PagedKeys pages) {
     wait_for_inputs();
     constexpr int kElems = VecBytes / static_cast<int>(sizeof(T));
     static_assert(Tile % 32 == 0, "a tile is whole warps of keys");
@@ -196,8 +226,7 @@ __global__ void __launch_bounds__(kThreads, 3) decode_attention_split_kernel(
 
     const int vecs = head_dim / kElems;  // vectors per K/V row
     const int64_t row_stride = static_cast<int64_t>(num_kv_heads) * head_dim;  // key to key
-    const T* k_rows = k_cache + (b * max_seq_len + key_begin) * row_stride + kv_head * head_dim;
-    const T* v_rows = v_cache + (b * max_seq_len + key_begin) * row_stride + kv_head * head_dim;
+    const int64_t kv_offset = static_cast<int64_t>(kv_head) * head_dim;
     const int stage_elems = 2 * Tile * head_dim;  // K tile then V tile
     // Tile i of the walk: its first key (from key_begin) and its length.
     auto tile_start = [&](int i) { return (reverse ? num_tiles - 1 - i : i) * Tile; };
@@ -205,12 +234,16 @@ __global__ void __launch_bounds__(kThreads, 3) decode_attention_split_kernel(
         return static_cast<int>(
             min(static_cast<int64_t>(Tile), key_end - key_begin - tile_start(i)));
     };
+    // K and V rows of a key sit at the same offset of their cache or pool.
     auto issue = [&](int i, int stage) {
         T* dst = kv_s + stage * stage_elems;
-        const int64_t first = tile_start(i) * row_stride;
-        copy_tile<T, VecBytes>(dst, k_rows + first, row_stride, tile_len(i), vecs);
-        copy_tile<T, VecBytes>(dst + Tile * head_dim, v_rows + first, row_stride, tile_len(i),
-                               vecs);
+        const int64_t first = key_begin + tile_start(i);
+        auto row_offset = [&](int t) {
+            return key_row_offset<Paged>(pages, b, first + t, max_seq_len, row_stride, kv_offset);
+        };
+        copy_tile<T, VecBytes, Paged>(dst, k_cache, row_offset, tile_len(i), vecs);
+        copy_tile<T, VecBytes, Paged>(dst + Tile * head_dim, v_cache, row_offset, tile_len(i),
+                                      vecs);
         __pipeline_commit();
     };
     issue(0, 0);

@@ -133,8 +133,9 @@ __device__ __forceinline__ uint32_t load_pair(const T* p) {
 }
 
 // The split pass on tensor cores. Same arguments and outputs as decode_attention_split_kernel,
-// with query heads taken kRows per block. HeadDim is a multiple of 16, Tile of 16.
-template <typename T, int HeadDim, int Tile>
+// with query heads taken kRows per block. HeadDim is a multiple of 16, Tile of 16. Paged: the
+// keys are found through `pages` (k_cache and v_cache are the pools, max_seq_len the capacity).
+template <typename T, int HeadDim, int Tile, bool Paged>
 __global__ void __launch_bounds__(kThreads, 2) decode_attention_mma_kernel(
     const T* __restrict__ q,               // [batch, num_q_heads, HeadDim]
     const T* __restrict__ k_cache,         // [batch, max_seq_len, num_kv_heads, HeadDim]
@@ -145,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_mma_kernel(
     float* __restrict__ partial_max,       // [batch, num_q_heads, num_splits]
     float* __restrict__ partial_sum,       // [batch, num_q_heads, num_splits]
     int num_q_heads, int num_kv_heads, int64_t max_seq_len, int num_splits, int head_blocks,
-    float scale_log2, bool reverse) {
+    float scale_log2, bool reverse, PagedKeys pages) {
     wait_for_inputs();
     static_assert(HeadDim % 16 == 0 && Tile % kSlotKeys == 0, "whole mma steps and slots");
     constexpr int kPitch = HeadDim + kPad;     // elements from one shared-memory row to the next
@@ -187,8 +188,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_mma_kernel(
     const int run = min(first_tile + per_warp, num_tiles) - first_tile;
 
     const int64_t row_stride = static_cast<int64_t>(num_kv_heads) * HeadDim;  // key to key
-    const T* k_rows = k_cache + (b * max_seq_len + key_begin) * row_stride + kv_head * HeadDim;
-    const T* v_rows = v_cache + (b * max_seq_len + key_begin) * row_stride + kv_head * HeadDim;
+    const int64_t kv_offset = static_cast<int64_t>(kv_head) * HeadDim;
+    const T* k_rows = k_cache + (b * max_seq_len + key_begin) * row_stride + kv_offset;
+    const T* v_rows = v_cache + (b * max_seq_len + key_begin) * row_stride + kv_offset;
     T* ring = reinterpret_cast<T*>(smem_raw) + warp * kRing * kSlotElems;
 
     // Step i of the run: its tile, last to first with `reverse`; its number of keys.
@@ -210,16 +212,34 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_mma_kernel(
         const int half = part % kHalves;
         const int tile = tile_at(step);
         const int n = keys_in(tile) - half * kSlotKeys;  // rows of this slot with keys
-        const T* src = (part < kHalves ? k_rows : v_rows) +
-                       (static_cast<int64_t>(tile) * Tile + half * kSlotKeys) * row_stride;
+        const int64_t first = static_cast<int64_t>(tile) * Tile + half * kSlotKeys;
         T* slot = ring + (c % kRing) * kSlotElems;
+        if constexpr (Paged) {
+            // Each row through the table; an entry outside the pool fills it with zeros.
+            const T* pool = part < kHalves ? k_cache : v_cache;
 #pragma unroll 4
-        for (int e = lane; e < kSlotKeys * kVecs; e += 32) {
-            const int key = e / kVecs;
-            const int vec = e - key * kVecs;
-            const bool valid = key < n;
-            copy16_async(shared_address(slot + key * kPitch + vec * 8),
-                         src + (valid ? key : 0) * row_stride + vec * 8, valid);
+            for (int e = lane; e < kSlotKeys * kVecs; e += 32) {
+                const int key = e / kVecs;
+                const int vec = e - key * kVecs;
+                const int64_t offset =
+                    key < n ? decode_attention_kernels::key_row_offset<true>(
+                                  pages, b, key_begin + first + key, max_seq_len, row_stride,
+                                  kv_offset)
+                            : -1;
+                const bool valid = offset >= 0;
+                copy16_async(shared_address(slot + key * kPitch + vec * 8),
+                             pool + (valid ? offset : 0) + vec * 8, valid);
+            }
+        } else {
+            const T* src = (part < kHalves ? k_rows : v_rows) + first * row_stride;
+#pragma unroll 4
+            for (int e = lane; e < kSlotKeys * kVecs; e += 32) {
+                const int key = e / kVecs;
+                const int vec = e - key * kVecs;
+                const bool valid = key < n;
+                copy16_async(shared_address(slot + key * kPitch + vec * 8),
+                             src + (valid ? key : 0) * row_stride + vec * 8, valid);
+            }
         }
     };
     // Waits for copy c (the copies committed: kRing - 1 + c), and its slot.

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/op_args.h"
+#include "elementwise/cpu_fp32_loops.h"
 
 #ifdef WITH_CUDA_KERNELS
 #include <ATen/cuda/CUDAContext.h>
@@ -62,33 +63,15 @@ void check_rms_norm_args(const at::Tensor& x, const at::Tensor& weight, double e
     check_norm_args("rms_norm", x, weight, eps);
 }
 
-// fp32: one pass per row in plain C++ (a decode step's 13 norms of one row each cost ~40 us
-// apiece as the 8 ATen ops below). The sum of squares is taken in double and rounded once, so
-// the result is within a few ulps of the ATen ops' (whose fp32 sum runs in another order).
+// fp32: one pass per row in plain C++ (cpu_fp32_loops.h; a decode step's norms of one row each
+// cost ~40 us apiece as the 8 ATen ops below), within a few ulps of the ATen ops'.
 at::Tensor rms_norm_cpu_fp32(const at::Tensor& x, const at::Tensor& weight, double eps) {
     const at::Tensor xc = x.contiguous();
     at::Tensor out = at::empty_like(xc);
     const int64_t hidden = x.size(-1);
     const int64_t rows = hidden == 0 ? 0 : xc.numel() / hidden;
-    const float* xp = xc.const_data_ptr<float>();
-    const float* wp = weight.const_data_ptr<float>();
-    float* op = out.mutable_data_ptr<float>();
-    const float eps_f = static_cast<float>(eps);
-    for (int64_t r = 0; r < rows; ++r) {
-        const float* xr = xp + r * hidden;
-        float* orow = op + r * hidden;
-        double sum = 0.0;
-        for (int64_t i = 0; i < hidden; ++i) {
-            sum += static_cast<double>(xr[i]) * xr[i];
-        }
-        // as torch: mean in fp32, + eps in fp32, rsqrt in fp32
-        const float mean = static_cast<float>(sum / static_cast<double>(hidden));
-        const float inv = 1.0f / std::sqrt(mean + eps_f);
-        for (int64_t i = 0; i < hidden; ++i) {
-            const float h = xr[i] * inv;
-            orow[i] = wp[i] * h;
-        }
-    }
+    rms_norm_fp32(xc.const_data_ptr<float>(), weight.const_data_ptr<float>(),
+                  out.mutable_data_ptr<float>(), rows, hidden, static_cast<float>(eps));
     return out;
 }
 
@@ -200,12 +183,11 @@ void check_rope_args(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
     check_last_dim_contiguous("rope", "sin", sin);
 }
 
-// fp32: models/rope.py's x * cos + rotate_half(x) * sin in one loop, rounding as the ATen ops
-// do (two products, then their sum: the module is built without FMA, so nothing is fused);
-// the same bits, a few us instead of ~30 for a decode step's q and k.
+// fp32: models/rope.py's x * cos + rotate_half(x) * sin, head by head (cpu_fp32_loops.h),
+// rounding as the ATen ops do: the same bits, a few us instead of ~30 for a decode step's q, k.
 at::Tensor rope_cpu_fp32(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
     at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-    const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3), half = D / 2;
+    const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3);
     const float* xp = x.const_data_ptr<float>();
     const float* cp = cos.const_data_ptr<float>();
     const float* sp = sin.const_data_ptr<float>();
@@ -215,18 +197,8 @@ at::Tensor rope_cpu_fp32(const at::Tensor& x, const at::Tensor& cos, const at::T
             const float* c = cp + b * cos.stride(0) + t * cos.stride(1);
             const float* s = sp + b * sin.stride(0) + t * sin.stride(1);
             for (int64_t h = 0; h < H; ++h) {
-                const float* xr = xp + b * x.stride(0) + t * x.stride(1) + h * x.stride(2);
-                float* o = op + ((b * T + t) * H + h) * D;
-                for (int64_t d = 0; d < half; ++d) {
-                    const float a = xr[d] * c[d];
-                    const float r = -xr[d + half] * s[d];
-                    o[d] = a + r;
-                }
-                for (int64_t d = half; d < D; ++d) {
-                    const float a = xr[d] * c[d];
-                    const float r = xr[d - half] * s[d];
-                    o[d] = a + r;
-                }
+                rope_head_fp32(xp + b * x.stride(0) + t * x.stride(1) + h * x.stride(2), c, s,
+                               op + ((b * T + t) * H + h) * D, D);
             }
         }
     }

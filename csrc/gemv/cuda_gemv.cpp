@@ -18,7 +18,6 @@
 // where gemv_silu_mul runs two kernels), so a call can be captured in a CUDA graph.
 #ifdef WITH_CUDA_KERNELS
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -27,6 +26,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/dispatched_ops.h"
 #include "common/op_args.h"
 #include "elementwise/fused_kernels.cuh"
 #include "elementwise/rope_kv_args.h"
@@ -279,12 +279,7 @@ std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_rope_kv_cuda(
     if (!one_kernel) {
         auto [sum, qkv] = add_rms_norm_product_cuda(kGemvAddRmsNormNames, x, residual, norm_weight,
                                                     eps, weight, false, warps);
-        static const auto rope_kv_update =
-            c10::Dispatcher::singleton()
-                .findSchemaOrThrow("toyllm::rope_kv_update", "")
-                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                  at::Tensor&, at::Tensor&, const at::Tensor&, int64_t)>();
-        at::Tensor q = rope_kv_update.call(qkv.view(qkv_sizes), cos, sin, k_cache, v_cache,
+        at::Tensor q = call_rope_kv_update(qkv.view(qkv_sizes), cos, sin, k_cache, v_cache,
                                            positions, num_q_heads);
         return {sum, q};
     }

@@ -36,6 +36,10 @@ constexpr int64_t kBlocksPerSm = 2;             // blocks of all rows together, 
 constexpr int64_t kMinPacksPerThread = 2;       // a row is cut no finer than this
 constexpr int64_t kMaxGrid = int64_t{1} << 20;  // blocks per launch (grid-stride past that)
 constexpr int64_t kNoIndex = INT64_MAX;         // "no element yet": loses to every element
+// A row's counter (`done`) counts its finished blocks in the low 16 bits and the blocks that
+// saw a NaN or an inf in the high 16 (one atomicAdd says both); parts <= kBlocksPerSm * SMs.
+constexpr unsigned kCountMask = 0xffffu;
+constexpr unsigned kNonfiniteUnit = 1u << 16;
 
 // Loads each thread issues before it looks at the first: 4 x 16 bytes, or 8 single elements.
 template <int N>
@@ -58,8 +62,10 @@ Plan plan_for(ArgmaxDtype dtype, int64_t rows, int64_t vocab, int sm_count) {
     const int64_t vec = 16 / element_bytes(dtype);  // elements per 16-byte pack
     const int64_t target = kBlocksPerSm * std::max(sm_count, 1);
     const int64_t finest = ceil_div(vocab, kThreads * kMinPacksPerThread * vec);
-    const int64_t parts =
-        std::max<int64_t>(1, std::min(ceil_div(target, std::max<int64_t>(rows, 1)), finest));
+    // (never above kCountMask: a row's counter holds its count in 16 bits)
+    const int64_t parts = std::max<int64_t>(
+        1, std::min({ceil_div(target, std::max<int64_t>(rows, 1)), finest,
+                     static_cast<int64_t>(kCountMask)}));
     const int64_t chunk = ceil_div(ceil_div(vocab, parts), vec) * vec;
     return {ceil_div(vocab, chunk), chunk};
 }
@@ -155,7 +161,8 @@ __global__ void __launch_bounds__(kThreads)
                   unsigned* __restrict__ done,       // [rows], zero at launch (parts > 1)
                   float* __restrict__ part_value,    // [rows, parts]      (parts > 1)
                   int64_t* __restrict__ part_index,  // [rows, parts]      (parts > 1)
-                  int64_t rows, int64_t vocab, int64_t parts, int64_t chunk) {
+                  int64_t rows, int64_t vocab, int64_t parts, int64_t chunk,
+                  bool flag_nonfinite) {  // a row holding NaN or +-inf gets -1
     using P = Pack<T, N>;
     constexpr int U = kUnroll<N>;
     __shared__ Best shared[kWarps];
@@ -169,6 +176,7 @@ __global__ void __launch_bounds__(kThreads)
         const T* __restrict__ row = logits + r * row_stride;
         const P* __restrict__ packs = reinterpret_cast<const P*>(row);
         Best best{-INFINITY, kNoIndex};
+        bool nonfinite = false;  // this thread saw a NaN or an inf
 
         // whole packs [lo / N, hi / N): this thread's are lo / N + tid, + kThreads, ...
         const int64_t end = hi / N;
@@ -186,28 +194,38 @@ __global__ void __launch_bounds__(kThreads)
                 if (q + u * kThreads < end) {
 #pragma unroll
                     for (int k = 0; k < N; ++k) {
-                        take(best, to_float(v[u].v[k]), (q + u * kThreads) * N + k);
+                        const float x = to_float(v[u].v[k]);
+                        nonfinite |= !isfinite(x);
+                        take(best, x, (q + u * kThreads) * N + k);
                     }
                 }
             }
         }
         // the < N elements after the last whole pack (only the row's last chunk has any)
         if (end * N + tid < hi) {
-            take(best, to_float(row[end * N + tid]), end * N + tid);
+            const float x = to_float(row[end * N + tid]);
+            nonfinite |= !isfinite(x);
+            take(best, x, end * N + tid);
         }
+        // block-uniform: every thread reaches it (the barrier also orders `shared` below)
+        nonfinite = flag_nonfinite && __syncthreads_or(nonfinite);
         best = block_best(best, shared);
 
         if (parts == 1) {
             if (tid == 0) {
-                out[r] = best.index;
+                out[r] = nonfinite ? -1 : best.index;
             }
             continue;
         }
+        bool row_nonfinite = false;  // thread 0 of the row's last block: any block saw one
         if (tid == 0) {
             part_value[item] = best.value;  // item == r * parts + part
             part_index[item] = best.index;
             __threadfence();  // the partial reaches L2 before the count says it is there
-            last = atomicAdd(done + r, 1u) == static_cast<unsigned>(parts - 1);
+            const unsigned before = atomicAdd(done + r, 1u + (nonfinite ? kNonfiniteUnit : 0u));
+            last = (before & kCountMask) == static_cast<unsigned>(parts - 1);
+            // every other block of the row added before this last one: their flags are in it
+            row_nonfinite = nonfinite || before >= kNonfiniteUnit;
         }
         __syncthreads();
         // `last` is block-uniform. In the last block every other block of row r has written its
@@ -222,7 +240,7 @@ __global__ void __launch_bounds__(kThreads)
             }
             row_best = block_best(row_best, shared);
             if (tid == 0) {
-                out[r] = row_best.index;
+                out[r] = row_nonfinite ? -1 : row_best.index;
             }
         }
         __syncthreads();  // `last` is read by every thread before the next item writes it
@@ -231,7 +249,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 cudaError_t argmax_for(const void* logits, int64_t row_stride, int64_t* out, void* scratch,
-                       const Plan& plan, int64_t rows, int64_t vocab, cudaStream_t stream) {
+                       const Plan& plan, int64_t rows, int64_t vocab, bool flag_nonfinite,
+                       cudaStream_t stream) {
     constexpr int kVec = kVec16<T>;
     const T* x = static_cast<const T*>(logits);
     const Scratch layout = scratch_for(rows, plan.parts);
@@ -245,10 +264,12 @@ cudaError_t argmax_for(const void* logits, int64_t row_stride, int64_t* out, voi
     const bool vec = aligned16(x) && (rows == 1 || row_stride % kVec == 0);
     if (vec) {
         argmax_kernel<T, kVec><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-            x, row_stride, out, done, value, index, rows, vocab, plan.parts, plan.chunk);
+            x, row_stride, out, done, value, index, rows, vocab, plan.parts, plan.chunk,
+            flag_nonfinite);
     } else {
         argmax_kernel<T, 1><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-            x, row_stride, out, done, value, index, rows, vocab, plan.parts, plan.chunk);
+            x, row_stride, out, done, value, index, rows, vocab, plan.parts, plan.chunk,
+            flag_nonfinite);
     }
     return cudaGetLastError();
 }
@@ -268,7 +289,7 @@ int64_t argmax_scratch_bytes(ArgmaxDtype dtype, int64_t rows, int64_t vocab, int
 
 cudaError_t launch_argmax(const void* logits, int64_t row_stride, int64_t* out, void* scratch,
                           int64_t scratch_bytes, ArgmaxDtype dtype, int64_t rows, int64_t vocab,
-                          int sm_count, cudaStream_t stream) {
+                          int sm_count, bool flag_nonfinite, cudaStream_t stream) {
     if (rows < 0 || vocab < 1) {
         return cudaErrorInvalidValue;
     }
@@ -290,12 +311,14 @@ cudaError_t launch_argmax(const void* logits, int64_t row_stride, int64_t* out, 
     }
     switch (dtype) {
         case ArgmaxDtype::kFloat16:
-            return argmax_for<__half>(logits, row_stride, out, scratch, plan, rows, vocab, stream);
+            return argmax_for<__half>(logits, row_stride, out, scratch, plan, rows, vocab,
+                                      flag_nonfinite, stream);
         case ArgmaxDtype::kBFloat16:
             return argmax_for<__nv_bfloat16>(logits, row_stride, out, scratch, plan, rows, vocab,
-                                             stream);
+                                             flag_nonfinite, stream);
         case ArgmaxDtype::kFloat32:
-            return argmax_for<float>(logits, row_stride, out, scratch, plan, rows, vocab, stream);
+            return argmax_for<float>(logits, row_stride, out, scratch, plan, rows, vocab,
+                                     flag_nonfinite, stream);
     }
     return cudaErrorInvalidValue;
 }

@@ -35,6 +35,8 @@ int64_t argmax_scratch_bytes(ArgmaxDtype dtype, int64_t rows, int64_t vocab, int
 // otherwise. `scratch` holds at least argmax_scratch_bytes(...) bytes, 16-byte aligned (it may
 // be null when that is 0); its contents on entry do not matter and it may be reused once the
 // stream has passed the kernel.
+// flag_nonfinite: out[r] = -1 instead when row r holds a NaN or an inf (found in the same pass,
+// so the engine's check of its logits costs no kernel of its own).
 // Returns cudaErrorInvalidValue for rows < 0, vocab < 1, a short or missing scratch, or a
 // misaligned scratch; cudaSuccess without a launch when rows is 0; otherwise the first error of
 // the memset and the launch.
@@ -43,6 +45,6 @@ cudaError_t launch_argmax(const void* logits,  // [rows, vocab], row r at logits
                           int64_t* out,        // [rows], int64
                           void* scratch,       // argmax_scratch_bytes(...) bytes
                           int64_t scratch_bytes, ArgmaxDtype dtype, int64_t rows, int64_t vocab,
-                          int sm_count, cudaStream_t stream);
+                          int sm_count, bool flag_nonfinite, cudaStream_t stream);
 
 }  // namespace toyllm

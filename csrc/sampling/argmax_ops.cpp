@@ -1,6 +1,6 @@
-// The CPU and CUDA implementations of `toyllm::argmax(logits) -> index` (schema:
-// registration.cpp): torch.argmax(logits, dim=-1) for the greedy pick
-// of a decode step.
+// The CPU and CUDA implementations of `toyllm::argmax(logits, flag_nonfinite) -> index` (schema:
+// registration.cpp): torch.argmax(logits, dim=-1) for the greedy pick of a decode step, and with
+// flag_nonfinite -1 for each row that holds a NaN or an inf (the engine stops that request).
 //
 // logits: [rows, vocab], vocab >= 1, fp32, fp16 or bf16 (the same rules on every device);
 // index: int64 [rows], torch's answer bit for bit: the first index of the row's maximum, NaN
@@ -35,13 +35,17 @@ void check_argmax_args(const at::Tensor& logits) {
                       logits.sizes());
 }
 
-at::Tensor argmax_cpu(const at::Tensor& logits) {
+at::Tensor argmax_cpu(const at::Tensor& logits, bool flag_nonfinite) {
     check_argmax_args(logits);
-    return at::argmax(logits, 1);
+    at::Tensor index = at::argmax(logits, 1);
+    if (flag_nonfinite) {
+        index.masked_fill_(at::isfinite(logits).all(1).logical_not(), -1);
+    }
+    return index;
 }
 
 #ifdef WITH_CUDA_KERNELS
-at::Tensor argmax_cuda(const at::Tensor& logits) {
+at::Tensor argmax_cuda(const at::Tensor& logits, bool flag_nonfinite) {
     check_argmax_args(logits);
     TORCH_CHECK_VALUE(logits.is_cuda(), "argmax: expected logits on a CUDA device, got ",
                       logits.device());
@@ -64,7 +68,8 @@ at::Tensor argmax_cuda(const at::Tensor& logits) {
     const cudaError_t err =
         launch_argmax(x.const_data_ptr(), x.stride(0), index.mutable_data_ptr<int64_t>(),
                       scratch_bytes > 0 ? scratch.mutable_data_ptr() : nullptr, scratch_bytes,
-                      dtype, rows, vocab, sm_count, at::cuda::getCurrentCUDAStream().stream());
+                      dtype, rows, vocab, sm_count, flag_nonfinite,
+                      at::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == cudaSuccess, "argmax: CUDA kernel launch failed: ", cudaGetErrorString(err));
     return index;
 }

@@ -17,7 +17,10 @@ trained model) plus a request:
 * a cache reset between two requests: a bigger request dirties the cache first;
 * the shipped default model with its trained weights (batch of two ragged prompts);
 * the cache's end: the longest row's last token lands in the cache's last slot, and prompts
-  that fill the cache exactly (no decode step at all: greedy stops with "length").
+  that fill the cache exactly (no decode step at all: greedy stops with "length");
+* the serving engine (paged cache, continuous batching; fp32 only, where the 1e-4 bound holds):
+  requests joining and leaving mid-decode, shared prefixes, forks with copy on write, and
+  preemption forced by a small pool (engine/check/serving.py's workloads).
 
 On CUDA each case runs in every dtype asked for, plus variants that leave CUDA graphs off
 and the decode-attention kernel off (SDPA), so each decode path is checked.
@@ -74,6 +77,8 @@ class Case:
     decode_kernel: bool = True  # the extension's decode-attention op where built
     seed: int = 0
     shipped_weights: bool = False  # the shipped default model (trained weights), not random
+    serving: str | None = None  # a workload of engine/check/serving.py (WORKLOADS), run
+    #                             through the ServingEngine instead of the static Engine
 
     def settings(self) -> Settings:
         """The environment's settings, with SDPA for decode attention where decode_kernel is
@@ -145,12 +150,28 @@ CUDA_ONLY_CASES: tuple[Case, ...] = (
 )
 
 
+# The serving engine's workloads (fp32: the teacher-forced bound is max |diff| <= 1e-4).
+SERVING_CASES: tuple[Case, ...] = (
+    Case("serving-join-leave", dict(GQA, head_dim=32), serving="join-leave"),
+    Case("serving-shared-prefix", dict(MQA, head_dim=64), serving="shared-prefix"),
+    Case("serving-fork-cow", dict(GQA, head_dim=32), serving="fork-cow"),
+    Case("serving-preempt", dict(MHA, head_dim=32), serving="preempt"),
+)
+# ... and on CUDA with every decode step eager (no graphs)
+CUDA_SERVING_CASES: tuple[Case, ...] = (
+    Case("serving-join-leave-eager", dict(GQA, head_dim=64), serving="join-leave",
+         cuda_graph=False),
+)
+
+
 def default_matrix(device: str, dtypes: tuple[str, ...] | list[str] | None = None) -> list[Case]:
     """Every case for `device` ("cpu" or "cuda") in each dtype (default: fp32 on the CPU;
-    fp32, fp16 and bf16 on CUDA)."""
+    fp32, fp16 and bf16 on CUDA); the serving cases in fp32."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
     if dtypes is None:
         dtypes = CPU_DTYPES if device == "cpu" else CUDA_DTYPES
     cases = list(BASE_CASES) + (list(CUDA_ONLY_CASES) if device == "cuda" else [])
-    return [replace(c, dtype=dt, device=device) for dt in dtypes for c in cases]
+    serving = list(SERVING_CASES) + (list(CUDA_SERVING_CASES) if device == "cuda" else [])
+    return [replace(c, dtype=dt, device=device) for dt in dtypes
+            for c in cases + (serving if dt == "fp32" else [])]

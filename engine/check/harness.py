@@ -431,6 +431,10 @@ def run_case(case: Case, hf: bool = True, hf_cache: dict[Any, Any] | None = None
                             error=f"{type(exc).__name__}: {exc}",
                             traceback=traceback.format_exc())
         return result
+    if case.serving is not None:
+        from toyllm.engine.check.serving import run_serving_case
+
+        return run_serving_case(case, model)
     use_hf = hf and case.dtype == "fp32" and hf_available()
     hf_model = None
     if use_hf and hf_cache is not None:

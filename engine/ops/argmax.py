@@ -1,12 +1,14 @@
-"""The greedy pick of a decode step: ``torch.ops.toyllm.argmax`` (csrc/argmax_ops.cpp, CUDA
-kernel in csrc/argmax.cu), torch.argmax(logits, dim=-1) of [rows, vocab] logits.
+"""The greedy pick of a decode step: ``torch.ops.toyllm.argmax``
+(csrc/sampling/argmax_ops.cpp, CUDA kernel in csrc/sampling/argmax.cu), torch.argmax(logits,
+dim=-1) of [rows, vocab] logits; with ``flag_nonfinite``, -1 for a row that holds a NaN or an
+inf.
 
 The answer is torch's bit for bit: the first index of each row's maximum, NaN counting as the
 maximum (the first NaN wins), -0.0 equal to +0.0. fp16 and bf16 logits are compared after their
 exact widening to fp32, so ``argmax(logits)`` is also ``torch.argmax(logits.float(), -1)`` and
 the engine hands the model's logits over as they are (no ``.float()`` kernel before greedy).
 
-* CPU: at::argmax itself (the operator exists there so its checks and the fake are the same
+* CPU: at::argmax itself (the operator exists there so that its checks are the same
   everywhere).
 * CUDA: one kernel that splits each row over many blocks and lets the last block of a row to
   finish combine their results (plus a memset of per-row counters). torch's reduction took
@@ -34,43 +36,22 @@ from toyllm.engine.ops import DTYPES, WITH_CUDA
 
 __all__ = ["applies", "argmax"]
 
-_DTYPES = DTYPES
-
 _argmax = torch.ops.toyllm.argmax.default
 
 
 def applies(logits: Tensor) -> bool:
     """True when ``argmax`` hands these logits to the CUDA kernel."""
     return (WITH_CUDA and logits.is_cuda and logits.dim() == 2 and logits.shape[1] > 0
-            and logits.dtype in _DTYPES)
+            and logits.dtype in DTYPES)
 
 
-def argmax(logits: Tensor, kernel: bool = True) -> Tensor:
+def argmax(logits: Tensor, kernel: bool = True, flag_nonfinite: bool = False) -> Tensor:
     """logits [rows, vocab] -> int64 [rows]: torch.argmax(logits, dim=-1), through the CUDA
-    kernel where it applies (and `kernel`)."""
+    kernel where it applies (and `kernel`). flag_nonfinite: -1 for each row holding a NaN or an
+    inf (the kernel finds them in the pass that finds the maximum)."""
     if kernel and applies(logits):
-        return _argmax(logits)
-    return logits.argmax(dim=-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Fake (meta) implementation for torch.compile and opcheck: the C++ checks, same messages.
-
-
-@torch.library.register_fake("toyllm::argmax")
-def _argmax_fake(logits: Tensor) -> Tensor:
-    if logits.dim() != 2:
-        raise ValueError(
-            f"argmax: expected logits of 2 dims [rows, vocab], got shape {list(logits.shape)}"
-        )
-    if logits.dtype not in _DTYPES:
-        raise ValueError(
-            "argmax: expected logits of dtype torch.float32, torch.float16 or torch.bfloat16, "
-            f"got {logits.dtype}"
-        )
-    if logits.shape[1] < 1:
-        raise ValueError(
-            "argmax: expected a non-empty vocab (logits.size(1) >= 1), got shape "
-            f"{list(logits.shape)}"
-        )
-    return logits.new_empty((logits.shape[0],), dtype=torch.long)
+        return _argmax(logits, flag_nonfinite)
+    index = logits.argmax(dim=-1)
+    if flag_nonfinite:
+        index = index.masked_fill(~torch.isfinite(logits).all(dim=-1), -1)
+    return index

@@ -2,9 +2,9 @@
 
 A decode step is launch-bound: in plain torch RMSNorm is 8 kernels, RoPE 5 and SwiGLU's
 silu(gate) * up 2. The operators ``torch.ops.toyllm.rms_norm``, ``.rope`` and ``.silu_mul``
-(csrc/fused_kernels.cu) do each in one launch with the same rounding as the torch code of
-models/layer_math.py and models/rope.py: rope and silu_mul bit for bit, rms_norm up to the
-order of its fp32 sum of squares (an ulp of the normalising factor at most).
+(csrc/elementwise/fused_kernels.cu) do each in one launch with the same rounding as the torch
+code of models/layer_math.py and models/rope.py: rope and silu_mul bit for bit, rms_norm up to
+the order of its fp32 sum of squares (an ulp of the normalising factor at most).
 ``torch.ops.toyllm.add_rms_norm`` adds the residual add that precedes each norm of a layer to
 the same kernel: (x + residual, rms_norm(x + residual)), the sum bit for bit, the norm as
 rms_norm's. On the CPU the operators run that same torch code in ATen, except in fp32, where
@@ -36,12 +36,10 @@ from toyllm.models.rope import apply_rope
 
 __all__ = ["add_rms_norm", "rms_norm", "rope", "silu_mul"]
 
-_DTYPES = DTYPES
-
 
 def _fusable(x: Tensor, *others: Tensor) -> bool:
     """The CUDA operator applies: CUDA x of a supported dtype, others alike, no autograd."""
-    if not (WITH_CUDA and x.is_cuda and x.dtype in _DTYPES):
+    if not (WITH_CUDA and x.is_cuda and x.dtype in DTYPES):
         return False
     if any(t.dtype != x.dtype or t.device != x.device for t in others):
         return False
@@ -94,84 +92,3 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     if _fusable(gate_up):
         return torch.ops.toyllm.silu_mul(gate_up)
     return layer_math.silu_mul(gate_up)
-
-
-# ---------------------------------------------------------------------------------------------
-# Fake (meta) implementations: the output's shape, dtype and device for torch.compile and
-# opcheck. They repeat the C++ checks of shapes, dtypes and devices (same messages), so that a
-# call mixing in meta tensors, which the dispatcher routes here, fails as eager mode does.
-
-
-def _check_like(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
-    if ref.dtype not in _DTYPES:
-        raise ValueError(
-            f"{op}: expected {ref_name} of dtype torch.float32, torch.float16 or torch.bfloat16, "
-            f"got {ref.dtype}"
-        )
-    if t.dtype != ref.dtype:
-        raise ValueError(
-            f"{op}: expected {name} of dtype {ref.dtype} ({ref_name}'s), got {t.dtype}"
-        )
-    if t.device != ref.device:
-        raise ValueError(
-            f"{op}: expected {name} on {ref.device} ({ref_name}'s device), got {t.device}"
-        )
-
-
-@torch.library.register_fake("toyllm::rms_norm")
-def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    if x.dim() < 1 or weight.shape != (x.shape[-1],):
-        raise ValueError(
-            "rms_norm: expected x [..., hidden] and weight [hidden], got "
-            f"x {list(x.shape)}, weight {list(weight.shape)}"
-        )
-    _check_like("rms_norm", "weight", weight, "x", x)
-    return x.new_empty(x.shape)
-
-
-@torch.library.register_fake("toyllm::add_rms_norm")
-def _add_rms_norm_fake(
-    x: Tensor, residual: Tensor, weight: Tensor, eps: float
-) -> tuple[Tensor, Tensor]:
-    if x.dim() < 1 or weight.shape != (x.shape[-1],):
-        raise ValueError(
-            "add_rms_norm: expected x [..., hidden] and weight [hidden], got "
-            f"x {list(x.shape)}, weight {list(weight.shape)}"
-        )
-    _check_like("add_rms_norm", "weight", weight, "x", x)
-    if residual.shape != x.shape:
-        raise ValueError(
-            f"add_rms_norm: expected residual of x's shape {list(x.shape)}, "
-            f"got {list(residual.shape)}"
-        )
-    _check_like("add_rms_norm", "residual", residual, "x", x)
-    return x.new_empty(x.shape), x.new_empty(x.shape)
-
-
-@torch.library.register_fake("toyllm::rope")
-def _rope_fake(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    if x.dim() != 4 or x.shape[3] % 2 != 0:
-        raise ValueError(
-            "rope: expected x of 4 dims [batch, tokens, heads, head_dim] with an even head_dim, "
-            f"got shape {list(x.shape)}"
-        )
-    expected = (x.shape[0], x.shape[1], 1, x.shape[3])
-    if cos.shape != expected or sin.shape != expected:
-        raise ValueError(
-            f"rope: expected cos and sin of shape {list(expected)}, "
-            f"got {list(cos.shape)} and {list(sin.shape)}"
-        )
-    _check_like("rope", "cos", cos, "x", x)
-    _check_like("rope", "sin", sin, "x", x)
-    return x.new_empty(x.shape)
-
-
-@torch.library.register_fake("toyllm::silu_mul")
-def _silu_mul_fake(gate_up: Tensor) -> Tensor:
-    if gate_up.dim() < 1 or gate_up.shape[-1] < 2 or gate_up.shape[-1] % 2 != 0:
-        raise ValueError(
-            "silu_mul: expected gate_up [..., 2 * intermediate] with an even last dim >= 2, "
-            f"got shape {list(gate_up.shape)}"
-        )
-    _check_like("silu_mul", "gate_up", gate_up, "gate_up", gate_up)
-    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))

@@ -36,7 +36,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,8 +52,6 @@ MAX_ROWS = 4
 #: The engine hands CUDA products to the kernel up to this many rows: at one row it beats
 #: cuBLAS, at four it loses (four fp32 accumulators per lane slow the loop; docs/PERF.md).
 CUDA_MAX_ROWS = 1
-
-_CUDA_DTYPES = DTYPES
 
 _gemv = torch.ops.toyllm.gemv.default
 _gemv_silu_mul = torch.ops.toyllm.gemv_silu_mul.default
@@ -82,7 +79,7 @@ class Gemv:
             return False
         if x.numel() > CUDA_MAX_ROWS * x.shape[-1]:
             return False
-        if x.dtype not in _CUDA_DTYPES or weight.dtype != x.dtype:
+        if x.dtype not in DTYPES or weight.dtype != x.dtype:
             return False
         if weight.numel() * weight.element_size() > self.cuda_max_bytes:
             return False
@@ -124,123 +121,3 @@ class Gemv:
         if fused and self.silu_mul_applies(gate_up, weight):
             return _gemv_silu_mul(gate_up, weight)
         return self.linear(silu_mul(gate_up), weight)
-
-
-# ---------------------------------------------------------------------------------------------
-# Fake (meta) implementations for torch.compile and opcheck: the C++ checks, same messages. CUDA
-# tensors get the CUDA kernel's rules (csrc/cuda_gemv.cpp), anything else the CPU's
-# (csrc/cpu_gemv.cpp), as the dispatcher would choose. gemv_silu_mul has gemv's rules with
-# gate_up [..., 2 * in] in x's place.
-
-
-@dataclass(frozen=True)
-class OpNames:
-    """How an operator's messages name it, its first argument and that argument's rows."""
-
-    op: str  # "gemv"
-    x: str  # "x"
-    rows: str  # how rows are counted: "x.numel() / in"
-    instead: str  # what to use for more rows on CUDA: "F.linear"
-    width: int  # x's last dim in units of weight's in: 1, or 2 for gate_up
-
-
-_GEMV = OpNames("gemv", "x", "x.numel() / in", "F.linear", 1)
-_GEMV_SILU_MUL = OpNames("gemv_silu_mul", "gate_up", "gate_up.numel() / (2 * in)",
-                         "silu_mul and F.linear", 2)
-
-
-def _check_shapes(n: OpNames, x: Tensor, weight: Tensor) -> None:
-    if weight.dim() != 2:
-        raise ValueError(
-            f"{n.op}: expected weight of 2 dims [out, in], got shape {list(weight.shape)}"
-        )
-    if n.width == 1:
-        if x.dim() < 1:
-            raise ValueError(
-                f"gemv: expected x of at least 1 dim [..., in], got shape {list(x.shape)}"
-            )
-        if x.shape[-1] != weight.shape[1]:
-            raise ValueError(
-                f"gemv: expected x [..., {weight.shape[1]}] (weight's in = weight.size(1)), got x "
-                f"of shape {list(x.shape)} for weight of shape {list(weight.shape)}"
-            )
-        return
-    if x.dim() < 1:
-        raise ValueError(
-            f"{n.op}: expected {n.x} of at least 1 dim [..., 2 * in], got shape {list(x.shape)}"
-        )
-    if x.shape[-1] != 2 * weight.shape[1]:
-        raise ValueError(
-            f"{n.op}: expected {n.x} [..., {2 * weight.shape[1]}] (gate then up, each of "
-            f"weight's in = weight.size(1)), got {n.x} of shape {list(x.shape)} for weight of "
-            f"shape {list(weight.shape)}"
-        )
-
-
-def _check_cpu(n: OpNames, x: Tensor, weight: Tensor) -> None:
-    for name, t in ((n.x, x), ("weight", weight)):
-        if t.dtype != torch.float32:
-            raise ValueError(f"{n.op}: expected {name} of dtype torch.float32, got {t.dtype}")
-    if weight.device != x.device:
-        raise ValueError(
-            f"{n.op}: expected weight on {x.device} ({n.x}'s device), got {weight.device}"
-        )
-    _check_shapes(n, x, weight)
-    out = weight.shape[0]
-    if not (weight.is_contiguous() or weight.stride() == (1, max(out, 1))):
-        raise ValueError(
-            f"{n.op}: expected weight [out, in] contiguous (strides [in, 1]) or the transposed "
-            "view of a contiguous [in, out] matrix (strides [1, out]), got strides "
-            f"{list(weight.stride())} for shape {list(weight.shape)}"
-        )
-
-
-def check_cuda_args(n: OpNames, x: Tensor, weight: Tensor) -> None:
-    if x.device.type != "cuda":
-        raise ValueError(
-            f"{n.op}: expected {n.x} on a CUDA device (weight is on {weight.device}), got "
-            f"{x.device}"
-        )
-    if weight.device != x.device:
-        raise ValueError(
-            f"{n.op}: expected weight on {x.device} ({n.x}'s device), got {weight.device}"
-        )
-    if x.dtype not in _CUDA_DTYPES:
-        raise ValueError(
-            f"{n.op}: expected {n.x} of dtype torch.float32, torch.float16 or torch.bfloat16 on "
-            f"CUDA, got {x.dtype}"
-        )
-    if weight.dtype != x.dtype:
-        raise ValueError(
-            f"{n.op}: expected weight of dtype {x.dtype} ({n.x}'s dtype), got {weight.dtype}"
-        )
-    _check_shapes(n, x, weight)
-    if not weight.is_contiguous():
-        raise ValueError(
-            f"{n.op}: expected a contiguous weight [out, in] (strides [in, 1]) on CUDA, got "
-            f"strides {list(weight.stride())} for shape {list(weight.shape)}"
-        )
-    rows = math.prod(x.shape[:-1])
-    if rows > MAX_ROWS:
-        raise ValueError(
-            f"{n.op}: expected at most {MAX_ROWS} rows of {n.x} on CUDA ({n.rows}), got {rows} "
-            f"({n.x} of shape {list(x.shape)}); use {n.instead} for more"
-        )
-
-
-def _fake(n: OpNames, x: Tensor, weight: Tensor) -> Tensor:
-    if x.device.type == "cuda" or weight.device.type == "cuda":
-        check_cuda_args(n, x, weight)
-    else:
-        _check_cpu(n, x, weight)
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-@torch.library.register_fake("toyllm::gemv")
-def _gemv_fake(x: Tensor, weight: Tensor) -> Tensor:
-    return _fake(_GEMV, x, weight)
-
-
-@torch.library.register_fake("toyllm::gemv_silu_mul")
-def _gemv_silu_mul_fake(gate_up: Tensor, weight: Tensor) -> Tensor:
-    return _fake(_GEMV_SILU_MUL, gate_up, weight)

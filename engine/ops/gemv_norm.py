@@ -41,13 +41,11 @@ Example::
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from toyllm.engine.ops import no_autograd
-from toyllm.engine.ops.gemv import Gemv, OpNames, check_cuda_args
+from toyllm.engine.ops.gemv import Gemv
 
 __all__ = ["add_rms_norm_linear", "add_rms_norm_rope_kv", "add_rms_norm_silu_mul", "applies",
            "rope_kv_applies", "silu_applies"]
@@ -121,98 +119,3 @@ def add_rms_norm_linear(
     """(x + residual, linear(rms_norm(x + residual) * norm_weight, weight)), by the fused
     operator (the same bits as toyllm::add_rms_norm then toyllm::gemv on CUDA)."""
     return _op(x, residual, norm_weight, eps, weight)
-
-
-# ---------------------------------------------------------------------------------------------
-# Fake (meta) implementation for torch.compile and opcheck: the C++ checks, same messages
-# (csrc/gemv_args.h, cuda_gemv.cpp, cpu_gemv.cpp).
-
-
-def _check(op: str, x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float,
-           weight: Tensor) -> None:
-    if weight.dim() != 2:
-        raise ValueError(f"{op}: expected weight of 2 dims [out, in], got shape "
-                         f"{list(weight.shape)}")
-    if op.endswith("silu_mul") and weight.shape[0] % 2 != 0:
-        raise ValueError(f"{op}: expected weight [gate; up] with an even number of rows, got "
-                         f"shape {list(weight.shape)}")
-    if x.dim() < 1:
-        raise ValueError(f"{op}: expected x of at least 1 dim [..., in], got shape "
-                         f"{list(x.shape)}")
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{op}: expected x [..., {weight.shape[1]}] (weight's in = weight.size(1)), got x of "
-            f"shape {list(x.shape)} for weight of shape {list(weight.shape)}"
-        )
-    if x.shape[-1] < 1:
-        raise ValueError(f"{op}: expected in = x.size(-1) >= 1 (the norm's size), got "
-                         f"{x.shape[-1]}")
-    if residual.shape != x.shape:
-        raise ValueError(f"{op}: expected residual of x's shape {list(x.shape)}, got "
-                         f"{list(residual.shape)}")
-    if norm_weight.dim() != 1 or norm_weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"{op}: expected norm_weight of shape [{x.shape[-1]}] (x's last dim), "
-                         f"got {list(norm_weight.shape)}")
-    if not (math.isfinite(eps) and eps >= 0.0):
-        raise ValueError(f"{op}: expected a finite eps >= 0, got {eps}")
-    if x.device.type != "cuda":
-        for name, t in (("x", x), ("residual", residual), ("norm_weight", norm_weight),
-                        ("weight", weight)):
-            if t.device.type != "cpu":
-                raise ValueError(f"{op}: expected {name} on the CPU (x's device), got {t.device}")
-            if t.dtype != x.dtype:
-                raise ValueError(f"{op}: expected {name} of dtype {x.dtype} (x's dtype), got "
-                                 f"{t.dtype}")
-        return
-    # the product's own rules, with gemv's messages under this op's name
-    check_cuda_args(OpNames(op, "x", "x.numel() / in", _INSTEAD[op], 1), x, weight)
-    for name, t in (("residual", residual), ("norm_weight", norm_weight)):
-        if t.device != x.device:
-            raise ValueError(f"{op}: expected {name} on {x.device} (x's device), got {t.device}")
-        if t.dtype != x.dtype:
-            raise ValueError(f"{op}: expected {name} of dtype {x.dtype} (x's dtype), got "
-                             f"{t.dtype}")
-    if not norm_weight.is_contiguous():
-        raise ValueError(f"{op}: expected a contiguous norm_weight, got strides "
-                         f"{list(norm_weight.stride())}")
-
-
-_INSTEAD = {"gemv_add_rms_norm": "add_rms_norm and F.linear",
-            "gemv_add_rms_norm_silu_mul": "add_rms_norm, F.linear and silu_mul",
-            "gemv_add_rms_norm_rope_kv": "add_rms_norm, F.linear and rope_kv_update"}
-
-
-@torch.library.register_fake("toyllm::gemv_add_rms_norm")
-def _gemv_add_rms_norm_fake(
-    x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, warps: int = 8
-) -> tuple[Tensor, Tensor]:
-    _check("gemv_add_rms_norm", x, residual, norm_weight, eps, weight)
-    return (x.new_empty(x.shape), x.new_empty((*x.shape[:-1], weight.shape[0])))
-
-
-@torch.library.register_fake("toyllm::gemv_add_rms_norm_rope_kv")
-def _gemv_add_rms_norm_rope_kv_fake(
-    x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, cos: Tensor,
-    sin: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, num_q_heads: int,
-    warps: int = 8,
-) -> tuple[Tensor, Tensor]:
-    op = "gemv_add_rms_norm_rope_kv"
-    _check(op, x, residual, norm_weight, eps, weight)
-    head_dim = k_cache.shape[3] if k_cache.dim() == 4 else 0
-    out = weight.shape[0]
-    if head_dim < 1 or out % head_dim != 0:
-        raise ValueError(f"{op}: expected weight rows ({out}) to be whole heads of k_cache's "
-                         f"head_dim (k_cache of shape {list(k_cache.shape)})")
-    rows = math.prod(x.shape[:-1])
-    qkv = x.new_empty((rows, 1, out // head_dim, head_dim))
-    q = torch.ops.toyllm.rope_kv_update.default(qkv, cos, sin, k_cache, v_cache, positions,
-                                                num_q_heads)  # its fake: its checks
-    return x.new_empty(x.shape), q
-
-
-@torch.library.register_fake("toyllm::gemv_add_rms_norm_silu_mul")
-def _gemv_add_rms_norm_silu_mul_fake(
-    x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, warps: int = 8
-) -> tuple[Tensor, Tensor]:
-    _check("gemv_add_rms_norm_silu_mul", x, residual, norm_weight, eps, weight)
-    return (x.new_empty(x.shape), x.new_empty((*x.shape[:-1], weight.shape[0] // 2)))

@@ -4,8 +4,8 @@
 ``[num_layers, 2, batch_size, max_seq_len, num_kv_heads, head_dim]`` and tracks a position per
 sequence. ``update`` writes new rows at the current positions (without advancing);
 ``advance_position`` moves them. The write itself is the operator ``torch.ops.toyllm.kv_update``
-(CPU and CUDA kernels, a fake implementation registered here for torch.compile), which reads
-positions from a device tensor so that a decode step can be captured in a CUDA graph.
+(CPU and CUDA kernels; its fake is in engine/ops/fakes.py), which reads positions from a device
+tensor so that a decode step can be captured in a CUDA graph.
 ``decode_attention`` (``torch.ops.toyllm.decode_attention``) attends one new query token per
 sequence over its cached keys (flash-decoding kernel on CUDA, a C++ loop on the CPU).
 
@@ -51,74 +51,6 @@ __all__ = [
 ]
 
 
-def _check_same(name: str, t: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    if t.dtype != ref.dtype:
-        raise ValueError(f"kv_update: expected {name} of dtype {ref.dtype} ({what}), got {t.dtype}")
-    if t.device != ref.device:
-        raise ValueError(
-            f"kv_update: expected {name} on {ref.device} ({what} device), got {t.device}"
-        )
-
-
-@torch.library.register_fake("toyllm::kv_update")
-def _kv_update_fake(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    new_k: torch.Tensor,
-    new_v: torch.Tensor,
-    positions: torch.Tensor,
-) -> None:
-    """Shape/dtype/device checks of the C++ op (same messages), for fake and meta tensors.
-
-    The op mutates k_cache / v_cache in place and returns nothing, so there is no output to
-    describe; the checks make torch.compile (and a call mixing in meta tensors, which the
-    dispatcher routes here) fail the way eager mode does.
-    """
-    if k_cache.dim() != 4:
-        raise ValueError(
-            "kv_update: expected k_cache of 4 dims [batch, max_seq_len, num_kv_heads, head_dim], "
-            f"got shape {list(k_cache.shape)}"
-        )
-    batch, _, heads, head_dim = k_cache.shape
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"kv_update: expected v_cache of k_cache's shape {list(k_cache.shape)}, "
-            f"got {list(v_cache.shape)}"
-        )
-    if new_k.dim() != 4 or (new_k.shape[0], new_k.shape[2], new_k.shape[3]) != (
-        batch,
-        heads,
-        head_dim,
-    ):
-        raise ValueError(
-            f"kv_update: expected new_k of shape [{batch}, num_tokens, {heads}, {head_dim}] "
-            f"(batch, heads and head_dim of the cache), got {list(new_k.shape)}"
-        )
-    if new_v.shape != new_k.shape:
-        raise ValueError(
-            f"kv_update: expected new_v of new_k's shape {list(new_k.shape)}, "
-            f"got {list(new_v.shape)}"
-        )
-    _check_same("v_cache", v_cache, k_cache, "k_cache's")
-    _check_same("new_k", new_k, k_cache, "the cache's")
-    _check_same("new_v", new_v, k_cache, "the cache's")
-    if positions.dtype != torch.int32:
-        raise ValueError(
-            f"kv_update: expected positions of dtype torch.int32, got {positions.dtype}"
-        )
-    if positions.shape != (batch,):
-        raise ValueError(
-            f"kv_update: expected positions of shape [{batch}] (the cache's batch), "
-            f"got {list(positions.shape)}"
-        )
-    if positions.device != k_cache.device:
-        raise ValueError(
-            f"kv_update: expected positions on {k_cache.device} (the cache's device), "
-            f"got {positions.device}"
-        )
-    return None
-
-
 def kv_update(
     k_cache: torch.Tensor,  # [batch, max_seq_len, num_kv_heads, head_dim], written in place
     v_cache: torch.Tensor,  # [batch, max_seq_len, num_kv_heads, head_dim], written in place
@@ -139,26 +71,6 @@ def kv_update(
     [[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]
     """
     torch.ops.toyllm.kv_update(k_cache, v_cache, new_k, new_v, positions)
-
-
-@torch.library.register_fake("toyllm::decode_attention")
-def _decode_attention_fake(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    tile: int = 0,
-    reverse: bool = True,
-    tensor_cores: bool = True,
-) -> torch.Tensor:
-    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(
-            "decode_attention: expected q [batch, num_q_heads, head_dim] and caches "
-            "[batch, max_seq_len, num_kv_heads, head_dim] of one shape, got "
-            f"q {list(q.shape)}, k_cache {list(k_cache.shape)}, v_cache {list(v_cache.shape)}"
-        )
-    return q.new_empty(q.shape)
 
 
 def decode_attention(

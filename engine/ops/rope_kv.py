@@ -38,13 +38,11 @@ from toyllm.engine.ops import DTYPES, WITH_CUDA, no_autograd
 
 __all__ = ["applies", "rope_kv_update"]
 
-_DTYPES = DTYPES
-
 
 def applies(qkv: Tensor, k_cache: Tensor) -> bool:
     """The operator can take this projection qkv [rows, 1, Hq + 2 * Hkv, D] for this cache:
     a supported dtype and device, nothing recording autograd."""
-    if qkv.dtype not in _DTYPES or qkv.dtype != k_cache.dtype:
+    if qkv.dtype not in DTYPES or qkv.dtype != k_cache.dtype:
         return False
     if qkv.device.type == "cuda":
         if not WITH_CUDA:
@@ -71,71 +69,3 @@ def rope_kv_update(
     """
     return torch.ops.toyllm.rope_kv_update(qkv, cos, sin, k_cache, v_cache, positions,
                                            num_q_heads)
-
-
-# ---------------------------------------------------------------------------------------------
-# Fake (meta) implementation: the output's shape, dtype and device for torch.compile and opcheck.
-# It repeats the C++ shape, dtype and device checks (same messages), so that a call mixing in
-# meta tensors, which the dispatcher routes here, fails as eager mode does.
-
-
-def _check_like(name: str, t: Tensor, qkv: Tensor) -> None:
-    if t.dtype != qkv.dtype:
-        raise ValueError(
-            f"rope_kv_update: expected {name} of dtype {qkv.dtype} (qkv's), got {t.dtype}"
-        )
-    if t.device != qkv.device:
-        raise ValueError(
-            f"rope_kv_update: expected {name} on {qkv.device} (qkv's device), got {t.device}"
-        )
-
-
-@torch.library.register_fake("toyllm::rope_kv_update")
-def _rope_kv_update_fake(
-    qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor,
-    num_q_heads: int,
-) -> Tensor:
-    if k_cache.dim() != 4:
-        raise ValueError(
-            "rope_kv_update: expected k_cache of 4 dims [rows, max_seq_len, num_kv_heads, "
-            f"head_dim], got shape {list(k_cache.shape)}"
-        )
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"rope_kv_update: expected v_cache of k_cache's shape {list(k_cache.shape)}, "
-            f"got {list(v_cache.shape)}"
-        )
-    rows, _, num_kv_heads, head_dim = k_cache.shape
-    width = num_q_heads + 2 * num_kv_heads
-    if num_q_heads < 1 or qkv.shape != (rows, 1, width, head_dim):
-        raise ValueError(
-            f"rope_kv_update: expected qkv of shape [{rows}, 1, {width}, {head_dim}] and "
-            f"num_q_heads >= 1, got {list(qkv.shape)} and {num_q_heads}"
-        )
-    if cos.shape != (rows, 1, 1, head_dim) or sin.shape != cos.shape:
-        raise ValueError(
-            f"rope_kv_update: expected cos and sin of shape [{rows}, 1, 1, {head_dim}], "
-            f"got {list(cos.shape)} and {list(sin.shape)}"
-        )
-    if qkv.dtype not in _DTYPES:
-        raise ValueError(
-            "rope_kv_update: expected qkv of dtype torch.float32, torch.float16 or "
-            f"torch.bfloat16, got {qkv.dtype}"
-        )
-    for name, t in (("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_like(name, t, qkv)
-    if positions.dtype != torch.int32:
-        raise ValueError(
-            f"rope_kv_update: expected positions of dtype torch.int32, got {positions.dtype}"
-        )
-    if positions.shape != (rows,):
-        raise ValueError(
-            f"rope_kv_update: expected positions of shape [{rows}] (the cache's rows), "
-            f"got {list(positions.shape)}"
-        )
-    if positions.device != qkv.device:
-        raise ValueError(
-            f"rope_kv_update: expected positions on {qkv.device} (qkv's device), "
-            f"got {positions.device}"
-        )
-    return qkv.new_empty((rows, 1, num_q_heads, head_dim))

@@ -6,8 +6,11 @@ reference and Hugging Face transformers (dynamic and static cache), against the 
     (python scripts/bench_decode.py takes the same arguments)
 
 Every baseline is measured in the same run on the same device. The roofline for a decode step
-is bandwidth / (weight bytes + KV bytes read that step), with the bandwidth measured here by a
-device-to-device copy (bytes read + written). Throughput counts generated tokens of all rows.
+is bandwidth / (weight bytes + KV bytes read that step), with the bandwidth measured here: on
+CUDA by a device-to-device copy of 1 GiB (bytes read + written); on the CPU by reading, over and
+over, a buffer of the model's weight bytes (`weight_read_bandwidth`), which stays where the
+weights stay between decode steps (a small model's in the last-level cache, where a 256 MiB copy
+would measure main memory instead). Throughput counts generated tokens of all rows.
 """
 
 from __future__ import annotations
@@ -81,6 +84,28 @@ def copy_bandwidth(device: torch.device) -> float:
         dst.copy_(src)
     sync(device)
     return 2 * n * reps / (time.perf_counter() - t0)
+
+
+def weight_read_bandwidth(nbytes: int, device: torch.device) -> float:
+    """Bytes/s of reading `nbytes` of fp32 with all threads (torch.sum, a streaming reduction),
+    the buffer read over and over so that it sits where a decode step's weights sit: the median
+    of 7 rounds of at least ~50 ms each, after a warm-up (the machine may be shared)."""
+    buffer = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=device).uniform_()
+    for _ in range(3):
+        buffer.sum()
+    sync(device)
+    t0 = time.perf_counter()
+    buffer.sum()
+    sync(device)
+    reps = max(1, int(0.05 / max(time.perf_counter() - t0, 1e-6)))
+    rounds = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            buffer.sum()
+        sync(device)
+        rounds.append((time.perf_counter() - t0) / reps)
+    return buffer.numel() * 4 / sorted(rounds)[len(rounds) // 2]
 
 
 def weight_bytes(model: Transformer) -> int:
@@ -192,6 +217,8 @@ def time_prefill(engine: Engine, hf, length: int, vocab: int) -> dict[str, float
 def bench_model(
     name: str, device: torch.device, dtype: torch.dtype, bandwidth: float, args: argparse.Namespace
 ) -> tuple[list[Row], dict]:
+    """The rows of one model; `bandwidth` is the copy bandwidth, the roofline's on CUDA (the CPU
+    measures the weight-read bandwidth of this model's size here)."""
     if name == "default":
         loaded = load_model(None, device, dtype)
         model, source = loaded.model, DEFAULT_MODEL_DIR
@@ -205,6 +232,13 @@ def bench_model(
     kv_token = config.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
     rows: list[Row] = []
     extras: dict = {"weight_bytes": wbytes, "kv_bytes_per_token": kv_token}
+    if device.type == "cpu":  # the roofline: read the weight bytes where they sit (docstring)
+        bandwidth = weight_read_bandwidth(wbytes, device)
+        extras["roofline"] = (f"weight-read bandwidth {bandwidth / 1e9:.1f} GB/s (torch.sum "
+                              "over a resident buffer of the weights' size)")
+    else:
+        extras["roofline"] = f"copy bandwidth {bandwidth / 1e9:.0f} GB/s"
+    extras["roofline_bandwidth_gbs"] = bandwidth / 1e9
     hf = None
     if args.hf:
         try:
@@ -350,6 +384,7 @@ def print_table(rows: list[Row], extras: dict, bandwidth: float, device_name: st
             f"[bold]{model}[/]: weights {ex['weight_bytes'] / 1e9:.3f} GB, "
             f"KV {ex['kv_bytes_per_token']} B/token"
         )
+        console.print(f"  roofline: {ex['roofline']}")
         console.print(f"  ms/token at position: {ex['ms_per_token_at_position']}")
         console.print(f"  prefill tok/s: {ex['prefill_tok_per_s']}")
         if "hf_error" in ex:

@@ -15,6 +15,9 @@ answers in a fraction of a second for any shape, Llama-70B included.
 The KV cache stores, per layer, K and V for every KV head: one token of one sequence takes
 ``2 * num_layers * num_kv_heads * head_dim * element_size`` bytes (what `KVCache` allocates
 per position and row: its storage is [num_layers, 2, batch, max_seq_len, kv_heads, head_dim]).
+The paged cache of the serving engine (`PagedKVCache`) allocates in blocks of `block_size`
+tokens: one block takes ``block_size`` tokens' bytes, and a GiB of pool holds
+``2**30 // block_bytes`` blocks (`kv_blocks_per_gib`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class DtypeCost:
     kv_bytes_per_token: int  # one token of one sequence, all layers, K and V
     kv_cache_bytes: int  # kv_bytes_per_token * context * batch
     total_bytes: int  # weights + KV cache (activations and workspace not counted)
+    kv_block_bytes: int  # one block of the paged cache: kv_bytes_per_token * block_size
+    kv_blocks_per_gib: int  # blocks of the paged cache one GiB of pool holds
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class ModelInfo:
     config: ModelConfig
     batch: int
     context: int
+    block_size: int  # tokens per block of the paged cache
     params: dict[str, int]  # by part: embedding, attention, mlp, norms, lm_head
     dtypes: dict[str, DtypeCost]
 
@@ -75,6 +81,7 @@ class ModelInfo:
             "group_size": self.config.group_size,
             "batch": self.batch,
             "context": self.context,
+            "block_size": self.block_size,
             "params": dict(self.params, total=self.total_params),
             "dtypes": {name: asdict(cost) for name, cost in self.dtypes.items()},
         }
@@ -89,18 +96,21 @@ def attention_kind(config: ModelConfig) -> str:
     return "GQA"
 
 
-def dtype_cost(config: ModelConfig, element_size: int, batch: int, context: int) -> DtypeCost:
+def dtype_cost(config: ModelConfig, element_size: int, batch: int, context: int,
+               block_size: int = 16) -> DtypeCost:
     weights = config.num_params() * element_size
     per_token = config.kv_bytes_per_token(element_size)
     cache = per_token * context * batch
-    return DtypeCost(element_size, weights, per_token, cache, weights + cache)
+    block = per_token * block_size
+    return DtypeCost(element_size, weights, per_token, cache, weights + cache, block,
+                     2**30 // block)
 
 
 def describe(config: ModelConfig, batch: int = 1, context: int | None = None,
-             source: str = "") -> ModelInfo:
+             source: str = "", block_size: int = 16) -> ModelInfo:
     """The arithmetic for `config`; context defaults to config.max_seq_len."""
     context = config.max_seq_len if context is None else context
-    for name, value in (("batch", batch), ("context", context)):
+    for name, value in (("batch", batch), ("context", context), ("block-size", block_size)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
             raise ConfigError(f"--{name}: expected a positive integer (at most 2**31 - 1), "
                               f"got {value!r}")
@@ -108,8 +118,13 @@ def describe(config: ModelConfig, batch: int = 1, context: int | None = None,
         raise ConfigError(
             f"--context {context} is longer than the model's max_seq_len {config.max_seq_len}"
         )
-    costs = {name: dtype_cost(config, size, batch, context) for name, size in ELEMENT_SIZES.items()}
-    return ModelInfo(source or config.name, config, batch, context, config.param_counts(), costs)
+    if block_size & (block_size - 1) or config.max_seq_len % block_size:
+        raise ConfigError(f"--block-size: expected a power of two dividing max_seq_len "
+                          f"{config.max_seq_len}, got {block_size}")
+    costs = {name: dtype_cost(config, size, batch, context, block_size)
+             for name, size in ELEMENT_SIZES.items()}
+    return ModelInfo(source or config.name, config, batch, context, block_size,
+                     config.param_counts(), costs)
 
 
 def load_for_info(source: str | Path | None) -> tuple[ModelConfig, str]:
@@ -176,11 +191,13 @@ def render_info(info: ModelInfo, console: Console) -> None:
     params.add_row("[bold]total[/]", f"[bold]{total:,}[/]", f"({format_count(total)})")
     console.print(params)
     memory = Table(title=f"memory at batch {info.batch}, context {info.context} "
-                         "(weights + KV cache; activations not counted)")
+                         "(weights + KV cache; activations not counted); paged KV blocks of "
+                         f"{info.block_size} tokens per GiB")
     for col in ("dtype", "weights", "KV / token", f"KV @ {info.context} x {info.batch}",
-                "total"):
+                "total", "KV blocks / GiB"):
         memory.add_column(col, justify="left" if col == "dtype" else "right")
     for name, cost in info.dtypes.items():
         memory.add_row(name, format_bytes(cost.weight_bytes), format_bytes(cost.kv_bytes_per_token),
-                       format_bytes(cost.kv_cache_bytes), format_bytes(cost.total_bytes))
+                       format_bytes(cost.kv_cache_bytes), format_bytes(cost.total_bytes),
+                       f"{cost.kv_blocks_per_gib:,}")
     console.print(memory)

@@ -1,0 +1,50 @@
+// The fp32 CPU loop of one-token decode attention, on pointers: the kernel of
+// toyllm::decode_attention on fp32 CPU tensors (attention_ops.cpp) and the attention inside
+// toyllm::cpu_decode_layer (layer/cpu_decode_layer.cpp), one definition so both give the same
+// bits; its q . k product and work grain, which the paged loop (paged_attention_ops.cpp) shares.
+#pragma once
+
+#include <cstdint>
+
+namespace toyllm {
+
+// q . k over n floats in 8 interleaved partial sums, which the compiler keeps in SIMD registers
+// (a single running sum is a chain of dependent adds it may not reorder), added pairwise at the
+// end, then the last n % 8 products.
+inline float dot8(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+    float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8) {
+        for (int l = 0; l < 8; ++l) {
+            part[l] += a[d + l] * b[d + l];
+        }
+    }
+    float sum =
+        ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+    for (; d < n; ++d) {
+        sum += a[d] * b[d];
+    }
+    return sum;
+}
+
+// Products of q . k and p * v below which one unit of attention work (a sequence and head) is
+// not worth waking another thread for: a decode step of a small model at a short context stays
+// on the calling thread, long contexts are split over the cores.
+constexpr int64_t kAttentionGrainProducts = int64_t{1} << 15;
+
+// For each sequence b and query head h: out[b, h] = softmax(q[b, h] . K[b, :lens[b]] * scale)
+// @ V[b, :lens[b]] over the keys of its KV head h / (Hq / Hkv) (GQA), with a running maximum
+// for the softmax; a sequence with lens[b] == 0 gets zeros. Keys and values past lens[b] are
+// never read. `longest` is the largest lens[b] (each lens[b] in [0, max_seq_len], checked by
+// the caller). The (sequence, head) pairs are split over ATen's threads when there is enough
+// work; each pair's sums run in one order whatever the split.
+void decode_attention_fp32_cpu(const float* q,        // [batch, Hq, D], contiguous
+                               const float* k_cache,  // [batch, max_seq_len, Hkv, D], contiguous
+                               const float* v_cache,  // [batch, max_seq_len, Hkv, D], contiguous
+                               const int32_t* lens,   // [batch]
+                               float* out,            // [batch, Hq, D], contiguous
+                               int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
+                               int64_t head_dim, int64_t max_seq_len, int64_t longest,
+                               float scale);
+
+}  // namespace toyllm

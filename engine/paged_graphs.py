@@ -1,0 +1,99 @@
+"""The serving engine's pure decode steps captured in CUDA graphs, one per batch-size bucket.
+
+A decode step of B requests reads everything from one static int64 buffer [4, bucket]: the
+tokens, their positions, their flat pool slots and their sequences' rows in the cache's block
+table (the device mirror, whose address never changes: PagedKVCache.sync_device refreshes it in
+place before each step). RoPE's cos/sin are gathered from a table by position, the block-table
+rows by sequence and the key lengths (position + 1) are derived on the device, inside the graph.
+Rows past B are padding: position -1 (no keys: zeros out), slot -1 (nothing written). The host
+fills the buffer with one copy per step; the graph replays; logits rows [:B] are the step's.
+
+NOTE: warm-up runs before a capture really execute the step: the buffer holds padding then, so
+they write nothing into the pool.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from toyllm.engine.cuda_graph import bucket_for
+from toyllm.engine.paged_step import PagedStep
+from toyllm.engine.scheduler import StepPlan
+
+if TYPE_CHECKING:
+    from toyllm.engine.serving import ServingEngine
+
+TOKENS, POSITIONS, SLOTS, SEQS = range(4)  # rows of the static input buffer
+
+
+def padding_inputs(rows: int, pin: bool = False) -> Tensor:
+    """int64 [4, rows] of padding rows (pinned: the host side of a bucket's buffer)."""
+    host = torch.zeros(4, rows, dtype=torch.int64, pin_memory=pin)
+    host[POSITIONS].fill_(-1)
+    host[SLOTS].fill_(-1)
+    return host
+
+
+class PagedDecodeGraphs:
+    """Captured decode steps of one ServingEngine, keyed by bucket (rows)."""
+
+    def __init__(self, engine: ServingEngine) -> None:
+        self.engine = engine
+        self.pool = torch.cuda.graph_pool_handle()
+        # rows -> (graph, static inputs [4, rows] on the device, pinned host staging, logits)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]] = {}
+
+    def decode_forward(self, inputs: Tensor) -> Tensor:
+        """logits [rows, vocab] of one decode step whose inputs are the buffer [4, rows]."""
+        engine = self.engine
+        rows = inputs.shape[1]
+        positions = inputs[POSITIONS]
+        tables = engine.cache.block_tables().index_select(0, inputs[SEQS])  # [rows, W]
+        lens = (positions + 1).to(torch.int32)  # keys 0..position; padding (-1): none
+        table = engine.rope_table()
+        step = PagedStep(engine.k_pools, engine.v_pools, inputs[SLOTS], rows, tables, lens, [],
+                         rope_table=table, rope_index=positions)
+        rope_positions = None if table is not None else positions.clamp(min=0).unsqueeze(1)
+        return engine.forward(inputs[TOKENS].unsqueeze(1), rope_positions, step)[:, -1]
+
+    @torch.inference_mode()
+    def _capture(self, rows: int) -> None:
+        gc.collect()  # see engine/cuda_graph.py: no dropped graph may be freed mid-capture
+        host = padding_inputs(rows, pin=True)
+        inputs = host.to(self.engine.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm up: lazy inits and autotuning stay outside the capture
+                self.decode_forward(inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.decode_forward(inputs)
+        self.graphs[rows] = (graph, inputs, host, logits)
+
+    def run(self, plan: StepPlan) -> Tensor:
+        """Replay the step of a pure decode plan; logits [B, vocab] in plan order (graph
+        memory, valid until the next replay)."""
+        n = len(plan.chunks)
+        rows = bucket_for(n)
+        if rows not in self.graphs:
+            self._capture(rows)
+        graph, inputs, host, logits = self.graphs[rows]
+        cache = self.engine.cache
+        fill = torch.tensor(
+            [[c.request.token_ids[c.start] for c in plan.chunks],
+             [c.start for c in plan.chunks],
+             [cache.slot_mapping(c.request.seq, c.start, 1)[0] for c in plan.chunks],
+             [c.request.seq for c in plan.chunks]], dtype=torch.int64)
+        # the previous step's copy from `host` is done: that step read its tokens back
+        host[:, :n] = fill
+        if n < rows:
+            host[:, n:] = padding_inputs(rows - n)
+        inputs.copy_(host, non_blocking=True)
+        graph.replay()
+        return logits[:n]

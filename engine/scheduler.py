@@ -1,0 +1,316 @@
+"""Continuous batching: which tokens of which requests the next forward pass computes.
+
+Requests wait in a queue (first come, first served) and run in a set. Every step plans one
+chunk of tokens per scheduled request, within a token budget:
+
+1. the running requests, oldest first: a decoding request's chunk is its one new token; a
+   request still in its prompt gets the next chunk of it (chunked prefill);
+2. then waiting requests, while the budget, the running limit and the pool allow: each takes a
+   cache slot, adopts the blocks of its longest cached prefix (engine/prefix_cache.py) and is
+   planned a first chunk of the rest. A request is admitted only when the pool can hold all
+   its known tokens now, so it is not preempted again at once, and not while a running request
+   is still computing the next block of its prompt (a burst of requests with one system prompt
+   computes it once: the others wait for its blocks and adopt them).
+
+Blocks come from the paged cache's allocator. When a running request needs blocks and none are
+free, the prefix cache first evicts blocks only it holds; then the newest running request is
+preempted: its blocks are freed and it goes back to the front of the queue, to recompute its
+prompt and output later (its tokens do not change). A request that cannot get room even alone
+(its own tokens fill the pool) finishes with "length", as when the context is full.
+
+Nothing here runs the model: `schedule` reserves room for the plan (all or nothing per
+request), the engine runs the forward, then `complete` advances the sequences and names their
+newly full blocks in the prefix cache. `finish` frees a request's blocks at once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from toyllm.engine.prefix_cache import PrefixCache, block_hashes
+from toyllm.engine.request import Request, RequestStatus
+
+#: finish_reason of a request whose tokens fill the pool by themselves (see the module doc)
+LENGTH = "length"
+
+
+class PagedCacheHost(Protocol):
+    """The host-side part of PagedKVCache (engine/ops/paged_cache.py) the scheduler drives."""
+
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def num_blocks(self) -> int: ...
+    def num_free_blocks(self) -> int: ...
+    def add_sequence(self) -> int: ...
+    def free_sequence(self, seq: int) -> None: ...
+    def sequence_blocks(self, seq: int) -> list[int]: ...
+    def append_block(self, seq: int, block: int) -> None: ...
+    def reserve(self, seq: int, n: int) -> None: ...
+    def advance(self, seq: int, n: int) -> None: ...
+    def truncate(self, seq: int, length: int) -> None: ...
+    def fork(self, seq: int) -> int: ...
+    def copy_on_write(self, seq: int) -> bool: ...
+    def incref(self, block: int) -> None: ...
+    def decref(self, block: int) -> int: ...
+    def ref_count(self, block: int) -> int: ...
+
+
+@dataclass
+class Chunk:
+    """Tokens start..start+num_tokens-1 of a request, computed in this step."""
+
+    request: Request
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk ends at the request's last known token: its logits pick the next one."""
+        return self.start + self.num_tokens == len(self.request.token_ids)
+
+
+@dataclass
+class StepPlan:
+    """One step: one-token chunks first (they attend through the decode kernel), then longer
+    (prefill) chunks. `preempted` and `finished` list what the scheduling itself changed."""
+
+    chunks: list[Chunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)
+
+    @property
+    def num_decode(self) -> int:
+        return sum(1 for c in self.chunks if c.num_tokens == 1)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def pure_decode(self) -> bool:
+        return bool(self.chunks) and all(c.num_tokens == 1 for c in self.chunks)
+
+    def ordered(self) -> None:
+        """Decode chunks first (stable), the order the paged step expects."""
+        self.chunks.sort(key=lambda c: c.num_tokens != 1)
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+class Scheduler:
+    def __init__(self, cache: PagedCacheHost, prefix_cache: PrefixCache | None, *,
+                 max_running: int, token_budget: int) -> None:
+        self.cache = cache
+        self.prefix = prefix_cache
+        self.block_size = cache.block_size
+        self.max_running = max_running
+        self.token_budget = token_budget
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order: the last is the newest
+        self.preemptions = 0
+        self.prefix_hit_blocks = 0  # blocks adopted from the prefix cache, all admissions
+
+    # queue ------------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request: Request, reason: str) -> None:
+        """Finish a waiting or running request; its blocks are freed now."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        self._release(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Run `child` (a new request with the parent's tokens) on the parent's blocks: the
+        cache's fork shares them all; the block both will write next is copied on write."""
+        if parent.status is not RequestStatus.RUNNING or parent.num_pending != 1:
+            raise ValueError("fork: expected a running request that has finished its prompt")
+        if len(self.running) >= self.max_running:
+            raise ValueError(f"fork: all {self.max_running} running slots are taken")
+        child.seq = self.cache.fork(parent.seq)
+        child.num_computed = parent.num_computed
+        child.block_hashes = list(parent.block_hashes)
+        child.num_registered_blocks = parent.num_registered_blocks
+        shared_tail = parent.num_computed % self.block_size != 0
+        parent.tail_may_be_shared |= shared_tail
+        child.tail_may_be_shared = shared_tail
+        child.status = RequestStatus.RUNNING
+        self.running.append(child)
+
+    # planning ---------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.token_budget
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_pending, budget)
+            if not self._make_room(request, n, plan):
+                # newest and still short: preempt it, or, alone, it fills the pool itself
+                if len(self.running) == 1:
+                    self.finish(request, LENGTH)
+                    plan.finished.append(request)
+                else:
+                    self._preempt(request, plan)
+                break
+            self._reserve(request, n)
+            plan.chunks.append(Chunk(request, request.num_computed, n))
+            budget -= n
+            i += 1
+        if not plan.preempted:
+            while (self.waiting and budget > 0 and len(self.running) < self.max_running):
+                request = self.waiting[0]
+                if blocks_for(len(request.token_ids), self.block_size) > self.cache.num_blocks:
+                    # its tokens outgrew the whole pool while it waited (preempted)
+                    self.finish(request, LENGTH)
+                    plan.finished.append(request)
+                    continue
+                chunk = self._admit(request, budget)
+                if chunk is None:
+                    break
+                self.waiting.popleft()
+                self.running.append(chunk.request)
+                plan.chunks.append(chunk)
+                budget -= chunk.num_tokens
+        plan.ordered()
+        return plan
+
+    def complete(self, plan: StepPlan) -> None:
+        """After the forward pass of `plan` succeeded: advance each sequence over its chunk
+        and name its newly full blocks in the prefix cache."""
+        for chunk in plan.chunks:
+            request = chunk.request
+            self.cache.advance(request.seq, chunk.num_tokens)
+            request.num_computed += chunk.num_tokens
+            self._register(request)
+
+    # blocks -------------------------------------------------------------------------------------
+    def _blocks_needed(self, request: Request, n: int) -> int:
+        """Blocks to allocate for tokens num_computed..num_computed+n-1 (its sequence holds
+        blocks for exactly its computed tokens), plus one for a copy on write."""
+        start = request.num_computed
+        new = blocks_for(start + n, self.block_size) - blocks_for(start, self.block_size)
+        return new + int(request.tail_may_be_shared)
+
+    def _make_room(self, request: Request, n: int, plan: StepPlan) -> bool:
+        """Free blocks for request's next n tokens: evict cached blocks, then preempt newer
+        running requests. False when only preempting `request` itself would be left."""
+        needed = self._blocks_needed(request, n)
+        if needed == 0:  # a decode token in its last block's room: the common case
+            return True
+        while True:
+            short = needed - self.cache.num_free_blocks()
+            if short <= 0:
+                return True
+            if self.prefix is not None and self.prefix.evict(short) == short:
+                return True
+            newest = self.running[-1]
+            if newest is request:
+                return False
+            self._preempt(newest, plan)
+
+    def _reserve(self, request: Request, n: int) -> None:
+        """Room for n more tokens (free blocks made sure of), copying a shared tail first.
+        Tokens that fit the room of the sequence's last block need no call."""
+        if request.tail_may_be_shared:
+            self.cache.copy_on_write(request.seq)
+            request.tail_may_be_shared = False
+        if self._blocks_needed(request, n):
+            self.cache.reserve(request.seq, n)
+
+    def _admit(self, request: Request, budget: int) -> Chunk | None:
+        """Give a waiting request a slot, its cached prefix and room for a first chunk; None
+        (and nothing changed) when the pool cannot hold all its tokens now."""
+        cache, size = self.cache, self.block_size
+        tokens = len(request.token_ids)
+        matched: list[int] = []
+        if self.prefix is not None:
+            names = block_hashes(request.token_ids, size, request.block_hashes)
+            matched = self.prefix.match(names)
+        if self.prefix is not None and self._being_computed(names[len(matched):len(matched) + 1]):
+            # a running request is computing this prompt's next block right now: wait a step
+            # or two and adopt it, instead of computing the same prefix twice
+            return None
+        computed = len(matched) * size
+        shared_tail = computed == tokens  # all cached: the last token is recomputed for logits
+        if shared_tail:
+            computed -= 1
+        # every known token, less the adopted blocks, plus a copy on write
+        needed = blocks_for(tokens, size) - len(matched) + int(shared_tail)
+        free = cache.num_free_blocks()
+        if free < needed and (self.prefix is None
+                              or free + self.prefix.evictable(keep=matched) < needed):
+            return None
+        seq = cache.add_sequence()
+        for block in matched:
+            cache.append_block(seq, block)
+        if shared_tail:
+            cache.truncate(seq, computed)
+        request.seq = seq
+        request.num_computed = computed
+        request.num_registered_blocks = len(matched)
+        request.tail_may_be_shared = shared_tail
+        request.status = RequestStatus.RUNNING
+        if request.preemptions == 0:
+            request.cached_tokens = computed
+        self.prefix_hit_blocks += len(matched)
+        n = min(tokens - computed, budget)
+        short = self._blocks_needed(request, n) - cache.num_free_blocks()
+        if short > 0:
+            self.prefix.evict(short)  # enough are evictable: checked above
+        self._reserve(request, n)
+        return Chunk(request, computed, n)
+
+    def _being_computed(self, names: list[bytes]) -> bool:
+        """Whether one of `names` is a full block that a running request has yet to compute
+        (and will name in the prefix cache when it has)."""
+        if not names:
+            return False
+        for r in self.running:
+            if r.num_pending > 1 and any(n in names for n in
+                                         r.block_hashes[r.num_registered_blocks:]):
+                return True
+        return False
+
+    def _preempt(self, request: Request, plan: StepPlan) -> None:
+        self.running.remove(request)
+        self._release(request)
+        request.status = RequestStatus.WAITING
+        request.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(request)
+        plan.preempted.append(request)
+
+    def _release(self, request: Request) -> None:
+        if request.seq is not None:
+            self.cache.free_sequence(request.seq)
+        request.seq = None
+        request.num_computed = 0
+        request.num_registered_blocks = 0
+        request.tail_may_be_shared = False
+
+    def _register(self, request: Request) -> None:
+        """Name the request's full, computed blocks not yet in the prefix cache."""
+        if self.prefix is None:
+            return
+        full = request.num_computed // self.block_size
+        if full <= request.num_registered_blocks:
+            return
+        names = block_hashes(request.token_ids, self.block_size, request.block_hashes)
+        blocks = self.cache.sequence_blocks(request.seq)
+        for b in range(request.num_registered_blocks, full):
+            self.prefix.insert(names[b], blocks[b])
+        request.num_registered_blocks = full
