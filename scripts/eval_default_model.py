@@ -11,15 +11,15 @@ What it prints (and writes as JSON with --json-out):
 - the distinct 4-gram share of sampled text: the completion (prompt excluded) is split into
   word and punctuation tokens (``\\w+`` or one other non-space character), and the share is
   distinct 4-grams / all 4-grams of one sample (a sample with no 4-gram at all: 0 if it ran to
-  the token limit, 1 if it ended early). Sampled at the CLI's default sampling (temperature
-  0.7, top-p 0.95, top-k off, stop at eos) for 5 code prompts x 3 seeds x 128 new tokens: mean
-  and minimum. The same share of 15 windows of real held-out code (128 tokens each) is printed
-  beside it as the baseline;
+  the token limit, 1 if it ended early). Sampled as the CLI samples this checkpoint (its
+  generation_config.json, else the CLI's defaults; stop at eos) for 5 code prompts x 3 seeds x
+  128 new tokens: mean and minimum. The same share of 15 windows of real held-out code (128
+  tokens each) is printed beside it as the baseline;
 - load time (a fresh interpreter: ``load_model`` + tokenizer, ``import torch`` excluded) and
   CPU decode tok/s (batch 1, the engine, summed over the sampled requests).
 
-``--repetition-penalty`` and ``--min-p`` pass through to SamplingParams when it has those
-fields (engine/sampling.py); otherwise asking for them is an error that says so.
+``--temperature``, ``--top-k``, ``--top-p``, ``--min-p`` and ``--repetition-penalty`` override the
+checkpoint's sampling, as the CLI's options do.
 
     python scripts/eval_default_model.py                       # the shipped model
     python scripts/eval_default_model.py --model out/default --json-out out/eval.json
@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from build_corpus import collect_stdlib  # a sibling script (scripts/ is first on sys.path)
 
 from toyllm.engine.generate import Engine
-from toyllm.engine.sampling import SamplingParams
+from toyllm.engine.sampling import CLI_SAMPLING_DEFAULTS, SamplingParams, sampling_fields
+from toyllm.models.generation_config import read_sampling_defaults
 from toyllm.models.model_source import DEFAULT_MODEL_DIR, load_model
 from toyllm.models.tokenizer import Tokenizer
 
@@ -140,19 +141,11 @@ def load_seconds(model_dir: Path) -> float:
 
 
 def sampling_params(args: argparse.Namespace, seed: int) -> SamplingParams:
-    """The CLI's defaults, with the extras (repetition penalty, min-p) when the engine has them."""
-    fields = {f.name for f in dataclasses.fields(SamplingParams)}
-    extra: dict[str, float] = {}
-    for name in ("repetition_penalty", "min_p"):
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if name not in fields:
-            raise ValueError(f"--{name.replace('_', '-')}: this engine's SamplingParams has no "
-                             f"{name} field (fields: {', '.join(sorted(fields))})")
-        extra[name] = value
-    return SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, seed=seed, **extra)
+    """The CLI's sampling for this checkpoint: the options given here, else the model's
+    generation_config.json, else the CLI's defaults (engine/sampling.py's sampling_fields)."""
+    given = {name: getattr(args, name) for name in CLI_SAMPLING_DEFAULTS}
+    fields = sampling_fields(given, read_sampling_defaults(args.model))
+    return SamplingParams(max_new_tokens=args.new_tokens, seed=seed, **fields)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="cap on validation windows, evenly thinned (0: all, as in training)")
     p.add_argument("--skip-loss", action="store_true", help="only sampling, load and decode")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
-    p.add_argument("--temperature", type=float, default=0.7, help="the CLI's default: 0.7")
-    p.add_argument("--top-k", type=int, default=0, help="the CLI's default: 0 (off)")
-    p.add_argument("--top-p", type=float, default=0.95, help="the CLI's default: 0.95")
+    # sampling: default as the CLI's (the model's generation_config.json, else the CLI's own)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--threads", type=int, default=0,

@@ -15,7 +15,8 @@
 #       tokenizer.model, tokenizer-training.json, meta.json. Carry it (git ignores it).
 # Writes $OUT/default/ (OUT defaults to ./out): config.json, model.safetensors (bf16),
 # tokenizer.model, tokenizer-training.json, training.json, train-log.jsonl (train/val loss per
-# step); and $OUT/train-stdout.txt. Then, on the dev machine, the new model replaces the old:
+# step); and $OUT/train-stdout.txt. With PACK_FOR_DEVICE=1 the directory leaves as tar parts
+# (the end of this script says how to unpack them). Then, on the dev machine, the new model replaces the old:
 #   cp $OUT/default/* models/default/
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,3 +70,11 @@ if [[ -f "$DATA/tokenizer-training.json" ]]; then
     cp "$DATA/tokenizer-training.json" "$OUT/default/"
 fi
 ls -l "$OUT/default"
+# PACK_FOR_DEVICE=1: the device tool brings back at most 8 files of 16 MiB each, so the checkpoint
+# directory leaves as one tar in 15 MiB parts; on the dev machine:
+#   cat default.tar.part.* | tar -x -C out   (then cp out/default/* models/default/)
+if [[ "${PACK_FOR_DEVICE:-0}" == 1 ]]; then
+    tar -C "$OUT" -cf - default | split -b 15M -d - "$OUT/default.tar.part."
+    rm -r "$OUT/default"
+    ls -l "$OUT"
+fi

@@ -4,7 +4,6 @@ loops, and the pass-through of sampling options the engine may not have yet."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ if str(REPO_ROOT / "scripts") not in sys.path:
 
 from eval_default_model import distinct_4gram_share, sampling_params  # noqa: E402
 
-from toyllm.engine.sampling import SamplingParams  # noqa: E402
+from toyllm.models.model_source import DEFAULT_MODEL_DIR  # noqa: E402
 
 
 def test_a_loop_scores_low_and_varied_code_scores_one() -> None:
@@ -38,25 +37,25 @@ def test_a_sample_without_any_4gram_scores_by_how_it_ended() -> None:
     assert distinct_4gram_share("pass", ran_to_the_limit=False) == 1.0
 
 
-def namespace(**extra: float | None) -> argparse.Namespace:
-    values = dict(new_tokens=128, temperature=0.7, top_k=0, top_p=0.95,
+def namespace(model: Path = DEFAULT_MODEL_DIR, **given: float | None) -> argparse.Namespace:
+    values = dict(model=model, new_tokens=128, temperature=None, top_k=None, top_p=None,
                   repetition_penalty=None, min_p=None)
-    values.update(extra)
+    values.update(given)
     return argparse.Namespace(**values)
 
 
-def test_sampling_defaults_are_the_clis() -> None:
-    params = sampling_params(namespace(), seed=3)
-    assert (params.temperature, params.top_k, params.top_p, params.seed) == (0.7, 0, 0.95, 3)
-    assert params.max_new_tokens == 128 and params.stop_at_eos
+def test_sampling_is_the_clis_for_the_checkpoint(tmp_path: Path) -> None:
+    """As the CLI samples: the checkpoint's generation_config.json, else the CLI's defaults."""
+    shipped = sampling_params(namespace(), seed=3)
+    assert (shipped.temperature, shipped.top_p, shipped.min_p, shipped.repetition_penalty,
+            shipped.seed) == (0.7, 0.95, 0.05, 1.1, 3)
+    assert shipped.max_new_tokens == 128 and shipped.stop_at_eos
+    bare = sampling_params(namespace(model=tmp_path), seed=0)  # no generation_config.json
+    assert (bare.temperature, bare.top_k, bare.top_p, bare.min_p, bare.repetition_penalty) == \
+        (0.7, 0, 0.95, 0.0, 1.0)
 
 
-@pytest.mark.parametrize("name", ["repetition_penalty", "min_p"])
-def test_an_option_the_engine_lacks_is_refused_by_name_and_one_it_has_passes(name: str) -> None:
-    fields = {f.name for f in dataclasses.fields(SamplingParams)}
-    value = 1.1 if name == "repetition_penalty" else 0.05
-    if name in fields:
-        assert getattr(sampling_params(namespace(**{name: value}), seed=0), name) == value
-    else:
-        with pytest.raises(ValueError, match=f"no {name} field"):
-            sampling_params(namespace(**{name: value}), seed=0)
+@pytest.mark.parametrize("name, value", [("repetition_penalty", 1.3), ("min_p", 0.2),
+                                         ("temperature", 0.0), ("top_k", 7), ("top_p", 0.5)])
+def test_an_option_given_overrides_the_checkpoint(name: str, value: float) -> None:
+    assert getattr(sampling_params(namespace(**{name: value}), seed=0), name) == value
