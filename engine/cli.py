@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -155,6 +156,19 @@ def is_user_error(exc: BaseException) -> bool:
                for cls in type(exc).__mro__ if cls is not ValueError)
 
 
+def _given_sampling(temperature: float | None, top_k: int | None, top_p: float | None,
+                    min_p: float | None, repetition_penalty: float | None,
+                    ) -> dict[str, float | int | None]:
+    """The sampling options as given on the command line (None: not given), the two that
+    SamplingParams names by field checked here under their flag names."""
+    from toyllm.engine import cli_numbers
+
+    return {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+            "min_p": None if min_p is None else cli_numbers.number("--min-p", min_p, 0.0, 1.0),
+            "repetition_penalty": None if repetition_penalty is None
+            else cli_numbers.positive("--repetition-penalty", repetition_penalty)}
+
+
 def _run(body: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a command's body: bad input is one line and exit code 2, never a traceback."""
     try:
@@ -235,17 +249,18 @@ def generate(
     prompts_file: Annotated[Path | None, typer.Option(
         help="More prompts: .jsonl or one per line.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 64,
-    temperature: Annotated[float, typer.Option(
-        help="0 (or below 1e-5) = greedy.")] = 0.7,
-    top_k: Annotated[int, typer.Option(help="0 = off.")] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus mass in (0, 1].")] = 0.95,
-    min_p: Annotated[float, typer.Option(
+    temperature: Annotated[float | None, typer.Option(
+        help="0 (or below 1e-5) = greedy. Default for this and the next four options: the "
+             "model's generation_config.json, else 0.7 / 0 / 0.95 / 0 / 1.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="0 = off.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus mass in (0, 1].")] = None,
+    min_p: Annotated[float | None, typer.Option(
         help="Min-p: keep only tokens at least this fraction as likely as the most likely one, "
-             "in [0, 1]; 0 = off (default).")] = 0.0,
-    repetition_penalty: Annotated[float, typer.Option(
+             "in [0, 1]; 0 = off.")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(
         help="Repetition penalty: tokens already in the prompt or output get their logit "
              "divided by it (if > 0) or multiplied by it (if < 0); > 0, above 1 repeats less, "
-             "1 = off (default).")] = 1.0,
+             "1 = off.")] = None,
     seed: Annotated[int | None, typer.Option(
         help="0 to 2**64-1: makes sampling repeatable. Every prompt samples with this seed "
              "on its own, so its tokens are the same alone or in any batch.")] = None,
@@ -290,16 +305,15 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
     from toyllm.engine import cli_numbers
     from toyllm.engine.device import dtype_name, resolve_device, resolve_dtype
     from toyllm.engine.generate import Engine
-    from toyllm.engine.sampling import SamplingParams
-    from toyllm.models.model_source import load_model
+    from toyllm.engine.sampling import SamplingParams, sampling_fields
+    from toyllm.models.generation_config import read_sampling_defaults
+    from toyllm.models.model_source import DEFAULT_MODEL_DIR, load_model
 
     texts = read_prompts(prompts or [], prompts_file)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p,
-                            min_p=cli_numbers.number("--min-p", min_p, 0.0, 1.0),
-                            repetition_penalty=cli_numbers.positive("--repetition-penalty",
-                                                                    repetition_penalty),
-                            seed=seed, stop=tuple(stop or ()))
+    given = _given_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+    # checked now, before the model loads; the model's generation_config.json fills the rest
+    params = SamplingParams(max_new_tokens=max_new_tokens, seed=seed, stop=tuple(stop or ()),
+                            **sampling_fields(given, {}))
     if prefill_chunk is not None and prefill_chunk <= 0:
         raise UserError(f"--prefill-chunk: expected a positive integer, got {prefill_chunk}")
     if max_context is not None and max_context <= 0:
@@ -324,6 +338,9 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
             engine, loaded, dev, dt = start_ranks(
                 model, tensor_parallel, device, dtype, random_weights, tokenizer, chat, system,
                 prefill_chunk=prefill_chunk, cuda_graph=cuda_graph, max_seq_len=max_context)
+        checkpoint = Path(model) if model is not None else DEFAULT_MODEL_DIR
+        if checkpoint.is_dir():  # the ranks loaded it: its generation_config.json is readable
+            params = replace(params, **sampling_fields(given, read_sampling_defaults(checkpoint)))
         chat = False
     else:
         dev = resolve_device(device)
@@ -334,6 +351,7 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
         if loaded.tokenizer is None:
             raise UserError(f"{loaded.source}: no tokenizer found (tokenizer.json or "
                             "tokenizer.model); pass --tokenizer")
+        params = replace(params, **sampling_fields(given, loaded.sampling_defaults))
         if serving:
             from toyllm.engine.serving import ServingEngine
 
@@ -426,16 +444,18 @@ def chat(
         help="Answer this one message and exit (stdin is read when it is not a terminal).")]
     = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 512,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
-    top_k: Annotated[int, typer.Option(help="0 = off.")] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus mass in (0, 1].")] = 0.95,
-    min_p: Annotated[float, typer.Option(
+    temperature: Annotated[float | None, typer.Option(
+        help="0 = greedy. Default for this and the next four options: the "
+             "model's generation_config.json, else 0.7 / 0 / 0.95 / 0 / 1.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="0 = off.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus mass in (0, 1].")] = None,
+    min_p: Annotated[float | None, typer.Option(
         help="Min-p: keep only tokens at least this fraction as likely as the most likely one, "
-             "in [0, 1]; 0 = off (default).")] = 0.0,
-    repetition_penalty: Annotated[float, typer.Option(
+             "in [0, 1]; 0 = off.")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(
         help="Repetition penalty: tokens already in the prompt or output get their logit "
              "divided by it (if > 0) or multiplied by it (if < 0); > 0, above 1 repeats less, "
-             "1 = off (default).")] = 1.0,
+             "1 = off.")] = None,
     seed: Annotated[int | None, typer.Option(help="Makes sampling repeatable.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")] = "auto",
@@ -449,19 +469,16 @@ def chat(
     """Chat with a model through its chat template: /reset, /quit; Ctrl-C stops an answer.
     The conversation stays in the KV cache; each turn prefills only its new tokens."""
     try:
-        from toyllm.engine import cli_numbers
         from toyllm.engine.chat import ChatSession
         from toyllm.engine.chat_cli import run_chat
         from toyllm.engine.device import resolve_device, resolve_dtype
         from toyllm.engine.generate import Engine
-        from toyllm.engine.sampling import SamplingParams
+        from toyllm.engine.sampling import SamplingParams, sampling_fields
         from toyllm.models.model_source import load_model
 
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            min_p=cli_numbers.number("--min-p", min_p, 0.0, 1.0),
-            repetition_penalty=cli_numbers.positive("--repetition-penalty", repetition_penalty),
-            seed=seed)
+        given = _given_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        params = SamplingParams(max_new_tokens=max_new_tokens, seed=seed,
+                                **sampling_fields(given, {}))
         if max_context is not None and max_context <= 0:
             raise UserError(f"--max-context: expected a positive integer, got {max_context}")
         dev = resolve_device(device)
@@ -471,6 +488,7 @@ def chat(
         if loaded.tokenizer is None:
             raise UserError(f"{loaded.source}: no tokenizer found (tokenizer.json or "
                             "tokenizer.model); pass --tokenizer")
+        params = replace(params, **sampling_fields(given, loaded.sampling_defaults))
         engine = Engine(loaded.model, loaded.tokenizer, max_seq_len=max_context,
                         cuda_graph=cuda_graph and dev.type == "cuda")
         session = ChatSession(engine, params, system=system)

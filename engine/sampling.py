@@ -43,6 +43,24 @@ class SamplingError(ValueError):
 MIN_TEMPERATURE = 1e-5
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 MAX_LOGPROBS = 20  # most alternatives a token's log-probabilities list (OpenAI's top_logprobs)
+
+# The CLI's sampling for an option the user does not give and the model's
+# generation_config.json does not set (models/generation_config.py)
+CLI_SAMPLING_DEFAULTS: dict[str, float | int] = {
+    "temperature": 0.7, "top_k": 0, "top_p": 0.95, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def sampling_fields(given: dict[str, float | int | None],
+                    model_defaults: dict[str, float | int]) -> dict[str, float | int]:
+    """The sampling fields of a CLI run: what the user gave (None: not given), else the
+    model's generation_config.json, else CLI_SAMPLING_DEFAULTS.
+
+    >>> sampling_fields({"temperature": None, "top_k": 5}, {"temperature": 0.6, "top_k": 20})
+    {'temperature': 0.6, 'top_k': 5, 'top_p': 0.95, 'min_p': 0.0, 'repetition_penalty': 1.0}
+    """
+    chosen = {k: v for k, v in given.items() if v is not None}
+    return {k: chosen.get(k, model_defaults.get(k, v)) for k, v in CLI_SAMPLING_DEFAULTS.items()}
+
 NONFINITE = -1  # the token of a row whose logits are not all finite (toyllm::argmax's flag)
 
 
