@@ -43,6 +43,7 @@ class SamplingError(ValueError):
 MIN_TEMPERATURE = 1e-5
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 MAX_LOGPROBS = 20  # most alternatives a token's log-probabilities list (OpenAI's top_logprobs)
+NONFINITE = -1  # the token of a row whose logits are not all finite (toyllm::argmax's flag)
 
 # The CLI's sampling for an option the user does not give and the model's
 # generation_config.json does not set (models/generation_config.py)
@@ -60,8 +61,6 @@ def sampling_fields(given: dict[str, float | int | None],
     """
     chosen = {k: v for k, v in given.items() if v is not None}
     return {k: chosen.get(k, model_defaults.get(k, v)) for k, v in CLI_SAMPLING_DEFAULTS.items()}
-
-NONFINITE = -1  # the token of a row whose logits are not all finite (toyllm::argmax's flag)
 
 
 @dataclass(frozen=True)
