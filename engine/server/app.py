@@ -53,6 +53,8 @@ class ServerState:
     max_seq_len: int
     vocab_size: int
     api_key: str | None = None
+    # the checkpoint's generation_config.json sampling (LoadedModel.sampling_defaults)
+    sampling_defaults: dict[str, float | int] = field(default_factory=dict)
     created: int = field(default_factory=protocol.now)
     _texts: dict[int, str] = field(default_factory=dict)
 
@@ -124,7 +126,7 @@ def build_app(state: ServerState) -> FastAPI:
         _check_model(req.model, state)
         ids = _completion_prompt(req.prompt, state)
         max_tokens = protocol.requested_max_tokens(req) or protocol.COMPLETIONS_MAX_TOKENS
-        params = _params(req, max_tokens, protocol.requested_logprobs(req))
+        params = _params(req, max_tokens, protocol.requested_logprobs(req), state)
         stream = await _submit(state, ids, params, "cmpl")
         if req.stream:
             with_usage = req.stream_options is not None and req.stream_options.include_usage
@@ -148,7 +150,7 @@ def build_app(state: ServerState) -> FastAPI:
                                           "text)") from None
         _check_prompt_length(ids, "messages", state)
         max_tokens = protocol.requested_max_tokens(req) or state.max_seq_len - len(ids)
-        params = _params(req, max_tokens, protocol.requested_logprobs(req))
+        params = _params(req, max_tokens, protocol.requested_logprobs(req), state)
         stream = await _submit(state, ids, params, "chatcmpl")
         if req.stream:
             with_usage = req.stream_options is not None and req.stream_options.include_usage
@@ -214,9 +216,10 @@ def _check_prompt_length(ids: list[int], param: str, state: ServerState) -> None
                                  f"token")
 
 
-def _params(req: Any, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _params(req: Any, max_tokens: int, logprobs: int | None,
+            state: ServerState) -> SamplingParams:
     try:
-        return protocol.sampling_params(req, max_tokens, logprobs)
+        return protocol.sampling_params(req, max_tokens, logprobs, state.sampling_defaults)
     except SamplingError as exc:  # every range is checked above under the API's names
         raise ApiError(400, str(exc)) from None
 

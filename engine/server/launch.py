@@ -192,7 +192,7 @@ def prepare(o: ServeOptions) -> PreparedServer:
         loop = EngineLoop(engine, metrics, max_waiting=o.max_waiting)
         name = o.served_model_name or Path(loaded.source).name.removesuffix(".gguf")
         state = ServerState(loop, metrics, loaded.tokenizer, name.strip(), engine.max_seq_len,
-                            loaded.config.vocab_size, api_key)
+                            loaded.config.vocab_size, api_key, loaded.sampling_defaults)
         config = uvicorn.Config(
             build_app(state), lifespan="off", log_level="warning", access_log=o.access_log,
             timeout_graceful_shutdown=int(o.shutdown_timeout + UVICORN_GRACE_S))

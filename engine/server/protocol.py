@@ -2,12 +2,14 @@
 strict: a field of the wrong type or an unknown field is a 400 naming it) and the JSON of
 responses and stream chunks.
 
-Sampling fields take OpenAI's names and defaults (temperature 1, top_p 1, completions'
-max_tokens 16) plus vLLM's extensions: top_k (0 or -1: off), min_p, repetition_penalty,
-ignore_eos. Log-probabilities (completions' `logprobs: k`, chat's `logprobs: true` with
-`top_logprobs: k`, k <= 20) are the model's, from its raw logits (app.py's token_text gives
-each token's text). What the engine cannot do is refused with a 400 rather than ignored: n > 1,
-echo, best_of > 1, suffix, logit_bias, non-zero presence/frequency penalties.
+Sampling fields take OpenAI's names; a field a request leaves out takes the model's
+generation_config.json value where it has one (as vLLM does), else OpenAI's default
+(temperature 1, top_p 1; completions' max_tokens 16). vLLM's extensions too: top_k (0 or
+-1: off), min_p, repetition_penalty, ignore_eos. Log-probabilities (completions'
+`logprobs: k`, chat's `logprobs: true` with `top_logprobs: k`, k <= 20) are the model's, from
+its raw logits (app.py's token_text gives each token's text). What the engine cannot do is
+refused with a 400 rather than ignored: n > 1, echo, best_of > 1, suffix, logit_bias, non-zero
+presence/frequency penalties.
 """
 
 from __future__ import annotations
@@ -180,17 +182,23 @@ def requested_max_tokens(req: _SamplingFields) -> int | None:
     return value
 
 
-def sampling_params(req: _SamplingFields, max_tokens: int,
-                    logprobs: int | None = None) -> SamplingParams:
-    """The request's sampling fields, range-checked with the API's names, as SamplingParams."""
-    temperature = _finite("temperature", 1.0 if req.temperature is None else req.temperature,
-                          0.0)
-    top_p = _finite("top_p", 1.0 if req.top_p is None else req.top_p, 0.0, 1.0, low_open=True)
-    min_p = _finite("min_p", 0.0 if req.min_p is None else req.min_p, 0.0, 1.0)
-    penalty = _finite("repetition_penalty",
-                      1.0 if req.repetition_penalty is None else req.repetition_penalty,
-                      0.0, low_open=True)
-    top_k = 0 if req.top_k is None else req.top_k
+def sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None = None,
+                    model_defaults: dict[str, float | int] | None = None) -> SamplingParams:
+    """The request's sampling fields, range-checked with the API's names, as SamplingParams;
+    a field left out: `model_defaults` (the checkpoint's generation_config.json), else
+    OpenAI's default."""
+    given = model_defaults or {}
+
+    def pick(name: str, openai_default: float) -> float:
+        value = getattr(req, name)
+        return given.get(name, openai_default) if value is None else value
+
+    temperature = _finite("temperature", pick("temperature", 1.0), 0.0)
+    top_p = _finite("top_p", pick("top_p", 1.0), 0.0, 1.0, low_open=True)
+    min_p = _finite("min_p", pick("min_p", 0.0), 0.0, 1.0)
+    penalty = _finite("repetition_penalty", pick("repetition_penalty", 1.0), 0.0,
+                      low_open=True)
+    top_k = int(pick("top_k", 0))
     if top_k < -1:
         raise bad_request("top_k", f"expected -1 or 0 (off) or a positive integer, got {top_k}")
     if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
