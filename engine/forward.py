@@ -224,8 +224,11 @@ class EngineForward:
         cos/sin from its table) -> logits [B, T, vocab] ([B, 1, vocab] if last_only; with
         `select`, int64 [K] indices into the B * T tokens, [1, K, vocab]: only theirs)."""
         model = self.model
-        if (self.cpu_step and isinstance(step, DecodeStep) and step.use_kernel and not last_only
-                and select is None and cpu_step.applies(tokens)):
+        # the whole CPU decode step computes its cos/sin itself (a step with a table takes
+        # the layers below)
+        if (self.cpu_step and isinstance(step, DecodeStep) and step.use_kernel
+                and step.rope_table is None and not last_only and select is None
+                and cpu_step.applies(tokens)):
             return self._cpu_step(tokens, step)
         x = model.embed_tokens(tokens)  # [B, T, hidden]
         # a decode step may gather RoPE's cos/sin from a table by position (DecodeStep,
