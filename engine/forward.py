@@ -20,8 +20,8 @@ norm that reads its sum, and at every step the fastest op that applies, as `Sett
     down              gemv                                   cuBLAS             gemv
 
 On the CPU at FULL, a decode step of up to 4 rows whose products take the extension's GEMV
-runs each whole layer as one call, cpu_decode_layer (engine/ops/cpu_layer.py): the ops of the
-CPU column above, in C++, with their bits.
+runs as one call, cpu_decode_step (engine/ops/cpu_step.py): the embedding, RoPE's cos/sin, every
+layer (the ops of the CPU column above), the final norm and the head, in C++, with their bits.
 
 The fused ops give the bits of the ops they replace (tests/ compare them as integers), so every
 Fusion level computes the same numbers on one device; the GEMV choices (`Gemv`) do not: MKL and
@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from toyllm.engine.cached_attention import DecodeStep, PrefillStep
-from toyllm.engine.ops import WITH_CUDA, cpu_layer, elementwise, gemv_norm, rope_kv
+from toyllm.engine.ops import WITH_CUDA, cpu_step, elementwise, gemv_norm, rope_kv
 from toyllm.engine.ops.gemv import Gemv
 from toyllm.engine.settings import Fusion, Settings
 from toyllm.engine.varlen_attention import flash_varlen_applies
@@ -213,14 +213,17 @@ class EngineForward:
         self.rope = elementwise.rope if fused else apply_rope
         self.silu_mul = elementwise.silu_mul if fused else layer_math.silu_mul
         self.layers = layer_weights(model)
-        # whole CPU decode layers in one call: at FULL, with the extension's CPU GEMV, where
-        # every weight is one cpu_decode_layer takes (asked once; the step's tensors per step);
+        # the whole CPU decode step in one call: at FULL, with the extension's CPU GEMV, where
+        # every weight is one cpu_decode_step takes (asked once; the step's tokens per step);
         # not for a rank of a tensor-parallel model, whose o and down products must be summed
         # over the ranks between the ops that the one call runs back to back
-        self.cpu_layer = (self.fusion >= Fusion.FULL and settings.cpu_gemv
-                          and collectives is None
-                          and model.device.type == "cpu" and cpu_layer.weights_apply(
-                              t for w in self.layers for t in vars(w).values()))
+        step_weights = [t for w in self.layers for t in vars(w).values()]  # LayerWeights order
+        self.cpu_step = (self.fusion >= Fusion.FULL and settings.cpu_gemv
+                         and collectives is None
+                         and model.device.type == "cpu" and cpu_step.weights_apply(
+                             [*step_weights, model.embed_tokens.weight, model.norm.weight,
+                              model.lm_head.weight, model.inv_freq]))
+        self._step_weights = step_weights if self.cpu_step else []
 
     def paged_prefill_varlen(self) -> bool:
         """Whether the serving engine's prefill chunks take the packed varlen attention."""
@@ -238,22 +241,26 @@ class EngineForward:
         cos/sin from its table) -> logits [B, T, vocab] ([B, 1, vocab] if last_only; with
         `select`, int64 [K] indices into the B * T tokens, [1, K, vocab]: only theirs)."""
         model = self.model
+        # the whole CPU decode step computes its cos/sin itself (a step with a table takes
+        # the layers below)
+        if (self.cpu_step and isinstance(step, DecodeStep) and step.use_kernel
+                and step.rope_table is None and not last_only and select is None
+                and cpu_step.applies(tokens)):
+            return self._cpu_step(tokens, step)
         x = model.embed_tokens(tokens)  # [B, T, hidden]
         # a decode step may gather RoPE's cos/sin from a table by position (DecodeStep,
-        # PagedStep); None: computed here from `positions`
+        # PagedStep); None: computed here from `positions` (a DecodeStep's own by default)
         cos_sin = step.rope_cos_sin() if hasattr(step, "rope_cos_sin") else None
         if cos_sin is None:
+            if positions is None and isinstance(step, DecodeStep):
+                positions = step.rope_positions()
             if positions is None:
                 raise ValueError("expected positions [B, T]: the step gives no RoPE cos/sin")
             cos_sin = rope_cos_sin(model.inv_freq, positions, x.dtype)
         cos, sin = cos_sin
         pending: Tensor | None = None  # the residual stream is x + pending
-        layer = self._layer
-        if (self.cpu_layer and isinstance(step, DecodeStep) and step.use_kernel
-                and cpu_layer.applies(x, cos, sin)):
-            layer = self._cpu_layer
         for i, weights in enumerate(self.layers):
-            x, pending = layer(i, weights, x, pending, cos, sin, step)
+            x, pending = self._layer(i, weights, x, pending, cos, sin, step)
         if last_only:  # the sum's last token is the sum of the last tokens
             x = x[:, -1:]
             pending = pending[:, -1:] if pending is not None else None
@@ -298,12 +305,14 @@ class EngineForward:
         return x, self._reduce(self.gemv.silu_mul_linear(gate_up, w.down, self.silu_mul,
                                                          fused=self.fusion >= Fusion.SILU_GEMV))
 
-    def _cpu_layer(self, i: int, w: LayerWeights, x: Tensor, pending: Tensor | None,
-                   cos: Tensor, sin: Tensor, step: DecodeStep) -> tuple[Tensor, Tensor]:
-        """`_layer` of a CPU decode step in one call (toyllm::cpu_decode_layer), the same bits."""
-        return cpu_layer.cpu_decode_layer(
-            x, pending, w.input_norm, w.qkv, w.o, w.post_norm, w.gate_up, w.down, self.eps, cos,
-            sin, step.k_caches[i], step.v_caches[i], step.positions, self.num_heads)
+    def _cpu_step(self, tokens: Tensor, step: DecodeStep) -> Tensor:
+        """The whole forward of a CPU decode step in one call (toyllm::cpu_decode_step), the
+        same bits: tokens [rows, 1] -> logits [rows, 1, vocab]; K/V written at step.positions."""
+        model = self.model
+        return cpu_step.cpu_decode_step(
+            tokens, model.embed_tokens.weight, self._step_weights, model.norm.weight,
+            model.lm_head.weight, self.eps, model.inv_freq, step.k_caches, step.v_caches,
+            step.positions, self.num_heads)
 
     def _add_norm(self, x: Tensor, residual: Tensor | None,
                   norm_weight: Tensor) -> tuple[Tensor, Tensor]:
