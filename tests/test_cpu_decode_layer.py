@@ -13,39 +13,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cpu_decode_models import CONFIGS, model_for
 from same_bits import assert_same_bits
 
 from toyllm.engine.forward import layer_weights
-from toyllm.models.config import ModelConfig
-from toyllm.models.llama import build_model
 from toyllm.models.rope import inverse_frequencies, rope_cos_sin
 
 OPS = torch.ops.toyllm
-CONFIGS = {
-    # stories15M's proportions, smaller: MHA, head_dim 48
-    "mha": ModelConfig(vocab_size=320, hidden_size=96, num_layers=3, num_heads=2,
-                       num_kv_heads=2, intermediate_size=256, max_seq_len=96),
-    # GQA with head_dim 6 (not a multiple of 8), odd widths everywhere
-    "gqa_hd6": ModelConfig(vocab_size=301, hidden_size=36, num_layers=2, num_heads=6,
-                           num_kv_heads=2, intermediate_size=50, max_seq_len=96),
-    # MQA, head_dim 10, untied head
-    "mqa_hd10": ModelConfig(vocab_size=257, hidden_size=30, num_layers=2, num_heads=3,
-                            num_kv_heads=1, head_dim=10, intermediate_size=33, max_seq_len=96,
-                            tie_embeddings=False),
-}
-
-
-def model_for(name: str, seed: int = 0):
-    model = build_model(CONFIGS[name], seed=seed)
-    model.init_weights(seed, std=0.2)  # peaked logits: greedy ties are not a coin flip
-    return model
-
-
-def prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
 def separate_ops(args: list) -> tuple[torch.Tensor, ...]:
     """The layer through the separate operators the engine's unfused CPU decode layer calls
     (engine/forward.py below FULL), on copies of the caches in `args`: (s2, out, the caches)."""

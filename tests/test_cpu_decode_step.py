@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cpu_decode_models import CONFIGS, model_for, prompts
 from same_bits import assert_same_bits
 
 from toyllm.engine.check.reference import reference_greedy, reference_logits
@@ -21,35 +22,8 @@ from toyllm.engine.generate import Engine
 from toyllm.engine.ops import cpu_step
 from toyllm.engine.sampling import SamplingParams
 from toyllm.engine.settings import Fusion, Settings
-from toyllm.models.config import ModelConfig
-from toyllm.models.llama import build_model
 
 OPS = torch.ops.toyllm
-CONFIGS = {
-    # stories15M's proportions, smaller: MHA, head_dim 48
-    "mha": ModelConfig(vocab_size=320, hidden_size=96, num_layers=3, num_heads=2,
-                       num_kv_heads=2, intermediate_size=256, max_seq_len=96),
-    # GQA with head_dim 6 (not a multiple of 8), odd widths everywhere
-    "gqa_hd6": ModelConfig(vocab_size=301, hidden_size=36, num_layers=2, num_heads=6,
-                           num_kv_heads=2, intermediate_size=50, max_seq_len=96),
-    # MQA, head_dim 10, untied head
-    "mqa_hd10": ModelConfig(vocab_size=257, hidden_size=30, num_layers=2, num_heads=3,
-                            num_kv_heads=1, head_dim=10, intermediate_size=33, max_seq_len=96,
-                            tie_embeddings=False),
-}
-
-
-def model_for(name: str, seed: int = 0):
-    model = build_model(CONFIGS[name], seed=seed)
-    model.init_weights(seed, std=0.2)  # peaked logits: greedy ties are not a coin flip
-    return model
-
-
-def prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
 def counting(monkeypatch) -> list[int]:
     """Counts the calls of the operator through the engine."""
     calls: list[int] = []
