@@ -207,6 +207,8 @@ if want serving; then
         --dtype bf16 --json "$OUT/serving_shared_prefix.json"
     # where a serving step's time goes: step kinds, host against device, top ops
     stage serving_profile $PY scripts/profile_serving.py --device cuda
+    # the same with one SDPA per prefill chunk, against the packed varlen prefill above
+    stage serving_profile_segments $PY scripts/profile_serving.py --device cuda --segments
 fi
 if want server; then
     # issue 20: what HTTP costs, on the Llama-1B shape (the shipped tokenizer's vocabulary)

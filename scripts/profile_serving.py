@@ -198,8 +198,13 @@ def _walk(event, visit) -> None:
 
 
 def profiled_run(engine: ServingEngine, work: Workload, timing: Timing, device: torch.device,
-                 steps: int, top: int) -> None:
+                 steps: int, top: int, skip: int = 0) -> None:
     add_all(engine, work)
+    for _ in range(skip):  # past the prefill burst, to profile the decode steps that follow
+        if not engine.has_unfinished():
+            break
+        engine.step()
+    sync(device)
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
@@ -243,7 +248,8 @@ def profiled_run(engine: ServingEngine, work: Workload, timing: Timing, device: 
 
         _walk(e, visit)
         rows[kind].append((wall_us, e.device_time_total, waited[0], syncs[0]))
-    print(f"\n== profiled run: the first {len(kinds)} steps (times under the profiler: its "
+    print(f"\n== profiled run: {len(kinds)} steps after the first {skip} (times under the "
+          f"profiler: its "
           f"overhead inflates host time; trace read in {time.perf_counter() - t:.1f} s)")
     print(f"{'kind':<13} {'steps':>6} {'wall ms':>9} {'device ms':>10} {'sync wait ms':>13} "
           f"{'host ms':>9} {'syncs':>6}   (per step, means)")
@@ -256,6 +262,17 @@ def profiled_run(engine: ServingEngine, work: Workload, timing: Timing, device: 
         print(f"{kind:<13} {n:6d} {w / 1e3:9.2f} {d / 1e3:10.2f} {s / 1e3:13.2f} "
               f"{(w - s) / 1e3:9.2f} {c:6.1f}")
     print("(host ms = wall - sync wait: the host's own work; device ms = the kernels' sum)")
+    if device.type == "cuda" and rows["decode-only"]:  # graph replays: their kernels by name
+        n = len(rows["decode-only"])
+        kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA and not e.name.startswith("serving"):
+                kernels[e.name][0] += e.self_device_time_total
+                kernels[e.name][1] += 1
+        print(f"\ndevice time by kernel over the window (ms per step of its {n} decode-only "
+              f"steps; prefill-carrying steps' kernels counted too when the window has them)")
+        for name, (dev, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
+            print(f"{dev / n / 1e3:9.3f} ms  {calls / n:7.1f}x  {name[:100]}")
     carrying = sum(len(rows[k]) for k in ("mixed", "prefill-only"))
     if not carrying:
         print("no prefill-carrying step was profiled")
@@ -303,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-memory", type=float, default=0.5, help="fraction of free memory")
     ap.add_argument("--profile-steps", type=int, default=24,
                     help="steps of the profiled run (the rest runs unprofiled)")
+    ap.add_argument("--profile-skip", type=int, default=0,
+                    help="steps run unprofiled before the profiled ones (e.g. 100: decode "
+                         "steps at full batch)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--no-timed", dest="timed", action="store_false",
                     help="skip the timed run")
@@ -330,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"profile_serving: {name}: expected a positive integer, got {value}",
                   file=sys.stderr)
             return 2
+    if a.profile_skip < 0:
+        print(f"profile_serving: --profile-skip: expected a count >= 0, got {a.profile_skip}",
+              file=sys.stderr)
+        return 2
     config = load_config(resolve_config(model_name))
     longest = prompt_lens[1] + output_lens[1] + (prefix if a.workload != "random" else 0)
     if longest > config.max_seq_len:
@@ -366,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         timed_run(engine, work, timing, device)
         if engine.prefix is not None:
             engine.prefix.clear()
-    profiled_run(engine, work, timing, device, a.profile_steps, a.top)
+    profiled_run(engine, work, timing, device, a.profile_steps, a.top, a.profile_skip)
     return 0
 
 
