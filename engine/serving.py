@@ -152,11 +152,11 @@ def pool_bytes(kv_memory: object, device: torch.device) -> int:
     return int(available_memory(device) * kv_memory)
 
 
-# The packed prefill (all of a step's prefill chunks in one FlashAttention varlen call per layer,
-# engine/varlen_attention.py) is tested on the CPU through a plain-torch reference of the kernel
-# but has not run on a GPU yet: off by default until its CUDA tests and the serving bench have
-# (issue 19; tests/test_paged_prefill_varlen_cuda.py, scripts/profile_serving.py).
-PACKED_PREFILL = False
+# The packed prefill: all of a step's prefill chunks in one FlashAttention varlen call per layer
+# (engine/varlen_attention.py), where forward.py says it applies (CUDA, fp16/bf16). The
+# alternative, one SDPA call per chunk, lets cuDNN build a plan for each new chunk shape: on the
+# serving workload that host time dominated every prefill-carrying step (docs/PERF.md).
+PACKED_PREFILL = True
 
 
 class ServingEngine:

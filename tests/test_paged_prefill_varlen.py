@@ -42,7 +42,7 @@ def packed(monkeypatch) -> Calls:
     """Every ServingEngine built in the test takes the packed prefill, through the reference."""
     calls = Calls()
     monkeypatch.setattr(EngineForward, "paged_prefill_varlen", lambda self: True)
-    monkeypatch.setattr(serving, "PACKED_PREFILL", True)  # off by default until a GPU run
+    monkeypatch.setattr(serving, "PACKED_PREFILL", True)  # the default, pinned for the test
     monkeypatch.setattr(serving, "varlen_causal_attention", calls)
     return calls
 
