@@ -9,6 +9,7 @@
 //   gemv/cpu_gemv.cpp, cuda_gemv.cpp  gemv, gemv_silu_mul and the norm-fused products
 //   sampling/argmax_ops.cpp         argmax
 //   layer/cpu_decode_layer.cpp      cpu_decode_layer (CPU only)
+//   layer/cpu_decode_step.cpp       cpu_decode_step (CPU only)
 // Every op checks its arguments in C++ on every device and raises ValueError (TORCH_CHECK_VALUE)
 // naming what was expected and what was given. Tensor(a!) marks an argument written in place.
 #include <torch/library.h>
@@ -79,6 +80,16 @@ TORCH_LIBRARY(toyllm, m) {
         "Tensor o_weight, Tensor post_norm, Tensor gate_up_weight, Tensor down_weight, float eps, "
         "Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
         "int num_q_heads) -> (Tensor, Tensor)");
+
+    // A whole CPU decode step, fp32, one new token per row: the embedding of tokens, RoPE's
+    // cos/sin at positions, every layer as cpu_decode_layer runs it (layer_weights: input_norm,
+    // qkv, o, post_norm, gate_up, down of each layer in turn), the final RMSNorm and the head
+    // -> logits [rows, 1, vocab]: the bits of the ops it replaces.
+    m.def(
+        "cpu_decode_step(Tensor tokens, Tensor embedding, Tensor[] layer_weights, "
+        "Tensor final_norm, Tensor head_weight, float eps, Tensor inv_freq, "
+        "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor positions, int num_q_heads) "
+        "-> Tensor");
 
     // Greedy sampling: torch.argmax(logits, dim=-1) of [rows, vocab] logits; flag_nonfinite:
     // -1 for a row that holds a NaN or an inf.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -155,6 +156,19 @@ def is_user_error(exc: BaseException) -> bool:
                for cls in type(exc).__mro__ if cls is not ValueError)
 
 
+def _given_sampling(temperature: float | None, top_k: int | None, top_p: float | None,
+                    min_p: float | None, repetition_penalty: float | None,
+                    ) -> dict[str, float | int | None]:
+    """The sampling options as given on the command line (None: not given), the two that
+    SamplingParams names by field checked here under their flag names."""
+    from toyllm.engine import cli_numbers
+
+    return {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+            "min_p": None if min_p is None else cli_numbers.number("--min-p", min_p, 0.0, 1.0),
+            "repetition_penalty": None if repetition_penalty is None
+            else cli_numbers.positive("--repetition-penalty", repetition_penalty)}
+
+
 def _run(body: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a command's body: bad input is one line and exit code 2, never a traceback."""
     try:
@@ -219,15 +233,16 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
 # Options that several commands take, each declared once: its type and help text.
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")]
 DtypeOption = Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")]
-TopKOption = Annotated[int, typer.Option(help="0 = off.")]
-TopPOption = Annotated[float, typer.Option(help="Nucleus mass in (0, 1].")]
-MinPOption = Annotated[float, typer.Option(
+# the sampling options default to None: the model's generation_config.json, else the CLI's
+TopKOption = Annotated[int | None, typer.Option(help="0 = off.")]
+TopPOption = Annotated[float | None, typer.Option(help="Nucleus mass in (0, 1].")]
+MinPOption = Annotated[float | None, typer.Option(
     help="Min-p: keep only tokens at least this fraction as likely as the most likely one, "
-         "in [0, 1]; 0 = off (default).")]
-RepetitionPenaltyOption = Annotated[float, typer.Option(
+         "in [0, 1]; 0 = off.")]
+RepetitionPenaltyOption = Annotated[float | None, typer.Option(
     help="Repetition penalty: tokens already in the prompt or output get their logit "
          "divided by it (if > 0) or multiplied by it (if < 0); > 0, above 1 repeats less, "
-         "1 = off (default).")]
+         "1 = off.")]
 MaxContextOption = Annotated[int | None, typer.Option(
     help="Cap the KV cache at this many positions.")]
 CudaGraphOption = Annotated[bool, typer.Option(
@@ -254,12 +269,13 @@ def generate(
     prompts_file: Annotated[Path | None, typer.Option(
         help="More prompts: .jsonl or one per line.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 64,
-    temperature: Annotated[float, typer.Option(
-        help="0 (or below 1e-5) = greedy.")] = 0.7,
-    top_k: TopKOption = 0,
-    top_p: TopPOption = 0.95,
-    min_p: MinPOption = 0.0,
-    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    temperature: Annotated[float | None, typer.Option(
+        help="0 (or below 1e-5) = greedy. Default for this and the next four options: the "
+             "model's generation_config.json, else 0.7 / 0 / 0.95 / 0 / 1.")] = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
     seed: Annotated[int | None, typer.Option(
         help="0 to 2**64-1: makes sampling repeatable. Every prompt samples with this seed "
              "on its own, so its tokens are the same alone or in any batch.")] = None,
@@ -302,16 +318,15 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
     from toyllm.engine import cli_numbers
     from toyllm.engine.device import dtype_name, resolve_device, resolve_dtype
     from toyllm.engine.generate import Engine
-    from toyllm.engine.sampling import SamplingParams
-    from toyllm.models.model_source import load_model
+    from toyllm.engine.sampling import SamplingParams, sampling_fields
+    from toyllm.models.generation_config import read_sampling_defaults
+    from toyllm.models.model_source import DEFAULT_MODEL_DIR, load_model
 
     texts = read_prompts(prompts or [], prompts_file)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p,
-                            min_p=cli_numbers.number("--min-p", min_p, 0.0, 1.0),
-                            repetition_penalty=cli_numbers.positive("--repetition-penalty",
-                                                                    repetition_penalty),
-                            seed=seed, stop=tuple(stop or ()))
+    given = _given_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+    # checked now, before the model loads; the model's generation_config.json fills the rest
+    params = SamplingParams(max_new_tokens=max_new_tokens, seed=seed, stop=tuple(stop or ()),
+                            **sampling_fields(given, {}))
     if prefill_chunk is not None and prefill_chunk <= 0:
         raise UserError(f"--prefill-chunk: expected a positive integer, got {prefill_chunk}")
     if max_context is not None and max_context <= 0:
@@ -336,6 +351,9 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
             engine, loaded, dev, dt = start_ranks(
                 model, tensor_parallel, device, dtype, random_weights, tokenizer, chat, system,
                 prefill_chunk=prefill_chunk, cuda_graph=cuda_graph, max_seq_len=max_context)
+        checkpoint = Path(model) if model is not None else DEFAULT_MODEL_DIR
+        if checkpoint.is_dir():  # the ranks loaded it: its generation_config.json is readable
+            params = replace(params, **sampling_fields(given, read_sampling_defaults(checkpoint)))
         chat = False
     else:
         dev = resolve_device(device)
@@ -346,6 +364,7 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
         if loaded.tokenizer is None:
             raise UserError(f"{loaded.source}: no tokenizer found (tokenizer.json or "
                             "tokenizer.model); pass --tokenizer")
+        params = replace(params, **sampling_fields(given, loaded.sampling_defaults))
         if serving:
             from toyllm.engine.serving import ServingEngine
 
@@ -438,11 +457,13 @@ def chat(
         help="Answer this one message and exit (stdin is read when it is not a terminal).")]
     = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 512,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
-    top_k: TopKOption = 0,
-    top_p: TopPOption = 0.95,
-    min_p: MinPOption = 0.0,
-    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    temperature: Annotated[float | None, typer.Option(
+        help="0 = greedy. Default for this and the next four options: the "
+             "model's generation_config.json, else 0.7 / 0 / 0.95 / 0 / 1.")] = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
     seed: Annotated[int | None, typer.Option(help="Makes sampling repeatable.")] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -454,19 +475,16 @@ def chat(
     """Chat with a model through its chat template: /reset, /quit; Ctrl-C stops an answer.
     The conversation stays in the KV cache; each turn prefills only its new tokens."""
     try:
-        from toyllm.engine import cli_numbers
         from toyllm.engine.chat import ChatSession
         from toyllm.engine.chat_cli import run_chat
         from toyllm.engine.device import resolve_device, resolve_dtype
         from toyllm.engine.generate import Engine
-        from toyllm.engine.sampling import SamplingParams
+        from toyllm.engine.sampling import SamplingParams, sampling_fields
         from toyllm.models.model_source import load_model
 
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            min_p=cli_numbers.number("--min-p", min_p, 0.0, 1.0),
-            repetition_penalty=cli_numbers.positive("--repetition-penalty", repetition_penalty),
-            seed=seed)
+        given = _given_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        params = SamplingParams(max_new_tokens=max_new_tokens, seed=seed,
+                                **sampling_fields(given, {}))
         if max_context is not None and max_context <= 0:
             raise UserError(f"--max-context: expected a positive integer, got {max_context}")
         dev = resolve_device(device)
@@ -476,6 +494,7 @@ def chat(
         if loaded.tokenizer is None:
             raise UserError(f"{loaded.source}: no tokenizer found (tokenizer.json or "
                             "tokenizer.model); pass --tokenizer")
+        params = replace(params, **sampling_fields(given, loaded.sampling_defaults))
         engine = Engine(loaded.model, loaded.tokenizer, max_seq_len=max_context,
                         cuda_graph=cuda_graph and dev.type == "cuda")
         session = ChatSession(engine, params, system=system)
@@ -483,6 +502,71 @@ def chat(
     except user_errors() as exc:
         raise fail(str(exc)) from None
     raise typer.Exit(code)
+
+
+# --- toyllm serve: the OpenAI-compatible HTTP server (engine/server/) -------------------------
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option(
+        help="Checkpoint directory, .gguf file or config .toml; default: the shipped model.")]
+    = None,
+    random_weights: Annotated[bool, typer.Option(
+        help="With a config .toml: random weights (benchmarks); its vocab_size must equal the "
+             "tokenizer's.")] = False,
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="tokenizer.json, tokenizer.model, or a directory holding one.")] = None,
+    host: Annotated[str, typer.Option(
+        help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port; 0 = any free port (printed).")] = 8000,
+    api_key: Annotated[str | None, typer.Option(
+        help="Every request must send 'Authorization: Bearer KEY' (else 401).")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(
+        help="As --api-key, the key read from this file's first line (not in `ps`).")] = None,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="The model id clients send; default: the model directory's (or file's) name.")]
+    = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")] = "auto",
+    block_size: Annotated[int, typer.Option(help="Tokens per block of the paged KV cache.")]
+    = 16,
+    kv_memory: Annotated[str, typer.Option(
+        help="The paged KV pool: a fraction of free memory (0.9) or a size (4GiB).")] = "0.9",
+    max_running: Annotated[int, typer.Option(
+        help="Most requests decoding at once (each holds a cache slot).")] = 64,
+    max_waiting: Annotated[int, typer.Option(
+        help="Most requests waiting beyond those running; more get 503 with Retry-After.")]
+    = 256,
+    token_budget: Annotated[int, typer.Option(
+        help="Most tokens computed per step (prefill chunks + decode rows).")] = 8192,
+    prefix_caching: Annotated[bool, typer.Option(
+        help="Share the KV blocks of common prompt prefixes.")] = True,
+    max_context: Annotated[int | None, typer.Option(
+        help="Cap each request's context at this many positions.")] = None,
+    cuda_graph: Annotated[bool, typer.Option(
+        help="Replay pure decode steps from CUDA graphs (GPU only).")] = True,
+    shutdown_timeout: Annotated[float, typer.Option(
+        help="On SIGTERM: seconds running requests may finish before they are aborted.")]
+    = 30.0,
+    access_log: Annotated[bool, typer.Option(help="Log every HTTP request (uvicorn).")]
+    = False,
+) -> None:
+    """Serve the model over HTTP with the OpenAI API: /v1/completions, /v1/chat/completions
+    (streamed or not), /v1/models, /health, /metrics (docs/SERVER.md). SIGTERM stops
+    gracefully (exit 0)."""
+    def body() -> int:
+        from toyllm.engine.server.launch import ServeOptions
+        from toyllm.engine.server.launch import serve as run_server
+
+        return run_server(ServeOptions(
+            model=model, random_weights=random_weights, tokenizer=tokenizer, host=host,
+            port=port, api_key=api_key, api_key_file=api_key_file,
+            served_model_name=served_model_name, device=device,
+            dtype=dtype, block_size=block_size, kv_memory=kv_memory, max_running=max_running,
+            max_waiting=max_waiting, token_budget=token_budget, prefix_caching=prefix_caching,
+            max_context=max_context, cuda_graph=cuda_graph, shutdown_timeout=shutdown_timeout,
+            access_log=access_log))
+
+    raise typer.Exit(_run(body))
 
 
 # --- toyllm bench: decode/prefill benchmark (engine/tools/bench.py) ----------------------------

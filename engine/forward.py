@@ -12,15 +12,16 @@ norm that reads its sum, and at every step the fastest op that applies, as `Sett
                                                              (decode) or rope   rope_kv_update
                                                              + the cache write  or rope + write
     attention         decode_attention (split-K, tensor      decode_attention   decode_attention
-                      cores for fp16/bf16)                   or SDPA (prefill)  (<= 8 rows) / SDPA
+                      cores for fp16/bf16)                   or SDPA (prefill;  (<= 8 rows) / SDPA
+                                                             serving: varlen)
     o_proj            gemv                                   cuBLAS             gemv
     norm + gate/up    gemv_add_rms_norm_silu_mul (FULL)      add_rms_norm,      add_rms_norm, gemv
     + silu*up                                                cuBLAS, silu_mul   silu*up (torch)
     down              gemv                                   cuBLAS             gemv
 
 On the CPU at FULL, a decode step of up to 4 rows whose products take the extension's GEMV
-runs each whole layer as one call, cpu_decode_layer (engine/ops/cpu_layer.py): the ops of the
-CPU column above, in C++, with their bits.
+runs as one call, cpu_decode_step (engine/ops/cpu_step.py): the embedding, RoPE's cos/sin, every
+layer (the ops of the CPU column above), the final norm and the head, in C++, with their bits.
 
 The fused ops give the bits of the ops they replace (tests/ compare them as integers), so every
 Fusion level computes the same numbers on one device; the GEMV choices (`Gemv`) do not: MKL and
@@ -30,7 +31,9 @@ alone. Positions are never advanced here: the Engine does it after a whole step 
 The serving engine's steps (engine/paged_step.py, over the paged cache) take the unfused path
 for q/k/v: the decode fusions above that write K/V (rope_kv_update, gemv_add_rms_norm_rope_kv)
 address the contiguous cache by position, so RoPE runs alone and the paged step writes K/V at
-its slots; every other fusion applies to them as to the static engine's.
+its slots; every other fusion applies to them as to the static engine's. Their prefill chunks
+attend in one FlashAttention varlen call per layer where `paged_prefill_varlen` says so (CUDA,
+fp16/bf16, unless ServingEngine(packed_prefill=False)), one SDPA per chunk otherwise.
 """
 
 from __future__ import annotations
@@ -42,9 +45,10 @@ import torch
 from torch import Tensor, nn
 
 from toyllm.engine.cached_attention import DecodeStep, PrefillStep
-from toyllm.engine.ops import WITH_CUDA, cpu_layer, elementwise, gemv_norm, rope_kv
+from toyllm.engine.ops import WITH_CUDA, cpu_step, elementwise, gemv_norm, rope_kv
 from toyllm.engine.ops.gemv import Gemv
 from toyllm.engine.settings import Fusion, Settings
+from toyllm.engine.varlen_attention import flash_varlen_applies
 from toyllm.models import layer_math
 from toyllm.models.llama import Transformer
 from toyllm.models.rope import apply_rope, rope_cos_sin
@@ -91,6 +95,14 @@ def decode_attention_kernel(settings: Settings, device: torch.device, rows: int,
         return False
     most = decode_kernel_max_rows(settings, dtype, head_dim)
     return most is None or rows <= most
+
+
+def paged_prefill_varlen(device: torch.device, dtype: torch.dtype, head_dim: int,
+                         num_heads: int, num_kv_heads: int) -> bool:
+    """True when the serving engine's steps can attend all their prefill chunks in one varlen
+    FlashAttention call (engine/paged_step.py's PackedPrefill): where the kernel applies (CUDA,
+    fp16/bf16; engine/varlen_attention.py). ServingEngine(packed_prefill=False) declines it."""
+    return flash_varlen_applies(device, dtype, head_dim, num_heads, num_kv_heads)
 
 
 class Collectives(Protocol):
@@ -201,14 +213,22 @@ class EngineForward:
         self.rope = elementwise.rope if fused else apply_rope
         self.silu_mul = elementwise.silu_mul if fused else layer_math.silu_mul
         self.layers = layer_weights(model)
-        # whole CPU decode layers in one call: at FULL, with the extension's CPU GEMV, where
-        # every weight is one cpu_decode_layer takes (asked once; the step's tensors per step);
+        # the whole CPU decode step in one call: at FULL, with the extension's CPU GEMV, where
+        # every weight is one cpu_decode_step takes (asked once; the step's tokens per step);
         # not for a rank of a tensor-parallel model, whose o and down products must be summed
         # over the ranks between the ops that the one call runs back to back
-        self.cpu_layer = (self.fusion >= Fusion.FULL and settings.cpu_gemv
-                          and collectives is None
-                          and model.device.type == "cpu" and cpu_layer.weights_apply(
-                              t for w in self.layers for t in vars(w).values()))
+        step_weights = [t for w in self.layers for t in vars(w).values()]  # LayerWeights order
+        self.cpu_step = (self.fusion >= Fusion.FULL and settings.cpu_gemv
+                         and collectives is None
+                         and model.device.type == "cpu" and cpu_step.weights_apply(
+                             [*step_weights, model.embed_tokens.weight, model.norm.weight,
+                              model.lm_head.weight, model.inv_freq]))
+        self._step_weights = step_weights if self.cpu_step else []
+
+    def paged_prefill_varlen(self) -> bool:
+        """Whether the serving engine's prefill chunks take the packed varlen attention."""
+        return paged_prefill_varlen(self.model.device, self.model.dtype, self.head_dim,
+                                    self.num_heads, self.num_kv_heads)
 
     def decode_kernel(self, rows: int) -> bool:
         """Whether a decode step of `rows` rows attends through the extension's kernel."""
@@ -221,22 +241,26 @@ class EngineForward:
         cos/sin from its table) -> logits [B, T, vocab] ([B, 1, vocab] if last_only; with
         `select`, int64 [K] indices into the B * T tokens, [1, K, vocab]: only theirs)."""
         model = self.model
+        # the whole CPU decode step computes its cos/sin itself (a step with a table takes
+        # the layers below)
+        if (self.cpu_step and isinstance(step, DecodeStep) and step.use_kernel
+                and step.rope_table is None and not last_only and select is None
+                and cpu_step.applies(tokens)):
+            return self._cpu_step(tokens, step)
         x = model.embed_tokens(tokens)  # [B, T, hidden]
         # a decode step may gather RoPE's cos/sin from a table by position (DecodeStep,
-        # PagedStep); None: computed here from `positions`
+        # PagedStep); None: computed here from `positions` (a DecodeStep's own by default)
         cos_sin = step.rope_cos_sin() if hasattr(step, "rope_cos_sin") else None
         if cos_sin is None:
+            if positions is None and isinstance(step, DecodeStep):
+                positions = step.rope_positions()
             if positions is None:
                 raise ValueError("expected positions [B, T]: the step gives no RoPE cos/sin")
             cos_sin = rope_cos_sin(model.inv_freq, positions, x.dtype)
         cos, sin = cos_sin
         pending: Tensor | None = None  # the residual stream is x + pending
-        layer = self._layer
-        if (self.cpu_layer and isinstance(step, DecodeStep) and step.use_kernel
-                and cpu_layer.applies(x, cos, sin)):
-            layer = self._cpu_layer
         for i, weights in enumerate(self.layers):
-            x, pending = layer(i, weights, x, pending, cos, sin, step)
+            x, pending = self._layer(i, weights, x, pending, cos, sin, step)
         if last_only:  # the sum's last token is the sum of the last tokens
             x = x[:, -1:]
             pending = pending[:, -1:] if pending is not None else None
@@ -281,12 +305,14 @@ class EngineForward:
         return x, self._reduce(self.gemv.silu_mul_linear(gate_up, w.down, self.silu_mul,
                                                          fused=self.fusion >= Fusion.SILU_GEMV))
 
-    def _cpu_layer(self, i: int, w: LayerWeights, x: Tensor, pending: Tensor | None,
-                   cos: Tensor, sin: Tensor, step: DecodeStep) -> tuple[Tensor, Tensor]:
-        """`_layer` of a CPU decode step in one call (toyllm::cpu_decode_layer), the same bits."""
-        return cpu_layer.cpu_decode_layer(
-            x, pending, w.input_norm, w.qkv, w.o, w.post_norm, w.gate_up, w.down, self.eps, cos,
-            sin, step.k_caches[i], step.v_caches[i], step.positions, self.num_heads)
+    def _cpu_step(self, tokens: Tensor, step: DecodeStep) -> Tensor:
+        """The whole forward of a CPU decode step in one call (toyllm::cpu_decode_step), the
+        same bits: tokens [rows, 1] -> logits [rows, 1, vocab]; K/V written at step.positions."""
+        model = self.model
+        return cpu_step.cpu_decode_step(
+            tokens, model.embed_tokens.weight, self._step_weights, model.norm.weight,
+            model.lm_head.weight, self.eps, model.inv_freq, step.k_caches, step.v_caches,
+            step.positions, self.num_heads)
 
     def _add_norm(self, x: Tensor, residual: Tensor | None,
                   norm_weight: Tensor) -> tuple[Tensor, Tensor]:

@@ -191,9 +191,8 @@ class Engine:
                            v_caches: list[Tensor], span: int | None = None) -> Tensor:
             step = DecodeStep(k_caches, v_caches, positions, forward.decode_kernel(len(positions)),
                               span, self._rope_table_for(k_caches[0].shape[1]))
-            # with a table the step gives cos/sin: no rope_positions (two kernels)
-            rope_positions = step.rope_positions() if step.rope_table is None else None
-            return forward(tokens, rope_positions, step)[:, -1]
+            # the step gives RoPE's cos/sin (its table) or the positions they come from
+            return forward(tokens, None, step)[:, -1]
 
         return decode_forward
 

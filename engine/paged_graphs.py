@@ -1,12 +1,14 @@
 """The serving engine's pure decode steps captured in CUDA graphs, one per batch-size bucket.
 
-A decode step of B requests reads everything from one static int64 buffer [4, bucket]: the
-tokens, their positions, their flat pool slots and their sequences' rows in the cache's block
-table (the device mirror, whose address never changes: PagedKVCache.sync_device refreshes it in
-place before each step). RoPE's cos/sin are gathered from a table by position, the block-table
-rows by sequence and the key lengths (position + 1) are derived on the device, inside the graph.
-Rows past B are padding: position -1 (no keys: zeros out), slot -1 (nothing written). The host
-fills the buffer with one copy per step; the graph replays; logits rows [:B] are the step's.
+A decode step of B requests reads everything from one static int64 buffer [3, bucket]: the
+tokens, their positions and their sequences' rows in the cache's block table (the device
+mirror, whose address never changes: PagedKVCache.sync_device refreshes it in place before each
+step). RoPE's cos/sin are gathered from a table by position; the block-table rows by sequence,
+the key lengths (position + 1) and the flat pool slot each token's K/V goes to (its block's id
+times the block size plus its offset, PagedKVCache.slot_mapping's formula) are derived on the
+device, inside the graph, so the host builds no per-row slot. Rows past B are padding:
+position -1 (no keys: zeros out; slot -1: nothing written). The host fills the buffer with one
+copy per step; the graph replays; logits rows [:B] are the step's.
 
 NOTE: warm-up runs before a capture really execute the step: the buffer holds padding then, so
 they write nothing into the pool.
@@ -27,15 +29,22 @@ from toyllm.engine.scheduler import StepPlan
 if TYPE_CHECKING:
     from toyllm.engine.serving import ServingEngine
 
-TOKENS, POSITIONS, SLOTS, SEQS = range(4)  # rows of the static input buffer
+TOKENS, POSITIONS, SEQS = range(3)  # rows of the static input buffer
 
 
 def padding_inputs(rows: int, pin: bool = False) -> Tensor:
-    """int64 [4, rows] of padding rows (pinned: the host side of a bucket's buffer)."""
-    host = torch.zeros(4, rows, dtype=torch.int64, pin_memory=pin)
+    """int64 [3, rows] of padding rows (pinned: the host side of a bucket's buffer)."""
+    host = torch.zeros(3, rows, dtype=torch.int64, pin_memory=pin)
     host[POSITIONS].fill_(-1)
-    host[SLOTS].fill_(-1)
     return host
+
+
+def decode_slots(tables: Tensor, positions: Tensor, block_size: int) -> Tensor:
+    """int64 [rows]: the flat pool slot of each row's position (-1 for a padding row, position
+    -1), from its block-table row (tables int32 [rows, W])."""
+    at = positions.clamp(min=0)
+    blocks = tables.gather(1, (at // block_size).unsqueeze(1)).squeeze(1).long()
+    return torch.where(positions >= 0, blocks * block_size + at % block_size, -1)
 
 
 class PagedDecodeGraphs:
@@ -44,18 +53,19 @@ class PagedDecodeGraphs:
     def __init__(self, engine: ServingEngine) -> None:
         self.engine = engine
         self.pool = torch.cuda.graph_pool_handle()
-        # rows -> (graph, static inputs [4, rows] on the device, pinned host staging, logits)
+        # rows -> (graph, static inputs [3, rows] on the device, pinned host staging, logits)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]] = {}
 
     def decode_forward(self, inputs: Tensor) -> Tensor:
-        """logits [rows, vocab] of one decode step whose inputs are the buffer [4, rows]."""
+        """logits [rows, vocab] of one decode step whose inputs are the buffer [3, rows]."""
         engine = self.engine
         rows = inputs.shape[1]
         positions = inputs[POSITIONS]
         tables = engine.cache.block_tables().index_select(0, inputs[SEQS])  # [rows, W]
         lens = (positions + 1).to(torch.int32)  # keys 0..position; padding (-1): none
+        slots = decode_slots(tables, positions, engine.block_size)
         table = engine.rope_table()
-        step = PagedStep(engine.k_pools, engine.v_pools, inputs[SLOTS], rows, tables, lens, [],
+        step = PagedStep(engine.k_pools, engine.v_pools, slots, rows, tables, lens, [],
                          rope_table=table, rope_index=positions)
         rope_positions = None if table is not None else positions.clamp(min=0).unsqueeze(1)
         return engine.forward(inputs[TOKENS].unsqueeze(1), rope_positions, step)[:, -1]
@@ -84,11 +94,9 @@ class PagedDecodeGraphs:
         if rows not in self.graphs:
             self._capture(rows)
         graph, inputs, host, logits = self.graphs[rows]
-        cache = self.engine.cache
         fill = torch.tensor(
             [[c.request.token_ids[c.start] for c in plan.chunks],
              [c.start for c in plan.chunks],
-             [cache.slot_mapping(c.request.seq, c.start, 1)[0] for c in plan.chunks],
              [c.request.seq for c in plan.chunks]], dtype=torch.int64)
         # the previous step's copy from `host` is done: that step read its tokens back
         host[:, :n] = fill

@@ -8,12 +8,19 @@ chunks, each token at its own RoPE position. In every layer `attend(layer, q, k,
    (`PagedKVCache.slot_mapping`; slot -1 skips a padding row of a CUDA-graph bucket);
 2. attends the decode rows with `paged_decode_attention`: each reads its keys through its
    row of the block table, in place (no gather);
-3. attends each prefill chunk over its sequence's keys 0..start+n-1: a chunk that starts at
-   position 0 attends over its own new K/V (SDPA's causal kernel, nothing read back); a later
-   chunk (chunked prefill, or a prompt after a prefix-cache hit) gathers the blocks holding
-   its keys (index_select on the pool, a copy) and runs SDPA with a causal mask offset by its
-   start. A paged prefill kernel would read them in place; the gather costs one copy of the
-   sequence's K/V per layer per chunk, small beside the chunk's own products.
+3. attends the prefill chunks, each over its sequence's keys 0..start+n-1, in one of two ways:
+   * packed (`PackedPrefill`, CUDA fp16/bf16: engine/forward.py's paged_prefill_varlen):
+     every chunk in one FlashAttention varlen call (engine/varlen_attention.py), whose causal
+     mask is aligned to each chunk's bottom right, so a chunk after a prefix needs no mask
+     tensor. Where every chunk starts at position 0 its keys are the step's own new K/V (no
+     read back); otherwise the keys of all chunks are gathered from the pool in one
+     index_select per K and V at slots the host computed (a copy of the chunks' sequences'
+     K/V, small beside the chunks' products);
+   * per segment (the CPU, fp32, or ServingEngine(packed_prefill=False)): a chunk that starts at
+     position 0 attends over its own new K/V (SDPA's causal kernel, nothing read back); a
+     later chunk (chunked prefill, or a prompt after a prefix-cache hit) gathers the blocks
+     holding its keys (index_select on the pool, a copy) and runs SDPA with a causal mask
+     offset by its start.
 
 The decode-only fusions of engine/forward.py (rope_kv_update, gemv_add_rms_norm_rope_kv) write
 K/V through the contiguous cache's views at positions, so the forward takes its unfused path
@@ -25,6 +32,7 @@ through `attend` for this step (RoPE, then the paged write here).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +40,11 @@ from torch import Tensor
 
 from toyllm.engine.cached_attention import _causal, grouped_attention
 from toyllm.engine.ops.paged_cache import paged_decode_attention, paged_kv_write
+from toyllm.engine.varlen_attention import varlen_causal_attention
 from toyllm.models.rope import gather_cos_sin
+
+#: (q, k, v, cu_q, cu_k, max_q, max_k, scale) -> out: how a PackedPrefill attends
+VarlenAttention = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, int, float], Tensor]
 
 
 @dataclass
@@ -57,6 +69,21 @@ def prefill_segment(offset: int, start: int, n: int, blocks: Tensor) -> PrefillS
 
 
 @dataclass
+class PackedPrefill:
+    """Every prefill chunk of a step as one varlen attention (engine/varlen_attention.py): the
+    chunks' queries are the step's tokens num_decode.. in plan order."""
+
+    cu_q: Tensor  # int32 [S + 1]: chunk s's queries are rows cu_q[s]..cu_q[s+1]-1
+    cu_k: Tensor  # int32 [S + 1]: its keys, rows cu_k[s]..cu_k[s+1]-1 of the packed keys
+    max_q: int  # the longest chunk's queries
+    max_k: int  # the longest chunk's keys (start + n)
+    # int64 [cu_k[S]]: flat pool slot of every chunk's keys 0..start+n-1 in order; None when
+    # every chunk starts at 0 (its keys are its own new K/V, cu_k = cu_q)
+    key_slots: Tensor | None
+    attention: VarlenAttention = varlen_causal_attention
+
+
+@dataclass
 class PagedStep:
     k_pools: list[Tensor]  # per layer [num_blocks, block_size, Hkv, D] (PagedKVCache.key_pool)
     v_pools: list[Tensor]
@@ -64,12 +91,13 @@ class PagedStep:
     num_decode: int  # the first num_decode tokens are decode rows
     decode_tables: Tensor | None  # int32 [num_decode, W]: block-table rows of the decode rows
     decode_lens: Tensor | None  # int32 [num_decode]: keys each decode row attends over (0: pad)
-    segments: list[PrefillSegment]
+    segments: list[PrefillSegment]  # the prefill chunks, each attended alone (packed: None)
     # models/rope.py's rope_table and the decode rows' positions (int, [num_decode]) for a
     # decode step that gathers RoPE's cos/sin on the device (CUDA graphs); None: the forward
     # computes cos/sin from the positions it is given
     rope_table: Tensor | None = None
     rope_index: Tensor | None = None
+    packed: PackedPrefill | None = None  # the prefill chunks in one call instead of `segments`
 
     def rope_cos_sin(self) -> tuple[Tensor, Tensor] | None:
         """cos, sin [rows, 1, 1, D] of a decode step's positions, from rope_table; None
@@ -91,6 +119,8 @@ class PagedStep:
         if nd:
             outs.append(paged_decode_attention(qf[:nd].contiguous(), k_pool, v_pool,
                                                self.decode_tables, self.decode_lens, d ** -0.5))
+        if self.packed is not None:
+            outs.append(self._attend_packed(layer, qf, kf, vf))
         for seg in self.segments:
             mine = slice(seg.offset, seg.offset + seg.num_tokens)
             qs = qf[mine].unsqueeze(0)  # [1, n, Hq, D]
@@ -105,3 +135,17 @@ class PagedStep:
             outs.append(out[0])
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out.view(q.shape)
+
+    def _attend_packed(self, layer: int, qf: Tensor, kf: Tensor, vf: Tensor) -> Tensor:
+        """The prefill chunks' outputs [total_q, Hq, D] in one varlen call; qf [tokens, Hq, D],
+        kf / vf [tokens, Hkv, D] the step's (already in the pool)."""
+        p = self.packed
+        assert p is not None
+        nd = self.num_decode
+        if p.key_slots is None:  # every chunk starts at 0: its keys are its new K/V
+            keys, values = kf[nd:], vf[nd:]
+        else:  # [blocks, block_size, Hkv, D] -> slots -> [total_k, Hkv, D] (a copy)
+            keys = self.k_pools[layer].flatten(0, 1).index_select(0, p.key_slots)
+            values = self.v_pools[layer].flatten(0, 1).index_select(0, p.key_slots)
+        return p.attention(qf[nd:], keys, values, p.cu_q, p.cu_k, p.max_q, p.max_k,
+                           qf.shape[-1] ** -0.5)

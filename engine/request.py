@@ -18,7 +18,7 @@ from enum import Enum
 
 import torch
 
-from toyllm.engine.sampling import SamplingParams
+from toyllm.engine.sampling import SamplingParams, TokenLogprob
 from toyllm.engine.stopping import StopWatcher
 from toyllm.models.tokenizer import StreamDecoder
 
@@ -73,6 +73,7 @@ class Request:
     # what the next RequestOutput reports: tokens and text since the last one
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)  # params.logprobs set
     # prefix cache bookkeeping (engine/prefix_cache.py): chained hashes of its full blocks,
     # and how many of its leading blocks are registered in (or adopted from) the cache
     block_hashes: list[bytes] = field(default_factory=list)

@@ -42,7 +42,25 @@ class SamplingError(ValueError):
 # and dividing by a temperature such as 1e-300 overflows every logit to inf (vLLM: the same rule).
 MIN_TEMPERATURE = 1e-5
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+MAX_LOGPROBS = 20  # most alternatives a token's log-probabilities list (OpenAI's top_logprobs)
 NONFINITE = -1  # the token of a row whose logits are not all finite (toyllm::argmax's flag)
+
+# The CLI's sampling for an option the user does not give and the model's
+# generation_config.json does not set (models/generation_config.py)
+CLI_SAMPLING_DEFAULTS: dict[str, float | int] = {
+    "temperature": 0.7, "top_k": 0, "top_p": 0.95, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def sampling_fields(given: dict[str, float | int | None],
+                    model_defaults: dict[str, float | int]) -> dict[str, float | int]:
+    """The sampling fields of a CLI run: what the user gave (None: not given), else the
+    model's generation_config.json, else CLI_SAMPLING_DEFAULTS.
+
+    >>> sampling_fields({"temperature": None, "top_k": 5}, {"temperature": 0.6, "top_k": 20})
+    {'temperature': 0.6, 'top_k': 5, 'top_p': 0.95, 'min_p': 0.0, 'repetition_penalty': 1.0}
+    """
+    chosen = {k: v for k, v in given.items() if v is not None}
+    return {k: chosen.get(k, model_defaults.get(k, v)) for k, v in CLI_SAMPLING_DEFAULTS.items()}
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     stop_at_eos: bool = True
+    # None: no log-probabilities; k: each output token's, and its k most likely alternatives'
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
@@ -93,6 +113,10 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise SamplingError(f"stop: expected non-empty strings, got {s!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(
+                self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise SamplingError(f"logprobs: expected None or an integer in [0, {MAX_LOGPROBS}], "
+                                f"got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -118,6 +142,32 @@ def make_generators(params: SamplingParams, device: torch.device,
     if params.greedy:
         return None
     return [make_generator(params, device) for _ in range(rows)]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (log_softmax of its raw logits: before
+    the repetition penalty, temperature and filters, as OpenAI reports them), and the most likely
+    tokens with theirs, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: Tensor, tokens: Sequence[int],
+                   top: Sequence[int]) -> list[TokenLogprob]:
+    """logits [rows, V] (any float dtype), the token sampled from each row, and how many
+    alternatives each row wants (<= MAX_LOGPROBS): one TokenLogprob per row, one host sync."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [rows, V]
+    index = torch.tensor(tokens, dtype=torch.int64, device=lp.device).clamp_min(0)
+    chosen = lp.gather(1, index[:, None])[:, 0]  # [rows]
+    k = max(top, default=0)
+    values, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())  # [rows, k]
+    chosen_l, values_l, ids_l = chosen.tolist(), values.tolist(), ids.tolist()
+    return [TokenLogprob(int(t), chosen_l[r], tuple(zip(ids_l[r][:top[r]], values_l[r][:top[r]],
+                                                         strict=True)))
+            for r, t in enumerate(tokens)]
 
 
 # Prefix sums of the top-p filter run over chunks of this many positions (see _mass_before).

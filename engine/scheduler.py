@@ -58,18 +58,19 @@ class PagedCacheHost(Protocol):
     def ref_count(self, block: int) -> int: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class Chunk:
     """Tokens start..start+num_tokens-1 of a request, computed in this step."""
 
     request: Request
     start: int
     num_tokens: int
+    # the chunk ends at the request's last known token: its logits pick the next one (fixed
+    # when planned: a request's tokens grow only once its step has sampled)
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """The chunk ends at the request's last known token: its logits pick the next one."""
-        return self.start + self.num_tokens == len(self.request.token_ids)
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_tokens == len(self.request.token_ids)
 
 
 @dataclass
@@ -114,6 +115,9 @@ class Scheduler:
         self.running: list[Request] = []  # admission order: the last is the newest
         self.preemptions = 0
         self.prefix_hit_blocks = 0  # blocks adopted from the prefix cache, all admissions
+        # during one schedule(): the names _being_computed looks up, kept up to date as
+        # requests are admitted (None: not built yet this step)
+        self._computing: set[bytes] | None = None
 
     # queue ------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -155,9 +159,20 @@ class Scheduler:
         plan = StepPlan()
         budget = self.token_budget
         i = 0
+        size = self.block_size
+        prefill_seen = unordered = False  # a decode chunk after a prefill chunk: sort below
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_pending, budget)
+            computed = request.num_computed
+            n = min(len(request.token_ids) - computed, budget)  # num_pending, inlined
+            if n == 1 and computed % size and not request.tail_may_be_shared:
+                # the common decode row: its token fits the room of its own last block, so
+                # nothing to reserve, copy or free (what _make_room and _reserve would find)
+                plan.chunks.append(Chunk(request, computed, 1))
+                unordered |= prefill_seen
+                budget -= 1
+                i += 1
+                continue
             if not self._make_room(request, n, plan):
                 # newest and still short: preempt it, or, alone, it fills the pool itself
                 if len(self.running) == 1:
@@ -168,8 +183,11 @@ class Scheduler:
                 break
             self._reserve(request, n)
             plan.chunks.append(Chunk(request, request.num_computed, n))
+            unordered |= prefill_seen and n == 1
+            prefill_seen |= n > 1
             budget -= n
             i += 1
+        self._computing = None  # names of blocks running prompts will compute (on first use)
         if not plan.preempted:
             while (self.waiting and budget > 0 and len(self.running) < self.max_running):
                 request = self.waiting[0]
@@ -184,18 +202,23 @@ class Scheduler:
                 self.waiting.popleft()
                 self.running.append(chunk.request)
                 plan.chunks.append(chunk)
+                unordered |= prefill_seen and chunk.num_tokens == 1
+                prefill_seen |= chunk.num_tokens > 1
                 budget -= chunk.num_tokens
-        plan.ordered()
+        if unordered:
+            plan.ordered()
         return plan
 
     def complete(self, plan: StepPlan) -> None:
         """After the forward pass of `plan` succeeded: advance each sequence over its chunk
         and name its newly full blocks in the prefix cache."""
+        size, named = self.block_size, self.prefix is not None
         for chunk in plan.chunks:
             request = chunk.request
             self.cache.advance(request.seq, chunk.num_tokens)
             request.num_computed += chunk.num_tokens
-            self._register(request)
+            if named and request.num_computed // size > request.num_registered_blocks:
+                self._register(request)  # a block filled up
 
     # blocks -------------------------------------------------------------------------------------
     def _blocks_needed(self, request: Request, n: int) -> int:
@@ -272,18 +295,25 @@ class Scheduler:
         if short > 0:
             self.prefix.evict(short)  # enough are evictable: checked above
         self._reserve(request, n)
+        self._note_computing(request)  # running from now on: later admissions see its blocks
         return Chunk(request, computed, n)
 
     def _being_computed(self, names: list[bytes]) -> bool:
         """Whether one of `names` is a full block that a running request has yet to compute
-        (and will name in the prefix cache when it has)."""
+        (and will name in the prefix cache when it has). The running requests' names are
+        gathered once per schedule() (admitting n requests stays linear in n)."""
         if not names:
             return False
-        for r in self.running:
-            if r.num_pending > 1 and any(n in names for n in
-                                         r.block_hashes[r.num_registered_blocks:]):
-                return True
-        return False
+        if self._computing is None:
+            self._computing = set()
+            for r in self.running:
+                self._note_computing(r)
+        return any(n in self._computing for n in names)
+
+    def _note_computing(self, request: Request) -> None:
+        """Add the names of the blocks a running request has yet to compute to the set."""
+        if self._computing is not None and request.num_pending > 1:
+            self._computing.update(request.block_hashes[request.num_registered_blocks:])
 
     def _preempt(self, request: Request, plan: StepPlan) -> None:
         self.running.remove(request)

@@ -50,13 +50,21 @@ from toyllm.engine.generate import (
     engine_forward,
 )
 from toyllm.engine.ops.paged_cache import PagedKVCache
-from toyllm.engine.paged_step import PagedStep, prefill_segment
+from toyllm.engine.paged_step import PackedPrefill, PagedStep, prefill_segment
 from toyllm.engine.prefix_cache import PrefixCache
 from toyllm.engine.request import ABORT, ERROR, Request, RequestStatus, RequestTimings
-from toyllm.engine.sampling import NONFINITE, SamplingParams, make_generator, sample_rows
+from toyllm.engine.sampling import (
+    NONFINITE,
+    SamplingParams,
+    TokenLogprob,
+    make_generator,
+    sample_rows,
+    token_logprobs,
+)
 from toyllm.engine.scheduler import Chunk, Scheduler, StepPlan, blocks_for
 from toyllm.engine.settings import Settings
 from toyllm.engine.stopping import StopWatcher
+from toyllm.engine.varlen_attention import varlen_causal_attention
 from toyllm.models.llama import Transformer
 from toyllm.models.rope import rope_table
 from toyllm.models.tokenizer import StreamDecoder, Tokenizer
@@ -64,7 +72,7 @@ from toyllm.models.tokenizer import StreamDecoder, Tokenizer
 DEFAULT_TOKEN_BUDGET = 8192
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request: its new tokens and text (stop strings held
     back until they can no longer start one), and whether it finished."""
@@ -78,6 +86,8 @@ class RequestOutput:
     completion_tokens: int
     error: str | None = None  # with finish_reason "error": what went wrong
     timings: RequestTimings | None = None  # when finished: arrival, first token, each token
+    # with params.logprobs: one per token of new_token_ids (engine/sampling.py TokenLogprob)
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -142,6 +152,13 @@ def pool_bytes(kv_memory: object, device: torch.device) -> int:
     return int(available_memory(device) * kv_memory)
 
 
+# The packed prefill: all of a step's prefill chunks in one FlashAttention varlen call per layer
+# (engine/varlen_attention.py), where forward.py says it applies (CUDA, fp16/bf16). The
+# alternative, one SDPA call per chunk, lets cuDNN build a plan for each new chunk shape: on the
+# serving workload that host time dominated every prefill-carrying step (docs/PERF.md).
+PACKED_PREFILL = True
+
+
 class ServingEngine:
     """Continuous batching over a paged KV cache for one model on one device.
 
@@ -161,6 +178,7 @@ class ServingEngine:
         cuda_graph: bool | None = None,
         max_seq_len: int | None = None,
         settings: Settings | None = None,
+        packed_prefill: bool | None = None,
     ) -> None:
         config = model.config
         if max_seq_len is not None:
@@ -169,9 +187,12 @@ class ServingEngine:
         self.block_size = check_block_size(block_size, self.max_seq_len)
         self.max_running = _positive_int("max_running", max_running)
         self.token_budget = _positive_int("token_budget", token_budget)
-        if not isinstance(prefix_caching, bool):
-            raise GenerationError(f"prefix_caching: expected True or False, got "
-                                  f"{prefix_caching!r}")
+        if packed_prefill is None:
+            packed_prefill = PACKED_PREFILL
+        for flag, value in (("prefix_caching", prefix_caching),
+                            ("packed_prefill", packed_prefill)):
+            if not isinstance(value, bool):
+                raise GenerationError(f"{flag}: expected True or False, got {value!r}")
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
@@ -194,6 +215,9 @@ class ServingEngine:
             raise GenerationError(f"kv_memory: {budget} bytes hold no KV block of "
                                   f"{block_bytes} bytes (block_size {self.block_size})")
         self.forward = engine_forward(model, self.settings)
+        # the prefill chunks of a step in one varlen attention where it applies (CUDA
+        # fp16/bf16; forward.py); packed_prefill=False: one SDPA per chunk; None: PACKED_PREFILL
+        self._prefill_varlen = packed_prefill and self.forward.paged_prefill_varlen()
         with torch.inference_mode(False):  # a normal tensor, written inside and outside
             self.cache = PagedKVCache(config.num_layers, num_blocks, self.block_size,
                                       config.num_kv_heads, config.head_dim, self.dtype,
@@ -285,6 +309,7 @@ class ServingEngine:
             self.scheduler.complete(plan)
             sampling = [c for c in plan.chunks if c.samples]
             tokens = self._sample(sampling, logits)
+            logprobs = self._logprobs(sampling, logits, tokens)
         self._steps += 1
         for c in plan.chunks:
             if c.num_tokens == 1:
@@ -292,8 +317,8 @@ class ServingEngine:
             else:
                 self._prefill_tokens += c.num_tokens
         now = time.perf_counter()
-        for chunk, tok in zip(sampling, tokens, strict=True):
-            outputs.append(self._accept(chunk.request, tok, now))
+        for chunk, tok, lp in zip(sampling, tokens, logprobs, strict=True):
+            outputs.append(self._accept(chunk.request, tok, now, lp))
         return outputs
 
     def _forward(self, plan: StepPlan) -> Tensor:
@@ -309,38 +334,71 @@ class ServingEngine:
 
     def build_step(self, plan: StepPlan) -> tuple[Tensor, Tensor, PagedStep, Tensor]:
         """The eager step of a plan: tokens and positions int64 [1, N], the PagedStep, and
-        the indices [K] of the tokens whose logits sample (each sampling chunk's last)."""
+        the indices [K] of the tokens whose logits sample (each sampling chunk's last).
+
+        Every index the step needs is built on the host in one int64 tensor and copied to the
+        device once: tokens, positions and slots [N], the sampled tokens [K], the decode
+        rows' sequences [nd], and for a packed prefill the chunks' bounds and key slots."""
+        nd = plan.num_decode  # plan order: the decode rows first
+        packed = self._prefill_varlen and nd < len(plan.chunks)
+        prefix = packed and any(c.start > 0 for c in plan.chunks[nd:])
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         select: list[int] = []
-        for c in plan.chunks:
-            r = c.request
-            ids += r.token_ids[c.start:c.start + c.num_tokens]
-            positions += range(c.start, c.start + c.num_tokens)
-            slots += self.cache.slot_mapping(r.seq, c.start, c.num_tokens)
+        seqs: list[int] = []
+        cu_q, cu_k, key_slots = [0], [0], []
+        max_q = max_k = 0
+        for i, c in enumerate(plan.chunks):
+            r, end = c.request, c.start + c.num_tokens
+            ids += r.token_ids[c.start:end]
+            positions += range(c.start, end)
+            if i < nd:
+                seqs.append(r.seq)
+            if prefix and i >= nd:  # a chunk's keys 0..end-1; its own slots are their tail
+                mine = self.cache.slot_mapping(r.seq, 0, end)
+                key_slots += mine
+                slots += mine[c.start:]
+            else:
+                slots += self.cache.slot_mapping(r.seq, c.start, c.num_tokens)
+            if packed and i >= nd:
+                cu_q.append(cu_q[-1] + c.num_tokens)
+                cu_k.append(cu_k[-1] + end)
+                max_q, max_k = max(max_q, c.num_tokens), max(max_k, end)
             if c.samples:
                 select.append(len(ids) - 1)
-        host = torch.tensor([ids, positions, slots], dtype=torch.int64)
-        dev = host.to(self.device, non_blocking=True)  # [3, N]: one copy
-        decode = [c for c in plan.chunks if c.num_tokens == 1]
-        nd = len(decode)
+        n, k = len(ids), len(select)
+        bounds = (cu_q + cu_k) if packed else []
+        host = torch.tensor(ids + positions + slots + select + seqs + bounds + key_slots,
+                            dtype=torch.int64)
+        dev = host.to(self.device, non_blocking=True)  # one copy
+        tokens, pos, slot = dev[:n], dev[n:2 * n], dev[2 * n:3 * n]
+        at = 3 * n
+        select_t, seqs_t = dev[at:at + k], dev[at + k:at + k + nd]
+        at += k + nd
         tables = lens = None
         if nd:
-            seqs = torch.tensor([c.request.seq for c in decode], dtype=torch.int64)
-            tables = self.cache.block_tables().index_select(0, seqs.to(self.device))
-            lens = (dev[1, :nd] + 1).to(torch.int32)  # keys 0..position
+            tables = self.cache.block_tables().index_select(0, seqs_t)
+            lens = (pos[:nd] + 1).to(torch.int32)  # keys 0..position
         segments = []
-        offset = nd
-        device_tables = self.cache.block_tables()
-        for c in plan.chunks[nd:]:
-            blocks = device_tables[c.request.seq, :blocks_for(c.start + c.num_tokens,
-                                                              self.block_size)]
-            segments.append(prefill_segment(offset, c.start, c.num_tokens, blocks))
-            offset += c.num_tokens
-        step = PagedStep(self.k_pools, self.v_pools, dev[2], nd, tables, lens, segments)
-        select_t = torch.tensor(select, dtype=torch.int64).to(self.device, non_blocking=True)
-        return dev[0].unsqueeze(0), dev[1].unsqueeze(0), step, select_t
+        packed_prefill = None
+        if packed:
+            s = len(cu_q)
+            bounds_t = dev[at:at + 2 * s].to(torch.int32)
+            packed_prefill = PackedPrefill(bounds_t[:s], bounds_t[s:], max_q, max_k,
+                                           dev[at + 2 * s:] if prefix else None,
+                                           varlen_causal_attention)
+        else:
+            offset = nd
+            device_tables = self.cache.block_tables()
+            for c in plan.chunks[nd:]:
+                blocks = device_tables[c.request.seq, :blocks_for(c.start + c.num_tokens,
+                                                                  self.block_size)]
+                segments.append(prefill_segment(offset, c.start, c.num_tokens, blocks))
+                offset += c.num_tokens
+        step = PagedStep(self.k_pools, self.v_pools, slot, nd, tables, lens, segments,
+                         packed=packed_prefill)
+        return tokens.unsqueeze(0), pos.unsqueeze(0), step, select_t
 
     def rope_table(self) -> Tensor | None:
         """On CUDA, RoPE's cos/sin for every position of the context (models/rope.py), for the
@@ -366,8 +424,22 @@ class ServingEngine:
         return sample_rows(logits, params, [r.generator for r in requests], seen,
                            self.settings.cuda_argmax).tolist()
 
+    def _logprobs(self, chunks: list[Chunk], logits: Tensor,
+                  tokens: list[int]) -> list[TokenLogprob | None]:
+        """The sampled tokens' log-probabilities for the rows whose request asks for them
+        (logits [K, vocab] in the chunks' order); None for the others."""
+        rows = [i for i, c in enumerate(chunks) if c.request.params.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(chunks)
+        if rows:
+            picked = token_logprobs(logits[rows], [tokens[i] for i in rows],
+                                    [chunks[i].request.params.logprobs for i in rows])
+            for i, lp in zip(rows, picked, strict=True):
+                out[i] = lp
+        return out
+
     # finishing --------------------------------------------------------------------------------
-    def _accept(self, request: Request, tok: int, now: float) -> RequestOutput:
+    def _accept(self, request: Request, tok: int, now: float,
+                logprob: TokenLogprob | None = None) -> RequestOutput:
         """Take a sampled token: stream its text, finish the request when it is done."""
         params = request.params
         if tok == NONFINITE:
@@ -383,11 +455,13 @@ class ServingEngine:
         else:
             request.token_ids.append(tok)
             request.new_token_ids.append(tok)
+            if logprob is not None:
+                request.new_logprobs.append(logprob)
             if request.decoder is not None:
                 piece = request.watcher.feed(request.decoder.feed(tok))
             if request.watcher.stopped:
                 reason = "stop"
-            elif request.num_output_tokens >= params.max_new_tokens:
+            elif len(request.token_ids) - len(request.prompt_ids) >= params.max_new_tokens:
                 reason = "max_new_tokens"
             elif request.num_computed >= self.max_seq_len:
                 reason = "length"  # no room left to write this token's K/V
@@ -410,14 +484,17 @@ class ServingEngine:
         return self._output(request)
 
     def _output(self, request: Request) -> RequestOutput:
-        done = request.finished
+        # every request, every step: Request's properties inlined (this runs per row)
+        done = request.status is RequestStatus.FINISHED
         if done:
             self._finished += 1
+        prompt = len(request.prompt_ids)
         out = RequestOutput(request.request_id, request.new_token_ids, request.new_text, done,
-                            request.finish_reason, request.num_prompt_tokens,
-                            request.num_output_tokens, request.error,
-                            request.timings if done else None)
-        request.new_token_ids, request.new_text = [], ""
+                            request.finish_reason, prompt, len(request.token_ids) - prompt,
+                            request.error, request.timings if done else None,
+                            request.new_logprobs if request.params.logprobs is not None
+                            else None)
+        request.new_token_ids, request.new_text, request.new_logprobs = [], "", []
         return out
 
     # checking and queueing --------------------------------------------------------------------

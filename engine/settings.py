@@ -11,7 +11,8 @@ Example::
     >>> from toyllm.engine.settings import Fusion, Settings
     >>> Settings.from_env({"TOYLLM_FUSION": "rope_kv", "TOYLLM_CUDA_GEMV": "0"})
     Settings(fusion=<Fusion.ROPE_KV: 2>, cpu_gemv=True, cuda_gemv=False, cuda_gemv_max_mib=128, \
-cuda_argmax=True, decode_attention='kernel', decode_kernel_max_rows=None, programmatic_launch=True)
+cuda_argmax=True, decode_attention='kernel', decode_kernel_max_rows=None, \
+programmatic_launch=True)
     >>> Settings.from_env({"TOYLLM_FUSION": "most"})
     Traceback (most recent call last):
     ...

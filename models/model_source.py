@@ -4,13 +4,14 @@ TOML with random weights (for experiments). One function, `load_model`, for ever
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from toyllm.models.checkpoint import CheckpointError, inside_checkpoint, load_checkpoint
 from toyllm.models.config import ConfigError, ModelConfig, load_config
+from toyllm.models.generation_config import GenerationConfigError, read_sampling_defaults
 from toyllm.models.hf_tokenizer import HFTokenizer
 from toyllm.models.llama import Transformer, build_model
 from toyllm.models.shipped import config_names, resolve_config
@@ -31,6 +32,8 @@ class LoadedModel:
     tokenizer: Tokenizer | HFTokenizer | None
     source: str
     load_s: float
+    # a checkpoint directory's generation_config.json sampling fields (models/generation_config.py)
+    sampling_defaults: dict[str, float | int] = field(default_factory=dict)
 
 
 def load_model(
@@ -57,6 +60,7 @@ def load_model(
     if tokenizer_path is not None and not Path(tokenizer_path).exists():
         raise ModelSourceError(f"tokenizer not found: {tokenizer_path}")
     path = Path(source) if source is not None else DEFAULT_MODEL_DIR
+    sampling_defaults: dict[str, float | int] = {}
     if not path.exists():
         raise ModelSourceError(
             f"model not found: {path} (expected a checkpoint directory, a .gguf file or a config "
@@ -76,8 +80,9 @@ def load_model(
                 # the cheap check first: a mismatch is refused before any weight is read
                 config_file = inside_checkpoint(path, "config.json", str(path))
                 _check_vocab(path, tokenizer, load_config(config_file))
+            sampling_defaults = read_sampling_defaults(path)  # before the weights: cheap
             model, config = load_checkpoint(path, device=device, dtype=dtype)
-        except (CheckpointError, ConfigError) as exc:
+        except (CheckpointError, ConfigError, GenerationConfigError) as exc:
             raise ModelSourceError(str(exc)) from None
     elif path.suffix == ".gguf":
         if random_weights:
@@ -112,7 +117,8 @@ def load_model(
         )
     if tokenizer is not None:
         _check_vocab(path, tokenizer, config)
-    return LoadedModel(model, config, tokenizer, str(path), time.perf_counter() - t0)
+    return LoadedModel(model, config, tokenizer, str(path), time.perf_counter() - t0,
+                       sampling_defaults)
 
 
 def _check_vocab(path: Path, tokenizer: Tokenizer | HFTokenizer, config: ModelConfig) -> None:

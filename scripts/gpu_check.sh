@@ -9,12 +9,17 @@
 # STAGES: comma list of build,tests,check,probe,sanitizer,generate,bench,profile,sweep (default:
 # all, in that order: correctness first).
 # STAGE_TIMEOUT caps each stage (s), BUDGET_S the whole run; BENCH_ARGS go to toyllm bench; SWEEPS names the
-# shipped experiments (configs/experiments/NAME.toml) to run; PROBE_ARGS go to probe_decode_rounding.py;
+# shipped experiments (configs/experiments/NAME.toml) to run; PROBE_ARGS go to probe_decode_rounding.py
+# (the probe stage also runs probe_bf16_divergence.py);
 # PACK_ONLY=1 leaves only gpu_check.tar.gz and summary.txt in OUT_DIR; SANITIZE_ONLY (a bash regex) keeps the sanitizer stages whose names match it; TESTS (pytest
 # paths and options) narrows the tests stage.
 # Stage tp (not in the default list): tensor parallel on 2 GPUs (tests, check, generate, bench).
 # Stage serving (not in the default list): toyllm bench --workload random and shared-prefix on
-# the Llama-1B shape in bf16 (HF_REQUESTS: transformers' share of the random workload).
+# the Llama-1B shape in bf16 (HF_REQUESTS: transformers' share of the random workload),
+# then scripts/profile_serving.py --device cuda (step kinds, host vs device time, top ops).
+# Stage server (not in the default list): the random workload through `toyllm serve` (HTTP) at
+# SERVER_RATES requests/s and through the Python API in the same run (scripts/bench_server.py;
+# needs fastapi, uvicorn and httpx installed).
 # Stage real (not in the default list): REAL_MODEL=FILE_OR_DIR runs tests/test_real_model.py, a
 # greedy chat answer on the GPU and scripts/bench_real_model.py on that checkpoint.
 # Stage baseline (not in the default list): BASELINE=DIR holds an earlier commit's tree
@@ -97,6 +102,8 @@ fi
 if want probe; then
     stage probe_rounding $PY scripts/probe_decode_rounding.py ${PROBE_ARGS:---backends default,flash} \
         --json "$OUT/probe_rounding.json"
+    # the bf16 cases layer by layer: where the engine and the no-cache reference part
+    stage probe_bf16 $PY scripts/probe_bf16_divergence.py --device cuda --json "$OUT/probe_bf16.json"
 fi
 if want sanitizer; then
     # memcheck over every kernel's CUDA tests (graphs, torch.compile and whole models left out:
@@ -198,6 +205,15 @@ if want serving; then
         --hf-requests "${HF_REQUESTS:-256}" --json "$OUT/serving_random.json"
     stage serving_shared_prefix toyllm bench --workload shared-prefix --models llama-1b \
         --dtype bf16 --json "$OUT/serving_shared_prefix.json"
+    # where a serving step's time goes: step kinds, host against device, top ops
+    stage serving_profile $PY scripts/profile_serving.py --device cuda
+    # the same with one SDPA per prefill chunk, against the packed varlen prefill above
+    stage serving_profile_segments $PY scripts/profile_serving.py --device cuda --segments
+fi
+if want server; then
+    # issue 20: what HTTP costs, on the Llama-1B shape (the shipped tokenizer's vocabulary)
+    stage server_http $PY scripts/bench_server.py --model llama-1b --device cuda --dtype bf16 \
+        --rates "${SERVER_RATES:-4,16,64,inf}" --json "$OUT/server_http.json"
 fi
 if want profile; then
     stage profile_decode $PY scripts/profile_decode.py --model llama-1b --dtype bf16

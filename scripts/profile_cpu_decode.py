@@ -2,13 +2,13 @@
 
     python scripts/profile_cpu_decode.py --model stories15m --steps 64 [--fusion full,silu_gemv]
 
-For each Settings.fusion level named (full: one toyllm::cpu_decode_layer call per layer; the
-levels below run the separate operators), one warm-up request, then: the decode rate of a timed
-request; over `steps` greedy decode steps after a prefill (the engine's decode_step and sample,
-as its generate loop runs them): the operators a token calls from Python (torch.profiler's
-top-level events), all operators with those they call inside (self CPU time per token), and the
-Python function calls (cProfile). The machine is shared and noisy: read the counts as exact and
-the times as one sample.
+For each Settings.fusion level named (full: one toyllm::cpu_decode_step call for the
+forward; the levels below run the separate operators), one warm-up request, then: the decode
+rate of a timed request; over `steps` greedy decode steps after a prefill (the engine's
+decode_step and sample, as its generate loop runs them): the operators a token calls from
+Python (torch.profiler's top-level events), all operators with those they call inside (self CPU
+time per token), and the Python function calls (cProfile). The machine is shared and noisy:
+read the counts as exact and the times as one sample.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Trains the default model's sentencepiece tokenizer on the stdlib corpus (no downloads).
+"""Trains the default model's sentencepiece tokenizer on a corpus of Python (no downloads).
 
 BPE, 4096 pieces, byte fallback (any text encodes; no <unk> in practice), Llama-style special
 ids (unk 0, bos 1, eos 2, no pad), identity normalisation with no dummy prefix and no
@@ -8,14 +8,15 @@ never appears inside a training sentence; user-defined pieces make ``"\\n"`` one
 ``"\\n"`` followed by 4, 8, ... 24 spaces (a line break plus its indentation) one token each,
 which shortens Python by ~7% in tokens.
 
-Determinism: the training sentences are every non-blank line of the train split, in corpus
-order (no sampling, no shuffling), and the trainer's settings are fixed here, so the same
-corpus and sentencepiece version give the same model bytes. A record of what was done (corpus
-sha256, python and sentencepiece versions, options, time, bytes per token on the validation
-split, sha256 of the model) is written beside the model: ``tokenizer.model`` gets
+Determinism: the training sentences are the non-blank lines of the train split, in corpus
+order; when there are more than ``--max-lines`` of them, every k-th one (k the smallest stride
+that fits), never a random sample; the trainer's settings are fixed here, so the same corpus
+and sentencepiece version give the same model bytes. A record of what was done (corpus name and
+sha256, python and sentencepiece versions, options, lines, time, bytes per token on the
+validation split, sha256 of the model) is written beside the model: ``tokenizer.model`` gets
 ``tokenizer-training.json``.
 
-    python3 scripts/train_tokenizer.py                 # -> models/default/tokenizer.model
+    python3 scripts/train_tokenizer.py --out .corpus/tokenizer/tokenizer.model  # code corpus
     python3 scripts/train_tokenizer.py --corpus .corpus/corpus-py311.txt.gz --out /tmp/t.model
 """
 
@@ -33,10 +34,8 @@ import sentencepiece as spm
 from build_corpus import (  # a sibling: `python scripts/X.py` puts scripts/ first on sys.path
     DEFAULT_OUT_DIR,
     Corpus,
-    collect_stdlib,
     corpus_stem,
     load_corpus,
-    write_corpus,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -78,16 +77,24 @@ def trainer_options(vocab_size: int = 4096, num_threads: int = 2) -> dict[str, o
     }
 
 
-def training_lines(corpus: Corpus) -> list[str]:
-    """Every non-blank line of the train split, in corpus order."""
-    return [line for doc in corpus.split("train") for line in doc.text.split("\n") if line.strip()]
+DEFAULT_MAX_LINES = 3_000_000  # sentencepiece's BPE trainer slows and swells beyond this
 
 
-def train_tokenizer(corpus: Corpus, vocab_size: int = 4096, num_threads: int = 2) -> bytes:
+def training_lines(corpus: Corpus, max_lines: int = DEFAULT_MAX_LINES) -> list[str]:
+    """The non-blank lines of the train split, in corpus order; every k-th one when there
+    are more than max_lines (k = ceil(lines / max_lines))."""
+    lines = [line for doc in corpus.split("train") for line in doc.text.split("\n")
+             if line.strip()]
+    stride = -(-len(lines) // max_lines)
+    return lines[::stride]
+
+
+def train_tokenizer(corpus: Corpus, vocab_size: int = 4096, num_threads: int = 2,
+                    max_lines: int = DEFAULT_MAX_LINES) -> bytes:
     """Trains on the corpus's train split; returns the serialized sentencepiece model."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(training_lines(corpus)),
+        sentence_iterator=iter(training_lines(corpus, max_lines)),
         model_writer=model,
         **trainer_options(vocab_size, num_threads),
     )
@@ -113,23 +120,25 @@ def main(argv: list[str] | None = None) -> int:
         "--corpus",
         type=Path,
         default=None,
-        help="corpus .txt.gz from build_corpus.py (default: build this Python's stdlib corpus "
-        "into .corpus/ if it is not there yet)",
+        help="corpus .txt.gz from build_corpus.py (default: .corpus/code-py311.txt.gz, the "
+        "stdlib + PyPI corpus of this Python version)",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_TOKENIZER_PATH)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--num-threads", type=int, default=2)
+    parser.add_argument("--max-lines", type=int, default=DEFAULT_MAX_LINES,
+                        help="most training lines (every k-th line beyond)")
     args = parser.parse_args(argv)
+    if args.max_lines <= 0:
+        parser.error(f"--max-lines must be positive, got {args.max_lines}")
 
-    corpus_path = args.corpus or DEFAULT_OUT_DIR / f"{corpus_stem()}.txt.gz"
-    if args.corpus is None and not corpus_path.exists():
-        corpus, skipped = collect_stdlib()
-        write_corpus(corpus, DEFAULT_OUT_DIR, skipped)
-        print(f"built {corpus_path}")
+    corpus_path = args.corpus or DEFAULT_OUT_DIR / f"{corpus_stem(kind='code')}.txt.gz"
+    if not corpus_path.exists():
+        parser.error(f"--corpus: {corpus_path} not found (build it: scripts/build_corpus.py)")
     corpus = load_corpus(corpus_path)
 
     start = time.perf_counter()
-    model = train_tokenizer(corpus, args.vocab_size, args.num_threads)
+    model = train_tokenizer(corpus, args.vocab_size, args.num_threads, args.max_lines)
     seconds = time.perf_counter() - start
 
     val_texts = [d.text for d in corpus.split("val")]
@@ -141,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         "python_version": corpus.python_version,
         "sentencepiece_version": spm.__version__,
         "trainer_options": trainer_options(args.vocab_size, args.num_threads),
-        "training_lines": len(training_lines(corpus)),
+        "max_lines": args.max_lines,
+        "training_lines": len(training_lines(corpus, args.max_lines)),
         "train_seconds": round(seconds, 2),
         "val_bytes_per_token": round(bytes_per_token(model, val_texts), 4),
         "round_trip_failures": failures,

@@ -72,5 +72,27 @@ ls sweep-out/sweep.csv sweep-out/sweep.json > /dev/null || fail "toyllm sweep wr
 stage "toyllm bench (CPU, smallest settings)"
 SHOW=4 run toyllm bench --device cpu --models default --contexts 16 --new-tokens 8 --no-hf \
     --json bench.json
+stage "toyllm serve (the shipped model on a free loopback port, one completion, SIGTERM)"
+toyllm serve --port 0 --kv-memory 32MiB > serve.txt 2> serve-err.txt &
+serve_pid=$!
+url=""
+for _ in $(seq 1 600); do  # up to 60 s for the address line
+    url=$(sed -n 's/^toyllm serve: .* on \(http:[^ ]*\) .*/\1/p' serve.txt)
+    [[ -n $url ]] && break
+    kill -0 "$serve_pid" 2> /dev/null || break
+    sleep 0.1
+done
+[[ -n $url ]] || { cat serve.txt serve-err.txt; fail "toyllm serve printed no address"; }
+python - "$url" <<'PY' || { kill "$serve_pid"; cat serve-err.txt; fail "toyllm serve did not answer"; }
+import json, sys, urllib.request
+body = json.dumps({"model": "default", "prompt": "def f", "max_tokens": 4, "temperature": 0})
+req = urllib.request.Request(sys.argv[1] + "/v1/completions", body.encode(),
+                             {"Content-Type": "application/json"})
+answer = json.load(urllib.request.urlopen(req, timeout=60))
+assert answer["usage"]["completion_tokens"] == 4, answer
+print("completion:", repr(answer["choices"][0]["text"]))
+PY
+kill -TERM "$serve_pid"
+wait "$serve_pid" || fail "toyllm serve exited $? on SIGTERM (expected 0)"
 stage "done: every command ran from $work/run"
 cd "$repo"

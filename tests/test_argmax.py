@@ -142,13 +142,47 @@ def test_argmax_cpu_opcheck(dtype) -> None:
     torch.library.opcheck(OPS.argmax.default, (randn((3, 37), dtype, "cpu", seed=1),))
 
 
-def test_argmax_wrapper_on_the_cpu_is_torch_argmax(monkeypatch) -> None:
+@pytest.mark.parametrize("vocab", [1, 7, 8, 9, 17, 4096, 32000, 32001])
+def test_argmax_cpu_fp32_loop_equals_torch_at_lane_edges_ties_and_signed_zeros(vocab) -> None:
+    """The fp32 loop keeps 8 lane maxima and a tail: maxima and ties placed on every lane, at
+    the tail, first and last; ties of -0.0 and +0.0; row-strided and transposed layouts."""
+    rows = []
+    for spot in sorted({0, 1, 7, 8, 9, vocab // 2, vocab - 9, vocab - 2, vocab - 1}):
+        if not 0 <= spot < vocab:
+            continue
+        row = randn((vocab,), torch.float32, "cpu", seed=spot)
+        row[spot] = 50.0
+        rows.append(row)
+        tie = row.clone()
+        tie[(spot * 5 + 3) % vocab] = 50.0  # a tie before or after it, on another lane
+        rows.append(tie)
+    zeros = -torch.rand(vocab)  # all <= 0: the maximum is a zero of either sign
+    zeros[vocab - 1] = 0.0
+    zeros[(vocab - 1) // 3] = -0.0
+    rows += [zeros, torch.full((vocab,), -INF) if vocab == 1 else -torch.arange(vocab * 1.0)]
+    logits = torch.stack(rows)
+    assert_same_as_torch(logits)
+    wide = torch.zeros(logits.shape[0], vocab + 5)
+    wide[:, 2 : vocab + 2] = logits
+    assert_same_as_torch(wide[:, 2 : vocab + 2])  # row-strided, read in place
+    assert_same_as_torch(logits.t().contiguous().t())  # column-major: packed first
+
+
+def test_argmax_wrapper_on_the_cpu_takes_the_loop_for_fp32_and_torch_otherwise(
+        monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(argmax_mod, "_argmax", lambda x, *a: calls.append(1) or OPS.argmax(x, *a))
+    fp32 = randn((3, 50), torch.float32, "cpu", seed=5)
+    assert argmax_mod.applies_cpu(fp32) and not argmax_mod.applies(fp32)
+    assert torch.equal(argmax_mod.argmax(fp32), fp32.argmax(-1)) and len(calls) == 1
+    assert torch.equal(argmax_mod.argmax(fp32, kernel=False), fp32.argmax(-1)) and len(calls) == 2
+
     def refuse(*args):
-        raise AssertionError("toyllm::argmax called for CPU logits")
+        raise AssertionError("toyllm::argmax called for CPU logits it does not take")
 
     monkeypatch.setattr(argmax_mod, "_argmax", refuse)
     logits = randn((3, 50), torch.bfloat16, "cpu", seed=2)
-    assert not argmax_mod.applies(logits)
+    assert not argmax_mod.applies(logits) and not argmax_mod.applies_cpu(logits)
     assert torch.equal(argmax_mod.argmax(logits), logits.argmax(-1))
     assert torch.equal(argmax_mod.argmax(logits, kernel=False), logits.argmax(-1))
     vector = randn((50,), torch.float32, "cpu", seed=3)  # any shape torch takes
@@ -412,22 +446,26 @@ def test_model_greedy_generation_on_cuda_is_the_same_with_and_without_the_kernel
     assert [c.token_ids for c in on.completions] == [c.token_ids for c in off.completions]
 
 
-def test_engine_greedy_generation_on_the_cpu_never_calls_the_kernel(monkeypatch) -> None:
+def test_engine_greedy_generation_on_the_cpu_takes_the_fp32_loop(monkeypatch) -> None:
+    """fp32 CPU logits take the operator's CPU loop whatever Settings.cuda_argmax (a CUDA
+    choice) says, and the tokens are the no-cache reference's."""
+    from toyllm.engine.check.reference import reference_greedy
     from toyllm.engine.generate import Engine
     from toyllm.models.config import ModelConfig
     from toyllm.models.llama import build_model
 
-    def refuse(*args):
-        raise AssertionError("toyllm::argmax called for CPU logits")
-
-    monkeypatch.setattr(argmax_mod, "_argmax", refuse)
+    calls = []
+    monkeypatch.setattr(argmax_mod, "_argmax",
+                        lambda x, *a: calls.append(x.dtype) or OPS.argmax(x, *a))
     config = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, intermediate_size=96, max_seq_len=64)
     model = build_model(config, seed=3)
-    params = SamplingParams(max_new_tokens=4, stop_at_eos=False)
+    model.init_weights(3, std=0.2)  # peaked logits: few near-ties
+    params = SamplingParams(max_new_tokens=8, stop_at_eos=False)
     tokens = [Engine(model, settings=Settings(cuda_argmax=on)).generate([[5, 6, 7]], params)
               .completions[0].token_ids for on in (True, False)]
-    assert tokens[0] == tokens[1] and len(tokens[0]) == 4
+    assert calls and set(calls) == {torch.float32} and len(calls) == 2 * 8
+    assert tokens[0] == tokens[1] == reference_greedy(model, [5, 6, 7], 8)[0]
 
 
 # ---------------------------------------------------------------------------------------------

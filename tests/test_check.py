@@ -22,7 +22,7 @@ from toyllm.engine.check.harness import CheckError, decode_steps, run_check, sel
 from toyllm.engine.check.reference import reference_logits
 from toyllm.engine.cli import app
 from toyllm.engine.forward import EngineForward
-from toyllm.engine.ops import cpu_layer, elementwise, gemv, gemv_norm, rope_kv
+from toyllm.engine.ops import cpu_layer, cpu_step, elementwise, gemv, gemv_norm, rope_kv
 from toyllm.models.llama import build_model
 
 # Cases the planted-bug tests run: batch 1 and ragged, whole and chunked prefill, the cache's
@@ -292,6 +292,8 @@ def plant_wrong_fused_ops(monkeypatch: pytest.MonkeyPatch) -> None:
                             lambda *a, _real=real: (lambda s, y: (s, off(y)))(*_real(*a)))
     real_layer = cpu_layer._op  # the whole CPU decode layer: (stream, MLP output)
     monkeypatch.setattr(cpu_layer, "_op", lambda *a: (lambda s, y: (s, off(y)))(*real_layer(*a)))
+    real_step = cpu_step._op  # the whole CPU decode step: logits
+    monkeypatch.setattr(cpu_step, "_op", lambda *a: off(real_step(*a)))
 
 
 def test_reference_is_independent_of_the_engines_fused_ops(
@@ -318,25 +320,25 @@ PLANTED = {
 }
 
 
-def plant_cpu_layer_positions(monkeypatch: pytest.MonkeyPatch, delta: int) -> None:
-    """The whole CPU decode layer (toyllm::cpu_decode_layer) is handed positions + delta: it
-    writes K/V one slot off and attends over one key more (+1) or fewer (-1; a row at 0
-    becomes a finished row that writes nothing)."""
-    real = cpu_layer._op
+def plant_cpu_step_positions(monkeypatch: pytest.MonkeyPatch, delta: int) -> None:
+    """The whole CPU decode step (toyllm::cpu_decode_step) is handed positions + delta: every
+    layer writes K/V one slot off and attends over one key more (+1) or fewer (-1; a row at 0
+    becomes a finished row that writes nothing), and RoPE turns by the wrong angle."""
+    real = cpu_step._op
 
-    def shifted(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def shifted(*args: Any) -> torch.Tensor:
         args = list(args)
-        positions, k_cache = args[13], args[11]
-        args[13] = (shift_in_bounds(positions, 1, k_cache.shape[1]) if delta > 0
-                    else positions - 1)
+        positions, k_caches = args[9], args[7]
+        args[9] = (shift_in_bounds(positions, 1, k_caches[0].shape[1]) if delta > 0
+                   else positions - 1)
         return real(*args)
 
-    monkeypatch.setattr(cpu_layer, "_op", shifted)
+    monkeypatch.setattr(cpu_step, "_op", shifted)
 
 
-PLANTED_CPU_LAYER = {
-    "write_and_attend_at_position_plus_1": lambda mp: plant_cpu_layer_positions(mp, +1),
-    "write_and_attend_at_position_minus_1": lambda mp: plant_cpu_layer_positions(mp, -1),
+PLANTED_CPU_STEP = {
+    "write_and_attend_at_position_plus_1": lambda mp: plant_cpu_step_positions(mp, +1),
+    "write_and_attend_at_position_minus_1": lambda mp: plant_cpu_step_positions(mp, -1),
 }
 
 
@@ -344,7 +346,7 @@ PLANTED_CPU_LAYER = {
 def test_planted_cache_bug_makes_check_fail(bug: str, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # the bugs are planted in the separate ops' Python seams (kv_update, rope_kv_update,
-    # attend_cached), which a CPU decode step takes below FULL; at FULL the whole layer is one
+    # attend_cached), which a CPU decode step takes below FULL; at FULL the whole step is one
     # call (its own planted bugs: the next test)
     monkeypatch.setenv("TOYLLM_FUSION", "silu_gemv")
     PLANTED[bug](monkeypatch)
@@ -359,15 +361,15 @@ def test_planted_cache_bug_makes_check_fail(bug: str, tmp_path: Path,
         assert case["max_abs"] > 1e-3
 
 
-@pytest.mark.parametrize("bug", sorted(PLANTED_CPU_LAYER))
-def test_planted_bug_in_the_cpu_decode_layer_makes_check_fail(
+@pytest.mark.parametrize("bug", sorted(PLANTED_CPU_STEP))
+def test_planted_bug_in_the_cpu_decode_step_makes_check_fail(
         bug: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    PLANTED_CPU_LAYER[bug](monkeypatch)
-    planted = cpu_layer._op
-    monkeypatch.setattr(cpu_layer, "_op", lambda *a: calls.append(1) or planted(*a))
+    PLANTED_CPU_STEP[bug](monkeypatch)
+    planted = cpu_step._op
+    monkeypatch.setattr(cpu_step, "_op", lambda *a: calls.append(1) or planted(*a))
     code, report = run_report(tmp_path, PLANTED_FILTER)
-    assert calls  # the default (FULL) CPU decode took the whole-layer op
+    assert calls  # the default (FULL) CPU decode took the whole-step op
     assert code == 1 and report["summary"]["verdict"] == "FAIL"
     for case in report["cases"]:
         assert case["verdict"] == "FAIL", case["name"]

@@ -1,165 +1,71 @@
 """toyllm::cpu_decode_layer: a whole CPU decode layer in one call (engine/ops/cpu_layer.py).
 
-The engine at Settings.fusion FULL takes it for CPU decode steps of up to 4 rows; below FULL the
-same step runs the separate ops. The two give the same logits and caches bit for bit (compared
-as integers) for the stories15M-like shape, GQA, head_dim not a multiple of 8 and odd widths, one
-row and ragged batches with a finished row, 1 or 2 threads; greedy decoding through it equals the
-no-cache reference (fp32: max |logit diff| <= 1e-4, the same tokens for 64 steps). Bad inputs are
-refused with one clear message each before anything is written (the C++ checks; the fake
-implementation only gives the output shapes: tests/test_op_fakes.py).
+Its math (csrc/layer/decode_layer_fp32.h) is what toyllm::cpu_decode_step runs for every layer
+of a CPU decode step (the engine's path at FULL: tests/test_cpu_decode_step.py). The layer alone
+gives the bits of the separate operators the engine's unfused layer calls (compared as integers)
+for the stories15M-like shape, GQA, head_dim not a multiple of 8 and odd widths, one row and
+ragged batches with a finished row, with and without a residual. Bad inputs are refused with one
+clear message each before anything is written (the C++ checks; the fake implementation only
+gives the output shapes: tests/test_op_fakes.py).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from cpu_decode_models import CONFIGS, model_for
 from same_bits import assert_same_bits
 
-from toyllm.engine.check.reference import reference_greedy, reference_logits
 from toyllm.engine.forward import layer_weights
-from toyllm.engine.generate import Engine
-from toyllm.engine.ops import cpu_layer
-from toyllm.engine.sampling import SamplingParams
-from toyllm.engine.settings import Fusion, Settings
-from toyllm.models.config import ModelConfig
-from toyllm.models.llama import build_model
 from toyllm.models.rope import inverse_frequencies, rope_cos_sin
 
 OPS = torch.ops.toyllm
-CONFIGS = {
-    # stories15M's proportions, smaller: MHA, head_dim 48
-    "mha": ModelConfig(vocab_size=320, hidden_size=96, num_layers=3, num_heads=2,
-                       num_kv_heads=2, intermediate_size=256, max_seq_len=96),
-    # GQA with head_dim 6 (not a multiple of 8), odd widths everywhere
-    "gqa_hd6": ModelConfig(vocab_size=301, hidden_size=36, num_layers=2, num_heads=6,
-                           num_kv_heads=2, intermediate_size=50, max_seq_len=96),
-    # MQA, head_dim 10, untied head
-    "mqa_hd10": ModelConfig(vocab_size=257, hidden_size=30, num_layers=2, num_heads=3,
-                            num_kv_heads=1, head_dim=10, intermediate_size=33, max_seq_len=96,
-                            tie_embeddings=False),
-}
-
-
-def model_for(name: str, seed: int = 0):
-    model = build_model(CONFIGS[name], seed=seed)
-    model.init_weights(seed, std=0.2)  # peaked logits: greedy ties are not a coin flip
-    return model
-
-
-def prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-def counting(monkeypatch) -> list[int]:
-    """Counts the calls of the operator through the engine."""
-    calls: list[int] = []
-    real = cpu_layer._op
-    monkeypatch.setattr(cpu_layer, "_op", lambda *a: calls.append(1) or real(*a))
-    return calls
-
-
-def teacher_forced(model, fusion: Fusion, lengths: list[int], steps: int,
-                   finished: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Logits [rows, vocab] of `steps` decode steps fed the same random tokens, after prefilling
-    prompts of `lengths` (row `finished` set inactive first), and the caches after them."""
-    engine = Engine(model, cuda_graph=False, settings=Settings(fusion=fusion, cpu_gemv=True))
-    rows, vocab = len(lengths), model.config.vocab_size
-    cache = engine.prepare_cache(rows, max(lengths) + steps)
-    logits = []
-    with torch.inference_mode():
-        for r, ids in enumerate(prompts(lengths, vocab)):
-            engine.prefill(cache, r, ids)
-        if finished is not None:
-            cache.set_active(finished, False)
-        ks, vs, positions = engine.cache_views(rows)
-        if finished is not None:
-            assert positions[finished].item() == -1  # the finished row is exercised
-        g = torch.Generator().manual_seed(3)
-        for _ in range(steps):
-            tokens = torch.randint(3, vocab, (rows,), generator=g)
-            logits.append(engine.decode_step(cache, rows, tokens).clone())
-    return logits, [t.clone() for t in ks + vs]
+def separate_ops(args: list) -> tuple[torch.Tensor, ...]:
+    """The layer through the separate operators the engine's unfused CPU decode layer calls
+    (engine/forward.py below FULL), on copies of the caches in `args`: (s2, out, the caches)."""
+    (x, residual, input_norm, qkv_w, o_w, post_norm, gate_up_w, down_w, eps, cos, sin, k_cache,
+     v_cache, positions, hq) = args
+    rows, d = x.shape[0], k_cache.shape[-1]
+    hkv = k_cache.shape[2]
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    s, h = OPS.add_rms_norm(x, residual, input_norm, eps)
+    qkv = OPS.gemv(h, qkv_w).view(rows, 1, hq + 2 * hkv, d)
+    q = OPS.rope_kv_update(qkv, cos, sin, k_cache, v_cache, positions, hq)
+    lens = (positions.clamp(min=0) + 1).to(torch.int32)
+    a = OPS.decode_attention(q.reshape(rows, hq, d).contiguous(), k_cache, v_cache, lens,
+                             d ** -0.5)
+    s2, h2 = OPS.add_rms_norm(s, OPS.gemv(a.reshape(rows, 1, hq * d), o_w), post_norm, eps)
+    out = OPS.gemv(OPS.silu_mul(OPS.gemv(h2, gate_up_w)), down_w)
+    return s2, out, k_cache, v_cache
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("lengths, finished", [([9], None), ([5, 17, 1, 11], 2), ([4, 30], None)],
+@pytest.mark.parametrize("rows, positions", [(1, [9]), (4, [5, 17, -1, 11]), (2, [4, 30])],
                          ids=["one_row", "ragged4_finished", "ragged2"])
-def test_fused_layer_gives_the_bits_of_the_separate_ops(name, lengths, finished, monkeypatch):
+@pytest.mark.parametrize("first", [False, True], ids=["residual", "first_layer"])
+def test_the_layer_gives_the_bits_of_the_separate_ops(name, rows, positions, first):
+    config = CONFIGS[name]
     model = model_for(name)
-    calls = counting(monkeypatch)
-    fused, fused_caches = teacher_forced(model, Fusion.FULL, lengths, 6, finished)
-    assert len(calls) == 6 * model.config.num_layers  # every layer of every step, in one call
-    calls.clear()
-    separate, separate_caches = teacher_forced(model, Fusion.SILU_GEMV, lengths, 6, finished)
-    assert not calls
-    for a, b in zip(fused, separate, strict=True):
+    w = layer_weights(model)[-1]
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1, config.hidden_size, generator=g)
+    residual = torch.randn(rows, 1, config.hidden_size, generator=g)
+    pos = torch.tensor(positions, dtype=torch.int32)
+    cos, sin = rope_cos_sin(inverse_frequencies(config), pos.clamp(min=0).long()[:, None],
+                            torch.float32)
+    shape = (rows, 32, config.num_kv_heads, config.head_dim)
+    k_cache, v_cache = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    args = [x, residual, w.input_norm.detach(), w.qkv.detach(), w.o.detach(),
+            w.post_norm.detach(), w.gate_up.detach(), w.down.detach(), config.norm_eps, cos, sin,
+            k_cache, v_cache, pos, config.num_heads]
+    if first:  # no residual: the separate ops then add zeros, which changes no bit
+        args[1] = torch.zeros_like(residual)
+    want = separate_ops(args)
+    if first:
+        args[1] = None
+    got = OPS.cpu_decode_layer(*args)
+    for a, b in zip((*got, k_cache, v_cache), want, strict=True):
         assert_same_bits(a, b)
-    for a, b in zip(fused_caches, separate_caches, strict=True):
-        assert_same_bits(a, b)
-
-
-def test_the_bits_do_not_depend_on_the_number_of_threads():
-    model = model_for("mha", seed=4)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one, one_caches = teacher_forced(model, Fusion.FULL, [6, 40], 4)
-        torch.set_num_threads(2)
-        two, two_caches = teacher_forced(model, Fusion.FULL, [6, 40], 4)
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(one + one_caches, two + two_caches, strict=True):
-        assert_same_bits(a, b)
-
-
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_greedy_through_the_fused_layer_equals_the_no_cache_reference(name, monkeypatch):
-    model = model_for(name, seed=1)
-    calls = counting(monkeypatch)
-    engine = Engine(model, cuda_graph=False, settings=Settings(fusion=Fusion.FULL))
-    (ids,) = prompts([7], model.config.vocab_size, seed=2)
-    expected, expected_logits = reference_greedy(model, ids, 64)
-    cache = engine.prepare_cache(1, len(ids) + 64)
-    with torch.inference_mode():
-        logits = engine.prefill(cache, 0, ids)
-        got = []
-        for step in range(64):
-            if step:
-                logits = engine.decode_step(cache, 1, torch.tensor([got[-1]]))[0]
-            diff = (logits - expected_logits[step]).abs().max().item()
-            assert diff <= 1e-4, f"step {step}: max |logit diff| {diff}"
-            got.append(int(logits.argmax()))
-    assert got == expected
-    assert len(calls) == 63 * model.config.num_layers
-
-
-def test_engine_generate_takes_the_fused_layer_and_matches_the_reference(monkeypatch):
-    model = model_for("gqa_hd6", seed=5)
-    calls = counting(monkeypatch)
-    batch = prompts([5, 12, 3], model.config.vocab_size, seed=6)
-    engine = Engine(model, cuda_graph=False, settings=Settings(fusion=Fusion.FULL))
-    result = engine.generate(batch, SamplingParams(max_new_tokens=64, stop_at_eos=False))
-    for ids, completion in zip(batch, result.completions, strict=True):
-        assert completion.token_ids == reference_greedy(model, ids, 64)[0]
-    assert len(calls) == 63 * model.config.num_layers
-
-
-@pytest.mark.parametrize("settings, rows", [
-    (Settings(fusion=Fusion.SILU_GEMV), 1),  # below FULL: the separate ops
-    (Settings(cpu_gemv=False), 1),  # MKL's products (input-major weights)
-    (Settings(decode_attention="sdpa"), 1),  # SDPA attention
-    (Settings(), 5),  # more rows than the GEMV takes: MKL's products
-], ids=["silu_gemv", "mkl", "sdpa", "five_rows"])
-def test_the_separate_ops_run_where_the_fused_layer_does_not_apply(settings, rows, monkeypatch):
-    model = model_for("mha", seed=7)
-    calls = counting(monkeypatch)
-    engine = Engine(model, cuda_graph=False, settings=settings)
-    batch = prompts([4] * rows, model.config.vocab_size, seed=8)
-    result = engine.generate(batch, SamplingParams(max_new_tokens=8, stop_at_eos=False))
-    assert not calls
-    logits = reference_logits(model, batch[0] + result.completions[0].token_ids[:-1])
-    assert result.completions[0].token_ids == logits[len(batch[0]) - 1:].argmax(-1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------

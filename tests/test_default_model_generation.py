@@ -15,7 +15,7 @@ from toyllm.models.model_source import DEFAULT_MODEL_DIR, load_model
 
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_MODEL_DIR / "model.safetensors").is_file(),
-    reason="models/default/model.safetensors not trained yet (scripts/train_default.sh)",
+    reason="models/default/model.safetensors not trained yet (scripts/train_default_model.sh)",
 )
 PROMPT = "import os\n\n\ndef read_config(path):\n"
 

@@ -74,6 +74,11 @@ def _cases(make: Make) -> dict[str, tuple[Callable[[], object], object]]:
             x, r, g, make(qkv_out, n_in), make(n_in, hq * d), g, make(2 * 96, n_in),
             make(n_in, 96), EPS, make(1, 1, 1, d), make(1, 1, 1, d), make(*rope_cache),
             make(*rope_cache), make(1, dtype=i32), hq), ((1, 1, n_in), (1, 1, n_in))),
+        "cpu_decode_step": (lambda: OPS.cpu_decode_step(
+            make(1, 1, dtype=torch.int64), make(100, n_in),
+            [g, make(qkv_out, n_in), make(n_in, hq * d), g, make(2 * 96, n_in), make(n_in, 96)],
+            g, make(100, n_in), EPS, make(d // 2), [make(*rope_cache)], [make(*rope_cache)],
+            make(1, dtype=i32), hq), (1, 1, 100)),
         "argmax": (lambda: OPS.argmax(make(16, 128256)), (16,)),
         "argmax (flag_nonfinite)": (lambda: OPS.argmax(make(3, 7), True), (3,)),
     }

@@ -529,8 +529,8 @@ def test_engine_cpu_decode_with_the_op_matches_the_no_cache_reference(monkeypatc
     sequence (not only the old path: both could share a mistake)."""
     calls = _count_calls(monkeypatch)
     model = build_model(CONFIGS["gqa_hd64"], seed=2)
-    # ROPE_KV: the op takes every layer (at FULL toyllm::cpu_decode_layer runs the whole CPU
-    # layer, with the same bits: tests/test_cpu_decode_layer.py)
+    # ROPE_KV: the op takes every layer (at FULL toyllm::cpu_decode_step runs the whole CPU
+    # step, with the same bits: tests/test_cpu_decode_step.py)
     engine = Engine(model, settings=Settings(fusion=Fusion.ROPE_KV))
     ids = _prompts(1, seed=4)[0] + [7, 8, 9, 10]
     n_prompt = len(ids) - 4
@@ -586,7 +586,7 @@ def test_decode_step_compiles_with_the_op_and_gives_the_eager_logits(monkeypatch
 @pytest.mark.parametrize("fusion", list(Fusion), ids=lambda f: f.name.lower())
 def test_the_op_runs_from_fusion_rope_kv_on(fusion, monkeypatch) -> None:
     """Fusion.ROPE_KV to SILU_GEMV take the op for every layer of a CPU decode step, NONE and
-    ELEMENTWISE never, FULL neither (toyllm::cpu_decode_layer runs the whole CPU layer, with
+    ELEMENTWISE never, FULL neither (toyllm::cpu_decode_step runs the whole CPU step, with
     the op's code; FULL's gemv_add_rms_norm_rope_kv is CUDA's); the logits agree."""
     config = CONFIGS["gqa_hd64"]
     model = build_model(config, seed=2)

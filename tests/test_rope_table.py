@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toyllm.engine.cached_attention import DecodeStep
+from toyllm.engine.cached_attention import DecodeStep, PrefillStep
 from toyllm.engine.generate import Engine
 from toyllm.engine.settings import Settings
 from toyllm.models.config import ModelConfig, RopeScaling
@@ -85,8 +85,11 @@ def test_engine_forward_takes_cos_sin_from_the_steps_table_on_the_cpu() -> None:
         with_table = engine.decode_forward(tokens, positions, ks, vs)
         # the CPU's vectorised and scalar cos may round an element differently
         torch.testing.assert_close(with_table, computed)
+        # no table either: a decode step's own positions give cos/sin, the same values
+        own = engine.forward(tokens, None, DecodeStep(ks, vs, positions))[:, -1]
+        assert torch.equal(own, computed)
         with pytest.raises(ValueError, match=r"expected positions \[B, T\]"):
-            engine.forward(tokens, None, DecodeStep(ks, vs, positions))  # no table either
+            engine.forward(tokens, None, PrefillStep(engine.cache, 5, seq=0))  # none at all
 
 
 @pytest.mark.cuda

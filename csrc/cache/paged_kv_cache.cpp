@@ -393,22 +393,27 @@ std::vector<int64_t> PagedKVCache::slot_mapping(int64_t seq, int64_t start, int6
 // Device mirrors
 
 void PagedKVCache::sync_device() {
-    // The changed rows as runs of consecutive rows, one copy per run (a step that changed every
-    // row is one copy). A plain copy_ from pageable host memory: the host buffers may change
-    // again as soon as this returns, and the copy is ordered after the kernels on the stream.
-    int64_t seq = 0;
-    while (seq < max_seqs_) {
-        if (!table_dirty_[seq]) {
-            ++seq;
-            continue;
+    // The changed rows' span (first to last changed row) in one copy: a decode step of many
+    // sequences changes rows here and there (each crosses into a new block every block_size
+    // tokens), and a copy per run of rows cost a host wait each. Unchanged rows inside the span
+    // are copied too, with the values they already hold on the device (the host tables are the
+    // source, the device rows written only here). A plain copy_ from pageable host memory: the
+    // host buffers may change again as soon as this returns, and the copy is ordered after the
+    // kernels on the stream.
+    int64_t first = -1;
+    int64_t last = -1;
+    for (int64_t seq = 0; seq < max_seqs_; ++seq) {
+        if (table_dirty_[seq]) {
+            table_dirty_[seq] = false;
+            if (first < 0) {
+                first = seq;
+            }
+            last = seq;
         }
-        int64_t end = seq;
-        while (end < max_seqs_ && table_dirty_[end]) {
-            table_dirty_[end] = false;
-            ++end;
-        }
-        device_tables_.narrow(0, seq, end - seq).copy_(host_tables_.narrow(0, seq, end - seq));
-        seq = end;
+    }
+    if (first >= 0) {
+        const int64_t rows = last - first + 1;
+        device_tables_.narrow(0, first, rows).copy_(host_tables_.narrow(0, first, rows));
     }
     if (lengths_dirty_) {
         device_lengths_.copy_(host_lengths_);

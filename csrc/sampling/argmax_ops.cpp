@@ -4,8 +4,9 @@
 //
 // logits: [rows, vocab], vocab >= 1, fp32, fp16 or bf16 (the same rules on every device);
 // index: int64 [rows], torch's answer bit for bit: the first index of the row's maximum, NaN
-// counting as the maximum (the first NaN wins). CPU: at::argmax itself. CUDA: the kernel of
-// argmax.cu, which splits a row over many blocks (torch's reduction takes ~27 us for one row of
+// counting as the maximum (the first NaN wins). CPU: fp32 rows of finite values in two passes
+// of a plain loop (the maximum and the row's finiteness, then its first index), anything else
+// at::argmax. CUDA: the kernel of argmax.cu, which splits a row over many blocks (torch's reduction takes ~27 us for one row of
 // 128,256 logits on an H200). A row-strided view (last dim contiguous, e.g. the last position
 // of [rows, tokens, vocab] logits) is read in place; any other layout is packed first. Only the
 // index and a small scratch are allocated (through torch's caching allocator), so a call can be
@@ -35,8 +36,74 @@ void check_argmax_args(const at::Tensor& logits) {
                       logits.sizes());
 }
 
+// The maximum of a row of n >= 1 fp32 values, and whether every value is finite. The maximum
+// is exact only when they all are (a NaN may be passed over).
+struct RowMax {
+    float max;
+    bool finite;
+};
+
+// In 8 interleaved lanes that the compiler keeps in SIMD registers (one running maximum would be
+// a chain of dependent compares), then the lanes' maximum and the last n % 8 values. x - x is 0
+// for a finite x and NaN for an inf or a NaN, so a sum of them is 0 exactly when all are finite.
+RowMax row_max_fp32(const float* __restrict__ x, int64_t n) {
+    float lane[8], bad[8];
+    for (int l = 0; l < 8; ++l) {
+        lane[l] = x[0];
+        bad[l] = 0.f;
+    }
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int l = 0; l < 8; ++l) {
+            const float v = x[i + l];
+            lane[l] = v > lane[l] ? v : lane[l];
+            bad[l] += v - v;
+        }
+    }
+    float best = lane[0], nonfinite = bad[0];
+    for (int l = 1; l < 8; ++l) {
+        best = lane[l] > best ? lane[l] : best;
+        nonfinite += bad[l];
+    }
+    for (; i < n; ++i) {
+        best = x[i] > best ? x[i] : best;
+        nonfinite += x[i] - x[i];
+    }
+    return {best, nonfinite == 0.f};
+}
+
+// torch.argmax of fp32 rows of finite values in two passes (the maximum, then its first
+// index): a small part of the time at::argmax and at::isfinite take together (docs/PERF.md,
+// "CPU decode"). Rows with a NaN or an inf take at::argmax, whose NaN rule (the first NaN is
+// the maximum) the passes do not follow.
+at::Tensor argmax_cpu_fp32(const at::Tensor& logits, bool flag_nonfinite) {
+    const int64_t rows = logits.size(0), vocab = logits.size(1);
+    // each row read in place at a fixed pitch from a contiguous last dim
+    const at::Tensor x = logits.stride(1) == 1 || vocab == 1 ? logits : logits.contiguous();
+    at::Tensor index = at::empty({rows}, logits.options().dtype(at::kLong));
+    int64_t* out = index.mutable_data_ptr<int64_t>();
+    const float* base = x.const_data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* row = base + r * x.stride(0);
+        const RowMax m = row_max_fp32(row, vocab);
+        if (!m.finite) {
+            out[r] = flag_nonfinite ? -1 : at::argmax(x.select(0, r)).item<int64_t>();
+            continue;
+        }
+        int64_t i = 0;
+        while (row[i] != m.max) {  // -0.0 == 0.0, as torch's compare
+            ++i;
+        }
+        out[r] = i;
+    }
+    return index;
+}
+
 at::Tensor argmax_cpu(const at::Tensor& logits, bool flag_nonfinite) {
     check_argmax_args(logits);
+    if (logits.scalar_type() == at::kFloat) {
+        return argmax_cpu_fp32(logits, flag_nonfinite);
+    }
     at::Tensor index = at::argmax(logits, 1);
     if (flag_nonfinite) {
         index.masked_fill_(at::isfinite(logits).all(1).logical_not(), -1);

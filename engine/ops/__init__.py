@@ -29,7 +29,7 @@ OPERATORS = (
     "kv_update", "decode_attention", "rms_norm", "add_rms_norm", "rope", "silu_mul",
     "rope_kv_update", "gemv", "gemv_silu_mul", "gemv_add_rms_norm", "gemv_add_rms_norm_silu_mul",
     "gemv_add_rms_norm_rope_kv", "argmax", "paged_kv_write", "paged_decode_attention",
-    "cpu_decode_layer",
+    "cpu_decode_layer", "cpu_decode_step",
 )
 _missing = [op for op in OPERATORS if not hasattr(torch.ops.toyllm, op)]
 if _missing:

@@ -8,8 +8,10 @@ maximum (the first NaN wins), -0.0 equal to +0.0. fp16 and bf16 logits are compa
 exact widening to fp32, so ``argmax(logits)`` is also ``torch.argmax(logits.float(), -1)`` and
 the engine hands the model's logits over as they are (no ``.float()`` kernel before greedy).
 
-* CPU: at::argmax itself (the operator exists there so that its checks are the same
-  everywhere).
+* CPU: fp32 logits in a plain loop of two passes, the maximum (with the row's finiteness) and
+  then its first index, a small part of the time torch.argmax and the isfinite check take
+  (docs/PERF.md, "CPU decode"); rows holding a NaN or an inf, and other dtypes, take
+  at::argmax.
 * CUDA: one kernel that splits each row over many blocks and lets the last block of a row to
   finish combine their results (plus a memset of per-row counters). torch's reduction took
   ~27 us for one row of Llama-1B's 128,256 logits on an H200 (docs/PERF.md);
@@ -17,7 +19,8 @@ the engine hands the model's logits over as they are (no ``.float()`` kernel bef
 
 ``argmax(logits)`` uses the operator where it applies: a CUDA tensor of 2 dims with a non-empty
 vocab, fp32, fp16 or bf16, and an extension built with CUDA (the engine's Settings.cuda_argmax
-may turn it off: ``argmax(logits, kernel=False)``). Everything else is ``logits.argmax(dim=-1)``.
+may turn it off: ``argmax(logits, kernel=False)``), and fp32 CPU logits of 2 dims with a
+non-empty vocab. Everything else is ``logits.argmax(dim=-1)``.
 
 Example::
 
@@ -45,11 +48,18 @@ def applies(logits: Tensor) -> bool:
             and logits.dtype in DTYPES)
 
 
+def applies_cpu(logits: Tensor) -> bool:
+    """True when ``argmax`` hands these logits to the operator's fp32 CPU loop."""
+    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
+            and logits.shape[1] > 0)
+
+
 def argmax(logits: Tensor, kernel: bool = True, flag_nonfinite: bool = False) -> Tensor:
     """logits [rows, vocab] -> int64 [rows]: torch.argmax(logits, dim=-1), through the CUDA
-    kernel where it applies (and `kernel`). flag_nonfinite: -1 for each row holding a NaN or an
-    inf (the kernel finds them in the pass that finds the maximum)."""
-    if kernel and applies(logits):
+    kernel where it applies (and `kernel`), and through the operator's CPU loop for fp32 CPU
+    logits. flag_nonfinite: -1 for each row holding a NaN or an inf (the kernel and the loop
+    find them in the pass that finds the maximum)."""
+    if (kernel and applies(logits)) or applies_cpu(logits):
         return _argmax(logits, flag_nonfinite)
     index = logits.argmax(dim=-1)
     if flag_nonfinite:

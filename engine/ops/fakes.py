@@ -65,6 +65,14 @@ def _cpu_decode_layer(x: Tensor, residual: Tensor | None, input_norm: Tensor, qk
     return x.new_empty(x.shape), x.new_empty(x.shape)  # (stream after attention, MLP output)
 
 
+@_fake("toyllm::cpu_decode_step")
+def _cpu_decode_step(tokens: Tensor, embedding: Tensor, layer_weights: list[Tensor],
+                     final_norm: Tensor, head_weight: Tensor, eps: float, inv_freq: Tensor,
+                     k_caches: list[Tensor], v_caches: list[Tensor], positions: Tensor,
+                     num_q_heads: int) -> Tensor:
+    return embedding.new_empty((*tokens.shape[:1], 1, *head_weight.shape[:1]))  # [rows, 1, V]
+
+
 # --- elementwise (csrc/elementwise/)
 
 

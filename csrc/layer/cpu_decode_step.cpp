@@ -1,0 +1,214 @@
+// The CPU implementation of `toyllm::cpu_decode_step` (schema: registration.cpp): a whole decode
+// step of a Llama model (one new token per row) in one call, fp32:
+//
+//   x      = embedding[tokens]                                  (the rows of the token ids)
+//   cos, sin = RoPE's at each row's position (models/rope.py's rope_cos_sin, finished rows at 0)
+//   x, r   = layer(x, r, ...) for every layer                   (decode_layer_fp32.h; r: None
+//                                                                 before the first)
+//   logits = rms_norm(x + r) * final_norm @ head_weight^T
+//
+// Why: with one call per layer (toyllm::cpu_decode_layer), what was left of a small model's
+// CPU decode step beyond its products was the step around the layers: the embedding, the
+// seven ops of RoPE's cos/sin, the final norm and the head's product, each a call from Python
+// with its dispatch and allocations, and the Python of the forward (docs/PERF.md, "CPU
+// decode"). This runs them in C++ between the layers.
+//
+// The same bits as the engine's separate operators: the embedding copies rows; cos/sin are
+// the same fp32 products of position and inverse frequency, then ATen's cos and sin on the same
+// contiguous [rows, D] values as rope_cos_sin's; each layer is decode_layer_fp32 (the code of
+// cpu_decode_layer); the final add and RMSNorm are add_rms_norm's loop and the head is gemv's
+// kernel (tests/test_cpu_decode_step.py compares logits and caches as integers).
+//
+// Every argument is checked, the positions' range and the token ids included, before anything
+// is written into a cache.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common/op_args.h"
+#include "elementwise/cpu_fp32_loops.h"
+#include "gemv/cpu_gemv_kernels.h"
+#include "layer/decode_layer_fp32.h"
+
+namespace toyllm {
+namespace {
+
+constexpr const char* kOp = "cpu_decode_step";
+constexpr int64_t kWeightsPerLayer = 6;  // input_norm, qkv, o, post_norm, gate_up, down
+
+// Checks every argument; returns each layer's shape. Nothing has been written when it throws.
+std::vector<LayerShape> check_args(const at::Tensor& tokens, const at::Tensor& embedding,
+                                   at::TensorList layer_weights, const at::Tensor& final_norm,
+                                   const at::Tensor& head_weight, double eps,
+                                   const at::Tensor& inv_freq, at::TensorList k_caches,
+                                   at::TensorList v_caches, const at::Tensor& positions,
+                                   int64_t num_q_heads) {
+    TORCH_CHECK_VALUE(tokens.device().is_cpu(), kOp, ": expected tokens on the CPU, got ",
+                      tokens.device());
+    TORCH_CHECK_VALUE(tokens.scalar_type() == at::kLong, kOp,
+                      ": expected tokens of dtype torch.int64, got ",
+                      dtype_name(tokens.scalar_type()));
+    TORCH_CHECK_VALUE(tokens.dim() == 2 && tokens.size(1) == 1, kOp,
+                      ": expected tokens of shape [rows, 1] (one new token per row), got ",
+                      tokens.sizes());
+    check_contiguous(kOp, "tokens", tokens);
+    const int64_t rows = tokens.size(0);
+
+    check_fp32_cpu(kOp, "embedding", embedding);
+    TORCH_CHECK_VALUE(embedding.dim() == 2 && embedding.size(0) >= 1 && embedding.size(1) >= 1,
+                      kOp, ": expected embedding of shape [vocab, hidden], got ",
+                      embedding.sizes());
+    check_contiguous(kOp, "embedding", embedding);
+    const int64_t vocab = embedding.size(0);
+    const int64_t hidden = embedding.size(1);
+    const int64_t* ids = tokens.const_data_ptr<int64_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+        TORCH_CHECK_VALUE(ids[r] >= 0 && ids[r] < vocab, kOp, ": expected token ids in [0, ",
+                          vocab, ") (embedding's rows), got ", ids[r], " at row ", r);
+    }
+
+    check_eps(kOp, eps);
+    check_positions(kOp, positions, rows, "tokens' rows", tokens.device(), "tokens' device");
+    const int64_t num_layers = static_cast<int64_t>(k_caches.size());
+    TORCH_CHECK_VALUE(num_layers >= 1, kOp, ": expected one k_cache per layer (>= 1), got none");
+    TORCH_CHECK_VALUE(static_cast<int64_t>(v_caches.size()) == num_layers, kOp, ": expected ",
+                      num_layers, " v_caches (one per k_cache), got ", v_caches.size());
+    TORCH_CHECK_VALUE(static_cast<int64_t>(layer_weights.size()) == kWeightsPerLayer * num_layers,
+                      kOp, ": expected ", kWeightsPerLayer * num_layers, " layer_weights (",
+                      kWeightsPerLayer,
+                      " a layer: input_norm, qkv, o, post_norm, gate_up, down; one layer per "
+                      "k_cache), got ",
+                      layer_weights.size());
+    std::vector<LayerShape> shapes;
+    shapes.reserve(static_cast<size_t>(num_layers));
+    for (int64_t i = 0; i < num_layers; ++i) {
+        const std::string op = std::string(kOp) + ", layer " + std::to_string(i);
+        const at::Tensor* w = layer_weights.data() + kWeightsPerLayer * i;
+        shapes.push_back(check_layer(op.c_str(), rows, hidden, w[0], w[1], w[2], w[3], w[4], w[5],
+                                     eps, k_caches[i], v_caches[i], num_q_heads));
+        TORCH_CHECK_VALUE(shapes.back().head_dim == shapes.front().head_dim, op,
+                          ": expected head_dim ", shapes.front().head_dim,
+                          " (layer 0's k_cache.size(3)), got ", shapes.back().head_dim);
+        check_positions_fit(op.c_str(), positions, rows, "tokens' rows", tokens.device(),
+                            "tokens' device", shapes.back().max_seq_len);
+    }
+
+    check_fp32_cpu(kOp, "final_norm", final_norm);
+    TORCH_CHECK_VALUE(final_norm.dim() == 1 && final_norm.size(0) == hidden, kOp,
+                      ": expected final_norm of shape [", hidden, "] (embedding's hidden), got ",
+                      final_norm.sizes());
+    check_contiguous(kOp, "final_norm", final_norm);
+    check_fp32_cpu(kOp, "head_weight", head_weight);
+    TORCH_CHECK_VALUE(head_weight.dim() == 2 && head_weight.size(0) >= 1 &&
+                          head_weight.size(1) == hidden,
+                      kOp, ": expected head_weight of shape [vocab, ", hidden,
+                      "] (embedding's hidden), got ", head_weight.sizes());
+    check_contiguous(kOp, "head_weight", head_weight);
+    const int64_t d = shapes.front().head_dim;
+    check_fp32_cpu(kOp, "inv_freq", inv_freq);
+    TORCH_CHECK_VALUE(inv_freq.dim() == 1 && 2 * inv_freq.size(0) == d, kOp,
+                      ": expected inv_freq of shape [", d / 2, "] (head_dim / 2), got ",
+                      inv_freq.sizes());
+    check_contiguous(kOp, "inv_freq", inv_freq);
+    return shapes;
+}
+
+at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
+                           const at::Tensor& embedding,    // [vocab, hidden]
+                           at::TensorList layer_weights,   // 6 a layer (decode_layer_fp32.h)
+                           const at::Tensor& final_norm,   // [hidden]
+                           const at::Tensor& head_weight,  // [vocab_out, hidden]
+                           double eps,
+                           const at::Tensor& inv_freq,   // [D / 2]
+                           at::TensorList k_caches,      // per layer [rows, S, Hkv, D], written
+                           at::TensorList v_caches,      // per layer [rows, S, Hkv, D], written
+                           const at::Tensor& positions,  // int32 [rows]; < 0: a finished row
+                           int64_t num_q_heads) {
+    const std::vector<LayerShape> shapes =
+        check_args(tokens, embedding, layer_weights, final_norm, head_weight, eps, inv_freq,
+                   k_caches, v_caches, positions, num_q_heads);
+    const int64_t rows = tokens.size(0), hidden = embedding.size(1);
+    const int64_t vocab_out = head_weight.size(0), d = shapes.front().head_dim;
+    at::Tensor logits = at::empty({rows, 1, vocab_out}, embedding.options());
+    if (rows == 0) {
+        return logits;
+    }
+    const float eps_f = static_cast<float>(eps);
+    const int32_t* pos = positions.const_data_ptr<int32_t>();
+
+    // RoPE's angles, rope_cos_sin's fp32 products of the clamped position and the inverse
+    // frequencies, each half twice; then ATen's cos and sin on them (the same kernel on the
+    // same contiguous values as rope_cos_sin's emb.cos(), so the same bits)
+    at::Tensor angles = at::empty({rows, d}, embedding.options());
+    float* ang = angles.mutable_data_ptr<float>();
+    const float* freq = inv_freq.const_data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+        const float p = static_cast<float>(std::max<int32_t>(pos[r], 0));
+        for (int64_t i = 0; i < d / 2; ++i) {
+            ang[r * d + i] = ang[r * d + d / 2 + i] = p * freq[i];
+        }
+    }
+    const at::Tensor cos = at::cos(angles);  // [rows, D]
+    const at::Tensor sin = at::sin(angles);
+
+    // one allocation: the embedded tokens, two (stream, residual) pairs the layers alternate
+    // between, and the largest layer's scratch
+    int64_t scratch_floats = 0;
+    for (const LayerShape& s : shapes) {
+        scratch_floats = std::max(scratch_floats, layer_scratch_floats(s));
+    }
+    const int64_t stream = rows * hidden;
+    at::Tensor buffer = at::empty({5 * stream + scratch_floats}, embedding.options());
+    float* x = buffer.mutable_data_ptr<float>();
+    float* pair[2][2] = {{x + stream, x + 2 * stream}, {x + 3 * stream, x + 4 * stream}};
+    const at::Tensor scratch = buffer.narrow(0, 5 * stream, scratch_floats);
+
+    const float* table = embedding.const_data_ptr<float>();
+    const int64_t* ids = tokens.const_data_ptr<int64_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+        std::memcpy(x + r * hidden, table + ids[r] * hidden,
+                    static_cast<size_t>(hidden) * sizeof(float));
+    }
+
+    const float* in = x;
+    const float* residual = nullptr;  // the first layer has none
+    for (size_t i = 0; i < shapes.size(); ++i) {
+        const at::Tensor* w = layer_weights.data() + kWeightsPerLayer * i;
+        const LayerWeightPtrs ptrs{w[0].const_data_ptr<float>(), w[1].const_data_ptr<float>(),
+                                   w[2].const_data_ptr<float>(), w[3].const_data_ptr<float>(),
+                                   w[4].const_data_ptr<float>(), w[5].const_data_ptr<float>()};
+        float* const* out = pair[i % 2];
+        decode_layer_fp32(shapes[i], ptrs, eps_f, in, residual, cos.const_data_ptr<float>(), d,
+                          sin.const_data_ptr<float>(), d, k_caches[i].mutable_data_ptr<float>(),
+                          v_caches[i].mutable_data_ptr<float>(), pos, out[0], out[1], scratch);
+        in = out[0];
+        residual = out[1];
+    }
+
+    // the final norm of the stream in + residual (add_rms_norm: one IEEE add per element, then
+    // its loop) into the embedded tokens' buffer, free now; then the head's product
+    float* sum = pair[shapes.size() % 2][0];
+    for (int64_t i = 0; i < stream; ++i) {
+        sum[i] = in[i] + residual[i];
+    }
+    rms_norm_fp32(sum, final_norm.const_data_ptr<float>(), x, rows, hidden, eps_f);
+    gemv_fp32_cpu(x, head_weight.const_data_ptr<float>(), logits.mutable_data_ptr<float>(), rows,
+                  hidden, vocab_out, true);
+    return logits;
+}
+
+}  // namespace
+}  // namespace toyllm
+
+TORCH_LIBRARY_IMPL(toyllm, CPU, m) { m.impl("cpu_decode_step", &toyllm::cpu_decode_step); }
+
+#ifdef WITH_CUDA_KERNELS
+// CUDA tensors reach the same function, whose checks refuse them with a message that names the
+// device, not the dispatcher's missing-kernel error.
+TORCH_LIBRARY_IMPL(toyllm, CUDA, m) { m.impl("cpu_decode_step", &toyllm::cpu_decode_step); }
+#endif

@@ -1,0 +1,97 @@
+// One Llama decoder layer of a CPU decode step (one new token per row), fp32, on pointers: the
+// checks of a layer's weights and caches and the layer's math, shared by toyllm::cpu_decode_layer
+// (one layer a call, cpu_decode_layer.cpp) and toyllm::cpu_decode_step (the whole step,
+// cpu_decode_step.cpp), so the two give the same bits:
+//
+//   s   = x + residual                  (x alone for the first layer: residual null)
+//   h   = rms_norm(s) * input_norm
+//   q, k, v = h @ qkv_weight^T          (one product for the three)
+//   q, k = RoPE(q, k) at each row's position; k, v written to k_cache / v_cache[r, positions[r]]
+//   a   = softmax(q . K[r, :p_r + 1] / sqrt(D)) @ V[r, :p_r + 1]     (GQA: a group shares K/V)
+//   s2  = s + a @ o_weight^T
+//   g, u = rms_norm(s2) * post_norm @ gate_up_weight^T
+//   out = (silu(g) * u) @ down_weight^T
+//   the residual stream after the layer is s2 + out, which the next layer (or the final norm)
+//   adds, as the engine's unfused layer leaves it.
+//
+// Each step runs the very code of the operator the unfused layer calls (add_rms_norm's add and
+// RMSNorm loop, gemv's kernels, rope_kv_update's RoPE and copy, decode_attention's fp32 loop,
+// ATen's silu), on the same values in the same order (tests/test_cpu_decode_layer.py and
+// tests/test_cpu_decode_step.py compare them as integers).
+//
+// Rows at a negative position (finished) write nothing into the caches; like the unfused step,
+// they attend over key 0 and their outputs are to be ignored.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace toyllm {
+
+// The shapes a layer reads off its arguments.
+struct LayerShape {
+    int64_t rows;          // new tokens, one per cache row
+    int64_t hidden;        // the residual stream's width
+    int64_t num_q_heads;   // Hq
+    int64_t num_kv_heads;  // Hkv, k_cache.size(2)
+    int64_t head_dim;      // D, k_cache.size(3)
+    int64_t max_seq_len;   // k_cache.size(1)
+    int64_t intermediate;  // down_weight.size(1)
+};
+
+// One layer's weights, each fp32 and contiguous, [out, in] for the products.
+struct LayerWeightPtrs {
+    const float* input_norm;  // [hidden]
+    const float* qkv;         // [(Hq + 2 Hkv) D, hidden]
+    const float* o;           // [hidden, Hq D]
+    const float* post_norm;   // [hidden]
+    const float* gate_up;     // [2 I, hidden]
+    const float* down;        // [hidden, I]
+};
+
+// t is an fp32 CPU tensor; messages start with `op` and name t `name`.
+void check_fp32_cpu(const char* op, const char* name, const at::Tensor& t);
+
+// Checks a layer's norms, eps, caches, num_q_heads and weights against `rows` new tokens of
+// width `hidden`, in that order, and returns the layer's shape. Messages start with `op`.
+LayerShape check_layer(const char* op, int64_t rows, int64_t hidden,
+                       const at::Tensor& input_norm,      // [hidden]
+                       const at::Tensor& qkv_weight,      // [(Hq + 2 Hkv) D, hidden]
+                       const at::Tensor& o_weight,        // [hidden, Hq D]
+                       const at::Tensor& post_norm,       // [hidden]
+                       const at::Tensor& gate_up_weight,  // [2 I, hidden]
+                       const at::Tensor& down_weight,     // [hidden, I]
+                       double eps,
+                       const at::Tensor& k_cache,  // [rows, max_seq_len, Hkv, D]
+                       const at::Tensor& v_cache,  // [rows, max_seq_len, Hkv, D]
+                       int64_t num_q_heads);
+
+// positions int32 [rows] on `device` (the CPU), each < max_seq_len (negative: a finished row). On the CPU
+// they can be read for free, so their range is checked, as rope_kv_update does, before anything
+// is written.
+void check_positions_fit(const char* op, const at::Tensor& positions, int64_t rows,
+                         const char* rows_why, const at::Device& device, const char* device_why,
+                         int64_t max_seq_len);
+
+// Floats of scratch one layer call needs (decode_layer_fp32's `scratch`).
+int64_t layer_scratch_floats(const LayerShape& s);
+
+// The layer (see the top of this file) on a checked shape. x, residual, out_sum and out_down
+// are [rows, hidden] each and must not alias one another; residual may be null (the first
+// layer). scratch: an fp32 CPU tensor of at least layer_scratch_floats(s) elements.
+void decode_layer_fp32(const LayerShape& s, const LayerWeightPtrs& w, float eps,
+                       const float* x,         // [rows, hidden]
+                       const float* residual,  // [rows, hidden], or null
+                       const float* cos,       // [rows][cos_row_stride], D used per row
+                       int64_t cos_row_stride,
+                       const float* sin,  // [rows][sin_row_stride], D used per row
+                       int64_t sin_row_stride,
+                       float* k_cache,          // [rows, max_seq_len, Hkv, D], written
+                       float* v_cache,          // [rows, max_seq_len, Hkv, D], written
+                       const int32_t* positions,  // [rows]; < 0: a finished row
+                       float* out_sum,          // [rows, hidden]: s2
+                       float* out_down,         // [rows, hidden]: the MLP's output
+                       const at::Tensor& scratch);
+
+}  // namespace toyllm

@@ -1,0 +1,83 @@
+"""A whole CPU decode step in one call: ``torch.ops.toyllm.cpu_decode_step``.
+
+With one call per layer (engine/ops/cpu_layer.py), what was left of a small model's CPU decode
+step beyond its products was the step around the layers: the embedding, RoPE's cos/sin (seven
+ops), the final norm and the head's product, each a call from Python, and the forward's Python
+between them (docs/PERF.md, "CPU decode"). The operator (csrc/layer/cpu_decode_step.cpp) runs
+the embedding, cos/sin, every layer as cpu_decode_layer runs it, the final RMSNorm and the head
+in C++, with the code of the operators it stands for, so the same bits:
+
+    logits = cpu_decode_step(tokens, embedding, layer_weights, final_norm, head_weight, eps,
+                             inv_freq, k_caches, v_caches, positions, num_q_heads)
+
+tokens int64 [rows, 1] (one new token per row), fp32 CPU weights in nn.Linear's contiguous
+[out, in] layout (q/k/v and gate/up fused as engine/forward.py fuses them), layer_weights the six
+of each layer in turn (input_norm, qkv, o, post_norm, gate_up, down: engine/forward.py's
+LayerWeights order), per-layer cache views [rows, max_seq_len, Hkv, D] and int32 positions
+(< 0: a finished row, which writes nothing) -> logits [rows, 1, vocab]. Positions are not
+advanced: the engine does that after the step.
+
+`weights_apply` and `applies` say where the engine takes it (engine/forward.py, Settings.fusion
+FULL with the extension's CPU GEMV): the weights once, the step's tokens per step.
+
+Example (one layer whose products are identities on a 4-wide stream; eps 0)::
+
+    >>> import torch
+    >>> from toyllm.engine.ops.cpu_step import cpu_decode_step
+    >>> hidden, inter = 4, 2
+    >>> layer = [torch.ones(hidden), torch.eye(hidden).repeat(3, 1), torch.eye(hidden),
+    ...          torch.ones(hidden), torch.zeros(2 * inter, hidden), torch.zeros(hidden, inter)]
+    >>> k_cache, v_cache = torch.zeros(1, 8, 1, hidden), torch.zeros(1, 8, 1, hidden)
+    >>> logits = cpu_decode_step(
+    ...     torch.tensor([[1]]), torch.eye(hidden), layer, torch.ones(hidden), torch.eye(hidden),
+    ...     0.0, torch.ones(hidden // 2), [k_cache], [v_cache],
+    ...     torch.tensor([0], dtype=torch.int32), num_q_heads=1)
+    >>> logits.shape, logits.argmax().item()  # token 1's one-hot row through the layer, the head
+    (torch.Size([1, 1, 4]), 1)
+    >>> bool(k_cache[0, 0].any()), bool(k_cache[0, 1:].any())  # k written at position 0 only
+    (True, False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from toyllm.engine.ops.cpu_layer import MAX_ROWS, weights_apply
+
+__all__ = ["MAX_ROWS", "applies", "cpu_decode_step", "weights_apply"]
+
+_op = torch.ops.toyllm.cpu_decode_step.default
+
+
+def applies(tokens: Tensor) -> bool:
+    """The step's tokens are ones the operator takes: int64 [rows, 1] on the CPU, contiguous,
+    1 to MAX_ROWS rows (more rows take MKL's products, as the separate ops do); autograd off
+    (the operator has no backward, and the weights require grad). Asked once per step."""
+    if torch.is_grad_enabled():
+        return False
+    return (tokens.dtype == torch.int64 and tokens.device.type == "cpu" and tokens.dim() == 2
+            and tokens.shape[1] == 1 and 1 <= tokens.shape[0] <= MAX_ROWS
+            and tokens.is_contiguous())
+
+
+def cpu_decode_step(
+    tokens: Tensor,  # int64 [rows, 1]
+    embedding: Tensor,  # [vocab, hidden]
+    layer_weights: Sequence[Tensor],  # per layer: input_norm, qkv, o, post_norm, gate_up, down
+    final_norm: Tensor,  # [hidden]
+    head_weight: Tensor,  # [vocab, hidden]
+    eps: float,
+    inv_freq: Tensor,  # [head_dim / 2]: models/rope.py's inverse frequencies
+    k_caches: Sequence[Tensor],  # per layer [rows, max_seq_len, Hkv, D], written in place
+    v_caches: Sequence[Tensor],  # per layer [rows, max_seq_len, Hkv, D], written in place
+    positions: Tensor,  # int32 [rows]: where this token's K/V go; < 0: a finished row
+    num_q_heads: int,
+) -> Tensor:  # logits [rows, 1, vocab]
+    """One decode step of the whole model; see the module's docstring. Raises ValueError,
+    before anything is written, for arguments it does not take (a token id outside the
+    embedding and a position past a cache's end included)."""
+    return _op(tokens, embedding, layer_weights, final_norm, head_weight, float(eps), inv_freq,
+               k_caches, v_caches, positions, num_q_heads)

@@ -1,0 +1,6 @@
+"""`toyllm serve`: an OpenAI-compatible HTTP server on the serving engine (docs/SERVER.md).
+
+protocol.py (the requests' JSON and the responses' shapes), errors.py (OpenAI-style error
+bodies), engine_loop.py (the one thread that owns the model and steps the engine), metrics.py
+(Prometheus text), app.py (the FastAPI routes), launch.py (socket, model, uvicorn, SIGTERM).
+"""

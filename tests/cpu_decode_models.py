@@ -1,0 +1,34 @@
+"""The small models both CPU decode tests run (tests/test_cpu_decode_layer.py and
+tests/test_cpu_decode_step.py): stories15M's proportions, GQA with a head_dim that is not a
+multiple of 8, MQA with an untied head; weights initialised for peaked logits."""
+
+from __future__ import annotations
+
+import torch
+
+from toyllm.models.config import ModelConfig
+from toyllm.models.llama import build_model
+
+CONFIGS = {
+    # stories15M's proportions, smaller: MHA, head_dim 48
+    "mha": ModelConfig(vocab_size=320, hidden_size=96, num_layers=3, num_heads=2,
+                       num_kv_heads=2, intermediate_size=256, max_seq_len=96),
+    # GQA with head_dim 6 (not a multiple of 8), odd widths everywhere
+    "gqa_hd6": ModelConfig(vocab_size=301, hidden_size=36, num_layers=2, num_heads=6,
+                           num_kv_heads=2, intermediate_size=50, max_seq_len=96),
+    # MQA, head_dim 10, untied head
+    "mqa_hd10": ModelConfig(vocab_size=257, hidden_size=30, num_layers=2, num_heads=3,
+                            num_kv_heads=1, head_dim=10, intermediate_size=33, max_seq_len=96,
+                            tie_embeddings=False),
+}
+
+
+def model_for(name: str, seed: int = 0):
+    model = build_model(CONFIGS[name], seed=seed)
+    model.init_weights(seed, std=0.2)  # peaked logits: greedy ties are not a coin flip
+    return model
+
+
+def prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]

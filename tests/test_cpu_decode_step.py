@@ -1,0 +1,253 @@
+"""toyllm::cpu_decode_step: a whole CPU decode step in one call (engine/ops/cpu_step.py).
+
+The engine at Settings.fusion FULL takes it for CPU decode steps of up to 4 rows; below FULL the
+same step runs the separate ops. The two give the same logits and caches bit for bit (compared
+as integers) for the stories15M-like shape, GQA, head_dim not a multiple of 8 and odd widths, an
+untied head, one row and ragged batches with a finished row, 1 or 2 threads; greedy decoding
+through it equals the no-cache reference (fp32: max |logit diff| <= 1e-4, the same tokens for 64
+steps). Bad inputs are refused with one clear message each before anything is written (the C++
+checks; the fake only gives the output shape: tests/test_op_fakes.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cpu_decode_models import CONFIGS, model_for, prompts
+from same_bits import assert_same_bits
+
+from toyllm.engine.check.reference import reference_greedy, reference_logits
+from toyllm.engine.forward import layer_weights
+from toyllm.engine.generate import Engine
+from toyllm.engine.ops import cpu_step
+from toyllm.engine.sampling import SamplingParams
+from toyllm.engine.settings import Fusion, Settings
+
+OPS = torch.ops.toyllm
+def counting(monkeypatch) -> list[int]:
+    """Counts the calls of the operator through the engine."""
+    calls: list[int] = []
+    real = cpu_step._op
+    monkeypatch.setattr(cpu_step, "_op", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def teacher_forced(model, fusion: Fusion, lengths: list[int], steps: int,
+                   finished: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Logits [rows, vocab] of `steps` decode steps fed the same random tokens, after prefilling
+    prompts of `lengths` (row `finished` set inactive first), and the caches after them."""
+    engine = Engine(model, cuda_graph=False, settings=Settings(fusion=fusion, cpu_gemv=True))
+    rows, vocab = len(lengths), model.config.vocab_size
+    cache = engine.prepare_cache(rows, max(lengths) + steps)
+    logits = []
+    with torch.inference_mode():
+        for r, ids in enumerate(prompts(lengths, vocab)):
+            engine.prefill(cache, r, ids)
+        if finished is not None:
+            cache.set_active(finished, False)
+        ks, vs, positions = engine.cache_views(rows)
+        if finished is not None:
+            assert positions[finished].item() == -1  # the finished row is exercised
+        g = torch.Generator().manual_seed(3)
+        for _ in range(steps):
+            tokens = torch.randint(3, vocab, (rows,), generator=g)
+            logits.append(engine.decode_step(cache, rows, tokens).clone())
+    return logits, [t.clone() for t in ks + vs]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("lengths, finished", [([9], None), ([5, 17, 1, 11], 2), ([4, 30], None)],
+                         ids=["one_row", "ragged4_finished", "ragged2"])
+def test_the_step_gives_the_bits_of_the_separate_ops(name, lengths, finished, monkeypatch):
+    model = model_for(name)
+    calls = counting(monkeypatch)
+    fused, fused_caches = teacher_forced(model, Fusion.FULL, lengths, 6, finished)
+    assert len(calls) == 6  # every step, in one call
+    calls.clear()
+    separate, separate_caches = teacher_forced(model, Fusion.SILU_GEMV, lengths, 6, finished)
+    assert not calls
+    for a, b in zip(fused, separate, strict=True):
+        assert_same_bits(a, b)
+    for a, b in zip(fused_caches, separate_caches, strict=True):
+        assert_same_bits(a, b)
+
+
+def test_the_bits_do_not_depend_on_the_number_of_threads():
+    model = model_for("mha", seed=4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, one_caches = teacher_forced(model, Fusion.FULL, [6, 40], 4)
+        torch.set_num_threads(2)
+        two, two_caches = teacher_forced(model, Fusion.FULL, [6, 40], 4)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one + one_caches, two + two_caches, strict=True):
+        assert_same_bits(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_greedy_through_the_step_equals_the_no_cache_reference(name, monkeypatch):
+    model = model_for(name, seed=1)
+    calls = counting(monkeypatch)
+    engine = Engine(model, cuda_graph=False, settings=Settings(fusion=Fusion.FULL))
+    (ids,) = prompts([7], model.config.vocab_size, seed=2)
+    expected, expected_logits = reference_greedy(model, ids, 64)
+    cache = engine.prepare_cache(1, len(ids) + 64)
+    with torch.inference_mode():
+        logits = engine.prefill(cache, 0, ids)
+        got = []
+        for step in range(64):
+            if step:
+                logits = engine.decode_step(cache, 1, torch.tensor([got[-1]]))[0]
+            diff = (logits - expected_logits[step]).abs().max().item()
+            assert diff <= 1e-4, f"step {step}: max |logit diff| {diff}"
+            got.append(int(logits.argmax()))
+    assert got == expected
+    assert len(calls) == 63
+
+
+def test_engine_generate_takes_the_step_and_matches_the_reference(monkeypatch):
+    model = model_for("gqa_hd6", seed=5)
+    calls = counting(monkeypatch)
+    batch = prompts([5, 12, 3], model.config.vocab_size, seed=6)
+    engine = Engine(model, cuda_graph=False, settings=Settings(fusion=Fusion.FULL))
+    result = engine.generate(batch, SamplingParams(max_new_tokens=64, stop_at_eos=False))
+    for ids, completion in zip(batch, result.completions, strict=True):
+        assert completion.token_ids == reference_greedy(model, ids, 64)[0]
+    assert len(calls) == 63
+
+
+@pytest.mark.parametrize("settings, rows", [
+    (Settings(fusion=Fusion.SILU_GEMV), 1),  # below FULL: the separate ops
+    (Settings(cpu_gemv=False), 1),  # MKL's products (input-major weights)
+    (Settings(decode_attention="sdpa"), 1),  # SDPA attention
+    (Settings(), 5),  # more rows than the GEMV takes: MKL's products
+], ids=["silu_gemv", "mkl", "sdpa", "five_rows"])
+def test_the_separate_ops_run_where_the_step_does_not_apply(settings, rows, monkeypatch):
+    model = model_for("mha", seed=7)
+    calls = counting(monkeypatch)
+    engine = Engine(model, cuda_graph=False, settings=settings)
+    batch = prompts([4] * rows, model.config.vocab_size, seed=8)
+    result = engine.generate(batch, SamplingParams(max_new_tokens=8, stop_at_eos=False))
+    assert not calls
+    logits = reference_logits(model, batch[0] + result.completions[0].token_ids[:-1])
+    assert result.completions[0].token_ids == logits[len(batch[0]) - 1:].argmax(-1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# the operator alone: arguments from a real model, then each argument spoiled
+
+TOKENS, EMBEDDING, WEIGHTS, FINAL_NORM, HEAD, EPS, INV_FREQ, K, V, POSITIONS, HEADS = range(11)
+
+
+def step_args(rows: int = 2, seed: int = 9) -> list:
+    """The operator's arguments for the gqa_hd6 model (2 layers, caches of 16 positions), rows
+    at positions 3, 7, ..."""
+    config = CONFIGS["gqa_hd6"]
+    model = model_for("gqa_hd6", seed=seed)
+    weights = [t.detach() for w in layer_weights(model) for t in vars(w).values()]
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, config.vocab_size, (rows, 1), generator=g)
+    positions = torch.arange(rows, dtype=torch.int32) * 4 + 3
+    shape = (rows, 16, config.num_kv_heads, config.head_dim)
+    ks = [torch.randn(shape, generator=g) for _ in range(config.num_layers)]
+    vs = [torch.randn(shape, generator=g) for _ in range(config.num_layers)]
+    return [tokens, model.embed_tokens.weight.detach(), weights, model.norm.weight.detach(),
+            model.lm_head.weight.detach(), config.norm_eps, model.inv_freq, ks, vs, positions,
+            config.num_heads]
+
+
+def test_opcheck_accepts_the_operator():
+    torch.library.opcheck(OPS.cpu_decode_step.default, step_args(),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def _bad_cases():
+    args = step_args()
+
+    def but(i, value):
+        bad = list(args)
+        bad[i] = value
+        return bad
+
+    def but_weight(j, value):
+        weights = list(args[WEIGHTS])
+        weights[j] = value
+        return but(WEIGHTS, weights)
+
+    yield "expected tokens of dtype torch.int64, got torch.int32", but(TOKENS, args[0].int())
+    yield r"expected tokens of shape \[rows, 1\]", but(TOKENS, args[0].view(1, 2))
+    yield r"expected token ids in \[0, 301\) \(embedding's rows\), got 301 at row 1", but(
+        TOKENS, torch.tensor([[0], [301]]))
+    yield "expected token ids in .* got -1 at row 0", but(TOKENS, torch.tensor([[-1], [2]]))
+    yield "expected embedding of dtype torch.float32, got torch.float64", but(
+        EMBEDDING, args[1].double())
+    yield r"expected 12 layer_weights \(6 a layer", but(WEIGHTS, args[2][:-1])
+    yield "expected 2 v_caches", but(V, args[8][:1])
+    yield "expected one k_cache per layer", but(K, [])
+    yield r"layer 1: expected qkv_weight of shape \[60, 36\]", but_weight(
+        7, args[2][7][:-6])
+    yield r"layer 0: expected input_norm of shape \[36\]", but_weight(
+        0, args[2][0][:-1])
+    yield "layer 1: expected down_weight of dtype torch.float32, got torch.float16", but_weight(
+        11, args[2][11].half())
+    yield r"layer 0: expected k_cache of shape \[2, max_seq_len", but(K, [args[7][0][:1],
+                                                                         args[7][1]])
+    yield "layer 1: expected v_cache of k_cache's shape", but(V, [args[8][0],
+                                                                args[8][1][..., :4]])
+    yield "expected a finite eps >= 0, got nan", but(EPS, float("nan"))
+    yield "layer 0: expected num_q_heads to be a positive multiple of num_kv_heads 2", but(
+        HEADS, 5)
+    yield r"expected final_norm of shape \[36\]", but(FINAL_NORM, args[3][:-1])
+    yield r"expected head_weight of shape \[vocab, 36\]", but(HEAD, args[4][:, :-1])
+    yield r"expected inv_freq of shape \[3\] \(head_dim / 2\)", but(INV_FREQ, args[6][:-1])
+    yield "expected positions of dtype torch.int32, got torch.int64", but(POSITIONS,
+                                                                          args[9].long())
+    yield r"expected positions of shape \[2\]", but(POSITIONS, args[9][:1])
+    yield r"layer 0: expected positions\[1\] \+ 1 <= max_seq_len 16", but(
+        POSITIONS, torch.tensor([3, 16], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("message, args", list(_bad_cases()), ids=lambda v: str(v)[:40])
+def test_bad_inputs_are_refused_before_anything_is_written(message, args):
+    before = [t.clone() for t in args[K] + args[V]]
+    # a layer's own argument is named with its layer
+    prefix = "^cpu_decode_step, " if message.startswith("layer") else "^cpu_decode_step: "
+    with pytest.raises(ValueError, match=prefix + message):
+        OPS.cpu_decode_step(*args)
+    for t, b in zip(args[K] + args[V], before, strict=True):
+        assert torch.equal(t, b)
+
+
+@pytest.mark.parametrize("index, why", [(TOKENS, "tokens"), (EMBEDDING, "embedding"),
+                                        (HEAD, "head_weight")])
+def test_non_contiguous_inputs_are_refused(index, why):
+    args = step_args()
+    t = args[index]
+    # same values, other strides (tokens [rows, 1]: every other element of [rows, 2])
+    args[index] = (t.repeat(1, 2)[:, :1] if index == TOKENS
+                   else t.transpose(0, -1).contiguous().transpose(0, -1))
+    with pytest.raises(ValueError, match=f"cpu_decode_step: expected a contiguous {why}"):
+        OPS.cpu_decode_step(*args)
+
+
+def test_a_finished_row_writes_nothing_and_the_others_write_their_position():
+    args = step_args()
+    args[POSITIONS] = torch.tensor([-1, 5], dtype=torch.int32)
+    before = [t.clone() for t in args[K] + args[V]]
+    logits = OPS.cpu_decode_step(*args)
+    assert logits.shape == (2, 1, CONFIGS["gqa_hd6"].vocab_size)
+    for t, b in zip(args[K] + args[V], before, strict=True):
+        assert torch.equal(t[0], b[0])
+        changed = (t[1] != b[1]).flatten(1).any(1)
+        assert changed.tolist() == [p == 5 for p in range(16)]
+
+
+@pytest.mark.cuda
+def test_cuda_tensors_are_refused_naming_the_device():
+    args = step_args()
+    args[EMBEDDING] = args[EMBEDDING].cuda()
+    with pytest.raises(ValueError,
+                       match="cpu_decode_step: expected embedding on the CPU, got cuda"):
+        OPS.cpu_decode_step(*args)
