@@ -230,6 +230,26 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     return result
 
 
+# Options that several commands take, each declared once: its type and help text.
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")]
+DtypeOption = Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")]
+# the sampling options default to None: the model's generation_config.json, else the CLI's
+TopKOption = Annotated[int | None, typer.Option(help="0 = off.")]
+TopPOption = Annotated[float | None, typer.Option(help="Nucleus mass in (0, 1].")]
+MinPOption = Annotated[float | None, typer.Option(
+    help="Min-p: keep only tokens at least this fraction as likely as the most likely one, "
+         "in [0, 1]; 0 = off.")]
+RepetitionPenaltyOption = Annotated[float | None, typer.Option(
+    help="Repetition penalty: tokens already in the prompt or output get their logit "
+         "divided by it (if > 0) or multiplied by it (if < 0); > 0, above 1 repeats less, "
+         "1 = off.")]
+MaxContextOption = Annotated[int | None, typer.Option(
+    help="Cap the KV cache at this many positions.")]
+CudaGraphOption = Annotated[bool, typer.Option(
+    help="Capture decode steps in CUDA graphs (GPU only).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="JSON output for scripts.")]
+
+
 @app.command()
 def generate(
     prompts: Annotated[list[str] | None, typer.Argument(
@@ -252,28 +272,21 @@ def generate(
     temperature: Annotated[float | None, typer.Option(
         help="0 (or below 1e-5) = greedy. Default for this and the next four options: the "
              "model's generation_config.json, else 0.7 / 0 / 0.95 / 0 / 1.")] = None,
-    top_k: Annotated[int | None, typer.Option(help="0 = off.")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus mass in (0, 1].")] = None,
-    min_p: Annotated[float | None, typer.Option(
-        help="Min-p: keep only tokens at least this fraction as likely as the most likely one, "
-             "in [0, 1]; 0 = off.")] = None,
-    repetition_penalty: Annotated[float | None, typer.Option(
-        help="Repetition penalty: tokens already in the prompt or output get their logit "
-             "divided by it (if > 0) or multiplied by it (if < 0); > 0, above 1 repeats less, "
-             "1 = off.")] = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
     seed: Annotated[int | None, typer.Option(
         help="0 to 2**64-1: makes sampling repeatable. Every prompt samples with this seed "
              "on its own, so its tokens are the same alone or in any batch.")] = None,
     stop: Annotated[list[str] | None, typer.Option(
         metavar="TEXT", help="Stop string (repeatable).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     prefill_chunk: Annotated[int | None, typer.Option(
         help="Prefill in chunks of this many tokens.")] = None,
-    max_context: Annotated[int | None, typer.Option(
-        help="Cap the KV cache at this many positions.")] = None,
-    cuda_graph: Annotated[bool, typer.Option(
-        help="Capture decode steps in CUDA graphs (GPU only).")] = True,
+    max_context: MaxContextOption = None,
+    cuda_graph: CudaGraphOption = True,
     block_size: Annotated[int, typer.Option(
         help="With --prompts-file: tokens per block of the paged KV cache.")] = 16,
     kv_memory: Annotated[str, typer.Option(
@@ -286,7 +299,7 @@ def generate(
         help="With --prompts-file: share the KV blocks of common prompt prefixes.")] = True,
     stats: Annotated[bool, typer.Option(help="Print prefill ms, decode tok/s, cache bytes.")]
     = False,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output for scripts.")] = False,
+    as_json: JsonOption = False,
     tensor_parallel: Annotated[int, typer.Option(
         help="Split the model over this many ranks (processes; GPUs cuda:0..N-1 on CUDA, gloo "
              "on the CPU): heads, K/V heads, MLP units and vocabulary must divide by it.")] = 1,
@@ -447,22 +460,15 @@ def chat(
     temperature: Annotated[float | None, typer.Option(
         help="0 = greedy. Default for this and the next four options: the "
              "model's generation_config.json, else 0.7 / 0 / 0.95 / 0 / 1.")] = None,
-    top_k: Annotated[int | None, typer.Option(help="0 = off.")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus mass in (0, 1].")] = None,
-    min_p: Annotated[float | None, typer.Option(
-        help="Min-p: keep only tokens at least this fraction as likely as the most likely one, "
-             "in [0, 1]; 0 = off.")] = None,
-    repetition_penalty: Annotated[float | None, typer.Option(
-        help="Repetition penalty: tokens already in the prompt or output get their logit "
-             "divided by it (if > 0) or multiplied by it (if < 0); > 0, above 1 repeats less, "
-             "1 = off.")] = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
     seed: Annotated[int | None, typer.Option(help="Makes sampling repeatable.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")] = "auto",
-    max_context: Annotated[int | None, typer.Option(
-        help="Cap the KV cache at this many positions.")] = None,
-    cuda_graph: Annotated[bool, typer.Option(
-        help="Capture decode steps in CUDA graphs (GPU only).")] = True,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    max_context: MaxContextOption = None,
+    cuda_graph: CudaGraphOption = True,
     stats: Annotated[bool, typer.Option(help="Print prefill and decode figures per turn.")]
     = False,
 ) -> None:
@@ -566,8 +572,8 @@ def serve(
 # --- toyllm bench: decode/prefill benchmark (engine/tools/bench.py) ----------------------------
 @app.command()
 def bench(
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, fp32, fp16, bf16")] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     models: Annotated[str | None, typer.Option(
         metavar="NAME,...", help="default (the shipped model) and/or config names under "
         "configs/ or .toml paths; default: default,llama-1b on CUDA, stories15m on the CPU.")]
@@ -674,7 +680,7 @@ def info(
         help="Positions per sequence; default: the config's max_seq_len.")] = None,
     block_size: Annotated[int, typer.Option(
         help="Tokens per block of the serving engine's paged cache.")] = 16,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output for scripts.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Parameters by part, weight bytes, KV-cache bytes and paged KV blocks per GiB, per
     dtype (arithmetic only)."""

@@ -7,38 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attention_reference import TOLERANCE, assert_close_rows, reference_attention
 
 from toyllm.engine.ops.kv_cache import decode_attention
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Largest relative error of an output row, ||out - ref|| / ||ref||, per dtype.
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # (num_q_heads, num_kv_heads): GQA ratios 1, 4, 8, 16 and MQA.
 HEADS = [(4, 4), (8, 2), (16, 2), (32, 2), (8, 1)]
 HEAD_DIMS = [64, 128, 256, 72, 33]
-
-
-def reference_attention(
-    q: torch.Tensor,  # [batch, num_q_heads, head_dim]
-    k_cache: torch.Tensor,  # [batch, max_seq_len, num_kv_heads, head_dim]
-    v_cache: torch.Tensor,  # [batch, max_seq_len, num_kv_heads, head_dim]
-    seq_lens: list[int],
-    scale: float,
-) -> torch.Tensor:  # [batch, num_q_heads, head_dim], float64
-    """softmax(scale * q . K[:L]) @ V[:L] per sequence and query head, in float64."""
-    batch, num_q_heads, head_dim = q.shape
-    group = num_q_heads // k_cache.shape[2]
-    out = torch.zeros(batch, num_q_heads, head_dim, dtype=torch.float64)
-    for b, length in enumerate(seq_lens):
-        if length == 0:
-            continue
-        # [L, Hkv, D] -> [L, Hq, D]: query head h reads KV head h // group.
-        k = k_cache[b, :length].double().cpu().repeat_interleave(group, dim=1)
-        v = v_cache[b, :length].double().cpu().repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,lhd->hl", q[b].double().cpu(), k) * scale
-        out[b] = torch.einsum("hl,lhd->hd", scores.softmax(dim=-1), v)
-    return out
 
 
 def random_inputs(
@@ -56,17 +33,6 @@ def random_inputs(
     k = torch.randn(batch, max_seq_len, num_kv_heads, head_dim, generator=g)
     v = torch.randn(batch, max_seq_len, num_kv_heads, head_dim, generator=g)
     return q.to(dtype).to(device), k.to(dtype).to(device), v.to(dtype).to(device)
-
-
-def assert_close_rows(out: torch.Tensor, ref: torch.Tensor, seq_lens: list[int], tol: float):
-    """Each (b, h) row within `tol` relative error; rows of empty sequences exactly zero."""
-    out = out.double().cpu()
-    for b, length in enumerate(seq_lens):
-        if length == 0:
-            assert torch.equal(out[b], torch.zeros_like(out[b])), f"row {b} (seq_len 0)"
-            continue
-        err = (out[b] - ref[b]).norm(dim=-1) / ref[b].norm(dim=-1).clamp_min(1e-30)
-        assert float(err.max()) <= tol, f"row {b} (seq_len {length}): rel err {float(err.max())}"
 
 
 def run_case(

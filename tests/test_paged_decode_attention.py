@@ -12,49 +12,15 @@ import re
 
 import pytest
 import torch
+from attention_reference import TOLERANCE, assert_close_rows, reference_attention
 
 from toyllm.engine.ops.kv_cache import decode_attention
 from toyllm.engine.ops.paged_cache import PagedKVCache, paged_decode_attention, paged_kv_write
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Largest relative error of an output row, ||out - ref|| / ||ref||, per dtype (as for
-# decode_attention: tests/test_decode_attention.py).
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # (num_q_heads, num_kv_heads): GQA ratios 1, 4, 16 and MQA.
 HEADS = [(4, 4), (8, 2), (32, 2), (8, 1)]
-
-
-def reference_attention(
-    q: torch.Tensor,  # [batch, num_q_heads, head_dim]
-    k: torch.Tensor,  # [batch, max_len, num_kv_heads, head_dim], contiguous per row
-    v: torch.Tensor,  # [batch, max_len, num_kv_heads, head_dim]
-    seq_lens: list[int],
-    scale: float,
-) -> torch.Tensor:  # [batch, num_q_heads, head_dim], float64
-    """softmax(scale * q . K[:L]) @ V[:L] per row and query head, in float64."""
-    batch, num_q_heads, head_dim = q.shape
-    group = num_q_heads // k.shape[2]
-    out = torch.zeros(batch, num_q_heads, head_dim, dtype=torch.float64)
-    for b, length in enumerate(seq_lens):
-        if length == 0:
-            continue
-        kb = k[b, :length].double().cpu().repeat_interleave(group, dim=1)  # [L, Hq, D]
-        vb = v[b, :length].double().cpu().repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,lhd->hl", q[b].double().cpu(), kb) * scale
-        out[b] = torch.einsum("hl,lhd->hd", scores.softmax(dim=-1), vb)
-    return out
-
-
-def assert_close_rows(out: torch.Tensor, ref: torch.Tensor, seq_lens: list[int], tol: float):
-    """Each (b, h) row within `tol` relative error; rows of empty sequences exactly zero."""
-    out = out.double().cpu()
-    for b, length in enumerate(seq_lens):
-        if length == 0:
-            assert torch.equal(out[b], torch.zeros_like(out[b])), f"row {b} (seq_len 0)"
-            continue
-        err = (out[b] - ref[b]).norm(dim=-1) / ref[b].norm(dim=-1).clamp_min(1e-30)
-        assert float(err.max()) <= tol, f"row {b} (seq_len {length}): rel err {float(err.max())}"
 
 
 def paged_copy(

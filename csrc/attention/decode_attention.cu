@@ -87,12 +87,11 @@ cudaError_t launch_combine(const LaunchArgs& a) {
                          a.scale_log2);
 }
 
-template <typename T, int VecBytes, int Tile, bool Paged>
-cudaError_t launch_typed(const LaunchArgs& a) {
-    const int64_t stages = stages_for(a.head_dim, Tile, sizeof(T));
-    const int64_t smem = split_smem_bytes(a.head_dim, Tile, stages, sizeof(T));
-    auto* kernel = decode_attention_split_kernel<T, VecBytes, Tile, Paged>;
-    static std::atomic<uint64_t> opted_in{0};
+// Pass 1 (`kernel`, `threads` a block, `smem` bytes of shared memory, opted in through its own
+// `opted_in`) over the plan's grid (split, KV head x head block, row), then pass 2.
+template <typename T, typename Kernel, typename... Args>
+cudaError_t launch_passes(const LaunchArgs& a, Kernel* kernel, int threads, int64_t smem,
+                          std::atomic<uint64_t>& opted_in, Args... args) {
     const cudaError_t err = allow_shared_memory(kernel, smem, opted_in);
     if (err != cudaSuccess) {
         return err;
@@ -100,39 +99,40 @@ cudaError_t launch_typed(const LaunchArgs& a) {
     const dim3 grid(static_cast<unsigned>(a.plan.num_splits),
                     static_cast<unsigned>(a.num_kv_heads * a.plan.head_blocks),
                     static_cast<unsigned>(a.batch));
-    const cudaError_t launched =
-        launch_kernel(kernel, grid, dim3(kThreads), static_cast<size_t>(smem), a.stream,
-                      static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
-                      static_cast<const T*>(a.v_cache), a.seq_lens, static_cast<T*>(a.out),
-                      a.partial_out, a.partial_max, a.partial_sum, static_cast<int>(a.num_q_heads),
-                      static_cast<int>(a.num_kv_heads), static_cast<int>(a.head_dim), a.max_seq_len,
-                      static_cast<int>(a.plan.num_splits), static_cast<int>(a.plan.head_blocks),
-                      a.scale_log2, a.plan.reverse, static_cast<int>(stages), a.pages);
+    const cudaError_t launched = launch_kernel(kernel, grid, dim3(threads),
+                                               static_cast<size_t>(smem), a.stream, args...);
     return launched != cudaSuccess ? launched : launch_combine<T>(a);
+}
+
+// Pass 1 on CUDA cores (decode_attention_kernels.cuh), then pass 2.
+template <typename T, int VecBytes, int Tile, bool Paged>
+cudaError_t launch_typed(const LaunchArgs& a) {
+    const int64_t stages = stages_for(a.head_dim, Tile, sizeof(T));
+    static std::atomic<uint64_t> opted_in{0};
+    return launch_passes<T>(
+        a, decode_attention_split_kernel<T, VecBytes, Tile, Paged>, kThreads,
+        split_smem_bytes(a.head_dim, Tile, stages, sizeof(T)), opted_in,
+        static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
+        static_cast<const T*>(a.v_cache), a.seq_lens, static_cast<T*>(a.out), a.partial_out,
+        a.partial_max, a.partial_sum, static_cast<int>(a.num_q_heads),
+        static_cast<int>(a.num_kv_heads), static_cast<int>(a.head_dim), a.max_seq_len,
+        static_cast<int>(a.plan.num_splits), static_cast<int>(a.plan.head_blocks), a.scale_log2,
+        a.plan.reverse, static_cast<int>(stages), a.pages);
 }
 
 // Pass 1 on tensor cores (decode_attention_mma.cuh), then pass 2.
 template <typename T, int HeadDim, int Tile, bool Paged>
 cudaError_t launch_mma(const LaunchArgs& a) {
     namespace mma = decode_attention_mma;
-    const int64_t smem = mma::mma_smem_bytes(HeadDim);
-    auto* kernel = mma::decode_attention_mma_kernel<T, HeadDim, Tile, Paged>;
     static std::atomic<uint64_t> opted_in{0};
-    const cudaError_t err = allow_shared_memory(kernel, smem, opted_in);
-    if (err != cudaSuccess) {
-        return err;
-    }
-    const dim3 grid(static_cast<unsigned>(a.plan.num_splits),
-                    static_cast<unsigned>(a.num_kv_heads * a.plan.head_blocks),
-                    static_cast<unsigned>(a.batch));
-    const cudaError_t launched = launch_kernel(
-        kernel, grid, dim3(mma::kThreads), static_cast<size_t>(smem), a.stream,
-        static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
-        static_cast<const T*>(a.v_cache), a.seq_lens, static_cast<T*>(a.out), a.partial_out,
-        a.partial_max, a.partial_sum, static_cast<int>(a.num_q_heads),
-        static_cast<int>(a.num_kv_heads), a.max_seq_len, static_cast<int>(a.plan.num_splits),
-        static_cast<int>(a.plan.head_blocks), a.scale_log2, a.plan.reverse, a.pages);
-    return launched != cudaSuccess ? launched : launch_combine<T>(a);
+    return launch_passes<T>(
+        a, mma::decode_attention_mma_kernel<T, HeadDim, Tile, Paged>, mma::kThreads,
+        mma::mma_smem_bytes(HeadDim), opted_in, static_cast<const T*>(a.q),
+        static_cast<const T*>(a.k_cache), static_cast<const T*>(a.v_cache), a.seq_lens,
+        static_cast<T*>(a.out), a.partial_out, a.partial_max, a.partial_sum,
+        static_cast<int>(a.num_q_heads), static_cast<int>(a.num_kv_heads), a.max_seq_len,
+        static_cast<int>(a.plan.num_splits), static_cast<int>(a.plan.head_blocks), a.scale_log2,
+        a.plan.reverse, a.pages);
 }
 
 // The tensor-core instantiations: (head_dim, tile) in (64, 64), (64, 128), (128, 64).

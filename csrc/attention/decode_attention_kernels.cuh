@@ -132,6 +132,34 @@ __device__ __forceinline__ KeyRange chunk_keys(const int32_t* __restrict__ seq_l
     return {begin, min(begin + chunk_tiles * Tile, seq_len)};
 }
 
+// The work of a pass-1 block (split, kv_head * head_blocks + head_block, b) that takes up to
+// HeadsPerBlock query heads: chunk `split` of sequence b's keys (chunk_keys), KV head kv_head,
+// its group's query heads h_begin .. h_begin + nh - 1, from (b, h) row head_row on.
+struct SplitBlock {
+    int split;
+    int kv_head;
+    int64_t b;
+    int nh;            // query heads here, >= 1
+    int64_t head_row;  // first (b, h) row here
+    KeyRange keys;     // empty past the row's last tile
+};
+
+template <int HeadsPerBlock, int Tile>
+__device__ __forceinline__ SplitBlock split_block(const int32_t* __restrict__ seq_lens,
+                                                  int num_q_heads, int num_kv_heads,
+                                                  int head_blocks, int64_t max_seq_len,
+                                                  int num_splits) {
+    const int split = blockIdx.x;
+    const int kv_head = blockIdx.y / head_blocks;
+    const int head_block = blockIdx.y - kv_head * head_blocks;
+    const int64_t b = blockIdx.z;
+    const int group = num_q_heads / num_kv_heads;
+    const int h_begin = kv_head * group + head_block * HeadsPerBlock;
+    const int nh = min(HeadsPerBlock, (kv_head + 1) * group - h_begin);
+    return {split, kv_head, b, nh, b * num_q_heads + h_begin,
+            chunk_keys<Tile>(seq_lens, b, max_seq_len, split, num_splits)};
+}
+
 // What a block with an empty chunk leaves for its nh query heads from (b, h) row head_row on:
 // a zero output with one chunk; with more, a partial that the combine pass leaves out.
 template <typename T>
@@ -203,20 +231,16 @@ __global__ void __launch_bounds__(kThreads, 3) decode_attention_split_kernel(
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
-    const int split = blockIdx.x;
-    const int kv_head = blockIdx.y / head_blocks;
-    const int head_block = blockIdx.y - kv_head * head_blocks;
-    const int64_t b = blockIdx.z;
-    const int group = num_q_heads / num_kv_heads;
-    const int h_begin = kv_head * group + head_block * kHeads;
-    const int nh = min(kHeads, (kv_head + 1) * group - h_begin);  // query heads here, >= 1
-    const int outputs = nh * head_dim;                            // (head, dim) pairs
-    const int64_t head_row = b * num_q_heads + h_begin;           // first (b, h) row here
-
-    // This row's tiles, dealt out to the num_splits chunks in whole tiles.
-    const KeyRange keys = chunk_keys<Tile>(seq_lens, b, max_seq_len, split, num_splits);
-    const int64_t key_begin = keys.begin;
-    const int64_t key_end = keys.end;
+    // This block's query heads, and its chunk of the row's tiles (dealt out in whole tiles).
+    const SplitBlock block = split_block<kHeads, Tile>(seq_lens, num_q_heads, num_kv_heads,
+                                                        head_blocks, max_seq_len, num_splits);
+    const int split = block.split;
+    const int64_t b = block.b;
+    const int nh = block.nh;
+    const int outputs = nh * head_dim;  // (head, dim) pairs
+    const int64_t head_row = block.head_row;
+    const int64_t key_begin = block.keys.begin;
+    const int64_t key_end = block.keys.end;
     if (key_begin >= key_end) {  // nothing to attend to in this chunk (or at all)
         write_empty_chunk(out, partial_max, partial_sum, head_row, nh, head_dim, split, num_splits,
                           kThreads);
@@ -226,7 +250,7 @@ __global__ void __launch_bounds__(kThreads, 3) decode_attention_split_kernel(
 
     const int vecs = head_dim / kElems;  // vectors per K/V row
     const int64_t row_stride = static_cast<int64_t>(num_kv_heads) * head_dim;  // key to key
-    const int64_t kv_offset = static_cast<int64_t>(kv_head) * head_dim;
+    const int64_t kv_offset = static_cast<int64_t>(block.kv_head) * head_dim;
     const int stage_elems = 2 * Tile * head_dim;  // K tile then V tile
     // Tile i of the walk: its first key (from key_begin) and its length.
     auto tile_start = [&](int i) { return (reverse ? num_tiles - 1 - i : i) * Tile; };

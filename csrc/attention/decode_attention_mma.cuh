@@ -163,19 +163,15 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_mma_kernel(
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
-    const int split = blockIdx.x;
-    const int kv_head = blockIdx.y / head_blocks;
-    const int head_block = blockIdx.y - kv_head * head_blocks;
-    const int64_t b = blockIdx.z;
-    const int group = num_q_heads / num_kv_heads;
-    const int h_begin = kv_head * group + head_block * kRows;
-    const int nh = min(kRows, (kv_head + 1) * group - h_begin);  // query heads here, >= 1
-    const int64_t head_row = b * num_q_heads + h_begin;          // first (b, h) row here
-
-    const decode_attention_kernels::KeyRange keys =
-        decode_attention_kernels::chunk_keys<Tile>(seq_lens, b, max_seq_len, split, num_splits);
-    const int64_t key_begin = keys.begin;
-    const int64_t key_end = keys.end;
+    const decode_attention_kernels::SplitBlock block =
+        decode_attention_kernels::split_block<kRows, Tile>(seq_lens, num_q_heads, num_kv_heads,
+                                                           head_blocks, max_seq_len, num_splits);
+    const int split = block.split;
+    const int64_t b = block.b;
+    const int nh = block.nh;
+    const int64_t head_row = block.head_row;
+    const int64_t key_begin = block.keys.begin;
+    const int64_t key_end = block.keys.end;
     if (key_begin >= key_end) {  // nothing to attend to in this chunk (or at all)
         decode_attention_kernels::write_empty_chunk(out, partial_max, partial_sum, head_row, nh,
                                                     HeadDim, split, num_splits, kThreads);
@@ -188,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_mma_kernel(
     const int run = min(first_tile + per_warp, num_tiles) - first_tile;
 
     const int64_t row_stride = static_cast<int64_t>(num_kv_heads) * HeadDim;  // key to key
-    const int64_t kv_offset = static_cast<int64_t>(kv_head) * HeadDim;
+    const int64_t kv_offset = static_cast<int64_t>(block.kv_head) * HeadDim;
     const T* k_rows = k_cache + (b * max_seq_len + key_begin) * row_stride + kv_offset;
     const T* v_rows = v_cache + (b * max_seq_len + key_begin) * row_stride + kv_offset;
     T* ring = reinterpret_cast<T*>(smem_raw) + warp * kRing * kSlotElems;

@@ -14,51 +14,34 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention/decode_attention_args.h"
 #include "attention/decode_attention_cpu.h"
-#include "common/op_args.h"
 
 #ifdef WITH_CUDA_KERNELS
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-
-#include "attention/decode_attention.cuh"
 #endif
 
 namespace toyllm {
 namespace {
 
-constexpr int64_t kMaxHeadDim = 256;
+constexpr AttentionNames kNames{"paged_decode_attention", "k_pool", "v_pool",
+                                "[num_blocks, block_size, num_kv_heads, head_dim]"};
 
-constexpr const char* kOp = "paged_decode_attention";
-
-// Checks every argument of paged_decode_attention (the same on every device).
+// Checks every argument of paged_decode_attention (the same on every device): the checks it
+// shares with decode_attention (decode_attention_args.h), then the pools' head_dim, block count
+// and block size, the block table, and seq_lens' strides.
 void check_paged_decode_attention_args(const at::Tensor& q, const at::Tensor& k_pool,
                                        const at::Tensor& v_pool, const at::Tensor& block_tables,
                                        const at::Tensor& seq_lens, double scale, int64_t tile) {
-    TORCH_CHECK_VALUE(q.dim() == 3,
-                      "paged_decode_attention: expected q of 3 dims [batch, num_q_heads, "
-                      "head_dim], got shape ",
-                      q.sizes());
-    TORCH_CHECK_VALUE(k_pool.dim() == 4,
-                      "paged_decode_attention: expected k_pool of 4 dims [num_blocks, block_size, "
-                      "num_kv_heads, head_dim], got shape ",
-                      k_pool.sizes());
-    TORCH_CHECK_VALUE(v_pool.sizes() == k_pool.sizes(),
-                      "paged_decode_attention: expected v_pool of k_pool's shape ", k_pool.sizes(),
-                      ", got ", v_pool.sizes());
+    check_attention_args(kNames, q, k_pool, v_pool, seq_lens, scale, tile);
     const int64_t batch = q.size(0);
-    const int64_t num_q_heads = q.size(1);
     const int64_t head_dim = q.size(2);
     const int64_t num_blocks = k_pool.size(0);
     const int64_t block_size = k_pool.size(1);
-    const int64_t num_kv_heads = k_pool.size(2);
     TORCH_CHECK_VALUE(k_pool.size(3) == head_dim,
                       "paged_decode_attention: expected k_pool of shape [num_blocks, block_size, "
                       "num_kv_heads, ",
                       head_dim, "] (q's head_dim), got ", k_pool.sizes());
-    TORCH_CHECK_VALUE(head_dim >= 1 && head_dim <= kMaxHeadDim,
-                      "paged_decode_attention: expected head_dim in [1, ", kMaxHeadDim, "], got ",
-                      head_dim);
     TORCH_CHECK_VALUE(num_blocks >= 1 && num_blocks <= std::numeric_limits<int32_t>::max(),
                       "paged_decode_attention: expected num_blocks (k_pool.size(0)) in [1, ",
                       std::numeric_limits<int32_t>::max(), "], got ", num_blocks);
@@ -68,15 +51,6 @@ void check_paged_decode_attention_args(const at::Tensor& q, const at::Tensor& k_
                       "paged_decode_attention: expected block_size (k_pool.size(1)) a power of "
                       "two, got ",
                       block_size);
-    TORCH_CHECK_VALUE(num_kv_heads >= 1 && num_q_heads >= 1 && num_q_heads % num_kv_heads == 0,
-                      "paged_decode_attention: expected num_q_heads (", num_q_heads,
-                      ") to be a positive multiple of num_kv_heads, got num_kv_heads ",
-                      num_kv_heads);
-
-    const at::ScalarType dtype = q.scalar_type();
-    check_float_dtype(kOp, "q", dtype);
-    check_dtype(kOp, "k_pool", k_pool, dtype, "q's");
-    check_dtype(kOp, "v_pool", v_pool, dtype, "q's");
     TORCH_CHECK_VALUE(block_tables.scalar_type() == at::kInt,
                       "paged_decode_attention: expected block_tables of dtype torch.int32, got ",
                       dtype_name(block_tables.scalar_type()));
@@ -88,22 +62,7 @@ void check_paged_decode_attention_args(const at::Tensor& q, const at::Tensor& k_
                       "paged_decode_attention: expected block_tables.size(1) * block_size <= ",
                       std::numeric_limits<int32_t>::max(), ", got ", block_tables.size(1), " * ",
                       block_size);
-    TORCH_CHECK_VALUE(seq_lens.scalar_type() == at::kInt,
-                      "paged_decode_attention: expected seq_lens of dtype torch.int32, got ",
-                      dtype_name(seq_lens.scalar_type()));
-    TORCH_CHECK_VALUE(seq_lens.dim() == 1 && seq_lens.size(0) == batch,
-                      "paged_decode_attention: expected seq_lens of shape [", batch,
-                      "] (q's batch), got ", seq_lens.sizes());
-
-    const at::Device device = q.device();
-    check_device(kOp, "k_pool", k_pool, device, "q's device");
-    check_device(kOp, "v_pool", v_pool, device, "q's device");
-    check_device(kOp, "block_tables", block_tables, device, "q's device");
-    check_device(kOp, "seq_lens", seq_lens, device, "q's device");
-
-    check_contiguous(kOp, "q", q);
-    check_contiguous(kOp, "k_pool", k_pool);
-    check_contiguous(kOp, "v_pool", v_pool);
+    check_device(kNames.op, "block_tables", block_tables, q.device(), "q's device");
     // Rows of a wider table are fine (a column slice of cache.block_tables()): entries of a row
     // side by side, rows any distance apart.
     TORCH_CHECK_VALUE(
@@ -111,12 +70,7 @@ void check_paged_decode_attention_args(const at::Tensor& q, const at::Tensor& k_
         "paged_decode_attention: expected block_tables with each row contiguous (stride 1 "
         "between entries), got strides ",
         block_tables.strides(), " for shape ", block_tables.sizes());
-    check_contiguous(kOp, "seq_lens", seq_lens);
-    TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0,
-                      "paged_decode_attention: expected a finite scale > 0, got ", scale);
-    TORCH_CHECK_VALUE(tile == 0 || tile == 64 || tile == 128,
-                      "paged_decode_attention: expected tile to be 0 (default), 64 or 128, got ",
-                      tile);
+    check_contiguous(kNames.op, "seq_lens", seq_lens);
 }
 
 // A K or V row as floats: the row itself for fp32, else converted into `buf`.
@@ -234,10 +188,8 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_p
     const int32_t* tables = block_tables.const_data_ptr<int32_t>();
     int64_t longest = 0;
     for (int64_t b = 0; b < batch; ++b) {
-        TORCH_CHECK_VALUE(lens[b] >= 0 && lens[b] <= width * block_size,
-                          "paged_decode_attention: expected seq_lens[", b,
-                          "] in [0, block_tables.size(1) * block_size = ", width * block_size,
-                          "], got ", lens[b]);
+        check_seq_len(kNames.op, b, lens[b], width * block_size,
+                      "block_tables.size(1) * block_size = ");
         const int64_t used = (lens[b] + block_size - 1) / block_size;
         for (int64_t i = 0; i < used; ++i) {
             const int32_t block = tables[b * table_stride + i];
@@ -270,15 +222,6 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_p
 }
 
 #ifdef WITH_CUDA_KERNELS
-// The key tile where the kernel rounds, as decode_attention's (attention_ops.cpp): tile 0 is
-// FlashAttention-2's choice, 128 keys up to head_dim 64, else 64.
-int64_t rounding_tile(int64_t tile, int64_t head_dim) {
-    if (tile != 0) {
-        return tile;  // 64 or 128 (checked)
-    }
-    return head_dim <= 64 ? 128 : 64;
-}
-
 at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_pool,
                                        const at::Tensor& v_pool, const at::Tensor& block_tables,
                                        const at::Tensor& seq_lens, double scale, int64_t tile,
@@ -288,44 +231,24 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_
     // table's capacity and reads an entry outside the pool as a zero key and value instead of
     // checking (a check would need a host sync and break CUDA-graph capture).
     const c10::cuda::CUDAGuard guard(q.device());
-    const int64_t batch = q.size(0);
-    const int64_t num_q_heads = q.size(1);
-    const int64_t head_dim = q.size(2);
     const int64_t block_size = k_pool.size(1);
-    const int64_t num_kv_heads = k_pool.size(2);
     const int64_t capacity = block_tables.size(1) * block_size;  // fits in int32 (checked)
-
-    const auto dtype = kernel_dtype<AttentionDtype>(q.scalar_type());
-    const bool aligned = reinterpret_cast<uintptr_t>(k_pool.const_data_ptr()) % 16 == 0 &&
-                         reinterpret_cast<uintptr_t>(v_pool.const_data_ptr()) % 16 == 0 &&
-                         reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 4 == 0;
-    const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     // The plan of decode_attention over a contiguous cache of `capacity` keys per row: the same
     // chunks, tiles and rounding.
-    const DecodeAttentionPlan plan = plan_decode_attention(
-        batch, num_q_heads, num_kv_heads, head_dim, capacity, dtype, aligned, sm_count,
-        rounding_tile(tile, head_dim), reverse, tensor_cores);
-    // Scratch for the split pass: sizes depend on shapes only, so a captured graph keeps them.
-    const auto float_options = q.options().dtype(at::kFloat);
-    const int64_t stat_floats = decode_attention_partial_stat_floats(plan, batch, num_q_heads);
-    at::Tensor partial_out = at::empty(
-        {decode_attention_partial_out_floats(plan, batch, num_q_heads, head_dim)}, float_options);
-    at::Tensor partial_stats = at::empty({2 * stat_floats}, float_options);
+    AttentionLaunch launch =
+        plan_attention_launch(q, k_pool, v_pool, capacity, tile, reverse, tensor_cores);
     at::Tensor out = at::empty_like(q);
-
     const PagedKeys pages{block_tables.const_data_ptr<int32_t>(),
                           block_tables.size(0) > 1 ? block_tables.stride(0) : 0,
                           __builtin_ctzll(static_cast<uint64_t>(block_size)), k_pool.size(0)};
-    float* stats = plan.num_splits > 1 ? partial_stats.data_ptr<float>() : nullptr;
-    const cudaError_t err = launch_paged_decode_attention(
-        q.const_data_ptr(), k_pool.const_data_ptr(), v_pool.const_data_ptr(), pages,
-        seq_lens.const_data_ptr<int32_t>(), out.data_ptr(),
-        plan.num_splits > 1 ? partial_out.data_ptr<float>() : nullptr, stats,
-        stats == nullptr ? nullptr : stats + stat_floats, dtype, batch, num_q_heads, num_kv_heads,
-        head_dim, capacity, static_cast<float>(scale), plan,
-        at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess,
-                "paged_decode_attention: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    check_cuda_launch(
+        kNames.op,
+        launch_paged_decode_attention(
+            q.const_data_ptr(), k_pool.const_data_ptr(), v_pool.const_data_ptr(), pages,
+            seq_lens.const_data_ptr<int32_t>(), out.data_ptr(), launch.partial_out_ptr(),
+            launch.partial_max_ptr(), launch.partial_sum_ptr(), launch.dtype, q.size(0),
+            q.size(1), k_pool.size(2), q.size(2), capacity, static_cast<float>(scale),
+            launch.plan, at::cuda::getCurrentCUDAStream().stream()));
     return out;
 }
 #endif

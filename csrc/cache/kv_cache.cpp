@@ -6,60 +6,14 @@
 
 #include <sstream>
 
+#include "cache/cache_checks.h"
 #include "cache/kv_ops.h"
 #include "common/op_args.h"
-
-#ifdef WITH_CUDA_KERNELS
-#include <c10/cuda/CUDAFunctions.h>
-#endif
 
 namespace toyllm {
 namespace {
 
-void check_positive(const char* name, int64_t value) {
-    TORCH_CHECK_VALUE(value >= 1, "KVCache: expected ", name, " >= 1, got ", value);
-}
-
-void check_cache_dtype(at::ScalarType dtype) {
-    TORCH_CHECK_VALUE(
-        dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-        "KVCache: expected dtype torch.float32, torch.float16 or torch.bfloat16, got ",
-        dtype_name(dtype));
-}
-
-// cpu -> cpu; cuda -> cuda:<current>; cuda:i -> cuda:i if i is a valid index.
-at::Device normalize_device(at::Device device) {
-    if (device.is_cpu()) {
-        return at::Device(at::kCPU);
-    }
-    TORCH_CHECK_VALUE(device.is_cuda(), "KVCache: expected device cpu or cuda, got ", device);
-#ifdef WITH_CUDA_KERNELS
-    const int64_t count = c10::cuda::device_count();
-    TORCH_CHECK_VALUE(count > 0, "KVCache: expected a visible CUDA device for device ", device,
-                      ", got none (torch.cuda.device_count() == 0)");
-    const int64_t index = device.has_index() ? device.index() : c10::cuda::current_device();
-    TORCH_CHECK_VALUE(index >= 0 && index < count, "KVCache: expected a CUDA device index in [0, ",
-                      count, "), got ", index);
-    return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(index));
-#else
-    TORCH_CHECK_VALUE(false,
-                      "KVCache: expected device cpu (this build of engine._C has no CUDA), "
-                      "got ",
-                      device,
-                      "; rebuild with a CUDA-enabled torch and nvcc: "
-                      "pip install --no-build-isolation -e .");
-    return device;  // not reached
-#endif
-}
-
-// a * b, or ValueError if it does not fit in int64.
-int64_t checked_mul(int64_t a, int64_t b) {
-    int64_t out = 0;
-    TORCH_CHECK_VALUE(!__builtin_mul_overflow(a, b, &out),
-                      "KVCache: expected a cache size that fits in 64 bits, got a product of ", a,
-                      " and ", b);
-    return out;
-}
+constexpr CacheChecks kChecks{"KVCache"};
 
 }  // namespace
 
@@ -68,7 +22,7 @@ at::Device KVCache::validated_device(int64_t num_layers, int64_t max_seq_len, in
                                      at::Device device) {
     // Sizes and dtype first (bytes_required checks them), then the device.
     bytes_required(num_layers, max_seq_len, num_kv_heads, head_dim, dtype, batch_size);
-    return normalize_device(device);
+    return kChecks.normalize_device(device);
 }
 
 KVCache::KVCache(int64_t num_layers, int64_t max_seq_len, int64_t num_kv_heads, int64_t head_dim,
@@ -92,19 +46,15 @@ KVCache::KVCache(int64_t num_layers, int64_t max_seq_len, int64_t num_kv_heads, 
 
 int64_t KVCache::bytes_required(int64_t num_layers, int64_t max_seq_len, int64_t num_kv_heads,
                                 int64_t head_dim, at::ScalarType dtype, int64_t batch_size) {
-    check_positive("num_layers", num_layers);
-    check_positive("max_seq_len", max_seq_len);
-    check_positive("num_kv_heads", num_kv_heads);
-    check_positive("head_dim", head_dim);
-    check_positive("batch_size", batch_size);
-    check_cache_dtype(dtype);
+    kChecks.check_positive("num_layers", num_layers);
+    kChecks.check_positive("max_seq_len", max_seq_len);
+    kChecks.check_positive("num_kv_heads", num_kv_heads);
+    kChecks.check_positive("head_dim", head_dim);
+    kChecks.check_positive("batch_size", batch_size);
+    kChecks.check_dtype(dtype);
     // num_layers * 2 (K and V) * batch * max_seq_len * heads * head_dim * element size
-    int64_t bytes = checked_mul(num_layers, 2);
-    bytes = checked_mul(bytes, batch_size);
-    bytes = checked_mul(bytes, max_seq_len);
-    bytes = checked_mul(bytes, num_kv_heads);
-    bytes = checked_mul(bytes, head_dim);
-    return checked_mul(bytes, static_cast<int64_t>(c10::elementSize(dtype)));
+    return kChecks.checked_product({num_layers, 2, batch_size, max_seq_len, num_kv_heads, head_dim,
+                                    static_cast<int64_t>(c10::elementSize(dtype))});
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -25,13 +25,8 @@ constexpr const char* kOp = "kv_update";
 void check_kv_update_args(const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& new_k, const at::Tensor& new_v,
                           const at::Tensor& positions) {
-    TORCH_CHECK_VALUE(k_cache.dim() == 4,
-                      "kv_update: expected k_cache of 4 dims [batch, max_seq_len, num_kv_heads, "
-                      "head_dim], got shape ",
-                      k_cache.sizes());
-    TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(),
-                      "kv_update: expected v_cache of k_cache's shape ", k_cache.sizes(), ", got ",
-                      v_cache.sizes());
+    check_kv_pair(kOp, "k_cache", k_cache, "v_cache", v_cache,
+                  "[batch, max_seq_len, num_kv_heads, head_dim]");
     const int64_t batch = k_cache.size(0);
     const int64_t max_seq_len = k_cache.size(1);
     const int64_t num_kv_heads = k_cache.size(2);
@@ -106,8 +101,7 @@ void kv_update_cuda_impl(at::Tensor& k_cache, at::Tensor& v_cache, const at::Ten
         positions.const_data_ptr<int32_t>(), k_cache.size(0), k_cache.size(1), new_k.size(1),
         k_cache.size(2), k_cache.size(3), k_cache.element_size(),
         at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess,
-                "kv_update: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    check_cuda_launch("kv_update", err);
 }
 #endif
 

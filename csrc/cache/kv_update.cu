@@ -4,6 +4,7 @@
 
 #include "cache/kv_update.cuh"
 #include "common/programmatic_launch.cuh"
+#include "common/vector_pack.cuh"
 
 namespace toyllm {
 namespace {
@@ -127,24 +128,10 @@ cudaError_t launch_kv_update(void* k_cache, void* v_cache, const void* new_k, co
                            reinterpret_cast<uintptr_t>(v_cache) |
                            reinterpret_cast<uintptr_t>(new_k) | reinterpret_cast<uintptr_t>(new_v) |
                            static_cast<uintptr_t>(row_bytes);
-    if (bits % 16 == 0) {
-        return launch_with<uint4>(k_cache, v_cache, new_k, new_v, positions, batch, max_seq_len,
-                                  num_tokens, row_bytes, stream);
-    }
-    if (bits % 8 == 0) {
-        return launch_with<uint2>(k_cache, v_cache, new_k, new_v, positions, batch, max_seq_len,
-                                  num_tokens, row_bytes, stream);
-    }
-    if (bits % 4 == 0) {
-        return launch_with<uint32_t>(k_cache, v_cache, new_k, new_v, positions, batch, max_seq_len,
-                                     num_tokens, row_bytes, stream);
-    }
-    if (bits % 2 == 0) {
-        return launch_with<uint16_t>(k_cache, v_cache, new_k, new_v, positions, batch, max_seq_len,
-                                     num_tokens, row_bytes, stream);
-    }
-    return launch_with<uint8_t>(k_cache, v_cache, new_k, new_v, positions, batch, max_seq_len,
-                                num_tokens, row_bytes, stream);
+    return with_copy_unit(bits, [&](auto unit) {
+        return launch_with<decltype(unit)>(k_cache, v_cache, new_k, new_v, positions, batch,
+                                           max_seq_len, num_tokens, row_bytes, stream);
+    });
 }
 
 }  // namespace toyllm

@@ -9,78 +9,31 @@
 #include <limits>
 #include <sstream>
 
+#include "cache/cache_checks.h"
 #include "common/dtype_names.h"
-
-#ifdef WITH_CUDA_KERNELS
-#include <c10/cuda/CUDAFunctions.h>
-#endif
 
 namespace toyllm {
 namespace {
 
 constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
-
-void check_positive(const char* name, int64_t value) {
-    TORCH_CHECK_VALUE(value >= 1, "PagedKVCache: expected ", name, " >= 1, got ", value);
-}
-
-// a * b, or ValueError if it does not fit in int64.
-int64_t checked_mul(int64_t a, int64_t b) {
-    int64_t out = 0;
-    TORCH_CHECK_VALUE(!__builtin_mul_overflow(a, b, &out),
-                      "PagedKVCache: expected a cache size that fits in 64 bits, got a product of ",
-                      a, " and ", b);
-    return out;
-}
-
-// cpu -> cpu; cuda -> cuda:<current>; cuda:i -> cuda:i if i is a valid index.
-at::Device normalize_device(at::Device device) {
-    if (device.is_cpu()) {
-        return at::Device(at::kCPU);
-    }
-    TORCH_CHECK_VALUE(device.is_cuda(), "PagedKVCache: expected device cpu or cuda, got ", device);
-#ifdef WITH_CUDA_KERNELS
-    const int64_t count = c10::cuda::device_count();
-    TORCH_CHECK_VALUE(count > 0, "PagedKVCache: expected a visible CUDA device for device ",
-                      device, ", got none (torch.cuda.device_count() == 0)");
-    const int64_t index = device.has_index() ? device.index() : c10::cuda::current_device();
-    TORCH_CHECK_VALUE(index >= 0 && index < count,
-                      "PagedKVCache: expected a CUDA device index in [0, ", count, "), got ",
-                      index);
-    return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(index));
-#else
-    TORCH_CHECK_VALUE(false,
-                      "PagedKVCache: expected device cpu (this build of engine._C has no CUDA), "
-                      "got ",
-                      device,
-                      "; rebuild with a CUDA-enabled torch and nvcc: "
-                      "pip install --no-build-isolation -e .");
-    return device;  // not reached
-#endif
-}
+constexpr CacheChecks kChecks{"PagedKVCache"};
 
 }  // namespace
 
 int64_t PagedKVCache::block_bytes(int64_t num_layers, int64_t block_size, int64_t num_kv_heads,
                                   int64_t head_dim, at::ScalarType dtype) {
-    check_positive("num_layers", num_layers);
-    check_positive("block_size", block_size);
+    kChecks.check_positive("num_layers", num_layers);
+    kChecks.check_positive("block_size", block_size);
     TORCH_CHECK_VALUE((block_size & (block_size - 1)) == 0,
                       "PagedKVCache: expected block_size a power of two (1, 2, 4, ..., 16, 32, "
                       "...), got ",
                       block_size);
-    check_positive("num_kv_heads", num_kv_heads);
-    check_positive("head_dim", head_dim);
-    TORCH_CHECK_VALUE(
-        dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-        "PagedKVCache: expected dtype torch.float32, torch.float16 or torch.bfloat16, got ",
-        dtype_name(dtype));
+    kChecks.check_positive("num_kv_heads", num_kv_heads);
+    kChecks.check_positive("head_dim", head_dim);
+    kChecks.check_dtype(dtype);
     // num_layers * 2 (K and V) * block_size * heads * head_dim * element size
-    int64_t bytes = checked_mul(num_layers, 2);
-    bytes = checked_mul(bytes, block_size);
-    bytes = checked_mul(bytes, num_kv_heads);
-    bytes = checked_mul(bytes, head_dim);
-    return checked_mul(bytes, static_cast<int64_t>(c10::elementSize(dtype)));
+    return kChecks.checked_product({num_layers, 2, block_size, num_kv_heads, head_dim,
+                                    static_cast<int64_t>(c10::elementSize(dtype))});
 }
 
 at::Device PagedKVCache::validated_device(int64_t num_layers, int64_t num_blocks,
@@ -89,18 +42,18 @@ at::Device PagedKVCache::validated_device(int64_t num_layers, int64_t num_blocks
                                           at::Device device, int64_t max_seqs,
                                           int64_t max_blocks_per_seq) {
     const int64_t per_block = block_bytes(num_layers, block_size, num_kv_heads, head_dim, dtype);
-    check_positive("num_blocks", num_blocks);
+    kChecks.check_positive("num_blocks", num_blocks);
     TORCH_CHECK_VALUE(num_blocks <= kMaxInt32, "PagedKVCache: expected num_blocks <= ", kMaxInt32,
                       " (block ids are int32), got ", num_blocks);
-    checked_mul(per_block, num_blocks);
-    check_positive("max_seqs", max_seqs);
-    check_positive("max_blocks_per_seq", max_blocks_per_seq);
+    kChecks.checked_product({per_block, num_blocks});
+    kChecks.check_positive("max_seqs", max_seqs);
+    kChecks.check_positive("max_blocks_per_seq", max_blocks_per_seq);
     TORCH_CHECK_VALUE(
         max_blocks_per_seq <= kMaxInt32 / block_size,
         "PagedKVCache: expected max_blocks_per_seq * block_size <= ", kMaxInt32,
         " (sequence lengths are int32 on the device), got ", max_blocks_per_seq, " * ", block_size);
-    checked_mul(max_seqs, max_blocks_per_seq);
-    return normalize_device(device);
+    kChecks.checked_product({max_seqs, max_blocks_per_seq});
+    return kChecks.normalize_device(device);
 }
 
 PagedKVCache::PagedKVCache(int64_t num_layers, int64_t num_blocks, int64_t block_size,

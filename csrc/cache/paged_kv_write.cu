@@ -4,6 +4,7 @@
 
 #include "cache/paged_kv_write.cuh"
 #include "common/programmatic_launch.cuh"
+#include "common/vector_pack.cuh"
 
 namespace toyllm {
 namespace {
@@ -93,24 +94,11 @@ cudaError_t launch_paged_kv_write(void* k_pool, void* v_pool, const void* new_k,
         reinterpret_cast<uintptr_t>(new_k) | reinterpret_cast<uintptr_t>(new_v) |
         static_cast<uintptr_t>(row_bytes) | static_cast<uintptr_t>(k_stride_bytes) |
         static_cast<uintptr_t>(v_stride_bytes);
-    if (bits % 16 == 0) {
-        return launch_with<uint4>(k_pool, v_pool, new_k, new_v, slots, num_tokens, num_slots,
-                                  row_bytes, k_stride_bytes, v_stride_bytes, stream);
-    }
-    if (bits % 8 == 0) {
-        return launch_with<uint2>(k_pool, v_pool, new_k, new_v, slots, num_tokens, num_slots,
-                                  row_bytes, k_stride_bytes, v_stride_bytes, stream);
-    }
-    if (bits % 4 == 0) {
-        return launch_with<uint32_t>(k_pool, v_pool, new_k, new_v, slots, num_tokens, num_slots,
-                                     row_bytes, k_stride_bytes, v_stride_bytes, stream);
-    }
-    if (bits % 2 == 0) {
-        return launch_with<uint16_t>(k_pool, v_pool, new_k, new_v, slots, num_tokens, num_slots,
-                                     row_bytes, k_stride_bytes, v_stride_bytes, stream);
-    }
-    return launch_with<uint8_t>(k_pool, v_pool, new_k, new_v, slots, num_tokens, num_slots,
-                                row_bytes, k_stride_bytes, v_stride_bytes, stream);
+    return with_copy_unit(bits, [&](auto unit) {
+        return launch_with<decltype(unit)>(k_pool, v_pool, new_k, new_v, slots, num_tokens,
+                                           num_slots, row_bytes, k_stride_bytes, v_stride_bytes,
+                                           stream);
+    });
 }
 
 }  // namespace toyllm

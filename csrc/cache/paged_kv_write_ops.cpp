@@ -37,13 +37,8 @@ void check_token_rows(const char* name, const at::Tensor& t) {
 void check_paged_kv_write_args(const at::Tensor& k_pool, const at::Tensor& v_pool,
                                const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& slots) {
-    TORCH_CHECK_VALUE(k_pool.dim() == 4,
-                      "paged_kv_write: expected k_pool of 4 dims [num_blocks, block_size, "
-                      "num_kv_heads, head_dim], got shape ",
-                      k_pool.sizes());
-    TORCH_CHECK_VALUE(v_pool.sizes() == k_pool.sizes(),
-                      "paged_kv_write: expected v_pool of k_pool's shape ", k_pool.sizes(),
-                      ", got ", v_pool.sizes());
+    check_kv_pair(kOp, "k_pool", k_pool, "v_pool", v_pool,
+                  "[num_blocks, block_size, num_kv_heads, head_dim]");
     const int64_t num_kv_heads = k_pool.size(2);
     const int64_t head_dim = k_pool.size(3);
     TORCH_CHECK_VALUE(k.dim() == 3 && k.size(1) == num_kv_heads && k.size(2) == head_dim,
@@ -127,8 +122,7 @@ void paged_kv_write_cuda(at::Tensor& k_pool, at::Tensor& v_pool, const at::Tenso
         k_pool.size(2) * k_pool.size(3), k.size(0) > 1 ? k.stride(0) : 0,
         v.size(0) > 1 ? v.stride(0) : 0, k_pool.element_size(),
         at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess,
-                "paged_kv_write: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    check_cuda_launch("paged_kv_write", err);
 }
 #endif
 

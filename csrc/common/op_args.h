@@ -10,6 +10,10 @@
 
 #include "common/dtype_names.h"
 
+#ifdef WITH_CUDA_KERNELS
+#include <cuda_runtime.h>
+#endif
+
 namespace toyllm {
 
 // t has dtype `dtype`; `why` says whose it is: "k_cache's", "x's dtype", ...
@@ -24,6 +28,16 @@ inline void check_device(const char* op, const char* name, const at::Tensor& t,
                          const at::Device& device, const char* why) {
     TORCH_CHECK_VALUE(t.device() == device, op, ": expected ", name, " on ", device, " (", why,
                       "), got ", t.device());
+}
+
+// A K/V pair of caches or pools: k of 4 dims (`dims` names them: "[batch, max_seq_len,
+// num_kv_heads, head_dim]"), v of k's shape.
+inline void check_kv_pair(const char* op, const char* k_name, const at::Tensor& k,
+                          const char* v_name, const at::Tensor& v, const char* dims) {
+    TORCH_CHECK_VALUE(k.dim() == 4, op, ": expected ", k_name, " of 4 dims ", dims, ", got shape ",
+                      k.sizes());
+    TORCH_CHECK_VALUE(v.sizes() == k.sizes(), op, ": expected ", v_name, " of ", k_name,
+                      "'s shape ", k.sizes(), ", got ", v.sizes());
 }
 
 // `dtype` (of the argument `name`) is one the float kernels take: fp32, fp16 or bf16.
@@ -83,5 +97,12 @@ KernelDtype kernel_dtype(at::ScalarType t) {
     }
     return KernelDtype::kFloat32;
 }
+
+#ifdef WITH_CUDA_KERNELS
+// A launcher's return: anything but cudaSuccess is a RuntimeError naming the op and the error.
+inline void check_cuda_launch(const char* op, cudaError_t err) {
+    TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+#endif
 
 }  // namespace toyllm

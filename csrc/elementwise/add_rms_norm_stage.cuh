@@ -17,6 +17,7 @@
 #include "common/float_convert.cuh"
 #include "common/vector_pack.cuh"
 #include "elementwise/fused_kernels.cuh"
+#include "elementwise/rms_norm_math.cuh"
 #include "gemv/gemv_row.cuh"
 #include "gemv/gemv_staged.cuh"
 
@@ -51,22 +52,12 @@ __device__ __forceinline__ void stage_add_rms_norm(T* __restrict__ n,           
     for (int vt = threadIdx.x; vt < norm_threads; vt += blockDim.x) {
         float sum = 0.0f;
         for (int64_t p = vt; p < packs; p += norm_threads) {
-            const P xv = xp[p];
-            const P rv = rp[p];
-            P v;
-#pragma unroll
-            for (int k = 0; k < NN; ++k) {
-                v.v[k] = from_float<T>(__fadd_rn(to_float(xv.v[k]), to_float(rv.v[k])));
-            }
+            const P v = add_residual(xp[p], rp[p]);
             np[p] = v;
             if (write_sum) {
                 sp[p] = v;
             }
-#pragma unroll
-            for (int k = 0; k < NN; ++k) {
-                const float h = to_float(v.v[k]);
-                sum = __fadd_rn(sum, __fmul_rn(h, h));
-            }
+            sum = add_squares(sum, v);
         }
 #pragma unroll
         for (int offset = gemv_row::kWarp / 2; offset > 0; offset /= 2) {
@@ -81,20 +72,10 @@ __device__ __forceinline__ void stage_add_rms_norm(T* __restrict__ n,           
     for (int w = 0; w < norm_threads / gemv_row::kWarp; ++w) {
         total = __fadd_rn(total, warp_totals[w]);
     }
-    // rms_norm_kernel's: mean = sum * (1 / hidden), + eps, rsqrtf; n = to_dtype(s * inv), then
-    // out = to_dtype(float(weight) * float(n))
-    const float inv_hidden = 1.0f / static_cast<float>(in);
-    const float inv = rsqrtf(__fadd_rn(__fmul_rn(total, inv_hidden), eps));
+    // rms_norm_kernel's inverse and scaling (rms_norm_math.cuh)
+    const float inv = rms_inverse(total, 1.0f / static_cast<float>(in), eps);
     for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
-        const P v = np[p];
-        const P wv = wp[p];
-        P o;
-#pragma unroll
-        for (int k = 0; k < NN; ++k) {
-            const float h = round_to<T>(__fmul_rn(to_float(v.v[k]), inv));
-            o.v[k] = from_float<T>(__fmul_rn(to_float(wv.v[k]), h));
-        }
-        np[p] = o;
+        np[p] = rms_scale(np[p], wp[p], inv);
     }
 }
 

@@ -5,11 +5,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/float_convert.cuh"
 #include "common/programmatic_launch.cuh"
 #include "common/vector_pack.cuh"
 #include "elementwise/fused_kernels.cuh"
+#include "elementwise/rms_norm_math.cuh"
 #include "elementwise/rope_rotate.cuh"
 #include "elementwise/silu_mul.cuh"
 
@@ -23,6 +25,24 @@ constexpr int64_t kMaxGrid = int64_t{1} << 20;       // blocks per launch (grid-
 
 int64_t grid_for(int64_t work, int64_t per_block) {
     return std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, kMaxGrid));
+}
+
+// launch(std::integral_constant<int, N>{}) with N = kVec16<T> (16-byte packs) when `vec`, else
+// 1: the one place a launcher turns its alignment test into the kernel's pack width.
+template <typename T, typename Launch>
+cudaError_t with_pack_width(bool vec, Launch&& launch) {
+    if (vec) {
+        return launch(std::integral_constant<int, kVec16<T>>{});
+    }
+    return launch(std::integral_constant<int, 1>{});
+}
+
+// A grid-stride elementwise kernel over `total` packs, kThreads a block.
+template <typename... Params, typename... Args>
+cudaError_t launch_elementwise(void (*kernel)(Params...), int64_t total, cudaStream_t stream,
+                               Args... args) {
+    return launch_kernel(kernel, dim3(static_cast<unsigned>(grid_for(total, kThreads))),
+                         dim3(kThreads), 0, stream, args...);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -81,29 +101,17 @@ __global__ void __launch_bounds__(kMaxNormThreads)
             rr = reinterpret_cast<const P*>(residual + r * hidden);
             sr = reinterpret_cast<P*>(sum_out + r * hidden);
         }
-        // h = float(x); sum(h * h): each square rounded to fp32 as torch's h.pow(2) is.
+        // sum(h * h), h = float(x) or float(s) (rms_norm_math.cuh)
         float sum = 0.0f;
         for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
             P v = xr[p];
             if constexpr (kAddResidual) {
-                const P rv = rr[p];
-#pragma unroll
-                for (int k = 0; k < N; ++k) {
-                    // s = to_dtype(float(x) + float(residual)): torch's add, alpha 1
-                    v.v[k] = from_float<T>(__fadd_rn(to_float(v.v[k]), to_float(rv.v[k])));
-                }
+                v = add_residual(v, rr[p]);
                 sr[p] = v;
             }
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                const float h = to_float(v.v[k]);
-                sum = __fadd_rn(sum, __fmul_rn(h, h));
-            }
+            sum = add_squares(sum, v);
         }
-        sum = block_sum(sum, scratch);
-        // mean = sum * (1 / hidden) as torch's CUDA mean does, + eps, then rsqrtf (torch's
-        // CUDA rsqrt).
-        const float inv = rsqrtf(__fadd_rn(__fmul_rn(sum, inv_hidden), eps));
+        const float inv = rms_inverse(block_sum(sum, scratch), inv_hidden, eps);
         for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
             P v;
             if constexpr (kAddResidual) {
@@ -111,15 +119,7 @@ __global__ void __launch_bounds__(kMaxNormThreads)
             } else {
                 v = xr[p];
             }
-            const P wv = w[p];
-            P o;
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                // n = to_dtype(h * inv); out = to_dtype(float(weight) * float(n))
-                const float n = round_to<T>(__fmul_rn(to_float(v.v[k]), inv));
-                o.v[k] = from_float<T>(__fmul_rn(to_float(wv.v[k]), n));
-            }
-            outr[p] = o;
+            outr[p] = rms_scale(v, w[p], inv);
         }
     }
 }
@@ -145,21 +145,12 @@ cudaError_t rms_norm_for(const void* x, const void* residual, const void* weight
     const T* wt = static_cast<const T*>(weight);
     T* st = static_cast<T*>(sum_out);
     T* ot = static_cast<T*>(out);
-    cudaError_t err = cudaSuccess;
-    if (add && vec) {
-        err = launch_kernel(rms_norm_kernel<T, kVec, true>, dim3(grid), dim3(threads), 0, stream,
-                            xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
-    } else if (add) {
-        err = launch_kernel(rms_norm_kernel<T, 1, true>, dim3(grid), dim3(threads), 0, stream, xt,
-                            rt, wt, st, ot, rows, hidden, inv_hidden, eps);
-    } else if (vec) {
-        err = launch_kernel(rms_norm_kernel<T, kVec, false>, dim3(grid), dim3(threads), 0, stream,
-                            xt, rt, wt, st, ot, rows, hidden, inv_hidden, eps);
-    } else {
-        err = launch_kernel(rms_norm_kernel<T, 1, false>, dim3(grid), dim3(threads), 0, stream, xt,
-                            rt, wt, st, ot, rows, hidden, inv_hidden, eps);
-    }
-    return err;
+    return with_pack_width<T>(vec, [&](auto width) {
+        constexpr int N = decltype(width)::value;
+        auto* kernel = add ? rms_norm_kernel<T, N, true> : rms_norm_kernel<T, N, false>;
+        return launch_kernel(kernel, dim3(grid), dim3(threads), 0, stream, xt, rt, wt, st, ot, rows,
+                             hidden, inv_hidden, eps);
+    });
 }
 
 // rms_norm or add_rms_norm (residual and sum_out both null, or both set) for any dtype.
@@ -250,21 +241,13 @@ cudaError_t rope_for(const void* x, const void* cos, const void* sin, void* out,
     const T* ct = static_cast<const T*>(cos);
     const T* st = static_cast<const T*>(sin);
     T* ot = static_cast<T*>(out);
-    cudaError_t err = cudaSuccess;
-    if (vec) {
-        const int64_t total = rows * (half / kVec);
-        err = launch_kernel(rope_kernel<T, kVec>,
-                            dim3(static_cast<unsigned>(grid_for(total, kThreads))), dim3(kThreads),
-                            0, stream, xt, ct, st, ot, tokens, heads, half, total, x_stride_batch,
-                            x_stride_token, x_stride_head, cs_stride_batch, cs_stride_token);
-    } else {
-        const int64_t total = rows * half;
-        err = launch_kernel(rope_kernel<T, 1>,
-                            dim3(static_cast<unsigned>(grid_for(total, kThreads))), dim3(kThreads),
-                            0, stream, xt, ct, st, ot, tokens, heads, half, total, x_stride_batch,
-                            x_stride_token, x_stride_head, cs_stride_batch, cs_stride_token);
-    }
-    return err;
+    return with_pack_width<T>(vec, [&](auto width) {
+        constexpr int N = decltype(width)::value;
+        const int64_t total = rows * (half / N);
+        return launch_elementwise(rope_kernel<T, N>, total, stream, xt, ct, st, ot, tokens, heads,
+                                  half, total, x_stride_batch, x_stride_token, x_stride_head,
+                                  cs_stride_batch, cs_stride_token);
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -304,19 +287,12 @@ cudaError_t silu_mul_for(const void* gate_up, void* out, int64_t rows, int64_t i
     const bool vec = intermediate % kVec == 0 && aligned16(gate_up) && aligned16(out);
     const T* gt = static_cast<const T*>(gate_up);
     T* ot = static_cast<T*>(out);
-    cudaError_t err = cudaSuccess;
-    if (vec) {
-        const int64_t total = rows * (intermediate / kVec);
-        err = launch_kernel(silu_mul_kernel<T, kVec>,
-                            dim3(static_cast<unsigned>(grid_for(total, kThreads))), dim3(kThreads),
-                            0, stream, gt, ot, intermediate, total);
-    } else {
-        const int64_t total = rows * intermediate;
-        err = launch_kernel(silu_mul_kernel<T, 1>,
-                            dim3(static_cast<unsigned>(grid_for(total, kThreads))), dim3(kThreads),
-                            0, stream, gt, ot, intermediate, total);
-    }
-    return err;
+    return with_pack_width<T>(vec, [&](auto width) {
+        constexpr int N = decltype(width)::value;
+        const int64_t total = rows * (intermediate / N);
+        return launch_elementwise(silu_mul_kernel<T, N>, total, stream, gt, ot, intermediate,
+                                  total);
+    });
 }
 
 }  // namespace

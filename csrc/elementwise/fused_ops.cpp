@@ -103,8 +103,7 @@ at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double e
         launch_rms_norm(xc.const_data_ptr(), weight.const_data_ptr(), out.data_ptr(),
                         fused_dtype(x.scalar_type()), xc.numel() / hidden, hidden,
                         static_cast<float>(eps), at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess,
-                "rms_norm: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    check_cuda_launch("rms_norm", err);
     return out;
 }
 #endif
@@ -151,8 +150,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cuda(const at::Tensor& x,
         xc.const_data_ptr(), rc.const_data_ptr(), weight.const_data_ptr(), sum.data_ptr(),
         out.data_ptr(), fused_dtype(x.scalar_type()), xc.numel() / hidden, hidden,
         static_cast<float>(eps), at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess,
-                "add_rms_norm: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    check_cuda_launch("add_rms_norm", err);
     return {sum, out};
 }
 #endif
@@ -234,7 +232,7 @@ at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
                     fused_dtype(x.scalar_type()), x.size(0), x.size(1), x.size(2), x.size(3),
                     x.stride(0), x.stride(1), x.stride(2), c.stride(0), c.stride(1),
                     at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess, "rope: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    check_cuda_launch("rope", err);
     return out;
 }
 #endif
@@ -274,8 +272,7 @@ at::Tensor silu_mul_cuda(const at::Tensor& gate_up) {
     const cudaError_t err =
         launch_silu_mul(gu.const_data_ptr(), out.data_ptr(), fused_dtype(gu.scalar_type()),
                         gu.numel() / (2 * inter), inter, at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess,
-                "silu_mul: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    check_cuda_launch("silu_mul", err);
     return out;
 }
 #endif

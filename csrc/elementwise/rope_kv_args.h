@@ -35,13 +35,8 @@ inline void check_rope_kv_update_args(const QkvShape& qkv, const at::Tensor& cos
                                       const at::Tensor& sin, const at::Tensor& k_cache,
                                       const at::Tensor& v_cache, const at::Tensor& positions,
                                       int64_t num_q_heads) {
-    TORCH_CHECK_VALUE(k_cache.dim() == 4,
-                      "rope_kv_update: expected k_cache of 4 dims [rows, max_seq_len, "
-                      "num_kv_heads, head_dim], got shape ",
-                      k_cache.sizes());
-    TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(),
-                      "rope_kv_update: expected v_cache of k_cache's shape ", k_cache.sizes(),
-                      ", got ", v_cache.sizes());
+    check_kv_pair("rope_kv_update", "k_cache", k_cache, "v_cache", v_cache,
+                  "[rows, max_seq_len, num_kv_heads, head_dim]");
     const int64_t rows = k_cache.size(0);
     const int64_t max_seq_len = k_cache.size(1);
     const int64_t num_kv_heads = k_cache.size(2);

@@ -79,8 +79,7 @@ at::Tensor rope_kv_update_cuda(const at::Tensor& qkv, const at::Tensor& cos, con
         kernel_dtype<FusedDtype>(qkv.scalar_type()), rows, k_cache.size(1), num_q_heads,
         k_cache.size(2), head_dim, qkv.stride(0), qkv.stride(2), c.stride(0),
         at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess,
-                "rope_kv_update: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    check_cuda_launch("rope_kv_update", err);
     return q;
 }
 #endif

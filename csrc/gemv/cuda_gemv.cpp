@@ -109,7 +109,7 @@ at::Tensor gemv_cuda(const at::Tensor& x, const at::Tensor& weight) {
         launch_gemv(xc.const_data_ptr(), weight.const_data_ptr(), y.mutable_data_ptr(),
                     gemv_dtype(x.scalar_type()), leading_rows(x), in, out,
                     at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess, "gemv: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    check_cuda_launch("gemv", err);
     return y;
 }
 
@@ -159,8 +159,7 @@ at::Tensor gemv_silu_mul_cuda(const at::Tensor& gate_up, const at::Tensor& weigh
                               dtype, rows, in, out, stream);
         }
     }
-    TORCH_CHECK(err == cudaSuccess,
-                "gemv_silu_mul: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    check_cuda_launch("gemv_silu_mul", err);
     return y;
 }
 
@@ -230,8 +229,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_product_cuda(
                                   fused_dtype(dtype), rows, out / 2, stream);
         }
     }
-    TORCH_CHECK(err == cudaSuccess, names.op,
-                ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+    check_cuda_launch(names.op, err);
     return {sum, y};
 }
 
@@ -294,8 +292,7 @@ std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_rope_kv_cuda(
         k_cache.data_ptr(), v_cache.data_ptr(), dtype, in, num_q_heads, k_cache.size(2), head_dim,
         k_cache.size(1), static_cast<float>(eps), props->multiProcessorCount,
         static_cast<int>(warps), at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess, names.op,
-                ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+    check_cuda_launch(names.op, err);
     return {sum, q};
 }
 

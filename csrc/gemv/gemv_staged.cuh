@@ -93,6 +93,32 @@ __device__ __forceinline__ bool load_first_batch(Pack<T, N> (&w)[kUnroll<N>],
     return true;
 }
 
+// Row `row` of W times x into acc: dot_packs's first batch from `first` when `prefetched` (as
+// load_first_batch loaded it), then the rest of the row; the same sums in the same order as
+// dot_packs over the whole row.
+template <typename T, int N, int R>
+__device__ __forceinline__ void sum_row(float (&acc)[R], const Pack<T, N> (&first)[kUnroll<N>],
+                                        bool prefetched, const T* __restrict__ weight,  // [out, in]
+                                        int64_t row, int64_t in,
+                                        const Pack<T, N>* __restrict__ xp,  // [in / N], shared
+                                        int rank, int64_t group_threads, int64_t packs) {
+    using P = Pack<T, N>;
+    constexpr int U = kUnroll<N>;
+    const P* __restrict__ wp = reinterpret_cast<const P*>(weight + row * in) + rank;
+    const P* __restrict__ xq = xp + rank;
+    int64_t p = rank;
+    if (prefetched) {  // dot_packs's first iteration, on the loads issued earlier
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            accumulate<T, N, R>(acc, first[u], xq + u * group_threads, packs);
+        }
+        wp += U * group_threads;
+        xq += U * group_threads;
+        p += U * group_threads;
+    }
+    dot_packs<T, N, R>(acc, wp, xq, p, group_threads, packs);
+}
+
 // Asks L2 for all of row j of W (nothing when j >= out): the group's threads take its 128-byte
 // lines rank, rank + G, ... (G = group_threads). No registers wait for these loads, so a group
 // has its next row on the way from HBM while its registers hold the current one.
@@ -160,19 +186,7 @@ __device__ __forceinline__ void staged_rows(const T* __restrict__ weight,  // [o
         for (int m = 0; m < R; ++m) {
             acc[m] = 0.0f;
         }
-        const P* __restrict__ wp = reinterpret_cast<const P*>(weight + j * in) + rank;
-        const P* __restrict__ xq = xp + rank;
-        int64_t p = rank;
-        if (prefetched) {  // dot_packs's first iteration, on the loads issued earlier
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                accumulate<T, N, R>(acc, first[u], xq + u * group_threads, packs);
-            }
-            wp += U * group_threads;
-            xq += U * group_threads;
-            p += U * group_threads;
-        }
-        dot_packs<T, N, R>(acc, wp, xq, p, group_threads, packs);  // the rest of row j
+        sum_row<T, N, R>(acc, first, prefetched, weight, j, in, xp, rank, group_threads, packs);
         // the next row's first batch (in L2 by now, or on its way) is loaded while this row is
         // reduced and stored, and the row after it starts into L2
         prefetched =
@@ -264,19 +278,7 @@ __device__ __forceinline__ void staged_row_pairs(const T* __restrict__ weight,  
     // one row: its sum from the batch in `first` (when prefetched) and the rest of the row
     const auto row_sum = [&](int64_t row) {
         float acc[1] = {0.0f};
-        const P* __restrict__ wp = reinterpret_cast<const P*>(weight + row * in) + rank;
-        const P* __restrict__ xq = xp + rank;
-        int64_t k = rank;
-        if (prefetched) {
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                accumulate<T, N, 1>(acc, first[u], xq + u * group_threads, packs);
-            }
-            wp += U * group_threads;
-            xq += U * group_threads;
-            k += U * group_threads;
-        }
-        dot_packs<T, N, 1>(acc, wp, xq, k, group_threads, packs);
+        sum_row<T, N, 1>(acc, first, prefetched, weight, row, in, xp, rank, group_threads, packs);
         return acc[0];
     };
 #pragma unroll 1

@@ -137,7 +137,7 @@ at::Tensor argmax_cuda(const at::Tensor& logits, bool flag_nonfinite) {
                       scratch_bytes > 0 ? scratch.mutable_data_ptr() : nullptr, scratch_bytes,
                       dtype, rows, vocab, sm_count, flag_nonfinite,
                       at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess, "argmax: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    check_cuda_launch("argmax", err);
     return index;
 }
 #endif
