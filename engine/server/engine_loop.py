@@ -1,10 +1,11 @@
 """The engine loop: one thread owns the ServingEngine (and so the model and its device) and is
 the only one that calls it. HTTP handlers, on the asyncio event loop, talk to it through a
 command queue (add, abort, stop) and receive each request's outputs in a mailbox of its own
-(`RequestStream`); the thread hands over every output of a step in one `call_soon_threadsafe`,
-however many requests run: the thread does no per-request work for the event loop, and the
-event loop wakes once per step, not once per request (what a step costs the engine thread beyond
-the step itself shows in /metrics: toyllm_engine_between_steps_seconds).
+(`RequestStream`); the thread hands over an iteration's events (the admissions it took, every
+output of its step) in one `call_soon_threadsafe`, however many requests run: the thread does no
+per-request work for the event loop, and the event loop is called once per iteration, not once
+per request (what a step costs the engine thread beyond the step itself shows in /metrics:
+toyllm_engine_between_steps_seconds).
 
     loop = EngineLoop(engine, metrics, max_waiting=256)
     loop.start()

@@ -68,7 +68,8 @@ class Result:
     # Linux: seconds on a CPU of the server's main thread (its event loop) and of all its threads
     server_loop_cpu_s: float | None = None
     server_cpu_s: float | None = None
-    # Linux: the engine's thread (over HTTP: the server's busiest thread but the main one)
+    # Linux: the engine's thread (over HTTP: the server's busiest thread but the main one; a
+    # model on the CPU has torch's worker threads too, so read these on a GPU or with --paced)
     engine_cpu_s: float | None = None  # on a CPU
     engine_runqueue_s: float | None = None  # runnable, waiting for a CPU (a busy machine)
 
