@@ -4,7 +4,8 @@ replayed through `toyllm serve` at several request rates (Poisson arrivals; `inf
 and the same arrivals through the Python API (ServingEngine.add_request / step) in the same run,
 to show what HTTP costs.
 
-    python scripts/bench_server.py --model llama-1b --device cuda --dtype bf16 --rates 4,16,inf
+    python scripts/bench_server.py --model llama-1b --device cuda --dtype bf16 --rates 4,16,inf \
+        --clients 4
 
 A shipped config name (llama-1b, stories15m, ...) runs with random weights and the shipped
 tokenizer, whose 4,096 pieces set the vocabulary (a server streams text, so the model and the
