@@ -549,6 +549,10 @@ def serve(
     = 30.0,
     access_log: Annotated[bool, typer.Option(help="Log every HTTP request (uvicorn).")]
     = False,
+    stream_interval: Annotated[int, typer.Option(
+        help="Wake a stream every N tokens (its first token and its end at once): fewer writes "
+             "under many streams, tokens in bursts of N. Each token keeps its own chunk.")]
+    = 1,
 ) -> None:
     """Serve the model over HTTP with the OpenAI API: /v1/completions, /v1/chat/completions
     (streamed or not), /v1/models, /health, /metrics (docs/SERVER.md). SIGTERM stops
@@ -564,7 +568,7 @@ def serve(
             dtype=dtype, block_size=block_size, kv_memory=kv_memory, max_running=max_running,
             max_waiting=max_waiting, token_budget=token_budget, prefix_caching=prefix_caching,
             max_context=max_context, cuda_graph=cuda_graph, shutdown_timeout=shutdown_timeout,
-            access_log=access_log))
+            access_log=access_log, stream_interval=stream_interval))
 
     raise typer.Exit(_run(body))
 

@@ -19,7 +19,8 @@
 # then scripts/profile_serving.py --device cuda (step kinds, host vs device time, top ops).
 # Stage server (not in the default list): the random workload through `toyllm serve` (HTTP) at
 # SERVER_RATES requests/s and through the Python API in the same run (scripts/bench_server.py;
-# needs fastapi, uvicorn and httpx installed).
+# needs fastapi, uvicorn and httpx installed), the client in SERVER_CLIENTS processes (4); again
+# with --stream-interval 4; and the paced engine (no model: the server's own cost at 4.4 ms steps).
 # Stage real (not in the default list): REAL_MODEL=FILE_OR_DIR runs tests/test_real_model.py, a
 # greedy chat answer on the GPU and scripts/bench_real_model.py on that checkpoint.
 # Stage baseline (not in the default list): BASELINE=DIR holds an earlier commit's tree
@@ -212,8 +213,17 @@ if want serving; then
 fi
 if want server; then
     # issue 20: what HTTP costs, on the Llama-1B shape (the shipped tokenizer's vocabulary)
+    # (the client in SERVER_CLIENTS processes: one Python process cannot read a GPU's rate of
+    # chunks; the same server at --stream-interval 4, and the engine alone at a GPU's step)
     stage server_http $PY scripts/bench_server.py --model llama-1b --device cuda --dtype bf16 \
-        --rates "${SERVER_RATES:-4,16,64,inf}" --json "$OUT/server_http.json"
+        --rates "${SERVER_RATES:-4,16,64,inf}" --clients "${SERVER_CLIENTS:-4}" \
+        --json "$OUT/server_http.json"
+    stage server_http_interval4 $PY scripts/bench_server.py --model llama-1b --device cuda \
+        --dtype bf16 --rates "${SERVER_RATES:-4,16,64,inf}" --clients "${SERVER_CLIENTS:-4}" \
+        --stream-interval 4 --json "$OUT/server_http_interval4.json"
+    stage server_paced $PY scripts/bench_server.py --paced 4.4,1.5 \
+        --rates "${SERVER_RATES:-4,16,64,inf}" --clients "${SERVER_CLIENTS:-4}" \
+        --json "$OUT/server_paced.json"
 fi
 if want profile; then
     stage profile_decode $PY scripts/profile_decode.py --model llama-1b --dtype bf16

@@ -4,15 +4,15 @@ in OpenAI's chunk format), /v1/models, /health, /metrics.
 A request's body is parsed and checked here (engine/server/protocol.py), its prompt encoded
 (the chat template renders messages), then it goes to the engine loop
 (engine/server/engine_loop.py), which alone runs the model. Its outputs come back step by step:
-streamed as they come, or gathered. A client that goes away (a closed stream, a dropped
-connection while a JSON answer is pending) has its request aborted before the next step.
+streamed as they come (engine/server/sse.py writes the events), or gathered. A client that goes
+away (a closed stream, a dropped connection while a JSON answer is pending) has its request
+aborted before the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from toyllm.engine.sampling import SamplingError, SamplingParams, TokenLogprob
-from toyllm.engine.server import protocol
+from toyllm.engine.server import protocol, sse
 from toyllm.engine.server.engine_loop import (
     Accepted,
     EngineLoop,
@@ -130,8 +130,9 @@ def build_app(state: ServerState) -> FastAPI:
         stream = await _submit(state, ids, params, "cmpl")
         if req.stream:
             with_usage = req.stream_options is not None and req.stream_options.include_usage
-            events = _completion_events(stream, req.model, with_usage, state.token_text)
-            return _EngineStream(events, state, stream)
+            chunks = sse.CompletionChunks(stream.request_id, req.model, protocol.now(),
+                                          with_usage, state.token_text)
+            return _EngineStream(chunks, state, stream)
         out = await _gather(request, state, stream)
         return JSONResponse(protocol.completion_response(
             stream.request_id, req.model, protocol.now(), out.text, out.finish_reason,
@@ -154,8 +155,9 @@ def build_app(state: ServerState) -> FastAPI:
         stream = await _submit(state, ids, params, "chatcmpl")
         if req.stream:
             with_usage = req.stream_options is not None and req.stream_options.include_usage
-            events = _chat_events(stream, req.model, with_usage, state.token_text)
-            return _EngineStream(events, state, stream)
+            chunks = sse.ChatChunks(stream.request_id, req.model, protocol.now(), with_usage,
+                                    state.token_text)
+            return _EngineStream(chunks, state, stream)
         out = await _gather(request, state, stream)
         return JSONResponse(protocol.chat_response(
             stream.request_id, req.model, protocol.now(), out.text, out.finish_reason,
@@ -322,21 +324,35 @@ async def _gather(request: Request, state: ServerState, stream: RequestStream) -
 
 
 class _EngineStream(StreamingResponse):
-    """Server-sent events of one request. However the response ends before its last event (the
-    client went away, the task was cancelled, even before the first event was asked for), its
-    request is aborted."""
+    """Server-sent events of one request. Each time the request's task wakes it writes every
+    event pending since (one write, several `data:` events when the event loop fell behind the
+    engine). However the response ends before its last event (the client went away, the task
+    was cancelled, even before the first event was asked for), its request is aborted."""
 
-    def __init__(self, events: AsyncIterator[dict[str, Any]], state: ServerState,
+    def __init__(self, chunks: sse.StreamChunks, state: ServerState,
                  stream: RequestStream) -> None:
         self._state, self._stream, self._done = state, stream, False
-        super().__init__(self._body(events), media_type="text/event-stream",
+        super().__init__(self._body(chunks), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _body(self, events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
-        async for event in events:
-            yield f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
-        self._done = True
-        yield "data: [DONE]\n\n"
+    async def _body(self, chunks: sse.StreamChunks) -> AsyncIterator[str]:
+        opening = chunks.opening()
+        if opening:
+            yield "".join(opening)
+        while True:
+            texts: list[str] = []
+            ended = False
+            for event in await self._stream.get_all():
+                ended = chunks.add(event, texts)
+                if ended:
+                    break
+            if ended:
+                self._done = True
+                texts.append(sse.DONE)
+            if texts:
+                yield "".join(texts)
+            if ended:
+                return
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
@@ -344,59 +360,3 @@ class _EngineStream(StreamingResponse):
         finally:
             if not self._done:
                 self._state.loop.abort(self._stream.request_id)
-
-
-async def _stream_events(stream: RequestStream) -> AsyncIterator[RequestOutput | dict]:
-    """The outputs, or, for an engine error, the error object that ends an OpenAI stream."""
-    try:
-        async for out in _outputs(stream):
-            if out.finished and out.finish_reason == "error":
-                yield ApiError(500, out.error or "the engine failed", kind="server_error").body()
-                return
-            yield out
-    except ApiError as exc:
-        yield exc.body()
-
-
-async def _completion_events(stream: RequestStream, model: str, with_usage: bool,
-                             text_of: protocol.TokenText) -> AsyncIterator[dict[str, Any]]:
-    created = protocol.now()
-    rid = stream.request_id
-    offset = 0  # of the next token's text, in the completion
-    async for out in _stream_events(stream):
-        if isinstance(out, dict):
-            yield out
-            return
-        if out.new_text or out.logprobs:
-            logprobs = protocol.completion_logprobs(out.logprobs, text_of, offset)
-            if logprobs is not None:
-                offset += sum(len(t) for t in logprobs["tokens"])
-            yield protocol.completion_chunk(rid, model, created, out.new_text, None, with_usage,
-                                            logprobs)
-        if out.finished:
-            yield protocol.completion_chunk(rid, model, created, "", out.finish_reason,
-                                            with_usage)
-            if with_usage:
-                yield protocol.usage_chunk(rid, model, created, "text_completion",
-                                           out.prompt_tokens, out.completion_tokens)
-
-
-async def _chat_events(stream: RequestStream, model: str, with_usage: bool,
-                       text_of: protocol.TokenText) -> AsyncIterator[dict[str, Any]]:
-    created = protocol.now()
-    rid = stream.request_id
-    yield protocol.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None,
-                              with_usage)
-    async for out in _stream_events(stream):
-        if isinstance(out, dict):
-            yield out
-            return
-        if out.new_text or out.logprobs:
-            yield protocol.chat_chunk(rid, model, created, {"content": out.new_text}, None,
-                                      with_usage, protocol.chat_logprobs(out.logprobs, text_of))
-        if out.finished:
-            yield protocol.chat_chunk(rid, model, created, {}, out.finish_reason, with_usage)
-            if with_usage:
-                yield protocol.usage_chunk(rid, model, created, "chat.completion.chunk",
-                                           out.prompt_tokens, out.completion_tokens)
-

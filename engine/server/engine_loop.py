@@ -1,14 +1,18 @@
 """The engine loop: one thread owns the ServingEngine (and so the model and its device) and is
 the only one that calls it. HTTP handlers, on the asyncio event loop, talk to it through a
-command queue (add, abort, stop) and receive each request's outputs on an asyncio.Queue of its
-own (`RequestStream`); the thread hands over every output of a step in one
-`call_soon_threadsafe`.
+command queue (add, abort, stop) and receive each request's outputs in a mailbox of its own
+(`RequestStream`); the thread hands over an iteration's events (the admissions it took, every
+output of its step) in one `call_soon_threadsafe`, however many requests run: the thread does no
+per-request work for the event loop, and the event loop is called once per iteration, not once
+per request (what a step costs the engine thread beyond the step itself shows in /metrics:
+toyllm_engine_between_steps_seconds).
 
     loop = EngineLoop(engine, metrics, max_waiting=256)
     loop.start()
     stream = loop.submit(prompt_ids, params)     # on the event loop; Overloaded / ShuttingDown
     event = await stream.get()                   # Accepted, or Rejected (the engine said no)
     while not (out := await stream.get()).finished: ...   # RequestOutput per step
+    events = await stream.get_all()              # or every event pending, at least one
     loop.abort(stream.request_id)                # a client that went away: freed next iteration
 
 Cancellation: an abort is taken before the next step, so a request whose client disconnected
@@ -29,6 +33,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -78,18 +83,56 @@ Event = Accepted | Rejected | Failed | RequestOutput
 
 
 class RequestStream:
-    """The event loop's side of one request: its events, in order."""
+    """The event loop's side of one request: its events, in order. A mailbox lighter than an
+    asyncio.Queue (one reader): `put` appends and wakes the reader if it waits; a reader that
+    falls behind takes every pending event at once (`get_all`), so that a stream answers several
+    steps' tokens in one write.
+
+    `wake_every` (the server's --stream-interval) > 1 wakes the reader only once that many
+    outputs are pending, or at once for its first output, its last, and any other event: fewer
+    wakes and writes under many streams, tokens in bursts."""
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, wake_every: int = 1) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
         self._loop = loop
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._wake_every = wake_every
+        self._outputs = 0  # RequestOutputs put so far
+        self._pending: deque[Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None  # the reader's, while it waits
+
+    def put(self, event: Event) -> None:
+        """Add an event (on the event loop)."""
+        self._pending.append(event)
+        if self._wake_every > 1 and isinstance(event, RequestOutput) and not event.finished:
+            self._outputs += 1
+            if self._outputs > 1 and len(self._pending) < self._wake_every:
+                return  # not the first output, not yet wake_every pending: let it gather
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        while not self._pending:
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
 
     async def get(self) -> Event:
-        return await self._events.get()
+        """The next event."""
+        await self._wait()
+        return self._pending.popleft()
+
+    async def get_all(self) -> list[Event]:
+        """Every pending event, in order; waits for one if there is none."""
+        await self._wait()
+        events = list(self._pending)
+        self._pending.clear()
+        return events
 
 
 @dataclass(frozen=True)
@@ -104,14 +147,22 @@ class LoopSnapshot:
 
 
 class EngineLoop:
-    def __init__(self, engine: ServingEngine, metrics: Metrics, *, max_waiting: int) -> None:
+    def __init__(self, engine: ServingEngine, metrics: Metrics, *, max_waiting: int,
+                 stream_interval: int = 1) -> None:
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
             raise GenerationError(f"max_waiting: expected an integer >= 0, got {max_waiting!r}")
+        if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) \
+                or stream_interval < 1:
+            raise GenerationError(f"stream_interval: expected an integer >= 1, got "
+                                  f"{stream_interval!r}")
+        self.stream_interval = stream_interval
         self.engine = engine
         self.metrics = metrics
         self.capacity = engine.max_running + max_waiting
         self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # the loop thread's own
+        # the loop thread's own: events for the streams, handed over at the end of an iteration
+        self._outbox: list[tuple[RequestStream, Event]] = []
         self._lock = threading.Lock()  # guards _in_flight and _draining
         self._in_flight = 0
         self._draining = False
@@ -153,7 +204,7 @@ class EngineLoop:
                 raise Overloaded()
             self._in_flight += 1
             stream = RequestStream(f"{prefix}-{self._prefix}-{next(self._ids)}", prompt_ids,
-                                   params, loop)
+                                   params, loop, self.stream_interval)
             # under the lock: once a failure is set, no request joins the queue _fail_all empties
             self._commands.put(("add", stream))
         return stream
@@ -185,6 +236,7 @@ class EngineLoop:
         stopping = False
         last_snapshot = 0.0
         changed = False  # since the last snapshot
+        last_step_end: float | None = None  # perf_counter, while steps follow one another
         try:
             while True:
                 busy = engine.has_unfinished()
@@ -197,14 +249,21 @@ class EngineLoop:
                     for rid in list(self._streams):
                         engine.abort(rid)
                 if engine.has_unfinished():
+                    started = time.perf_counter()
+                    if last_step_end is not None:  # since: handing over, commands, GIL waits
+                        self.metrics.between_steps(started - last_step_end)
                     outputs = engine.step()
-                    now = time.perf_counter()
+                    now = last_step_end = time.perf_counter()
+                    self.metrics.stepped(now - started)
                     self._dispatch(outputs, now)
+                    self._flush()  # the commands' events and the step's: one handoff
                     changed = True
                     if now - last_snapshot >= SNAPSHOT_INTERVAL_S:
                         self.snapshot, last_snapshot = self._take_snapshot(), now
                         changed = False
                     continue
+                self._flush()
+                last_step_end = None  # idle: the next step starts a new busy stretch
                 if changed:  # idle now: show the state the engine rests in
                     self.snapshot, last_snapshot = self._take_snapshot(), time.perf_counter()
                     changed = False
@@ -244,14 +303,14 @@ class EngineLoop:
         except GenerationError as exc:
             self._finished_one()
             self.metrics.rejected("invalid")
-            self._send([(stream, Rejected(str(exc)))])
+            self._outbox.append((stream, Rejected(str(exc))))
             return
         self._streams[stream.request_id] = stream
         self.metrics.admitted(len(stream.prompt_ids))
-        self._send([(stream, Accepted())])
+        self._outbox.append((stream, Accepted()))
 
     def _dispatch(self, outputs: list[RequestOutput], now: float) -> None:
-        events = []
+        events = self._outbox
         tokens = 0
         for out in outputs:
             tokens += len(out.new_token_ids)
@@ -265,14 +324,17 @@ class EngineLoop:
                 self.metrics.finished(out, now)
         if tokens:
             self.metrics.generated(now, tokens)
-        self._send(events)
 
     def _finished_one(self) -> None:
         with self._lock:
             self._in_flight -= 1
 
-    def _send(self, events: list[tuple[RequestStream, Event]]) -> None:
-        """Hand events to their streams' event loop (one, for a server): one call per loop."""
+    def _flush(self) -> None:
+        """Hand the events gathered since the last flush to their streams' event loop (one,
+        for a server): one call per event loop, however many requests they are for."""
+        if not self._outbox:
+            return
+        events, self._outbox = self._outbox, []
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Event]]] = {}
         for stream, event in events:
             by_loop.setdefault(stream._loop, []).append((stream, event))
@@ -295,7 +357,8 @@ class EngineLoop:
                 streams.append(arg)  # type: ignore[arg-type]
         with self._lock:
             self._in_flight -= len(streams)
-        self._send([(s, Failed(message)) for s in streams])
+        self._outbox += [(s, Failed(message)) for s in streams]
+        self._flush()
 
     def _take_snapshot(self) -> LoopSnapshot:
         engine = self.engine
@@ -306,4 +369,4 @@ class EngineLoop:
 
 def _deliver(events: list[tuple[RequestStream, Event]]) -> None:
     for stream, event in events:
-        stream._events.put_nowait(event)
+        stream.put(event)

@@ -56,6 +56,7 @@ class ServeOptions:
     cuda_graph: bool = True
     shutdown_timeout: float = 30.0
     access_log: bool = False
+    stream_interval: int = 1  # a stream's task wakes every this many tokens (EngineLoop)
 
 
 def read_api_key(key: str | None, key_file: Path | None) -> str | None:
@@ -110,6 +111,7 @@ def _check_numbers(o: ServeOptions) -> int | float:
     cli_numbers.integer("--max-running", o.max_running)
     cli_numbers.integer("--max-waiting", o.max_waiting, minimum=0)
     cli_numbers.integer("--token-budget", o.token_budget)
+    cli_numbers.integer("--stream-interval", o.stream_interval)
     if o.max_context is not None:
         cli_numbers.integer("--max-context", o.max_context)
     cli_numbers.number("--shutdown-timeout", o.shutdown_timeout, 0.0, 24 * 3600.0)
@@ -189,7 +191,8 @@ def prepare(o: ServeOptions) -> PreparedServer:
             prefix_caching=o.prefix_caching, cuda_graph=o.cuda_graph and dev.type == "cuda",
             max_seq_len=o.max_context)
         metrics = Metrics()
-        loop = EngineLoop(engine, metrics, max_waiting=o.max_waiting)
+        loop = EngineLoop(engine, metrics, max_waiting=o.max_waiting,
+                          stream_interval=o.stream_interval)
         name = o.served_model_name or Path(loaded.source).name.removesuffix(".gguf")
         state = ServerState(loop, metrics, loaded.tokenizer, name.strip(), engine.max_seq_len,
                             loaded.config.vocab_size, api_key, loaded.sampling_defaults)

@@ -1,7 +1,8 @@
 """What `GET /metrics` shows, in Prometheus' text format (version 0.0.4), written by hand:
 counters of requests by how they ended and of tokens, gauges of the engine's state (requests
 running and waiting, KV blocks used, free, cached and reclaimable) and histograms of time to
-first token, inter-token latency and request latency.
+first token, inter-token latency, request latency, and of the engine loop's steps and the time
+between them.
 
 The engine loop thread records (`admitted`, `finished`, `generated`, `rejected` from the app);
 the event loop renders (`render`); a lock keeps the two apart.
@@ -64,6 +65,8 @@ class Metrics:
         self.ttft = Histogram()
         self.inter_token = Histogram()
         self.e2e = Histogram()
+        self.step = Histogram()
+        self.between = Histogram()
         self._recent: deque[tuple[float, int]] = deque()  # (perf_counter, tokens) per step
 
     # recording (the engine loop thread, and the app for refusals) -----------------------------
@@ -81,6 +84,18 @@ class Metrics:
             self.generation_tokens += tokens
             self._recent.append((now, tokens))
             self._trim(now)
+
+    def stepped(self, seconds: float) -> None:
+        """One engine step took `seconds` (wall time of ServingEngine.step)."""
+        with self._lock:
+            self.step.observe(seconds)
+
+    def between_steps(self, seconds: float) -> None:
+        """The engine loop spent `seconds` from the end of a step to the start of the next
+        one while requests were running: handing outputs over, taking commands, and waiting
+        for the GIL while the event loop holds it."""
+        with self._lock:
+            self.between.observe(seconds)
 
     def finished(self, out: RequestOutput, now: float) -> None:
         with self._lock:
@@ -156,6 +171,13 @@ class Metrics:
                    "for lack of KV blocks.", [f"toyllm_preemptions_total {s.preemptions}"])
             metric("toyllm_engine_steps_total", "counter", "Forward passes of the engine.",
                    [f"toyllm_engine_steps_total {s.steps}"])
+            metric("toyllm_engine_step_seconds", "histogram",
+                   "Wall time of one engine step (a forward pass and its sampling).",
+                   self.step.lines("toyllm_engine_step_seconds"))
+            metric("toyllm_engine_between_steps_seconds", "histogram",
+                   "From the end of an engine step to the start of the next while requests "
+                   "run: the engine loop's own work and its waits for the GIL.",
+                   self.between.lines("toyllm_engine_between_steps_seconds"))
             metric("toyllm_time_to_first_token_seconds", "histogram",
                    "From arrival at the engine to the first sampled token.",
                    self.ttft.lines("toyllm_time_to_first_token_seconds"))
