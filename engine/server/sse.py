@@ -4,7 +4,7 @@ event per chunk (engine/server/protocol.py builds the chunks' objects).
 A stream sends a chunk per token, so this is the server's hottest text: a chunk with only text
 (no log-probabilities, no finish reason) is a template filled with the JSON of its text, made
 once per request from protocol's own chunk object, so that it is byte for byte what
-`json.dumps` of that object gives (tests/test_server_sse.py checks it). Rarer chunks (the
+`json.dumps` of that object gives (tests/test_server_streaming.py checks it). Rarer chunks (the
 first, the last, log-probabilities, errors) are protocol's objects through json.dumps.
 
     chunks = CompletionChunks(request_id, model, created, with_usage, text_of)
