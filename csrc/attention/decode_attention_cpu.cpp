@@ -64,7 +64,12 @@ __attribute__((target("avx2"))) void axpy_avx2(float p, const float* v, float* a
 }
 #endif
 
+// How many keys ahead of the loop a key's (or value's) row is fetched (attend_heads): in a
+// decode step the caches come cold, the weights having streamed through the caches since this
+// layer last ran, and without it the loads wait on the last-level cache key after key.
 constexpr int64_t kPrefetchKeys = 16;
+
+// Asks for the cache lines of `bytes` bytes from p (a hint: nothing waits, nothing faults).
 inline void prefetch_bytes(const float* p, int64_t bytes) {
     const char* c = reinterpret_cast<const char*>(p);
     for (int64_t b = 0; b < bytes; b += 64) {
