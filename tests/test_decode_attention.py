@@ -1,7 +1,8 @@
 """toyllm::decode_attention against a float64 reference of masked attention: ragged seq_lens
 (0, 1 and max_seq_len included), GQA ratios 1/4/8/16 and MQA, head dims 64/128/256 and odd
 ones, fp32/fp16/bf16; long contexts that the CUDA kernel splits across blocks; CUDA-graph
-replay with new lengths; bad inputs; opcheck."""
+replay with new lengths; the CPU loop's thread split (bit for bit) and its skipped keys whose
+softmax weight underflows; bad inputs; opcheck."""
 
 from __future__ import annotations
 
