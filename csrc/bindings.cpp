@@ -10,6 +10,7 @@
 #include "cache/kv_cache.h"
 #include "cache/paged_kv_cache.h"
 #include "common/programmatic_launch.h"
+#include "gemv/cpu_gemv_isa.h"
 
 namespace py = pybind11;
 
@@ -46,6 +47,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "serialization (Hopper; default on). Kernels captured in a CUDA graph keep the "
           "setting they were captured with.");
     m.def("programmatic_launch_enabled", &toyllm::programmatic_launch_enabled);
+
+    // For the tests only (cpu_gemv_isa.h): the CPU GEMV's kernels of one instruction set.
+    m.def("_cpu_gemv_isas", &toyllm::cpu_gemv_isa_names,
+          "The instruction sets whose CPU GEMV kernels this CPU runs, portable first.");
+    m.def("_cpu_gemv_with_isa", &toyllm::gemv_cpu_with_isa, py::arg("x"), py::arg("weight"),
+          py::arg("isa"),
+          "toyllm::gemv on the CPU with the kernels of one instruction set (tests only).");
 
 #ifdef WITH_CUDA_KERNELS
     m.attr("with_cuda") = true;

@@ -142,10 +142,11 @@ def test_argmax_cpu_opcheck(dtype) -> None:
     torch.library.opcheck(OPS.argmax.default, (randn((3, 37), dtype, "cpu", seed=1),))
 
 
-@pytest.mark.parametrize("vocab", [1, 7, 8, 9, 17, 4096, 32000, 32001])
+@pytest.mark.parametrize("vocab", [1, 7, 8, 9, 17, 31, 32, 33, 47, 64, 65, 4096, 32000, 32001])
 def test_argmax_cpu_fp32_loop_equals_torch_at_lane_edges_ties_and_signed_zeros(vocab) -> None:
-    """The fp32 loop keeps 8 lane maxima and a tail: maxima and ties placed on every lane, at
-    the tail, first and last; ties of -0.0 and +0.0; row-strided and transposed layouts."""
+    """The fp32 loop keeps 8 lane maxima (AVX2: four sets, 32 values a step, from 32 values on)
+    and a tail: maxima and ties placed on every lane, at the tail, first and last; ties of -0.0
+    and +0.0; row-strided and transposed layouts."""
     rows = []
     for spot in sorted({0, 1, 7, 8, 9, vocab // 2, vocab - 9, vocab - 2, vocab - 1}):
         if not 0 <= spot < vocab:

@@ -1,7 +1,8 @@
 """toyllm::decode_attention against a float64 reference of masked attention: ragged seq_lens
 (0, 1 and max_seq_len included), GQA ratios 1/4/8/16 and MQA, head dims 64/128/256 and odd
 ones, fp32/fp16/bf16; long contexts that the CUDA kernel splits across blocks; CUDA-graph
-replay with new lengths; bad inputs; opcheck."""
+replay with new lengths; the CPU loop's thread split (bit for bit) and its skipped keys whose
+softmax weight underflows; bad inputs; opcheck."""
 
 from __future__ import annotations
 
@@ -117,6 +118,44 @@ def test_one_key_returns_its_value_exactly(device: str) -> None:
     )
     expected = v[:, 0].repeat_interleave(2, dim=1)  # [B, Hq, D]: softmax of one score is 1
     assert torch.allclose(out, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("heads", [(6, 6), (8, 2), (3, 1)], ids=lambda h: f"q{h[0]}kv{h[1]}")
+def test_cpu_one_and_two_threads_give_the_same_bits(heads: tuple[int, int]) -> None:
+    """The CPU loop splits (sequence, head) pairs over the threads and walks a thread's heads
+    of one sequence key by key; a split inside a sequence's heads changes no bit."""
+    seq_lens = [200, 1, 150, 0, 77]
+    q, k, v = random_inputs("cpu", torch.float32, len(seq_lens), 200, *heads, 48, seed=8)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.toyllm.decode_attention(q, k, v, lens, 0.15)
+        torch.set_num_threads(2)
+        two = torch.ops.toyllm.decode_attention(q, k, v, lens, 0.15)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+    assert_close_rows(one, reference_attention(q, k, v, seq_lens, 0.15), seq_lens,
+                      TOLERANCE[torch.float32])
+
+
+def test_cpu_keys_whose_weight_underflows_change_nothing() -> None:
+    """Keys scored 87.5 to 120 below the best have softmax weights under FLT_MIN (0 or a
+    denormal; the CPU loop skips them rather than pay a microcode assist per product): the
+    output is the best key's value bit for bit, as the exact weights (< 1e-38) round to."""
+    head_dim, length = 16, 40
+    q = torch.zeros(1, 1, head_dim)
+    q[0, 0, 0] = 1.0
+    k = torch.zeros(1, length, 1, head_dim)
+    k[0, :, 0, 0] = -torch.linspace(87.5, 120.0, length)  # scores below the best key's 0
+    k[0, 7, 0, 0] = 0.0  # the best key
+    v = torch.randn(1, length, 1, head_dim, generator=torch.Generator().manual_seed(9)) * 100
+    lens = torch.tensor([length], dtype=torch.int32)
+    out = torch.ops.toyllm.decode_attention(q, k, v, lens, 1.0)
+    assert torch.equal(out[0, 0], v[0, 7, 0])
+    assert_close_rows(out, reference_attention(q, k, v, [length], 1.0), [length],
+                      TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("device", DEVICES)

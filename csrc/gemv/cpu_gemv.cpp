@@ -33,12 +33,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <iterator>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #include "common/dispatched_ops.h"
 #include "common/op_args.h"
+#include "gemv/cpu_gemv_isa.h"
 #include "gemv/cpu_gemv_kernels.h"
 #include "gemv/gemv_args.h"
 
@@ -73,8 +76,9 @@ void check_gemv_cpu_args(const char* op, const char* x_name, const at::Tensor& x
                       weight.strides(), " for shape ", weight.sizes());
 }
 
-// y = x @ weight^T on checked arguments.
-at::Tensor gemv_cpu_checked(const at::Tensor& x, const at::Tensor& weight) {
+// y = x @ weight^T on checked arguments, with the kernels of `isa`.
+at::Tensor gemv_cpu_checked(const at::Tensor& x, const at::Tensor& weight,
+                            GemvIsa isa = cpu_gemv_best_isa()) {
     const int64_t out = weight.size(0);
     const int64_t in = weight.size(1);
     std::vector<int64_t> out_shape = x.sizes().vec();
@@ -87,8 +91,9 @@ at::Tensor gemv_cpu_checked(const at::Tensor& x, const at::Tensor& weight) {
         return y.zero_();
     }
     const at::Tensor xc = x.contiguous();
-    gemv_fp32_cpu(xc.const_data_ptr<float>(), weight.const_data_ptr<float>(),
-                  y.mutable_data_ptr<float>(), xc.numel() / in, in, out, weight.is_contiguous());
+    gemv_fp32_cpu_isa(isa, xc.const_data_ptr<float>(), weight.const_data_ptr<float>(),
+                      y.mutable_data_ptr<float>(), xc.numel() / in, in, out,
+                      weight.is_contiguous());
     return y;
 }
 
@@ -177,7 +182,32 @@ std::tuple<at::Tensor, at::Tensor> gemv_add_rms_norm_rope_kv_cpu(
     return {sum, q};
 }
 
+constexpr std::pair<GemvIsa, const char*> kIsaNames[] = {
+    {GemvIsa::kPortable, "portable"}, {GemvIsa::kAvx2, "avx2"}, {GemvIsa::kAvx512, "avx512"}};
+
 }  // namespace
+
+std::vector<std::string> cpu_gemv_isa_names() {
+    std::vector<std::string> names;
+    for (const auto& [isa, name] : kIsaNames) {
+        if (cpu_gemv_supports(isa)) {
+            names.emplace_back(name);
+        }
+    }
+    return names;
+}
+
+at::Tensor gemv_cpu_with_isa(const at::Tensor& x, const at::Tensor& weight,
+                             const std::string& isa) {
+    check_gemv_cpu_args("gemv", "x", x, weight, check_gemv_shapes);
+    const auto* found = std::find_if(std::begin(kIsaNames), std::end(kIsaNames),
+                                     [&isa](const auto& entry) { return isa == entry.second; });
+    TORCH_CHECK_VALUE(found != std::end(kIsaNames) && cpu_gemv_supports(found->first),
+                      "gemv: expected an instruction set this CPU runs (",
+                      c10::Join(", ", cpu_gemv_isa_names()), "), got '", isa, "'");
+    return gemv_cpu_checked(x, weight, found->first);
+}
+
 }  // namespace toyllm
 
 TORCH_LIBRARY_IMPL(toyllm, CPU, m) {

@@ -1,12 +1,15 @@
-// The fp32 CPU GEMV kernels (cpu_gemv_kernels.h): a row-major and an input-major loop, each in
-// AVX2+FMA and in portable C++, and the driver that splits the output over the threads.
+// The fp32 CPU GEMV kernels (cpu_gemv_kernels.h): a row-major loop in AVX-512F, AVX2+FMA and
+// portable C++, an input-major loop in AVX2+FMA and portable C++, and the driver that splits
+// the output over the threads.
 //
 // Why: with batch 1 every projection of a decode step is a matrix-vector product that reads
 // each weight once, so decode is bound by how fast the weights stream from where they are kept
 // (on a small model, the last-level cache). The row-major loop reads four weight rows at a time
 // front to back; the input-major loop keeps 32 outputs in registers while it walks the rows.
-// The AVX2+FMA kernels are chosen at run time (__builtin_cpu_supports), so the module needs no
-// -march flag.
+// The vector kernels are compiled for their instructions whatever the build's -march (target
+// attributes) and chosen at run time (__builtin_cpu_supports, once), so the module runs on any
+// x86-64. The AVX-512 row-major kernel does half the AVX2 kernel's loads and FMAs and ends a
+// row that is not a multiple of 16 floats with one masked load instead of a scalar loop.
 #include "gemv/cpu_gemv_kernels.h"
 
 #include <ATen/Parallel.h>
@@ -163,8 +166,95 @@ __attribute__((target("avx2,fma"))) void cols_avx2(const float* x, const float* 
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// AVX-512F kernel (row-major only: the input-major loop keeps AVX2's, whose bits it would
+// repeat), compiled for those instructions whatever the build's -march.
+
+// The sum of the 16 lanes: halves added, then as hsum. (The halves through zero-masked
+// extracts: GCC 12's unmasked ones, and _mm512_reduce_add_ps, warn of an uninitialised
+// register under -Wall.)
+__attribute__((target("avx512f"))) inline float hsum16(__m512 v) {
+    const __m512d vd = _mm512_castps_pd(v);
+    const __m256 low = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, vd, 0));
+    const __m256 high = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, vd, 1));
+    const __m256 s8 = _mm256_add_ps(low, high);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// One weight row's partial sums: 16 lanes over the row's whole vectors, then its last in % 16
+// floats by one masked load (`tail`; masked-off lanes read nothing and add 0).
+__attribute__((target("avx512f"))) inline __m512 row_dot16(const float* xm, const float* wj,
+                                                          int64_t in16, __mmask16 tail,
+                                                          __m512 acc) {
+    for (int64_t i = 0; i < in16; i += 16) {
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(wj + i), _mm512_loadu_ps(xm + i), acc);
+    }
+    if (tail != 0) {
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, wj + in16),
+                              _mm512_maskz_loadu_ps(tail, xm + in16), acc);
+    }
+    return acc;
+}
+
+__attribute__((target("avx512f"))) void rows_avx512(const float* x, const float* w, float* y,
+                                                     int64_t m_rows, int64_t in, int64_t out,
+                                                     int64_t j0, int64_t j1) {
+    const int64_t in16 = in - in % 16;
+    const __mmask16 tail = static_cast<__mmask16>((1u << (in % 16)) - 1u);
+    int64_t j = j0;
+    // four weight rows at a time, as rows_avx2; each row's sum runs in the order of
+    // row_dot16 (interleaved here), so a row gives the same bits in a block or alone
+    for (; j + kRowBlock <= j1; j += kRowBlock) {
+        const float* w0 = w + j * in;
+        const float* w1 = w0 + in;
+        const float* w2 = w1 + in;
+        const float* w3 = w2 + in;
+        for (int64_t m = 0; m < m_rows; ++m) {
+            const float* xm = x + m * in;
+            __m512 a0 = _mm512_setzero_ps();
+            __m512 a1 = _mm512_setzero_ps();
+            __m512 a2 = _mm512_setzero_ps();
+            __m512 a3 = _mm512_setzero_ps();
+            for (int64_t i = 0; i < in16; i += 16) {
+                const __m512 xv = _mm512_loadu_ps(xm + i);
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + i), xv, a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + i), xv, a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + i), xv, a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + i), xv, a3);
+            }
+            if (tail != 0) {
+                const __m512 xv = _mm512_maskz_loadu_ps(tail, xm + in16);
+                a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + in16), xv, a0);
+                a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w1 + in16), xv, a1);
+                a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w2 + in16), xv, a2);
+                a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w3 + in16), xv, a3);
+            }
+            float* ym = y + m * out + j;
+            ym[0] = hsum16(a0);
+            ym[1] = hsum16(a1);
+            ym[2] = hsum16(a2);
+            ym[3] = hsum16(a3);
+        }
+    }
+    for (; j < j1; ++j) {  // the last out % 4 rows, one at a time
+        const float* wj = w + j * in;
+        for (int64_t m = 0; m < m_rows; ++m) {
+            y[m * out + j] =
+                hsum16(row_dot16(x + m * in, wj, in16, tail, _mm512_setzero_ps()));
+        }
+    }
+}
+
 bool cpu_has_avx2_fma() {
     static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return has;
+}
+
+bool cpu_has_avx512f() {
+    static const bool has = __builtin_cpu_supports("avx512f");
     return has;
 }
 #endif
@@ -172,10 +262,49 @@ bool cpu_has_avx2_fma() {
 using Kernel = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
                         int64_t);
 
+Kernel kernel_for(GemvIsa isa, bool row_major) {
+#ifdef GEMV_X86
+    if (isa == GemvIsa::kAvx512) {
+        return row_major ? rows_avx512 : cols_avx2;
+    }
+    if (isa == GemvIsa::kAvx2) {
+        return row_major ? rows_avx2 : cols_avx2;
+    }
+#endif
+    return row_major ? rows_portable : cols_portable;
+}
+
 }  // namespace
+
+bool cpu_gemv_supports(GemvIsa isa) {
+    switch (isa) {
+        case GemvIsa::kPortable:
+            return true;
+#ifdef GEMV_X86
+        case GemvIsa::kAvx2:
+            return cpu_has_avx2_fma();
+        case GemvIsa::kAvx512:
+            return cpu_has_avx512f() && cpu_has_avx2_fma();
+#endif
+        default:
+            return false;
+    }
+}
+
+GemvIsa cpu_gemv_best_isa() {
+    static const GemvIsa best = cpu_gemv_supports(GemvIsa::kAvx512) ? GemvIsa::kAvx512
+                                : cpu_gemv_supports(GemvIsa::kAvx2) ? GemvIsa::kAvx2
+                                                                    : GemvIsa::kPortable;
+    return best;
+}
 
 void gemv_fp32_cpu(const float* x, const float* weight, float* y, int64_t rows, int64_t in,
                    int64_t out, bool row_major) {
+    gemv_fp32_cpu_isa(cpu_gemv_best_isa(), x, weight, y, rows, in, out, row_major);
+}
+
+void gemv_fp32_cpu_isa(GemvIsa isa, const float* x, const float* weight, float* y,
+                       int64_t rows, int64_t in, int64_t out, bool row_major) {
     if (rows == 0 || out == 0) {
         return;
     }
@@ -183,12 +312,7 @@ void gemv_fp32_cpu(const float* x, const float* weight, float* y, int64_t rows, 
         std::fill(y, y + rows * out, 0.f);
         return;
     }
-    Kernel kernel = row_major ? rows_portable : cols_portable;
-#ifdef GEMV_X86
-    if (cpu_has_avx2_fma()) {
-        kernel = row_major ? rows_avx2 : cols_avx2;
-    }
-#endif
+    const Kernel kernel = kernel_for(isa, row_major);
     // Split the output into blocks of whole kernel steps; a thread takes at least
     // kMinBytesPerThread of weights.
     const int64_t block = row_major ? kRowBlock : kColBlock;

@@ -1,21 +1,38 @@
 // The fp32 CPU matrix-vector products of a decode step, as a plain function on pointers: the
 // kernel behind toyllm::gemv on the CPU (cpu_gemv.cpp) and behind the products of
-// toyllm::cpu_decode_layer (layer/cpu_decode_layer.cpp), so both give the same bits.
+// toyllm::cpu_decode_layer and toyllm::cpu_decode_step (layer/), so all give the same bits.
 #pragma once
 
 #include <cstdint>
 
 namespace toyllm {
 
+// The instruction sets the kernels come in, from the portable loops up. The product takes
+// the best one the CPU runs (cpu_gemv_best_isa), once per process.
+enum class GemvIsa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The best GemvIsa this CPU runs (AVX-512F, else AVX2 + FMA, else the portable loops).
+GemvIsa cpu_gemv_best_isa();
+
+// Whether this CPU runs the kernels of `isa`.
+bool cpu_gemv_supports(GemvIsa isa);
+
 // y[m, j] = sum_i x[m, i] * weight[j, i] for m < rows, j < out (F.linear without bias).
 // weight is [out, in] row-major when `row_major` (nn.Linear's layout, the fastest), else the
 // transposed view of a contiguous [in, out] matrix (engine/cpu_layout.py's input-major storage).
-// Output rows are split over ATen's threads (at::parallel_for); the AVX2+FMA kernels are chosen
-// at run time, with portable loops as the fallback. Each y[m, j] is summed in one order that
-// does not depend on the number of threads.
+// Output rows are split over ATen's threads (at::parallel_for), in whole blocks of the
+// kernel's rows, so each y[m, j] is summed in one order that does not depend on the number of
+// threads; the order does depend on the instruction set (16 partial sums under AVX-512 and 8
+// under AVX2 for the row-major kernel; the input-major kernels sum each output in input order
+// with one rounding per fused multiply-add, the same bits under AVX-512 and AVX2).
 void gemv_fp32_cpu(const float* x,       // [rows, in], contiguous
                    const float* weight,  // [out, in] row-major, or [in, out] row-major
                    float* y,             // [rows, out], contiguous
                    int64_t rows, int64_t in, int64_t out, bool row_major);
+
+// The same product with the kernels of `isa`, which the CPU must run (cpu_gemv_supports):
+// what the tests compare the instruction sets with; the product itself calls gemv_fp32_cpu.
+void gemv_fp32_cpu_isa(GemvIsa isa, const float* x, const float* weight, float* y,
+                       int64_t rows, int64_t in, int64_t out, bool row_major);
 
 }  // namespace toyllm

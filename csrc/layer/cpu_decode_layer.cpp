@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> cpu_decode_layer(
                       sin.stride(0), k_cache.mutable_data_ptr<float>(),
                       v_cache.mutable_data_ptr<float>(), positions.const_data_ptr<int32_t>(),
                       out_sum.mutable_data_ptr<float>(), out_down.mutable_data_ptr<float>(),
-                      scratch);
+                      carve_layer_scratch(s, scratch, positions.const_data_ptr<int32_t>()));
     return {out_sum, out_down};
 }
 

@@ -22,6 +22,8 @@
 // Every argument is checked, the positions' range and the token ids included, before anything
 // is written into a cache.
 #include <ATen/ATen.h>
+#include <ATen/ops/cos_cpu_dispatch.h>
+#include <ATen/ops/sin_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -143,7 +145,8 @@ at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
 
     // RoPE's angles, rope_cos_sin's fp32 products of the clamped position and the inverse
     // frequencies, each half twice; then ATen's cos and sin on them (the same kernel on the
-    // same contiguous values as rope_cos_sin's emb.cos(), so the same bits)
+    // same contiguous values as rope_cos_sin's emb.cos(), so the same bits; at::cpu:: calls
+    // the CPU kernels without the dispatcher)
     at::Tensor angles = at::empty({rows, d}, embedding.options());
     float* ang = angles.mutable_data_ptr<float>();
     const float* freq = inv_freq.const_data_ptr<float>();
@@ -153,8 +156,8 @@ at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
             ang[r * d + i] = ang[r * d + d / 2 + i] = p * freq[i];
         }
     }
-    const at::Tensor cos = at::cos(angles);  // [rows, D]
-    const at::Tensor sin = at::sin(angles);
+    const at::Tensor cos = at::cpu::cos(angles);  // [rows, D]
+    const at::Tensor sin = at::cpu::sin(angles);
 
     // one allocation: the embedded tokens, two (stream, residual) pairs the layers alternate
     // between, and the largest layer's scratch
@@ -175,9 +178,14 @@ at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
                     static_cast<size_t>(hidden) * sizeof(float));
     }
 
+    // the layers' scratch, carved again only where a layer's widths differ from the last's
+    LayerScratch layer_scratch = carve_layer_scratch(shapes.front(), scratch, pos);
     const float* in = x;
     const float* residual = nullptr;  // the first layer has none
     for (size_t i = 0; i < shapes.size(); ++i) {
+        if (i > 0 && !same_scratch_layout(shapes[i], shapes[i - 1])) {
+            layer_scratch = carve_layer_scratch(shapes[i], scratch, pos);
+        }
         const at::Tensor* w = layer_weights.data() + kWeightsPerLayer * i;
         const LayerWeightPtrs ptrs{w[0].const_data_ptr<float>(), w[1].const_data_ptr<float>(),
                                    w[2].const_data_ptr<float>(), w[3].const_data_ptr<float>(),
@@ -185,7 +193,8 @@ at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
         float* const* out = pair[i % 2];
         decode_layer_fp32(shapes[i], ptrs, eps_f, in, residual, cos.const_data_ptr<float>(), d,
                           sin.const_data_ptr<float>(), d, k_caches[i].mutable_data_ptr<float>(),
-                          v_caches[i].mutable_data_ptr<float>(), pos, out[0], out[1], scratch);
+                          v_caches[i].mutable_data_ptr<float>(), pos, out[0], out[1],
+                          layer_scratch);
         in = out[0];
         residual = out[1];
     }

@@ -1,6 +1,8 @@
 // The checks and math of one CPU decode layer in fp32 (decode_layer_fp32.h).
 #include "layer/decode_layer_fp32.h"
 
+#include <ATen/ops/silu_cpu_dispatch.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -26,16 +28,15 @@ void check_weight(const char* op, const char* name, const at::Tensor& w, int64_t
                       " for shape ", w.sizes());
 }
 
-// silu(gate) * up for gate_up [rows, 2 * I] (gate, then up) at `offset` floats into scratch,
-// written to the [rows, I] that follow it: ATen's silu on the gate view, as
-// models/layer_math.py's F.silu(gate) * up computes it (the same bits: ATen's vectorised exp
-// rounds otherwise than a scalar one would), then the products (exact, as at::mul's).
-void silu_mul_rows(const at::Tensor& scratch, int64_t offset, int64_t rows, int64_t inter) {
-    const at::Tensor gate_up = scratch.narrow(0, offset, rows * 2 * inter).view({rows, 2 * inter});
-    at::Tensor act = scratch.narrow(0, offset + rows * 2 * inter, rows * inter).view({rows, inter});
-    at::silu_out(act, gate_up.narrow(1, 0, inter));
-    const float* up = gate_up.const_data_ptr<float>() + inter;
-    float* ap = act.mutable_data_ptr<float>();
+// silu(gate) * up into scratch.act for scratch.gate_up [rows, 2 * I] (gate, then up): ATen's
+// silu on the gate view, as models/layer_math.py's F.silu(gate) * up computes it (the same
+// bits: ATen's vectorised exp rounds otherwise than a scalar one would; at::cpu:: calls the
+// CPU kernel without the dispatcher), then the products (exact, as at::mul's).
+void silu_mul_rows(const LayerScratch& scratch, int64_t rows, int64_t inter) {
+    at::Tensor act = scratch.act_view;
+    at::cpu::silu_out(act, scratch.gate_view);
+    const float* up = scratch.gate_up + inter;
+    float* ap = scratch.act;
     for (int64_t r = 0; r < rows; ++r) {
         for (int64_t i = 0; i < inter; ++i) {
             ap[r * inter + i] *= up[r * 2 * inter + i];
@@ -146,35 +147,63 @@ int64_t layer_scratch_floats(const LayerShape& s) {
     return total;
 }
 
+LayerScratch carve_layer_scratch(const LayerShape& s, const at::Tensor& scratch,
+                                 const int32_t* positions) {
+    // s, h, qkv, q, attention out, gate_up, silu(gate) * up
+    int64_t sizes[kParts];
+    scratch_sizes(s, sizes);
+    int64_t offset[kParts + 1] = {0};
+    for (int i = 0; i < kParts; ++i) {
+        offset[i + 1] = offset[i] + sizes[i];
+    }
+    float* const base = scratch.mutable_data_ptr<float>();
+    LayerScratch out;
+    out.sum_in = base + offset[0];
+    out.h = base + offset[1];
+    out.qkv = base + offset[2];
+    out.q = base + offset[3];
+    out.attn = base + offset[4];
+    out.gate_up = base + offset[5];
+    out.act = base + offset[6];
+    const int64_t rows = s.rows, inter = s.intermediate;
+    out.gate_view = scratch.narrow(0, offset[5], rows * 2 * inter)
+                        .view({rows, 2 * inter})
+                        .narrow(1, 0, inter);
+    out.act_view = scratch.narrow(0, offset[6], rows * inter).view({rows, inter});
+    // each row attends over its keys 0..max(p, 0), as DecodeStep.attend_cached's seq_lens
+    out.lens.resize(static_cast<size_t>(rows));
+    out.longest = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        out.lens[r] = std::max<int32_t>(positions[r], 0) + 1;
+        out.longest = std::max<int64_t>(out.longest, out.lens[r]);
+    }
+    return out;
+}
+
+bool same_scratch_layout(const LayerShape& a, const LayerShape& b) {
+    return a.rows == b.rows && a.hidden == b.hidden && a.num_q_heads == b.num_q_heads &&
+           a.num_kv_heads == b.num_kv_heads && a.head_dim == b.head_dim &&
+           a.intermediate == b.intermediate;
+}
+
 void decode_layer_fp32(const LayerShape& s, const LayerWeightPtrs& w, float eps, const float* x,
                        const float* residual, const float* cos, int64_t cos_row_stride,
                        const float* sin, int64_t sin_row_stride, float* k_cache, float* v_cache,
                        const int32_t* positions, float* out_sum, float* out_down,
-                       const at::Tensor& scratch) {
+                       const LayerScratch& scratch) {
     const int64_t rows = s.rows, hidden = s.hidden, hq = s.num_q_heads, hkv = s.num_kv_heads;
     const int64_t d = s.head_dim, inter = s.intermediate;
     const int64_t qkv_width = (hq + 2 * hkv) * d;
     if (rows == 0) {
         return;
     }
-    // the scratch, carved: s, h, qkv, q, attention out, gate_up, silu(gate) * up
-    int64_t sizes[kParts];
-    scratch_sizes(s, sizes);
-    float* const base = scratch.mutable_data_ptr<float>();
-    float* next = base;
-    auto take = [&next](int64_t n) {
-        float* p = next;
-        next += n;
-        return p;
-    };
-    float* sum_in = take(sizes[0]);
-    float* hp = take(sizes[1]);
-    float* qkvp = take(sizes[2]);
-    float* qp = take(sizes[3]);
-    float* ap = take(sizes[4]);
-    const int64_t gate_up_offset = next - base;
-    float* gate_up = take(sizes[5]);
-    float* act = take(sizes[6]);
+    float* sum_in = scratch.sum_in;
+    float* hp = scratch.h;
+    float* qkvp = scratch.qkv;
+    float* qp = scratch.q;
+    float* ap = scratch.attn;
+    float* gate_up = scratch.gate_up;
+    float* act = scratch.act;
 
     // s = x + residual (the add of add_rms_norm: one IEEE add per element, as at::add)
     const float* sp = x;
@@ -207,17 +236,10 @@ void decode_layer_fp32(const LayerShape& s, const LayerWeightPtrs& w, float eps,
                     static_cast<size_t>(slot) * sizeof(float));
     }
 
-    // each row attends over its keys 0..max(p, 0), as DecodeStep.attend_cached's seq_lens
-    std::vector<int32_t> lens(static_cast<size_t>(rows));
-    int64_t longest = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-        lens[r] = std::max<int32_t>(positions[r], 0) + 1;
-        longest = std::max<int64_t>(longest, lens[r]);
-    }
     // the scale as Python computes head_dim ** -0.5, rounded to fp32 as decode_attention does
     const float scale = static_cast<float>(std::pow(static_cast<double>(d), -0.5));
-    decode_attention_fp32_cpu(qp, k_cache, v_cache, lens.data(), ap, rows, hq, hkv, d,
-                              s.max_seq_len, longest, scale);
+    decode_attention_fp32_cpu(qp, k_cache, v_cache, scratch.lens.data(), ap, rows, hq, hkv, d,
+                              s.max_seq_len, scratch.longest, scale);
 
     // s2 = s + attn @ o^T (out_down holds the product for a moment), h = rms_norm(s2)
     gemv_fp32_cpu(ap, w.o, out_down, rows, hq * d, hidden, true);
@@ -228,7 +250,7 @@ void decode_layer_fp32(const LayerShape& s, const LayerWeightPtrs& w, float eps,
 
     // the MLP: gate/up, silu(gate) * up, down
     gemv_fp32_cpu(hp, w.gate_up, gate_up, rows, hidden, 2 * inter, true);
-    silu_mul_rows(scratch, gate_up_offset, rows, inter);
+    silu_mul_rows(scratch, rows, inter);
     gemv_fp32_cpu(act, w.down, out_down, rows, inter, hidden, true);
 }
 

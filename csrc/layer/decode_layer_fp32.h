@@ -26,6 +26,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace toyllm {
 
@@ -74,12 +75,37 @@ void check_positions_fit(const char* op, const at::Tensor& positions, int64_t ro
                          const char* rows_why, const at::Device& device, const char* device_why,
                          int64_t max_seq_len);
 
-// Floats of scratch one layer call needs (decode_layer_fp32's `scratch`).
+// Floats of scratch one layer call needs (carve_layer_scratch's `scratch`).
 int64_t layer_scratch_floats(const LayerShape& s);
+
+// A layer call's scratch: pointers into one fp32 tensor, the two views of it that ATen's silu
+// reads and writes, and the keys each row attends over. Carved once and reused by every layer
+// of the same shape and positions (views cost about a microsecond each to make).
+struct LayerScratch {
+    float* sum_in;              // [rows, hidden]: x + residual
+    float* h;                   // [rows, hidden]: a norm's output
+    float* qkv;                 // [rows, (Hq + 2 Hkv) D]
+    float* q;                   // [rows, Hq D]: q after RoPE
+    float* attn;                // [rows, Hq D]: attention's output
+    float* gate_up;             // [rows, 2 I]
+    float* act;                 // [rows, I]: silu(gate) * up
+    at::Tensor gate_view;       // [rows, I] view of gate_up's gate half
+    at::Tensor act_view;        // [rows, I] view of act
+    std::vector<int32_t> lens;  // [rows]: max(position, 0) + 1
+    int64_t longest;            // the largest of lens
+};
+
+// The scratch of a layer of shape s in `scratch` (an fp32 CPU tensor of at least
+// layer_scratch_floats(s) elements), for rows at `positions` (int32 [s.rows]).
+LayerScratch carve_layer_scratch(const LayerShape& s, const at::Tensor& scratch,
+                                 const int32_t* positions);
+
+// Whether two layers' scratch is carved alike (the same widths and rows).
+bool same_scratch_layout(const LayerShape& a, const LayerShape& b);
 
 // The layer (see the top of this file) on a checked shape. x, residual, out_sum and out_down
 // are [rows, hidden] each and must not alias one another; residual may be null (the first
-// layer). scratch: an fp32 CPU tensor of at least layer_scratch_floats(s) elements.
+// layer). scratch: carve_layer_scratch of this shape and these positions.
 void decode_layer_fp32(const LayerShape& s, const LayerWeightPtrs& w, float eps,
                        const float* x,         // [rows, hidden]
                        const float* residual,  // [rows, hidden], or null
@@ -92,6 +118,6 @@ void decode_layer_fp32(const LayerShape& s, const LayerWeightPtrs& w, float eps,
                        const int32_t* positions,  // [rows]; < 0: a finished row
                        float* out_sum,          // [rows, hidden]: s2
                        float* out_down,         // [rows, hidden]: the MLP's output
-                       const at::Tensor& scratch);
+                       const LayerScratch& scratch);
 
 }  // namespace toyllm

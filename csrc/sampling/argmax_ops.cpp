@@ -6,7 +6,7 @@
 // index: int64 [rows], torch's answer bit for bit: the first index of the row's maximum, NaN
 // counting as the maximum (the first NaN wins). CPU: fp32 rows of finite values in two passes
 // of a plain loop (the maximum and the row's finiteness, then its first index), anything else
-// at::argmax. CUDA: the kernel of argmax.cu, which splits a row over many blocks (torch's reduction takes ~27 us for one row of
+// at::argmax (the passes in AVX2 where the CPU has it). CUDA: the kernel of argmax.cu, which splits a row over many blocks (torch's reduction takes ~27 us for one row of
 // 128,256 logits on an H200). A row-strided view (last dim contiguous, e.g. the last position
 // of [rows, tokens, vocab] logits) is read in place; any other layout is packed first. Only the
 // index and a small scratch are allocated (through torch's caching allocator), so a call can be
@@ -15,6 +15,11 @@
 #include <torch/library.h>
 
 #include "common/op_args.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define ARGMAX_X86 1
+#endif
 
 #ifdef WITH_CUDA_KERNELS
 #include <ATen/cuda/CUDAContext.h>
@@ -72,6 +77,95 @@ RowMax row_max_fp32(const float* __restrict__ x, int64_t n) {
     return {best, nonfinite == 0.f};
 }
 
+// The first index i with x[i] == value, for a value the row holds.
+int64_t first_index_fp32(const float* x, float value) {
+    int64_t i = 0;
+    while (x[i] != value) {  // -0.0 == 0.0, as torch's compare
+        ++i;
+    }
+    return i;
+}
+
+#ifdef ARGMAX_X86
+// row_max_fp32 in AVX2: the same eight lanes, each v > lane ? v : lane (_mm256_max_ps(v, lane)
+// returns lane when either is NaN, as the compare does) and bad += v - v, 32 values a step in
+// four such sets folded together at the end. The maximum of finite values is exact in any
+// order, so the result is row_max_fp32's whenever the row is finite (otherwise only `finite`
+// counts).
+__attribute__((target("avx2"))) RowMax row_max_fp32_avx2(const float* x, int64_t n) {
+    if (n < 32) {
+        return row_max_fp32(x, n);
+    }
+    __m256 lane[4], bad[4];
+    for (int s = 0; s < 4; ++s) {
+        lane[s] = _mm256_set1_ps(x[0]);
+        bad[s] = _mm256_setzero_ps();
+    }
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        for (int s = 0; s < 4; ++s) {
+            const __m256 v = _mm256_loadu_ps(x + i + 8 * s);
+            lane[s] = _mm256_max_ps(v, lane[s]);
+            bad[s] = _mm256_add_ps(bad[s], _mm256_sub_ps(v, v));
+        }
+    }
+    float lanes[8], bads[8];
+    _mm256_storeu_ps(lanes, _mm256_max_ps(_mm256_max_ps(lane[0], lane[1]),
+                                          _mm256_max_ps(lane[2], lane[3])));
+    _mm256_storeu_ps(bads, _mm256_add_ps(_mm256_add_ps(bad[0], bad[1]),
+                                         _mm256_add_ps(bad[2], bad[3])));
+    float best = lanes[0], nonfinite = bads[0];
+    for (int l = 1; l < 8; ++l) {
+        best = lanes[l] > best ? lanes[l] : best;
+        nonfinite += bads[l];
+    }
+    for (; i < n; ++i) {
+        best = x[i] > best ? x[i] : best;
+        nonfinite += x[i] - x[i];
+    }
+    return {best, nonfinite == 0.f};
+}
+
+// first_index_fp32 eight values a compare (ordered equality: -0.0 == 0.0, as above).
+__attribute__((target("avx2"))) int64_t first_index_fp32_avx2(const float* x, int64_t n,
+                                                               float value) {
+    const __m256 want = _mm256_set1_ps(value);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const int hits =
+            _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), want, _CMP_EQ_OQ));
+        if (hits != 0) {
+            return i + __builtin_ctz(static_cast<unsigned>(hits));
+        }
+    }
+    return i + first_index_fp32(x + i, value);
+}
+
+bool cpu_has_avx2() {
+    static const bool has = __builtin_cpu_supports("avx2");
+    return has;
+}
+#endif
+
+// The two passes, in AVX2 where the CPU has it (the same answers).
+RowMax row_max(const float* x, int64_t n) {
+#ifdef ARGMAX_X86
+    if (cpu_has_avx2()) {
+        return row_max_fp32_avx2(x, n);
+    }
+#endif
+    return row_max_fp32(x, n);
+}
+
+int64_t first_index(const float* x, int64_t n, float value) {
+#ifdef ARGMAX_X86
+    if (cpu_has_avx2()) {
+        return first_index_fp32_avx2(x, n, value);
+    }
+#endif
+    return first_index_fp32(x, value);
+}
+
 // torch.argmax of fp32 rows of finite values in two passes (the maximum, then its first
 // index): a small part of the time at::argmax and at::isfinite take together (docs/PERF.md,
 // "CPU decode"). Rows with a NaN or an inf take at::argmax, whose NaN rule (the first NaN is
@@ -85,16 +179,12 @@ at::Tensor argmax_cpu_fp32(const at::Tensor& logits, bool flag_nonfinite) {
     const float* base = x.const_data_ptr<float>();
     for (int64_t r = 0; r < rows; ++r) {
         const float* row = base + r * x.stride(0);
-        const RowMax m = row_max_fp32(row, vocab);
+        const RowMax m = row_max(row, vocab);
         if (!m.finite) {
             out[r] = flag_nonfinite ? -1 : at::argmax(x.select(0, r)).item<int64_t>();
             continue;
         }
-        int64_t i = 0;
-        while (row[i] != m.max) {  // -0.0 == 0.0, as torch's compare
-            ++i;
-        }
-        out[r] = i;
+        out[r] = first_index(row, vocab, m.max);
     }
     return index;
 }
