@@ -210,6 +210,7 @@ def test_bad_serve_options_exit_2_with_one_line(tmp_path: Path, checkpoint: Path
         (["--api-key", "a", "--api-key-file", str(empty_key)], "not both"),
         (["--max-waiting", "-1"], "--max-waiting"),
         (["--max-running", "0"], "--max-running"),
+        (["--stream-interval", "0"], "--stream-interval"),
         (["--kv-memory", "lots"], "--kv-memory"),
         (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
         (["--device", "tpu"], "tpu"),
