@@ -100,11 +100,6 @@ def check_tensor(where: str, name: str, t: torch.Tensor) -> None:
                               "(NaN or inf); refused")
 
 
-def is_checkpoint_dir(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / "config.json").is_file()
-
-
 def load_checkpoint(
     directory: str | Path,
     device: str | torch.device = "cpu",
