@@ -44,6 +44,7 @@ def test_the_tables_of_a_small_run(capsys) -> None:
     (["--prompt-lens", "200,250"], "exceeds tiny's context of 256"),
     (["--prompt-lens", "9"], "expected LOW,HIGH (two integers), got '9'"),
     (["--output-lens", "8,3"], "expected 0 < LOW <= HIGH, got '8,3'"),
+    (["--profile-skip", "-1"], "--profile-skip: expected a count >= 0, got -1"),
 ])
 def test_bad_options_are_refused(args: list[str], message: str) -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True,
