@@ -27,16 +27,24 @@ from toyllm.engine.ops.kv_cache import decode_attention
 from toyllm.engine.ops.paged_cache import paged_decode_attention, paged_kv_write
 from toyllm.engine.tools.timing import time_graph
 
-# (batch, seq_len, q_heads, kv_heads, head_dim): Llama-1B heads, batch and context swept
+# (batch, seq_len, q_heads, kv_heads, head_dim): Llama-1B heads, batch and context swept; half
+# the rows at seq_len, half at seq_len // 2
 SHAPES = [(1, 4096, 32, 8, 64), (16, 4096, 32, 8, 64), (64, 1024, 32, 8, 64),
           (256, 600, 32, 8, 64), (16, 1024, 32, 8, 128)]
 BLOCK_SIZES = [16, 32, 256]
+# A serving engine's decode step (the random workload of `toyllm bench --workload random` some
+# 150 steps in): 256 rows whose lengths are uniform in [250, 1200].
+SERVING_SHAPES = [(256, 1200, 32, 8, 64)]
+SERVING_MIN_LEN = 250
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--serving", action="store_true",
+                    help="only the serving step's shape (lengths uniform in [250, 1200]), with "
+                         "block sizes 16 to 256 and each tile the kernel takes (64, 128)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_paged_decode_attention: needs a CUDA GPU; none is available here")
@@ -46,15 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"{'shape (b, s, hq, hkv, d)':28} {'block':>5} {'contig us':>9} {'paged us':>9} "
           f"{'paged GB/s':>10} {'paged/contig':>12} {'same bits':>9} {'write us':>9}")
-    for b, s, hq, hkv, d in SHAPES:
+    shapes = SERVING_SHAPES if args.serving else SHAPES
+    block_sizes = [16, 32, 64, 128, 256] if args.serving else BLOCK_SIZES
+    tiles = [0, 64, 128] if args.serving else [0]
+    for b, s, hq, hkv, d in shapes:
         gen = torch.Generator(device=dev).manual_seed(0)
         kc = torch.randn(b, s, hkv, d, device=dev, dtype=dtype, generator=gen)
         vc = torch.randn(b, s, hkv, d, device=dev, dtype=dtype, generator=gen)
         q = torch.randn(b, hq, d, device=dev, dtype=dtype, generator=gen)
-        lens = torch.full((b,), s, dtype=torch.int32, device=dev)
-        lens[::2] = max(1, s // 2)  # ragged rows
+        if args.serving:
+            lens = torch.randint(SERVING_MIN_LEN, s + 1, (b,), dtype=torch.int32,
+                                 generator=torch.Generator().manual_seed(0)).to(dev)
+        else:
+            lens = torch.full((b,), s, dtype=torch.int32, device=dev)
+            lens[::2] = max(1, s // 2)  # ragged rows
         nbytes = 2 * int(lens.sum()) * hkv * d * kc.element_size()
-        for bs in BLOCK_SIZES:
+        for bs, tile in [(bs, t) for bs in block_sizes for t in tiles]:
             width = -(-s // bs)
             # The contiguous cache of the table's capacity, and the same keys in shuffled blocks.
             cap = width * bs
@@ -67,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             v_pool = torch.empty_like(k_pool)
             k_pool[table.long().flatten()] = kcap.view(b * width, bs, hkv, d)
             v_pool[table.long().flatten()] = vcap.view(b * width, bs, hkv, d)
-            contig = partial(decode_attention, q, kcap, vcap, lens)
-            paged = partial(paged_decode_attention, q, k_pool, v_pool, table, lens)
+            contig = partial(decode_attention, q, kcap, vcap, lens, tile=tile)
+            paged = partial(paged_decode_attention, q, k_pool, v_pool, table, lens, tile=tile)
             same = bool(torch.equal(contig(), paged()))
             t_contig, t_paged = time_graph(contig, 50, 5), time_graph(paged, 50, 5)
             new_k = torch.randn(b, hkv, d, device=dev, dtype=dtype, generator=gen)
@@ -76,10 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             write = partial(paged_kv_write, k_pool, v_pool, new_k, new_k, slots)
             t_write = time_graph(write, 50, 5)
             row = dict(batch=b, seq_len=s, q_heads=hq, kv_heads=hkv, head_dim=d, block_size=bs,
+                       tile=tile, serving=args.serving,
                        contig_us=t_contig, paged_us=t_paged, paged_gbs=nbytes / t_paged / 1e3,
                        ratio=t_paged / t_contig, same_bits=same, write_us=t_write)
             rows.append(row)
-            print(f"{str((b, s, hq, hkv, d)):28} {bs:5d} {t_contig:9.1f} {t_paged:9.1f} "
+            print(f"{str((b, s, hq, hkv, d)) + (f' t{tile}' if tile else ''):28} {bs:5d} "
+                  f"{t_contig:9.1f} {t_paged:9.1f} "
                   f"{row['paged_gbs']:10.0f} {row['ratio']:12.3f} {str(same):>9} "
                   f"{t_write:9.2f}")
     if args.json:
