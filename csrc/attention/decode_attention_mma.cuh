@@ -211,17 +211,30 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_mma_kernel(
         const int64_t first = static_cast<int64_t>(tile) * Tile + half * kSlotKeys;
         T* slot = ring + (c % kRing) * kSlotElems;
         if constexpr (Paged) {
-            // Each row through the table; an entry outside the pool fills it with zeros.
+            // Each row through the table; an entry outside the pool fills it with zeros. Lane l
+            // looks up rows l and l + 32 first (independent loads, all in flight at once), and
+            // the copies take each row's offset from its lane by a shuffle: looked up inside the
+            // copy loop, each lookup waited for the copy before it (the copy's asm clobbers
+            // memory), and the paged pass ran at half the contiguous one's speed.
             const T* pool = part < kHalves ? k_cache : v_cache;
-#pragma unroll 4
-            for (int e = lane; e < kSlotKeys * kVecs; e += 32) {
+            static_assert(kSlotKeys == 64 && 32 % kVecs == 0,
+                          "lane l looks up rows l and l + 32; a copy step holds whole rows");
+            const int64_t low = lane < n ? decode_attention_kernels::key_row_offset<true>(
+                                               pages, b, key_begin + first + lane, max_seq_len,
+                                               row_stride, kv_offset)
+                                         : -1;
+            const int64_t high = lane + 32 < n ? decode_attention_kernels::key_row_offset<true>(
+                                                     pages, b, key_begin + first + lane + 32,
+                                                     max_seq_len, row_stride, kv_offset)
+                                               : -1;
+#pragma unroll
+            for (int i = 0; i < kSlotKeys * kVecs / 32; ++i) {
+                const int e = lane + 32 * i;
                 const int key = e / kVecs;
                 const int vec = e - key * kVecs;
+                // a step's rows are all below 32 or all above: which is known at compile time
                 const int64_t offset =
-                    key < n ? decode_attention_kernels::key_row_offset<true>(
-                                  pages, b, key_begin + first + key, max_seq_len, row_stride,
-                                  kv_offset)
-                            : -1;
+                    __shfl_sync(0xffffffffu, i * 32 / kVecs < 32 ? low : high, key & 31);
                 const bool valid = offset >= 0;
                 copy16_async(shared_address(slot + key * kPitch + vec * 8),
                              pool + (valid ? offset : 0) + vec * 8, valid);
