@@ -137,18 +137,25 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 
-    def fork(self, parent: Request, child: Request) -> None:
+    def fork(self, parent: Request, child: Request, computed: int | None = None) -> None:
         """Run `child` (a new request with the parent's tokens) on the parent's blocks: the
-        cache's fork shares them all; the block both will write next is copied on write."""
-        if parent.status is not RequestStatus.RUNNING or parent.num_pending != 1:
+        cache's fork shares them all; the block both will write next is copied on write.
+        computed: the parent's tokens whose K/V the child takes (default num_computed; one
+        less while a step in flight computes the parent's last known token: the child
+        computes that one itself)."""
+        computed = parent.num_computed if computed is None else computed
+        if parent.status is not RequestStatus.RUNNING or len(parent.token_ids) - computed != 1 \
+                or not 0 <= parent.num_computed - computed <= 1:
             raise ValueError("fork: expected a running request that has finished its prompt")
         if len(self.running) >= self.max_running:
             raise ValueError(f"fork: all {self.max_running} running slots are taken")
         child.seq = self.cache.fork(parent.seq)
-        child.num_computed = parent.num_computed
+        if computed < parent.num_computed:
+            self.cache.truncate(child.seq, computed)
+        child.num_computed = computed
         child.block_hashes = list(parent.block_hashes)
         child.num_registered_blocks = parent.num_registered_blocks
-        shared_tail = parent.num_computed % self.block_size != 0
+        shared_tail = computed % self.block_size != 0
         parent.tail_may_be_shared |= shared_tail
         child.tail_may_be_shared = shared_tail
         child.status = RequestStatus.RUNNING
@@ -209,16 +216,52 @@ class Scheduler:
             plan.ordered()
         return plan
 
-    def complete(self, plan: StepPlan) -> None:
-        """After the forward pass of `plan` succeeded: advance each sequence over its chunk
-        and name its newly full blocks in the prefix cache."""
-        size, named = self.block_size, self.prefix is not None
+    def schedule_ahead(self, rows: list[Request]) -> StepPlan | None:
+        """The decode step after the one in flight, planned before its tokens are known: one
+        chunk per request of `rows` (running requests, in running order, each with its next
+        token being sampled and not known to be its last), at its next position; that token
+        reaches the step on the device (ServingEngine's overlap). Nothing is admitted, evicted
+        or preempted: None (nothing reserved) where schedule() might do any of that or copy a
+        shared block, i.e. when requests wait, the rows pass the token budget, a row's last
+        block may be shared, or the pool lacks a free block for each row that enters a new
+        one. Then the caller takes the tokens in flight and plans with schedule()."""
+        if self.waiting or not rows or len(rows) > self.token_budget:
+            return None
+        size = self.block_size
+        need = 0
+        for request in rows:
+            if request.tail_may_be_shared:
+                return None
+            need += request.num_computed % size == 0  # its next position starts a block
+        if need > self.cache.num_free_blocks():
+            return None
+        plan = StepPlan()
+        for request in rows:
+            if request.num_computed % size == 0:
+                self.cache.reserve(request.seq, 1)
+            chunk = Chunk(request, request.num_computed, 1)
+            chunk.samples = True  # its input is the token in flight: it samples the next one
+            plan.chunks.append(chunk)
+        return plan
+
+    def complete(self, plan: StepPlan, register: bool = True) -> None:
+        """After the forward pass of `plan` was launched: advance each sequence over its chunk
+        and (`register`) name its newly full blocks in the prefix cache. register=False leaves
+        the naming to `register` once the chunks' tokens are known (a step planned ahead)."""
+        size, named = self.block_size, register and self.prefix is not None
         for chunk in plan.chunks:
             request = chunk.request
             self.cache.advance(request.seq, chunk.num_tokens)
             request.num_computed += chunk.num_tokens
             if named and request.num_computed // size > request.num_registered_blocks:
                 self._register(request)  # a block filled up
+
+    def register(self, request: Request, computed: int) -> None:
+        """Name the request's blocks that its first `computed` tokens fill (computed <= its
+        known tokens): complete(register=False)'s naming, once the tokens are known."""
+        if self.prefix is not None and computed // self.block_size \
+                > request.num_registered_blocks:
+            self._register(request, computed)
 
     # blocks -------------------------------------------------------------------------------------
     def _blocks_needed(self, request: Request, n: int) -> int:
@@ -332,11 +375,12 @@ class Scheduler:
         request.num_registered_blocks = 0
         request.tail_may_be_shared = False
 
-    def _register(self, request: Request) -> None:
-        """Name the request's full, computed blocks not yet in the prefix cache."""
+    def _register(self, request: Request, computed: int | None = None) -> None:
+        """Name the request's full, computed blocks (of its first `computed` tokens; default
+        num_computed) not yet in the prefix cache."""
         if self.prefix is None:
             return
-        full = request.num_computed // self.block_size
+        full = (request.num_computed if computed is None else computed) // self.block_size
         if full <= request.num_registered_blocks:
             return
         names = block_hashes(request.token_ids, self.block_size, request.block_hashes)
