@@ -222,10 +222,14 @@ class Scheduler:
         token being sampled and not known to be its last), at its next position; that token
         reaches the step on the device (ServingEngine's overlap). Nothing is admitted, evicted
         or preempted: None (nothing reserved) where schedule() might do any of that or copy a
-        shared block, i.e. when requests wait, the rows pass the token budget, a row's last
-        block may be shared, or the pool lacks a free block for each row that enters a new
-        one. Then the caller takes the tokens in flight and plans with schedule()."""
-        if self.waiting or not rows or len(rows) > self.token_budget:
+        shared block, i.e. when requests wait and a running slot frees up (a row ends: it is
+        not in `rows`), the rows pass the token budget, a row's last block may be shared, or
+        the pool lacks a free block for each row that enters a new one. Then the caller takes
+        the tokens in flight and plans with schedule(). (Requests waiting for a slot while all
+        are taken wait one step more when the tokens in flight end a row by EOS or a stop
+        string: schedule() would have admitted one in the next step.)"""
+        if (self.waiting and len(rows) < self.max_running) or not rows \
+                or len(rows) > self.token_budget:
             return None
         size = self.block_size
         need = 0

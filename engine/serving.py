@@ -338,11 +338,12 @@ class ServingEngine:
         (stop strings, EOS, streams, finishing), while the device runs the second. A request
         that the taken tokens finish (EOS, a stop string) had its row computed once more in
         the step in flight: that row's token is dropped when the step is taken. Anything else
-        (waiting requests, prefill chunks, preemption or eviction, a shared last block, a
-        repetition penalty or logprobs) ends the pipeline: the call takes the step in flight,
-        and the next one plans with the scheduler as without overlap. An aborted request's row
-        in the step in flight is dropped when the step is taken; a fork (a running request that
-        the step in flight does not hold) ends the pipeline too."""
+        (requests waiting while a running slot frees up, prefill chunks, preemption or
+        eviction, a shared last block, a repetition penalty or logprobs) ends the pipeline:
+        the call takes the step in flight, and the next one plans with the scheduler as without
+        overlap. An aborted request's row in the step in flight is dropped when the step is
+        taken; a fork (a running request that the step in flight does not hold) ends the
+        pipeline too."""
         outputs, self._ready = self._ready, []
         if self._ahead is not None:
             current = self._ahead
@@ -382,11 +383,13 @@ class ServingEngine:
     # the overlapped decode steps ------------------------------------------------------------
     def _overlaps(self, plan: StepPlan) -> bool:
         """Whether a plan of schedule() may start a pipeline: overlap on, pure decode over every
-        running request (each chunk its request's last known token), none waiting, and no row
-        whose sampling needs host state its step in flight would not have (the tokens so far
-        for a repetition penalty; logprobs read the logits, which the next replay overwrites)."""
+        running request (each chunk its request's last known token), none waiting but for a
+        running slot (all taken), and no row whose sampling needs host state its step in
+        flight would not have (the tokens so far for a repetition penalty; logprobs read the
+        logits, which the next replay overwrites)."""
         scheduler = self.scheduler
-        return (self.overlap and not scheduler.waiting and plan.pure_decode
+        return (self.overlap and plan.pure_decode
+                and (not scheduler.waiting or len(scheduler.running) >= scheduler.max_running)
                 and len(plan.chunks) == len(scheduler.running)
                 and all(c.samples and c.request.params.repetition_penalty == 1
                         and c.request.params.logprobs is None for c in plan.chunks))
@@ -513,6 +516,8 @@ class ServingEngine:
         source = ahead[1] if ahead is not None else []
         host = torch.tensor(ids + positions + slots + select + seqs + bounds + key_slots
                             + source, dtype=torch.int64)
+        if self.device.type == "cuda":  # pinned: the copy does not wait for the device
+            host = host.pin_memory()
         dev = host.to(self.device, non_blocking=True)  # one copy
         tokens, pos, slot = dev[:n], dev[n:2 * n], dev[2 * n:3 * n]
         if ahead is not None:  # clamped: a row whose logits were not finite sampled -1

@@ -232,3 +232,22 @@ def test_a_bad_overlap_is_refused() -> None:
     model = model_for()
     with pytest.raises(GenerationError, match="overlap: expected True, False or None"):
         ServingEngine(model, kv_memory=pool(model, 8, 4), block_size=4, overlap="yes")
+
+
+def test_requests_waiting_for_a_running_slot_keep_the_pipeline_and_their_tokens() -> None:
+    # max_running 3 of 7 requests: the others wait while every slot is taken; steps go on
+    # ahead until a row is known to end (max_new_tokens) or ends at EOS (then the next request
+    # is admitted a step later than without the overlap: the same tokens)
+    model = model_for()
+    prompts = [random_ids(n, 60 + n) for n in (4, 9, 13, 2, 7, 16, 5)]
+    kw = dict(block_size=4, kv_memory=pool(model, 128, 4), max_running=3)
+    free = ServingEngine(model, **kw).generate(
+        prompts, SamplingParams(max_new_tokens=20, stop_at_eos=False))
+    eos = free.completions[2].token_ids[6]
+    for params in ([SamplingParams(max_new_tokens=8 + 3 * i, stop_at_eos=False)
+                    for i in range(7)], SamplingParams(max_new_tokens=20)):
+        sync_engine, sync = _generate(model, prompts, params, False, eos, **kw)
+        ahead_engine, ahead = _generate(model, prompts, params, True, eos, **kw)
+        assert [(c.token_ids, c.finish_reason) for c in ahead.completions] == \
+            [(c.token_ids, c.finish_reason) for c in sync.completions]
+        assert ahead_engine.stats().steps_ahead > 0
