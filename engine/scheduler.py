@@ -216,28 +216,45 @@ class Scheduler:
             plan.ordered()
         return plan
 
-    def schedule_ahead(self, rows: list[Request]) -> StepPlan | None:
-        """The decode step after the one in flight, planned before its tokens are known: one
-        chunk per request of `rows` (running requests, in running order, each with its next
-        token being sampled and not known to be its last), at its next position; that token
-        reaches the step on the device (ServingEngine's overlap). Nothing is admitted, evicted
-        or preempted: None (nothing reserved) where schedule() might do any of that or copy a
-        shared block, i.e. when requests wait and a running slot frees up (a row ends: it is
-        not in `rows`), the rows pass the token budget, a row's last block may be shared, or
-        the pool lacks a free block for each row that enters a new one. Then the caller takes
-        the tokens in flight and plans with schedule(). (Requests waiting for a slot while all
-        are taken wait one step more when the tokens in flight end a row by EOS or a stop
-        string: schedule() would have admitted one in the next step.)"""
-        if (self.waiting and len(rows) < self.max_running) or not rows \
-                or len(rows) > self.token_budget:
-            return None
+    def schedule_ahead(self, in_flight: list[Chunk], max_seq_len: int,
+                       ) -> tuple[StepPlan, list[int]] | None:
+        """The decode step after the pure decode step `in_flight` (its chunks, launched, its
+        tokens not known yet), and each new chunk's index in it: one chunk per request that
+        goes on as far as the host knows now (not finished, and the token in flight is not
+        its last by max_new_tokens or the context max_seq_len: the chunk at position s samples
+        token s + 1, after which the output has s + 2 - prompt tokens and s + 1 tokens are
+        computed), at its next position; that token reaches the step on the device
+        (ServingEngine's overlap).
+
+        Nothing is admitted, evicted or preempted: None (nothing reserved) where schedule()
+        might do any of that or copy a shared block, i.e. when a running request has no row
+        in flight (a fork), requests wait and a running slot frees up (a row ends), the rows
+        pass the token budget, a row's last block may be shared, or the pool lacks a free
+        block for each row that enters a new one. Then the caller takes the tokens in flight
+        and plans with schedule(). (Requests waiting for a slot while all are taken wait one
+        step more when the tokens in flight end a row by EOS or a stop string: schedule()
+        would have admitted one in the next step.)"""
         size = self.block_size
-        need = 0
-        for request in rows:
+        rows: list[Request] = []
+        sources: list[int] = []
+        live = need = 0
+        for i, chunk in enumerate(in_flight):
+            request = chunk.request
+            if request.status is RequestStatus.FINISHED:
+                continue
+            live += 1
+            nxt = chunk.start + 1  # its next position (num_computed)
+            if nxt >= max_seq_len \
+                    or nxt + 1 - len(request.prompt_ids) >= request.params.max_new_tokens:
+                continue
             if request.tail_may_be_shared:
                 return None
-            need += request.num_computed % size == 0  # its next position starts a block
-        if need > self.cache.num_free_blocks():
+            need += nxt % size == 0  # its next position starts a block
+            rows.append(request)
+            sources.append(i)
+        if live != len(self.running) or (self.waiting and len(rows) < self.max_running) \
+                or not rows or len(rows) > self.token_budget \
+                or need > self.cache.num_free_blocks():
             return None
         plan = StepPlan()
         for request in rows:
@@ -246,7 +263,7 @@ class Scheduler:
             chunk = Chunk(request, request.num_computed, 1)
             chunk.samples = True  # its input is the token in flight: it samples the next one
             plan.chunks.append(chunk)
-        return plan
+        return plan, sources
 
     def complete(self, plan: StepPlan, register: bool = True) -> None:
         """After the forward pass of `plan` was launched: advance each sequence over its chunk

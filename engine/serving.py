@@ -347,8 +347,7 @@ class ServingEngine:
         outputs, self._ready = self._ready, []
         if self._ahead is not None:
             current = self._ahead
-            plan = self._plan_ahead(current)
-            self._ahead = self._launch(plan, current) if plan is not None else None
+            self._ahead = self._launch_ahead(current)
             taken = self._take(current)
             if taken or self._ahead is not None:
                 return outputs + taken
@@ -359,9 +358,8 @@ class ServingEngine:
         if not plan.chunks:
             return outputs
         if self._overlaps(plan):
-            current = self._launch(plan, None)
-            ahead = self._plan_ahead(current)
-            self._ahead = self._launch(ahead, current) if ahead is not None else None
+            current = self._launch(plan)
+            self._ahead = self._launch_ahead(current)
             return outputs + self._take(current)
         with torch.inference_mode():
             logits = self._forward(plan)  # [sampling chunks, vocab]
@@ -394,40 +392,25 @@ class ServingEngine:
                 and all(c.samples and c.request.params.repetition_penalty == 1
                         and c.request.params.logprobs is None for c in plan.chunks))
 
-    def _plan_ahead(self, step: _InFlight) -> StepPlan | None:
-        """The decode step after a step in flight (Scheduler.schedule_ahead), over its requests
-        that go on as far as the host knows now: not finished, and the step's token is not
-        their last by max_new_tokens or the context (the chunk at position s samples token
-        s + 1: the output then has s + 2 - prompt tokens, and s + 1 tokens are computed, as
-        _accept counts). None (take the step, then plan with schedule()) when a running
-        request has no row in the step (a fork)."""
-        rows = []
-        live = 0
-        for c in step.plan.chunks:
-            r = c.request
-            if r.finished:
-                continue
-            live += 1
-            if c.start + 1 < self.max_seq_len \
-                    and c.start + 2 - len(r.prompt_ids) < r.params.max_new_tokens:
-                rows.append(r)
-        if live != len(self.scheduler.running):
+    def _launch_ahead(self, step: _InFlight) -> _InFlight | None:
+        """Plan and launch the decode step after `step` (Scheduler.schedule_ahead), or None."""
+        ahead = self.scheduler.schedule_ahead(step.plan.chunks, self.max_seq_len)
+        if ahead is None:
             return None
-        return self.scheduler.schedule_ahead(rows)
+        plan, sources = ahead
+        return self._launch(plan, (step.tokens, sources))
 
     def _in_flight(self, request: Request) -> int:
         """1 when the step in flight has a row of `request`, else 0."""
         step = self._ahead
         return int(step is not None and any(c.request is request for c in step.plan.chunks))
 
-    def _launch(self, plan: StepPlan, previous: _InFlight | None) -> _InFlight:
+    def _launch(self, plan: StepPlan, ahead: tuple[Tensor, list[int]] | None = None,
+                ) -> _InFlight:
         """Launch a pure decode step and the copy of its sampled tokens to the host, without
-        waiting for the device. previous: the step in flight whose sampled tokens are this
-        plan's inputs (a plan of schedule_ahead); None: they are known (a plan of schedule)."""
-        ahead = None
-        if previous is not None:
-            row_of = {c.request: i for i, c in enumerate(previous.plan.chunks)}
-            ahead = (previous.tokens, [row_of[c.request] for c in plan.chunks])
+        waiting for the device. ahead (a plan of schedule_ahead): its tokens are on the device,
+        (the step in flight's sampled tokens int64 [M], each row's index in them); None: they
+        are known (a plan of schedule)."""
         with torch.inference_mode():
             logits = self._forward(plan, ahead)  # [rows, vocab]
             # sequences advance now (the next plan's positions); blocks are named when the
@@ -442,7 +425,7 @@ class ServingEngine:
                 ready = torch.cuda.Event()
                 ready.record()
         self._steps += 1
-        self._steps_ahead += previous is not None
+        self._steps_ahead += ahead is not None
         self._decode_tokens += len(plan.chunks)
         return _InFlight(plan, tokens, host, ready)
 
@@ -455,9 +438,12 @@ class ServingEngine:
         tokens = step.host.tolist()
         now = time.perf_counter()  # when the host has the tokens: the requests' timings
         live = [(c, tok) for c, tok in zip(step.plan.chunks, tokens, strict=True)
-                if not c.request.finished]
-        for c, _ in live:
-            self.scheduler.register(c.request, c.start + 1)
+                if c.request.status is not RequestStatus.FINISHED]
+        if self.prefix is not None:
+            size, register = self.block_size, self.scheduler.register
+            for c, _ in live:
+                if (c.start + 1) // size > c.request.num_registered_blocks:  # a block filled
+                    register(c.request, c.start + 1)
         return [self._accept(c.request, tok, now, computed=c.start + 1) for c, tok in live]
 
     def _forward(self, plan: StepPlan, ahead: tuple[Tensor, list[int]] | None = None) -> Tensor:
