@@ -278,6 +278,10 @@ class ServingEngine:
         # taken, and its blocks, freed now, are reused only by steps queued after it
         self.scheduler.finish(request, ABORT)
         self._ready.append(self._output(request))
+        step = self._ahead
+        if step is not None and all(c.request.finished for c in step.plan.chunks):
+            # nothing of it is wanted: drop it unread (its buffers are freed in stream order)
+            self._ahead = None
 
     def fork(self, request_id: str, params: SamplingParams | None = None,
              new_id: str | None = None) -> str:

@@ -251,3 +251,24 @@ def test_requests_waiting_for_a_running_slot_keep_the_pipeline_and_their_tokens(
         assert [(c.token_ids, c.finish_reason) for c in ahead.completions] == \
             [(c.token_ids, c.finish_reason) for c in sync.completions]
         assert ahead_engine.stats().steps_ahead > 0
+
+
+def test_aborting_every_request_of_the_step_in_flight_leaves_the_engine_idle_and_usable() -> None:
+    model = model_for()
+    kw = dict(block_size=4, kv_memory=pool(model, 64, 4))
+    engine = ServingEngine(model, overlap=True, **kw)
+    prompts = [random_ids(n, 70 + n) for n in (6, 10, 3)]
+    params = SamplingParams(max_new_tokens=20, stop_at_eos=False)
+    ids = [engine.add_request(p, params) for p in prompts]
+    for _ in range(5):
+        engine.step()
+    assert engine._ahead is not None
+    for rid in ids:
+        engine.abort(rid)
+    assert engine._ahead is None  # nothing of it was wanted any more
+    outputs = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [(r, "abort") for r in ids]
+    assert not engine.has_unfinished() and not block_problems(engine)
+    again = engine.generate(prompts, params)
+    alone = ServingEngine(model, **kw).generate(prompts, params)
+    assert [c.token_ids for c in again.completions] == [c.token_ids for c in alone.completions]
