@@ -53,7 +53,7 @@ def test_serving_and_static_runs_count_every_requests_own_tokens(model) -> None:
 
 def test_a_serving_run_with_the_overlap_times_its_decode_steps(model) -> None:
     # ServingEngine(overlap=True) on the CPU: step() takes one step's tokens while the next
-    # is launched; every token is still counted and the decode steps are still timed
+    # is launched; the run finishes and its pure decode calls are still timed
     w = sb.random_workload(model.config.vocab_size, requests=5, low=4, high=12)
     run = sb.run_serving(model, w, 1e10, prefix_caching=True, kv_memory=2**22, block_size=4,
                          label="paged", overlap=True)
