@@ -251,7 +251,7 @@ class ServingEngine:
         self.scheduler = Scheduler(self.cache, self.prefix, max_running=self.max_running,
                                    token_budget=self.token_budget)
         self._requests: dict[str, Request] = {}  # in flight: waiting or running
-        self._ready: list[RequestOutput] = []  # reported by the next step (aborts, a drain)
+        self._ready: list[RequestOutput] = []  # reported by the next step (aborts)
         self._ahead: _InFlight | None = None  # the decode step launched, its tokens not taken
         self._order = itertools.count()
         self._graphs = None  # engine.paged_graphs.PagedDecodeGraphs, built on first use
@@ -436,7 +436,8 @@ class ServingEngine:
     def _take(self, step: _InFlight) -> list[RequestOutput]:
         """Wait for a launched step's tokens and accept them, as a synchronous step does after
         its forward: name the newly full blocks, then each row's token. Rows of requests that
-        finished before (at the step before this one) are dropped."""
+        finished since it was launched (by the tokens of the step before, or aborted) are
+        dropped."""
         if step.ready is not None:
             step.ready.synchronize()
         tokens = step.host.tolist()
