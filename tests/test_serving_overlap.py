@@ -272,3 +272,53 @@ def test_aborting_every_request_of_the_step_in_flight_leaves_the_engine_idle_and
     again = engine.generate(prompts, params)
     alone = ServingEngine(model, **kw).generate(prompts, params)
     assert [c.token_ids for c in again.completions] == [c.token_ids for c in alone.completions]
+
+
+def test_the_servers_engine_loop_streams_and_aborts_with_the_overlap() -> None:
+    """The HTTP server's engine loop (engine/server/engine_loop.py) over an overlapped engine:
+    streamed requests get the tokens the engine gives alone, an abort mid-stream ends its
+    request with "abort", and every block comes back."""
+    import asyncio
+
+    from toyllm.engine.server.engine_loop import Accepted, EngineLoop
+    from toyllm.engine.server.metrics import Metrics
+
+    model = model_for()
+    kw = dict(block_size=4, kv_memory=pool(model, 128, 4))
+    prompts = [random_ids(n, 80 + n) for n in (5, 11, 3, 8)]
+    params = SamplingParams(max_new_tokens=25, stop_at_eos=False)
+    alone = ServingEngine(model, **kw).generate(prompts, params)
+    engine = ServingEngine(model, overlap=True, **kw)
+    loop = EngineLoop(engine, Metrics(), max_waiting=8)
+    loop.start()
+
+    async def run() -> tuple[list[list[int]], list[str]]:
+        streams = [loop.submit(p, params) for p in prompts]
+        tokens: list[list[int]] = [[] for _ in streams]
+        reasons = [""] * len(streams)
+        for stream in streams:
+            assert isinstance(await stream.get(), Accepted)
+        done = 0
+        while done < len(streams):
+            for i, stream in enumerate(streams):
+                if reasons[i]:
+                    continue
+                out = await stream.get()
+                tokens[i] += out.new_token_ids
+                if i == 2 and len(tokens[i]) >= 6 and not out.finished:
+                    loop.abort(stream.request_id)
+                if out.finished:
+                    reasons[i] = out.finish_reason
+                    done += 1
+        return tokens, reasons
+
+    try:
+        tokens, reasons = asyncio.run(run())
+    finally:
+        loop.stop()
+    assert reasons == ["max_new_tokens", "max_new_tokens", "abort", "max_new_tokens"]
+    for i in (0, 1, 3):
+        assert tokens[i] == alone.completions[i].token_ids
+    assert tokens[2] == alone.completions[2].token_ids[:len(tokens[2])]
+    assert engine.stats().steps_ahead > 0
+    assert not block_problems(engine)
