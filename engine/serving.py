@@ -25,7 +25,9 @@ The K/V pool is one PagedKVCache (engine/ops/paged_cache.py) sized by `kv_memory
 fraction of the device's free memory (CUDA) or available memory (CPU), never more than
 max_running full contexts. Full blocks are shared between requests through the prefix cache
 (engine/prefix_cache.py). Pure decode steps replay CUDA graphs per batch bucket
-(engine/paged_graphs.py) on CUDA.
+(engine/paged_graphs.py) on CUDA, and with `overlap` (on by default on CUDA) they are
+pipelined: the host plans and launches each while the one before still runs, then accepts the
+earlier one's tokens (step(); docs/SERVING.md).
 """
 
 from __future__ import annotations
