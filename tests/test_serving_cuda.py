@@ -184,3 +184,37 @@ def test_overlapped_eos_mid_run_and_aborts_on_cuda() -> None:
     assert reasons[ids[1]] == reasons[ids[4]] == "abort"
     assert sorted(reasons.values()).count("max_new_tokens") == len(prompts) - 2
     assert not block_problems(engine)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_a_step_ahead_is_launched_without_waiting_for_the_device(sampled: bool) -> None:
+    # the host's part of a step planned ahead (schedule_ahead, sync_device with blocks entering
+    # their tables every 4 tokens, the graph's input buffer and token gather, the replay,
+    # sampling, the copy of the tokens) returns while the device is still busy: no host sync
+    model = cuda_model("gqa", torch.bfloat16)
+    kw = dict(block_size=4, kv_memory=pool(model, 128, 4), cuda_graph=True)
+    prompts = [random_ids(n, 90 + n) for n in (5, 9, 3, 12)]
+    params = SamplingParams(max_new_tokens=40, stop_at_eos=False, seed=1,
+                            temperature=0.8 if sampled else 0.0)
+    want = ServingEngine(model, overlap=False, **kw).generate(prompts, params)
+    engine = ServingEngine(model, overlap=True, **kw)
+    ids = [engine.add_request(p, params) for p in prompts]
+    tokens = {rid: [] for rid in ids}
+    for _ in range(6):  # the prompts, then the pipeline (its graph bucket captured)
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    for _ in range(8):  # steps ahead, each launched behind 0.2 s of device work
+        current = engine._ahead
+        assert current is not None
+        torch.cuda._sleep(500_000_000)
+        slept = torch.cuda.Event()
+        slept.record()
+        engine._ahead = engine._launch_ahead(current)
+        assert engine._ahead is not None and not slept.query()
+        for out in engine._take(current):
+            tokens[out.request_id] += out.new_token_ids
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    assert [tokens[rid] for rid in ids] == [c.token_ids for c in want.completions]
+    assert not block_problems(engine)
