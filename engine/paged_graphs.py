@@ -13,8 +13,8 @@ copy per step; the graph replays; logits rows [:B] are the step's.
 A step planned ahead of the previous step's tokens (ServingEngine's overlap) gets its tokens on
 the device: the buffer's fourth row holds, for each row, its request's row in the previous
 step, and the previous step's sampled tokens are gathered from there into the tokens row
-before the replay (clamped at 0: a row whose logits were not finite sampled -1, and its request
-ends with the step in flight, so its token here is discarded).
+before the replay (clamped at 0: a row whose logits were not finite sampled -1; its request ends
+when the previous step's tokens are taken, and its row here is dropped then).
 
 NOTE: warm-up runs before a capture really execute the step: the buffer holds padding then, so
 they write nothing into the pool.

@@ -21,6 +21,10 @@ prompt and output later (its tokens do not change). A request that cannot get ro
 Nothing here runs the model: `schedule` reserves room for the plan (all or nothing per
 request), the engine runs the forward, then `complete` advances the sequences and names their
 newly full blocks in the prefix cache. `finish` frees a request's blocks at once.
+`schedule_ahead` plans the decode step after one whose tokens are not known yet (the engine's
+overlap of host and device work), only where `schedule` would plan the same rows without
+admitting, evicting, preempting or copying; `register` then names the blocks once the tokens
+are known.
 """
 
 from __future__ import annotations
