@@ -544,6 +544,9 @@ def serve(
         help="Cap each request's context at this many positions.")] = None,
     cuda_graph: Annotated[bool, typer.Option(
         help="Replay pure decode steps from CUDA graphs (GPU only).")] = True,
+    overlap: Annotated[bool, typer.Option(
+        help="Plan and launch each decode step while the one before runs (GPU only; "
+             "docs/SERVING.md).")] = True,
     shutdown_timeout: Annotated[float, typer.Option(
         help="On SIGTERM: seconds running requests may finish before they are aborted.")]
     = 30.0,
@@ -567,8 +570,9 @@ def serve(
             served_model_name=served_model_name, device=device,
             dtype=dtype, block_size=block_size, kv_memory=kv_memory, max_running=max_running,
             max_waiting=max_waiting, token_budget=token_budget, prefix_caching=prefix_caching,
-            max_context=max_context, cuda_graph=cuda_graph, shutdown_timeout=shutdown_timeout,
-            access_log=access_log, stream_interval=stream_interval))
+            max_context=max_context, cuda_graph=cuda_graph, overlap=overlap,
+            shutdown_timeout=shutdown_timeout, access_log=access_log,
+            stream_interval=stream_interval))
 
     raise typer.Exit(_run(body))
 

@@ -1,6 +1,6 @@
 """The serving engine's pure decode steps captured in CUDA graphs, one per batch-size bucket.
 
-A decode step of B requests reads everything from one static int64 buffer [3, bucket]: the
+A decode step of B requests reads everything from one static int64 buffer [4, bucket]: the
 tokens, their positions and their sequences' rows in the cache's block table (the device
 mirror, whose address never changes: PagedKVCache.sync_device refreshes it in place before each
 step). RoPE's cos/sin are gathered from a table by position; the block-table rows by sequence,
@@ -9,6 +9,12 @@ times the block size plus its offset, PagedKVCache.slot_mapping's formula) are d
 device, inside the graph, so the host builds no per-row slot. Rows past B are padding:
 position -1 (no keys: zeros out; slot -1: nothing written). The host fills the buffer with one
 copy per step; the graph replays; logits rows [:B] are the step's.
+
+A step planned ahead of the previous step's tokens (ServingEngine's overlap) gets its tokens on
+the device: the buffer's fourth row holds, for each row, its request's row in the previous
+step, and the previous step's sampled tokens are gathered from there into the tokens row
+before the replay (clamped at 0: a row whose logits were not finite sampled -1; its request ends
+when the previous step's tokens are taken, and its row here is dropped then).
 
 NOTE: warm-up runs before a capture really execute the step: the buffer holds padding then, so
 they write nothing into the pool.
@@ -29,12 +35,13 @@ from toyllm.engine.scheduler import StepPlan
 if TYPE_CHECKING:
     from toyllm.engine.serving import ServingEngine
 
-TOKENS, POSITIONS, SEQS = range(3)  # rows of the static input buffer
+# rows of the static input buffer; SOURCE: a row's row in the previous step (planned ahead)
+TOKENS, POSITIONS, SEQS, SOURCE = range(4)
 
 
 def padding_inputs(rows: int, pin: bool = False) -> Tensor:
-    """int64 [3, rows] of padding rows (pinned: the host side of a bucket's buffer)."""
-    host = torch.zeros(3, rows, dtype=torch.int64, pin_memory=pin)
+    """int64 [4, rows] of padding rows (pinned: the host side of a bucket's buffer)."""
+    host = torch.zeros(4, rows, dtype=torch.int64, pin_memory=pin)
     host[POSITIONS].fill_(-1)
     return host
 
@@ -53,11 +60,13 @@ class PagedDecodeGraphs:
     def __init__(self, engine: ServingEngine) -> None:
         self.engine = engine
         self.pool = torch.cuda.graph_pool_handle()
-        # rows -> (graph, static inputs [3, rows] on the device, pinned host staging, logits)
+        # rows -> (graph, static inputs [4, rows] on the device, pinned host staging, logits)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]] = {}
+        # rows -> an event after the last copy from that bucket's host staging (CUDA only)
+        self._copied: dict[int, torch.cuda.Event] = {}
 
     def decode_forward(self, inputs: Tensor) -> Tensor:
-        """logits [rows, vocab] of one decode step whose inputs are the buffer [3, rows]."""
+        """logits [rows, vocab] of one decode step whose inputs are the buffer [4, rows]."""
         engine = self.engine
         rows = inputs.shape[1]
         positions = inputs[POSITIONS]
@@ -86,22 +95,36 @@ class PagedDecodeGraphs:
             logits = self.decode_forward(inputs)
         self.graphs[rows] = (graph, inputs, host, logits)
 
-    def run(self, plan: StepPlan) -> Tensor:
+    def run(self, plan: StepPlan, ahead: tuple[Tensor, list[int]] | None = None) -> Tensor:
         """Replay the step of a pure decode plan; logits [B, vocab] in plan order (graph
-        memory, valid until the next replay)."""
+        memory, valid until the next replay). `ahead`: the plan's tokens are on the device,
+        (the previous step's sampled tokens int64 [M], each row's index in them)."""
         n = len(plan.chunks)
         rows = bucket_for(n)
         if rows not in self.graphs:
             self._capture(rows)
         graph, inputs, host, logits = self.graphs[rows]
+        pad = rows - n
+        tokens = [0] * rows if ahead is not None else \
+            [c.request.token_ids[c.start] for c in plan.chunks] + [0] * pad
         fill = torch.tensor(
-            [[c.request.token_ids[c.start] for c in plan.chunks],
-             [c.start for c in plan.chunks],
-             [c.request.seq for c in plan.chunks]], dtype=torch.int64)
-        # the previous step's copy from `host` is done: that step read its tokens back
-        host[:, :n] = fill
-        if n < rows:
-            host[:, n:] = padding_inputs(rows - n)
+            [tokens,
+             [c.start for c in plan.chunks] + [-1] * pad,
+             [c.request.seq for c in plan.chunks] + [0] * pad,
+             (ahead[1] if ahead is not None else [0] * n) + [0] * pad], dtype=torch.int64)
+        copied = self._copied.get(rows) if inputs.is_cuda else None
+        if copied is not None:
+            # a step planned ahead is built while the step in flight may not have copied from
+            # `host` yet; that copy is queued right behind the tokens the host last took, so
+            # this wait is short (and nothing at all for a step after a host read)
+            copied.synchronize()
+        host.copy_(fill)
         inputs.copy_(host, non_blocking=True)
+        if inputs.is_cuda:
+            copied = self._copied[rows] = copied or torch.cuda.Event()
+            copied.record()
+        if ahead is not None:
+            torch.index_select(ahead[0], 0, inputs[SOURCE, :n], out=inputs[TOKENS, :n])
+            inputs[TOKENS, :n].clamp_(min=0)
         graph.replay()
         return logits[:n]

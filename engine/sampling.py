@@ -349,11 +349,21 @@ def sample_rows(logits: Tensor, params: Sequence[SamplingParams],
         return greedy_tokens.masked_fill(~finite, NONFINITE)
     scaled = filtered_logits(logits.float().masked_fill(~finite.unsqueeze(-1), 0.0), params)
     probs = scaled.softmax(dim=-1)  # [rows, V]
-    # each row draws from its own stream, so its tokens ignore its neighbours
-    picks = [greedy_tokens[row : row + 1] if greedy[row] else  # type: ignore[index]
-             torch.multinomial(probs[row : row + 1], 1, generator=generators[row]).view(1)
-             for row in range(rows)]
-    return torch.cat(picks).masked_fill(~finite, NONFINITE)
+    # each row draws from its own stream, so its tokens ignore its neighbours. The draw is
+    # torch.multinomial's for one sample (the argmax of p / q, q ~ Exp(1) drawn from the row's
+    # generator: the same tokens), without its host-side check of p, a device sync per row that
+    # would stall a host launching the next step (ServingEngine's overlap); p is valid here:
+    # a softmax of finite logits (non-finite rows were zeroed, and are flagged below)
+    drawn = [row for row in range(rows) if not greedy[row]]
+    noise = torch.cat([torch.empty_like(probs[row : row + 1]).exponential_(
+        1, generator=generators[row]) for row in drawn])  # [drawn rows, V]
+    if greedy_tokens is None:
+        tokens = (probs / noise).argmax(dim=-1)
+    else:
+        index = _to_device(torch.tensor(drawn, dtype=torch.int64), logits.device)
+        tokens = greedy_tokens.index_copy(
+            0, index, (probs.index_select(0, index) / noise).argmax(dim=-1))
+    return tokens.masked_fill(~finite, NONFINITE)
 
 
 def sample(logits: Tensor, params: SamplingParams,

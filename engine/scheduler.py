@@ -21,6 +21,10 @@ prompt and output later (its tokens do not change). A request that cannot get ro
 Nothing here runs the model: `schedule` reserves room for the plan (all or nothing per
 request), the engine runs the forward, then `complete` advances the sequences and names their
 newly full blocks in the prefix cache. `finish` frees a request's blocks at once.
+`schedule_ahead` plans the decode step after one whose tokens are not known yet (the engine's
+overlap of host and device work), only where `schedule` would plan the same rows without
+admitting, evicting, preempting or copying; `register` then names the blocks once the tokens
+are known.
 """
 
 from __future__ import annotations
@@ -137,18 +141,25 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 
-    def fork(self, parent: Request, child: Request) -> None:
+    def fork(self, parent: Request, child: Request, computed: int | None = None) -> None:
         """Run `child` (a new request with the parent's tokens) on the parent's blocks: the
-        cache's fork shares them all; the block both will write next is copied on write."""
-        if parent.status is not RequestStatus.RUNNING or parent.num_pending != 1:
+        cache's fork shares them all; the block both will write next is copied on write.
+        computed: the parent's tokens whose K/V the child takes (default num_computed; one
+        less while a step in flight computes the parent's last known token: the child
+        computes that one itself)."""
+        computed = parent.num_computed if computed is None else computed
+        if parent.status is not RequestStatus.RUNNING or len(parent.token_ids) - computed != 1 \
+                or not 0 <= parent.num_computed - computed <= 1:
             raise ValueError("fork: expected a running request that has finished its prompt")
         if len(self.running) >= self.max_running:
             raise ValueError(f"fork: all {self.max_running} running slots are taken")
         child.seq = self.cache.fork(parent.seq)
-        child.num_computed = parent.num_computed
+        if computed < parent.num_computed:
+            self.cache.truncate(child.seq, computed)
+        child.num_computed = computed
         child.block_hashes = list(parent.block_hashes)
         child.num_registered_blocks = parent.num_registered_blocks
-        shared_tail = parent.num_computed % self.block_size != 0
+        shared_tail = computed % self.block_size != 0
         parent.tail_may_be_shared |= shared_tail
         child.tail_may_be_shared = shared_tail
         child.status = RequestStatus.RUNNING
@@ -209,16 +220,73 @@ class Scheduler:
             plan.ordered()
         return plan
 
-    def complete(self, plan: StepPlan) -> None:
-        """After the forward pass of `plan` succeeded: advance each sequence over its chunk
-        and name its newly full blocks in the prefix cache."""
-        size, named = self.block_size, self.prefix is not None
+    def schedule_ahead(self, in_flight: list[Chunk], max_seq_len: int,
+                       ) -> tuple[StepPlan, list[int]] | None:
+        """The decode step after the pure decode step `in_flight` (its chunks, launched, its
+        tokens not known yet), and each new chunk's index in it: one chunk per request that
+        goes on as far as the host knows now (not finished, and the token in flight is not
+        its last by max_new_tokens or the context max_seq_len: the chunk at position s samples
+        token s + 1, after which the output has s + 2 - prompt tokens and s + 1 tokens are
+        computed), at its next position; that token reaches the step on the device
+        (ServingEngine's overlap).
+
+        Nothing is admitted, evicted or preempted: None (nothing reserved) where schedule()
+        might do any of that or copy a shared block, i.e. when a running request has no row
+        in flight (a fork), requests wait and a running slot frees up (a row ends), the rows
+        pass the token budget, a row's last block may be shared, or the pool lacks a free
+        block for each row that enters a new one. Then the caller takes the tokens in flight
+        and plans with schedule(). (Requests waiting for a slot while all are taken wait one
+        step more when the tokens in flight end a row by EOS or a stop string: schedule()
+        would have admitted one in the next step.)"""
+        size = self.block_size
+        rows: list[Request] = []
+        sources: list[int] = []
+        live = need = 0
+        for i, chunk in enumerate(in_flight):
+            request = chunk.request
+            if request.status is RequestStatus.FINISHED:
+                continue
+            live += 1
+            nxt = chunk.start + 1  # its next position (num_computed)
+            if nxt >= max_seq_len \
+                    or nxt + 1 - len(request.prompt_ids) >= request.params.max_new_tokens:
+                continue
+            if request.tail_may_be_shared:
+                return None
+            need += nxt % size == 0  # its next position starts a block
+            rows.append(request)
+            sources.append(i)
+        if live != len(self.running) or (self.waiting and len(rows) < self.max_running) \
+                or not rows or len(rows) > self.token_budget \
+                or need > self.cache.num_free_blocks():
+            return None
+        plan = StepPlan()
+        for request in rows:
+            if request.num_computed % size == 0:
+                self.cache.reserve(request.seq, 1)
+            chunk = Chunk(request, request.num_computed, 1)
+            chunk.samples = True  # its input is the token in flight: it samples the next one
+            plan.chunks.append(chunk)
+        return plan, sources
+
+    def complete(self, plan: StepPlan, register: bool = True) -> None:
+        """After the forward pass of `plan` was launched: advance each sequence over its chunk
+        and (`register`) name its newly full blocks in the prefix cache. register=False leaves
+        the naming to `register` once the chunks' tokens are known (a step planned ahead)."""
+        size, named = self.block_size, register and self.prefix is not None
         for chunk in plan.chunks:
             request = chunk.request
             self.cache.advance(request.seq, chunk.num_tokens)
             request.num_computed += chunk.num_tokens
             if named and request.num_computed // size > request.num_registered_blocks:
                 self._register(request)  # a block filled up
+
+    def register(self, request: Request, computed: int) -> None:
+        """Name the request's blocks that its first `computed` tokens fill (computed <= its
+        known tokens): complete(register=False)'s naming, once the tokens are known."""
+        if self.prefix is not None and computed // self.block_size \
+                > request.num_registered_blocks:
+            self._register(request, computed)
 
     # blocks -------------------------------------------------------------------------------------
     def _blocks_needed(self, request: Request, n: int) -> int:
@@ -332,11 +400,12 @@ class Scheduler:
         request.num_registered_blocks = 0
         request.tail_may_be_shared = False
 
-    def _register(self, request: Request) -> None:
-        """Name the request's full, computed blocks not yet in the prefix cache."""
+    def _register(self, request: Request, computed: int | None = None) -> None:
+        """Name the request's full, computed blocks (of its first `computed` tokens; default
+        num_computed) not yet in the prefix cache."""
         if self.prefix is None:
             return
-        full = request.num_computed // self.block_size
+        full = (request.num_computed if computed is None else computed) // self.block_size
         if full <= request.num_registered_blocks:
             return
         names = block_hashes(request.token_ids, self.block_size, request.block_hashes)

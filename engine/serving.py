@@ -25,7 +25,9 @@ The K/V pool is one PagedKVCache (engine/ops/paged_cache.py) sized by `kv_memory
 fraction of the device's free memory (CUDA) or available memory (CPU), never more than
 max_running full contexts. Full blocks are shared between requests through the prefix cache
 (engine/prefix_cache.py). Pure decode steps replay CUDA graphs per batch bucket
-(engine/paged_graphs.py) on CUDA.
+(engine/paged_graphs.py) on CUDA, and with `overlap` (on by default on CUDA) they are
+pipelined: the host plans and launches each while the one before still runs, then accepts the
+earlier one's tokens (step(); docs/SERVING.md).
 """
 
 from __future__ import annotations
@@ -107,6 +109,9 @@ class ServingStats:
     prefill_tokens: int  # tokens computed in chunks of more than one token
     decode_tokens: int  # tokens computed one per request (decode rows)
     finished: int
+    # decode steps launched before the previous step's tokens were taken (overlap): rows of
+    # requests that those tokens finished are in decode_tokens too
+    steps_ahead: int = 0
 
 
 def check_block_size(block_size: object, max_seq_len: int) -> int:
@@ -159,6 +164,19 @@ def pool_bytes(kv_memory: object, device: torch.device) -> int:
 PACKED_PREFILL = True
 
 
+@dataclass(slots=True)
+class _InFlight:
+    """A pure decode step launched and not taken yet (ServingEngine.step's overlap): its plan
+    (one sampling row per request), its sampled tokens on the device (the inputs of a step
+    planned ahead), their copy on the host, and the event after which that copy is there
+    (None off CUDA: it is there already)."""
+
+    plan: StepPlan
+    tokens: Tensor  # int64 [rows] on the device
+    host: Tensor  # int64 [rows] on the host: pinned on CUDA, written by a copy in flight
+    ready: torch.cuda.Event | None
+
+
 class ServingEngine:
     """Continuous batching over a paged KV cache for one model on one device.
 
@@ -179,6 +197,7 @@ class ServingEngine:
         max_seq_len: int | None = None,
         settings: Settings | None = None,
         packed_prefill: bool | None = None,
+        overlap: bool | None = None,
     ) -> None:
         config = model.config
         if max_seq_len is not None:
@@ -204,6 +223,12 @@ class ServingEngine:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise GenerationError("CUDA graphs need a CUDA device; use cuda_graph=False on CPU")
+        if overlap is not None and not isinstance(overlap, bool):
+            raise GenerationError(f"overlap: expected True, False or None, got {overlap!r}")
+        # pure decode steps planned and launched ahead of the previous step's tokens (see
+        # step()); None: on CUDA. On the CPU the device is the host, so nothing overlaps:
+        # overlap=True there runs the same logic (for tests)
+        self.overlap = (self.device.type == "cuda") if overlap is None else overlap
         self.settings = Settings.from_env() if settings is None else settings
 
         blocks_per_seq = self.max_seq_len // self.block_size
@@ -228,11 +253,13 @@ class ServingEngine:
         self.scheduler = Scheduler(self.cache, self.prefix, max_running=self.max_running,
                                    token_budget=self.token_budget)
         self._requests: dict[str, Request] = {}  # in flight: waiting or running
-        self._aborted: list[RequestOutput] = []  # reported by the next step
+        self._ready: list[RequestOutput] = []  # reported by the next step (aborts)
+        self._ahead: _InFlight | None = None  # the decode step launched, its tokens not taken
         self._order = itertools.count()
         self._graphs = None  # engine.paged_graphs.PagedDecodeGraphs, built on first use
         self._rope_table: Tensor | None = None
         self._steps = self._prefill_tokens = self._decode_tokens = self._finished = 0
+        self._steps_ahead = 0
 
     # requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams,
@@ -249,8 +276,14 @@ class ServingEngine:
         request = self._requests.pop(request_id, None)
         if request is None:
             return
+        # its row may be in the step in flight: that row's token is dropped when the step is
+        # taken, and its blocks, freed now, are reused only by steps queued after it
         self.scheduler.finish(request, ABORT)
-        self._aborted.append(self._output(request))
+        self._ready.append(self._output(request))
+        step = self._ahead
+        if step is not None and all(c.request.finished for c in step.plan.chunks):
+            # nothing of it is wanted: drop it unread (its buffers are freed in stream order)
+            self._ahead = None
 
     def fork(self, request_id: str, params: SamplingParams | None = None,
              new_id: str | None = None) -> str:
@@ -259,8 +292,11 @@ class ServingEngine:
         parent must have finished its prompt and not be done. Its output starts with the
         parent's output so far."""
         parent = self._requests.get(request_id)
+        # a row of the parent in the step in flight computes the K/V of its last known token:
+        # the child computes that token itself (it samples its own next token from it)
+        computed = 0 if parent is None else parent.num_computed - self._in_flight(parent)
         if parent is None or parent.status is not RequestStatus.RUNNING \
-                or parent.num_pending != 1:
+                or len(parent.token_ids) - computed != 1:
             raise GenerationError(f"fork: {request_id!r} is not a running request past its "
                                   f"prompt")
         params = parent.params if params is None else params
@@ -271,14 +307,14 @@ class ServingEngine:
             for tok in parent.output_ids:
                 child.watcher.feed(child.decoder.feed(tok))
         try:
-            self.scheduler.fork(parent, child)
+            self.scheduler.fork(parent, child, computed)
         except ValueError as exc:
             raise GenerationError(str(exc)) from None
         self._requests[child.request_id] = child
         return child.request_id
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._ready)
 
     def stats(self) -> ServingStats:
         c = self.cache
@@ -292,18 +328,45 @@ class ServingEngine:
             prefix_evictions=self.prefix.evictions if self.prefix else 0,
             steps=self._steps, prefill_tokens=self._prefill_tokens,
             decode_tokens=self._decode_tokens, finished=self._finished,
+            steps_ahead=self._steps_ahead,
         )
 
     # one step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One scheduler step: a forward pass over the planned chunks, a token for every
-        request that completed its known tokens. Outputs of the requests that changed."""
-        outputs, self._aborted = self._aborted, []
+        request that completed its known tokens. Outputs of the requests that changed: the
+        tokens of one forward pass.
+
+        With `overlap`, pure decode steps are pipelined: a step's tokens stay on the device
+        while the host plans the next decode step (every row continues but those known to
+        end: max_new_tokens, the context) and launches it, its input tokens gathered on the
+        device; only then does the host wait for the first step's tokens and accept them
+        (stop strings, EOS, streams, finishing), while the device runs the second. A request
+        that the taken tokens finish (EOS, a stop string) had its row computed once more in
+        the step in flight: that row's token is dropped when the step is taken. Anything else
+        (requests waiting while a running slot frees up, prefill chunks, preemption or
+        eviction, a shared last block, a repetition penalty or logprobs) ends the pipeline:
+        the call takes the step in flight, and the next one plans with the scheduler as without
+        overlap. An aborted request's row in the step in flight is dropped when the step is
+        taken; a fork (a running request that the step in flight does not hold) ends the
+        pipeline too."""
+        outputs, self._ready = self._ready, []
+        if self._ahead is not None:
+            current = self._ahead
+            self._ahead = self._launch_ahead(current)
+            taken = self._take(current)
+            if taken or self._ahead is not None:
+                return outputs + taken
+            # every row of that step had finished already: go on with a scheduler step
         plan = self.scheduler.schedule()
         for request in plan.finished:  # no room even alone: "length"
             outputs.append(self._finish_output(request))
         if not plan.chunks:
             return outputs
+        if self._overlaps(plan):
+            current = self._launch(plan)
+            self._ahead = self._launch_ahead(current)
+            return outputs + self._take(current)
         with torch.inference_mode():
             logits = self._forward(plan)  # [sampling chunks, vocab]
             self.scheduler.complete(plan)
@@ -321,24 +384,98 @@ class ServingEngine:
             outputs.append(self._accept(chunk.request, tok, now, lp))
         return outputs
 
-    def _forward(self, plan: StepPlan) -> Tensor:
+    # the overlapped decode steps ------------------------------------------------------------
+    def _overlaps(self, plan: StepPlan) -> bool:
+        """Whether a plan of schedule() may start a pipeline: overlap on, pure decode over every
+        running request (each chunk its request's last known token), none waiting but for a
+        running slot (all taken), and no row whose sampling needs host state its step in
+        flight would not have (the tokens so far for a repetition penalty; logprobs read the
+        logits, which the next replay overwrites)."""
+        scheduler = self.scheduler
+        return (self.overlap and plan.pure_decode
+                and (not scheduler.waiting or len(scheduler.running) >= scheduler.max_running)
+                and len(plan.chunks) == len(scheduler.running)
+                and all(c.samples and c.request.params.repetition_penalty == 1
+                        and c.request.params.logprobs is None for c in plan.chunks))
+
+    def _launch_ahead(self, step: _InFlight) -> _InFlight | None:
+        """Plan and launch the decode step after `step` (Scheduler.schedule_ahead), or None."""
+        ahead = self.scheduler.schedule_ahead(step.plan.chunks, self.max_seq_len)
+        if ahead is None:
+            return None
+        plan, sources = ahead
+        return self._launch(plan, (step.tokens, sources))
+
+    def _in_flight(self, request: Request) -> int:
+        """1 when the step in flight has a row of `request`, else 0."""
+        step = self._ahead
+        return int(step is not None and any(c.request is request for c in step.plan.chunks))
+
+    def _launch(self, plan: StepPlan, ahead: tuple[Tensor, list[int]] | None = None,
+                ) -> _InFlight:
+        """Launch a pure decode step and the copy of its sampled tokens to the host, without
+        waiting for the device. ahead (a plan of schedule_ahead): its tokens are on the device,
+        (the step in flight's sampled tokens int64 [M], each row's index in them); None: they
+        are known (a plan of schedule)."""
+        with torch.inference_mode():
+            logits = self._forward(plan, ahead)  # [rows, vocab]
+            # sequences advance now (the next plan's positions); blocks are named when the
+            # tokens are known (_take)
+            self.scheduler.complete(plan, register=False)
+            tokens = self._sample_tokens(plan.chunks, logits)  # [rows] on the device
+            ready = None
+            host = tokens
+            if tokens.is_cuda:
+                host = torch.empty(tokens.shape, dtype=torch.int64, pin_memory=True)
+                host.copy_(tokens, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+        self._steps += 1
+        self._steps_ahead += ahead is not None
+        self._decode_tokens += len(plan.chunks)
+        return _InFlight(plan, tokens, host, ready)
+
+    def _take(self, step: _InFlight) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and accept them, as a synchronous step does after
+        its forward: name the newly full blocks, then each row's token. Rows of requests that
+        finished since it was launched (by the tokens of the step before, or aborted) are
+        dropped."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens = step.host.tolist()
+        now = time.perf_counter()  # when the host has the tokens: the requests' timings
+        live = [(c, tok) for c, tok in zip(step.plan.chunks, tokens, strict=True)
+                if c.request.status is not RequestStatus.FINISHED]
+        if self.prefix is not None:
+            size, register = self.block_size, self.scheduler.register
+            for c, _ in live:
+                if (c.start + 1) // size > c.request.num_registered_blocks:  # a block filled
+                    register(c.request, c.start + 1)
+        return [self._accept(c.request, tok, now, computed=c.start + 1) for c, tok in live]
+
+    def _forward(self, plan: StepPlan, ahead: tuple[Tensor, list[int]] | None = None) -> Tensor:
+        """logits [sampling chunks, vocab] of a plan. ahead: the plan's tokens are on the
+        device (a step's sampled tokens int64 [M], each row's index in them)."""
         self.cache.sync_device()
         if plan.pure_decode and self.cuda_graph:
             if self._graphs is None:
                 from toyllm.engine.paged_graphs import PagedDecodeGraphs
 
                 self._graphs = PagedDecodeGraphs(self)
-            return self._graphs.run(plan)
-        tokens, positions, step, select = self.build_step(plan)
+            return self._graphs.run(plan, ahead)
+        tokens, positions, step, select = self.build_step(plan, ahead)
         return self.forward(tokens, positions, step, select=select)[0]
 
-    def build_step(self, plan: StepPlan) -> tuple[Tensor, Tensor, PagedStep, Tensor]:
+    def build_step(self, plan: StepPlan, ahead: tuple[Tensor, list[int]] | None = None,
+                   ) -> tuple[Tensor, Tensor, PagedStep, Tensor]:
         """The eager step of a plan: tokens and positions int64 [1, N], the PagedStep, and
         the indices [K] of the tokens whose logits sample (each sampling chunk's last).
 
         Every index the step needs is built on the host in one int64 tensor and copied to the
         device once: tokens, positions and slots [N], the sampled tokens [K], the decode
-        rows' sequences [nd], and for a packed prefill the chunks' bounds and key slots."""
+        rows' sequences [nd], and for a packed prefill the chunks' bounds and key slots.
+        ahead (a pure decode plan of schedule_ahead): the tokens are gathered on the device
+        from a step's sampled tokens [M] at each row's index (copied with the others)."""
         nd = plan.num_decode  # plan order: the decode rows first
         packed = self._prefill_varlen and nd < len(plan.chunks)
         prefix = packed and any(c.start > 0 for c in plan.chunks[nd:])
@@ -351,7 +488,7 @@ class ServingEngine:
         max_q = max_k = 0
         for i, c in enumerate(plan.chunks):
             r, end = c.request, c.start + c.num_tokens
-            ids += r.token_ids[c.start:end]
+            ids += r.token_ids[c.start:end] if ahead is None else (0,)
             positions += range(c.start, end)
             if i < nd:
                 seqs.append(r.seq)
@@ -369,10 +506,15 @@ class ServingEngine:
                 select.append(len(ids) - 1)
         n, k = len(ids), len(select)
         bounds = (cu_q + cu_k) if packed else []
-        host = torch.tensor(ids + positions + slots + select + seqs + bounds + key_slots,
-                            dtype=torch.int64)
+        source = ahead[1] if ahead is not None else []
+        host = torch.tensor(ids + positions + slots + select + seqs + bounds + key_slots
+                            + source, dtype=torch.int64)
+        if self.device.type == "cuda":  # pinned: the copy does not wait for the device
+            host = host.pin_memory()
         dev = host.to(self.device, non_blocking=True)  # one copy
         tokens, pos, slot = dev[:n], dev[n:2 * n], dev[2 * n:3 * n]
+        if ahead is not None:  # clamped: a row whose logits were not finite sampled -1
+            tokens = ahead[0].index_select(0, dev[len(host) - n:]).clamp_(min=0)
         at = 3 * n
         select_t, seqs_t = dev[at:at + k], dev[at + k:at + k + nd]
         at += k + nd
@@ -386,7 +528,8 @@ class ServingEngine:
             s = len(cu_q)
             bounds_t = dev[at:at + 2 * s].to(torch.int32)
             packed_prefill = PackedPrefill(bounds_t[:s], bounds_t[s:], max_q, max_k,
-                                           dev[at + 2 * s:] if prefix else None,
+                                           dev[at + 2 * s:at + 2 * s + len(key_slots)]
+                                           if prefix else None,
                                            varlen_causal_attention)
         else:
             offset = nd
@@ -411,18 +554,22 @@ class ServingEngine:
         return self._rope_table
 
     def _sample(self, chunks: list[Chunk], logits: Tensor) -> list[int]:
-        """One token per sampling chunk (logits [K, vocab] in the same order), each row with
-        its request's params and generator (engine/sampling.py's sample_rows). One host
-        sync."""
+        """_sample_tokens on the host: one host sync."""
         if not chunks:
             return []
+        return self._sample_tokens(chunks, logits).tolist()
+
+    def _sample_tokens(self, chunks: list[Chunk], logits: Tensor) -> Tensor:
+        """One token per sampling chunk (logits [K, vocab] in the same order), each row with
+        its request's params and generator (engine/sampling.py's sample_rows): int64 [K] on
+        the device, nothing waited for."""
         requests = [c.request for c in chunks]
         params = [r.params for r in requests]
         seen = None
         if any(p.repetition_penalty != 1 for p in params):
             seen = [r.token_ids for r in requests]  # prompt and output so far
         return sample_rows(logits, params, [r.generator for r in requests], seen,
-                           self.settings.cuda_argmax).tolist()
+                           self.settings.cuda_argmax)
 
     def _logprobs(self, chunks: list[Chunk], logits: Tensor,
                   tokens: list[int]) -> list[TokenLogprob | None]:
@@ -439,8 +586,11 @@ class ServingEngine:
 
     # finishing --------------------------------------------------------------------------------
     def _accept(self, request: Request, tok: int, now: float,
-                logprob: TokenLogprob | None = None) -> RequestOutput:
-        """Take a sampled token: stream its text, finish the request when it is done."""
+                logprob: TokenLogprob | None = None, computed: int | None = None,
+                ) -> RequestOutput:
+        """Take a sampled token: stream its text, finish the request when it is done.
+        computed: tokens whose K/V its step left computed (default num_computed; a step
+        launched ahead has advanced num_computed past it)."""
         params = request.params
         if tok == NONFINITE:
             request.error = (f"the model's logits hold NaN or inf at output token "
@@ -463,7 +613,7 @@ class ServingEngine:
                 reason = "stop"
             elif len(request.token_ids) - len(request.prompt_ids) >= params.max_new_tokens:
                 reason = "max_new_tokens"
-            elif request.num_computed >= self.max_seq_len:
+            elif (request.num_computed if computed is None else computed) >= self.max_seq_len:
                 reason = "length"  # no room left to write this token's K/V
         request.text += piece
         request.new_text += piece
@@ -575,16 +725,19 @@ class ServingEngine:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         try:
             while left:
-                sync()
+                if self._ahead is None:  # never while a step is in flight: that is the overlap
+                    sync()
                 t0 = time.perf_counter()
-                decode_only = not self.scheduler.waiting and all(
-                    r.num_pending == 1 for r in self.scheduler.running)
+                # a step in flight is a decode step, and this call takes its tokens
+                decode_only = self._ahead is not None or (not self.scheduler.waiting and all(
+                    r.num_pending == 1 for r in self.scheduler.running))
                 steps = self._steps
                 outputs = self.step()
                 if not outputs and self._steps == steps:  # a scheduler bug, never user input
                     raise RuntimeError("serving engine: a step planned nothing while requests "
                                        "wait")
-                sync()
+                if self._ahead is None:
+                    sync()
                 dt = time.perf_counter() - t0
                 sampled = 0
                 for out in outputs:

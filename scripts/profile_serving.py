@@ -20,6 +20,8 @@ Workloads: random (the bench's: --requests requests, prompt and output lengths u
 --prompt-lens and --output-lens) and shared-prefix (every prompt starts with --prefix tokens).
 Defaults: on the CPU the tiny shape, 32 requests of 16-120 prompt and output tokens; on CUDA
 the Llama-1B shape in bf16 and the bench's random workload (256 requests, 100-1024 each).
+The engine runs without its overlap (ServingEngine(overlap=False)): each step's parts in
+series, as the table needs them.
 """
 
 from __future__ import annotations
@@ -364,8 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(config, device=device, dtype=dtype)
     budget = a.token_budget if a.token_budget is not None else (8192 if cuda else 256)
     try:
+        # overlap off: the parts of each step are timed in series (with the overlap, the
+        # host's work for one step runs during the device's for the one before)
         engine = ServingEngine(model, kv_memory=a.kv_memory, block_size=a.block_size,
-                               token_budget=budget, packed_prefill=not a.segments)
+                               token_budget=budget, packed_prefill=not a.segments,
+                               overlap=False)
     except GenerationError as exc:  # a block size or pool size the engine refuses
         print(f"profile_serving: {exc}", file=sys.stderr)
         return 2

@@ -388,3 +388,26 @@ def test_engine_a_prompt_with_penalty_and_min_p_samples_the_same_alone_and_in_a_
         for i, p in enumerate(batch):
             assert engine.generate([p], params).completions[0].token_ids == \
                 together[i].token_ids, (graph, i)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampled_rows_draw_torch_multinomials_tokens(device: str) -> None:
+    # sample_rows draws as torch.multinomial does for one sample (without its host check):
+    # per row, the same token from the same generator state, greedy rows mixed in
+    params = [SamplingParams(temperature=0.9, seed=3), SamplingParams(),
+              SamplingParams(temperature=1.3, top_k=40, seed=4),
+              SamplingParams(temperature=0.7, top_p=0.8, seed=5)]
+    g = torch.Generator().manual_seed(21)
+    for draw in range(20):
+        logits = (torch.randn(len(params), 500, generator=g) * 3).to(device)
+        mine = [make_generator(p, torch.device(device)) for p in params]
+        theirs = [make_generator(p, torch.device(device)) for p in params]
+        for gen in mine + theirs:
+            if gen is not None:
+                gen.manual_seed(100 + draw)
+        tokens = sample_rows(logits, params, mine)
+        probs = filtered_logits(logits.float(), params).softmax(dim=-1)
+        for r, p in enumerate(params):
+            want = logits[r].argmax().item() if p.greedy else \
+                torch.multinomial(probs[r:r + 1], 1, generator=theirs[r]).item()
+            assert tokens[r].item() == want, (draw, r)

@@ -51,6 +51,17 @@ def test_serving_and_static_runs_count_every_requests_own_tokens(model) -> None:
     assert sb.lower_bound_s(model, w, bw, 1e12) > 0
 
 
+def test_a_serving_run_with_the_overlap_times_its_decode_steps(model) -> None:
+    # ServingEngine(overlap=True) on the CPU: step() takes one step's tokens while the next
+    # is launched; the run finishes and its pure decode calls are still timed
+    w = sb.random_workload(model.config.vocab_size, requests=5, low=4, high=12)
+    run = sb.run_serving(model, w, 1e10, prefix_caching=True, kv_memory=2**22, block_size=4,
+                         label="paged", overlap=True)
+    assert run.output_tokens == sum(w.outputs) and run.ttft_s and run.itl_ms
+    assert run.extra["steps_ahead"] > 0
+    assert 0 < run.extra["decode_steps_frac_roofline"]
+
+
 def test_prefix_caching_cuts_the_later_requests_prefill(model) -> None:
     w = sb.shared_prefix_workload(model.config.vocab_size, requests=4, prefix=64, new_tokens=3)
     runs = {c: sb.run_serving(model, w, 1e10, prefix_caching=c, kv_memory=2**22, block_size=4,

@@ -399,7 +399,11 @@ void PagedKVCache::sync_device() {
     // are copied too, with the values they already hold on the device (the host tables are the
     // source, the device rows written only here). A plain copy_ from pageable host memory: the
     // host buffers may change again as soon as this returns, and the copy is ordered after the
-    // kernels on the stream.
+    // kernels on the stream. On CUDA the rows are staged in pinned memory first (torch's
+    // caching host allocator keeps the staging buffer until the copy has run), so the copy
+    // does not wait for the device: a plain copy_ from pageable memory synchronizes the stream,
+    // which would stall a host that schedules the next step while this one runs
+    // (ServingEngine's overlap).
     int64_t first = -1;
     int64_t last = -1;
     for (int64_t seq = 0; seq < max_seqs_; ++seq) {
@@ -413,11 +417,20 @@ void PagedKVCache::sync_device() {
     }
     if (first >= 0) {
         const int64_t rows = last - first + 1;
-        device_tables_.narrow(0, first, rows).copy_(host_tables_.narrow(0, first, rows));
+        copy_to_device(device_tables_.narrow(0, first, rows), host_tables_.narrow(0, first, rows));
     }
     if (lengths_dirty_) {
-        device_lengths_.copy_(host_lengths_);
+        copy_to_device(device_lengths_, host_lengths_);
         lengths_dirty_ = false;
+    }
+}
+
+void PagedKVCache::copy_to_device(at::Tensor dst, const at::Tensor& src) const {
+    if (device_.is_cuda()) {
+        // a snapshot of the host rows as they are now: they may change before the copy runs
+        dst.copy_(src.pin_memory(), /*non_blocking=*/true);
+    } else {
+        dst.copy_(src);
     }
 }
 

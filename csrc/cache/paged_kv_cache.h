@@ -102,7 +102,8 @@ class PagedKVCache {
     const at::Tensor& sequence_lengths() const { return device_lengths_; }  // [max_seqs]
     // Copies the rows of the tables that changed since the last sync (and the lengths, when any
     // changed) to the device mirrors, on the current stream, ordered after the kernels already
-    // queued there. Call once per step, before the forward (outside any graph capture).
+    // queued there; on CUDA without waiting for them (staged in pinned memory). Call once per
+    // step, before the forward (outside any graph capture).
     void sync_device();
 
     int64_t num_layers() const { return num_layers_; }
@@ -128,6 +129,8 @@ class PagedKVCache {
     void release_block(int64_t block);  // count 1 -> 0, back on the free list
     void set_table_entry(int64_t seq, int64_t index, int32_t block);
     void mark_dirty(int64_t seq);
+    // dst (a device mirror's rows) <- src (the host rows), without waiting for the device
+    void copy_to_device(at::Tensor dst, const at::Tensor& src) const;
     [[noreturn]] void throw_full(const std::string& what) const;
 
     int64_t num_layers_;

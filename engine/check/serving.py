@@ -70,6 +70,7 @@ class ServingReport:
     prefix_hit_blocks: int = 0
     prefill_tokens: int = 0
     steps: int = 0
+    steps_ahead: int = 0  # decode steps launched before the previous step's tokens (overlap)
     outputs: dict[int, list[int]] = field(default_factory=dict)  # request index -> tokens
     near_ties: list[str] = field(default_factory=list)  # fp16/bf16 greedy flips excused
 
@@ -85,10 +86,11 @@ class _RecordingEngine(ServingEngine):
         super().__init__(*args, **kwargs)
         self.logits: dict[str, list[Tensor]] = {}
 
-    def _sample(self, chunks, logits):  # type: ignore[override]
+    def _sample_tokens(self, chunks, logits):  # type: ignore[override]
+        # every step samples here, synchronous or overlapped (ServingEngine.step)
         for i, chunk in enumerate(chunks):
             self.logits.setdefault(chunk.request.request_id, []).append(logits[i].float().cpu())
-        return super()._sample(chunks, logits)
+        return super()._sample_tokens(chunks, logits)
 
 
 def check_serving(model: Transformer, workload: list[Arrival], tolerance: float = 1e-4,
@@ -123,7 +125,10 @@ def check_serving(model: Transformer, workload: list[Arrival], tolerance: float 
                     parent = ids[a.fork_of]
                     ids[i] = engine.fork(parent, params, new_id=f"r{i}")
                     tokens_of[ids[i]] = list(tokens_of[parent])
-                    inherited[ids[i]] = inherited.get(parent, []) + engine.logits.get(parent, [])
+                    # the logits of the tokens it inherits (with the overlap, the parent's next
+                    # token may be sampled already, its logits recorded, and not reported yet)
+                    inherited[ids[i]] = (inherited.get(parent, []) + engine.logits.get(
+                        parent, []))[:len(tokens_of[parent])]
             pending = any(a.step > step for a in workload)
             if not engine.has_unfinished() and not pending:
                 break
@@ -137,6 +142,7 @@ def check_serving(model: Transformer, workload: list[Arrival], tolerance: float 
         return report
     stats = engine.stats()
     report.preemptions, report.steps = stats.preemptions, stats.steps
+    report.steps_ahead = stats.steps_ahead
     report.prefix_hit_blocks, report.prefill_tokens = stats.prefix_hit_blocks, \
         stats.prefill_tokens
     static = Engine(model, max_seq_len=engine.max_seq_len)

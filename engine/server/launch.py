@@ -54,6 +54,7 @@ class ServeOptions:
     prefix_caching: bool = True
     max_context: int | None = None
     cuda_graph: bool = True
+    overlap: bool = True  # ServingEngine's overlap where it applies (CUDA); False: off
     shutdown_timeout: float = 30.0
     access_log: bool = False
     stream_interval: int = 1  # a stream's task wakes every this many tokens (EngineLoop)
@@ -189,7 +190,7 @@ def prepare(o: ServeOptions) -> PreparedServer:
             loaded.model, loaded.tokenizer, block_size=o.block_size, kv_memory=pool,
             max_running=o.max_running, token_budget=o.token_budget,
             prefix_caching=o.prefix_caching, cuda_graph=o.cuda_graph and dev.type == "cuda",
-            max_seq_len=o.max_context)
+            max_seq_len=o.max_context, overlap=None if o.overlap else False)
         metrics = Metrics()
         loop = EngineLoop(engine, metrics, max_waiting=o.max_waiting,
                           stream_interval=o.stream_interval)

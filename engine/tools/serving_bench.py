@@ -8,7 +8,8 @@
   (paged cache, continuous batching), toyllm's static Engine (all prompts as one batch, every
   row decoding to the longest; only each request's own tokens are counted) and transformers'
   continuous batching (its manager, per-request lengths; `--hf-requests` runs it on the first N
-  requests only, where its time would be too long).
+  requests only, where its time would be too long); on CUDA the ServingEngine again without
+  its overlap of host and device work (ServingEngine(overlap=False)).
 * shared-prefix: 64 requests whose prompts start with the same 1,000-token system prompt and
   end in 20-100 tokens of their own, 128 new tokens each: the ServingEngine with and without
   prefix caching (prefill tokens computed and peak KV memory, against one prefix plus every
@@ -113,15 +114,17 @@ def _peak_gb(device: torch.device) -> float | None:
 
 def run_serving(model: Transformer, work: Workload, bandwidth: float, *, prefix_caching: bool,
                 kv_memory: int | float, block_size: int, label: str,
-                first_alone: bool = False) -> Result:
+                first_alone: bool = False, overlap: bool | None = None) -> Result:
     """Every request added at t0 (first_alone: the first one, then the others once it has its
     first token, so that they can find its prompt cached), then step() until all finish;
-    per-step times for the roofline of the pure decode steps."""
+    per-step times for the roofline of the pure decode steps. overlap: ServingEngine's (None:
+    its default, on for CUDA). With the overlap a step() call launches the next decode step and
+    takes the tokens of the one before: its wall time is still one decode step's share."""
     config = model.config
     kv_token = config.kv_bytes_per_token(torch.empty((), dtype=model.dtype).element_size())
     wbytes = weight_bytes(model)
     engine = ServingEngine(model, kv_memory=kv_memory, block_size=block_size,
-                           prefix_caching=prefix_caching)
+                           prefix_caching=prefix_caching, overlap=overlap)
     # warm-up: a decode graph is captured on the first step of each batch bucket; requests that
     # finish one step apart take the running count through every bucket before timing starts
     for i, p in enumerate(work.prompts):
@@ -151,7 +154,7 @@ def run_serving(model: Transformer, work: Workload, bandwidth: float, *, prefix_
             raise RuntimeError("the first request finished before the others were added")
         s0 = engine.stats()
         ts = time.perf_counter()
-        outputs = engine.step()  # ends in a host read of the sampled tokens
+        outputs = engine.step()  # ends in a host read of a step's sampled tokens
         dt = time.perf_counter() - ts
         s1 = engine.stats()
         peak_blocks = max(peak_blocks, s1.blocks_used)
@@ -179,6 +182,7 @@ def run_serving(model: Transformer, work: Workload, bandwidth: float, *, prefix_
         "decode_steps_frac_roofline": decode_roof_s / decode_s if decode_s else None,
         "decode_steps_s": decode_s,
         "steps": after.steps - before.steps,
+        "steps_ahead": after.steps_ahead - before.steps_ahead,
         "peak_kv_bytes": peak_blocks * after.bytes_per_block,
         "prefix_hit_blocks": after.prefix_hit_blocks - before.prefix_hit_blocks,
         "blocks_total": after.blocks_total,
@@ -272,6 +276,12 @@ def run(model: Transformer, workload: str, *, hf: bool = True, hf_requests: int 
             results.append(run_static(model, work))
         if hf:
             results.append(run_transformers(model, work, hf_requests or len(work.prompts)))
+        if device.type == "cuda":  # the overlap is on by default there: the same without it
+            results.append(run_serving(model, work, bandwidth, prefix_caching=True,
+                                       kv_memory=kv_memory, block_size=block_size,
+                                       label="toyllm serving (paged), no overlap",
+                                       overlap=False))
+            _free(device)
         bound = lower_bound_s(model, work, bandwidth, peak_tflops * 1e12)
     else:
         work = shared_prefix_workload(vocab)
