@@ -158,6 +158,22 @@ def step_args(rows: int = 2, seed: int = 9) -> list:
             config.num_heads]
 
 
+def test_the_wrappers_direct_call_is_the_operator():
+    """cpu_step.cpu_decode_step calls the operator's C++ function without the dispatcher: the
+    same logits and caches bit for bit, and the same refusal before anything is written."""
+    args = step_args()
+    again = [*args[:K], [t.clone() for t in args[K]], [t.clone() for t in args[V]], *args[V + 1:]]
+    assert_same_bits(cpu_step.cpu_decode_step(*args), OPS.cpu_decode_step(*again))
+    for a, b in zip(args[K] + args[V], again[K] + again[V], strict=True):
+        assert_same_bits(a, b)
+    args[POSITIONS] = torch.tensor([3, 16], dtype=torch.int32)  # past the caches' 16 positions
+    before = [t.clone() for t in args[K] + args[V]]
+    with pytest.raises(ValueError, match=r"^cpu_decode_step, layer 0: expected positions\[1\]"):
+        cpu_step.cpu_decode_step(*args)
+    for t, b in zip(args[K] + args[V], before, strict=True):
+        assert torch.equal(t, b)
+
+
 def test_opcheck_accepts_the_operator():
     torch.library.opcheck(OPS.cpu_decode_step.default, step_args(),
                           test_utils=("test_schema", "test_faketensor"))

@@ -35,6 +35,7 @@
 #include "common/op_args.h"
 #include "elementwise/cpu_fp32_loops.h"
 #include "gemv/cpu_gemv_kernels.h"
+#include "layer/cpu_decode_step.h"
 #include "layer/decode_layer_fp32.h"
 
 namespace toyllm {
@@ -119,6 +120,8 @@ std::vector<LayerShape> check_args(const at::Tensor& tokens, const at::Tensor& e
     check_contiguous(kOp, "inv_freq", inv_freq);
     return shapes;
 }
+
+}  // namespace
 
 at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
                            const at::Tensor& embedding,    // [vocab, hidden]
@@ -211,7 +214,6 @@ at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
     return logits;
 }
 
-}  // namespace
 }  // namespace toyllm
 
 TORCH_LIBRARY_IMPL(toyllm, CPU, m) { m.impl("cpu_decode_step", &toyllm::cpu_decode_step); }

@@ -20,6 +20,13 @@ advanced: the engine does that after the step.
 `weights_apply` and `applies` say where the engine takes it (engine/forward.py, Settings.fusion
 FULL with the extension's CPU GEMV): the weights once, the step's tokens per step.
 
+`cpu_decode_step` calls the operator's C++ function through the extension's own binding
+(`_C.cpu_decode_step`, csrc/layer/cpu_decode_step.h), not through the dispatcher: the same
+code, checks and messages, without the dispatcher's path from Python, which costs tens of
+microseconds a call once a decode step has streamed the weights through the CPU's caches
+(docs/PERF.md, "CPU decode"). The registered operator ``torch.ops.toyllm.cpu_decode_step`` (its
+schema, fake and opcheck: tests/) runs the same function.
+
 Example (one layer whose products are identities on a 4-wide stream; eps 0)::
 
     >>> import torch
@@ -45,11 +52,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from toyllm.engine.ops import _C
 from toyllm.engine.ops.cpu_layer import MAX_ROWS, weights_apply
 
 __all__ = ["MAX_ROWS", "applies", "cpu_decode_step", "weights_apply"]
 
-_op = torch.ops.toyllm.cpu_decode_step.default
+_op = _C.cpu_decode_step  # the operator's CPU function, without the dispatcher (above)
 
 
 def applies(tokens: Tensor) -> bool:
