@@ -1,16 +1,20 @@
 // Python bindings of toyllm.engine.ops._C (pybind11): the KVCache and PagedKVCache classes,
 // KVCacheOverflowError, PagedCacheFullError and the programmatic-launch switch. (The operators
 // are registered with the dispatcher, registration.cpp, and reached from Python as
-// torch.ops.toyllm.*.)
+// torch.ops.toyllm.*; the CPU functions of two of them, which a CPU decode step calls once a
+// token, are also bound here directly: cpu_decode_step and argmax_cpu.)
 #include <torch/extension.h>
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "cache/kv_cache.h"
 #include "cache/paged_kv_cache.h"
 #include "common/programmatic_launch.h"
 #include "gemv/cpu_gemv_isa.h"
+#include "layer/cpu_decode_step.h"
+#include "sampling/argmax_cpu.h"
 
 namespace py = pybind11;
 
@@ -47,6 +51,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "serialization (Hopper; default on). Kernels captured in a CUDA graph keep the "
           "setting they were captured with.");
     m.def("programmatic_launch_enabled", &toyllm::programmatic_launch_enabled);
+
+    // The CPU functions of toyllm::cpu_decode_step and toyllm::argmax without the dispatcher
+    // (cpu_decode_step.h, argmax_cpu.h): the same code, checks and messages as the operators.
+    // The step releases the GIL while it runs, as the dispatcher's path does.
+    m.def(
+        "cpu_decode_step",
+        [](const at::Tensor& tokens, const at::Tensor& embedding,
+           const std::vector<at::Tensor>& layer_weights, const at::Tensor& final_norm,
+           const at::Tensor& head_weight, double eps, const at::Tensor& inv_freq,
+           const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+           const at::Tensor& positions, int64_t num_q_heads) {
+            return toyllm::cpu_decode_step(tokens, embedding, layer_weights, final_norm,
+                                           head_weight, eps, inv_freq, k_caches, v_caches,
+                                           positions, num_q_heads);
+        },
+        py::arg("tokens"), py::arg("embedding"), py::arg("layer_weights"), py::arg("final_norm"),
+        py::arg("head_weight"), py::arg("eps"), py::arg("inv_freq"), py::arg("k_caches"),
+        py::arg("v_caches"), py::arg("positions"), py::arg("num_q_heads"),
+        py::call_guard<py::gil_scoped_release>(),
+        "toyllm::cpu_decode_step's CPU function, called without the dispatcher.");
+    m.def("argmax_cpu", &toyllm::argmax_cpu, py::arg("logits"), py::arg("flag_nonfinite"),
+          "toyllm::argmax's CPU function, called without the dispatcher.");
 
     // For the tests only (cpu_gemv_isa.h): the CPU GEMV's kernels of one instruction set.
     m.def("_cpu_gemv_isas", &toyllm::cpu_gemv_isa_names,

@@ -8,7 +8,6 @@
 //   elementwise/rope_kv_ops.cpp     rope_kv_update
 //   gemv/cpu_gemv.cpp, cuda_gemv.cpp  gemv, gemv_silu_mul and the norm-fused products
 //   sampling/argmax_ops.cpp         argmax
-//   layer/cpu_decode_layer.cpp      cpu_decode_layer (CPU only)
 //   layer/cpu_decode_step.cpp       cpu_decode_step (CPU only)
 // Every op checks its arguments in C++ on every device and raises ValueError (TORCH_CHECK_VALUE)
 // naming what was expected and what was given. Tensor(a!) marks an argument written in place.
@@ -70,21 +69,13 @@ TORCH_LIBRARY(toyllm, m) {
         "Tensor weight, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor positions, int num_q_heads, int warps=8) -> (Tensor, Tensor)");
 
-    // A whole decoder layer of a CPU decode step, fp32, one new token per row: the residual add
-    // (residual None: the first layer), input RMSNorm, q/k/v, RoPE and the K/V write at
-    // positions[r] (< 0: a finished row, nothing written), attention over keys 0..positions[r],
-    // o, the residual add, post-attention RMSNorm, gate/up, silu(gate) * up and down ->
-    // (stream after attention, the MLP's output): the bits of the ops it replaces.
-    m.def(
-        "cpu_decode_layer(Tensor x, Tensor? residual, Tensor input_norm, Tensor qkv_weight, "
-        "Tensor o_weight, Tensor post_norm, Tensor gate_up_weight, Tensor down_weight, float eps, "
-        "Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
-        "int num_q_heads) -> (Tensor, Tensor)");
-
     // A whole CPU decode step, fp32, one new token per row: the embedding of tokens, RoPE's
-    // cos/sin at positions, every layer as cpu_decode_layer runs it (layer_weights: input_norm,
-    // qkv, o, post_norm, gate_up, down of each layer in turn), the final RMSNorm and the head
-    // -> logits [rows, 1, vocab]: the bits of the ops it replaces.
+    // cos/sin at positions, every layer (layer_weights: input_norm, qkv, o, post_norm, gate_up,
+    // down of each layer in turn): the residual add (none before the first layer), input
+    // RMSNorm, q/k/v, RoPE and the K/V write at positions[r] (< 0: a finished row, nothing
+    // written), attention over keys 0..positions[r], o, the residual add, post-attention RMSNorm,
+    // gate/up, silu(gate) * up and down; then the final RMSNorm and the head -> logits [rows, 1,
+    // vocab]: the bits of the ops it replaces.
     m.def(
         "cpu_decode_step(Tensor tokens, Tensor embedding, Tensor[] layer_weights, "
         "Tensor final_norm, Tensor head_weight, float eps, Tensor inv_freq, "

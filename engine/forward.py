@@ -38,6 +38,7 @@ fp16/bf16, unless ServingEngine(packed_prefill=False)), one SDPA per chunk other
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -224,6 +225,10 @@ class EngineForward:
                              [*step_weights, model.embed_tokens.weight, model.norm.weight,
                               model.lm_head.weight, model.inv_freq]))
         self._step_weights = step_weights if self.cpu_step else []
+        # the step's other weights, read off the model once (nn.Module attribute lookups run
+        # Python per token otherwise)
+        self._step_head = ((model.embed_tokens.weight, model.norm.weight, model.lm_head.weight,
+                            model.inv_freq) if self.cpu_step else ())
 
     def paged_prefill_varlen(self) -> bool:
         """Whether the serving engine's prefill chunks take the packed varlen attention."""
@@ -308,11 +313,30 @@ class EngineForward:
     def _cpu_step(self, tokens: Tensor, step: DecodeStep) -> Tensor:
         """The whole forward of a CPU decode step in one call (toyllm::cpu_decode_step), the
         same bits: tokens [rows, 1] -> logits [rows, 1, vocab]; K/V written at step.positions."""
-        model = self.model
+        embedding, final_norm, head, inv_freq = self._step_head
         return cpu_step.cpu_decode_step(
-            tokens, model.embed_tokens.weight, self._step_weights, model.norm.weight,
-            model.lm_head.weight, self.eps, model.inv_freq, step.k_caches, step.v_caches,
-            step.positions, self.num_heads)
+            tokens, embedding, self._step_weights, final_norm, head, self.eps, inv_freq,
+            step.k_caches, step.v_caches, step.positions, self.num_heads)
+
+    def cpu_decode(self, k_caches: list[Tensor], v_caches: list[Tensor],
+                   positions: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """The whole decode step over these cache views (per layer [rows, max_seq_len, Hkv, D];
+        int32 positions [rows]) as one call with its arguments bound, where this forward takes
+        toyllm::cpu_decode_step for a DecodeStep of `rows` rows (None elsewhere): step(tokens
+        int64 [rows, 1]) -> logits [rows, vocab], the bits of `self(tokens, None,
+        DecodeStep(...))[:, -1]`. Made once per set of views: the engine's decode loop then
+        runs no Python of this forward per token (docs/PERF.md, "CPU decode")."""
+        rows = positions.shape[0]
+        if not (self.cpu_step and 1 <= rows <= cpu_step.MAX_ROWS and self.decode_kernel(rows)):
+            return None
+        embedding, final_norm, head, inv_freq = self._step_head
+        args = (embedding, self._step_weights, final_norm, head, self.eps, inv_freq,
+                list(k_caches), list(v_caches), positions, self.num_heads)
+
+        def step(tokens: Tensor) -> Tensor:
+            return cpu_step.cpu_decode_step(tokens, *args).view(rows, -1)
+
+        return step
 
     def _add_norm(self, x: Tensor, residual: Tensor | None,
                   norm_weight: Tensor) -> tuple[Tensor, Tensor]:

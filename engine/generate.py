@@ -30,6 +30,7 @@ from torch import Tensor
 from toyllm.engine.cached_attention import DecodeStep, PrefillStep
 from toyllm.engine.cpu_layout import store_weights_input_major
 from toyllm.engine.forward import EngineForward
+from toyllm.engine.ops import cpu_step
 from toyllm.engine.ops.kv_cache import KVCache, set_programmatic_launch
 from toyllm.engine.sampling import NONFINITE, SamplingParams, make_generators, sample
 from toyllm.engine.settings import Settings
@@ -39,6 +40,7 @@ from toyllm.models.rope import rope_table
 from toyllm.models.tokenizer import StreamDecoder, Tokenizer
 
 Prompt = str | Sequence[int]
+_UNBOUND = object()  # Engine._cpu_decodes: no entry yet for this row count
 TextCallback = Callable[[int, str], None]
 
 
@@ -176,6 +178,9 @@ class Engine:
         self.cache: KVCache | None = None
         self._graphs = None  # engine.cuda_graph.DecodeGraphs, built on first use
         self._views: dict[int, tuple[list[Tensor], list[Tensor], Tensor]] = {}
+        # per row count: the whole CPU decode step bound to those views, or None where the
+        # forward does not take it (EngineForward.cpu_decode); reset with the views
+        self._cpu_decodes: dict[int, Callable[[Tensor], Tensor] | None] = {}
         self._rope_table: Tensor | None = None  # _rope_table_for
         self.decode_forward = self._make_decode_forward()
 
@@ -242,6 +247,7 @@ class Engine:
             self.cache = c = None
             self._graphs = None  # graphs and views hold addresses of the old cache
             self._views = {}
+            self._cpu_decodes = {}
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             # a normal tensor even when the caller is in inference mode, so the cache can be
@@ -292,9 +298,17 @@ class Engine:
                 self._graphs = DecodeGraphs(self.decode_forward, self.cache_views)
             logits = self._graphs.run(rows, tokens)
         else:
-            # eager: read only as far as the longest row
-            span = min(max(cache.positions()[:rows]) + 1, cache.max_seq_len)
-            logits = self.decode_forward(tokens.view(rows, 1), positions, ks, vs, span)
+            tokens = tokens.view(rows, 1)
+            cpu_decode = self._cpu_decodes.get(rows, _UNBOUND)
+            if cpu_decode is _UNBOUND:
+                cpu_decode = self._cpu_decodes[rows] = self.forward.cpu_decode(ks, vs, positions)
+            if cpu_decode is not None and cpu_step.applies(tokens):
+                # the forward's own choice for this step, its arguments bound once
+                logits = cpu_decode(tokens)
+            else:
+                # eager: read only as far as the longest row
+                span = min(max(cache.positions()[:rows]) + 1, cache.max_seq_len)
+                logits = self.decode_forward(tokens, positions, ks, vs, span)
         cache.advance_position(1)
         return logits
 

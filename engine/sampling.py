@@ -296,12 +296,16 @@ def filtered_logits(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
     return scaled if drop is None else scaled.masked_fill(drop, -math.inf)
 
 
-def _check_rows(logits: Tensor, params: Sequence[SamplingParams],
-                generators: Sequence[torch.Generator | None],
-                seen: Sequence[Sequence[int]] | None) -> None:
+def _check_logits(logits: Tensor) -> None:
     if logits.dim() != 2 or not logits.is_floating_point() or logits.shape[1] < 1:
         raise SamplingError("logits: expected a float tensor [rows, vocab] with vocab >= 1, "
                             f"got {logits.dtype} of shape {list(logits.shape)}")
+
+
+def _check_rows(logits: Tensor, params: Sequence[SamplingParams],
+                generators: Sequence[torch.Generator | None],
+                seen: Sequence[Sequence[int]] | None) -> None:
+    _check_logits(logits)
     rows = logits.shape[0]
     for name, given in (("params", params), ("generators", generators), ("seen", seen)):
         if given is not None and len(given) != rows:
@@ -383,8 +387,16 @@ def sample(logits: Tensor, params: SamplingParams,
         raise SamplingError(f"generator: expected at most one per row ({rows}), got {real}")
     if seen is not None and len(seen) != rows:
         raise SamplingError(f"seen: expected one per row ({rows}), got {len(seen)}")
-    tokens = sample_rows(logits[:real], [params] * real, generators,
-                         None if seen is None else seen[:real], cuda_argmax)
+    if (isinstance(params, SamplingParams) and params.greedy
+            and params.repetition_penalty == 1):
+        # every row greedy with nothing to penalise: sample_rows' answer (its first branch)
+        # without its per-row lists, which a decode step would otherwise build every token
+        _check_logits(logits)
+        tokens = argmax(logits[:real] if real < rows else logits, kernel=cuda_argmax,
+                        flag_nonfinite=True)
+    else:
+        tokens = sample_rows(logits[:real], [params] * real, generators,
+                             None if seen is None else seen[:real], cuda_argmax)
     if real < rows:
         tokens = torch.cat([tokens, tokens.new_zeros(rows - real)])
     return tokens

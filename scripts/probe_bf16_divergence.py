@@ -189,7 +189,7 @@ class _Recording:
 
         fwd.gemv = RecordingGemv()  # type: ignore[assignment]
         fwd._layer = recording_layer  # type: ignore[method-assign]
-        fwd.cpu_layer = False  # one call per layer hides every point: the per-op path instead
+        fwd.cpu_step = False  # one call per step hides every point: the per-op path instead
 
     def put(self, point: str, value: Tensor) -> None:
         _store(self.record, point, value, self.where)

@@ -7,8 +7,11 @@ forward; the levels below run the separate operators), one warm-up request, then
 rate of a timed request; over `steps` greedy decode steps after a prefill (the engine's
 decode_step and sample, as its generate loop runs them): the operators a token calls from
 Python (torch.profiler's top-level events), all operators with those they call inside (self CPU
-time per token), and the Python function calls (cProfile). The machine is shared and noisy:
-read the counts as exact and the times as one sample.
+time per token), and the Python function calls (cProfile). At full, the step and the greedy
+pick call their operators' C++ functions through the extension's binding, not the dispatcher
+(engine/ops/cpu_step.py, argmax.py): the profiler then shows those ATen calls inside them that
+go through the dispatcher (at::empty), not the two calls themselves. The machine is shared and
+noisy: read the counts as exact and the times as one sample.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The small models both CPU decode tests run (tests/test_cpu_decode_layer.py and
-tests/test_cpu_decode_step.py): stories15M's proportions, GQA with a head_dim that is not a
+"""The small models the CPU decode step's tests run (tests/test_cpu_decode_step.py):
+stories15M's proportions, GQA with a head_dim that is not a
 multiple of 8, MQA with an untied head; weights initialised for peaked logits."""
 
 from __future__ import annotations

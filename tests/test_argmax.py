@@ -135,6 +135,20 @@ def test_argmax_cpu_rejects_bad_inputs(case) -> None:
     logits, message = _bad_inputs(_maker("cpu"))[case]
     with pytest.raises(ValueError, match=message):
         OPS.argmax(logits)
+    with pytest.raises(ValueError, match=message):  # the wrapper's direct call: the same check
+        argmax_mod._argmax_cpu(logits, False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("flag", [False, True], ids=["plain", "flag_nonfinite"])
+def test_the_direct_cpu_call_gives_the_operators_answer(dtype, flag) -> None:
+    """The wrapper's CPU call without the dispatcher (_C.argmax_cpu) is the operator's."""
+    logits = randn((5, 1000), dtype, "cpu", seed=6)
+    logits[1, 7] = logits[1, 900] = 100.0  # a tie
+    logits[2, 500] = NAN
+    logits[3] = -INF
+    logits[4, 3] = INF
+    assert torch.equal(argmax_mod._argmax_cpu(logits, flag), OPS.argmax(logits, flag))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -172,7 +186,8 @@ def test_argmax_cpu_fp32_loop_equals_torch_at_lane_edges_ties_and_signed_zeros(v
 def test_argmax_wrapper_on_the_cpu_takes_the_loop_for_fp32_and_torch_otherwise(
         monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr(argmax_mod, "_argmax", lambda x, *a: calls.append(1) or OPS.argmax(x, *a))
+    monkeypatch.setattr(argmax_mod, "_argmax_cpu",
+                        lambda x, *a: calls.append(1) or OPS.argmax(x, *a))
     fp32 = randn((3, 50), torch.float32, "cpu", seed=5)
     assert argmax_mod.applies_cpu(fp32) and not argmax_mod.applies(fp32)
     assert torch.equal(argmax_mod.argmax(fp32), fp32.argmax(-1)) and len(calls) == 1
@@ -182,6 +197,7 @@ def test_argmax_wrapper_on_the_cpu_takes_the_loop_for_fp32_and_torch_otherwise(
         raise AssertionError("toyllm::argmax called for CPU logits it does not take")
 
     monkeypatch.setattr(argmax_mod, "_argmax", refuse)
+    monkeypatch.setattr(argmax_mod, "_argmax_cpu", refuse)
     logits = randn((3, 50), torch.bfloat16, "cpu", seed=2)
     assert not argmax_mod.applies(logits) and not argmax_mod.applies_cpu(logits)
     assert torch.equal(argmax_mod.argmax(logits), logits.argmax(-1))
@@ -456,7 +472,7 @@ def test_engine_greedy_generation_on_the_cpu_takes_the_fp32_loop(monkeypatch) ->
     from toyllm.models.llama import build_model
 
     calls = []
-    monkeypatch.setattr(argmax_mod, "_argmax",
+    monkeypatch.setattr(argmax_mod, "_argmax_cpu",
                         lambda x, *a: calls.append(x.dtype) or OPS.argmax(x, *a))
     config = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, intermediate_size=96, max_seq_len=64)

@@ -22,7 +22,7 @@ from toyllm.engine.check.harness import CheckError, decode_steps, run_check, sel
 from toyllm.engine.check.reference import reference_logits
 from toyllm.engine.cli import app
 from toyllm.engine.forward import EngineForward
-from toyllm.engine.ops import cpu_layer, cpu_step, elementwise, gemv, gemv_norm, rope_kv
+from toyllm.engine.ops import cpu_step, elementwise, gemv, gemv_norm, rope_kv
 from toyllm.models.llama import build_model
 
 # Cases the planted-bug tests run: batch 1 and ragged, whole and chunked prefill, the cache's
@@ -290,8 +290,6 @@ def plant_wrong_fused_ops(monkeypatch: pytest.MonkeyPatch) -> None:
         real = getattr(gemv_norm, name)
         monkeypatch.setattr(gemv_norm, name,
                             lambda *a, _real=real: (lambda s, y: (s, off(y)))(*_real(*a)))
-    real_layer = cpu_layer._op  # the whole CPU decode layer: (stream, MLP output)
-    monkeypatch.setattr(cpu_layer, "_op", lambda *a: (lambda s, y: (s, off(y)))(*real_layer(*a)))
     real_step = cpu_step._op  # the whole CPU decode step: logits
     monkeypatch.setattr(cpu_step, "_op", lambda *a: off(real_step(*a)))
 

@@ -3,10 +3,12 @@
 The engine at Settings.fusion FULL takes it for CPU decode steps of up to 4 rows; below FULL the
 same step runs the separate ops. The two give the same logits and caches bit for bit (compared
 as integers) for the stories15M-like shape, GQA, head_dim not a multiple of 8 and odd widths, an
-untied head, one row and ragged batches with a finished row, 1 or 2 threads; greedy decoding
-through it equals the no-cache reference (fp32: max |logit diff| <= 1e-4, the same tokens for 64
-steps). Bad inputs are refused with one clear message each before anything is written (the C++
-checks; the fake only gives the output shape: tests/test_op_fakes.py).
+untied head, one row and ragged batches with a finished row, 1 or 2 threads; so does the
+operator alone against the separate operators composed here, over random caches, its first
+layer (no residual) against a residual of zeros; greedy decoding through it equals the no-cache
+reference (fp32: max |logit diff| <= 1e-4, the same tokens for 64 steps). Bad inputs are
+refused with one clear message each before anything is written (the C++ checks; the fake only
+gives the output shape: tests/test_op_fakes.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from toyllm.engine.generate import Engine
 from toyllm.engine.ops import cpu_step
 from toyllm.engine.sampling import SamplingParams
 from toyllm.engine.settings import Fusion, Settings
+from toyllm.models.rope import rope_cos_sin
 
 OPS = torch.ops.toyllm
 def counting(monkeypatch) -> list[int]:
@@ -136,6 +139,63 @@ def test_the_separate_ops_run_where_the_step_does_not_apply(settings, rows, monk
 
 
 # ---------------------------------------------------------------------------------------------
+# the operator alone against the separate operators, over random caches
+
+
+def separate_layer(x, residual, input_norm, qkv_w, o_w, post_norm, gate_up_w, down_w, eps, cos,
+                   sin, k_cache, v_cache, positions, hq) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer through the separate operators the engine's unfused CPU decode layer calls
+    (engine/forward.py below FULL), K/V written into the caches given: (s2, the MLP's output)."""
+    rows, d, hkv = x.shape[0], k_cache.shape[-1], k_cache.shape[2]
+    s, h = OPS.add_rms_norm(x, residual, input_norm, eps)
+    qkv = OPS.gemv(h, qkv_w).view(rows, 1, hq + 2 * hkv, d)
+    q = OPS.rope_kv_update(qkv, cos, sin, k_cache, v_cache, positions, hq)
+    lens = (positions.clamp(min=0) + 1).to(torch.int32)
+    a = OPS.decode_attention(q.reshape(rows, hq, d).contiguous(), k_cache, v_cache, lens,
+                             d ** -0.5)
+    s2, h2 = OPS.add_rms_norm(s, OPS.gemv(a.reshape(rows, 1, hq * d), o_w), post_norm, eps)
+    return s2, OPS.gemv(OPS.silu_mul(OPS.gemv(h2, gate_up_w)), down_w)
+
+
+def separate_step(args: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The step's arguments through the separate operators, on copies of the caches: (logits
+    [rows, 1, vocab], the caches, K then V). The first layer adds a residual of zeros, which
+    changes no bit of the operator's first layer, which has none."""
+    tokens, embedding, weights, final_norm, head, eps, inv_freq, ks, vs, positions, hq = args
+    ks, vs = [k.clone() for k in ks], [v.clone() for v in vs]
+    x = embedding[tokens.view(-1)].unsqueeze(1)  # [rows, 1, hidden]
+    cos, sin = rope_cos_sin(inv_freq, positions.clamp(min=0).long()[:, None], torch.float32)
+    residual = torch.zeros_like(x)
+    for i, (k_cache, v_cache) in enumerate(zip(ks, vs, strict=True)):
+        x, residual = separate_layer(x, residual, *weights[6 * i : 6 * i + 6], eps, cos, sin,
+                                     k_cache, v_cache, positions, hq)
+    _, h = OPS.add_rms_norm(x, residual, final_norm, eps)
+    return OPS.gemv(h, head), ks + vs
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("rows, positions", [(1, [9]), (4, [5, 17, -1, 11]), (2, [4, 30])],
+                         ids=["one_row", "ragged4_finished", "ragged2"])
+def test_the_operator_gives_the_bits_of_the_separate_ops(name, rows, positions):
+    config = CONFIGS[name]
+    model = model_for(name)
+    g = torch.Generator().manual_seed(rows)
+    shape = (rows, 32, config.num_kv_heads, config.head_dim)
+    args = [torch.randint(0, config.vocab_size, (rows, 1), generator=g),
+            model.embed_tokens.weight.detach(),
+            [t.detach() for w in layer_weights(model) for t in vars(w).values()],
+            model.norm.weight.detach(), model.lm_head.weight.detach(), config.norm_eps,
+            model.inv_freq, [torch.randn(shape, generator=g) for _ in range(config.num_layers)],
+            [torch.randn(shape, generator=g) for _ in range(config.num_layers)],
+            torch.tensor(positions, dtype=torch.int32), config.num_heads]
+    want_logits, want_caches = separate_step(args)
+    got = OPS.cpu_decode_step(*args)
+    assert_same_bits(got, want_logits)
+    for a, b in zip(args[7] + args[8], want_caches, strict=True):
+        assert_same_bits(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
 # the operator alone: arguments from a real model, then each argument spoiled
 
 TOKENS, EMBEDDING, WEIGHTS, FINAL_NORM, HEAD, EPS, INV_FREQ, K, V, POSITIONS, HEADS = range(11)
@@ -156,6 +216,22 @@ def step_args(rows: int = 2, seed: int = 9) -> list:
     return [tokens, model.embed_tokens.weight.detach(), weights, model.norm.weight.detach(),
             model.lm_head.weight.detach(), config.norm_eps, model.inv_freq, ks, vs, positions,
             config.num_heads]
+
+
+def test_the_wrappers_direct_call_is_the_operator():
+    """cpu_step.cpu_decode_step calls the operator's C++ function without the dispatcher: the
+    same logits and caches bit for bit, and the same refusal before anything is written."""
+    args = step_args()
+    again = [*args[:K], [t.clone() for t in args[K]], [t.clone() for t in args[V]], *args[V + 1:]]
+    assert_same_bits(cpu_step.cpu_decode_step(*args), OPS.cpu_decode_step(*again))
+    for a, b in zip(args[K] + args[V], again[K] + again[V], strict=True):
+        assert_same_bits(a, b)
+    args[POSITIONS] = torch.tensor([3, 16], dtype=torch.int32)  # past the caches' 16 positions
+    before = [t.clone() for t in args[K] + args[V]]
+    with pytest.raises(ValueError, match=r"^cpu_decode_step, layer 0: expected positions\[1\]"):
+        cpu_step.cpu_decode_step(*args)
+    for t, b in zip(args[K] + args[V], before, strict=True):
+        assert torch.equal(t, b)
 
 
 def test_opcheck_accepts_the_operator():
@@ -192,10 +268,18 @@ def _bad_cases():
         0, args[2][0][:-1])
     yield "layer 1: expected down_weight of dtype torch.float32, got torch.float16", but_weight(
         11, args[2][11].half())
+    yield r"layer 0: expected o_weight of shape \[36, 36\]", but_weight(2, args[2][2][:, :30])
+    yield "layer 1: expected down_weight of shape", but_weight(11, args[2][11][:-1])
+    yield r"layer 0: expected gate_up_weight of shape \[100, 36\]", but_weight(
+        4, args[2][4][:-2])
+    yield "layer 1: expected gate_up_weight of dtype torch.float32, got torch.float64", but_weight(
+        10, args[2][10].double())
     yield r"layer 0: expected k_cache of shape \[2, max_seq_len", but(K, [args[7][0][:1],
                                                                          args[7][1]])
     yield "layer 1: expected v_cache of k_cache's shape", but(V, [args[8][0],
                                                                 args[8][1][..., :4]])
+    yield "layer 1: expected v_cache of dtype torch.float32, got torch.bfloat16", but(
+        V, [args[8][0], args[8][1].bfloat16()])
     yield "expected a finite eps >= 0, got nan", but(EPS, float("nan"))
     yield "layer 0: expected num_q_heads to be a positive multiple of num_kv_heads 2", but(
         HEADS, 5)
@@ -232,6 +316,25 @@ def test_non_contiguous_inputs_are_refused(index, why):
         OPS.cpu_decode_step(*args)
 
 
+def _other_strides(t: torch.Tensor) -> torch.Tensor:
+    """The same values as t with other strides (not contiguous)."""
+    return t.transpose(0, -1).contiguous().transpose(0, -1)
+
+
+@pytest.mark.parametrize("which", ["qkv_weight", "k_cache"])
+def test_non_contiguous_layer_inputs_are_refused(which):
+    args = step_args()
+    if which == "qkv_weight":
+        weights = list(args[WEIGHTS])
+        weights[1] = _other_strides(weights[1])  # layer 0's q/k/v product
+        args[WEIGHTS] = weights
+    else:
+        args[K] = [_other_strides(args[K][0]), args[K][1]]
+    with pytest.raises(ValueError,
+                       match=f"cpu_decode_step, layer 0: expected a contiguous {which}"):
+        OPS.cpu_decode_step(*args)
+
+
 def test_a_finished_row_writes_nothing_and_the_others_write_their_position():
     args = step_args()
     args[POSITIONS] = torch.tensor([-1, 5], dtype=torch.int32)
@@ -244,10 +347,29 @@ def test_a_finished_row_writes_nothing_and_the_others_write_their_position():
         assert changed.tolist() == [p == 5 for p in range(16)]
 
 
+def _on_cuda(args: list, name: str) -> tuple[list, str]:
+    """args with `name` moved to CUDA ("all": every tensor), and the start of the message."""
+    args = list(args)
+    if name == "all":
+        return ([[t.cuda() for t in a] if isinstance(a, list) else
+                 a.cuda() if isinstance(a, torch.Tensor) else a for a in args],
+                "cpu_decode_step: expected tokens")
+    if name == "embedding":
+        args[EMBEDDING] = args[EMBEDDING].cuda()
+        return args, "cpu_decode_step: expected embedding"
+    if name == "k_cache":
+        args[K] = [args[K][0].cuda(), args[K][1]]
+        return args, "cpu_decode_step, layer 0: expected k_cache"
+    weights = list(args[WEIGHTS])
+    j = {"qkv_weight": 1, "post_norm": 3}[name]
+    weights[j] = weights[j].cuda()
+    args[WEIGHTS] = weights
+    return args, f"cpu_decode_step, layer 0: expected {name}"
+
+
 @pytest.mark.cuda
-def test_cuda_tensors_are_refused_naming_the_device():
-    args = step_args()
-    args[EMBEDDING] = args[EMBEDDING].cuda()
-    with pytest.raises(ValueError,
-                       match="cpu_decode_step: expected embedding on the CPU, got cuda"):
+@pytest.mark.parametrize("name", ["all", "embedding", "k_cache", "qkv_weight", "post_norm"])
+def test_cuda_tensors_are_refused_naming_the_device(name):
+    args, message = _on_cuda(step_args(), name)
+    with pytest.raises(ValueError, match=f"^{message} on the CPU, got cuda"):
         OPS.cpu_decode_step(*args)

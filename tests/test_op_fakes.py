@@ -70,10 +70,6 @@ def _cases(make: Make) -> dict[str, tuple[Callable[[], object], object]]:
         "paged_decode_attention": (lambda: OPS.paged_decode_attention(
             make(2, hq, d), make(8, 16, hkv, d), make(8, 16, hkv, d), make(2, 4, dtype=i32),
             make(2, dtype=i32), 0.125), (2, hq, d)),
-        "cpu_decode_layer": (lambda: OPS.cpu_decode_layer(
-            x, r, g, make(qkv_out, n_in), make(n_in, hq * d), g, make(2 * 96, n_in),
-            make(n_in, 96), EPS, make(1, 1, 1, d), make(1, 1, 1, d), make(*rope_cache),
-            make(*rope_cache), make(1, dtype=i32), hq), ((1, 1, n_in), (1, 1, n_in))),
         "cpu_decode_step": (lambda: OPS.cpu_decode_step(
             make(1, 1, dtype=torch.int64), make(100, n_in),
             [g, make(qkv_out, n_in), make(n_in, hq * d), g, make(2 * 96, n_in), make(n_in, 96)],

@@ -1,6 +1,6 @@
 // The fp32 CPU loop of one-token decode attention, on pointers: the kernel of
 // toyllm::decode_attention on fp32 CPU tensors (attention_ops.cpp) and the attention inside
-// toyllm::cpu_decode_layer (layer/cpu_decode_layer.cpp), one definition so both give the same
+// toyllm::cpu_decode_step (layer/decode_layer_fp32.cpp), one definition so both give the same
 // bits; its q . k product and work grain, which the paged loop (paged_attention_ops.cpp) shares.
 #pragma once
 

@@ -129,7 +129,19 @@ void KVCache::advance_position(int64_t n) {
             positions_[b] += n;
         }
     }
-    // Device mirror: position += n * active, one device op, no host sync.
+    // Device mirror: position += n * active, one device op, no host sync. On the CPU the
+    // mirror is host memory, written here directly: the same values without an ATen call
+    // through the dispatcher, whose code a decode step's weights have evicted from the
+    // caches by the time this runs once per token.
+    if (device_.is_cpu()) {
+        int32_t* mirror = device_positions_.mutable_data_ptr<int32_t>();
+        for (int64_t b = 0; b < batch_size_; ++b) {
+            if (active_[b]) {
+                mirror[b] += static_cast<int32_t>(n);
+            }
+        }
+        return;
+    }
     device_positions_.add_(device_active_, n);
 }
 

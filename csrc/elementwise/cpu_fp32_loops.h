@@ -1,7 +1,7 @@
 // The fp32 CPU loops of a Llama layer's elementwise math, on pointers: RMSNorm and RoPE. They
 // are the CPU kernels of toyllm::rms_norm, add_rms_norm, rope and rope_kv_update
-// (fused_ops.cpp, rope_kv_ops.cpp) and the same steps inside toyllm::cpu_decode_layer
-// (layer/cpu_decode_layer.cpp): one definition, so those operators give the same bits.
+// (fused_ops.cpp, rope_kv_ops.cpp) and the same steps inside toyllm::cpu_decode_step
+// (layer/decode_layer_fp32.cpp): one definition, so those operators give the same bits.
 //
 // NOTE: compiled without FMA (no -march flag, no target attribute): a * b + c rounds twice, as
 // the ATen ops of models/ do. They must stay out of the AVX2+FMA functions of the GEMV, where

@@ -1,6 +1,6 @@
 // The fp32 CPU matrix-vector products of a decode step, as a plain function on pointers: the
 // kernel behind toyllm::gemv on the CPU (cpu_gemv.cpp) and behind the products of
-// toyllm::cpu_decode_layer and toyllm::cpu_decode_step (layer/), so all give the same bits.
+// toyllm::cpu_decode_step (layer/), so both give the same bits.
 #pragma once
 
 #include <cstdint>

@@ -7,16 +7,16 @@
 //                                                                 before the first)
 //   logits = rms_norm(x + r) * final_norm @ head_weight^T
 //
-// Why: with one call per layer (toyllm::cpu_decode_layer), what was left of a small model's
-// CPU decode step beyond its products was the step around the layers: the embedding, the
-// seven ops of RoPE's cos/sin, the final norm and the head's product, each a call from Python
-// with its dispatch and allocations, and the Python of the forward (docs/PERF.md, "CPU
-// decode"). This runs them in C++ between the layers.
+// Why: a small model's CPU decode step through the separate operators is hundreds of calls
+// from Python a token, each with its dispatch and allocations; even with one call per layer,
+// what was left beyond the products was the step around the layers: the embedding, the seven
+// ops of RoPE's cos/sin, the final norm and the head's product, and the Python of the forward
+// (docs/PERF.md, "CPU decode"). This runs all of it in C++.
 //
 // The same bits as the engine's separate operators: the embedding copies rows; cos/sin are
 // the same fp32 products of position and inverse frequency, then ATen's cos and sin on the same
 // contiguous [rows, D] values as rope_cos_sin's; each layer is decode_layer_fp32 (the code of
-// cpu_decode_layer); the final add and RMSNorm are add_rms_norm's loop and the head is gemv's
+// the separate operators); the final add and RMSNorm are add_rms_norm's loop and the head is gemv's
 // kernel (tests/test_cpu_decode_step.py compares logits and caches as integers).
 //
 // Every argument is checked, the positions' range and the token ids included, before anything
@@ -35,6 +35,7 @@
 #include "common/op_args.h"
 #include "elementwise/cpu_fp32_loops.h"
 #include "gemv/cpu_gemv_kernels.h"
+#include "layer/cpu_decode_step.h"
 #include "layer/decode_layer_fp32.h"
 
 namespace toyllm {
@@ -119,6 +120,8 @@ std::vector<LayerShape> check_args(const at::Tensor& tokens, const at::Tensor& e
     check_contiguous(kOp, "inv_freq", inv_freq);
     return shapes;
 }
+
+}  // namespace
 
 at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
                            const at::Tensor& embedding,    // [vocab, hidden]
@@ -211,7 +214,6 @@ at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
     return logits;
 }
 
-}  // namespace
 }  // namespace toyllm
 
 TORCH_LIBRARY_IMPL(toyllm, CPU, m) { m.impl("cpu_decode_step", &toyllm::cpu_decode_step); }

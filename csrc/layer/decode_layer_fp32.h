@@ -1,7 +1,6 @@
 // One Llama decoder layer of a CPU decode step (one new token per row), fp32, on pointers: the
-// checks of a layer's weights and caches and the layer's math, shared by toyllm::cpu_decode_layer
-// (one layer a call, cpu_decode_layer.cpp) and toyllm::cpu_decode_step (the whole step,
-// cpu_decode_step.cpp), so the two give the same bits:
+// checks of a layer's weights and caches and the layer's math, which toyllm::cpu_decode_step
+// (the whole step, cpu_decode_step.cpp) runs for every layer:
 //
 //   s   = x + residual                  (x alone for the first layer: residual null)
 //   h   = rms_norm(s) * input_norm
@@ -16,8 +15,8 @@
 //
 // Each step runs the very code of the operator the unfused layer calls (add_rms_norm's add and
 // RMSNorm loop, gemv's kernels, rope_kv_update's RoPE and copy, decode_attention's fp32 loop,
-// ATen's silu), on the same values in the same order (tests/test_cpu_decode_layer.py and
-// tests/test_cpu_decode_step.py compare them as integers).
+// ATen's silu), on the same values in the same order (tests/test_cpu_decode_step.py compares
+// them as integers).
 //
 // Rows at a negative position (finished) write nothing into the caches; like the unfused step,
 // they attend over key 0 and their outputs are to be ignored.

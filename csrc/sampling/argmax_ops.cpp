@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "common/op_args.h"
+#include "sampling/argmax_cpu.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -189,6 +190,8 @@ at::Tensor argmax_cpu_fp32(const at::Tensor& logits, bool flag_nonfinite) {
     return index;
 }
 
+}  // namespace
+
 at::Tensor argmax_cpu(const at::Tensor& logits, bool flag_nonfinite) {
     check_argmax_args(logits);
     if (logits.scalar_type() == at::kFloat) {
@@ -200,6 +203,8 @@ at::Tensor argmax_cpu(const at::Tensor& logits, bool flag_nonfinite) {
     }
     return index;
 }
+
+namespace {
 
 #ifdef WITH_CUDA_KERNELS
 at::Tensor argmax_cuda(const at::Tensor& logits, bool flag_nonfinite) {

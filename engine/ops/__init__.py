@@ -4,7 +4,7 @@ Importing this package loads the extension, which registers the ``toyllm::`` ope
 PyTorch and defines the `KVCache` and `PagedKVCache` classes; an extension that is missing or
 older than this code stops the import here, once, with the command that rebuilds it. The modules
 beside this file wrap the operators by subsystem (kv_cache, paged_cache, elementwise, rope_kv,
-gemv, gemv_norm, argmax, cpu_layer): each wrapper says where its operator applies;
+gemv, gemv_norm, argmax, cpu_step): each wrapper says where its operator applies;
 engine/forward.py decides which one runs. `fakes`, registered here with the extension, gives
 every operator's output shapes for fake and meta tensors (FakeTensorMode, opcheck,
 torch.compile); the operators check their arguments once, in C++, with the messages users see.
@@ -29,7 +29,7 @@ OPERATORS = (
     "kv_update", "decode_attention", "rms_norm", "add_rms_norm", "rope", "silu_mul",
     "rope_kv_update", "gemv", "gemv_silu_mul", "gemv_add_rms_norm", "gemv_add_rms_norm_silu_mul",
     "gemv_add_rms_norm_rope_kv", "argmax", "paged_kv_write", "paged_decode_attention",
-    "cpu_decode_layer", "cpu_decode_step",
+    "cpu_decode_step",
 )
 _missing = [op for op in OPERATORS if not hasattr(torch.ops.toyllm, op)]
 if _missing:

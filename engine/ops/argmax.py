@@ -20,7 +20,10 @@ the engine hands the model's logits over as they are (no ``.float()`` kernel bef
 ``argmax(logits)`` uses the operator where it applies: a CUDA tensor of 2 dims with a non-empty
 vocab, fp32, fp16 or bf16, and an extension built with CUDA (the engine's Settings.cuda_argmax
 may turn it off: ``argmax(logits, kernel=False)``), and fp32 CPU logits of 2 dims with a
-non-empty vocab. Everything else is ``logits.argmax(dim=-1)``.
+non-empty vocab. Everything else is ``logits.argmax(dim=-1)``. On the CPU it calls the
+operator's C++ function through the extension's own binding (``_C.argmax_cpu``), not through the
+dispatcher, whose path from Python costs tens of microseconds a call once a decode step has
+streamed the weights through the caches (docs/PERF.md, "CPU decode"): the same code and answer.
 
 Example::
 
@@ -35,11 +38,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from toyllm.engine.ops import DTYPES, WITH_CUDA
+from toyllm.engine.ops import _C, DTYPES, WITH_CUDA
 
 __all__ = ["applies", "argmax"]
 
 _argmax = torch.ops.toyllm.argmax.default
+_argmax_cpu = _C.argmax_cpu  # the operator's CPU function, without the dispatcher (above)
 
 
 def applies(logits: Tensor) -> bool:
@@ -59,7 +63,9 @@ def argmax(logits: Tensor, kernel: bool = True, flag_nonfinite: bool = False) ->
     kernel where it applies (and `kernel`), and through the operator's CPU loop for fp32 CPU
     logits. flag_nonfinite: -1 for each row holding a NaN or an inf (the kernel and the loop
     find them in the pass that finds the maximum)."""
-    if (kernel and applies(logits)) or applies_cpu(logits):
+    if applies_cpu(logits):
+        return _argmax_cpu(logits, flag_nonfinite)
+    if kernel and applies(logits):
         return _argmax(logits, flag_nonfinite)
     index = logits.argmax(dim=-1)
     if flag_nonfinite:

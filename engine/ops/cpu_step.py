@@ -1,11 +1,11 @@
 """A whole CPU decode step in one call: ``torch.ops.toyllm.cpu_decode_step``.
 
-With one call per layer (engine/ops/cpu_layer.py), what was left of a small model's CPU decode
-step beyond its products was the step around the layers: the embedding, RoPE's cos/sin (seven
-ops), the final norm and the head's product, each a call from Python, and the forward's Python
-between them (docs/PERF.md, "CPU decode"). The operator (csrc/layer/cpu_decode_step.cpp) runs
-the embedding, cos/sin, every layer as cpu_decode_layer runs it, the final RMSNorm and the head
-in C++, with the code of the operators it stands for, so the same bits:
+Through the separate operators, a small model's CPU decode step is hundreds of calls from Python
+a token; even with one call per layer, what was left beyond the products was the step around
+the layers: the embedding, RoPE's cos/sin (seven ops), the final norm and the head's product,
+and the forward's Python between them (docs/PERF.md, "CPU decode"). The operator
+(csrc/layer/cpu_decode_step.cpp) runs the embedding, cos/sin, every layer, the final RMSNorm and
+the head in C++, with the code of the operators it stands for, so the same bits:
 
     logits = cpu_decode_step(tokens, embedding, layer_weights, final_norm, head_weight, eps,
                              inv_freq, k_caches, v_caches, positions, num_q_heads)
@@ -19,6 +19,13 @@ advanced: the engine does that after the step.
 
 `weights_apply` and `applies` say where the engine takes it (engine/forward.py, Settings.fusion
 FULL with the extension's CPU GEMV): the weights once, the step's tokens per step.
+
+`cpu_decode_step` calls the operator's C++ function through the extension's own binding
+(`_C.cpu_decode_step`, csrc/layer/cpu_decode_step.h), not through the dispatcher: the same
+code, checks and messages, without the dispatcher's path from Python, which costs tens of
+microseconds a call once a decode step has streamed the weights through the CPU's caches
+(docs/PERF.md, "CPU decode"). The registered operator ``torch.ops.toyllm.cpu_decode_step`` (its
+schema, fake and opcheck: tests/) runs the same function.
 
 Example (one layer whose products are identities on a 4-wide stream; eps 0)::
 
@@ -40,16 +47,25 @@ Example (one layer whose products are identities on a 4-wide stream; eps 0)::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from toyllm.engine.ops.cpu_layer import MAX_ROWS, weights_apply
+from toyllm.engine.ops import _C
+from toyllm.engine.ops.gemv import MAX_ROWS
 
 __all__ = ["MAX_ROWS", "applies", "cpu_decode_step", "weights_apply"]
 
-_op = torch.ops.toyllm.cpu_decode_step.default
+_op = _C.cpu_decode_step  # the operator's CPU function, without the dispatcher (above)
+
+
+def weights_apply(weights: Iterable[Tensor]) -> bool:
+    """Every weight of the step (norm vectors, [out, in] matrices, the embedding and RoPE's
+    inverse frequencies) is one the operator takes: fp32, on the CPU, contiguous. Asked once
+    per engine."""
+    return all(w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()
+               for w in weights)
 
 
 def applies(tokens: Tensor) -> bool:

@@ -56,15 +56,6 @@ def _paged_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tab
     return q.new_empty(q.shape)  # [batch, num_q_heads, head_dim]
 
 
-@_fake("toyllm::cpu_decode_layer")
-def _cpu_decode_layer(x: Tensor, residual: Tensor | None, input_norm: Tensor, qkv_weight: Tensor,
-                      o_weight: Tensor, post_norm: Tensor, gate_up_weight: Tensor,
-                      down_weight: Tensor, eps: float, cos: Tensor, sin: Tensor, k_cache: Tensor,
-                      v_cache: Tensor, positions: Tensor,
-                      num_q_heads: int) -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.shape), x.new_empty(x.shape)  # (stream after attention, MLP output)
-
-
 @_fake("toyllm::cpu_decode_step")
 def _cpu_decode_step(tokens: Tensor, embedding: Tensor, layer_weights: list[Tensor],
                      final_norm: Tensor, head_weight: Tensor, eps: float, inv_freq: Tensor,
