@@ -3,7 +3,8 @@
 server's process), says it is ready, then loops: take the server's commands, step, send the
 step's outputs back in one message. It is the only code that touches the engine.
 
-Messages (tuples, pickled by multiprocessing.Connection):
+Messages (tuples; the server sends lists of commands through a multiprocessing.Connection, the
+engine one message at a time through engine/server/pipe_messages.py):
 
     server -> engine   ("add", request_id, prompt_ids, SamplingParams)
                        ("abort", request_id)            unknown ids are ignored
@@ -42,6 +43,7 @@ from typing import Any
 from toyllm.engine.generate import GenerationError
 from toyllm.engine.server.engine_loop import IDLE_WAIT_S, SNAPSHOT_INTERVAL_S, take_snapshot
 from toyllm.engine.server.engine_spec import EngineSpec
+from toyllm.engine.server.pipe_messages import write_message
 
 log = logging.getLogger("toyllm.server.engine")
 
@@ -52,6 +54,7 @@ WATCHDOG_INTERVAL_S = 0.5
 def main(spec: EngineSpec, commands: Connection, results: Connection, parent_pid: int) -> None:
     """The engine process: build, report, serve commands until "stop" or the server is gone."""
     _watch_parent(parent_pid)
+    out = results.fileno()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         engine, info = spec.build()
@@ -59,14 +62,14 @@ def main(spec: EngineSpec, commands: Connection, results: Connection, parent_pid
         from toyllm.engine.cli import _out_of_memory, is_user_error
 
         if is_user_error(exc) or _out_of_memory(exc):
-            results.send(("refused", str(exc)))
+            write_message(out, ("refused", str(exc)))
         else:
             traceback.print_exc()
-            results.send(("crashed", f"{type(exc).__name__}: {exc}"))
+            write_message(out, ("crashed", f"{type(exc).__name__}: {exc}"))
         return
-    results.send(("ready", info, take_snapshot(engine)))
+    write_message(out, ("ready", info, take_snapshot(engine)))
     try:
-        _Core(engine, commands, results).run()
+        _Core(engine, commands, out).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the server is gone: so is this process
 
@@ -83,10 +86,10 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 class _Core:
-    def __init__(self, engine: Any, commands: Connection, results: Connection) -> None:
+    def __init__(self, engine: Any, commands: Connection, results: int) -> None:
         self.engine = engine
         self.commands = commands
-        self.results = results
+        self.results = results  # the pipe's file descriptor
         self.live: set[str] = set()  # requests admitted and not finished
         self.accepted: list[tuple[str, int]] = []
         self.rejected: list[tuple[str, str]] = []
@@ -127,14 +130,14 @@ class _Core:
                 if self.accepted or self.rejected or snapshot is not None:
                     self._send([], None, snapshot)
                 if self.stopping and not self.live:
-                    self.results.send(("stopped",))
+                    write_message(self.results, ("stopped",))
                     return
         except (EOFError, BrokenPipeError, ConnectionResetError):
             raise
         except Exception as exc:  # a bug or a device failure: the server ends every request
             log.exception("engine loop failed")
-            self.results.send(("failed", f"the engine loop failed: {type(exc).__name__}: "
-                                         f"{exc}"))
+            write_message(self.results, ("failed", f"the engine loop failed: "
+                                                   f"{type(exc).__name__}: {exc}"))
 
     def _take_commands(self, block: bool) -> bool:
         """Apply the commands that came (waiting up to IDLE_WAIT_S for one when `block`):
@@ -142,17 +145,17 @@ class _Core:
         if not self.commands.poll(IDLE_WAIT_S if block else 0):
             return False
         while True:
-            command = self.commands.recv()
-            kind = command[0]
-            if kind == "add":
-                self._add(*command[1:])
-            elif kind == "abort":
-                self.engine.abort(command[1])
-            elif kind == "drain":
-                if self.deadline is None:
-                    self.deadline = time.monotonic() + command[1]
-            else:
-                self.stopping = True
+            for command in self.commands.recv():  # the commands queued since the last send
+                kind = command[0]
+                if kind == "add":
+                    self._add(*command[1:])
+                elif kind == "abort":
+                    self.engine.abort(command[1])
+                elif kind == "drain":
+                    if self.deadline is None:
+                        self.deadline = time.monotonic() + command[1]
+                else:
+                    self.stopping = True
             if not self.commands.poll(0):
                 return True
 
@@ -174,7 +177,7 @@ class _Core:
             rows.append(_fields(out))
         accepted, rejected = self.accepted, self.rejected
         self.accepted, self.rejected = [], []
-        self.results.send(("events", accepted, rejected, rows, step, snapshot))
+        write_message(self.results, ("events", accepted, rejected, rows, step, snapshot))
 
 
 def _fields(out: Any) -> tuple:

@@ -16,9 +16,12 @@ backpressure; app.py cannot tell them apart.
         metrics, in-flight count, then one              /metrics snapshot in one message
         call_soon_threadsafe with the step's events
 
-The event loop never writes to the pipe itself (a sender thread does), so a busy or hung
-engine never blocks it. Detokenization and stop strings stay in the engine process: the
-server's work per token is building its SSE chunk.
+The event loop never writes to the pipe itself (a sender thread does, every command queued
+meanwhile in one write), so a busy or hung engine never blocks it. The reader thread reads
+every message the pipe holds in one system call (pipe_messages.py) and hands the events of all
+of them over in one call: a reader that fell behind catches up in one wake. Detokenization and
+stop strings stay in the engine process: the server's work per token is building its SSE
+chunk.
 
 Failures: an engine that fails to build reports it before the server listens (a user error:
 ServeError, one line, exit 2); an engine process that dies or whose loop fails while serving
@@ -35,6 +38,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import select
 import threading
 import time
 from typing import Any
@@ -54,6 +58,7 @@ from toyllm.engine.server.engine_loop import (
 )
 from toyllm.engine.server.engine_spec import EngineInfo, EngineSpec, ServeError
 from toyllm.engine.server.metrics import Metrics
+from toyllm.engine.server.pipe_messages import MessageReader, widen
 from toyllm.engine.serving import RequestOutput
 
 log = logging.getLogger("toyllm.server")
@@ -86,6 +91,7 @@ class EngineProcess:
         self._process = process
         self._commands = commands  # Connection, server -> engine (the sender thread's)
         self._results = results  # Connection, engine -> server (the reader thread's)
+        self._messages = MessageReader(results.fileno())
         self._outgoing: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # admitted here, not finished
         self._lock = threading.Lock()  # guards _in_flight, _draining, failure, _streams
@@ -109,6 +115,8 @@ class EngineProcess:
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         commands_out, commands_in = context.Pipe(duplex=False)  # (recv end, send end)
         results_out, results_in = context.Pipe(duplex=False)
+        widen(commands_in.fileno())
+        widen(results_out.fileno())
         process = context.Process(target=engine_core.main, name="toyllm-engine",
                                   args=(spec, commands_out, results_in, os.getpid()),
                                   daemon=True)
@@ -117,8 +125,9 @@ class EngineProcess:
         # closes the results pipe (EOF for the reader) and ours closes the commands pipe
         commands_out.close()
         results_in.close()
+        reader = MessageReader(results_out.fileno())
         try:
-            message = _first_message(process, results_out)
+            message = _first_message(process, reader)
             if message[0] == "refused":
                 raise ServeError(message[1])
             if message[0] == "crashed":
@@ -210,10 +219,22 @@ class EngineProcess:
 
     # the sender thread --------------------------------------------------------------------------
     def _send(self) -> None:
-        while (command := self._outgoing.get()) is not None:
+        """Send the commands queued since the last send in one message (one system call: a
+        write gives up the GIL, which a busy event loop then holds for a while)."""
+        while True:
+            batch = [self._outgoing.get()]
+            while batch[-1] is not None:
+                try:
+                    batch.append(self._outgoing.get_nowait())
+                except queue.Empty:
+                    break
+            commands = [c for c in batch if c is not None]
             try:
-                self._commands.send(command)
+                if commands:
+                    self._commands.send(commands)
             except (OSError, ValueError):  # the engine process is gone: the reader says so
+                return
+            if batch[-1] is None:
                 return
 
     # the reader thread --------------------------------------------------------------------------
@@ -221,20 +242,24 @@ class EngineProcess:
         try:
             while True:
                 try:
-                    message = self._results.recv()
+                    messages = self._messages.read()  # every whole message the pipe holds
                 except (EOFError, OSError):
                     self._process.join(EXIT_WAIT_S)
                     self._failed(f"the engine process exited (exit code "
                                  f"{self._process.exitcode})")
                     return
-                kind = message[0]
-                if kind == "events":
-                    self._events(*message[1:])
-                elif kind == "failed":
-                    self._failed(message[1])
-                    return
-                elif kind == "stopped":
-                    return
+                events: list[tuple[RequestStream, Event]] = []
+                for message in messages:
+                    kind = message[0]
+                    if kind == "events":
+                        self._events(*message[1:], events)
+                        continue
+                    hand_over(events)
+                    if kind == "failed":
+                        self._failed(message[1])
+                    return  # "failed" or "stopped": nothing more comes
+                if events:  # the iterations read at once: one handoff
+                    hand_over(events)
         except Exception as exc:  # a bug of this side: end every request, say why
             log.exception("engine reader failed")
             self._failed(f"the engine reader failed: {type(exc).__name__}: {exc}")
@@ -243,12 +268,12 @@ class EngineProcess:
 
     def _events(self, accepted: list[tuple[str, int]], rejected: list[tuple[str, str]],
                 outputs: list[tuple], step: tuple[float | None, float, float] | None,
-                snapshot: LoopSnapshot | None) -> None:
-        """One iteration of the engine: metrics, bookkeeping, then its events handed to the
-        event loop in one call."""
+                snapshot: LoopSnapshot | None, events: list[tuple[RequestStream, Event]]
+                ) -> None:
+        """One iteration of the engine: metrics and bookkeeping; its events appended to
+        `events` for the event loop."""
         metrics = self.metrics
         streams = self._streams
-        events: list[tuple[RequestStream, Event]] = []
         for rid, prompt_tokens in accepted:
             metrics.admitted(prompt_tokens)
             stream = streams.get(rid)
@@ -261,7 +286,7 @@ class EngineProcess:
                 events.append((stream, Rejected(message)))
         if step is not None:
             between, step_s, now = step
-            if between is not None:  # since: handing over, commands, the pipe
+            if between is not None:  # since: sending the outputs, taking commands
                 metrics.between_steps(between)
             metrics.stepped(step_s)
             tokens = 0
@@ -269,7 +294,7 @@ class EngineProcess:
                 out = RequestOutput(*fields)
                 tokens += len(out.new_token_ids)
                 stream = streams.get(out.request_id)
-                if stream is None:  # ended here already (never happens: every request is)
+                if stream is None:  # ended here already (a failure, a stop)
                     continue
                 events.append((stream, out))
                 if out.finished:
@@ -279,8 +304,6 @@ class EngineProcess:
                 metrics.generated(now, tokens)
         if snapshot is not None:
             self.snapshot = snapshot
-        if events:
-            hand_over(events)
 
     def _finished_one(self, request_id: str) -> RequestStream | None:
         with self._lock:
@@ -310,18 +333,18 @@ class EngineProcess:
             hand_over([(s, Failed(message)) for s in streams])
 
 
-def _first_message(process: multiprocessing.process.BaseProcess, results: Any) -> tuple:
+def _first_message(process: multiprocessing.process.BaseProcess,
+                   reader: MessageReader) -> tuple:
     """The engine process's first message (ready, refused, crashed); ServeError when it dies
-    before it sends one."""
-    while not results.poll(STARTUP_POLL_S):
-        if not process.is_alive():
-            if results.poll(0):  # it said something before it went
-                break
+    before it sends one. It sends nothing more until it has commands."""
+    fd = reader.fd
+    while not select.select([fd], [], [], STARTUP_POLL_S)[0]:
+        if not process.is_alive() and not select.select([fd], [], [], 0)[0]:
             process.join()
             raise ServeError(f"the engine process exited (exit code {process.exitcode}) "
                              f"before the engine was ready")
     try:
-        return results.recv()
+        return reader.read()[0]
     except EOFError:
         process.join()
         raise ServeError(f"the engine process exited (exit code {process.exitcode}) before "
