@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 import traceback
@@ -53,6 +54,10 @@ WATCHDOG_INTERVAL_S = 0.5
 
 def main(spec: EngineSpec, commands: Connection, results: Connection, parent_pid: int) -> None:
     """The engine process: build, report, serve commands until "stop" or the server is gone."""
+    # Ctrl-C in a terminal, or a service manager's SIGTERM to the whole group, reaches this
+    # process too: the server drains and stops it, so it must not die first
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _watch_parent(parent_pid)
     out = results.fileno()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -206,16 +206,18 @@ class EngineProcess:
             self._draining = self._stopping = True
         self._outgoing.put(("stop",))
         self._outgoing.put(None)  # the sender's end
-        if self._reader.is_alive():
+        if not self._sender.is_alive():  # never started: the closed pipe ends the engine
+            self._commands.close()
+        if self._reader.is_alive():  # until the engine said "stopped" (its aborts came back)
             self._reader.join(timeout_s)
+        if self._sender.is_alive():
+            self._sender.join(timeout_s)
+        self._commands.close()
         self._process.join(timeout_s)
         if self._process.is_alive():  # it did not stop: no request of it is answered anyway
             self._process.kill()
             self._process.join()
-        if self._sender.is_alive():
-            self._sender.join(timeout_s)
         self._fail_all("the engine process ended")  # any request it did not answer
-        self._commands.close()
 
     # the sender thread --------------------------------------------------------------------------
     def _send(self) -> None:
