@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -164,3 +165,42 @@ def test_the_engine_thread_serves_the_same_text_as_the_engine_process() -> None:
     assert texts["process"] == texts["thread"]
     done = CliRunner().invoke(app, ["serve", "--port", "0", "--engine", "fiber"])
     assert done.exit_code == 2 and "--engine" in done.output.strip().splitlines()[0]
+
+
+def test_the_message_reader_takes_every_whole_message_a_read_finds_and_keeps_the_rest() -> None:
+    from toyllm.engine.server.pipe_messages import MessageReader, write_message
+
+    read_end, write_end = os.pipe()
+    try:
+        reader = MessageReader(read_end)
+        big = ("events", list(range(50_000)))  # more than a pipe's default buffer holds
+        messages = [("a", 1), big, ("c", "é\u2028")]
+        writer = threading.Thread(target=lambda: [write_message(write_end, m) for m in messages])
+        writer.start()  # it waits while the pipe is full
+        got = []
+        while len(got) < 3:
+            got += reader.read()
+        writer.join()
+        assert got == [("a", 1), big, ("c", "é\u2028")]
+        whole = b"".join([_frame(("d",)), _frame(("e",))])
+        os.write(write_end, whole[:5])  # half a length: nothing yet
+        os.write(write_end, whole[5:-3])  # the first message and most of the second
+        assert reader.read() == [("d",)]
+        os.write(write_end, whole[-3:])
+        assert reader.read() == [("e",)]
+        os.close(write_end)
+        write_end = -1
+        with pytest.raises(EOFError):
+            reader.read()
+    finally:
+        os.close(read_end)
+        if write_end != -1:
+            os.close(write_end)
+
+
+def _frame(obj: object) -> bytes:
+    import pickle
+    import struct
+
+    payload = pickle.dumps(obj)
+    return struct.pack("!Q", len(payload)) + payload

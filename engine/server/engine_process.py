@@ -73,8 +73,9 @@ _ACCEPTED = Accepted()
 
 class EngineProcess:
     def __init__(self, process: multiprocessing.process.BaseProcess, commands: Any,
-                 results: Any, info: EngineInfo, snapshot: LoopSnapshot, metrics: Metrics, *,
-                 max_waiting: int, stream_interval: int = 1) -> None:
+                 results: Any, messages: MessageReader, info: EngineInfo,
+                 snapshot: LoopSnapshot, metrics: Metrics, *, max_waiting: int,
+                 stream_interval: int = 1) -> None:
         """Use `spawn`: this takes an engine process that said it is ready."""
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
             raise GenerationError(f"max_waiting: expected an integer >= 0, got {max_waiting!r}")
@@ -91,7 +92,7 @@ class EngineProcess:
         self._process = process
         self._commands = commands  # Connection, server -> engine (the sender thread's)
         self._results = results  # Connection, engine -> server (the reader thread's)
-        self._messages = MessageReader(results.fileno())
+        self._messages = messages  # of `results`: what came after the "ready" message
         self._outgoing: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # admitted here, not finished
         self._lock = threading.Lock()  # guards _in_flight, _draining, failure, _streams
@@ -134,7 +135,7 @@ class EngineProcess:
                 raise ServeError(f"the engine process could not build the engine: "
                                  f"{message[1]}")
             _, info, snapshot = message
-            return cls(process, commands_in, results_out, info, snapshot, metrics,
+            return cls(process, commands_in, results_out, reader, info, snapshot, metrics,
                        max_waiting=max_waiting, stream_interval=stream_interval)
         except BaseException:
             commands_in.close()
