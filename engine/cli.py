@@ -556,6 +556,10 @@ def serve(
         help="Wake a stream every N tokens (its first token and its end at once): fewer writes "
              "under many streams, tokens in bursts of N. Each token keeps its own chunk.")]
     = 1,
+    engine: Annotated[str, typer.Option(
+        help="Where the engine runs: 'process' (its own process, which loads the model: the "
+             "HTTP side and the engine do not share a GIL) or 'thread' (a thread of the "
+             "server's process).")] = "process",
 ) -> None:
     """Serve the model over HTTP with the OpenAI API: /v1/completions, /v1/chat/completions
     (streamed or not), /v1/models, /health, /metrics (docs/SERVER.md). SIGTERM stops
@@ -571,8 +575,8 @@ def serve(
             dtype=dtype, block_size=block_size, kv_memory=kv_memory, max_running=max_running,
             max_waiting=max_waiting, token_budget=token_budget, prefix_caching=prefix_caching,
             max_context=max_context, cuda_graph=cuda_graph, overlap=overlap,
-            shutdown_timeout=shutdown_timeout, access_log=access_log,
-            stream_interval=stream_interval))
+            shutdown_timeout=shutdown_timeout,
+            access_log=access_log, stream_interval=stream_interval, engine=engine))
 
     raise typer.Exit(_run(body))
 

@@ -20,7 +20,8 @@
 # Stage server (not in the default list): the random workload through `toyllm serve` (HTTP) at
 # SERVER_RATES requests/s and through the Python API in the same run (scripts/bench_server.py;
 # needs fastapi, uvicorn and httpx installed), the client in SERVER_CLIENTS processes (4); again
-# with --stream-interval 4; and the paced engine (no model: the server's own cost at 4.4 ms steps).
+# with the engine thread (--engine thread) and with --stream-interval 4; and the paced engine (no
+# model: the server's own cost at 4.4 ms steps).
 # Stage real (not in the default list): REAL_MODEL=FILE_OR_DIR runs tests/test_real_model.py, a
 # greedy chat answer on the GPU and scripts/bench_real_model.py on that checkpoint.
 # Stage baseline (not in the default list): BASELINE=DIR holds an earlier commit's tree
@@ -218,6 +219,10 @@ if want server; then
     stage server_http $PY scripts/bench_server.py --model llama-1b --device cuda --dtype bf16 \
         --rates "${SERVER_RATES:-4,16,64,inf}" --clients "${SERVER_CLIENTS:-4}" \
         --json "$OUT/server_http.json"
+    # the engine thread (`--engine thread`) against the engine process (the default) above
+    stage server_http_thread $PY scripts/bench_server.py --model llama-1b --device cuda \
+        --dtype bf16 --rates "${SERVER_RATES:-4,16,64,inf}" --clients "${SERVER_CLIENTS:-4}" \
+        --engine thread --json "$OUT/server_http_thread.json"
     stage server_http_interval4 $PY scripts/bench_server.py --model llama-1b --device cuda \
         --dtype bf16 --rates "${SERVER_RATES:-4,16,64,inf}" --clients "${SERVER_CLIENTS:-4}" \
         --stream-interval 4 --json "$OUT/server_http_interval4.json"

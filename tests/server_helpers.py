@@ -127,9 +127,30 @@ def wait_idle(url: str, headers: dict[str, str] | None = None,
         time.sleep(0.05)
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes `pid` started that still run (Linux): the engine process of `toyllm
+    serve`, multiprocessing's resource tracker."""
+    children = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
+                children += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return children
+
+
 def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    """The resident memory of process `pid` and of its child processes (the engine's)."""
+    total = 0
+    for one in [pid, *child_pids(pid)]:
+        with open(f"/proc/{one}/status", encoding="ascii") as f:
+            found = [line for line in f if line.startswith("VmRSS:")]
+        if not found:
+            raise RuntimeError(f"no VmRSS for process {one}")
+        total += int(found[0].split()[1]) * 1024
+    return total

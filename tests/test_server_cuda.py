@@ -1,7 +1,7 @@
-"""`toyllm serve --device cuda` (cuda-marked): the engine loop thread drives the GPU (its own
-current device, CUDA graphs captured and replayed there): greedy completions equal `toyllm
-generate --device cuda`'s, and concurrent streams with clients leaving mid-stream leave the pool
-all reclaimable."""
+"""`toyllm serve --device cuda` (cuda-marked), the engine in its own process (spawned: it
+initializes CUDA itself) and in the server's thread (its own current device, CUDA graphs
+captured and replayed there): greedy completions equal `toyllm generate --device cuda`'s, and
+concurrent streams with clients leaving mid-stream leave the pool all reclaimable."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ pytestmark = pytest.mark.cuda
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:"]
 
 
+@pytest.mark.parametrize("engine", ["process", "thread"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_served_on_cuda_greedy_equals_generate_and_nothing_leaks(dtype: str) -> None:
+def test_served_on_cuda_greedy_equals_generate_and_nothing_leaks(dtype: str, engine: str) -> None:
     expected = []
     for prompt in PROMPTS:
         done = CliRunner().invoke(app, ["generate", prompt, "--max-new-tokens", "32",
@@ -29,7 +30,8 @@ def test_served_on_cuda_greedy_equals_generate_and_nothing_leaks(dtype: str) -> 
                                         dtype, "--json"])
         assert done.exit_code == 0, done.output
         expected.append(json.loads(done.stdout)["completions"][0]["text"])
-    options = ServeOptions(device="cuda", dtype=dtype, kv_memory="256MiB", max_running=64)
+    options = ServeOptions(device="cuda", dtype=dtype, kv_memory="256MiB", max_running=64,
+                           engine=engine)
     with server_in_thread(options) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         got = [client.completions.create(model="default", prompt=p, max_tokens=32,

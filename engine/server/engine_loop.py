@@ -335,14 +335,7 @@ class EngineLoop:
         if not self._outbox:
             return
         events, self._outbox = self._outbox, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Event]]] = {}
-        for stream, event in events:
-            by_loop.setdefault(stream._loop, []).append((stream, event))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, batch)
-            except RuntimeError:  # the event loop is closed: nobody is listening any more
-                pass
+        hand_over(events)
 
     def _fail_all(self, message: str) -> None:
         """End every request: those in the engine and those still queued as commands."""
@@ -361,12 +354,30 @@ class EngineLoop:
         self._flush()
 
     def _take_snapshot(self) -> LoopSnapshot:
-        engine = self.engine
-        stats = engine.stats()
-        evictable = engine.prefix.evictable() if engine.prefix is not None else 0
-        return LoopSnapshot(stats, stats.blocks_free + evictable, time.perf_counter())
+        return take_snapshot(self.engine)
 
 
-def _deliver(events: list[tuple[RequestStream, Event]]) -> None:
+def take_snapshot(engine: ServingEngine) -> LoopSnapshot:
+    """The engine's state for /metrics (called by whoever runs the engine, never another)."""
+    stats = engine.stats()
+    evictable = engine.prefix.evictable() if engine.prefix is not None else 0
+    return LoopSnapshot(stats, stats.blocks_free + evictable, time.perf_counter())
+
+
+def hand_over(events: list[tuple[RequestStream, Event]]) -> None:
+    """Hand events to their streams' event loop (one, for a server) from another thread: one
+    call per event loop, however many requests they are for."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Event]]] = {}
+    for stream, event in events:
+        by_loop.setdefault(stream._loop, []).append((stream, event))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(deliver, batch)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+def deliver(events: list[tuple[RequestStream, Event]]) -> None:
+    """Put each event in its stream (on the streams' event loop)."""
     for stream, event in events:
         stream.put(event)

@@ -1,6 +1,7 @@
 """`toyllm serve`: check the options, bind the socket (before the model loads, so a port in use
-fails in a moment), load the model, start the engine loop and run uvicorn until SIGTERM or
-Ctrl-C.
+fails in a moment), build the engine (by default in a process of its own, which loads the model:
+engine/server/engine_process.py; `--engine thread`: a thread of this process,
+engine/server/engine_loop.py), and once it is ready run uvicorn until SIGTERM or Ctrl-C.
 
 Shutdown: the first SIGTERM (or SIGINT) stops admitting (new requests get 503, the listening
 socket closes); running requests go on for up to `shutdown_timeout` seconds, then the engine
@@ -23,6 +24,8 @@ import uvicorn
 
 from toyllm.engine.server.app import ServerState, build_app
 from toyllm.engine.server.engine_loop import EngineLoop
+from toyllm.engine.server.engine_process import EngineProcess
+from toyllm.engine.server.engine_spec import EngineInfo, EngineSpec, ServeError, ServingSpec
 from toyllm.engine.server.metrics import Metrics
 
 # uvicorn's own deadline for open connections, beyond the engine loop's: by then every request
@@ -30,8 +33,8 @@ from toyllm.engine.server.metrics import Metrics
 UVICORN_GRACE_S = 5.0
 
 
-class ServeError(ValueError):
-    """A `toyllm serve` option that cannot work (exit 2, one line)."""
+#: where the engine runs: its own process (the default), or a thread of the server's process
+ENGINES = ("process", "thread")
 
 
 @dataclass
@@ -58,6 +61,7 @@ class ServeOptions:
     shutdown_timeout: float = 30.0
     access_log: bool = False
     stream_interval: int = 1  # a stream's task wakes every this many tokens (EngineLoop)
+    engine: str = "process"  # ENGINES
 
 
 def read_api_key(key: str | None, key_file: Path | None) -> str | None:
@@ -118,13 +122,16 @@ def _check_numbers(o: ServeOptions) -> int | float:
     cli_numbers.number("--shutdown-timeout", o.shutdown_timeout, 0.0, 24 * 3600.0)
     if o.served_model_name is not None and not o.served_model_name.strip():
         raise ServeError("--served-model-name: expected a non-empty name")
+    if o.engine not in ENGINES:
+        raise ServeError(f"--engine: expected one of {', '.join(ENGINES)}, got {o.engine!r}")
     return cli_numbers.memory_amount("--kv-memory", o.kv_memory)
 
 
 class _GracefulServer(uvicorn.Server):
     """uvicorn, whose first exit signal also tells the engine loop to drain."""
 
-    def __init__(self, config: uvicorn.Config, loop: EngineLoop, deadline_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, loop: EngineLoop | EngineProcess,
+                 deadline_s: float) -> None:
         super().__init__(config)
         self._engine_loop = loop
         self._deadline_s = deadline_s
@@ -140,7 +147,7 @@ class PreparedServer:
     own and end it with `stop`."""
 
     sock: socket.socket
-    loop: EngineLoop
+    loop: EngineLoop | EngineProcess
     state: ServerState
     server: _GracefulServer
     url: str
@@ -170,48 +177,58 @@ def _ignore(signum: int, frame: object) -> None:
     pass
 
 
+def start_engine(spec: EngineSpec, metrics: Metrics, *, engine: str, max_waiting: int,
+                 stream_interval: int) -> tuple[EngineLoop | EngineProcess, EngineInfo]:
+    """The engine behind the server, built from `spec`: in a process of its own ("process"; it
+    is ready when this returns) or in this process, run by a thread ("thread")."""
+    if engine == "process":
+        process = EngineProcess.spawn(spec, metrics, max_waiting=max_waiting,
+                                      stream_interval=stream_interval)
+        return process, process.info
+    built, info = spec.build()
+    return EngineLoop(built, metrics, max_waiting=max_waiting,
+                      stream_interval=stream_interval), info
+
+
 def prepare(o: ServeOptions) -> PreparedServer:
-    from toyllm.engine.device import dtype_name, resolve_device, resolve_dtype
-    from toyllm.engine.serving import ServingEngine
-    from toyllm.models.model_source import load_model
+    from toyllm.engine.device import resolve_device, resolve_dtype
 
     api_key = read_api_key(o.api_key, o.api_key_file)
     pool = _check_numbers(o)
     dev = resolve_device(o.device)
-    dt = resolve_dtype(o.dtype, dev)
+    resolve_dtype(o.dtype, dev)  # checked here, resolved where the model loads
+    spec = ServingSpec(
+        model=o.model, device=str(dev), dtype=o.dtype, kv_memory=pool,
+        random_weights=o.random_weights, tokenizer=o.tokenizer, block_size=o.block_size,
+        max_running=o.max_running, token_budget=o.token_budget,
+        prefix_caching=o.prefix_caching, max_context=o.max_context, cuda_graph=o.cuda_graph,
+        overlap=o.overlap)
     sock = bind(o.host, o.port)
+    loop: EngineLoop | EngineProcess | None = None
     try:
-        loaded = load_model(o.model, dev, dt, random_weights=o.random_weights,
-                            tokenizer_path=o.tokenizer)
-        if loaded.tokenizer is None:
-            raise ServeError(f"{loaded.source}: no tokenizer found (tokenizer.json or "
-                             "tokenizer.model); pass --tokenizer")
-        engine = ServingEngine(
-            loaded.model, loaded.tokenizer, block_size=o.block_size, kv_memory=pool,
-            max_running=o.max_running, token_budget=o.token_budget,
-            prefix_caching=o.prefix_caching, cuda_graph=o.cuda_graph and dev.type == "cuda",
-            max_seq_len=o.max_context, overlap=None if o.overlap else False)
         metrics = Metrics()
-        loop = EngineLoop(engine, metrics, max_waiting=o.max_waiting,
-                          stream_interval=o.stream_interval)
-        name = o.served_model_name or Path(loaded.source).name.removesuffix(".gguf")
-        state = ServerState(loop, metrics, loaded.tokenizer, name.strip(), engine.max_seq_len,
-                            loaded.config.vocab_size, api_key, loaded.sampling_defaults)
+        loop, info = start_engine(spec, metrics, engine=o.engine, max_waiting=o.max_waiting,
+                                  stream_interval=o.stream_interval)
+        name = o.served_model_name or Path(info.source).name.removesuffix(".gguf")
+        state = ServerState(loop, metrics, info.tokenizer, name.strip(), info.max_seq_len,
+                            info.vocab_size, api_key, info.sampling_defaults)
         config = uvicorn.Config(
             build_app(state), lifespan="off", log_level="warning", access_log=o.access_log,
             timeout_graceful_shutdown=int(o.shutdown_timeout + UVICORN_GRACE_S))
     except BaseException:
         sock.close()
+        if loop is not None:
+            loop.stop()
         raise
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}"
     server = _GracefulServer(config, loop, o.shutdown_timeout)
-    stats = engine.stats()
+    stats = loop.snapshot.stats
     description = (
-        f"{name} on {url} ({dev}, {dtype_name(dt)}): context {engine.max_seq_len}, "
+        f"{name} on {url} ({info.device}, {info.dtype}): context {info.max_seq_len}, "
         f"{stats.blocks_total} KV blocks of {stats.block_size} tokens, max running "
-        f"{o.max_running}, max waiting {o.max_waiting}")
+        f"{o.max_running}, max waiting {o.max_waiting}, engine {o.engine}")
     return PreparedServer(sock, loop, state, server, url, description)
 
 

@@ -69,8 +69,9 @@ class Result:
     # Linux: seconds on a CPU of the server's main thread (its event loop) and of all its threads
     server_loop_cpu_s: float | None = None
     server_cpu_s: float | None = None
-    # Linux: the engine's thread (over HTTP: the server's busiest thread but the main one; a
-    # model on the CPU has torch's worker threads too, so read these on a GPU or with --paced)
+    # Linux: the engine's thread (over HTTP: the busiest thread but the main one of the
+    # server's process and its engine process; a model on the CPU has torch's worker threads
+    # too, so read these on a GPU or with --paced)
     engine_cpu_s: float | None = None  # on a CPU
     engine_runqueue_s: float | None = None  # runnable, waiting for a CPU (a busy machine)
 
@@ -256,7 +257,8 @@ async def replay_http(url: str, model: str, work: Workload, rate: float,
     try:
         async with httpx.AsyncClient(base_url=url, timeout=None, headers=headers) as client:
             before = await server_steps(client)
-            server_before = thread_times(server_pid) if server_pid is not None else None
+            server_before = server_thread_times(server_pid) if server_pid is not None \
+                else None
             start = time.monotonic() + (0.05 if pool is not None else 0.0)
             if pool is None:
                 parts = [await _replay_part(url, model, work, shares[0], times, start, headers)]
@@ -264,7 +266,8 @@ async def replay_http(url: str, model: str, work: Workload, rate: float,
                 jobs = [(url, model, work, share, times, start, headers) for share in shares]
                 parts = await asyncio.get_running_loop().run_in_executor(
                     None, lambda: list(pool.map(_replay_part_process, jobs)))
-            server_after = thread_times(server_pid) if server_pid is not None else None
+            server_after = server_thread_times(server_pid) if server_pid is not None \
+                else None
             after = await server_steps(client)
     finally:
         if pool is not None:
@@ -288,6 +291,23 @@ async def replay_http(url: str, model: str, work: Workload, rate: float,
         result.steps, result.step_s, result.between_steps_s = (
             a - b for a, b in zip(after, before, strict=True))
     return result
+
+
+def server_thread_times(pid: int) -> dict[int, tuple[float, float]] | None:
+    """thread_times of the server's process and of its child processes (the engine process
+    of `toyllm serve`; thread ids are unique across processes)."""
+    times = thread_times(pid)
+    if times is None:
+        return None
+    for tid in list(times):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
+                children = [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+        for child in children:
+            times.update(thread_times(child) or {})
+    return times
 
 
 def thread_times(pid: int) -> dict[int, tuple[float, float]] | None:
@@ -465,7 +485,8 @@ def run(a: argparse.Namespace) -> list[dict]:
             _print_row(rows[-1])
     summaries = [r.summary() for r in rows]
     if a.json is not None:
-        a.json.write_text(json.dumps({"model": a.model, **where, "requests": a.requests,
+        a.json.write_text(json.dumps({"model": a.model, **where, "engine": a.engine,
+                                      "requests": a.requests,
                                       "rows": summaries}, indent=2))
     return summaries
 
@@ -498,6 +519,8 @@ def _model_paths(a: argparse.Namespace, tmp: Path):
         server.append("--random-weights")
     if a.stream_interval != 1:
         server += ["--stream-interval", str(a.stream_interval)]
+    if a.engine != "process":  # a checkout without the engine process runs its thread anyway
+        server += ["--engine", a.engine]
 
     def api_engine() -> ServingEngine:
         loaded = load_model(source, dev, dt, random_weights=random_weights)
@@ -523,6 +546,8 @@ def _paced_paths(a: argparse.Namespace):
     server = [paced_engine.__file__, "--port", "0", "--step-ms", str(step_ms),
               "--hold-ms", str(hold_ms), "--max-running", str(a.max_running),
               "--max-waiting", str(a.requests), "--stream-interval", str(a.stream_interval)]
+    if a.engine != "process":
+        server += ["--engine", a.engine]
 
     def api_engine() -> paced_engine.PacedEngine:
         return paced_engine.PacedEngine(tokenizer, step_s=step_ms / 1e3, hold_s=hold_ms / 1e3,
@@ -578,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
                          "can be more than one Python process reads)")
     ap.add_argument("--stream-interval", type=int, default=1,
                     help="the server's --stream-interval (1: its default)")
+    ap.add_argument("--engine", choices=("process", "thread"), default="process",
+                    help="the server's --engine: the engine in its own process, or a thread")
     ap.add_argument("--paced", default=None, metavar="STEP_MS,HOLD_MS",
                     help="no model: engine/tools/paced_engine.py's steps of STEP_MS, HOLD_MS of "
                          "them holding the GIL (the server's own cost at a GPU's step rate)")

@@ -11,6 +11,9 @@ checkout the interpreter sees, so that another checkout's server runs under the 
 
     python engine/tools/paced_engine.py --port 0 --step-ms 4.4 --hold-ms 1.5 --max-running 256
 
+`--engine process` (the default) runs the paced engine in the engine process, as `toyllm serve`
+runs its model; `--engine thread` in a thread of the server's process.
+
 It runs no model: no figure it gives says anything about the engine, only about the server.
 """
 
@@ -122,6 +125,25 @@ class PacedEngine:
                             finished=self.finished)
 
 
+@dataclass(frozen=True)
+class PacedSpec:
+    """A PacedEngine as the server's engine spec (engine/server/engine_spec.py): built where
+    the engine runs, in the engine process or the server's."""
+
+    step_s: float
+    hold_s: float
+    max_running: int
+
+    def build(self) -> tuple[PacedEngine, object]:
+        from toyllm.engine.server.engine_spec import EngineInfo
+
+        tokenizer = shipped_tokenizer()
+        engine = PacedEngine(tokenizer, step_s=self.step_s, hold_s=self.hold_s,
+                             max_running=self.max_running)
+        return engine, EngineInfo(tokenizer, "paced", tokenizer.vocab_size,  # type: ignore
+                                  engine.max_seq_len, self.max_running, "cpu", "paced")
+
+
 def shipped_tokenizer() -> object:
     from toyllm.models.model_source import DEFAULT_MODEL_DIR
     from toyllm.models.tokenizer import Tokenizer
@@ -146,16 +168,31 @@ def serve(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-waiting", type=int, default=256)
     ap.add_argument("--served-model-name", default="bench")
     ap.add_argument("--stream-interval", type=int, default=1)
+    ap.add_argument("--engine", choices=("process", "thread"), default="process",
+                    help="where the engine runs (a checkout without the engine process: thread)")
     a = ap.parse_args(argv)
-    tokenizer = shipped_tokenizer()
-    engine = PacedEngine(tokenizer, step_s=a.step_ms / 1e3, hold_s=a.hold_ms / 1e3,
-                         max_running=a.max_running)
     metrics = Metrics()
     # a server without --stream-interval (an older checkout's) is measured at its default
     interval = {"stream_interval": a.stream_interval} if a.stream_interval != 1 else {}
-    loop = EngineLoop(engine, metrics, max_waiting=a.max_waiting,  # type: ignore[arg-type]
-                      **interval)
-    state = ServerState(loop, metrics, tokenizer, a.served_model_name, engine.max_seq_len,
+    try:  # the engine spec from toyllm's module, not this file's __main__: the engine
+        # process imports it by name
+        from toyllm.engine.server.launch import start_engine
+        from toyllm.engine.tools.paced_engine import PacedSpec
+    except ImportError:  # an older checkout: the engine thread, built here
+        start_engine = None
+    if start_engine is not None:
+        spec = PacedSpec(a.step_ms / 1e3, a.hold_ms / 1e3, a.max_running)
+        loop, info = start_engine(spec, metrics, engine=a.engine, max_waiting=a.max_waiting,
+                                  stream_interval=a.stream_interval)
+        tokenizer, max_seq_len = info.tokenizer, info.max_seq_len
+    else:
+        tokenizer = shipped_tokenizer()
+        engine = PacedEngine(tokenizer, step_s=a.step_ms / 1e3, hold_s=a.hold_ms / 1e3,
+                             max_running=a.max_running)
+        max_seq_len = engine.max_seq_len
+        loop = EngineLoop(engine, metrics, max_waiting=a.max_waiting,  # type: ignore[arg-type]
+                          **interval)
+    state = ServerState(loop, metrics, tokenizer, a.served_model_name, max_seq_len,
                         tokenizer.vocab_size)  # type: ignore[attr-defined]
     config = uvicorn.Config(build_app(state), lifespan="off", log_level="warning",
                             access_log=False)
