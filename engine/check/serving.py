@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -163,31 +163,14 @@ def check_serving(model: Transformer, workload: list[Arrival], tolerance: float 
             model, prompt, a.max_new_tokens, max_seq_len=engine.max_seq_len) if greedy \
             else ([], [])
         ref = reference_logits(model, prompt + tokens).float().cpu()
-        if greedy and tokens != expected:
-            at = _first_difference(tokens, expected)
-            excuse = None
-            if low_precision is not None and at < min(len(tokens), len(expected)):
-                excuse = _near_tie(low_precision, expected_logits[at].float().cpu(),
-                                   expected[at], tokens[at])
-            if excuse is None:
-                report.problems.append(f"request {i}: greedy tokens differ from the no-cache "
-                                       f"reference at token {at}")
-            else:
-                report.near_ties.append(f"request {i}, token {at} (reference): {excuse}")
+        if greedy:
+            _compare_greedy(report, f"request {i}", tokens, expected, "the no-cache reference",
+                            "reference", low_precision, expected_logits)
         if a.fork_of is None and greedy:
             static_tokens = static.generate([prompt], a.params()).completions[0].token_ids
-            if tokens != static_tokens:
-                at = _first_difference(tokens, static_tokens)
-                excuse = None
-                if low_precision is not None and at < min(len(tokens), len(static_tokens)):
-                    # the reference's logits along the served tokens, where the two split
-                    excuse = _near_tie(low_precision, ref[len(prompt) - 1 + at],
-                                       static_tokens[at], tokens[at])
-                if excuse is None:
-                    report.problems.append(f"request {i}: greedy tokens differ from the "
-                                           f"static Engine's")
-                else:
-                    report.near_ties.append(f"request {i}, token {at} (static): {excuse}")
+            # where the two split, the reference's logits along the served tokens
+            _compare_greedy(report, f"request {i}", tokens, static_tokens, "the static Engine's",
+                            "static", low_precision, ref[len(prompt) - 1:])
         got = inherited.get(rid, []) + engine.logits.get(rid, [])
         if len(got) != len(tokens):
             report.problems.append(f"request {i}: {len(got)} logits rows for {len(tokens)} "
@@ -212,6 +195,25 @@ def check_serving(model: Transformer, workload: list[Arrival], tolerance: float 
         report.max_abs = max(report.max_abs, worst)
     report.problems += block_problems(engine)
     return report
+
+
+def _compare_greedy(report: ServingReport, who: str, tokens: list[int], expected: list[int],
+                    witness: str, tag: str, low_precision: Tolerance | None,
+                    ref_logits: Sequence[Tensor]) -> None:
+    """A problem where greedy `tokens` part from `expected` (the witness's), unless in low
+    precision the two picks are a near tie of the reference's logits there (`ref_logits[k]`:
+    [vocab], the logits that picked token k)."""
+    if tokens == expected:
+        return
+    at = _first_difference(tokens, expected)
+    excuse = None
+    if low_precision is not None and at < min(len(tokens), len(expected)):
+        excuse = _near_tie(low_precision, ref_logits[at].float().cpu(), expected[at],
+                           tokens[at])
+    if excuse is None:
+        report.problems.append(f"{who}: greedy tokens differ from {witness} at token {at}")
+    else:
+        report.near_ties.append(f"{who}, token {at} ({tag}): {excuse}")
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
