@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_checkpoints import save_tiny_checkpoint
 from tokenizer_fixtures import train_byte_level_bpe, write_tokenizer_dir
 from typer.testing import CliRunner
 
@@ -20,9 +21,6 @@ from toyllm.engine.cli import app
 from toyllm.engine.generate import Engine, GenerationError
 from toyllm.engine.sampling import SamplingParams
 from toyllm.models.chat_template import ChatTemplateError, chat_prompt_ids
-from toyllm.models.checkpoint import save_checkpoint
-from toyllm.models.config import ModelConfig
-from toyllm.models.llama import build_model
 from toyllm.models.model_source import load_model
 
 runner = CliRunner()
@@ -32,10 +30,8 @@ GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = ModelConfig(vocab_size=400, hidden_size=64, num_layers=2, num_heads=4,
-                         num_kv_heads=2, intermediate_size=96, max_seq_len=256)
-    path = tmp_path_factory.mktemp("chat_ckpt")
-    save_checkpoint(build_model(config, seed=3), path, dtype=torch.float32)
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("chat_ckpt"), vocab_size=400,
+                                max_seq_len=256, seed=3)
     write_tokenizer_dir(path, train_byte_level_bpe())
     return path
 

@@ -17,14 +17,12 @@ import openai
 import pytest
 import torch
 from server_helpers import metrics, server_in_thread, wait_idle
+from tiny_checkpoints import save_tiny_checkpoint
 from tokenizer_fixtures import train_byte_level_bpe, write_tokenizer_dir
 from typer.testing import CliRunner
 
 from toyllm.engine.cli import app
 from toyllm.engine.server.launch import ServeOptions
-from toyllm.models.checkpoint import save_checkpoint
-from toyllm.models.config import ModelConfig
-from toyllm.models.llama import build_model
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -36,10 +34,8 @@ MESSAGES = [{"role": "system", "content": "Be brief."},
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = ModelConfig(vocab_size=400, hidden_size=64, num_layers=2, num_heads=4,
-                         num_kv_heads=2, intermediate_size=96, max_seq_len=4096)
-    path = tmp_path_factory.mktemp("served_ckpt")
-    save_checkpoint(build_model(config, seed=3), path, dtype=torch.float32)
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("served_ckpt"), vocab_size=400,
+                                max_seq_len=4096, seed=3)
     write_tokenizer_dir(path, train_byte_level_bpe())
     return path
 

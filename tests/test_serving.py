@@ -13,6 +13,7 @@ import torch
 from toyllm.engine.check.serving import Arrival, block_problems, check_serving
 from toyllm.engine.generate import Engine, GenerationError
 from toyllm.engine.ops.paged_cache import PagedKVCache
+from toyllm.engine.paged_graphs import PagedDecodeGraphs, padding_inputs
 from toyllm.engine.sampling import SamplingParams
 from toyllm.engine.scheduler import Scheduler
 from toyllm.engine.serving import ServingEngine
@@ -26,6 +27,27 @@ CONFIGS = {
                             num_kv_heads=1, head_dim=32, intermediate_size=128,
                             max_seq_len=128, tie_embeddings=True),
 }
+
+
+class ReplayOnCPU(PagedDecodeGraphs):
+    """PagedDecodeGraphs whose "graph" replays eagerly on the CPU: each bucket's replay calls
+    the same decode forward on the same static buffers a captured graph would read."""
+
+    def __init__(self, engine: ServingEngine) -> None:
+        self.engine = engine
+        self.graphs = {}
+
+    def _capture(self, rows: int) -> None:
+        host = padding_inputs(rows)
+        inputs = host.clone()
+        logits = torch.empty(rows, self.engine.config.vocab_size)
+        outer = self
+
+        class Replay:
+            def replay(self) -> None:
+                logits.copy_(outer.decode_forward(inputs))
+
+        self.graphs[rows] = (Replay(), inputs, host, logits)
 
 
 def model_for(name: str = "gqa", seed: int = 0):
@@ -375,25 +397,6 @@ def test_the_graph_decode_step_gives_the_eager_tokens_with_padding_rows() -> Non
     past the batch) and its decode forward, run on the CPU by a stand-in for the captured
     graph that calls the same function on the same buffer: the tokens of every request are
     the eager engine's and the reference's, through bucket changes as requests leave."""
-    from toyllm.engine.paged_graphs import PagedDecodeGraphs, padding_inputs
-
-    class ReplayOnCPU(PagedDecodeGraphs):
-        def __init__(self, engine: ServingEngine) -> None:
-            self.engine = engine
-            self.graphs = {}
-
-        def _capture(self, rows: int) -> None:
-            host = padding_inputs(rows)
-            inputs = host.clone()
-            logits = torch.empty(rows, self.engine.config.vocab_size)
-            outer = self
-
-            class Replay:
-                def replay(self) -> None:
-                    logits.copy_(outer.decode_forward(inputs))
-
-            self.graphs[rows] = (Replay(), inputs, host, logits)
-
     model = model_for()
     kw = dict(block_size=4, kv_memory=pool(model, 128, 4))
     prompts = [random_ids(n, n) for n in (5, 17, 1, 9, 3)]

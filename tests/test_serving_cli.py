@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_checkpoints import save_tiny_checkpoint
 from typer.testing import CliRunner
 
 from toyllm.engine.cli import app
 from toyllm.engine.cli_numbers import NumberError, memory_amount
 from toyllm.engine.ops.paged_cache import PagedKVCache
 from toyllm.engine.tools.info import describe
-from toyllm.models.checkpoint import save_checkpoint
 from toyllm.models.config import ModelConfig
-from toyllm.models.llama import build_model
 from toyllm.models.model_source import DEFAULT_MODEL_DIR
 
 TOKENIZER = DEFAULT_MODEL_DIR / "tokenizer.model"
@@ -27,12 +26,8 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    config = ModelConfig(vocab_size=4096, hidden_size=64, num_layers=2, num_heads=4,
-                         num_kv_heads=2, intermediate_size=96, max_seq_len=64)
-    path = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(build_model(config, seed=1), path, tokenizer_path=TOKENIZER,
-                    dtype=torch.float32)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), vocab_size=4096, max_seq_len=64,
+                                seed=1, tokenizer_path=TOKENIZER)
 
 
 def run(*args: object):

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_serving import model_for, pool, random_ids
+from test_serving import ReplayOnCPU, model_for, pool, random_ids
 
 from toyllm.engine.check.serving import WORKLOADS, block_problems, check_serving
 from toyllm.engine.generate import GenerationError
-from toyllm.engine.paged_graphs import PagedDecodeGraphs, padding_inputs
 from toyllm.engine.sampling import SamplingParams
 from toyllm.engine.serving import RequestOutput, ServingEngine
 
@@ -196,23 +195,6 @@ def test_the_graph_path_gathers_the_tokens_in_flight_on_the_device() -> None:
     """PagedDecodeGraphs.run with a step planned ahead, its graph replayed eagerly on the CPU
     by a stand-in (as in tests/test_serving.py): the buffer's tokens row is gathered from the
     previous step's sampled tokens; the tokens are the eager synchronous engine's."""
-
-    class ReplayOnCPU(PagedDecodeGraphs):
-        def __init__(self, engine: ServingEngine) -> None:
-            self.engine = engine
-            self.graphs = {}
-
-        def _capture(self, rows: int) -> None:
-            host = padding_inputs(rows)
-            inputs = host.clone()
-            logits = torch.empty(rows, self.engine.config.vocab_size)
-            outer = self
-
-            class Replay:
-                def replay(self) -> None:
-                    logits.copy_(outer.decode_forward(inputs))
-
-            self.graphs[rows] = (Replay(), inputs, host, logits)
 
     model = model_for()
     kw = dict(block_size=4, kv_memory=pool(model, 128, 4))
