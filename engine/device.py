@@ -39,6 +39,21 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return torch.device("cuda", device.index if device.index is not None else 0)
 
 
+def cuda_kernels_missing() -> str | None:
+    """Why toyllm's CUDA kernels cannot run here (no CUDA GPU, the extension not built, or built
+    without CUDA), or None when they can: the one guard of the CUDA-only scripts."""
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (torch.cuda.is_available() is False); nothing run"
+    try:
+        from toyllm.engine.ops import WITH_CUDA
+    except ImportError as exc:
+        return str(exc)
+    if not WITH_CUDA:
+        return ("toyllm.engine.ops._C was built without CUDA; rebuild it on this machine with "
+                "pip install --no-build-isolation -e .")
+    return None
+
+
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """'auto' (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."""
     if isinstance(name, torch.dtype):

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from toyllm.engine.device import cuda_kernels_missing
 from toyllm.engine.tools.timing import time_eager, time_graph
 
 ROWS = (1, 16)
@@ -109,19 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graph-calls", type=int, default=64, help="calls per CUDA graph")
     args = parser.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        print("bench_argmax: needs a CUDA GPU (torch.cuda.is_available() is False); nothing "
-              "measured.")
-        return 2
-    try:
-        import toyllm.engine.ops.argmax  # noqa: F401  (a clear message when toyllm.engine.ops._C predates the op)
-        from toyllm.engine.ops.kv_cache import WITH_CUDA
-    except ImportError as exc:
-        print(f"bench_argmax: {exc}", file=sys.stderr)
-        return 2
-    if not WITH_CUDA:
-        print("bench_argmax: toyllm.engine.ops._C was built without CUDA; rebuild on this "
-              "machine with pip install --no-build-isolation -e .", file=sys.stderr)
+    missing = cuda_kernels_missing()
+    if missing:
+        print(f"bench_argmax: {missing}", file=sys.stderr)
         return 2
 
     result = run(args.graph_calls, args.reps)

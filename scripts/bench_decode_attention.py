@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from toyllm.engine.cached_attention import grouped_attention
+from toyllm.engine.device import cuda_kernels_missing
 from toyllm.engine.ops.kv_cache import decode_attention
 from toyllm.engine.tools.timing import time_graph
 
@@ -36,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_decode_attention: needs a CUDA GPU; none is available here")
+    missing = cuda_kernels_missing()
+    if missing:
+        print(f"bench_decode_attention: {missing}", file=sys.stderr)
         return 2
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     dev = torch.device("cuda")

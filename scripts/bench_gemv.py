@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from toyllm.engine.device import cuda_kernels_missing
 from toyllm.engine.tools.timing import copy_ceiling_gb_per_s, time_graph
 
 LAYERS = 16  # Llama-1B (Llama-3.2-1B: hidden 2048, 16 layers, MLP 8192, vocab 128256)
@@ -315,18 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     if not all(1 <= r <= 4 for r in rows_list):
         parser.error(f"--rows: expected values from 1 to 4, got {args.rows!r}")
 
-    if not torch.cuda.is_available():
-        print("bench_gemv: needs a CUDA GPU (torch.cuda.is_available() is False); nothing "
-              "measured.")
-        return 2
-    try:
-        from toyllm.engine.ops.kv_cache import WITH_CUDA
-    except ImportError as exc:
-        print(f"bench_gemv: {exc}", file=sys.stderr)
-        return 2
-    if not WITH_CUDA:
-        print("bench_gemv: toyllm.engine.ops._C was built without CUDA; rebuild on this "
-              "machine with pip install --no-build-isolation -e .", file=sys.stderr)
+    missing = cuda_kernels_missing()
+    if missing:
+        print(f"bench_gemv: {missing}", file=sys.stderr)
         return 2
 
     result = run(rows_list, getattr(torch, args.dtype), args.graph_calls, args.reps)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from toyllm.engine.device import cuda_kernels_missing
 from toyllm.engine.tools.timing import copy_ceiling_gb_per_s, time_eager, time_graph
 
 GRAPH_MAX_BYTES = 64 * 2**20  # sizes below this are also timed through a CUDA graph
@@ -219,24 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        print(
-            "bench_kv_update: needs a CUDA GPU (torch.cuda.is_available() is False); "
-            "nothing measured.",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        from toyllm.engine.ops.kv_cache import WITH_CUDA
-    except ImportError as exc:
-        print(f"bench_kv_update: {exc}", file=sys.stderr)
-        return 2
-    if not WITH_CUDA:
-        print(
-            "bench_kv_update: toyllm.engine.ops._C was built without CUDA; rebuild on this "
-            "machine with pip install --no-build-isolation -e .",
-            file=sys.stderr,
-        )
+    missing = cuda_kernels_missing()
+    if missing:
+        print(f"bench_kv_update: {missing}", file=sys.stderr)
         return 2
     try:
         dtypes = [getattr(torch, name.strip()) for name in args.dtypes.split(",")]

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
+from toyllm.engine.device import cuda_kernels_missing
 from toyllm.engine.ops.kv_cache import decode_attention
 from toyllm.engine.ops.paged_cache import paged_decode_attention, paged_kv_write
 from toyllm.engine.tools.timing import time_graph
@@ -46,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the serving step's shape (lengths uniform in [250, 1200]), with "
                          "block sizes 16 to 256 and each tile the kernel takes (64, 128)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_paged_decode_attention: needs a CUDA GPU; none is available here")
+    missing = cuda_kernels_missing()
+    if missing:
+        print(f"bench_paged_decode_attention: {missing}", file=sys.stderr)
         return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     dev = torch.device("cuda")

@@ -19,6 +19,7 @@ import argparse
 import functools
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from toyllm.engine import cached_attention
 from toyllm.engine.check.harness import run_matrix, select_cases
+from toyllm.engine.device import cuda_kernels_missing
 from toyllm.engine.ops.kv_cache import decode_attention
 
 BACKENDS = {
@@ -48,8 +50,9 @@ def main() -> int:
     parser.add_argument("--mma", default="1,0", help="tensor_cores: 1 on, 0 CUDA cores")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("probe_decode_rounding: needs a CUDA GPU; none is available here")
+    missing = cuda_kernels_missing()
+    if missing:
+        print(f"probe_decode_rounding: {missing}", file=sys.stderr)
         return 2
     cases = select_cases(args.configs.split(",") if args.configs else None,
                          args.dtypes.split(","), "cuda")

@@ -12,11 +12,12 @@ kernel times can exceed the wall time.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from toyllm.engine.device import resolve_dtype
+from toyllm.engine.device import cuda_kernels_missing, resolve_dtype
 from toyllm.engine.generate import Engine
 from toyllm.engine.sampling import SamplingParams
 from toyllm.models.config import load_config
@@ -32,9 +33,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--graph", action="store_true", help="profile CUDA-graph replays")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("profile_decode: needs a CUDA GPU (torch.cuda.is_available() is False); nothing "
-              "profiled.")
+    missing = cuda_kernels_missing()
+    if missing:
+        print(f"profile_decode: {missing}", file=sys.stderr)
         return 2
     device = torch.device("cuda")
     model = build_model(load_config(resolve_config(args.model)), device=device,
