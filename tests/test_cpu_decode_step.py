@@ -36,16 +36,23 @@ def counting(monkeypatch) -> list[int]:
 
 
 def teacher_forced(model, fusion: Fusion, lengths: list[int], steps: int,
-                   finished: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                   finished: int | None = None, decode_threads: int | None = None,
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Logits [rows, vocab] of `steps` decode steps fed the same random tokens, after prefilling
-    prompts of `lengths` (row `finished` set inactive first), and the caches after them."""
+    prompts of `lengths` (row `finished` set inactive first), and the caches after them.
+    `decode_threads`: the prefill on one thread, the decode steps on this many (ATen's own
+    matmul in the prefill may round differently with the thread count, e.g. MKL on AMD CPUs)."""
     engine = Engine(model, cuda_graph=False, settings=Settings(fusion=fusion, cpu_gemv=True))
     rows, vocab = len(lengths), model.config.vocab_size
     cache = engine.prepare_cache(rows, max(lengths) + steps)
     logits = []
     with torch.inference_mode():
+        if decode_threads is not None:
+            torch.set_num_threads(1)
         for r, ids in enumerate(prompts(lengths, vocab)):
             engine.prefill(cache, r, ids)
+        if decode_threads is not None:
+            torch.set_num_threads(decode_threads)
         if finished is not None:
             cache.set_active(finished, False)
         ks, vs, positions = engine.cache_views(rows)
@@ -79,10 +86,8 @@ def test_the_bits_do_not_depend_on_the_number_of_threads():
     model = model_for("mha", seed=4)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one, one_caches = teacher_forced(model, Fusion.FULL, [6, 40], 4)
-        torch.set_num_threads(2)
-        two, two_caches = teacher_forced(model, Fusion.FULL, [6, 40], 4)
+        one, one_caches = teacher_forced(model, Fusion.FULL, [6, 40], 4, decode_threads=1)
+        two, two_caches = teacher_forced(model, Fusion.FULL, [6, 40], 4, decode_threads=2)
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(one + one_caches, two + two_caches, strict=True):
