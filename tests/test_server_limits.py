@@ -256,7 +256,8 @@ def test_the_engine_loop_aborts_within_one_step_and_refuses_what_the_pool_cannot
     import asyncio
 
     from toyllm.engine.sampling import SamplingParams
-    from toyllm.engine.server.engine_loop import Accepted, EngineLoop, Rejected
+    from toyllm.engine.server.engine_face import Accepted, Rejected
+    from toyllm.engine.server.engine_loop import EngineLoop
     from toyllm.engine.server.metrics import Metrics
     from toyllm.engine.serving import ServingEngine
     from toyllm.models.model_source import load_model
@@ -307,7 +308,8 @@ def test_a_failing_engine_loop_ends_every_request_and_refuses_new_ones(checkpoin
     import asyncio
 
     from toyllm.engine.sampling import SamplingParams
-    from toyllm.engine.server.engine_loop import Accepted, EngineLoop, Failed, ShuttingDown
+    from toyllm.engine.server.engine_face import Accepted, Failed, ShuttingDown
+    from toyllm.engine.server.engine_loop import EngineLoop
     from toyllm.engine.server.metrics import Metrics
     from toyllm.engine.serving import ServingEngine
     from toyllm.models.model_source import load_model

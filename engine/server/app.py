@@ -2,11 +2,11 @@
 in OpenAI's chunk format), /v1/models, /health, /metrics.
 
 A request's body is parsed and checked here (engine/server/protocol.py), its prompt encoded
-(the chat template renders messages), then it goes to the engine loop
-(engine/server/engine_loop.py), which alone runs the model. Its outputs come back step by step:
-streamed as they come (engine/server/sse.py writes the events), or gathered. A client that goes
-away (a closed stream, a dropped connection while a JSON answer is pending) has its request
-aborted before the next step.
+(the chat template renders messages), then it goes to the engine (engine/server/engine_face.py:
+in a process of its own or in a thread), which alone runs the model. Its outputs come back step
+by step: streamed as they come (engine/server/sse.py writes the events), or gathered. A client
+that goes away (a closed stream, a dropped connection while a JSON answer is pending) has its
+request aborted before the next step.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from starlette.exceptions import HTTPException
 
 from toyllm.engine.sampling import SamplingError, SamplingParams, TokenLogprob
 from toyllm.engine.server import protocol, sse
-from toyllm.engine.server.engine_loop import (
+from toyllm.engine.server.engine_face import (
     Accepted,
-    EngineLoop,
+    EngineFace,
     Failed,
     Overloaded,
     Rejected,
@@ -46,7 +46,7 @@ MAX_BODY_BYTES = 16 * 2**20
 
 @dataclass
 class ServerState:
-    loop: EngineLoop
+    loop: EngineFace  # EngineProcess or EngineLoop
     metrics: Metrics
     tokenizer: Any  # Tokenizer | HFTokenizer: encode in the handlers, never the model
     model_name: str
