@@ -223,6 +223,25 @@ def test_bad_serve_options_exit_2_with_one_line(tmp_path: Path, checkpoint: Path
         taken.close()
 
 
+def test_the_engine_spec_takes_only_the_engine_options_checked_and_pickles() -> None:
+    import dataclasses
+    import pickle
+
+    from toyllm.engine.cli_numbers import NumberError
+    from toyllm.engine.server.engine_spec import EngineOptions, ServingSpec
+
+    options = ServeOptions(device="cpu", kv_memory="16MiB", max_running=4, api_key=KEY,
+                           max_waiting=7)
+    spec = ServingSpec.from_options(options)
+    engine_fields = [f.name for f in dataclasses.fields(EngineOptions)]
+    assert [f.name for f in dataclasses.fields(ServingSpec)] == engine_fields  # no api key
+    assert (spec.device, spec.kv_memory, spec.max_running) == ("cpu", 16 * 2**20, 4)
+    assert ServingSpec.from_options(spec) == spec  # checked once more: the same
+    assert pickle.loads(pickle.dumps(spec)) == spec  # sent to the engine process
+    with pytest.raises(NumberError, match="--token-budget"):
+        ServingSpec.from_options(EngineOptions(device="cpu", token_budget=0))
+
+
 def test_the_http_benchmark_replays_every_request_over_http_and_the_api(server,
                                                                        checkpoint: Path) -> None:
     import asyncio
@@ -252,7 +271,8 @@ def test_the_engine_loop_aborts_within_one_step_and_refuses_what_the_pool_cannot
     import asyncio
 
     from toyllm.engine.sampling import SamplingParams
-    from toyllm.engine.server.engine_loop import Accepted, EngineLoop, Rejected
+    from toyllm.engine.server.engine_face import Accepted, Rejected
+    from toyllm.engine.server.engine_loop import EngineLoop
     from toyllm.engine.server.metrics import Metrics
     from toyllm.engine.serving import ServingEngine
     from toyllm.models.model_source import load_model
@@ -303,7 +323,8 @@ def test_a_failing_engine_loop_ends_every_request_and_refuses_new_ones(checkpoin
     import asyncio
 
     from toyllm.engine.sampling import SamplingParams
-    from toyllm.engine.server.engine_loop import Accepted, EngineLoop, Failed, ShuttingDown
+    from toyllm.engine.server.engine_face import Accepted, Failed, ShuttingDown
+    from toyllm.engine.server.engine_loop import EngineLoop
     from toyllm.engine.server.metrics import Metrics
     from toyllm.engine.serving import ServingEngine
     from toyllm.models.model_source import load_model

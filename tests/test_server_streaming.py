@@ -17,7 +17,8 @@ import pytest
 
 from toyllm.engine.sampling import SamplingParams
 from toyllm.engine.server import protocol, sse
-from toyllm.engine.server.engine_loop import Accepted, EngineLoop, Failed, RequestStream
+from toyllm.engine.server.engine_face import Accepted, Failed, RequestStream
+from toyllm.engine.server.engine_loop import EngineLoop
 from toyllm.engine.server.metrics import Metrics
 from toyllm.engine.serving import RequestOutput, ServingEngine
 from toyllm.models.config import ModelConfig

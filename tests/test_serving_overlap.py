@@ -262,7 +262,8 @@ def test_the_servers_engine_loop_streams_and_aborts_with_the_overlap() -> None:
     request with "abort", and every block comes back."""
     import asyncio
 
-    from toyllm.engine.server.engine_loop import Accepted, EngineLoop
+    from toyllm.engine.server.engine_face import Accepted
+    from toyllm.engine.server.engine_loop import EngineLoop
     from toyllm.engine.server.metrics import Metrics
 
     model = model_for()

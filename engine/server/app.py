@@ -2,18 +2,18 @@
 in OpenAI's chunk format), /v1/models, /health, /metrics.
 
 A request's body is parsed and checked here (engine/server/protocol.py), its prompt encoded
-(the chat template renders messages), then it goes to the engine loop
-(engine/server/engine_loop.py), which alone runs the model. Its outputs come back step by step:
-streamed as they come (engine/server/sse.py writes the events), or gathered. A client that goes
-away (a closed stream, a dropped connection while a JSON answer is pending) has its request
-aborted before the next step.
+(the chat template renders messages), then it goes to the engine (engine/server/engine_face.py:
+in a process of its own or in a thread), which alone runs the model. Its outputs come back step
+by step: streamed as they come (engine/server/sse.py writes the events), or gathered. A client
+that goes away (a closed stream, a dropped connection while a JSON answer is pending) has its
+request aborted before the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +24,9 @@ from starlette.exceptions import HTTPException
 
 from toyllm.engine.sampling import SamplingError, SamplingParams, TokenLogprob
 from toyllm.engine.server import protocol, sse
-from toyllm.engine.server.engine_loop import (
+from toyllm.engine.server.engine_face import (
     Accepted,
-    EngineLoop,
+    EngineFace,
     Failed,
     Overloaded,
     Rejected,
@@ -46,7 +46,7 @@ MAX_BODY_BYTES = 16 * 2**20
 
 @dataclass
 class ServerState:
-    loop: EngineLoop
+    loop: EngineFace  # EngineProcess or EngineLoop
     metrics: Metrics
     tokenizer: Any  # Tokenizer | HFTokenizer: encode in the handlers, never the model
     model_name: str
@@ -127,17 +127,7 @@ def build_app(state: ServerState) -> FastAPI:
         ids = _completion_prompt(req.prompt, state)
         max_tokens = protocol.requested_max_tokens(req) or protocol.COMPLETIONS_MAX_TOKENS
         params = _params(req, max_tokens, protocol.requested_logprobs(req), state)
-        stream = await _submit(state, ids, params, "cmpl")
-        if req.stream:
-            with_usage = req.stream_options is not None and req.stream_options.include_usage
-            chunks = sse.CompletionChunks(stream.request_id, req.model, protocol.now(),
-                                          with_usage, state.token_text)
-            return _EngineStream(chunks, state, stream)
-        out = await _gather(request, state, stream)
-        return JSONResponse(protocol.completion_response(
-            stream.request_id, req.model, protocol.now(), out.text, out.finish_reason,
-            out.prompt_tokens, out.completion_tokens,
-            protocol.completion_logprobs(out.logprobs, state.token_text)))
+        return await _answer(request, state, req, ids, params, _COMPLETIONS)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -152,17 +142,7 @@ def build_app(state: ServerState) -> FastAPI:
         _check_prompt_length(ids, "messages", state)
         max_tokens = protocol.requested_max_tokens(req) or state.max_seq_len - len(ids)
         params = _params(req, max_tokens, protocol.requested_logprobs(req), state)
-        stream = await _submit(state, ids, params, "chatcmpl")
-        if req.stream:
-            with_usage = req.stream_options is not None and req.stream_options.include_usage
-            chunks = sse.ChatChunks(stream.request_id, req.model, protocol.now(), with_usage,
-                                    state.token_text)
-            return _EngineStream(chunks, state, stream)
-        out = await _gather(request, state, stream)
-        return JSONResponse(protocol.chat_response(
-            stream.request_id, req.model, protocol.now(), out.text, out.finish_reason,
-            out.prompt_tokens, out.completion_tokens,
-            protocol.chat_logprobs(out.logprobs, state.token_text)))
+        return await _answer(request, state, req, ids, params, _CHAT)
 
     return app
 
@@ -253,6 +233,39 @@ async def _submit(state: ServerState, ids: list[int], params: SamplingParams,
 
 
 # answers --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Route:
+    """What differs between /v1/completions and /v1/chat/completions once the request is
+    checked: its ids' prefix, its stream's chunks, its JSON answer and log-probabilities."""
+
+    prefix: str
+    chunks: type[sse.StreamChunks]
+    response: Callable[..., dict[str, Any]]
+    logprobs: Callable[[list[TokenLogprob] | None, Any], dict[str, Any] | None]
+
+
+_COMPLETIONS = _Route("cmpl", sse.CompletionChunks, protocol.completion_response,
+                      protocol.completion_logprobs)
+_CHAT = _Route("chatcmpl", sse.ChatChunks, protocol.chat_response, protocol.chat_logprobs)
+
+
+async def _answer(request: Request, state: ServerState,
+                  req: protocol.CompletionRequest | protocol.ChatCompletionRequest, ids: list[int],
+                  params: SamplingParams, route: _Route) -> Response:
+    """Submit a checked request; its stream, or its whole answer once it finished."""
+    stream = await _submit(state, ids, params, route.prefix)
+    if req.stream:
+        with_usage = req.stream_options is not None and req.stream_options.include_usage
+        chunks = route.chunks(stream.request_id, req.model, protocol.now(), with_usage,
+                              state.token_text)
+        return _EngineStream(chunks, state, stream)
+    out = await _gather(request, state, stream)
+    return JSONResponse(route.response(
+        stream.request_id, req.model, protocol.now(), out.text, out.finish_reason,
+        out.prompt_tokens, out.completion_tokens,
+        route.logprobs(out.logprobs, state.token_text)))
+
+
 @dataclass
 class _Gathered:
     text: str

@@ -1,7 +1,8 @@
 """The engine process's main (engine/server/engine_process.py starts it with multiprocessing's
 "spawn" context): it builds the engine from its spec (the model is loaded here, never in the
-server's process), says it is ready, then loops: take the server's commands, step, send the
-step's outputs back in one message. It is the only code that touches the engine.
+server's process), says it is ready, then runs the engine's iteration loop (step_loop.py, the
+engine thread's too): take the server's commands, step, send the iteration's events back in one
+message. It is the only code that touches the engine.
 
 Messages (tuples; the server sends lists of commands through a multiprocessing.Connection, the
 engine one message at a time through engine/server/pipe_messages.py):
@@ -20,10 +21,10 @@ engine one message at a time through engine/server/pipe_messages.py):
 An "events" message holds what one iteration did: `accepted` [(request_id, prompt tokens)],
 `rejected` [(request_id, message)] (add_request said no), `outputs` the step's RequestOutputs
 as field tuples (RequestOutput(*t) rebuilds one; timings only on the last), `step`
-(seconds since the previous step's end or None after an idle stretch, the step's seconds, its
-end on perf_counter's clock, which is the machine's monotonic clock, shared by the processes)
-or None (no step), and a fresh snapshot for /metrics or None (at most every
-SNAPSHOT_INTERVAL_S while busy, and whenever it goes idle).
+the step's StepTimes (step_loop.py: seconds since the previous step's end or None after an
+idle stretch, the step's seconds, its end on perf_counter's clock, which is the machine's
+monotonic clock, shared by the processes) or None (no step), and a fresh snapshot for
+/metrics or None (at most every SNAPSHOT_INTERVAL_S while busy, and whenever it goes idle).
 
 The process ends with the server: when the command pipe closes (the server exited or died),
 and, for a server killed while the engine is busy loading or stepping, when a watchdog thread
@@ -41,10 +42,9 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from toyllm.engine.generate import GenerationError
-from toyllm.engine.server.engine_loop import IDLE_WAIT_S, SNAPSHOT_INTERVAL_S, take_snapshot
 from toyllm.engine.server.engine_spec import EngineSpec
 from toyllm.engine.server.pipe_messages import write_message
+from toyllm.engine.server.step_loop import IDLE_WAIT_S, StepLoop, StepTimes, take_snapshot
 
 log = logging.getLogger("toyllm.server.engine")
 
@@ -75,7 +75,7 @@ def main(spec: EngineSpec, commands: Connection, results: Connection, parent_pid
     write_message(out, ("ready", info, take_snapshot(engine)))
     try:
         _Core(engine, commands, out).run()
-    except (EOFError, BrokenPipeError, ConnectionResetError):
+    except _Core.PASSED_THROUGH:
         pass  # the server is gone: so is this process
 
 
@@ -90,65 +90,23 @@ def _watch_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="toyllm-engine-watchdog", daemon=True).start()
 
 
-class _Core:
+class _Core(StepLoop):
+    """The engine process's loop: commands from the server's pipe, one message per iteration
+    back."""
+
+    # the server is gone: so is this process, and nobody is left to tell
+    PASSED_THROUGH = (EOFError, BrokenPipeError, ConnectionResetError)
+
     def __init__(self, engine: Any, commands: Connection, results: int) -> None:
-        self.engine = engine
+        super().__init__(engine, log)
         self.commands = commands
         self.results = results  # the pipe's file descriptor
-        self.live: set[str] = set()  # requests admitted and not finished
-        self.accepted: list[tuple[str, int]] = []
-        self.rejected: list[tuple[str, str]] = []
-        self.deadline: float | None = None  # monotonic
-        self.stopping = False
 
-    def run(self) -> None:
-        engine = self.engine
-        last_snapshot = 0.0
-        changed = False  # since the last snapshot
-        last_step_end: float | None = None  # perf_counter, while steps follow one another
-        try:
-            while True:
-                busy = engine.has_unfinished()
-                changed |= self._take_commands(block=not busy and not self.stopping)
-                deadline = self.deadline
-                if (self.stopping or (deadline is not None and time.monotonic() >= deadline)) \
-                        and self.live:
-                    for rid in list(self.live):
-                        engine.abort(rid)
-                if engine.has_unfinished():
-                    started = time.perf_counter()
-                    between = None if last_step_end is None else started - last_step_end
-                    outputs = engine.step()
-                    now = last_step_end = time.perf_counter()
-                    snapshot = None
-                    if now - last_snapshot >= SNAPSHOT_INTERVAL_S:
-                        snapshot, last_snapshot, changed = take_snapshot(engine), now, False
-                    else:
-                        changed = True
-                    self._send(outputs, (between, now - started, now), snapshot)
-                    continue
-                last_step_end = None  # idle: the next step starts a new busy stretch
-                snapshot = None
-                if changed:  # idle now: show the state the engine rests in
-                    snapshot, last_snapshot = take_snapshot(engine), time.perf_counter()
-                    changed = False
-                if self.accepted or self.rejected or snapshot is not None:
-                    self._send([], None, snapshot)
-                if self.stopping and not self.live:
-                    write_message(self.results, ("stopped",))
-                    return
-        except (EOFError, BrokenPipeError, ConnectionResetError):
-            raise
-        except Exception as exc:  # a bug or a device failure: the server ends every request
-            log.exception("engine loop failed")
-            write_message(self.results, ("failed", f"the engine loop failed: "
-                                                   f"{type(exc).__name__}: {exc}"))
-
-    def _take_commands(self, block: bool) -> bool:
-        """Apply the commands that came (waiting up to IDLE_WAIT_S for one when `block`):
-        whether there were any. EOFError: the server closed the pipe."""
+    def _take_commands(self, block: bool) -> tuple[bool, bool]:
+        """EOFError: the server closed the pipe."""
         if not self.commands.poll(IDLE_WAIT_S if block else 0):
-            return False
+            return False, False
+        stop = False
         while True:
             for command in self.commands.recv():  # the commands queued since the last send
                 kind = command[0]
@@ -157,32 +115,23 @@ class _Core:
                 elif kind == "abort":
                     self.engine.abort(command[1])
                 elif kind == "drain":
-                    if self.deadline is None:
-                        self.deadline = time.monotonic() + command[1]
+                    if self._deadline is None:
+                        self._deadline = time.monotonic() + command[1]
                 else:
-                    self.stopping = True
+                    stop = True
             if not self.commands.poll(0):
-                return True
+                return True, stop
 
-    def _add(self, rid: str, prompt_ids: list[int], params: Any) -> None:
-        try:
-            self.engine.add_request(prompt_ids, params, rid)
-        except GenerationError as exc:
-            self.rejected.append((rid, str(exc)))
-            return
-        self.live.add(rid)
-        self.accepted.append((rid, len(prompt_ids)))
-
-    def _send(self, outputs: list[Any], step: tuple[float | None, float, float] | None,
-              snapshot: Any) -> None:
-        rows = []
-        for out in outputs:
-            if out.finished:
-                self.live.discard(out.request_id)
-            rows.append(_fields(out))
-        accepted, rejected = self.accepted, self.rejected
-        self.accepted, self.rejected = [], []
+    def _report_iteration(self, accepted: list[tuple[str, int]], rejected: list[tuple[str, str]],
+                          outputs: list[Any], step: StepTimes | None, snapshot: Any) -> None:
+        rows = [_fields(out) for out in outputs]
         write_message(self.results, ("events", accepted, rejected, rows, step, snapshot))
+
+    def _stopped(self) -> None:
+        write_message(self.results, ("stopped",))
+
+    def _loop_failed(self, message: str) -> None:
+        write_message(self.results, ("failed", message))
 
 
 def _fields(out: Any) -> tuple:

@@ -1,8 +1,8 @@
 """The engine in a process of its own (as vLLM's engine core): the HTTP server's event loop and
-the engine no longer share one GIL. `EngineProcess` has EngineLoop's face (engine_loop.py):
-`submit` / `abort` / `drain` / `stop`, `snapshot`, `in_flight`, `alive`, `failure`, the same
-RequestStream mailboxes and Accepted / Rejected / Failed events, the same Overloaded
-backpressure; app.py cannot tell them apart.
+the engine no longer share one GIL. `EngineProcess` shows the same face as EngineLoop (the
+engine thread) and shares its admission rules (engine_face.py: `submit` / `abort` / `drain` /
+`stop`, `snapshot`, `in_flight`, `alive`, `failure`, the RequestStream mailboxes and Accepted /
+Rejected / Failed events, the Overloaded backpressure); app.py cannot tell them apart.
 
     engine = EngineProcess.spawn(spec, metrics, max_waiting=256)   # waits until it is ready
     engine.info.tokenizer                                          # for the handlers
@@ -32,33 +32,19 @@ and a watchdog in it exits when its parent is gone.
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
 import multiprocessing
 import os
 import queue
 import select
 import threading
-import time
 from typing import Any
 
-from toyllm.engine.generate import GenerationError
-from toyllm.engine.sampling import SamplingParams
-from toyllm.engine.server.engine_loop import (
-    Accepted,
-    Event,
-    Failed,
-    LoopSnapshot,
-    Overloaded,
-    Rejected,
-    RequestStream,
-    ShuttingDown,
-    hand_over,
-)
+from toyllm.engine.server.engine_face import EngineFace, Event, RequestStream, hand_over
 from toyllm.engine.server.engine_spec import EngineInfo, EngineSpec, ServeError
 from toyllm.engine.server.metrics import Metrics
 from toyllm.engine.server.pipe_messages import MessageReader, widen
+from toyllm.engine.server.step_loop import LoopSnapshot
 from toyllm.engine.serving import RequestOutput
 
 log = logging.getLogger("toyllm.server")
@@ -68,39 +54,22 @@ STARTUP_POLL_S = 0.5
 # how long `stop` waits for the engine process to exit once it said it stopped, or on its own
 EXIT_WAIT_S = 10.0
 
-_ACCEPTED = Accepted()
 
-
-class EngineProcess:
+class EngineProcess(EngineFace):
     def __init__(self, process: multiprocessing.process.BaseProcess, commands: Any,
                  results: Any, messages: MessageReader, info: EngineInfo,
                  snapshot: LoopSnapshot, metrics: Metrics, *, max_waiting: int,
                  stream_interval: int = 1) -> None:
         """Use `spawn`: this takes an engine process that said it is ready."""
-        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
-            raise GenerationError(f"max_waiting: expected an integer >= 0, got {max_waiting!r}")
-        if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) \
-                or stream_interval < 1:
-            raise GenerationError(f"stream_interval: expected an integer >= 1, got "
-                                  f"{stream_interval!r}")
+        super().__init__(metrics, snapshot, max_running=info.max_running,
+                         max_waiting=max_waiting, stream_interval=stream_interval)
         self.info = info
-        self.metrics = metrics
-        self.stream_interval = stream_interval
-        self.capacity = info.max_running + max_waiting
-        self.snapshot = snapshot
-        self.failure: str | None = None
         self._process = process
         self._commands = commands  # Connection, server -> engine (the sender thread's)
         self._results = results  # Connection, engine -> server (the reader thread's)
         self._messages = messages  # of `results`: what came after the "ready" message
         self._outgoing: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}  # admitted here, not finished
-        self._lock = threading.Lock()  # guards _in_flight, _draining, failure, _streams
-        self._in_flight = 0
-        self._draining = False
-        self._stopping = False
-        self._ids = itertools.count()
-        self._prefix = f"{os.getpid():x}{int(time.time()) & 0xFFFFFF:x}"
+        self._stopping = False  # (_lock)
         self._reader = threading.Thread(target=self._read, name="toyllm-engine-reader",
                                         daemon=True)
         self._sender = threading.Thread(target=self._send, name="toyllm-engine-sender",
@@ -151,54 +120,22 @@ class EngineProcess:
         self._sender.start()
         self._reader.start()
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    @property
-    def alive(self) -> bool:
-        return self._process.is_alive() and self.failure is None
+    def _running(self) -> bool:
+        return self._process.is_alive()
 
     @property
     def pid(self) -> int | None:
         """The engine process's id."""
         return self._process.pid
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams,
-               prefix: str = "cmpl") -> RequestStream:
-        """Queue a request for the engine (called on the event loop). Overloaded when
-        max_running + max_waiting requests are in flight; ShuttingDown while draining or after
-        the engine failed."""
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            if self.failure is not None:
-                raise ShuttingDown(f"the server cannot serve: {self.failure}")
-            if self._draining:
-                raise ShuttingDown("the server is shutting down")
-            if self._in_flight >= self.capacity:
-                raise Overloaded()
-            self._in_flight += 1
-            stream = RequestStream(f"{prefix}-{self._prefix}-{next(self._ids)}", prompt_ids,
-                                   params, loop, self.stream_interval)
-            # under the lock: once a failure is set, no request joins those _fail_all ends
-            self._streams[stream.request_id] = stream
-        self._outgoing.put(("add", stream.request_id, prompt_ids, params))
-        return stream
+    def _send_add(self, stream: RequestStream) -> None:
+        self._outgoing.put(("add", stream.request_id, stream.prompt_ids, stream.params))
 
     def abort(self, request_id: str) -> None:
         """Stop a request (any thread): its blocks are freed before the engine's next step."""
         self._outgoing.put(("abort", request_id))
 
-    def drain(self, deadline_s: float) -> None:
-        """Refuse new requests; abort those still running `deadline_s` seconds from now."""
-        with self._lock:
-            if self._draining:
-                return
-            self._draining = True
+    def _send_drain(self, deadline_s: float) -> None:
         self._outgoing.put(("drain", deadline_s))
 
     def stop(self, timeout_s: float = EXIT_WAIT_S) -> None:
@@ -255,7 +192,10 @@ class EngineProcess:
                 for message in messages:
                     kind = message[0]
                     if kind == "events":
-                        self._events(*message[1:], events)
+                        accepted, rejected, rows, step, snapshot = message[1:]
+                        outputs = (RequestOutput(*fields) for fields in rows)
+                        self._take_iteration(accepted, rejected, outputs, step, snapshot,
+                                             events)
                         continue
                     hand_over(events)
                     if kind == "failed":
@@ -269,52 +209,6 @@ class EngineProcess:
         finally:
             self._results.close()
 
-    def _events(self, accepted: list[tuple[str, int]], rejected: list[tuple[str, str]],
-                outputs: list[tuple], step: tuple[float | None, float, float] | None,
-                snapshot: LoopSnapshot | None, events: list[tuple[RequestStream, Event]]
-                ) -> None:
-        """One iteration of the engine: metrics and bookkeeping; its events appended to
-        `events` for the event loop."""
-        metrics = self.metrics
-        streams = self._streams
-        for rid, prompt_tokens in accepted:
-            metrics.admitted(prompt_tokens)
-            stream = streams.get(rid)
-            if stream is not None:  # None: ended here already (a failure, a stop)
-                events.append((stream, _ACCEPTED))
-        for rid, message in rejected:
-            metrics.rejected("invalid")
-            stream = self._finished_one(rid)
-            if stream is not None:
-                events.append((stream, Rejected(message)))
-        if step is not None:
-            between, step_s, now = step
-            if between is not None:  # since: sending the outputs, taking commands
-                metrics.between_steps(between)
-            metrics.stepped(step_s)
-            tokens = 0
-            for fields in outputs:
-                out = RequestOutput(*fields)
-                tokens += len(out.new_token_ids)
-                stream = streams.get(out.request_id)
-                if stream is None:  # ended here already (a failure, a stop)
-                    continue
-                events.append((stream, out))
-                if out.finished:
-                    self._finished_one(out.request_id)
-                    metrics.finished(out, now)
-            if tokens:
-                metrics.generated(now, tokens)
-        if snapshot is not None:
-            self.snapshot = snapshot
-
-    def _finished_one(self, request_id: str) -> RequestStream | None:
-        with self._lock:
-            stream = self._streams.pop(request_id, None)
-            if stream is not None:
-                self._in_flight -= 1
-            return stream
-
     def _failed(self, message: str) -> None:
         """The engine is gone or failed: say so (/health, submit) unless it was asked to stop,
         and end every request it has not answered."""
@@ -325,15 +219,6 @@ class EngineProcess:
         if report:
             log.error("%s", message)
         self._fail_all(message)
-
-    def _fail_all(self, message: str) -> None:
-        """End every request the engine has not answered."""
-        with self._lock:
-            streams = list(self._streams.values())
-            self._streams.clear()
-            self._in_flight -= len(streams)
-        if streams:
-            hand_over([(s, Failed(message)) for s in streams])
 
 
 def _first_message(process: multiprocessing.process.BaseProcess,

@@ -1,9 +1,12 @@
-"""What the server's engine is built from: the load arguments `toyllm serve` was given, as a
-small picklable object, so that the engine can be built where it runs: in the engine process
+"""What the server's engine is built from. `EngineOptions`: the engine's load arguments as
+`toyllm serve` takes them, each declared once with its default (launch.py's ServeOptions adds
+the server's own). `ServingSpec`: those options checked, with the device resolved and the
+pool's size parsed (`ServingSpec.from_options`, the one place that does it), as a small
+picklable object, so that the engine can be built where it runs: in the engine process
 (engine/server/engine_process.py: no model object crosses a process boundary, CUDA is never
 forked) or in the server's own process for the engine thread (engine/server/engine_loop.py).
 
-    spec = ServingSpec(model=None, device="cpu", dtype="fp32", kv_memory=2**24)
+    spec = ServingSpec.from_options(EngineOptions(device="cpu", dtype="fp32", kv_memory="16MiB"))
     engine, info = spec.build()     # the ServingEngine, and what the HTTP side needs of it
 
 `EngineInfo` is what the HTTP side needs of the engine and its model besides the engine itself:
@@ -14,7 +17,7 @@ pickles (the tokenizer too), so the engine process sends it once when it is read
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,23 +45,48 @@ class EngineSpec(Protocol):
     def build(self) -> tuple[Any, EngineInfo]: ...
 
 
-@dataclass(frozen=True)
-class ServingSpec:
-    """A ServingEngine on a model loaded as `toyllm serve` loads it."""
-
-    model: str | None
-    device: str  # resolved: cpu, cuda, cuda:N
-    dtype: str  # auto, fp32, fp16, bf16
-    kv_memory: int | float  # bytes, or a fraction of free memory (cli_numbers.memory_amount)
-    random_weights: bool = False
+@dataclass
+class EngineOptions:
+    model: str | None = None
+    random_weights: bool = False  # with a config .toml: random weights (benchmarks)
     tokenizer: Path | None = None
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # auto, fp32, fp16, bf16
     block_size: int = 16
+    # --kv-memory: a size (16MiB, or bytes) or a fraction of free memory (0.9); in a
+    # ServingSpec, parsed: bytes (int) or the fraction (float), as cli_numbers.memory_amount says
+    kv_memory: str | int | float = "0.9"
     max_running: int = 64
     token_budget: int = 8192
     prefix_caching: bool = True
     max_context: int | None = None
     cuda_graph: bool = True
     overlap: bool = True  # ServingEngine's overlap where it applies (CUDA); False: off
+
+
+@dataclass
+class ServingSpec(EngineOptions):
+    """A ServingEngine on a model loaded as `toyllm serve` loads it: EngineOptions whose
+    numbers are checked, whose device is resolved (cpu, cuda, cuda:N) and whose kv_memory is
+    parsed. Build one with `from_options`."""
+
+    @classmethod
+    def from_options(cls, o: EngineOptions) -> ServingSpec:
+        """The engine fields of `o` (a ServeOptions too: only these are taken), checked and
+        resolved; NumberError or DeviceError (one line, exit 2 on the CLI) for a bad one."""
+        from toyllm.engine import cli_numbers
+        from toyllm.engine.device import resolve_device, resolve_dtype
+
+        cli_numbers.integer("--block-size", o.block_size)
+        cli_numbers.integer("--max-running", o.max_running)
+        cli_numbers.integer("--token-budget", o.token_budget)
+        if o.max_context is not None:
+            cli_numbers.integer("--max-context", o.max_context)
+        pool = cli_numbers.memory_amount("--kv-memory", str(o.kv_memory))
+        dev = resolve_device(o.device)
+        resolve_dtype(o.dtype, dev)  # checked here, resolved where the model loads
+        given = {f.name: getattr(o, f.name) for f in fields(EngineOptions)}
+        return cls(**{**given, "device": str(dev), "kv_memory": pool})
 
     def build(self) -> tuple[Any, EngineInfo]:
         import torch

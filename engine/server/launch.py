@@ -25,7 +25,13 @@ import uvicorn
 from toyllm.engine.server.app import ServerState, build_app
 from toyllm.engine.server.engine_loop import EngineLoop
 from toyllm.engine.server.engine_process import EngineProcess
-from toyllm.engine.server.engine_spec import EngineInfo, EngineSpec, ServeError, ServingSpec
+from toyllm.engine.server.engine_spec import (
+    EngineInfo,
+    EngineOptions,
+    EngineSpec,
+    ServeError,
+    ServingSpec,
+)
 from toyllm.engine.server.metrics import Metrics
 
 # uvicorn's own deadline for open connections, beyond the engine loop's: by then every request
@@ -38,29 +44,18 @@ ENGINES = ("process", "thread")
 
 
 @dataclass
-class ServeOptions:
-    model: str | None = None
-    random_weights: bool = False  # with a config .toml: random weights (benchmarks)
-    tokenizer: Path | None = None
+class ServeOptions(EngineOptions):
+    """`toyllm serve`'s options: the engine's (EngineOptions) and the server's."""
+
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
     api_key_file: Path | None = None
     served_model_name: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    block_size: int = 16
-    kv_memory: str = "0.9"
-    max_running: int = 64
     max_waiting: int = 256
-    token_budget: int = 8192
-    prefix_caching: bool = True
-    max_context: int | None = None
-    cuda_graph: bool = True
-    overlap: bool = True  # ServingEngine's overlap where it applies (CUDA); False: off
     shutdown_timeout: float = 30.0
     access_log: bool = False
-    stream_interval: int = 1  # a stream's task wakes every this many tokens (EngineLoop)
+    stream_interval: int = 1  # a stream's task wakes every this many tokens (RequestStream)
     engine: str = "process"  # ENGINES
 
 
@@ -109,22 +104,17 @@ def bind(host: str, port: object) -> socket.socket:
     return sock
 
 
-def _check_numbers(o: ServeOptions) -> int | float:
+def _check_server_options(o: ServeOptions) -> None:
+    """The server's own options (ServingSpec.from_options checks the engine's)."""
     from toyllm.engine import cli_numbers
 
-    cli_numbers.integer("--block-size", o.block_size)
-    cli_numbers.integer("--max-running", o.max_running)
     cli_numbers.integer("--max-waiting", o.max_waiting, minimum=0)
-    cli_numbers.integer("--token-budget", o.token_budget)
     cli_numbers.integer("--stream-interval", o.stream_interval)
-    if o.max_context is not None:
-        cli_numbers.integer("--max-context", o.max_context)
     cli_numbers.number("--shutdown-timeout", o.shutdown_timeout, 0.0, 24 * 3600.0)
     if o.served_model_name is not None and not o.served_model_name.strip():
         raise ServeError("--served-model-name: expected a non-empty name")
     if o.engine not in ENGINES:
         raise ServeError(f"--engine: expected one of {', '.join(ENGINES)}, got {o.engine!r}")
-    return cli_numbers.memory_amount("--kv-memory", o.kv_memory)
 
 
 class _GracefulServer(uvicorn.Server):
@@ -191,18 +181,9 @@ def start_engine(spec: EngineSpec, metrics: Metrics, *, engine: str, max_waiting
 
 
 def prepare(o: ServeOptions) -> PreparedServer:
-    from toyllm.engine.device import resolve_device, resolve_dtype
-
     api_key = read_api_key(o.api_key, o.api_key_file)
-    pool = _check_numbers(o)
-    dev = resolve_device(o.device)
-    resolve_dtype(o.dtype, dev)  # checked here, resolved where the model loads
-    spec = ServingSpec(
-        model=o.model, device=str(dev), dtype=o.dtype, kv_memory=pool,
-        random_weights=o.random_weights, tokenizer=o.tokenizer, block_size=o.block_size,
-        max_running=o.max_running, token_budget=o.token_budget,
-        prefix_caching=o.prefix_caching, max_context=o.max_context, cuda_graph=o.cuda_graph,
-        overlap=o.overlap)
+    _check_server_options(o)
+    spec = ServingSpec.from_options(o)
     sock = bind(o.host, o.port)
     loop: EngineLoop | EngineProcess | None = None
     try:

@@ -17,7 +17,7 @@ from collections import Counter, deque
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from toyllm.engine.server.engine_loop import LoopSnapshot
+    from toyllm.engine.server.step_loop import LoopSnapshot
     from toyllm.engine.serving import RequestOutput
 
 # seconds; the same buckets for the three histograms (a step on a GPU is ~1-20 ms, on the CPU

@@ -265,40 +265,51 @@ def chat_logprobs(logprobs: list[TokenLogprob] | None,
 def completion_response(rid: str, model: str, created: int, text: str, reason: str | None,
                         prompt_tokens: int, completion_tokens: int,
                         logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs,
-                         "finish_reason": finish_reason(reason)}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+    return _answer(rid, "text_completion", created, model,
+                   {"index": 0, "text": text, "logprobs": logprobs,
+                    "finish_reason": finish_reason(reason)},
+                   usage(prompt_tokens, completion_tokens))
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str,
                      reason: str | None, with_usage: bool,
                      logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": rid, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs,
-                     "finish_reason": finish_reason(reason)}]}
-    if with_usage:
-        chunk["usage"] = None
-    return chunk
+    return _chunk(rid, "text_completion", created, model,
+                  {"index": 0, "text": text, "logprobs": logprobs,
+                   "finish_reason": finish_reason(reason)}, with_usage)
 
 
 def chat_response(rid: str, model: str, created: int, text: str, reason: str | None,
                   prompt_tokens: int, completion_tokens: int,
                   logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": logprobs, "finish_reason": finish_reason(reason)}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+    return _answer(rid, "chat.completion", created, model,
+                   {"index": 0, "message": {"role": "assistant", "content": text},
+                    "logprobs": logprobs, "finish_reason": finish_reason(reason)},
+                   usage(prompt_tokens, completion_tokens))
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict[str, str],
                reason: str | None, with_usage: bool,
                logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
-                     "finish_reason": finish_reason(reason)}]}
+    return _chunk(rid, "chat.completion.chunk", created, model,
+                  {"index": 0, "delta": delta, "logprobs": logprobs,
+                   "finish_reason": finish_reason(reason)}, with_usage)
+
+
+def _answer(rid: str, obj: str, created: int, model: str, choice: dict[str, Any] | None,
+            counts: dict[str, int]) -> dict[str, Any]:
+    """A whole answer (its one choice) or a stream's usage chunk (None: no choice), with the
+    usage."""
+    return {"id": rid, "object": obj, "created": created, "model": model,
+            "choices": [] if choice is None else [choice], "usage": counts}
+
+
+def _chunk(rid: str, obj: str, created: int, model: str, choice: dict[str, Any],
+           with_usage: bool) -> dict[str, Any]:
+    """A stream's chunk of its one choice; with stream_options.include_usage, `usage: null`
+    (only the last chunk has one)."""
+    chunk: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model,
+                             "choices": [choice]}
     if with_usage:
         chunk["usage"] = None
     return chunk
@@ -307,5 +318,4 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict[str, str],
 def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int,
                 completion_tokens: int) -> dict[str, Any]:
     """The last chunk of a stream with stream_options.include_usage: no choices, the usage."""
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+    return _answer(rid, obj, created, model, None, usage(prompt_tokens, completion_tokens))

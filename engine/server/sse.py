@@ -19,7 +19,7 @@ import json
 from typing import Any
 
 from toyllm.engine.server import protocol
-from toyllm.engine.server.engine_loop import Event, Failed
+from toyllm.engine.server.engine_face import Event, Failed
 from toyllm.engine.server.errors import ApiError
 from toyllm.engine.serving import RequestOutput
 
