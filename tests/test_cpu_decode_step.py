@@ -35,9 +35,10 @@ def counting(monkeypatch) -> list[int]:
     return calls
 
 
-def teacher_forced(model, fusion: Fusion, lengths: list[int], steps: int,
-                   finished: int | None = None,
-                   decode_threads: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def teacher_forced(
+    model, fusion: Fusion, lengths: list[int], steps: int, finished: int | None = None,
+    decode_threads: int | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Logits [rows, vocab] of `steps` decode steps fed the same random tokens, after prefilling
     prompts of `lengths` (row `finished` set inactive first), and the caches after them. With
     `decode_threads`, the decode steps run on that many threads (the prefill on the caller's)."""
