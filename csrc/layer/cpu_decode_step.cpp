@@ -11,13 +11,20 @@
 // from Python a token, each with its dispatch and allocations; even with one call per layer,
 // what was left beyond the products was the step around the layers: the embedding, the seven
 // ops of RoPE's cos/sin, the final norm and the head's product, and the Python of the forward
-// (docs/PERF.md, "CPU decode"). This runs all of it in C++.
+// (docs/PERF.md, "CPU decode"). This runs all of it in C++, in one OpenMP parallel region a
+// step: each thread runs every layer and takes its share of each stage, meeting the others at a
+// barrier where a stage reads what another wrote (decode_layer_fp32.h), so a token costs one
+// fork/join instead of one per product and attention (~31 for stories15M), and the norms, RoPE
+// and silu no longer run on one thread while the others wait. The threads are ATen's
+// (torch.set_num_threads, OMP_NUM_THREADS).
 //
 // The same bits as the engine's separate operators: the embedding copies rows; cos/sin are
 // the same fp32 products of position and inverse frequency, then ATen's cos and sin on the same
-// contiguous [rows, D] values as rope_cos_sin's; each layer is decode_layer_fp32 (the code of
-// the separate operators); the final add and RMSNorm are add_rms_norm's loop and the head is gemv's
-// kernel (tests/test_cpu_decode_step.py compares logits and caches as integers).
+// contiguous [rows, D] values as rope_cos_sin's (once a step, before the region); each layer is
+// decode_layer_fp32 (the code of the separate operators); the final add and RMSNorm are
+// add_rms_norm's loop and the head is gemv's kernel; how the work is split over the threads
+// changes no result's order (tests/test_cpu_decode_step.py compares logits and caches as
+// integers, on 1 and 2 threads).
 //
 // Every argument is checked, the positions' range and the token ids included, before anything
 // is written into a cache.
@@ -28,6 +35,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <omp.h>
@@ -45,6 +53,16 @@ namespace {
 
 constexpr const char* kOp = "cpu_decode_step";
 constexpr int64_t kWeightsPerLayer = 6;  // input_norm, qkv, o, post_norm, gate_up, down
+
+// When another process takes a core, a team of threads waits at each of a step's barriers for
+// the thread that lost its core, up to a scheduler's time slice each: a token then costs tens of
+// milliseconds where one thread would take a few (docs/PERF.md: both toyllm and llama2.c fell
+// to 10-100 tok/s beside a busy loop). A step whose barriers waited over a millisecond
+// kLongWaitsToGoSolo times or more has the next kSoloSteps steps run on the calling thread
+// alone, then the team tries again. The results are the same bits on any number of threads.
+constexpr int64_t kLongWaitsToGoSolo = 2;
+constexpr int64_t kSoloSteps = 64;
+std::atomic<int64_t> solo_steps{0};
 
 // Checks every argument; returns each layer's shape. Nothing has been written when it throws.
 std::vector<LayerShape> check_args(const at::Tensor& tokens, const at::Tensor& embedding,
@@ -167,7 +185,9 @@ at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
     // the threads: ATen's (torch.set_num_threads, OMP_NUM_THREADS), as its parallel_for takes
     // them; one where the caller already runs in a parallel region
     const int64_t aten_threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-    const int64_t threads = std::max<int64_t>(1, aten_threads);
+    const int64_t threads = solo_steps.load(std::memory_order_relaxed) > 0
+                                ? (solo_steps.fetch_sub(1, std::memory_order_relaxed), 1)
+                                : std::max<int64_t>(1, aten_threads);
 
     // one allocation: the embedded tokens, two (stream, residual) pairs the layers alternate
     // between, each thread's final sum and norm, and the largest layer's scratch
@@ -217,9 +237,10 @@ at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
     // The whole step in one parallel region: every thread runs every layer (decode_layer_fp32:
     // its shares and the barriers between them), then the final norm into its own buffer and
     // its share of the head. Nothing in it throws: every argument was checked above.
+    TeamBarrier barrier;
 #pragma omp parallel num_threads(static_cast<int>(threads)) if (threads > 1)
     {
-        const Team team{omp_get_thread_num(), omp_get_num_threads(), aten_threads};
+        const Team team{omp_get_thread_num(), omp_get_num_threads(), aten_threads, &barrier};
         const float* in = x;
         const float* residual = nullptr;  // the first layer has none
         for (size_t i = 0; i < shapes.size(); ++i) {
@@ -243,6 +264,9 @@ at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
             gemv_fp32_cpu_share(h, head_w, out_logits, rows, hidden, vocab_out, 0, vocab_out,
                                 team.id, parts);
         }
+    }
+    if (barrier.long_waits() >= kLongWaitsToGoSolo) {
+        solo_steps.store(kSoloSteps, std::memory_order_relaxed);
     }
     return logits;
 }

@@ -2,11 +2,11 @@
 #include "layer/decode_layer_fp32.h"
 
 #include <ATen/ops/silu_cpu_dispatch.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <chrono>
 #include <utility>
 #include <vector>
 
@@ -154,13 +154,15 @@ void check_positions_fit(const char* op, const at::Tensor& positions, int64_t ro
     }
 }
 
-void Team::sync() const {
-    if (size > 1) {
+void TeamBarrier::wait() {
+    const auto start = std::chrono::steady_clock::now();
 #pragma omp barrier
+    if (std::chrono::steady_clock::now() - start > std::chrono::milliseconds(1)) {
+        long_waits_.fetch_add(1, std::memory_order_relaxed);
     }
 }
 
-int64_t longest_keys(const int32_t* positions, int64_t rows) {
+static int64_t longest_keys(const int32_t* positions, int64_t rows) {
     int64_t longest = 0;
     for (int64_t r = 0; r < rows; ++r) {
         longest = std::max<int64_t>(longest, std::max<int32_t>(positions[r], 0) + 1);

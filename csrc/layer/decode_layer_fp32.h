@@ -33,6 +33,7 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -83,14 +84,32 @@ void check_positions_fit(const char* op, const at::Tensor& positions, int64_t ro
                          const char* rows_why, const at::Device& device, const char* device_why,
                          int64_t max_seq_len);
 
-// The threads of the parallel region a step runs in: this thread's id, the team's size, and
-// the threads ATen's own ops would use in the caller (at::get_num_threads(), outside the
-// region), which its silu's split depends on. sync() is the team's barrier.
+// The barrier of a step's team (OpenMP's, which every thread of the region meets), counting
+// the waits that lasted over a millisecond: a thread of the team was off its core (a stage's
+// imbalance on a quiet machine is tens of microseconds), which cpu_decode_step.cpp answers by
+// running the next steps on one thread.
+class TeamBarrier {
+  public:
+    void wait();
+    int64_t long_waits() const { return long_waits_.load(std::memory_order_relaxed); }
+
+  private:
+    std::atomic<int64_t> long_waits_{0};
+};
+
+// The threads of the parallel region a step runs in: this thread's id, the team's size, the
+// threads ATen's own ops would use in the caller (at::get_num_threads(), outside the region),
+// which its silu's split depends on, and the team's barrier (null for a team of one).
 struct Team {
     int64_t id;
     int64_t size;
     int64_t aten_threads;
-    void sync() const;
+    TeamBarrier* barrier;
+    void sync() const {
+        if (size > 1) {
+            barrier->wait();
+        }
+    }
 };
 
 // Floats of scratch one layer call needs with up to `threads` threads, for rows at `positions`
