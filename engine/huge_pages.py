@@ -8,10 +8,11 @@ at 211-239 tok/s on one thread in 4 KiB pages and 309-385 in 2 MiB pages (docs/P
 variable THP_MEM_ALLOC_ENABLE, read once per process.
 
 What: `advise(tensors)` asks the kernel for huge pages under the 2 MiB-aligned spans around the
-tensors' memory, in place (madvise MADV_HUGEPAGE, then MADV_COLLAPSE, Linux 6.1+, to back the
-pages now): the same addresses and contents, so nothing that holds the tensors changes. The
-spans may reach past the tensors into neighbouring memory, whose contents a collapse keeps
-too. A hint: where the platform, the kernel or its settings refuse, nothing happens.
+tensors' memory, each cut to the whole huge pages inside one of the process's writable mappings,
+in place (madvise MADV_HUGEPAGE, then MADV_COLLAPSE, Linux 6.1+, to back the pages now): the
+same addresses and contents, so nothing that holds the tensors changes. The spans may reach past
+the tensors into neighbouring memory of the same mapping, whose contents a collapse keeps too. A
+hint: where the platform, the kernel or its settings refuse, nothing happens.
 
 Example::
 
@@ -66,14 +67,36 @@ def spans(tensors: Iterable[Tensor]) -> list[tuple[int, int]]:
     return [(s, e) for s, e in merged]
 
 
+def _mappings() -> list[tuple[int, int]]:
+    """This process's writable private mappings [start, end) (/proc/self/maps), where huge
+    pages can go; the kernel refuses a span that crosses a hole or another mapping."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 2 and fields[1].startswith("rw") and fields[1][3] == "p":
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    out.append((start, end))
+    except OSError:
+        return []
+    return out
+
+
 def advise(tensors: Iterable[Tensor]) -> int:
     """Huge pages under the CPU tensors' memory where the system gives them; returns how many
-    spans were collapsed into huge pages (0 off Linux, on older kernels or with THP off)."""
+    spans (each within one mapping) were collapsed into huge pages (0 off Linux, on older
+    kernels or with THP off)."""
     madvise = _madvise()
     if madvise is None:
         return 0
+    maps = _mappings()
     done = 0
     for start, end in spans(t for t in tensors if t.device.type == "cpu"):
-        if madvise(start, end - start, _MADV_HUGEPAGE) == 0:
-            done += madvise(start, end - start, _MADV_COLLAPSE) == 0
+        for map_start, map_end in maps:
+            # the span's whole huge pages inside this mapping
+            lo = -(-max(start, map_start) // _HUGE) * _HUGE
+            hi = min(end, map_end) // _HUGE * _HUGE
+            if lo < hi and madvise(lo, hi - lo, _MADV_HUGEPAGE) == 0:
+                done += madvise(lo, hi - lo, _MADV_COLLAPSE) == 0
     return done
