@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor, nn
 
+from toyllm.engine import huge_pages
 from toyllm.engine.cached_attention import DecodeStep, PrefillStep
 from toyllm.engine.ops import WITH_CUDA, cpu_step, elementwise, gemv_norm, rope_kv
 from toyllm.engine.ops.gemv import Gemv
@@ -229,6 +230,8 @@ class EngineForward:
         # Python per token otherwise)
         self._step_head = ((model.embed_tokens.weight, model.norm.weight, model.lm_head.weight,
                             model.inv_freq) if self.cpu_step else ())
+        if self.cpu_step:  # the weights the step streams a token, in huge pages where given
+            huge_pages.advise([*self._step_weights, *self._step_head])
 
     def paged_prefill_varlen(self) -> bool:
         """Whether the serving engine's prefill chunks take the packed varlen attention."""

@@ -1,6 +1,6 @@
 """The small models the CPU decode step's tests run (tests/test_cpu_decode_step.py):
 stories15M's proportions, GQA with a head_dim that is not a
-multiple of 8, MQA with an untied head; weights initialised for peaked logits."""
+multiple of 8, MQA with an untied head, a wide MLP; weights initialised for peaked logits."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ CONFIGS = {
     "mqa_hd10": ModelConfig(vocab_size=257, hidden_size=30, num_layers=2, num_heads=3,
                             num_kv_heads=1, head_dim=10, intermediate_size=33, max_seq_len=96,
                             tie_embeddings=False),
+    # a wide MLP: 4 rows' silu exceeds ATen's grain (32,768 elements), which F.silu splits over
+    # the threads, so the step runs it after a barrier on one thread
+    "wide_mlp": ModelConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2,
+                            num_kv_heads=1, head_dim=8, intermediate_size=8200, max_seq_len=96),
 }
 
 

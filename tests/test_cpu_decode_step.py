@@ -35,33 +35,35 @@ def counting(monkeypatch) -> list[int]:
     return calls
 
 
-def teacher_forced(model, fusion: Fusion, lengths: list[int], steps: int,
-                   finished: int | None = None, decode_threads: int | None = None,
-                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def teacher_forced(
+    model, fusion: Fusion, lengths: list[int], steps: int, finished: int | None = None,
+    decode_threads: int | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Logits [rows, vocab] of `steps` decode steps fed the same random tokens, after prefilling
-    prompts of `lengths` (row `finished` set inactive first), and the caches after them.
-    `decode_threads`: the prefill on one thread, the decode steps on this many (ATen's own
-    matmul in the prefill may round differently with the thread count, e.g. MKL on AMD CPUs)."""
+    prompts of `lengths` (row `finished` set inactive first), and the caches after them. With
+    `decode_threads`, the decode steps run on that many threads (the prefill on the caller's)."""
     engine = Engine(model, cuda_graph=False, settings=Settings(fusion=fusion, cpu_gemv=True))
     rows, vocab = len(lengths), model.config.vocab_size
     cache = engine.prepare_cache(rows, max(lengths) + steps)
     logits = []
     with torch.inference_mode():
-        if decode_threads is not None:
-            torch.set_num_threads(1)
         for r, ids in enumerate(prompts(lengths, vocab)):
             engine.prefill(cache, r, ids)
-        if decode_threads is not None:
-            torch.set_num_threads(decode_threads)
         if finished is not None:
             cache.set_active(finished, False)
         ks, vs, positions = engine.cache_views(rows)
         if finished is not None:
             assert positions[finished].item() == -1  # the finished row is exercised
         g = torch.Generator().manual_seed(3)
-        for _ in range(steps):
-            tokens = torch.randint(3, vocab, (rows,), generator=g)
-            logits.append(engine.decode_step(cache, rows, tokens).clone())
+        threads = torch.get_num_threads()
+        try:
+            if decode_threads is not None:
+                torch.set_num_threads(decode_threads)
+            for _ in range(steps):
+                tokens = torch.randint(3, vocab, (rows,), generator=g)
+                logits.append(engine.decode_step(cache, rows, tokens).clone())
+        finally:
+            torch.set_num_threads(threads)
     return logits, [t.clone() for t in ks + vs]
 
 
@@ -83,13 +85,11 @@ def test_the_step_gives_the_bits_of_the_separate_ops(name, lengths, finished, mo
 
 
 def test_the_bits_do_not_depend_on_the_number_of_threads():
+    # the decode steps on 1 and on 2 threads after the same prefill (on the caller's threads: the
+    # prefill's MKL products may round otherwise on another number of threads)
     model = model_for("mha", seed=4)
-    threads = torch.get_num_threads()
-    try:
-        one, one_caches = teacher_forced(model, Fusion.FULL, [6, 40], 4, decode_threads=1)
-        two, two_caches = teacher_forced(model, Fusion.FULL, [6, 40], 4, decode_threads=2)
-    finally:
-        torch.set_num_threads(threads)
+    one, one_caches = teacher_forced(model, Fusion.FULL, [6, 40], 4, decode_threads=1)
+    two, two_caches = teacher_forced(model, Fusion.FULL, [6, 40], 4, decode_threads=2)
     for a, b in zip(one + one_caches, two + two_caches, strict=True):
         assert_same_bits(a, b)
 

@@ -165,6 +165,31 @@ def test_silu_mul_cpu_equals_the_torch_code(shape, dtype) -> None:
     assert torch.equal(out, layer_math.silu_mul(gate_up))
 
 
+# fp32 silu_mul is one loop repeating ATen's silu (csrc/elementwise/cpu_silu_fp32.h: which
+# elements its vector exp computes and which std::exp, ~4% of results differ between the two):
+# widths around its vector runs, rows, the split of a silu above ATen's grain (32,768 elements)
+# over the threads (mid-row at 3 x 10,923), 1 and 2 threads, and values where exp under- or
+# overflows, subnormals and signed zeros.
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 2 * 31), (1, 2 * 32), (1, 2 * 33), (3, 2 * 50),
+                                   (2, 5, 2 * 97), (1, 2 * 40001), (3, 2 * 10923),
+                                   (4, 2 * 8200), (2, 2 * 20011)])
+def test_silu_mul_fp32_loop_gives_the_bits_of_the_torch_code(shape, threads) -> None:
+    gate_up = randn(shape, torch.float32, "cpu", scale=8.0)
+    special = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 87.0, 88.8, -87.4, -88.8, -104.0, 104.0,
+                            -1e30, 1e30, 3e38, -3e38, 0.5, -0.5])
+    spots = gate_up.view(-1)[:: max(1, gate_up.numel() // special.numel())]  # a view
+    spots[: special.numel()] = special[: spots.numel()]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got, want = OPS.silu_mul(gate_up), layer_math.silu_mul(gate_up)
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == want.shape
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 def test_wrappers_on_the_cpu_run_the_torch_code() -> None:
     x, weight, eps = rms_norm_inputs((2, 3, 64), torch.bfloat16, "cpu")
     assert torch.equal(fused_ops.rms_norm(x, weight, eps), layer_math.rms_norm(x, weight, eps))

@@ -152,6 +152,41 @@ HeadsLoop heads_loop() {
 
 }  // namespace
 
+int64_t decode_attention_scratch_floats(int64_t heads, int64_t longest, int64_t head_dim) {
+    return heads * (std::max<int64_t>(longest, 1) + head_dim + 2);
+}
+
+void decode_attention_fp32_cpu_pairs(const float* q, const float* k_cache, const float* v_cache,
+                                     const int32_t* lens, float* out, int64_t num_q_heads,
+                                     int64_t num_kv_heads, int64_t head_dim, int64_t max_seq_len,
+                                     int64_t longest, float scale, int64_t first, int64_t last,
+                                     float* scratch) {
+    const int64_t group = num_q_heads / num_kv_heads;
+    const int64_t key_stride = num_kv_heads * head_dim;  // contiguous caches
+    const HeadsLoop attend = heads_loop();
+    const int64_t most_heads = std::min(last - first, num_q_heads);
+    float* scores = scratch;
+    float* acc = scores + most_heads * std::max<int64_t>(longest, 1);
+    float* best = acc + most_heads * head_dim;
+    float* total = best + most_heads;
+    // a thread takes its pairs a sequence at a time
+    for (int64_t pair = first; pair < last;) {
+        const int64_t b = pair / num_q_heads;
+        const int64_t h0 = pair % num_q_heads;
+        const int64_t h1 = std::min(num_q_heads, h0 + (last - pair));
+        const int64_t len = lens[b];
+        float* ob = out + b * num_q_heads * head_dim;
+        if (len == 0) {  // no keys: the output is zero
+            std::fill(ob + h0 * head_dim, ob + h1 * head_dim, 0.f);
+        } else {
+            const int64_t at = b * max_seq_len * key_stride;
+            attend(q + b * num_q_heads * head_dim, k_cache + at, v_cache + at, len, h0, h1, group,
+                   key_stride, head_dim, scale, scores, acc, best, total, ob);
+        }
+        pair += h1 - h0;
+    }
+}
+
 // A loop per sequence over its own keys, for a run of its query heads. A decode step of a
 // small model attends over a few hundred keys; ATen ops cost ~15 ops (~70 us) per layer there,
 // this a few us.
@@ -159,36 +194,15 @@ void decode_attention_fp32_cpu(const float* q, const float* k_cache, const float
                                const int32_t* lens, float* out, int64_t batch, int64_t num_q_heads,
                                int64_t num_kv_heads, int64_t head_dim, int64_t max_seq_len,
                                int64_t longest, float scale) {
-    const int64_t group = num_q_heads / num_kv_heads;
-    const int64_t key_stride = num_kv_heads * head_dim;  // contiguous caches
     const int64_t pair_products = std::max<int64_t>(1, 2 * longest * head_dim);
     const int64_t grain = std::max<int64_t>(1, kAttentionGrainProducts / pair_products);
-    const HeadsLoop attend = heads_loop();
-    // (sequence, query head) pairs split over the threads; a thread takes its pairs a
-    // sequence at a time
+    // (sequence, query head) pairs split over the threads
     at::parallel_for(0, batch * num_q_heads, grain, [&](int64_t first, int64_t last) {
-        const int64_t most_heads = std::min(last - first, num_q_heads);
-        std::vector<float> scratch(static_cast<size_t>(
-            most_heads * (std::max<int64_t>(longest, 1) + head_dim + 2)));
-        float* scores = scratch.data();
-        float* acc = scores + most_heads * std::max<int64_t>(longest, 1);
-        float* best = acc + most_heads * head_dim;
-        float* total = best + most_heads;
-        for (int64_t pair = first; pair < last;) {
-            const int64_t b = pair / num_q_heads;
-            const int64_t h0 = pair % num_q_heads;
-            const int64_t h1 = std::min(num_q_heads, h0 + (last - pair));
-            const int64_t len = lens[b];
-            float* ob = out + b * num_q_heads * head_dim;
-            if (len == 0) {  // no keys: the output is zero
-                std::fill(ob + h0 * head_dim, ob + h1 * head_dim, 0.f);
-            } else {
-                const int64_t at = b * max_seq_len * key_stride;
-                attend(q + b * num_q_heads * head_dim, k_cache + at, v_cache + at, len, h0, h1,
-                       group, key_stride, head_dim, scale, scores, acc, best, total, ob);
-            }
-            pair += h1 - h0;
-        }
+        std::vector<float> scratch(static_cast<size_t>(decode_attention_scratch_floats(
+            std::min(last - first, num_q_heads), longest, head_dim)));
+        decode_attention_fp32_cpu_pairs(q, k_cache, v_cache, lens, out, num_q_heads, num_kv_heads,
+                                        head_dim, max_seq_len, longest, scale, first, last,
+                                        scratch.data());
     });
 }
 

@@ -50,4 +50,15 @@ void decode_attention_fp32_cpu(const float* q,        // [batch, Hq, D], contigu
                                int64_t head_dim, int64_t max_seq_len, int64_t longest,
                                float scale);
 
+// The same for the pairs [first, last) of (sequence, query head), pair = b * Hq + h, on the
+// calling thread: what each thread of a caller's own parallel region runs (cpu_decode_step), the
+// same bits per pair. scratch: decode_attention_scratch_floats(min(last - first, Hq), longest,
+// head_dim) floats.
+int64_t decode_attention_scratch_floats(int64_t heads, int64_t longest, int64_t head_dim);
+void decode_attention_fp32_cpu_pairs(const float* q, const float* k_cache, const float* v_cache,
+                                     const int32_t* lens, float* out, int64_t num_q_heads,
+                                     int64_t num_kv_heads, int64_t head_dim, int64_t max_seq_len,
+                                     int64_t longest, float scale, int64_t first, int64_t last,
+                                     float* scratch);
+
 }  // namespace toyllm

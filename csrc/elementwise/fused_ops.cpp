@@ -6,9 +6,10 @@
 //   toyllm::rope(x, cos, sin)         rotate-half RoPE, out of place (x may be strided)
 //   toyllm::silu_mul(gate_up)         SwiGLU's silu(gate) * up on a fused [gate; up] product
 // CPU: the plain torch math of models/layer_math.py and models/rope.py in ATen ops (the same
-// ops, so the same bits), except in fp32, where rms_norm and rope are plain C++ loops (rope the
-// same bits; rms_norm within a few ulps). CUDA: the kernels of fused_kernels.cu.
+// ops, so the same bits), except in fp32, where rms_norm, rope and silu_mul are plain C++ loops
+// (rope and silu_mul the same bits; rms_norm within a few ulps). CUDA: the kernels of fused_kernels.cu.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -18,6 +19,7 @@
 
 #include "common/op_args.h"
 #include "elementwise/cpu_fp32_loops.h"
+#include "elementwise/cpu_silu_fp32.h"
 
 #ifdef WITH_CUDA_KERNELS
 #include <ATen/cuda/CUDAContext.h>
@@ -253,10 +255,21 @@ void check_silu_mul_args(const at::Tensor& gate_up) {
     check_last_dim_contiguous("silu_mul", "gate_up", gate_up);
 }
 
-// models/layer_math.py's silu_mul, op for op.
+// models/layer_math.py's silu_mul: in fp32 on a contiguous gate_up one loop with its bits
+// (elementwise/cpu_silu_fp32.h, the loop toyllm::cpu_decode_step's MLP runs), else op for op.
 at::Tensor silu_mul_cpu(const at::Tensor& gate_up) {
     check_silu_mul_args(gate_up);
     const int64_t inter = gate_up.size(-1) / 2;
+    if (gate_up.scalar_type() == at::kFloat && gate_up.is_contiguous() && silu_fp32_available()) {
+        std::vector<int64_t> shape = gate_up.sizes().vec();
+        shape.back() = inter;
+        at::Tensor out = at::empty(shape, gate_up.options());
+        const float* g = gate_up.const_data_ptr<float>();
+        const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+        silu_mul_fp32(g, 2 * inter, g + inter, 2 * inter, out.mutable_data_ptr<float>(), inter,
+                      gate_up.numel() / (2 * inter), inter, threads);
+        return out;
+    }
     return (at::silu(gate_up.narrow(-1, 0, inter)) * gate_up.narrow(-1, inter, inter)).contiguous();
 }
 

@@ -4,8 +4,9 @@
 //
 // Why: with batch 1 every projection of a decode step is a matrix-vector product that reads
 // each weight once, so decode is bound by how fast the weights stream from where they are kept
-// (on a small model, the last-level cache). The row-major loop reads four weight rows at a time
-// front to back; the input-major loop keeps 32 outputs in registers while it walks the rows.
+// (on a small model, the last-level cache, or memory where that is smaller). The row-major loop
+// reads one weight row at a time front to back (the whole matrix in one sequential stream); the
+// input-major loop keeps 32 outputs in registers while it walks the rows.
 // The vector kernels are compiled for their instructions whatever the build's -march (target
 // attributes) and chosen at run time (__builtin_cpu_supports, once), so the module runs on any
 // x86-64. The AVX-512 row-major kernel does half the AVX2 kernel's loads and FMAs and ends a
@@ -28,7 +29,7 @@ namespace {
 // Each thread gets at least this many bytes of weights: below it, waking a second thread
 // costs more than it saves.
 constexpr int64_t kMinBytesPerThread = 64 * 1024;
-constexpr int64_t kRowBlock = 4;   // output rows per step of the row-major kernel
+constexpr int64_t kRowBlock = 4;   // the row-major kernel's output rows come in shares of these
 constexpr int64_t kColBlock = 32;  // output columns per step of the input-major kernel
 
 // ---------------------------------------------------------------------------------------------
@@ -78,46 +79,13 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+// One weight row at a time, front to back (see rows_avx512), each row's sum in 8 lanes then
+// its last in % 8 products.
 __attribute__((target("avx2,fma"))) void rows_avx2(const float* x, const float* w, float* y,
                                                    int64_t m_rows, int64_t in, int64_t out,
                                                    int64_t j0, int64_t j1) {
     const int64_t in8 = in - in % 8;
-    int64_t j = j0;
-    // four weight rows at a time: four independent FMA chains per x row; the four rows
-    // (<= 4 * in floats) stay in L1 while each x row passes over them
-    for (; j + kRowBlock <= j1; j += kRowBlock) {
-        const float* w0 = w + j * in;
-        const float* w1 = w0 + in;
-        const float* w2 = w1 + in;
-        const float* w3 = w2 + in;
-        for (int64_t m = 0; m < m_rows; ++m) {
-            const float* xm = x + m * in;
-            __m256 a0 = _mm256_setzero_ps();
-            __m256 a1 = _mm256_setzero_ps();
-            __m256 a2 = _mm256_setzero_ps();
-            __m256 a3 = _mm256_setzero_ps();
-            for (int64_t i = 0; i < in8; i += 8) {
-                const __m256 xv = _mm256_loadu_ps(xm + i);
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), xv, a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + i), xv, a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i), xv, a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), xv, a3);
-            }
-            float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-            for (int64_t i = in8; i < in; ++i) {
-                s0 += xm[i] * w0[i];
-                s1 += xm[i] * w1[i];
-                s2 += xm[i] * w2[i];
-                s3 += xm[i] * w3[i];
-            }
-            float* ym = y + m * out + j;
-            ym[0] = s0;
-            ym[1] = s1;
-            ym[2] = s2;
-            ym[3] = s3;
-        }
-    }
-    for (; j < j1; ++j) {  // the last out % 4 rows, one at a time
+    for (int64_t j = j0; j < j1; ++j) {
         const float* wj = w + j * in;
         for (int64_t m = 0; m < m_rows; ++m) {
             const float* xm = x + m * in;
@@ -199,47 +167,17 @@ __attribute__((target("avx512f"))) inline __m512 row_dot16(const float* xm, cons
     return acc;
 }
 
+// One weight row at a time, front to back, so the weights stream through memory in one
+// sequential pass: on a 2-vCPU AMD EPYC VM whose 32 MiB L3 does not hold a stories15M-shaped
+// model's 61 MB, reading four (or two) rows side by side streamed at half the rate of one
+// (docs/PERF.md, 2026-12-02, issue 21), the hardware prefetchers following one stream better
+// than several short ones. x's rows (<= 4) pass over a weight row while it is in L1.
 __attribute__((target("avx512f"))) void rows_avx512(const float* x, const float* w, float* y,
                                                      int64_t m_rows, int64_t in, int64_t out,
                                                      int64_t j0, int64_t j1) {
     const int64_t in16 = in - in % 16;
     const __mmask16 tail = static_cast<__mmask16>((1u << (in % 16)) - 1u);
-    int64_t j = j0;
-    // four weight rows at a time, as rows_avx2; each row's sum runs in the order of
-    // row_dot16 (interleaved here), so a row gives the same bits in a block or alone
-    for (; j + kRowBlock <= j1; j += kRowBlock) {
-        const float* w0 = w + j * in;
-        const float* w1 = w0 + in;
-        const float* w2 = w1 + in;
-        const float* w3 = w2 + in;
-        for (int64_t m = 0; m < m_rows; ++m) {
-            const float* xm = x + m * in;
-            __m512 a0 = _mm512_setzero_ps();
-            __m512 a1 = _mm512_setzero_ps();
-            __m512 a2 = _mm512_setzero_ps();
-            __m512 a3 = _mm512_setzero_ps();
-            for (int64_t i = 0; i < in16; i += 16) {
-                const __m512 xv = _mm512_loadu_ps(xm + i);
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + i), xv, a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + i), xv, a1);
-                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + i), xv, a2);
-                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + i), xv, a3);
-            }
-            if (tail != 0) {
-                const __m512 xv = _mm512_maskz_loadu_ps(tail, xm + in16);
-                a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + in16), xv, a0);
-                a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w1 + in16), xv, a1);
-                a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w2 + in16), xv, a2);
-                a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w3 + in16), xv, a3);
-            }
-            float* ym = y + m * out + j;
-            ym[0] = hsum16(a0);
-            ym[1] = hsum16(a1);
-            ym[2] = hsum16(a2);
-            ym[3] = hsum16(a3);
-        }
-    }
-    for (; j < j1; ++j) {  // the last out % 4 rows, one at a time
+    for (int64_t j = j0; j < j1; ++j) {
         const float* wj = w + j * in;
         for (int64_t m = 0; m < m_rows; ++m) {
             y[m * out + j] =
@@ -258,6 +196,12 @@ bool cpu_has_avx512f() {
     return has;
 }
 #endif
+
+// Blocks of `block` output rows (of `in` weights each) a thread takes at least.
+int64_t block_grain(int64_t block, int64_t in) {
+    const int64_t bytes_per_block = block * in * static_cast<int64_t>(sizeof(float));
+    return std::max<int64_t>(1, kMinBytesPerThread / bytes_per_block);
+}
 
 using Kernel = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
                         int64_t);
@@ -317,11 +261,34 @@ void gemv_fp32_cpu_isa(GemvIsa isa, const float* x, const float* weight, float* 
     // kMinBytesPerThread of weights.
     const int64_t block = row_major ? kRowBlock : kColBlock;
     const int64_t num_blocks = (out + block - 1) / block;
-    const int64_t bytes_per_block = block * in * static_cast<int64_t>(sizeof(float));
-    const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / bytes_per_block);
-    at::parallel_for(0, num_blocks, grain, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, num_blocks, block_grain(block, in), [&](int64_t b0, int64_t b1) {
         kernel(x, weight, y, rows, in, out, b0 * block, std::min(out, b1 * block));
     });
+}
+
+int64_t gemv_fp32_cpu_parts(int64_t in, int64_t out, int64_t threads) {
+    const int64_t num_blocks = (out + kRowBlock - 1) / kRowBlock;
+    const int64_t grain = block_grain(kRowBlock, in);
+    return std::max<int64_t>(1, std::min(threads, (num_blocks + grain - 1) / grain));
+}
+
+void gemv_fp32_cpu_share(const float* x, const float* weight, float* y, int64_t rows, int64_t in,
+                         int64_t out, int64_t j0, int64_t j1, int64_t part, int64_t parts) {
+    // whole blocks of the row-major kernel, spread evenly over the parts
+    const int64_t num_blocks = (j1 - j0 + kRowBlock - 1) / kRowBlock;
+    const int64_t b0 = num_blocks * part / parts, b1 = num_blocks * (part + 1) / parts;
+    const int64_t first = j0 + b0 * kRowBlock, last = std::min(j1, j0 + b1 * kRowBlock);
+    if (rows == 0 || first >= last) {
+        return;
+    }
+    if (in == 0) {
+        for (int64_t m = 0; m < rows; ++m) {
+            std::fill(y + m * out + first, y + m * out + last, 0.f);
+        }
+        return;
+    }
+    static const Kernel kernel = kernel_for(cpu_gemv_best_isa(), true);
+    kernel(x, weight, y, rows, in, out, first, last);
 }
 
 }  // namespace toyllm

@@ -32,6 +32,18 @@ void gemv_fp32_cpu(const float* x,       // [rows, in], contiguous
 
 // The same product with the kernels of `isa`, which the CPU must run (cpu_gemv_supports):
 // what the tests compare the instruction sets with; the product itself calls gemv_fp32_cpu.
+// For callers that run their own parallel region (toyllm::cpu_decode_step): how many of
+// `threads` threads gemv_fp32_cpu would split a row-major [out, in] product over (each takes at
+// least 64 KiB of weights), and the product's row-major output rows [j0, j1) split into `parts`
+// even shares of whole kernel blocks, share `part` computed on the calling thread with the best
+// instruction set. Each y[m, j] gets gemv_fp32_cpu's bits whatever the split.
+int64_t gemv_fp32_cpu_parts(int64_t in, int64_t out, int64_t threads);
+void gemv_fp32_cpu_share(const float* x,       // [rows, in], contiguous
+                         const float* weight,  // [out, in] row-major
+                         float* y,             // [rows, out], contiguous; [., j0, j1) written
+                         int64_t rows, int64_t in, int64_t out, int64_t j0, int64_t j1,
+                         int64_t part, int64_t parts);
+
 void gemv_fp32_cpu_isa(GemvIsa isa, const float* x, const float* weight, float* y,
                        int64_t rows, int64_t in, int64_t out, bool row_major);
 

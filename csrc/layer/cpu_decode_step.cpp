@@ -11,24 +11,34 @@
 // from Python a token, each with its dispatch and allocations; even with one call per layer,
 // what was left beyond the products was the step around the layers: the embedding, the seven
 // ops of RoPE's cos/sin, the final norm and the head's product, and the Python of the forward
-// (docs/PERF.md, "CPU decode"). This runs all of it in C++.
+// (docs/PERF.md, "CPU decode"). This runs all of it in C++, in one OpenMP parallel region a
+// step: each thread runs every layer and takes its share of each stage, meeting the others at a
+// barrier where a stage reads what another wrote (decode_layer_fp32.h), so a token costs one
+// fork/join instead of one per product and attention (~31 for stories15M), and the norms, RoPE
+// and silu no longer run on one thread while the others wait. The threads are ATen's
+// (torch.set_num_threads, OMP_NUM_THREADS).
 //
 // The same bits as the engine's separate operators: the embedding copies rows; cos/sin are
 // the same fp32 products of position and inverse frequency, then ATen's cos and sin on the same
-// contiguous [rows, D] values as rope_cos_sin's; each layer is decode_layer_fp32 (the code of
-// the separate operators); the final add and RMSNorm are add_rms_norm's loop and the head is gemv's
-// kernel (tests/test_cpu_decode_step.py compares logits and caches as integers).
+// contiguous [rows, D] values as rope_cos_sin's (once a step, before the region); each layer is
+// decode_layer_fp32 (the code of the separate operators); the final add and RMSNorm are
+// add_rms_norm's loop and the head is gemv's kernel; how the work is split over the threads
+// changes no result's order (tests/test_cpu_decode_step.py compares logits and caches as
+// integers, on 1 and 2 threads).
 //
 // Every argument is checked, the positions' range and the token ids included, before anything
 // is written into a cache.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/cos_cpu_dispatch.h>
 #include <ATen/ops/sin_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <omp.h>
 #include <string>
 #include <vector>
 
@@ -43,6 +53,16 @@ namespace {
 
 constexpr const char* kOp = "cpu_decode_step";
 constexpr int64_t kWeightsPerLayer = 6;  // input_norm, qkv, o, post_norm, gate_up, down
+
+// When another process takes a core, a team of threads waits at each of a step's barriers for
+// the thread that lost its core, up to a scheduler's time slice each: a token then costs tens of
+// milliseconds where one thread would take a few (docs/PERF.md: both toyllm and llama2.c fell
+// to 10-100 tok/s beside a busy loop). A step whose barriers waited over a millisecond
+// kLongWaitsToGoSolo times or more has the next kSoloSteps steps run on the calling thread
+// alone, then the team tries again. The results are the same bits on any number of threads.
+constexpr int64_t kLongWaitsToGoSolo = 2;
+constexpr int64_t kSoloSteps = 64;
+std::atomic<int64_t> solo_steps{0};
 
 // Checks every argument; returns each layer's shape. Nothing has been written when it throws.
 std::vector<LayerShape> check_args(const at::Tensor& tokens, const at::Tensor& embedding,
@@ -162,17 +182,25 @@ at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
     const at::Tensor cos = at::cpu::cos(angles);  // [rows, D]
     const at::Tensor sin = at::cpu::sin(angles);
 
+    // the threads: ATen's (torch.set_num_threads, OMP_NUM_THREADS), as its parallel_for takes
+    // them; one where the caller already runs in a parallel region
+    const int64_t aten_threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    const int64_t threads = solo_steps.load(std::memory_order_relaxed) > 0
+                                ? (solo_steps.fetch_sub(1, std::memory_order_relaxed), 1)
+                                : std::max<int64_t>(1, aten_threads);
+
     // one allocation: the embedded tokens, two (stream, residual) pairs the layers alternate
-    // between, and the largest layer's scratch
+    // between, each thread's final sum and norm, and the largest layer's scratch
     int64_t scratch_floats = 0;
     for (const LayerShape& s : shapes) {
-        scratch_floats = std::max(scratch_floats, layer_scratch_floats(s));
+        scratch_floats = std::max(scratch_floats, layer_scratch_floats(s, threads, pos));
     }
     const int64_t stream = rows * hidden;
-    at::Tensor buffer = at::empty({5 * stream + scratch_floats}, embedding.options());
+    const int64_t head_at = 5 * stream, scratch_at = head_at + 2 * threads * stream;
+    at::Tensor buffer = at::empty({scratch_at + scratch_floats}, embedding.options());
     float* x = buffer.mutable_data_ptr<float>();
     float* pair[2][2] = {{x + stream, x + 2 * stream}, {x + 3 * stream, x + 4 * stream}};
-    const at::Tensor scratch = buffer.narrow(0, 5 * stream, scratch_floats);
+    const at::Tensor scratch = buffer.narrow(0, scratch_at, scratch_floats);
 
     const float* table = embedding.const_data_ptr<float>();
     const int64_t* ids = tokens.const_data_ptr<int64_t>();
@@ -182,35 +210,64 @@ at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
     }
 
     // the layers' scratch, carved again only where a layer's widths differ from the last's
-    LayerScratch layer_scratch = carve_layer_scratch(shapes.front(), scratch, pos);
-    const float* in = x;
-    const float* residual = nullptr;  // the first layer has none
+    std::vector<LayerScratch> layer_scratch;
+    std::vector<int64_t> scratch_of(shapes.size());
     for (size_t i = 0; i < shapes.size(); ++i) {
-        if (i > 0 && !same_scratch_layout(shapes[i], shapes[i - 1])) {
-            layer_scratch = carve_layer_scratch(shapes[i], scratch, pos);
+        if (i == 0 || !same_scratch_layout(shapes[i], shapes[i - 1])) {
+            layer_scratch.push_back(carve_layer_scratch(shapes[i], threads, scratch, pos));
         }
+        scratch_of[i] = static_cast<int64_t>(layer_scratch.size()) - 1;
+    }
+    std::vector<LayerWeightPtrs> ptrs;
+    std::vector<float*> k_ptrs, v_ptrs;
+    for (size_t i = 0; i < shapes.size(); ++i) {
         const at::Tensor* w = layer_weights.data() + kWeightsPerLayer * i;
-        const LayerWeightPtrs ptrs{w[0].const_data_ptr<float>(), w[1].const_data_ptr<float>(),
-                                   w[2].const_data_ptr<float>(), w[3].const_data_ptr<float>(),
-                                   w[4].const_data_ptr<float>(), w[5].const_data_ptr<float>()};
-        float* const* out = pair[i % 2];
-        decode_layer_fp32(shapes[i], ptrs, eps_f, in, residual, cos.const_data_ptr<float>(), d,
-                          sin.const_data_ptr<float>(), d, k_caches[i].mutable_data_ptr<float>(),
-                          v_caches[i].mutable_data_ptr<float>(), pos, out[0], out[1],
-                          layer_scratch);
-        in = out[0];
-        residual = out[1];
+        ptrs.push_back(LayerWeightPtrs{w[0].const_data_ptr<float>(), w[1].const_data_ptr<float>(),
+                                       w[2].const_data_ptr<float>(), w[3].const_data_ptr<float>(),
+                                       w[4].const_data_ptr<float>(), w[5].const_data_ptr<float>()});
+        k_ptrs.push_back(k_caches[i].mutable_data_ptr<float>());
+        v_ptrs.push_back(v_caches[i].mutable_data_ptr<float>());
     }
+    const float* cos_p = cos.const_data_ptr<float>();
+    const float* sin_p = sin.const_data_ptr<float>();
+    const float* final_w = final_norm.const_data_ptr<float>();
+    const float* head_w = head_weight.const_data_ptr<float>();
+    float* out_logits = logits.mutable_data_ptr<float>();
 
-    // the final norm of the stream in + residual (add_rms_norm: one IEEE add per element, then
-    // its loop) into the embedded tokens' buffer, free now; then the head's product
-    float* sum = pair[shapes.size() % 2][0];
-    for (int64_t i = 0; i < stream; ++i) {
-        sum[i] = in[i] + residual[i];
+    // The whole step in one parallel region: every thread runs every layer (decode_layer_fp32:
+    // its shares and the barriers between them), then the final norm into its own buffer and
+    // its share of the head. Nothing in it throws: every argument was checked above.
+    TeamBarrier barrier;
+#pragma omp parallel num_threads(static_cast<int>(threads)) if (threads > 1)
+    {
+        const Team team{omp_get_thread_num(), omp_get_num_threads(), aten_threads, &barrier};
+        const float* in = x;
+        const float* residual = nullptr;  // the first layer has none
+        for (size_t i = 0; i < shapes.size(); ++i) {
+            float* const* out = pair[i % 2];
+            decode_layer_fp32(team, shapes[i], ptrs[i], eps_f, in, residual, cos_p, d, sin_p, d,
+                              k_ptrs[i], v_ptrs[i], pos, out[0], out[1],
+                              layer_scratch[static_cast<size_t>(scratch_of[i])]);
+            in = out[0];
+            residual = out[1];
+        }
+        // the final norm of the stream in + residual (add_rms_norm: one IEEE add per element,
+        // then its loop), then the head's product
+        float* sum = x + head_at + 2 * team.id * stream;
+        float* h = sum + stream;
+        for (int64_t i = 0; i < stream; ++i) {
+            sum[i] = in[i] + residual[i];
+        }
+        rms_norm_fp32(sum, final_w, h, rows, hidden, eps_f);
+        const int64_t parts = gemv_fp32_cpu_parts(hidden, vocab_out, team.size);
+        if (team.id < parts) {
+            gemv_fp32_cpu_share(h, head_w, out_logits, rows, hidden, vocab_out, 0, vocab_out,
+                                team.id, parts);
+        }
     }
-    rms_norm_fp32(sum, final_norm.const_data_ptr<float>(), x, rows, hidden, eps_f);
-    gemv_fp32_cpu(x, head_weight.const_data_ptr<float>(), logits.mutable_data_ptr<float>(), rows,
-                  hidden, vocab_out, true);
+    if (barrier.long_waits() >= kLongWaitsToGoSolo) {
+        solo_steps.store(kSoloSteps, std::memory_order_relaxed);
+    }
     return logits;
 }
 

@@ -6,12 +6,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <chrono>
 #include <utility>
 #include <vector>
 
 #include "attention/decode_attention_cpu.h"
 #include "common/op_args.h"
 #include "elementwise/cpu_fp32_loops.h"
+#include "elementwise/cpu_silu_fp32.h"
 #include "gemv/cpu_gemv_kernels.h"
 
 namespace toyllm {
@@ -28,11 +30,26 @@ void check_weight(const char* op, const char* name, const at::Tensor& w, int64_t
                       " for shape ", w.sizes());
 }
 
-// silu(gate) * up into scratch.act for scratch.gate_up [rows, 2 * I] (gate, then up): ATen's
-// silu on the gate view, as models/layer_math.py's F.silu(gate) * up computes it (the same
-// bits: ATen's vectorised exp rounds otherwise than a scalar one would; at::cpu:: calls the
-// CPU kernel without the dispatcher), then the products (exact, as at::mul's).
-void silu_mul_rows(const LayerScratch& scratch, int64_t rows, int64_t inter) {
+// [begin, end) of `units` split evenly into `parts` shares: share `part`'s.
+struct Share {
+    int64_t begin, end;
+};
+Share share_of(int64_t units, int64_t part, int64_t parts) {
+    return Share{units * part / parts, units * (part + 1) / parts};
+}
+
+// silu(gate) * up into scratch.act for scratch.gate_up [rows, 2 * I] (gate, then up) on one
+// thread, with the bits of models/layer_math.py's F.silu(gate) * up in the caller's ATen:
+// cpu_silu_fp32.h's loop where it repeats ATen's, else ATen's silu on the gate view
+// (at::cpu:: calls the CPU kernel without the dispatcher; in the region its parallel_for runs
+// inline, so only where F.silu would not split either), then the products (exact, as at::mul's).
+void silu_mul_rows(const LayerScratch& scratch, int64_t rows, int64_t inter,
+                   int64_t aten_threads) {
+    if (silu_fp32_available()) {
+        silu_mul_fp32(scratch.gate_up, 2 * inter, scratch.gate_up + inter, 2 * inter, scratch.act,
+                      inter, rows, inter, aten_threads);
+        return;
+    }
     at::Tensor act = scratch.act_view;
     at::cpu::silu_out(act, scratch.gate_view);
     const float* up = scratch.gate_up + inter;
@@ -44,16 +61,16 @@ void silu_mul_rows(const LayerScratch& scratch, int64_t rows, int64_t inter) {
     }
 }
 
-// The scratch's parts, in order: s, h, qkv, q, attention out, gate_up, silu(gate) * up.
-constexpr int kParts = 7;
-void scratch_sizes(const LayerShape& s, int64_t (&sizes)[kParts]) {
+// Floats of the shared scratch (qkv, q, attention out, gate_up, silu(gate) * up) and of one
+// thread's own (sum_in, h, attention's scratch).
+int64_t shared_floats(const LayerShape& s) {
     const int64_t qkv_width = (s.num_q_heads + 2 * s.num_kv_heads) * s.head_dim;
     const int64_t q_width = s.num_q_heads * s.head_dim;
-    const int64_t parts[kParts] = {s.hidden,  s.hidden,         qkv_width,     q_width,
-                                   q_width,   2 * s.intermediate, s.intermediate};
-    for (int i = 0; i < kParts; ++i) {
-        sizes[i] = s.rows * parts[i];
-    }
+    return s.rows * (qkv_width + 2 * q_width + 3 * s.intermediate);
+}
+int64_t own_floats(const LayerShape& s, int64_t longest) {
+    return 2 * s.rows * s.hidden +
+           decode_attention_scratch_floats(s.num_q_heads, longest, s.head_dim);
 }
 
 }  // namespace
@@ -137,39 +154,49 @@ void check_positions_fit(const char* op, const at::Tensor& positions, int64_t ro
     }
 }
 
-int64_t layer_scratch_floats(const LayerShape& s) {
-    int64_t sizes[kParts];
-    scratch_sizes(s, sizes);
-    int64_t total = 0;
-    for (const int64_t n : sizes) {
-        total += n;
+void TeamBarrier::wait() {
+    const auto start = std::chrono::steady_clock::now();
+#pragma omp barrier
+    if (std::chrono::steady_clock::now() - start > std::chrono::milliseconds(1)) {
+        long_waits_.fetch_add(1, std::memory_order_relaxed);
     }
-    return total;
 }
 
-LayerScratch carve_layer_scratch(const LayerShape& s, const at::Tensor& scratch,
-                                 const int32_t* positions) {
-    // s, h, qkv, q, attention out, gate_up, silu(gate) * up
-    int64_t sizes[kParts];
-    scratch_sizes(s, sizes);
-    int64_t offset[kParts + 1] = {0};
-    for (int i = 0; i < kParts; ++i) {
-        offset[i + 1] = offset[i] + sizes[i];
+static int64_t longest_keys(const int32_t* positions, int64_t rows) {
+    int64_t longest = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        longest = std::max<int64_t>(longest, std::max<int32_t>(positions[r], 0) + 1);
     }
+    return longest;
+}
+
+int64_t layer_scratch_floats(const LayerShape& s, int64_t threads, const int32_t* positions) {
+    return shared_floats(s) + threads * own_floats(s, longest_keys(positions, s.rows));
+}
+
+LayerScratch carve_layer_scratch(const LayerShape& s, int64_t threads, const at::Tensor& scratch,
+                                 const int32_t* positions) {
+    const int64_t rows = s.rows, inter = s.intermediate;
+    const int64_t qkv_width = (s.num_q_heads + 2 * s.num_kv_heads) * s.head_dim;
+    const int64_t q_width = s.num_q_heads * s.head_dim;
     float* const base = scratch.mutable_data_ptr<float>();
     LayerScratch out;
-    out.sum_in = base + offset[0];
-    out.h = base + offset[1];
-    out.qkv = base + offset[2];
-    out.q = base + offset[3];
-    out.attn = base + offset[4];
-    out.gate_up = base + offset[5];
-    out.act = base + offset[6];
-    const int64_t rows = s.rows, inter = s.intermediate;
-    out.gate_view = scratch.narrow(0, offset[5], rows * 2 * inter)
-                        .view({rows, 2 * inter})
-                        .narrow(1, 0, inter);
-    out.act_view = scratch.narrow(0, offset[6], rows * inter).view({rows, inter});
+    out.qkv = base;
+    out.q = out.qkv + rows * qkv_width;
+    out.attn = out.q + rows * q_width;
+    out.gate_up = out.attn + rows * q_width;
+    out.act = out.gate_up + rows * 2 * inter;
+    out.own = out.act + rows * inter;
+    out.own_floats = own_floats(s, longest_keys(positions, rows));
+    TORCH_CHECK(scratch.numel() >= (out.own - base) + threads * out.own_floats,
+                "carve_layer_scratch: scratch too small");
+    if (!silu_fp32_available()) {  // ATen's silu reads and writes these
+        const int64_t gate_at = out.gate_up - base, act_at = out.act - base;
+        out.gate_view = scratch.narrow(0, gate_at, rows * 2 * inter)
+                            .view({rows, 2 * inter})
+                            .narrow(1, 0, inter);
+        out.act_view = scratch.narrow(0, act_at, rows * inter).view({rows, inter});
+    }
     // each row attends over its keys 0..max(p, 0), as DecodeStep.attend_cached's seq_lens
     out.lens.resize(static_cast<size_t>(rows));
     out.longest = 0;
@@ -186,72 +213,148 @@ bool same_scratch_layout(const LayerShape& a, const LayerShape& b) {
            a.intermediate == b.intermediate;
 }
 
-void decode_layer_fp32(const LayerShape& s, const LayerWeightPtrs& w, float eps, const float* x,
-                       const float* residual, const float* cos, int64_t cos_row_stride,
-                       const float* sin, int64_t sin_row_stride, float* k_cache, float* v_cache,
-                       const int32_t* positions, float* out_sum, float* out_down,
-                       const LayerScratch& scratch) {
+void decode_layer_fp32(const Team& team, const LayerShape& s, const LayerWeightPtrs& w, float eps,
+                       const float* x, const float* residual, const float* cos,
+                       int64_t cos_row_stride, const float* sin, int64_t sin_row_stride,
+                       float* k_cache, float* v_cache, const int32_t* positions, float* out_sum,
+                       float* out_down, const LayerScratch& scratch) {
     const int64_t rows = s.rows, hidden = s.hidden, hq = s.num_q_heads, hkv = s.num_kv_heads;
     const int64_t d = s.head_dim, inter = s.intermediate;
-    const int64_t qkv_width = (hq + 2 * hkv) * d;
+    const int64_t qkv_width = (hq + 2 * hkv) * d, group = hq / hkv;
+    const int64_t stream = rows * hidden;
     if (rows == 0) {
         return;
     }
-    float* sum_in = scratch.sum_in;
-    float* hp = scratch.h;
+    const int64_t t = team.id, n = team.size;
+    float* sum_in = scratch.sum_in(t);
+    float* hp = scratch.h(t, stream);
     float* qkvp = scratch.qkv;
     float* qp = scratch.q;
     float* ap = scratch.attn;
     float* gate_up = scratch.gate_up;
     float* act = scratch.act;
 
-    // s = x + residual (the add of add_rms_norm: one IEEE add per element, as at::add)
+    // s = x + residual (the add of add_rms_norm: one IEEE add per element, as at::add) and
+    // h = rms_norm(s), each thread into its own buffers
     const float* sp = x;
     if (residual != nullptr) {
-        for (int64_t i = 0; i < rows * hidden; ++i) {
+        for (int64_t i = 0; i < stream; ++i) {
             sum_in[i] = x[i] + residual[i];
         }
         sp = sum_in;
     }
     rms_norm_fp32(sp, w.input_norm, hp, rows, hidden, eps);
-    gemv_fp32_cpu(hp, w.qkv, qkvp, rows, hidden, qkv_width, true);
-
-    // RoPE on q and k, k and v into the cache at each row's position (rope_kv_update)
-    const int64_t slot = hkv * d;  // one position of one cache row
-    for (int64_t r = 0; r < rows; ++r) {
-        const float* c = cos + r * cos_row_stride;
-        const float* sn = sin + r * sin_row_stride;
-        const float* row = qkvp + r * qkv_width;
-        for (int64_t head = 0; head < hq; ++head) {
-            rope_head_fp32(row + head * d, c, sn, qp + (r * hq + head) * d, d);
-        }
-        if (positions[r] < 0) {
-            continue;  // a finished row: nothing written
-        }
-        const int64_t at_pos = (r * s.max_seq_len + positions[r]) * slot;
-        for (int64_t head = 0; head < hkv; ++head) {
-            rope_head_fp32(row + (hq + head) * d, c, sn, k_cache + at_pos + head * d, d);
-        }
-        std::memcpy(v_cache + at_pos, row + (hq + hkv) * d,
-                    static_cast<size_t>(slot) * sizeof(float));
+    const int64_t qkv_parts = gemv_fp32_cpu_parts(hidden, qkv_width, n);
+    if (t < qkv_parts) {
+        gemv_fp32_cpu_share(hp, w.qkv, qkvp, rows, hidden, qkv_width, 0, qkv_width, t, qkv_parts);
     }
+    team.sync();
 
+    // RoPE on q and k, k and v into the cache at each row's position (rope_kv_update), then
+    // attention: a thread takes whole KV heads of rows, with their query heads, where there are
+    // enough of them for the team (no barrier between the write and the reads), else RoPE and
+    // the writes by heads, a barrier, and attention by (row, query head) pairs
+    const int64_t slot = hkv * d;  // one position of one cache row
     // the scale as Python computes head_dim ** -0.5, rounded to fp32 as decode_attention does
     const float scale = static_cast<float>(std::pow(static_cast<double>(d), -0.5));
-    decode_attention_fp32_cpu(qp, k_cache, v_cache, scratch.lens.data(), ap, rows, hq, hkv, d,
-                              s.max_seq_len, scratch.longest, scale);
-
-    // s2 = s + attn @ o^T (out_down holds the product for a moment), h = rms_norm(s2)
-    gemv_fp32_cpu(ap, w.o, out_down, rows, hq * d, hidden, true);
-    for (int64_t i = 0; i < rows * hidden; ++i) {
-        out_sum[i] = sp[i] + out_down[i];
+    auto rope_q = [&](int64_t r, int64_t head) {
+        rope_head_fp32(qkvp + r * qkv_width + head * d, cos + r * cos_row_stride,
+                       sin + r * sin_row_stride, qp + (r * hq + head) * d, d);
+    };
+    auto write_kv = [&](int64_t r, int64_t head) {  // nothing for a finished row
+        if (positions[r] < 0) {
+            return;
+        }
+        const float* row = qkvp + r * qkv_width;
+        const int64_t at_pos = (r * s.max_seq_len + positions[r]) * slot + head * d;
+        rope_head_fp32(row + (hq + head) * d, cos + r * cos_row_stride, sin + r * sin_row_stride,
+                       k_cache + at_pos, d);
+        std::memcpy(v_cache + at_pos, row + (hq + hkv + head) * d,
+                    static_cast<size_t>(d) * sizeof(float));
+    };
+    float* attention_scratch = scratch.attention(t, stream);
+    if (rows * hkv >= n) {
+        const Share mine = share_of(rows * hkv, t, n);  // units r * Hkv + KV head
+        for (int64_t u = mine.begin; u < mine.end; ++u) {
+            const int64_t r = u / hkv, g = u % hkv;
+            write_kv(r, g);
+            for (int64_t head = g * group; head < (g + 1) * group; ++head) {
+                rope_q(r, head);
+            }
+        }
+        // pairs r * Hq + query head: the units' query heads, in order
+        decode_attention_fp32_cpu_pairs(qp, k_cache, v_cache, scratch.lens.data(), ap, hq, hkv, d,
+                                        s.max_seq_len, scratch.longest, scale,
+                                        mine.begin * group, mine.end * group, attention_scratch);
+    } else {
+        const Share heads = share_of(rows * (hq + hkv), t, n);  // r * (Hq + Hkv) + head
+        for (int64_t u = heads.begin; u < heads.end; ++u) {
+            const int64_t r = u / (hq + hkv), head = u % (hq + hkv);
+            if (head < hq) {
+                rope_q(r, head);
+            } else {
+                write_kv(r, head - hq);
+            }
+        }
+        team.sync();
+        const Share pairs = share_of(rows * hq, t, n);
+        decode_attention_fp32_cpu_pairs(qp, k_cache, v_cache, scratch.lens.data(), ap, hq, hkv, d,
+                                        s.max_seq_len, scratch.longest, scale, pairs.begin,
+                                        pairs.end, attention_scratch);
     }
+    team.sync();
+
+    // s2 = s + attn @ o^T on each thread's share of the outputs (out_down holds the product
+    // for a moment), then h = rms_norm(s2) on each thread
+    const int64_t o_parts = gemv_fp32_cpu_parts(hq * d, hidden, n);
+    if (t < o_parts) {
+        gemv_fp32_cpu_share(ap, w.o, out_down, rows, hq * d, hidden, 0, hidden, t, o_parts);
+        const Share blocks = share_of((hidden + 3) / 4, t, o_parts);  // the share's outputs
+        const int64_t j0 = blocks.begin * 4, j1 = std::min(hidden, blocks.end * 4);
+        for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t j = j0; j < j1; ++j) {
+                out_sum[r * hidden + j] = sp[r * hidden + j] + out_down[r * hidden + j];
+            }
+        }
+    }
+    team.sync();
     rms_norm_fp32(out_sum, w.post_norm, hp, rows, hidden, eps);
 
-    // the MLP: gate/up, silu(gate) * up, down
-    gemv_fp32_cpu(hp, w.gate_up, gate_up, rows, hidden, 2 * inter, true);
-    silu_mul_rows(scratch, rows, inter);
-    gemv_fp32_cpu(act, w.down, out_down, rows, inter, hidden, true);
+    // the MLP: gate/up, silu(gate) * up, down. Where F.silu runs a row as one run, a thread
+    // takes the same columns of gate and up (split at silu_fp32_split) and its silu(gate) * up:
+    // no barrier between them
+    const int64_t gate_up_parts = gemv_fp32_cpu_parts(hidden, 2 * inter, n);
+    if (silu_fp32_available() && silu_fp32_rows_are_runs(rows, inter, team.aten_threads)) {
+        const int64_t pieces = (inter + silu_fp32_split - 1) / silu_fp32_split;
+        const int64_t parts = std::min(gate_up_parts, pieces);
+        if (t < parts) {
+            const Share mine = share_of(pieces, t, parts);
+            const int64_t c0 = mine.begin * silu_fp32_split;
+            const int64_t c1 = std::min(inter, mine.end * silu_fp32_split);
+            gemv_fp32_cpu_share(hp, w.gate_up, gate_up, rows, hidden, 2 * inter, c0, c1, 0, 1);
+            gemv_fp32_cpu_share(hp, w.gate_up, gate_up, rows, hidden, 2 * inter, inter + c0,
+                                inter + c1, 0, 1);
+            for (int64_t r = 0; r < rows; ++r) {
+                const float* g = gate_up + r * 2 * inter;
+                silu_mul_fp32_run(g + c0, g + inter + c0, act + r * inter + c0, c1 - c0);
+            }
+        }
+    } else {
+        if (t < gate_up_parts) {
+            gemv_fp32_cpu_share(hp, w.gate_up, gate_up, rows, hidden, 2 * inter, 0, 2 * inter, t,
+                                gate_up_parts);
+        }
+        team.sync();
+        if (t == 0) {
+            silu_mul_rows(scratch, rows, inter, team.aten_threads);
+        }
+    }
+    team.sync();
+    const int64_t down_parts = gemv_fp32_cpu_parts(inter, hidden, n);
+    if (t < down_parts) {
+        gemv_fp32_cpu_share(act, w.down, out_down, rows, inter, hidden, 0, hidden, t, down_parts);
+    }
+    team.sync();
 }
 
 }  // namespace toyllm

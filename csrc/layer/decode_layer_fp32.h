@@ -15,8 +15,17 @@
 //
 // Each step runs the very code of the operator the unfused layer calls (add_rms_norm's add and
 // RMSNorm loop, gemv's kernels, rope_kv_update's RoPE and copy, decode_attention's fp32 loop,
-// ATen's silu), on the same values in the same order (tests/test_cpu_decode_step.py compares
-// them as integers).
+// ATen's silu repeated by elementwise/cpu_silu_fp32.h, or ATen's own where that does not
+// apply), on the same values in the same order (tests/test_cpu_decode_step.py compares them as
+// integers).
+//
+// Threads: the whole step runs in one OpenMP parallel region (cpu_decode_step.cpp), every
+// thread through every layer. Each thread computes the norms itself into its own buffers (a few
+// hundred floats: cheaper than a barrier), takes a share of each product, of RoPE and the K/V
+// write and of attention, and meets the others at a barrier where a stage reads what another
+// thread wrote: five a layer (after q/k/v, attention, o with its residual add, gate/up with
+// silu(gate) * up, down), where the separate regions were five fork/joins with the norms, RoPE
+// and silu on one thread between them.
 //
 // Rows at a negative position (finished) write nothing into the caches; like the unfused step,
 // they attend over key 0 and their outputs are to be ignored.
@@ -24,6 +33,7 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -74,38 +84,75 @@ void check_positions_fit(const char* op, const at::Tensor& positions, int64_t ro
                          const char* rows_why, const at::Device& device, const char* device_why,
                          int64_t max_seq_len);
 
-// Floats of scratch one layer call needs (carve_layer_scratch's `scratch`).
-int64_t layer_scratch_floats(const LayerShape& s);
+// The barrier of a step's team (OpenMP's, which every thread of the region meets), counting
+// the waits that lasted over a millisecond: a thread of the team was off its core (a stage's
+// imbalance on a quiet machine is tens of microseconds), which cpu_decode_step.cpp answers by
+// running the next steps on one thread.
+class TeamBarrier {
+  public:
+    void wait();
+    int64_t long_waits() const { return long_waits_.load(std::memory_order_relaxed); }
 
-// A layer call's scratch: pointers into one fp32 tensor, the two views of it that ATen's silu
-// reads and writes, and the keys each row attends over. Carved once and reused by every layer
-// of the same shape and positions (views cost about a microsecond each to make).
+  private:
+    std::atomic<int64_t> long_waits_{0};
+};
+
+// The threads of the parallel region a step runs in: this thread's id, the team's size, the
+// threads ATen's own ops would use in the caller (at::get_num_threads(), outside the region),
+// which its silu's split depends on, and the team's barrier (null for a team of one).
+struct Team {
+    int64_t id;
+    int64_t size;
+    int64_t aten_threads;
+    TeamBarrier* barrier;
+    void sync() const {
+        if (size > 1) {
+            barrier->wait();
+        }
+    }
+};
+
+// Floats of scratch one layer call needs with up to `threads` threads, for rows at `positions`
+// (int32 [s.rows]; carve_layer_scratch).
+int64_t layer_scratch_floats(const LayerShape& s, int64_t threads, const int32_t* positions);
+
+// A layer call's scratch: pointers into one fp32 tensor, shared by the team (q/k/v, q after
+// RoPE, attention's output, gate/up, silu(gate) * up) and each thread's own (x + residual, a
+// norm's output, attention's scores and sums), and the keys each row attends over. Carved once
+// a step and reused by every layer of the same shape.
 struct LayerScratch {
-    float* sum_in;              // [rows, hidden]: x + residual
-    float* h;                   // [rows, hidden]: a norm's output
     float* qkv;                 // [rows, (Hq + 2 Hkv) D]
     float* q;                   // [rows, Hq D]: q after RoPE
     float* attn;                // [rows, Hq D]: attention's output
     float* gate_up;             // [rows, 2 I]
     float* act;                 // [rows, I]: silu(gate) * up
-    at::Tensor gate_view;       // [rows, I] view of gate_up's gate half
-    at::Tensor act_view;        // [rows, I] view of act
+    float* own;                 // thread t's part at own + t * own_floats:
+    int64_t own_floats;         //   sum_in [rows, hidden], h [rows, hidden], attention's
+                                //   scratch (decode_attention_scratch_floats of Hq heads)
+    at::Tensor gate_view;       // [rows, I] view of gate_up's gate half (ATen's silu: only
+    at::Tensor act_view;        // [rows, I] view of act                  where it runs it)
     std::vector<int32_t> lens;  // [rows]: max(position, 0) + 1
     int64_t longest;            // the largest of lens
+    float* sum_in(int64_t t) const { return own + t * own_floats; }
+    float* h(int64_t t, int64_t stream) const { return sum_in(t) + stream; }
+    float* attention(int64_t t, int64_t stream) const { return sum_in(t) + 2 * stream; }
 };
 
-// The scratch of a layer of shape s in `scratch` (an fp32 CPU tensor of at least
-// layer_scratch_floats(s) elements), for rows at `positions` (int32 [s.rows]).
-LayerScratch carve_layer_scratch(const LayerShape& s, const at::Tensor& scratch,
+// The scratch of a layer of shape s for up to `threads` threads in `scratch` (an fp32 CPU
+// tensor of at least layer_scratch_floats(s, threads) elements), for rows at `positions`
+// (int32 [s.rows]).
+LayerScratch carve_layer_scratch(const LayerShape& s, int64_t threads, const at::Tensor& scratch,
                                  const int32_t* positions);
 
 // Whether two layers' scratch is carved alike (the same widths and rows).
 bool same_scratch_layout(const LayerShape& a, const LayerShape& b);
 
-// The layer (see the top of this file) on a checked shape. x, residual, out_sum and out_down
-// are [rows, hidden] each and must not alias one another; residual may be null (the first
-// layer). scratch: carve_layer_scratch of this shape and these positions.
-void decode_layer_fp32(const LayerShape& s, const LayerWeightPtrs& w, float eps,
+// The layer (see the top of this file) on a checked shape, this thread's part of it: every
+// thread of the team calls it with the same arguments. x, residual, out_sum and out_down are
+// [rows, hidden] each and must not alias one another; residual may be null (the first layer).
+// scratch: carve_layer_scratch of this shape and these positions. Returns when out_sum and
+// out_down are complete (the last barrier).
+void decode_layer_fp32(const Team& team, const LayerShape& s, const LayerWeightPtrs& w, float eps,
                        const float* x,         // [rows, hidden]
                        const float* residual,  // [rows, hidden], or null
                        const float* cos,       // [rows][cos_row_stride], D used per row
