@@ -225,11 +225,17 @@ class EngineForward:
                          and model.device.type == "cpu" and cpu_step.weights_apply(
                              [*step_weights, model.embed_tokens.weight, model.norm.weight,
                               model.lm_head.weight, model.inv_freq]))
-        self._step_weights = step_weights if self.cpu_step else []
+        # the products' weights in bf16 where their values are bf16 values (a bf16 checkpoint
+        # loaded in fp32): the same numbers, half the bytes a token streams (cpu_step's docs)
+        products = {"qkv", "o", "gate_up", "down"}
+        self._step_weights = [cpu_step.bf16_if_exact(t) if name in products else t
+                              for w in self.layers for name, t in vars(w).items()
+                              ] if self.cpu_step else []
         # the step's other weights, read off the model once (nn.Module attribute lookups run
         # Python per token otherwise)
-        self._step_head = ((model.embed_tokens.weight, model.norm.weight, model.lm_head.weight,
-                            model.inv_freq) if self.cpu_step else ())
+        self._step_head = ((model.embed_tokens.weight, model.norm.weight,
+                            cpu_step.bf16_if_exact(model.lm_head.weight), model.inv_freq)
+                           if self.cpu_step else ())
         if self.cpu_step:  # the weights the step streams a token, in huge pages where given
             huge_pages.advise([*self._step_weights, *self._step_head])
 

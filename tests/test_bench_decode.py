@@ -17,7 +17,13 @@ def test_cpu_bench_writes_rows_for_each_engine_and_the_roofline(tmp_path: Path) 
     assert r.exit_code == 0, r.output
     report = json.loads(out.read_text())
     engines = {row["engine"] for row in report["rows"]}
-    assert {"toyllm eager", "no-cache reference"} <= engines
+    assert {"toyllm eager", "no-cache reference", "toyllm eager, bf16-valued weights"} <= engines
+    # random fp32 weights: a second row with them rounded to bf16 values, its distance from the
+    # fp32 logits measured and its roofline over the matrices' bf16 bytes
+    rel = report["models"]["tiny"]["bf16_valued_logits_rel"]
+    assert 0 < rel < 1e-2
+    roof = {row["engine"]: row["roofline_tok_per_s"] for row in report["rows"]}
+    assert roof["toyllm eager, bf16-valued weights"] > roof["toyllm eager"]
     assert report["copy_bandwidth_gbs"] > 0
     # the CPU roofline reads the weights' bytes where they sit, not a 256 MiB copy
     assert report["models"]["tiny"]["roofline"].startswith("weight-read bandwidth")

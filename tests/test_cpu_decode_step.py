@@ -6,7 +6,9 @@ as integers) for the stories15M-like shape, GQA, head_dim not a multiple of 8 an
 untied head, one row and ragged batches with a finished row, 1 or 2 threads; so does the
 operator alone against the separate operators composed here, over random caches, its first
 layer (no residual) against a residual of zeros; greedy decoding through it equals the no-cache
-reference (fp32: max |logit diff| <= 1e-4, the same tokens for 64 steps). Bad inputs are
+reference (fp32: max |logit diff| <= 1e-4, the same tokens for 64 steps). The products' weights
+may be bf16: the same bits as fp32 weights of the same values, and the engine narrows exactly
+the weights whose values are bf16 values. Bad inputs are
 refused with one clear message each before anything is written (the C++ checks; the fake only
 gives the output shape: tests/test_op_fakes.py).
 """
@@ -271,14 +273,21 @@ def _bad_cases():
         7, args[2][7][:-6])
     yield r"layer 0: expected input_norm of shape \[36\]", but_weight(
         0, args[2][0][:-1])
-    yield "layer 1: expected down_weight of dtype torch.float32, got torch.float16", but_weight(
-        11, args[2][11].half())
+    yield ("layer 1: expected down_weight of dtype torch.float32 or torch.bfloat16, got "
+           "torch.float16"), but_weight(11, args[2][11].half())
     yield r"layer 0: expected o_weight of shape \[36, 36\]", but_weight(2, args[2][2][:, :30])
     yield "layer 1: expected down_weight of shape", but_weight(11, args[2][11][:-1])
     yield r"layer 0: expected gate_up_weight of shape \[100, 36\]", but_weight(
         4, args[2][4][:-2])
-    yield "layer 1: expected gate_up_weight of dtype torch.float32, got torch.float64", but_weight(
-        10, args[2][10].double())
+    yield ("layer 1: expected gate_up_weight of dtype torch.float32 or torch.bfloat16, got "
+           "torch.float64"), but_weight(10, args[2][10].double())
+    # the products' weights may be bf16, the norms may not
+    yield "layer 0: expected input_norm of dtype torch.float32, got torch.bfloat16", but_weight(
+        0, args[2][0].bfloat16())
+    yield "expected final_norm of dtype torch.float32, got torch.bfloat16", but(
+        FINAL_NORM, args[3].bfloat16())
+    yield "expected head_weight of dtype torch.float32 or torch.bfloat16, got torch.float16", but(
+        HEAD, args[4].half())
     yield r"layer 0: expected k_cache of shape \[2, max_seq_len", but(K, [args[7][0][:1],
                                                                          args[7][1]])
     yield "layer 1: expected v_cache of k_cache's shape", but(V, [args[8][0],
@@ -338,6 +347,66 @@ def test_non_contiguous_layer_inputs_are_refused(which):
     with pytest.raises(ValueError,
                        match=f"cpu_decode_step, layer 0: expected a contiguous {which}"):
         OPS.cpu_decode_step(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 weights: the products' weights read in bf16, the fp32 step's bits on their values
+
+PRODUCTS = (1, 2, 4, 5)  # qkv, o, gate_up, down in each layer's six
+
+
+def _bf16_valued(t: torch.Tensor) -> torch.Tensor:
+    return t.bfloat16().float()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_bf16_weights_give_the_bits_of_their_values_in_fp32(rows):
+    # gqa_hd6's widths (hidden 36, intermediate 50) end every weight row in a partial vector
+    args = step_args(rows=rows)
+    args[WEIGHTS] = [_bf16_valued(w) if j % 6 in PRODUCTS else w
+                     for j, w in enumerate(args[WEIGHTS])]
+    args[HEAD] = _bf16_valued(args[HEAD])
+    narrow = [*args[:K], [t.clone() for t in args[K]], [t.clone() for t in args[V]],
+              *args[V + 1:]]
+    narrow[WEIGHTS] = [w.bfloat16() if j % 6 in PRODUCTS else w
+                       for j, w in enumerate(args[WEIGHTS])]
+    narrow[HEAD] = args[HEAD].bfloat16()
+    assert_same_bits(OPS.cpu_decode_step(*narrow), OPS.cpu_decode_step(*args))
+    for a, b in zip(narrow[K] + narrow[V], args[K] + args[V], strict=True):
+        assert_same_bits(a, b)
+
+
+def test_bf16_if_exact_narrows_only_weights_of_bf16_values():
+    w = _bf16_valued(torch.randn(64, 40))
+    narrow = cpu_step.bf16_if_exact(w)
+    assert narrow.dtype == torch.bfloat16 and torch.equal(narrow.float(), w)
+    off = w.clone()
+    off[63, 39] = 1.0 + 2.0**-20  # one value that bf16 cannot hold
+    assert cpu_step.bf16_if_exact(off) is off
+    transposed, half = w.t(), w.half()  # not contiguous; not fp32: each kept as it is
+    assert cpu_step.bf16_if_exact(transposed) is transposed
+    assert cpu_step.bf16_if_exact(half) is half
+
+
+def test_the_engine_reads_bf16_valued_weights_in_bf16_with_the_same_bits(monkeypatch):
+    model = model_for("gqa_hd6", seed=7)
+    plain = Engine(model, cuda_graph=False, settings=Settings(fusion=Fusion.FULL))
+    assert {t.dtype for t in plain.forward._step_weights} == {torch.float32}  # random fp32
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(_bf16_valued(p))
+    engine = Engine(model, cuda_graph=False, settings=Settings(fusion=Fusion.FULL))
+    weights = engine.forward._step_weights
+    assert [t.dtype for j, t in enumerate(weights) if j % 6 in PRODUCTS] == (
+        [torch.bfloat16] * (len(weights) // 6 * 4))
+    assert engine.forward._step_head[2].dtype == torch.bfloat16  # the head
+    calls = counting(monkeypatch)
+    fused, fused_caches = teacher_forced(model, Fusion.FULL, [5, 17, 1, 11], 6, finished=2)
+    assert len(calls) == 6
+    separate, separate_caches = teacher_forced(model, Fusion.SILU_GEMV, [5, 17, 1, 11], 6,
+                                               finished=2)
+    for a, b in zip(fused + fused_caches, separate + separate_caches, strict=True):
+        assert_same_bits(a, b)
 
 
 def test_a_finished_row_writes_nothing_and_the_others_write_their_position():

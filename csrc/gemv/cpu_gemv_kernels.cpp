@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -35,16 +36,27 @@ constexpr int64_t kColBlock = 32;  // output columns per step of the input-major
 // ---------------------------------------------------------------------------------------------
 // Portable kernels (any CPU; the compiler vectorises what it can).
 
+// A weight's value: fp32 as stored; a bf16 (its bits, uint16_t) widened to the fp32 of the same
+// value, exactly (its 16 bits on top of 16 zero bits).
+inline float weight_value(float w) { return w; }
+inline float weight_value(uint16_t w) {
+    const uint32_t bits = static_cast<uint32_t>(w) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
 // weight row-major [out, in]: y[m, j] = dot(x[m, :], w[j, :]) for j in [j0, j1).
-void rows_portable(const float* x, const float* w, float* y, int64_t m_rows, int64_t in,
-                   int64_t out, int64_t j0, int64_t j1) {
+template <typename W>
+void rows_portable(const float* x, const W* w, float* y, int64_t m_rows, int64_t in, int64_t out,
+                   int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
-        const float* wj = w + j * in;
+        const W* wj = w + j * in;
         for (int64_t m = 0; m < m_rows; ++m) {
             const float* xm = x + m * in;
             float s = 0.f;
             for (int64_t i = 0; i < in; ++i) {
-                s += xm[i] * wj[i];
+                s += xm[i] * weight_value(wj[i]);
             }
             y[m * out + j] = s;
         }
@@ -79,23 +91,33 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+// 8 weights as fp32: loaded, or 8 bf16 widened (exact: each bf16's bits on top of 16 zeros).
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* w) {
+    return _mm256_loadu_ps(w);
+}
+__attribute__((target("avx2,fma"))) inline __m256 load8(const uint16_t* w) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 // One weight row at a time, front to back (see rows_avx512), each row's sum in 8 lanes then
 // its last in % 8 products.
-__attribute__((target("avx2,fma"))) void rows_avx2(const float* x, const float* w, float* y,
+template <typename W>
+__attribute__((target("avx2,fma"))) void rows_avx2(const float* x, const W* w, float* y,
                                                    int64_t m_rows, int64_t in, int64_t out,
                                                    int64_t j0, int64_t j1) {
     const int64_t in8 = in - in % 8;
     for (int64_t j = j0; j < j1; ++j) {
-        const float* wj = w + j * in;
+        const W* wj = w + j * in;
         for (int64_t m = 0; m < m_rows; ++m) {
             const float* xm = x + m * in;
             __m256 a = _mm256_setzero_ps();
             for (int64_t i = 0; i < in8; i += 8) {
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(wj + i), _mm256_loadu_ps(xm + i), a);
+                a = _mm256_fmadd_ps(load8(wj + i), _mm256_loadu_ps(xm + i), a);
             }
             float s = hsum(a);
             for (int64_t i = in8; i < in; ++i) {
-                s += xm[i] * wj[i];
+                s += xm[i] * weight_value(wj[i]);
             }
             y[m * out + j] = s;
         }
@@ -152,16 +174,40 @@ __attribute__((target("avx512f"))) inline float hsum16(__m512 v) {
     return _mm_cvtss_f32(s);
 }
 
+// 16 weights as fp32, and the last n < 16 of a row (the other lanes 0): loaded, or bf16
+// widened (exact). The bf16 tail goes through a zeroed copy (a masked 16-bit load would need
+// AVX-512BW); masked-off lanes read nothing.
+__attribute__((target("avx512f"))) inline __m512 load16(const float* w) {
+    return _mm512_loadu_ps(w);
+}
+__attribute__((target("avx512f"))) inline __m512 load16(const uint16_t* w) {
+    // (zero-masked forms: GCC 12's unmasked ones warn of an uninitialised register, as in hsum16)
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    return _mm512_castsi512_ps(
+        _mm512_maskz_slli_epi32(0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, h), 16));
+}
+__attribute__((target("avx512f"))) inline __m512 load16_tail(const float* w, __mmask16 tail,
+                                                             int64_t) {
+    return _mm512_maskz_loadu_ps(tail, w);
+}
+__attribute__((target("avx512f"))) inline __m512 load16_tail(const uint16_t* w, __mmask16,
+                                                             int64_t n) {
+    uint16_t last[16] = {};
+    std::memcpy(last, w, static_cast<size_t>(n) * sizeof(uint16_t));
+    return load16(last);
+}
+
 // One weight row's partial sums: 16 lanes over the row's whole vectors, then its last in % 16
-// floats by one masked load (`tail`; masked-off lanes read nothing and add 0).
-__attribute__((target("avx512f"))) inline __m512 row_dot16(const float* xm, const float* wj,
+// by one masked load (`tail`; masked-off lanes add 0).
+template <typename W>
+__attribute__((target("avx512f"))) inline __m512 row_dot16(const float* xm, const W* wj,
                                                           int64_t in16, __mmask16 tail,
-                                                          __m512 acc) {
+                                                          int64_t n_tail, __m512 acc) {
     for (int64_t i = 0; i < in16; i += 16) {
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(wj + i), _mm512_loadu_ps(xm + i), acc);
+        acc = _mm512_fmadd_ps(load16(wj + i), _mm512_loadu_ps(xm + i), acc);
     }
     if (tail != 0) {
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, wj + in16),
+        acc = _mm512_fmadd_ps(load16_tail(wj + in16, tail, n_tail),
                               _mm512_maskz_loadu_ps(tail, xm + in16), acc);
     }
     return acc;
@@ -172,16 +218,17 @@ __attribute__((target("avx512f"))) inline __m512 row_dot16(const float* xm, cons
 // model's 61 MB, reading four (or two) rows side by side streamed at half the rate of one
 // (docs/PERF.md, 2026-12-02, issue 21), the hardware prefetchers following one stream better
 // than several short ones. x's rows (<= 4) pass over a weight row while it is in L1.
-__attribute__((target("avx512f"))) void rows_avx512(const float* x, const float* w, float* y,
+template <typename W>
+__attribute__((target("avx512f"))) void rows_avx512(const float* x, const W* w, float* y,
                                                      int64_t m_rows, int64_t in, int64_t out,
                                                      int64_t j0, int64_t j1) {
     const int64_t in16 = in - in % 16;
     const __mmask16 tail = static_cast<__mmask16>((1u << (in % 16)) - 1u);
     for (int64_t j = j0; j < j1; ++j) {
-        const float* wj = w + j * in;
+        const W* wj = w + j * in;
         for (int64_t m = 0; m < m_rows; ++m) {
-            y[m * out + j] =
-                hsum16(row_dot16(x + m * in, wj, in16, tail, _mm512_setzero_ps()));
+            y[m * out + j] = hsum16(
+                row_dot16(x + m * in, wj, in16, tail, in % 16, _mm512_setzero_ps()));
         }
     }
 }
@@ -203,19 +250,55 @@ int64_t block_grain(int64_t block, int64_t in) {
     return std::max<int64_t>(1, kMinBytesPerThread / bytes_per_block);
 }
 
-using Kernel = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
+template <typename W>
+using Kernel = void (*)(const float*, const W*, float*, int64_t, int64_t, int64_t, int64_t,
                         int64_t);
 
-Kernel kernel_for(GemvIsa isa, bool row_major) {
+Kernel<float> kernel_for(GemvIsa isa, bool row_major) {
 #ifdef GEMV_X86
     if (isa == GemvIsa::kAvx512) {
-        return row_major ? rows_avx512 : cols_avx2;
+        return row_major ? rows_avx512<float> : cols_avx2;
     }
     if (isa == GemvIsa::kAvx2) {
-        return row_major ? rows_avx2 : cols_avx2;
+        return row_major ? rows_avx2<float> : cols_avx2;
     }
 #endif
-    return row_major ? rows_portable : cols_portable;
+    return row_major ? rows_portable<float> : cols_portable;
+}
+
+// The row-major kernel of `isa` for weights stored as W (float or bf16's bits).
+template <typename W>
+Kernel<W> rows_kernel_for(GemvIsa isa) {
+#ifdef GEMV_X86
+    if (isa == GemvIsa::kAvx512) {
+        return rows_avx512<W>;
+    }
+    if (isa == GemvIsa::kAvx2) {
+        return rows_avx2<W>;
+    }
+#endif
+    return rows_portable<W>;
+}
+
+// share `part` of `parts` of output rows [j0, j1) (gemv_fp32_cpu_share), weights stored as W
+template <typename W>
+void rows_share(const float* x, const W* weight, float* y, int64_t rows, int64_t in, int64_t out,
+                int64_t j0, int64_t j1, int64_t part, int64_t parts) {
+    // whole blocks of the row-major kernel, spread evenly over the parts
+    const int64_t num_blocks = (j1 - j0 + kRowBlock - 1) / kRowBlock;
+    const int64_t b0 = num_blocks * part / parts, b1 = num_blocks * (part + 1) / parts;
+    const int64_t first = j0 + b0 * kRowBlock, last = std::min(j1, j0 + b1 * kRowBlock);
+    if (rows == 0 || first >= last) {
+        return;
+    }
+    if (in == 0) {
+        for (int64_t m = 0; m < rows; ++m) {
+            std::fill(y + m * out + first, y + m * out + last, 0.f);
+        }
+        return;
+    }
+    static const Kernel<W> kernel = rows_kernel_for<W>(cpu_gemv_best_isa());
+    kernel(x, weight, y, rows, in, out, first, last);
 }
 
 }  // namespace
@@ -256,7 +339,7 @@ void gemv_fp32_cpu_isa(GemvIsa isa, const float* x, const float* weight, float* 
         std::fill(y, y + rows * out, 0.f);
         return;
     }
-    const Kernel kernel = kernel_for(isa, row_major);
+    const Kernel<float> kernel = kernel_for(isa, row_major);
     // Split the output into blocks of whole kernel steps; a thread takes at least
     // kMinBytesPerThread of weights.
     const int64_t block = row_major ? kRowBlock : kColBlock;
@@ -274,21 +357,16 @@ int64_t gemv_fp32_cpu_parts(int64_t in, int64_t out, int64_t threads) {
 
 void gemv_fp32_cpu_share(const float* x, const float* weight, float* y, int64_t rows, int64_t in,
                          int64_t out, int64_t j0, int64_t j1, int64_t part, int64_t parts) {
-    // whole blocks of the row-major kernel, spread evenly over the parts
-    const int64_t num_blocks = (j1 - j0 + kRowBlock - 1) / kRowBlock;
-    const int64_t b0 = num_blocks * part / parts, b1 = num_blocks * (part + 1) / parts;
-    const int64_t first = j0 + b0 * kRowBlock, last = std::min(j1, j0 + b1 * kRowBlock);
-    if (rows == 0 || first >= last) {
-        return;
+    rows_share(x, weight, y, rows, in, out, j0, j1, part, parts);
+}
+
+void gemv_fp32_cpu_share(const float* x, GemvWeight weight, float* y, int64_t rows, int64_t in,
+                         int64_t out, int64_t j0, int64_t j1, int64_t part, int64_t parts) {
+    if (weight.bf16 != nullptr) {
+        rows_share(x, weight.bf16, y, rows, in, out, j0, j1, part, parts);
+    } else {
+        rows_share(x, weight.fp32, y, rows, in, out, j0, j1, part, parts);
     }
-    if (in == 0) {
-        for (int64_t m = 0; m < rows; ++m) {
-            std::fill(y + m * out + first, y + m * out + last, 0.f);
-        }
-        return;
-    }
-    static const Kernel kernel = kernel_for(cpu_gemv_best_isa(), true);
-    kernel(x, weight, y, rows, in, out, first, last);
 }
 
 }  // namespace toyllm

@@ -1,4 +1,4 @@
-// The fp32 CPU matrix-vector products of a decode step, as a plain function on pointers: the
+// The fp32 CPU matrix-vector products of a decode step (weights in fp32, or bf16 read as fp32), as a plain function on pointers: the
 // kernel behind toyllm::gemv on the CPU (cpu_gemv.cpp) and behind the products of
 // toyllm::cpu_decode_step (layer/), so both give the same bits.
 #pragma once
@@ -43,6 +43,17 @@ void gemv_fp32_cpu_share(const float* x,       // [rows, in], contiguous
                          float* y,             // [rows, out], contiguous; [., j0, j1) written
                          int64_t rows, int64_t in, int64_t out, int64_t j0, int64_t j1,
                          int64_t part, int64_t parts);
+
+// A row-major [out, in] weight stored in fp32 or in bf16 (its bits; exactly one pointer set).
+// A bf16 weight is widened to the fp32 of the same value as it is read, then summed as an fp32
+// weight of that value would be: the product is the fp32 product's bits on the rounded weights,
+// from half the bytes (what a decode step streams).
+struct GemvWeight {
+    const float* fp32 = nullptr;
+    const uint16_t* bf16 = nullptr;
+};
+void gemv_fp32_cpu_share(const float* x, GemvWeight weight, float* y, int64_t rows, int64_t in,
+                         int64_t out, int64_t j0, int64_t j1, int64_t part, int64_t parts);
 
 void gemv_fp32_cpu_isa(GemvIsa isa, const float* x, const float* weight, float* y,
                        int64_t rows, int64_t in, int64_t out, bool row_major);

@@ -126,7 +126,7 @@ std::vector<LayerShape> check_args(const at::Tensor& tokens, const at::Tensor& e
                       ": expected final_norm of shape [", hidden, "] (embedding's hidden), got ",
                       final_norm.sizes());
     check_contiguous(kOp, "final_norm", final_norm);
-    check_fp32_cpu(kOp, "head_weight", head_weight);
+    check_weight_dtype(kOp, "head_weight", head_weight);
     TORCH_CHECK_VALUE(head_weight.dim() == 2 && head_weight.size(0) >= 1 &&
                           head_weight.size(1) == hidden,
                       kOp, ": expected head_weight of shape [vocab, ", hidden,
@@ -222,16 +222,16 @@ at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
     std::vector<float*> k_ptrs, v_ptrs;
     for (size_t i = 0; i < shapes.size(); ++i) {
         const at::Tensor* w = layer_weights.data() + kWeightsPerLayer * i;
-        ptrs.push_back(LayerWeightPtrs{w[0].const_data_ptr<float>(), w[1].const_data_ptr<float>(),
-                                       w[2].const_data_ptr<float>(), w[3].const_data_ptr<float>(),
-                                       w[4].const_data_ptr<float>(), w[5].const_data_ptr<float>()});
+        ptrs.push_back(LayerWeightPtrs{w[0].const_data_ptr<float>(), gemv_weight(w[1]),
+                                       gemv_weight(w[2]), w[3].const_data_ptr<float>(),
+                                       gemv_weight(w[4]), gemv_weight(w[5])});
         k_ptrs.push_back(k_caches[i].mutable_data_ptr<float>());
         v_ptrs.push_back(v_caches[i].mutable_data_ptr<float>());
     }
     const float* cos_p = cos.const_data_ptr<float>();
     const float* sin_p = sin.const_data_ptr<float>();
     const float* final_w = final_norm.const_data_ptr<float>();
-    const float* head_w = head_weight.const_data_ptr<float>();
+    const GemvWeight head_w = gemv_weight(head_weight);
     float* out_logits = logits.mutable_data_ptr<float>();
 
     // The whole step in one parallel region: every thread runs every layer (decode_layer_fp32:

@@ -22,7 +22,7 @@ namespace {
 // A weight [out, in] in nn.Linear's layout, contiguous (the layout the GEMV streams fastest).
 void check_weight(const char* op, const char* name, const at::Tensor& w, int64_t out, int64_t in,
                   const char* shape_why) {
-    check_fp32_cpu(op, name, w);
+    check_weight_dtype(op, name, w);
     TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == out && w.size(1) == in, op, ": expected ",
                       name, " of shape [", out, ", ", in, "] (", shape_why, "), got ", w.sizes());
     TORCH_CHECK_VALUE(w.is_contiguous(), op, ": expected a contiguous ", name,
@@ -82,6 +82,24 @@ void check_fp32_cpu(const char* op, const char* name, const at::Tensor& t) {
                       " of dtype torch.float32, got ", dtype_name(t.scalar_type()));
 }
 
+void check_weight_dtype(const char* op, const char* name, const at::Tensor& t) {
+    TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got ",
+                      t.device());
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op,
+                      ": expected ", name, " of dtype torch.float32 or torch.bfloat16, got ",
+                      dtype_name(t.scalar_type()));
+}
+
+GemvWeight gemv_weight(const at::Tensor& t) {
+    GemvWeight w;
+    if (t.scalar_type() == at::kBFloat16) {
+        w.bf16 = reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>());
+    } else {
+        w.fp32 = t.const_data_ptr<float>();
+    }
+    return w;
+}
+
 LayerShape check_layer(const char* op, int64_t rows, int64_t hidden, const at::Tensor& input_norm,
                        const at::Tensor& qkv_weight, const at::Tensor& o_weight,
                        const at::Tensor& post_norm, const at::Tensor& gate_up_weight,
@@ -130,7 +148,7 @@ LayerShape check_layer(const char* op, int64_t rows, int64_t hidden, const at::T
                  "(num_q_heads + 2 * num_kv_heads) * head_dim, hidden");
     check_weight(op, "o_weight", o_weight, hidden, num_q_heads * s.head_dim,
                  "hidden, num_q_heads * head_dim");
-    check_fp32_cpu(op, "down_weight", down_weight);
+    check_weight_dtype(op, "down_weight", down_weight);
     TORCH_CHECK_VALUE(down_weight.dim() == 2 && down_weight.size(0) == hidden &&
                           down_weight.size(1) >= 1,
                       op, ": expected down_weight of shape [", hidden,

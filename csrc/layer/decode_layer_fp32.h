@@ -37,6 +37,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "gemv/cpu_gemv_kernels.h"
+
 namespace toyllm {
 
 // The shapes a layer reads off its arguments.
@@ -50,18 +52,25 @@ struct LayerShape {
     int64_t intermediate;  // down_weight.size(1)
 };
 
-// One layer's weights, each fp32 and contiguous, [out, in] for the products.
+// One layer's weights, each contiguous, [out, in] for the products: the norms fp32, the
+// products' weights fp32 or bf16 (read as fp32 values: gemv/cpu_gemv_kernels.h).
 struct LayerWeightPtrs {
     const float* input_norm;  // [hidden]
-    const float* qkv;         // [(Hq + 2 Hkv) D, hidden]
-    const float* o;           // [hidden, Hq D]
+    GemvWeight qkv;           // [(Hq + 2 Hkv) D, hidden]
+    GemvWeight o;             // [hidden, Hq D]
     const float* post_norm;   // [hidden]
-    const float* gate_up;     // [2 I, hidden]
-    const float* down;        // [hidden, I]
+    GemvWeight gate_up;       // [2 I, hidden]
+    GemvWeight down;          // [hidden, I]
 };
 
 // t is an fp32 CPU tensor; messages start with `op` and name t `name`.
 void check_fp32_cpu(const char* op, const char* name, const at::Tensor& t);
+
+// t is a product's weight the step reads: fp32 or bf16, on the CPU.
+void check_weight_dtype(const char* op, const char* name, const at::Tensor& t);
+
+// A checked product weight's pointer (fp32 or bf16).
+GemvWeight gemv_weight(const at::Tensor& t);
 
 // Checks a layer's norms, eps, caches, num_q_heads and weights against `rows` new tokens of
 // width `hidden`, in that order, and returns the layer's shape. Messages start with `op`.

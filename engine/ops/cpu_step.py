@@ -17,6 +17,12 @@ LayerWeights order), per-layer cache views [rows, max_seq_len, Hkv, D] and int32
 (< 0: a finished row, which writes nothing) -> logits [rows, 1, vocab]. Positions are not
 advanced: the engine does that after the step.
 
+The products' weights (qkv, o, gate_up, down and the head) may also be bf16: each is read as the
+fp32 of its value, so the step gives the fp32 step's bits on those values from half the bytes, and
+a CPU decode step is bound by the bytes it streams. `bf16_if_exact` makes such a copy of a weight
+whose fp32 values are all bf16 values (a checkpoint stored in bf16, as most are, the shipped
+model's included, loaded in fp32 on the CPU): nothing changes but the bytes read.
+
 `weights_apply` and `applies` say where the engine takes it (engine/forward.py, Settings.fusion
 FULL with the extension's CPU GEMV): the weights once, the step's tokens per step.
 
@@ -55,7 +61,7 @@ from torch import Tensor
 from toyllm.engine.ops import _C
 from toyllm.engine.ops.gemv import MAX_ROWS
 
-__all__ = ["MAX_ROWS", "applies", "cpu_decode_step", "weights_apply"]
+__all__ = ["MAX_ROWS", "applies", "bf16_if_exact", "cpu_decode_step", "weights_apply"]
 
 _op = _C.cpu_decode_step  # the operator's CPU function, without the dispatcher (above)
 
@@ -66,6 +72,20 @@ def weights_apply(weights: Iterable[Tensor]) -> bool:
     per engine."""
     return all(w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()
                for w in weights)
+
+
+def bf16_if_exact(weight: Tensor) -> Tensor:
+    """A contiguous bf16 copy of an fp32 `weight` whose every value is a bf16 value (the low 16
+    bits of each float zero), so the copy holds the same numbers in half the bytes; else
+    `weight` itself. Reads the weight once, in slices (no full-size temporary)."""
+    if weight.dtype != torch.float32 or not weight.is_contiguous():
+        return weight
+    bits = weight.view(-1).view(torch.int32)
+    chunk = 1 << 22
+    for start in range(0, bits.numel(), chunk):
+        if torch.any(torch.bitwise_and(bits[start:start + chunk], 0xFFFF)):
+            return weight
+    return weight.to(torch.bfloat16)
 
 
 def applies(tokens: Tensor) -> bool:

@@ -16,6 +16,7 @@ would measure main memory instead). Throughput counts generated tokens of all ro
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import platform
@@ -28,6 +29,7 @@ import torch
 from toyllm.engine.check.reference import reference_logits
 from toyllm.engine.forward import decode_kernel_max_rows
 from toyllm.engine.generate import Engine
+from toyllm.engine.ops import cpu_step
 from toyllm.engine.sampling import SamplingParams
 from toyllm.engine.settings import Settings
 from toyllm.models.config import load_config
@@ -114,6 +116,33 @@ def weight_bytes(model: Transformer) -> int:
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
+    return total
+
+
+def bf16_valued_copy(model: Transformer) -> Transformer | None:
+    """An fp32 CPU model's copy with every weight rounded to bf16 values, as a checkpoint stored
+    in bf16 (most are) loads on the CPU, whose decode step then reads the products' weights in
+    bf16 (engine/ops/cpu_step.py: half the bytes). None where the model's weights are bf16 values
+    already (the shipped model's: its own rows take that path) or it is not fp32 on the CPU."""
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        return None
+    head = model.lm_head.weight.detach().contiguous()
+    if cpu_step.bf16_if_exact(head) is not head:
+        return None
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.bfloat16().float())
+    return rounded
+
+
+def narrowed_bytes(model: Transformer) -> int:
+    """The weight bytes with every matrix counted in bf16 (what bf16_valued_copy's step reads)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * (2 if p.dim() == 2 else p.element_size())
     return total
 
 
@@ -258,6 +287,15 @@ def bench_model(
         # programmatic dependent launch: csrc/common/programmatic_launch.cuh)
         engines["toyllm graph, no PDL"] = dict(
             cuda_graph=True, settings=replace(settings, programmatic_launch=False))
+    rounded = bf16_valued_copy(model)
+    if rounded is not None:
+        # the same shape with bf16-valued weights: how far its logits lie from the fp32 model's
+        # (the prompt of the shortest context, every position), then its decode rows below
+        engines["toyllm eager, bf16-valued weights"] = dict(cuda_graph=False, model=rounded)
+        ids = random_prompts(1, min(args.contexts), config.vocab_size)[0]
+        with torch.inference_mode():
+            want, got = reference_logits(model, ids), reference_logits(rounded, ids)
+        extras["bf16_valued_logits_rel"] = float((got - want).norm() / want.norm())
     contexts = [c for c in args.contexts if c + args.new_tokens <= config.max_seq_len]
     for batch in args.batches:
         for ctx in contexts:
@@ -271,7 +309,9 @@ def bench_model(
                 most = decode_kernel_max_rows(settings, dtype, config.head_dim)
                 if label.endswith("SDPA") and most is not None and batch > most:
                     continue
-                engine = Engine(model, **{"settings": settings, **kw})
+                kw = dict(kw)
+                timed = kw.pop("model", model)
+                engine = Engine(timed, **{"settings": settings, **kw})
                 if on_gpu:
                     torch.cuda.reset_peak_memory_stats(device)
                     base = torch.cuda.memory_allocated(device)
@@ -280,7 +320,9 @@ def bench_model(
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     group.append(Row(name, label, batch, ctx, 0.0, 0.0, note=repr(exc)[:120]))
                     continue
-                row = Row(name, label, batch, ctx, tps, ms, roof, tps / roof)
+                row_roof = roof if timed is model else (  # its step reads the matrices in bf16
+                    bandwidth / (narrowed_bytes(timed) + batch * avg_ctx * kv_token) * batch)
+                row = Row(name, label, batch, ctx, tps, ms, row_roof, tps / row_roof)
                 if on_gpu:
                     peak = torch.cuda.max_memory_allocated(device)
                     # weights were allocated before; peak counts them once
@@ -387,6 +429,11 @@ def print_table(rows: list[Row], extras: dict, bandwidth: float, device_name: st
         console.print(f"  roofline: {ex['roofline']}")
         console.print(f"  ms/token at position: {ex['ms_per_token_at_position']}")
         console.print(f"  prefill tok/s: {ex['prefill_tok_per_s']}")
+        if "bf16_valued_logits_rel" in ex:
+            console.print("  bf16-valued weights: the weights rounded to bf16 values (a bf16 "
+                          "checkpoint on the CPU), the matrices read in bf16; logits "
+                          f"||a-b||/||b|| from the fp32 model's {ex['bf16_valued_logits_rel']:.2e}"
+                          "; roofline over the bf16 bytes")
         if "hf_error" in ex:
             console.print(f"  transformers unavailable: {ex['hf_error']}")
 
