@@ -194,6 +194,23 @@ def test_min_p_1_keeps_only_the_top_tokens_and_0_changes_nothing_bit_for_bit() -
     assert torch.equal(_bits(got), _bits(logits / torch.tensor(0.7)))
 
 
+def test_min_p_decides_as_exp_of_the_unclamped_difference_would() -> None:
+    # filtered_logits raises logit - max to log(min_p) - 1 before its exp (no underflow); every
+    # token is still kept or dropped as exp(logit - max) >= min_p decides, for logits far below
+    # the top one and for min_p down to a subnormal, rows without min-p beside them
+    g = torch.Generator().manual_seed(11)
+    logits = torch.cat([torch.randn(6, 300, generator=g) * 60,
+                        torch.linspace(-200, 0, 300).expand(6, 300)], dim=-1)
+    min_ps = [1e-40, 1e-30, 6e-39, 0.05, 1.0, 0.0]
+    params = [SamplingParams(temperature=1.0, min_p=m) for m in min_ps]
+    got = filtered_logits(logits, params)
+    for r, m in enumerate(min_ps):
+        ratio = (logits[r] - logits[r].max()).exp()
+        expected = set(range(600)) if m == 0 else set(
+            torch.nonzero(ratio >= torch.tensor(m)).flatten().tolist())
+        assert _kept(got[r]) == expected, m
+
+
 def test_min_p_applies_after_temperature() -> None:
     logits = torch.tensor([[4.0, 3.0, 2.0, 0.0]])
     kept = [len(_kept(filtered_logits(logits, [SamplingParams(temperature=t, min_p=0.2)])[0]))
