@@ -173,6 +173,9 @@ def token_logprobs(logits: Tensor, tokens: Sequence[int],
 # Prefix sums of the top-p filter run over chunks of this many positions (see _mass_before).
 PREFIX_CHUNK = 256
 
+# On the CPU, top-p first looks among a row's this many most likely tokens (_top_p_drop_row).
+TOP_P_CANDIDATES = 256
+
 
 def _to_device(values: Tensor, device: torch.device) -> Tensor:
     """A small host tensor on `device`, copied without waiting for the device: from pinned memory
@@ -279,12 +282,11 @@ def filtered_logits(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
         # top-p: in order of probability (after top-k), drop a token when the tokens before it
         # already hold top_p of the mass
         kept = scaled if drop is None else scaled.masked_fill(drop, -math.inf)
-        sorted_logits, order = torch.sort(kept, dim=-1, descending=True, stable=True)
-        drop_sorted = _mass_before(sorted_logits.softmax(dim=-1)) >= top_p.unsqueeze(-1)
-        # the most likely token always stays: a top_p below fp32's range (1e-300) is 0 here
-        drop_sorted[:, 0] = False
-        drop_sorted &= (top_p < 1).unsqueeze(-1)
-        drop_p = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        if kept.device.type == "cpu":  # row by row, most rows without sorting the vocabulary
+            drop_p = torch.stack([_top_p_drop_row(kept[r], float(top_p[r]))
+                                  for r in range(rows)])
+        else:
+            drop_p = _top_p_drop(kept, top_p)
         drop = drop_p if drop is None else drop | drop_p
     if any(p.min_p > 0 for p in sampled):
         # min-p: keep p >= min_p * p_max, i.e. exp(logit - max logit) >= min_p (the softmax's
@@ -300,6 +302,51 @@ def filtered_logits(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
         drop_m = ratio < min_p.unsqueeze(-1)
         drop = drop_m if drop is None else drop | drop_m
     return scaled if drop is None else scaled.masked_fill(drop, -math.inf)
+
+
+def _top_p_drop(kept: Tensor, top_p: Tensor) -> Tensor:
+    """kept [rows, V] (-inf where an earlier filter dropped), top_p [rows] -> [rows, V] bool:
+    the tokens top-p drops, from the whole of each row in order of probability (a stable sort,
+    descending), each token's probability the row's softmax (so the same numbers whatever the
+    order they are summed in: _top_p_drop_row's). Rows with top_p 1 drop nothing."""
+    order = torch.sort(kept, dim=-1, descending=True, stable=True).indices
+    probs = kept.softmax(dim=-1).gather(-1, order)
+    drop_sorted = _mass_before(probs) >= top_p.unsqueeze(-1)
+    # the most likely token always stays: a top_p below fp32's range (1e-300) is 0 here
+    drop_sorted[:, 0] = False
+    drop_sorted &= (top_p < 1).unsqueeze(-1)
+    return torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+
+
+def _top_p_drop_row(kept: Tensor, top_p: float) -> Tensor:
+    """_top_p_drop of one CPU row [V] without sorting all of it where it need not: torch sorts
+    a row on the CPU at ~60 ns a token (2 ms a token for a 32k vocabulary, more than a small
+    model's decode step). The row's TOP_P_CANDIDATES most likely tokens (and every token tied
+    with the last of them) are sorted as the whole row would order them (stable, descending);
+    where they hold top_p of the mass, every other token comes after them and is dropped, and
+    those sorted first are decided as the whole sort decides them (the same probabilities,
+    summed in the same order: the same bits). Otherwise, the whole row is sorted. Depends on
+    the row alone."""
+    vocab = kept.shape[0]
+    if top_p >= 1:
+        return torch.zeros(vocab, dtype=torch.bool)
+    if vocab <= TOP_P_CANDIDATES:
+        return _top_p_drop(kept.unsqueeze(0), torch.tensor([top_p]))[0]
+    kth = torch.topk(kept, TOP_P_CANDIDATES).values[-1]
+    # in token order, so that ties keep the whole sort's order; not those an earlier filter
+    # dropped (-inf: probability 0, dropped already)
+    candidates = torch.nonzero((kept >= kth) & (kept > -math.inf)).squeeze(1)
+    order = torch.sort(kept[candidates], descending=True, stable=True).indices
+    ranked = candidates[order]
+    probs = kept.softmax(dim=-1)[ranked].unsqueeze(0)
+    before = _mass_before(probs)[0]
+    if float(torch.cumsum(probs, dim=-1)[0, -1]) < top_p:  # the rest of the row is needed
+        return _top_p_drop(kept.unsqueeze(0), torch.tensor([top_p]))[0]
+    drop = torch.ones(vocab, dtype=torch.bool)
+    ranked_drop = before >= top_p
+    ranked_drop[0] = False  # the most likely token always stays
+    drop[ranked] = ranked_drop
+    return drop
 
 
 def _check_logits(logits: Tensor) -> None:

@@ -23,6 +23,8 @@ from toyllm.engine.sampling import (
     SamplingParams,
     _chunked_mass_before,
     _mass_before,
+    _top_p_drop,
+    _top_p_drop_row,
     apply_repetition_penalty,
     filtered_logits,
     make_generator,
@@ -192,6 +194,26 @@ def test_min_p_1_keeps_only_the_top_tokens_and_0_changes_nothing_bit_for_bit() -
     logits = torch.randn(4, 333, generator=g)
     got = filtered_logits(logits, [SamplingParams(temperature=0.7, min_p=0.0)] * 4)
     assert torch.equal(_bits(got), _bits(logits / torch.tensor(0.7)))
+
+
+@pytest.mark.parametrize("vocab", [300, 4096, 32000])
+def test_cpu_top_p_among_the_likely_tokens_drops_what_the_whole_sort_drops(vocab: int) -> None:
+    # _top_p_drop_row sorts only a row's most likely tokens where they hold top_p of the mass:
+    # peaked rows (that path), flat rows (the whole sort), ties at the cut, rows an earlier
+    # top-k left mostly at -inf, top_p from tiny to 1
+    g = torch.Generator().manual_seed(vocab)
+    for trial in range(40):
+        scale = [0.3, 2.0, 6.0, 15.0][trial % 4]
+        row = torch.randn(vocab, generator=g) * scale
+        if trial % 5 == 0:
+            row = row.round()  # many ties
+        if trial % 7 == 0:
+            row[torch.randperm(vocab, generator=g)[: vocab - 40]] = -math.inf  # after top-k
+        for top_p in (1e-30, 0.1, 0.5, 0.9, 0.95, 0.999, 1.0):
+            p32 = float(torch.tensor(top_p, dtype=torch.float32))
+            want = _top_p_drop(row.unsqueeze(0), torch.tensor([p32]))[0]
+            got = _top_p_drop_row(row, p32)
+            assert torch.equal(got, want), (trial, top_p)
 
 
 def test_min_p_decides_as_exp_of_the_unclamped_difference_would() -> None:
