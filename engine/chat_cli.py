@@ -24,12 +24,17 @@ def _stats_line(turn: ChatTurn) -> str:
             f"{turn.decode_tok_per_s:.1f} tok/s]")
 
 
-def answer(session: ChatSession, text: str, out: Console, err: Console, stats: bool) -> ChatTurn:
-    def on_text(piece: str) -> None:
-        out.print(piece, end="", markup=False)
-        out.file.flush()
+def write_piece(out: Console, piece: str) -> None:
+    """A streamed piece of the model's text, as it wrote it, straight to `out`'s stream:
+    rich's print would render each piece (~0.2 ms a token, a sixth of a small model's CPU step)
+    and replace emoji codes such as ":smile:" in it."""
+    stream = out.file
+    stream.write(piece)
+    stream.flush()
 
-    turn = session.ask(text, on_text=on_text)
+
+def answer(session: ChatSession, text: str, out: Console, err: Console, stats: bool) -> ChatTurn:
+    turn = session.ask(text, on_text=lambda piece: write_piece(out, piece))
     out.print()
     if turn.finish_reason == "interrupted":
         err.print("[dim](stopped)[/]")

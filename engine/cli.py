@@ -388,8 +388,10 @@ def _generate(prompts, model, random_weights, tokenizer, chat, system, prompts_f
     if stream:
         out.print(texts[0], style="dim", end="\n" if chat else "")
 
+        from toyllm.engine.chat_cli import write_piece
+
         def on_text(_: int, piece: str) -> None:
-            out.print(piece, end="", markup=False)
+            write_piece(out, piece)
 
         result = engine.generate(inputs, params, on_text=on_text)
         out.print()

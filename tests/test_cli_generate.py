@@ -76,6 +76,26 @@ def test_generate_streams_one_prompt(checkpoint: Path) -> None:
     assert "tok/s" in r.stderr
 
 
+def test_streamed_text_is_printed_as_the_model_wrote_it(checkpoint: Path, monkeypatch) -> None:
+    # the stream is the completion's text exactly: no emoji codes or markup rendered in it
+    from toyllm.engine.generate import Engine
+
+    pieces = ["x = ", ":smile: ", "[bold]y[/bold]", " \\n"]
+    real = Engine.generate
+
+    def fake(self, inputs, params, on_text=None, **kw):
+        result = real(self, inputs, params, **kw)
+        for piece in pieces:
+            on_text(0, piece)
+        return result
+
+    monkeypatch.setattr(Engine, "generate", fake)
+    r = run("generate", "class A:", "--model", str(checkpoint), "--max-new-tokens", "2",
+            "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "class A:" + "".join(pieces) + "\n"
+
+
 def test_prompts_file(checkpoint: Path, tmp_path: Path) -> None:
     f = tmp_path / "p.jsonl"
     f.write_text('"a = 1"\n{"prompt": "b = 2"}\n')
