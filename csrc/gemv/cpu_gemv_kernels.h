@@ -1,6 +1,7 @@
-// The fp32 CPU matrix-vector products of a decode step (weights in fp32, or bf16 read as fp32), as a plain function on pointers: the
+// The fp32 CPU matrix-vector products of a decode step, as a plain function on pointers: the
 // kernel behind toyllm::gemv on the CPU (cpu_gemv.cpp) and behind the products of
-// toyllm::cpu_decode_step (layer/), so both give the same bits.
+// toyllm::cpu_decode_step (layer/), so both give the same bits; the step's may also read its
+// weights in bf16 (GemvWeight below).
 #pragma once
 
 #include <cstdint>
