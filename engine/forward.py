@@ -238,6 +238,11 @@ class EngineForward:
                            if self.cpu_step else ())
         if self.cpu_step:  # the weights the step streams a token, in huge pages where given
             huge_pages.advise([*self._step_weights, *self._step_head])
+            # the separate operators' few-row products (the serving engine's decode steps, and
+            # the engine's where the step does not apply) read the same bf16 copies
+            fp32 = [*step_weights, model.lm_head.weight]
+            self.gemv.narrow.update({id(a): b for a, b in zip(
+                fp32, [*self._step_weights, self._step_head[2]], strict=True) if a is not b})
 
     def paged_prefill_varlen(self) -> bool:
         """Whether the serving engine's prefill chunks take the packed varlen attention."""

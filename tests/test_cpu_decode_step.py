@@ -409,6 +409,30 @@ def test_the_engine_reads_bf16_valued_weights_in_bf16_with_the_same_bits(monkeyp
         assert_same_bits(a, b)
 
 
+def test_the_separate_products_read_the_same_bf16_copies(monkeypatch):
+    # the serving engine decodes through the separate operators: their few-row products read
+    # the step's bf16 copies (Gemv.narrow), and its greedy tokens are the no-cache reference's
+    from toyllm.engine.serving import ServingEngine
+
+    model = model_for("gqa_hd6", seed=8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(_bf16_valued(p))
+    engine = ServingEngine(model, block_size=8, kv_memory=2**20)
+    narrow = engine.forward.gemv.narrow
+    assert len(narrow) == 4 * model.config.num_layers + 1  # every product and the head
+    assert {t.dtype for t in narrow.values()} == {torch.bfloat16}
+    read: list[torch.dtype] = []
+    real = OPS.gemv.default
+    monkeypatch.setattr("toyllm.engine.ops.gemv._gemv",
+                        lambda x, w: read.append(w.dtype) or real(x, w))
+    batch = prompts([5, 12], model.config.vocab_size, seed=9)
+    result = engine.generate(batch, SamplingParams(max_new_tokens=16, stop_at_eos=False))
+    for ids, completion in zip(batch, result.completions, strict=True):
+        assert completion.token_ids == reference_greedy(model, ids, 16)[0]
+    assert read and set(read) == {torch.bfloat16}
+
+
 def test_a_finished_row_writes_nothing_and_the_others_write_their_position():
     args = step_args()
     args[POSITIONS] = torch.tensor([-1, 5], dtype=torch.int32)

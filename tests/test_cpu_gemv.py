@@ -89,7 +89,11 @@ def test_gemv_empty_shapes() -> None:
         (torch.zeros(1, 8, dtype=torch.float64), torch.zeros(4, 8),
          "expected x of dtype torch.float32, got torch.float64"),
         (torch.zeros(1, 8), torch.zeros(4, 8, dtype=torch.float16),
-         "expected weight of dtype torch.float32, got torch.float16"),
+         r"expected weight of dtype torch.float32 \(or torch.bfloat16, read as fp32 values\), "
+         "got torch.float16"),
+        (torch.zeros(1, 8), torch.zeros(8, 4, dtype=torch.bfloat16).t(),
+         r"expected a bf16 weight \[out, in\] contiguous \(strides \[in, 1\]\), got strides "
+         r"\[1, 4\]"),
         (torch.zeros(1, 8), torch.zeros(4, 8, 1), r"expected weight of 2 dims \[out, in\]"),
         (torch.zeros(()), torch.zeros(4, 8), r"expected x of at least 1 dim \[\.\.\., in\]"),
         (torch.zeros(1, 7), torch.zeros(4, 8), r"expected x \[\.\.\., 8\]"),

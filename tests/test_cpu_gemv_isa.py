@@ -2,7 +2,8 @@
 and the portable loops, each forced through the test-only binding `_cpu_gemv_with_isa`, against
 float64 sums and one another on sizes that end in partial vectors and partial row blocks; the
 product (toyllm::gemv) takes the best set the CPU runs; each set's bits do not depend on the
-number of threads or on where a row falls in a block. On a CPU without AVX-512 (or AVX2) the
+number of threads or on where a row falls in a block; a bf16 weight gives the bits of the fp32
+weight of its values. On a CPU without AVX-512 (or AVX2) the
 sets it lacks are not listed and are refused; the product then falls back to the next one."""
 
 from __future__ import annotations
@@ -23,6 +24,22 @@ SHAPES = [(1, 1), (7, 5), (8, 3), (15, 9), (16, 4), (17, 6), (31, 13), (33, 7), 
 
 def rand(shape, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n_in,n_out", SHAPES)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_each_set_reads_a_bf16_weight_as_the_fp32_of_its_values(isa: str, n_in: int, n_out: int,
+                                                                  rows: int) -> None:
+    # a bf16 weight gives the bits of the fp32 weight of the same values, set by set (the same
+    # loops; only the load widens each value)
+    w = (rand((n_out, n_in), 5) * n_in**-0.5).bfloat16()
+    x = rand((rows, n_in), 6)
+    want = _C._cpu_gemv_with_isa(x, w.float(), isa)
+    got = _C._cpu_gemv_with_isa(x, w, isa)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    if isa == ISAS[-1]:  # the product takes the best set
+        assert torch.equal(OPS.gemv(x, w).view(torch.int32), want.view(torch.int32))
 
 
 def test_the_portable_loops_are_always_listed_and_the_sets_are_ordered() -> None:

@@ -10,7 +10,9 @@
 // x: [..., in] fp32 (packed here when it is not contiguous); weight: [out, in] fp32, either
 // contiguous (nn.Linear's layout; the fastest: each output is a dot product over a contiguous
 // row, so the whole matrix streams front to back) or the transposed view of a contiguous
-// [in, out] matrix (engine/cpu_layout.py's input-major storage). Any number of rows works;
+// [in, out] matrix (engine/cpu_layout.py's input-major storage); or bf16 and contiguous, each
+// value widened to its fp32 as it is read (the fp32 product's bits on those values from half
+// the bytes: cpu_gemv_kernels.h). Any number of rows works;
 // the kernel is meant for few (the model uses it for <= 4 rows; prefill keeps MKL).
 // The loops are those of cpu_gemv_kernels.cpp (output rows split over threads with
 // at::parallel_for, AVX2+FMA chosen at run time). The fp32 sums run in another order than
@@ -53,19 +55,31 @@ namespace {
 
 // The CPU rules of gemv (x_name "x") and gemv_silu_mul ("gate_up"), `op` naming the operator in
 // the messages; check_shapes is the operator's shape check of gemv_args.h.
+// `bf16_weight`: the weight may also be bf16 (contiguous), read as the fp32 of its values.
 void check_gemv_cpu_args(const char* op, const char* x_name, const at::Tensor& x,
                          const at::Tensor& weight,
-                         void (*check_shapes)(const at::Tensor&, const at::Tensor&)) {
+                         void (*check_shapes)(const at::Tensor&, const at::Tensor&),
+                         bool bf16_weight) {
     TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": expected ", x_name, " on the CPU, got ",
                       x.device());
     TORCH_CHECK_VALUE(weight.device().is_cpu(), op, ": expected weight on the CPU, got ",
                       weight.device());
     TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, op, ": expected ", x_name,
                       " of dtype torch.float32, got ", dtype_name(x.scalar_type()));
-    TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat, op,
-                      ": expected weight of dtype torch.float32, got ",
-                      dtype_name(weight.scalar_type()));
+    if (bf16_weight) {
+        TORCH_CHECK_VALUE(
+            weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16, op,
+            ": expected weight of dtype torch.float32 (or torch.bfloat16, read as fp32 values), "
+            "got ", dtype_name(weight.scalar_type()));
+    } else {
+        TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat, op,
+                          ": expected weight of dtype torch.float32, got ",
+                          dtype_name(weight.scalar_type()));
+    }
     check_shapes(x, weight);
+    TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat || weight.is_contiguous(), op,
+                      ": expected a bf16 weight [out, in] contiguous (strides [in, 1]), got "
+                      "strides ", weight.strides(), " for shape ", weight.sizes());
     const bool row_major = weight.is_contiguous();
     const bool input_major =
         weight.stride(0) == 1 && weight.stride(1) == std::max<int64_t>(weight.size(0), 1);
@@ -91,6 +105,13 @@ at::Tensor gemv_cpu_checked(const at::Tensor& x, const at::Tensor& weight,
         return y.zero_();
     }
     const at::Tensor xc = x.contiguous();
+    if (weight.scalar_type() == at::kBFloat16) {  // row-major (checked)
+        GemvWeight w;
+        w.bf16 = reinterpret_cast<const uint16_t*>(weight.const_data_ptr<at::BFloat16>());
+        gemv_fp32_cpu_isa(isa, xc.const_data_ptr<float>(), w, y.mutable_data_ptr<float>(),
+                          xc.numel() / in, in, out);
+        return y;
+    }
     gemv_fp32_cpu_isa(isa, xc.const_data_ptr<float>(), weight.const_data_ptr<float>(),
                       y.mutable_data_ptr<float>(), xc.numel() / in, in, out,
                       weight.is_contiguous());
@@ -98,7 +119,7 @@ at::Tensor gemv_cpu_checked(const at::Tensor& x, const at::Tensor& weight,
 }
 
 at::Tensor gemv_cpu(const at::Tensor& x, const at::Tensor& weight) {
-    check_gemv_cpu_args("gemv", "x", x, weight, check_gemv_shapes);
+    check_gemv_cpu_args("gemv", "x", x, weight, check_gemv_shapes, true);
     return gemv_cpu_checked(x, weight);
 }
 
@@ -106,7 +127,8 @@ at::Tensor gemv_cpu(const at::Tensor& x, const at::Tensor& weight) {
 // same bits as that operator), then the product above. Nothing is fused on the CPU, where the
 // engine does not call it; it is here so that the operator runs everywhere.
 at::Tensor gemv_silu_mul_cpu(const at::Tensor& gate_up, const at::Tensor& weight) {
-    check_gemv_cpu_args("gemv_silu_mul", "gate_up", gate_up, weight, check_gemv_silu_mul_shapes);
+    check_gemv_cpu_args("gemv_silu_mul", "gate_up", gate_up, weight, check_gemv_silu_mul_shapes,
+                        false);
     if (weight.size(1) == 0) {  // silu_mul takes no empty rows; the empty sums are 0
         std::vector<int64_t> out_shape = gate_up.sizes().vec();
         out_shape.back() = weight.size(0);
@@ -199,7 +221,7 @@ std::vector<std::string> cpu_gemv_isa_names() {
 
 at::Tensor gemv_cpu_with_isa(const at::Tensor& x, const at::Tensor& weight,
                              const std::string& isa) {
-    check_gemv_cpu_args("gemv", "x", x, weight, check_gemv_shapes);
+    check_gemv_cpu_args("gemv", "x", x, weight, check_gemv_shapes, true);
     const auto* found = std::find_if(std::begin(kIsaNames), std::end(kIsaNames),
                                      [&isa](const auto& entry) { return isa == entry.second; });
     TORCH_CHECK_VALUE(found != std::end(kIsaNames) && cpu_gemv_supports(found->first),

@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -116,8 +117,8 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const float* x, const W* w, f
                 a = _mm256_fmadd_ps(load8(wj + i), _mm256_loadu_ps(xm + i), a);
             }
             float s = hsum(a);
-            for (int64_t i = in8; i < in; ++i) {
-                s += xm[i] * weight_value(wj[i]);
+            for (int64_t i = in8; i < in; ++i) {  // one rounding each, whatever W
+                s = std::fma(xm[i], weight_value(wj[i]), s);
             }
             y[m * out + j] = s;
         }
@@ -346,6 +347,27 @@ void gemv_fp32_cpu_isa(GemvIsa isa, const float* x, const float* weight, float* 
     const int64_t num_blocks = (out + block - 1) / block;
     at::parallel_for(0, num_blocks, block_grain(block, in), [&](int64_t b0, int64_t b1) {
         kernel(x, weight, y, rows, in, out, b0 * block, std::min(out, b1 * block));
+    });
+}
+
+void gemv_fp32_cpu_isa(GemvIsa isa, const float* x, GemvWeight weight, float* y, int64_t rows,
+                       int64_t in, int64_t out) {
+    if (weight.bf16 == nullptr) {
+        gemv_fp32_cpu_isa(isa, x, weight.fp32, y, rows, in, out, true);
+        return;
+    }
+    if (rows == 0 || out == 0) {
+        return;
+    }
+    if (in == 0) {
+        std::fill(y, y + rows * out, 0.f);
+        return;
+    }
+    const Kernel<uint16_t> kernel = rows_kernel_for<uint16_t>(isa);
+    const int64_t num_blocks = (out + kRowBlock - 1) / kRowBlock;
+    // the grain of the fp32 weight of the same shape: the same split as gemv_fp32_cpu's
+    at::parallel_for(0, num_blocks, block_grain(kRowBlock, in), [&](int64_t b0, int64_t b1) {
+        kernel(x, weight.bf16, y, rows, in, out, b0 * kRowBlock, std::min(out, b1 * kRowBlock));
     });
 }
 

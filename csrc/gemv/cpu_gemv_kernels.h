@@ -59,4 +59,9 @@ void gemv_fp32_cpu_share(const float* x, GemvWeight weight, float* y, int64_t ro
 void gemv_fp32_cpu_isa(GemvIsa isa, const float* x, const float* weight, float* y,
                        int64_t rows, int64_t in, int64_t out, bool row_major);
 
+// gemv_fp32_cpu_isa for a row-major weight stored in fp32 or bf16 (GemvWeight): the same
+// split over ATen's threads, and for a bf16 weight the fp32 product's bits on its values.
+void gemv_fp32_cpu_isa(GemvIsa isa, const float* x, GemvWeight weight, float* y, int64_t rows,
+                       int64_t in, int64_t out);
+
 }  // namespace toyllm

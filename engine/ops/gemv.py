@@ -7,7 +7,9 @@ A decode step at batch 1 is 4 products per layer plus the output head, each read
 weight once; they are bound by how fast the weights stream from memory. The operator computes
 ``F.linear(x, weight)`` (no bias):
 
-* CPU: fp32 tensors, an AVX2 loop split over the cores. Alone it streams about as fast as
+* CPU: fp32 tensors (the weight may also be bf16, contiguous: read as the fp32 of its values,
+  the fp32 product's bits from half the bytes; `narrow` below), an AVX2 or AVX-512 loop split
+  over the cores. Alone it streams about as fast as
   MKL's sgemv on the input-major layout; in the model's decode step it is worth 1.96x -> 2.24x
   of transformers (docs/PERF.md, "CPU decode, stories15M shape"). Its sums run in another order
   than MKL's: results agree to a few ulps.
@@ -37,7 +39,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +67,9 @@ class Gemv:
     cpu: bool = True  # fp32 CPU products of up to MAX_ROWS rows
     cuda: bool = True  # CUDA products of up to CUDA_MAX_ROWS rows ...
     cuda_max_bytes: int = 128 * 2**20  # ... of weights up to this size (larger: cuBLAS)
+    # fp32 CPU weights -> bf16 copies of the same values (cpu_step.bf16_if_exact), keyed by the
+    # weight's id: the operator reads the copy, the fp32 weight stays for MKL's many rows
+    narrow: dict[int, Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     def applies_cpu(self, x: Tensor, weight: Tensor) -> bool:
         if not self.cpu or x.dtype != torch.float32 or weight.dtype != torch.float32:
@@ -99,7 +104,7 @@ class Gemv:
     def linear(self, x: Tensor, weight: Tensor) -> Tensor:
         """F.linear(x, weight) without bias: through the operator where it applies."""
         if self.applies(x, weight):
-            return _gemv(x, weight)
+            return _gemv(x, self.narrow.get(id(weight), weight) if self.narrow else weight)
         return F.linear(x, weight)
 
     def silu_mul_applies(self, gate_up: Tensor, weight: Tensor) -> bool:
