@@ -338,12 +338,13 @@ def _top_p_drop_row(kept: Tensor, top_p: float) -> Tensor:
     candidates = torch.nonzero((kept >= kth) & (kept > -math.inf)).squeeze(1)
     order = torch.sort(kept[candidates], descending=True, stable=True).indices
     ranked = candidates[order]
-    probs = kept.softmax(dim=-1)[ranked].unsqueeze(0)
-    before = _mass_before(probs)[0]
-    if float(torch.cumsum(probs, dim=-1)[0, -1]) < top_p:  # the rest of the row is needed
+    probs = kept.softmax(dim=-1)[ranked]
+    # the mass before each candidate, and (one position further) before every other token
+    before = _mass_before(torch.cat([probs, probs.new_zeros(1)]).unsqueeze(0))[0]
+    if float(before[-1]) < top_p:  # the rest of the row is needed
         return _top_p_drop(kept.unsqueeze(0), torch.tensor([top_p]))[0]
     drop = torch.ones(vocab, dtype=torch.bool)
-    ranked_drop = before >= top_p
+    ranked_drop = before[:-1] >= top_p
     ranked_drop[0] = False  # the most likely token always stays
     drop[ranked] = ranked_drop
     return drop

@@ -302,6 +302,24 @@ void rows_share(const float* x, const W* weight, float* y, int64_t rows, int64_t
     kernel(x, weight, y, rows, in, out, first, last);
 }
 
+// y = x @ weight^T with `kernel`, its output split over ATen's threads in blocks of `block`
+// rows (a thread takes at least kMinBytesPerThread of fp32 weights: the same split whatever W).
+template <typename W>
+void split_over_threads(Kernel<W> kernel, int64_t block, const float* x, const W* weight,
+                        float* y, int64_t rows, int64_t in, int64_t out) {
+    if (rows == 0 || out == 0) {
+        return;
+    }
+    if (in == 0) {
+        std::fill(y, y + rows * out, 0.f);
+        return;
+    }
+    const int64_t num_blocks = (out + block - 1) / block;
+    at::parallel_for(0, num_blocks, block_grain(block, in), [&](int64_t b0, int64_t b1) {
+        kernel(x, weight, y, rows, in, out, b0 * block, std::min(out, b1 * block));
+    });
+}
+
 }  // namespace
 
 bool cpu_gemv_supports(GemvIsa isa) {
@@ -333,42 +351,18 @@ void gemv_fp32_cpu(const float* x, const float* weight, float* y, int64_t rows, 
 
 void gemv_fp32_cpu_isa(GemvIsa isa, const float* x, const float* weight, float* y,
                        int64_t rows, int64_t in, int64_t out, bool row_major) {
-    if (rows == 0 || out == 0) {
-        return;
-    }
-    if (in == 0) {
-        std::fill(y, y + rows * out, 0.f);
-        return;
-    }
-    const Kernel<float> kernel = kernel_for(isa, row_major);
-    // Split the output into blocks of whole kernel steps; a thread takes at least
-    // kMinBytesPerThread of weights.
-    const int64_t block = row_major ? kRowBlock : kColBlock;
-    const int64_t num_blocks = (out + block - 1) / block;
-    at::parallel_for(0, num_blocks, block_grain(block, in), [&](int64_t b0, int64_t b1) {
-        kernel(x, weight, y, rows, in, out, b0 * block, std::min(out, b1 * block));
-    });
+    split_over_threads(kernel_for(isa, row_major), row_major ? kRowBlock : kColBlock, x, weight,
+                       y, rows, in, out);
 }
 
 void gemv_fp32_cpu_isa(GemvIsa isa, const float* x, GemvWeight weight, float* y, int64_t rows,
                        int64_t in, int64_t out) {
-    if (weight.bf16 == nullptr) {
+    if (weight.bf16 != nullptr) {
+        split_over_threads(rows_kernel_for<uint16_t>(isa), kRowBlock, x, weight.bf16, y, rows,
+                           in, out);
+    } else {
         gemv_fp32_cpu_isa(isa, x, weight.fp32, y, rows, in, out, true);
-        return;
     }
-    if (rows == 0 || out == 0) {
-        return;
-    }
-    if (in == 0) {
-        std::fill(y, y + rows * out, 0.f);
-        return;
-    }
-    const Kernel<uint16_t> kernel = rows_kernel_for<uint16_t>(isa);
-    const int64_t num_blocks = (out + kRowBlock - 1) / kRowBlock;
-    // the grain of the fp32 weight of the same shape: the same split as gemv_fp32_cpu's
-    at::parallel_for(0, num_blocks, block_grain(kRowBlock, in), [&](int64_t b0, int64_t b1) {
-        kernel(x, weight.bf16, y, rows, in, out, b0 * kRowBlock, std::min(out, b1 * kRowBlock));
-    });
 }
 
 int64_t gemv_fp32_cpu_parts(int64_t in, int64_t out, int64_t threads) {
