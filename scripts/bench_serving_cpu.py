@@ -58,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{loaded.source}: expected a model with a tokenizer (the prompts are text)")
     model, tokenizer = loaded.model, loaded.tokenizer
     params = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, stop_at_eos=False)
-    serving = ServingEngine(model, tokenizer, max_running=8,
-                            max_seq_len=min(model.config.max_seq_len, 64 + args.new_tokens))
+    block = 16  # the engine's default block size; the context a multiple of it
+    context = min(model.config.max_seq_len, -(-(64 + args.new_tokens) // block) * block)
+    serving = ServingEngine(model, tokenizer, block_size=block, max_running=8,
+                            max_seq_len=context)
     static = Engine(model, tokenizer)
     paged_step = EngineForward._cpu_paged_step
 
