@@ -61,14 +61,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            const std::vector<at::Tensor>& layer_weights, const at::Tensor& final_norm,
            const at::Tensor& head_weight, double eps, const at::Tensor& inv_freq,
            const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
-           const at::Tensor& positions, int64_t num_q_heads) {
+           const at::Tensor& positions, int64_t num_q_heads,
+           const std::optional<at::Tensor>& block_tables) {
             return toyllm::cpu_decode_step(tokens, embedding, layer_weights, final_norm,
                                            head_weight, eps, inv_freq, k_caches, v_caches,
-                                           positions, num_q_heads);
+                                           positions, num_q_heads, block_tables);
         },
         py::arg("tokens"), py::arg("embedding"), py::arg("layer_weights"), py::arg("final_norm"),
         py::arg("head_weight"), py::arg("eps"), py::arg("inv_freq"), py::arg("k_caches"),
         py::arg("v_caches"), py::arg("positions"), py::arg("num_q_heads"),
+        py::arg("block_tables") = py::none(),
         py::call_guard<py::gil_scoped_release>(),
         "toyllm::cpu_decode_step's CPU function, called without the dispatcher.");
     m.def("argmax_cpu", &toyllm::argmax_cpu, py::arg("logits"), py::arg("flag_nonfinite"),

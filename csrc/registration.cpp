@@ -75,12 +75,13 @@ TORCH_LIBRARY(toyllm, m) {
     // RMSNorm, q/k/v, RoPE and the K/V write at positions[r] (< 0: a finished row, nothing
     // written), attention over keys 0..positions[r], o, the residual add, post-attention RMSNorm,
     // gate/up, silu(gate) * up and down; then the final RMSNorm and the head -> logits [rows, 1,
-    // vocab]: the bits of the ops it replaces.
+    // vocab]: the bits of the ops it replaces. The caches: per layer [rows, max_seq_len, Hkv, D],
+    // or with block_tables (int32 [rows, W]) paged pools [num_blocks, block_size, Hkv, D].
     m.def(
         "cpu_decode_step(Tensor tokens, Tensor embedding, Tensor[] layer_weights, "
         "Tensor final_norm, Tensor head_weight, float eps, Tensor inv_freq, "
-        "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor positions, int num_q_heads) "
-        "-> Tensor");
+        "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor positions, int num_q_heads, "
+        "Tensor? block_tables=None) -> Tensor");
 
     // Greedy sampling: torch.argmax(logits, dim=-1) of [rows, vocab] logits; flag_nonfinite:
     // -1 for a row that holds a NaN or an inf.

@@ -22,14 +22,16 @@ norm that reads its sum, and at every step the fastest op that applies, as `Sett
 On the CPU at FULL, a decode step of up to 4 rows whose products take the extension's GEMV
 runs as one call, cpu_decode_step (engine/ops/cpu_step.py): the embedding, RoPE's cos/sin, every
 layer (the ops of the CPU column above), the final norm and the head, in C++, with their bits.
+The serving engine's decode-only steps take it too, over the paged pools through the rows'
+block tables (the bits of paged_kv_write and paged_decode_attention).
 
 The fused ops give the bits of the ops they replace (tests/ compare them as integers), so every
 Fusion level computes the same numbers on one device; the GEMV choices (`Gemv`) do not: MKL and
 cuBLAS sum in other orders. The first layer has no residual to add, so its input norm runs
 alone. Positions are never advanced here: the Engine does it after a whole step succeeded.
 
-The serving engine's steps (engine/paged_step.py, over the paged cache) take the unfused path
-for q/k/v: the decode fusions above that write K/V (rope_kv_update, gemv_add_rms_norm_rope_kv)
+The serving engine's other steps (engine/paged_step.py, over the paged cache) take the unfused
+path for q/k/v: the decode fusions above that write K/V (rope_kv_update, gemv_add_rms_norm_rope_kv)
 address the contiguous cache by position, so RoPE runs alone and the paged step writes K/V at
 its slots; every other fusion applies to them as to the static engine's. Their prefill chunks
 attend in one FlashAttention varlen call per layer where `paged_prefill_varlen` says so (CUDA,
@@ -49,6 +51,7 @@ from toyllm.engine import huge_pages
 from toyllm.engine.cached_attention import DecodeStep, PrefillStep
 from toyllm.engine.ops import WITH_CUDA, cpu_step, elementwise, gemv_norm, rope_kv
 from toyllm.engine.ops.gemv import Gemv
+from toyllm.engine.paged_step import PagedStep
 from toyllm.engine.settings import Fusion, Settings
 from toyllm.engine.varlen_attention import flash_varlen_applies
 from toyllm.models import layer_math
@@ -63,8 +66,6 @@ TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
 TENSOR_CORE_HEAD_DIMS = (64, 128)
 
 if TYPE_CHECKING:
-    from toyllm.engine.paged_step import PagedStep
-
     #: PagedStep (the serving engine's, engine/paged_step.py) is not a DecodeStep: the
     #: decode-only fusions that write K/V into the contiguous cache (rope_kv_update,
     #: gemv_add_rms_norm_rope_kv) never take it; it writes K/V at its pool slots in `attend`.
@@ -266,6 +267,11 @@ class EngineForward:
                 and step.rope_table is None and not last_only and select is None
                 and cpu_step.applies(tokens)):
             return self._cpu_step(tokens, step)
+        if (self.cpu_step and isinstance(step, PagedStep) and step.decode_only()
+                and step.rope_table is None and not last_only):
+            logits = self._cpu_paged_step(tokens, step, select)
+            if logits is not None:
+                return logits
         x = model.embed_tokens(tokens)  # [B, T, hidden]
         # a decode step may gather RoPE's cos/sin from a table by position (DecodeStep,
         # PagedStep); None: computed here from `positions` (a DecodeStep's own by default)
@@ -331,6 +337,28 @@ class EngineForward:
         return cpu_step.cpu_decode_step(
             tokens, embedding, self._step_weights, final_norm, head, self.eps, inv_freq,
             step.k_caches, step.v_caches, step.positions, self.num_heads)
+
+    def _cpu_paged_step(self, tokens: Tensor, step: PagedStep,
+                        select: Tensor | None) -> Tensor | None:
+        """A decode-only serving step (tokens [1, rows] eager, [rows, 1] in a graph's
+        buffer: one per sequence) in one toyllm::cpu_decode_step over the paged pools, each
+        row's keys through its block table and its K/V written at its position's slot: logits
+        [*tokens.shape, vocab] ([1, K, vocab] of `select`), the bits of the separate ops. None
+        where the operator does not take it: more rows than its products take, or a padding
+        row (no keys: the operator's finished rows attend over key 0)."""
+        rows = step.num_decode
+        flat = tokens.reshape(rows, 1) if tokens.numel() == rows else tokens
+        if (tokens.numel() != rows or not cpu_step.applies(flat)
+                or not bool(step.decode_lens.min() > 0)):
+            return None
+        embedding, final_norm, head, inv_freq = self._step_head
+        positions = step.decode_lens - 1  # int32: keys 0..position
+        logits = cpu_step.cpu_decode_step(
+            flat, embedding, self._step_weights, final_norm, head, self.eps, inv_freq,
+            step.k_pools, step.v_pools, positions, self.num_heads, step.decode_tables)
+        if select is not None:  # indices into the step's tokens
+            return logits.view(1, rows, -1).index_select(1, select)
+        return logits.view(*tokens.shape, -1)
 
     def cpu_decode(self, k_caches: list[Tensor], v_caches: list[Tensor],
                    positions: Tensor) -> Callable[[Tensor], Tensor] | None:

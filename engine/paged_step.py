@@ -99,6 +99,10 @@ class PagedStep:
     rope_index: Tensor | None = None
     packed: PackedPrefill | None = None  # the prefill chunks in one call instead of `segments`
 
+    def decode_only(self) -> bool:
+        """Every token of the step is a decode row: no prefill chunk."""
+        return self.decode_tables is not None and not self.segments and self.packed is None
+
     def rope_cos_sin(self) -> tuple[Tensor, Tensor] | None:
         """cos, sin [rows, 1, 1, D] of a decode step's positions, from rope_table; None
         without one (padding rows carry position -1: clamped to 0)."""

@@ -410,15 +410,16 @@ def test_the_engine_reads_bf16_valued_weights_in_bf16_with_the_same_bits(monkeyp
 
 
 def test_the_separate_products_read_the_same_bf16_copies(monkeypatch):
-    # the serving engine decodes through the separate operators: their few-row products read
-    # the step's bf16 copies (Gemv.narrow), and its greedy tokens are the no-cache reference's
+    # the serving engine's steps that carry prefill chunks run the separate operators: with a
+    # token budget of 3 each has at most 3 tokens, whose products take the GEMV and read the
+    # step's bf16 copies (Gemv.narrow); its greedy tokens are the no-cache reference's
     from toyllm.engine.serving import ServingEngine
 
     model = model_for("gqa_hd6", seed=8)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(_bf16_valued(p))
-    engine = ServingEngine(model, block_size=8, kv_memory=2**20)
+    engine = ServingEngine(model, block_size=8, kv_memory=2**20, token_budget=3)
     narrow = engine.forward.gemv.narrow
     assert len(narrow) == 4 * model.config.num_layers + 1  # every product and the head
     assert {t.dtype for t in narrow.values()} == {torch.bfloat16}

@@ -69,10 +69,12 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
         return out;
     }
     if (q.scalar_type() == at::kFloat) {
+        CacheRows rows;
+        rows.max_seq_len = max_seq_len;
         decode_attention_fp32_cpu(q.const_data_ptr<float>(), k_cache.const_data_ptr<float>(),
-                                  v_cache.const_data_ptr<float>(), lens,
+                                  v_cache.const_data_ptr<float>(), rows, lens,
                                   out.mutable_data_ptr<float>(), batch, num_q_heads, num_kv_heads,
-                                  head_dim, max_seq_len, longest, static_cast<float>(scale));
+                                  head_dim, longest, static_cast<float>(scale));
         return out;
     }
 

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 #include "common/op_args.h"
 
@@ -83,6 +84,19 @@ inline void check_seq_len(const char* op, int64_t b, int32_t len, int64_t bound,
                           const char* bound_name) {
     TORCH_CHECK_VALUE(len >= 0 && len <= bound, op, ": expected seq_lens[", b, "] in [0, ",
                       bound_name, bound, "], got ", len);
+}
+
+// On the CPU a block table is read for free, so the entries that keys 0..keys-1 of sequence
+// `row` reach are checked: each names a block of a pool of num_blocks. `table`: the sequence's
+// row of the table; `keys_name` says where `keys` came from ("seq_lens[0] = 9").
+inline void check_table_row(const char* op, int64_t row, const int32_t* table, int64_t keys,
+                            int64_t block_size, int64_t num_blocks, const std::string& keys_name) {
+    const int64_t used = (keys + block_size - 1) / block_size;
+    for (int64_t i = 0; i < used; ++i) {
+        TORCH_CHECK_VALUE(table[i] >= 0 && table[i] < num_blocks, op, ": expected block_tables[",
+                          row, ", ", i, "] in [0, num_blocks ", num_blocks,
+                          ") (it holds keys of ", keys_name, "), got ", table[i]);
+    }
 }
 
 #ifdef WITH_CUDA_KERNELS

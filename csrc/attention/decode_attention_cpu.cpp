@@ -80,19 +80,19 @@ inline void prefetch_bytes(const float* p, int64_t bytes) {
 using DotFn = float (*)(const float*, const float*, int64_t);
 using AxpyFn = void (*)(float, const float*, float*, int64_t);
 
-// The query heads [h0, h1) of one sequence with len >= 1 keys, key by key: each key's row of
-// the cache (all its KV heads, contiguous) is read once, front to back, for all the heads, so
+// The query heads [h0, h1) of sequence b with len >= 1 keys, key by key: each key's row of
+// the cache (all its KV heads, contiguous; rows.slot says where) is read once, front to back, for all the heads, so
 // the K and V caches stream through in order (a head at a time would stride through them).
 // Each head's sums run in key order exactly as a head at a time would: scores[h][j] =
 // dot(q_h, k_j) * scale, the running maximum, p = exp(score - max), total += p and acc +=
 // p * v_j. scores: (h1 - h0) * len floats, acc: (h1 - h0) * head_dim, best and total: h1 - h0.
 template <DotFn dot, AxpyFn axpy>
-void attend_heads(const float* q,  // [Hq, D] of the sequence
-                  const float* k,  // [len, Hkv, D] of the sequence (row stride key_stride)
-                  const float* v,  // [len, Hkv, D] of the sequence
-                  int64_t len, int64_t h0, int64_t h1, int64_t group, int64_t key_stride,
-                  int64_t head_dim, float scale, float* scores, float* acc, float* best,
-                  float* total,
+void attend_heads(const float* q,        // [Hq, D] of the sequence
+                  const float* k_cache,  // key j of sequence b at rows.slot(b, j) * key_stride
+                  const float* v_cache,  // its value at the same place
+                  const CacheRows& rows, int64_t b, int64_t len, int64_t h0, int64_t h1,
+                  int64_t group, int64_t key_stride, int64_t head_dim, float scale,
+                  float* scores, float* acc, float* best, float* total,
                   float* out) {  // [Hq, D] of the sequence
     const int64_t heads = h1 - h0;
     // the part of a key's or value's row that these heads read
@@ -100,9 +100,9 @@ void attend_heads(const float* q,  // [Hq, D] of the sequence
     const int64_t kv_bytes = ((h1 - 1) / group + 1) * head_dim * 4 - kv0 * 4;
     std::fill(best, best + heads, -std::numeric_limits<float>::infinity());
     for (int64_t j = 0; j < len; ++j) {
-        const float* kj = k + j * key_stride;
+        const float* kj = k_cache + rows.slot(b, j) * key_stride;
         if (j + kPrefetchKeys < len) {
-            prefetch_bytes(kj + kPrefetchKeys * key_stride + kv0, kv_bytes);
+            prefetch_bytes(k_cache + rows.slot(b, j + kPrefetchKeys) * key_stride + kv0, kv_bytes);
         }
         for (int64_t i = 0; i < heads; ++i) {
             const int64_t h = h0 + i;
@@ -114,9 +114,9 @@ void attend_heads(const float* q,  // [Hq, D] of the sequence
     std::fill(acc, acc + heads * head_dim, 0.f);
     std::fill(total, total + heads, 0.f);
     for (int64_t j = 0; j < len; ++j) {
-        const float* vj = v + j * key_stride;
+        const float* vj = v_cache + rows.slot(b, j) * key_stride;
         if (j + kPrefetchKeys < len) {
-            prefetch_bytes(vj + kPrefetchKeys * key_stride + kv0, kv_bytes);
+            prefetch_bytes(v_cache + rows.slot(b, j + kPrefetchKeys) * key_stride + kv0, kv_bytes);
         }
         for (int64_t i = 0; i < heads; ++i) {
             const float x = scores[i * len + j] - best[i];
@@ -157,8 +157,8 @@ int64_t decode_attention_scratch_floats(int64_t heads, int64_t longest, int64_t 
 }
 
 void decode_attention_fp32_cpu_pairs(const float* q, const float* k_cache, const float* v_cache,
-                                     const int32_t* lens, float* out, int64_t num_q_heads,
-                                     int64_t num_kv_heads, int64_t head_dim, int64_t max_seq_len,
+                                     const CacheRows& rows, const int32_t* lens, float* out,
+                                     int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                      int64_t longest, float scale, int64_t first, int64_t last,
                                      float* scratch) {
     const int64_t group = num_q_heads / num_kv_heads;
@@ -179,8 +179,7 @@ void decode_attention_fp32_cpu_pairs(const float* q, const float* k_cache, const
         if (len == 0) {  // no keys: the output is zero
             std::fill(ob + h0 * head_dim, ob + h1 * head_dim, 0.f);
         } else {
-            const int64_t at = b * max_seq_len * key_stride;
-            attend(q + b * num_q_heads * head_dim, k_cache + at, v_cache + at, len, h0, h1, group,
+            attend(q + b * num_q_heads * head_dim, k_cache, v_cache, rows, b, len, h0, h1, group,
                    key_stride, head_dim, scale, scores, acc, best, total, ob);
         }
         pair += h1 - h0;
@@ -191,17 +190,17 @@ void decode_attention_fp32_cpu_pairs(const float* q, const float* k_cache, const
 // small model attends over a few hundred keys; ATen ops cost ~15 ops (~70 us) per layer there,
 // this a few us.
 void decode_attention_fp32_cpu(const float* q, const float* k_cache, const float* v_cache,
-                               const int32_t* lens, float* out, int64_t batch, int64_t num_q_heads,
-                               int64_t num_kv_heads, int64_t head_dim, int64_t max_seq_len,
-                               int64_t longest, float scale) {
+                               const CacheRows& rows, const int32_t* lens, float* out,
+                               int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
+                               int64_t head_dim, int64_t longest, float scale) {
     const int64_t pair_products = std::max<int64_t>(1, 2 * longest * head_dim);
     const int64_t grain = std::max<int64_t>(1, kAttentionGrainProducts / pair_products);
     // (sequence, query head) pairs split over the threads
     at::parallel_for(0, batch * num_q_heads, grain, [&](int64_t first, int64_t last) {
         std::vector<float> scratch(static_cast<size_t>(decode_attention_scratch_floats(
             std::min(last - first, num_q_heads), longest, head_dim)));
-        decode_attention_fp32_cpu_pairs(q, k_cache, v_cache, lens, out, num_q_heads, num_kv_heads,
-                                        head_dim, max_seq_len, longest, scale, first, last,
+        decode_attention_fp32_cpu_pairs(q, k_cache, v_cache, rows, lens, out, num_q_heads,
+                                        num_kv_heads, head_dim, longest, scale, first, last,
                                         scratch.data());
     });
 }

@@ -2,8 +2,8 @@
 // registration.cpp): one query token per sequence attends over the first seq_lens[b] keys of its
 // blocks, read in place through its row of the block table (GQA-aware; no gather into a
 // contiguous copy). Key j of row b is at pool slot block_tables[b, j / block_size] * block_size
-// + j % block_size. CPU: a loop in fp32 per (row, KV head), its query heads sharing each K/V
-// read. CUDA: decode_attention's flash-decoding kernels, reading each key row through the table.
+// + j % block_size. CPU, fp32: decode_attention's loop (decode_attention_cpu.h), through the
+// table; fp16/bf16: a loop in fp32 per (row, KV head), its query heads sharing each K/V read. CUDA: decode_attention's flash-decoding kernels, reading each key row through the table.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -190,14 +191,8 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_p
     for (int64_t b = 0; b < batch; ++b) {
         check_seq_len(kNames.op, b, lens[b], width * block_size,
                       "block_tables.size(1) * block_size = ");
-        const int64_t used = (lens[b] + block_size - 1) / block_size;
-        for (int64_t i = 0; i < used; ++i) {
-            const int32_t block = tables[b * table_stride + i];
-            TORCH_CHECK_VALUE(block >= 0 && block < num_blocks,
-                              "paged_decode_attention: expected block_tables[", b, ", ", i,
-                              "] in [0, num_blocks ", num_blocks, ") (it holds keys of seq_lens[",
-                              b, "] = ", lens[b], "), got ", block);
-        }
+        check_table_row(kNames.op, b, tables + b * table_stride, lens[b], block_size, num_blocks,
+                        "seq_lens[" + std::to_string(b) + "] = " + std::to_string(lens[b]));
         longest = std::max<int64_t>(longest, lens[b]);
     }
     at::Tensor out = at::zeros_like(q);
@@ -213,10 +208,18 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_p
             paged_decode_attention_cpu_typed<at::BFloat16>(q, k_pool, v_pool, block_tables, lens,
                                                            longest, scale, out);
             break;
-        default:
-            paged_decode_attention_cpu_typed<float>(q, k_pool, v_pool, block_tables, lens, longest,
-                                                    scale, out);
+        default: {  // fp32: the loop of decode_attention and cpu_decode_step, the same bits
+            CacheRows rows;
+            rows.tables = tables;
+            rows.table_stride = table_stride;
+            rows.block_shift = __builtin_ctzll(static_cast<uint64_t>(block_size));
+            decode_attention_fp32_cpu(q.const_data_ptr<float>(), k_pool.const_data_ptr<float>(),
+                                      v_pool.const_data_ptr<float>(), rows, lens,
+                                      out.mutable_data_ptr<float>(), batch, q.size(1),
+                                      k_pool.size(2), q.size(2), longest,
+                                      static_cast<float>(scale));
             break;
+        }
     }
     return out;
 }

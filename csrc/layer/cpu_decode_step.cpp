@@ -26,8 +26,13 @@
 // changes no result's order (tests/test_cpu_decode_step.py compares logits and caches as
 // integers, on 1 and 2 threads).
 //
-// Every argument is checked, the positions' range and the token ids included, before anything
-// is written into a cache.
+// The caches: per layer a contiguous cache [rows, max_seq_len, Hkv, D], row r's key j at [r, j]
+// (the static engine's), or with block_tables a paged pool [num_blocks, block_size, Hkv, D], row
+// r's key j in block block_tables[r, j / block_size] (the serving engine's, engine/serving.py):
+// the same arithmetic either way, on keys found at other addresses (CacheRows).
+//
+// Every argument is checked, the positions' range, the token ids and the table entries each row
+// reaches included, before anything is written into a cache.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/cos_cpu_dispatch.h>
@@ -38,10 +43,12 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <omp.h>
 #include <string>
 #include <vector>
 
+#include "attention/decode_attention_args.h"
 #include "common/op_args.h"
 #include "elementwise/cpu_fp32_loops.h"
 #include "gemv/cpu_gemv_kernels.h"
@@ -70,7 +77,7 @@ std::vector<LayerShape> check_args(const at::Tensor& tokens, const at::Tensor& e
                                    const at::Tensor& head_weight, double eps,
                                    const at::Tensor& inv_freq, at::TensorList k_caches,
                                    at::TensorList v_caches, const at::Tensor& positions,
-                                   int64_t num_q_heads) {
+                                   int64_t num_q_heads, const at::Tensor* block_tables) {
     TORCH_CHECK_VALUE(tokens.device().is_cpu(), kOp, ": expected tokens on the CPU, got ",
                       tokens.device());
     TORCH_CHECK_VALUE(tokens.scalar_type() == at::kLong, kOp,
@@ -107,18 +114,48 @@ std::vector<LayerShape> check_args(const at::Tensor& tokens, const at::Tensor& e
                       " a layer: input_norm, qkv, o, post_norm, gate_up, down; one layer per "
                       "k_cache), got ",
                       layer_weights.size());
+    if (block_tables != nullptr) {  // each row's blocks, read through its row of the table
+        const at::Tensor& t = *block_tables;
+        TORCH_CHECK_VALUE(t.device().is_cpu(), kOp, ": expected block_tables on the CPU, got ",
+                          t.device());
+        TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, kOp,
+                          ": expected block_tables of dtype torch.int32, got ",
+                          dtype_name(t.scalar_type()));
+        TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) >= 1, kOp,
+                          ": expected block_tables of shape [", rows,
+                          ", blocks_per_row >= 1] (tokens' rows), got ", t.sizes());
+        TORCH_CHECK_VALUE(t.stride(1) == 1 || t.size(1) == 1, kOp,
+                          ": expected block_tables with each row contiguous (stride 1 along "
+                          "dim 1), got strides ",
+                          t.strides());
+    }
     std::vector<LayerShape> shapes;
     shapes.reserve(static_cast<size_t>(num_layers));
     for (int64_t i = 0; i < num_layers; ++i) {
         const std::string op = std::string(kOp) + ", layer " + std::to_string(i);
         const at::Tensor* w = layer_weights.data() + kWeightsPerLayer * i;
         shapes.push_back(check_layer(op.c_str(), rows, hidden, w[0], w[1], w[2], w[3], w[4], w[5],
-                                     eps, k_caches[i], v_caches[i], num_q_heads));
+                                     eps, k_caches[i], v_caches[i], num_q_heads, block_tables));
+        // one table addresses every layer's pool: the pools are alike
+        TORCH_CHECK_VALUE(block_tables == nullptr || k_caches[i].sizes() == k_caches[0].sizes(),
+                          op, ": expected k_cache of layer 0's pool shape ", k_caches[0].sizes(),
+                          " (one block table for every layer), got ", k_caches[i].sizes());
         TORCH_CHECK_VALUE(shapes.back().head_dim == shapes.front().head_dim, op,
                           ": expected head_dim ", shapes.front().head_dim,
                           " (layer 0's k_cache.size(3)), got ", shapes.back().head_dim);
         check_positions_fit(op.c_str(), positions, rows, "tokens' rows", tokens.device(),
                             "tokens' device", shapes.back().max_seq_len);
+    }
+
+    if (block_tables != nullptr) {  // every block a row reaches, its key 0 for a finished row
+        const int32_t* pos = positions.const_data_ptr<int32_t>();
+        const int32_t* tables = block_tables->const_data_ptr<int32_t>();
+        for (int64_t r = 0; r < rows; ++r) {
+            const int32_t p = std::max<int32_t>(pos[r], 0);
+            check_table_row(kOp, r, tables + r * block_tables->stride(0), int64_t{p} + 1,
+                            k_caches[0].size(1), k_caches[0].size(0),
+                            "row " + std::to_string(r) + " up to position " + std::to_string(p));
+        }
     }
 
     check_fp32_cpu(kOp, "final_norm", final_norm);
@@ -150,13 +187,15 @@ at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
                            const at::Tensor& head_weight,  // [vocab_out, hidden]
                            double eps,
                            const at::Tensor& inv_freq,   // [D / 2]
-                           at::TensorList k_caches,      // per layer [rows, S, Hkv, D], written
-                           at::TensorList v_caches,      // per layer [rows, S, Hkv, D], written
+                           at::TensorList k_caches,      // per layer, written (cpu_decode_step.h)
+                           at::TensorList v_caches,      // per layer, written
                            const at::Tensor& positions,  // int32 [rows]; < 0: a finished row
-                           int64_t num_q_heads) {
+                           int64_t num_q_heads,
+                           const std::optional<at::Tensor>& block_tables) {  // int32 [rows, W]
+    const at::Tensor* tables = block_tables.has_value() ? &*block_tables : nullptr;
     const std::vector<LayerShape> shapes =
         check_args(tokens, embedding, layer_weights, final_norm, head_weight, eps, inv_freq,
-                   k_caches, v_caches, positions, num_q_heads);
+                   k_caches, v_caches, positions, num_q_heads, tables);
     const int64_t rows = tokens.size(0), hidden = embedding.size(1);
     const int64_t vocab_out = head_weight.size(0), d = shapes.front().head_dim;
     at::Tensor logits = at::empty({rows, 1, vocab_out}, embedding.options());
@@ -228,6 +267,13 @@ at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
         k_ptrs.push_back(k_caches[i].mutable_data_ptr<float>());
         v_ptrs.push_back(v_caches[i].mutable_data_ptr<float>());
     }
+    CacheRows cache_rows;  // where row r's key j sits: its cache row, or its table's block
+    cache_rows.max_seq_len = shapes.front().max_seq_len;
+    if (tables != nullptr) {
+        cache_rows.tables = tables->const_data_ptr<int32_t>();
+        cache_rows.table_stride = tables->stride(0);
+        cache_rows.block_shift = __builtin_ctzll(static_cast<uint64_t>(k_caches[0].size(1)));
+    }
     const float* cos_p = cos.const_data_ptr<float>();
     const float* sin_p = sin.const_data_ptr<float>();
     const float* final_w = final_norm.const_data_ptr<float>();
@@ -246,7 +292,7 @@ at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
         for (size_t i = 0; i < shapes.size(); ++i) {
             float* const* out = pair[i % 2];
             decode_layer_fp32(team, shapes[i], ptrs[i], eps_f, in, residual, cos_p, d, sin_p, d,
-                              k_ptrs[i], v_ptrs[i], pos, out[0], out[1],
+                              k_ptrs[i], v_ptrs[i], cache_rows, pos, out[0], out[1],
                               layer_scratch[static_cast<size_t>(scratch_of[i])]);
             in = out[0];
             residual = out[1];

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace toyllm {
 
@@ -20,9 +21,12 @@ at::Tensor cpu_decode_step(const at::Tensor& tokens,       // int64 [rows, 1]
                            const at::Tensor& head_weight,  // [vocab_out, hidden]
                            double eps,
                            const at::Tensor& inv_freq,   // [D / 2]
-                           at::TensorList k_caches,      // per layer [rows, S, Hkv, D], written
-                           at::TensorList v_caches,      // per layer [rows, S, Hkv, D], written
+                           at::TensorList k_caches,      // per layer [rows, S, Hkv, D], or
+                                                         // with block_tables a pool
+                                                         // [blocks, block_size, Hkv, D]; written
+                           at::TensorList v_caches,      // per layer, k_caches' shapes; written
                            const at::Tensor& positions,  // int32 [rows]; < 0: a finished row
-                           int64_t num_q_heads);
+                           int64_t num_q_heads,
+                           const std::optional<at::Tensor>& block_tables);  // int32 [rows, W]
 
 }  // namespace toyllm

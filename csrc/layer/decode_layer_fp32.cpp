@@ -104,7 +104,8 @@ LayerShape check_layer(const char* op, int64_t rows, int64_t hidden, const at::T
                        const at::Tensor& qkv_weight, const at::Tensor& o_weight,
                        const at::Tensor& post_norm, const at::Tensor& gate_up_weight,
                        const at::Tensor& down_weight, double eps, const at::Tensor& k_cache,
-                       const at::Tensor& v_cache, int64_t num_q_heads) {
+                       const at::Tensor& v_cache, int64_t num_q_heads,
+                       const at::Tensor* block_tables) {
     LayerShape s{};
     s.rows = rows;
     s.hidden = hidden;
@@ -121,15 +122,28 @@ LayerShape check_layer(const char* op, int64_t rows, int64_t hidden, const at::T
     // the cache gives the heads' layout
     check_fp32_cpu(op, "k_cache", k_cache);
     check_fp32_cpu(op, "v_cache", v_cache);
-    TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.size(0) == rows, op,
-                      ": expected k_cache of shape [", rows,
-                      ", max_seq_len, num_kv_heads, head_dim] (x's rows), got ", k_cache.sizes());
+    if (block_tables == nullptr) {
+        TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.size(0) == rows, op,
+                          ": expected k_cache of shape [", rows,
+                          ", max_seq_len, num_kv_heads, head_dim] (x's rows), got ",
+                          k_cache.sizes());
+    } else {
+        TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.size(0) >= 1, op,
+                          ": expected k_cache of shape [num_blocks >= 1, block_size, "
+                          "num_kv_heads, head_dim] (a paged pool: block_tables given), got ",
+                          k_cache.sizes());
+        const int64_t block_size = k_cache.size(1);
+        TORCH_CHECK_VALUE(block_size >= 1 && (block_size & (block_size - 1)) == 0, op,
+                          ": expected a power-of-two block_size (k_cache.size(1)), got ",
+                          block_size);
+    }
     TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), op,
                       ": expected v_cache of k_cache's shape ", k_cache.sizes(), ", got ",
                       v_cache.sizes());
     check_contiguous(op, "k_cache", k_cache);
     check_contiguous(op, "v_cache", v_cache);
-    s.max_seq_len = k_cache.size(1);
+    // a row's keys: its cache row's length, or its table's blocks
+    s.max_seq_len = k_cache.size(1) * (block_tables == nullptr ? 1 : block_tables->size(1));
     s.num_kv_heads = k_cache.size(2);
     s.head_dim = k_cache.size(3);
     TORCH_CHECK_VALUE(s.max_seq_len >= 1, op, ": expected max_seq_len (k_cache.size(1)) >= 1, got ",
@@ -234,8 +248,9 @@ bool same_scratch_layout(const LayerShape& a, const LayerShape& b) {
 void decode_layer_fp32(const Team& team, const LayerShape& s, const LayerWeightPtrs& w, float eps,
                        const float* x, const float* residual, const float* cos,
                        int64_t cos_row_stride, const float* sin, int64_t sin_row_stride,
-                       float* k_cache, float* v_cache, const int32_t* positions, float* out_sum,
-                       float* out_down, const LayerScratch& scratch) {
+                       float* k_cache, float* v_cache, const CacheRows& cache_rows,
+                       const int32_t* positions, float* out_sum, float* out_down,
+                       const LayerScratch& scratch) {
     const int64_t rows = s.rows, hidden = s.hidden, hq = s.num_q_heads, hkv = s.num_kv_heads;
     const int64_t d = s.head_dim, inter = s.intermediate;
     const int64_t qkv_width = (hq + 2 * hkv) * d, group = hq / hkv;
@@ -272,7 +287,7 @@ void decode_layer_fp32(const Team& team, const LayerShape& s, const LayerWeightP
     // attention: a thread takes whole KV heads of rows, with their query heads, where there are
     // enough of them for the team (no barrier between the write and the reads), else RoPE and
     // the writes by heads, a barrier, and attention by (row, query head) pairs
-    const int64_t slot = hkv * d;  // one position of one cache row
+    const int64_t slot = hkv * d;  // one key's row of the cache (all its KV heads)
     // the scale as Python computes head_dim ** -0.5, rounded to fp32 as decode_attention does
     const float scale = static_cast<float>(std::pow(static_cast<double>(d), -0.5));
     auto rope_q = [&](int64_t r, int64_t head) {
@@ -284,7 +299,7 @@ void decode_layer_fp32(const Team& team, const LayerShape& s, const LayerWeightP
             return;
         }
         const float* row = qkvp + r * qkv_width;
-        const int64_t at_pos = (r * s.max_seq_len + positions[r]) * slot + head * d;
+        const int64_t at_pos = cache_rows.slot(r, positions[r]) * slot + head * d;
         rope_head_fp32(row + (hq + head) * d, cos + r * cos_row_stride, sin + r * sin_row_stride,
                        k_cache + at_pos, d);
         std::memcpy(v_cache + at_pos, row + (hq + hkv + head) * d,
@@ -301,9 +316,9 @@ void decode_layer_fp32(const Team& team, const LayerShape& s, const LayerWeightP
             }
         }
         // pairs r * Hq + query head: the units' query heads, in order
-        decode_attention_fp32_cpu_pairs(qp, k_cache, v_cache, scratch.lens.data(), ap, hq, hkv, d,
-                                        s.max_seq_len, scratch.longest, scale,
-                                        mine.begin * group, mine.end * group, attention_scratch);
+        decode_attention_fp32_cpu_pairs(qp, k_cache, v_cache, cache_rows, scratch.lens.data(), ap,
+                                        hq, hkv, d, scratch.longest, scale, mine.begin * group,
+                                        mine.end * group, attention_scratch);
     } else {
         const Share heads = share_of(rows * (hq + hkv), t, n);  // r * (Hq + Hkv) + head
         for (int64_t u = heads.begin; u < heads.end; ++u) {
@@ -316,9 +331,9 @@ void decode_layer_fp32(const Team& team, const LayerShape& s, const LayerWeightP
         }
         team.sync();
         const Share pairs = share_of(rows * hq, t, n);
-        decode_attention_fp32_cpu_pairs(qp, k_cache, v_cache, scratch.lens.data(), ap, hq, hkv, d,
-                                        s.max_seq_len, scratch.longest, scale, pairs.begin,
-                                        pairs.end, attention_scratch);
+        decode_attention_fp32_cpu_pairs(qp, k_cache, v_cache, cache_rows, scratch.lens.data(), ap,
+                                        hq, hkv, d, scratch.longest, scale, pairs.begin, pairs.end,
+                                        attention_scratch);
     }
     team.sync();
 

@@ -5,7 +5,9 @@
 //   s   = x + residual                  (x alone for the first layer: residual null)
 //   h   = rms_norm(s) * input_norm
 //   q, k, v = h @ qkv_weight^T          (one product for the three)
-//   q, k = RoPE(q, k) at each row's position; k, v written to k_cache / v_cache[r, positions[r]]
+//   q, k = RoPE(q, k) at each row's position; k, v written to k_cache / v_cache at row r's key
+//          positions[r] (a cache row [r, positions[r]], or a paged pool's slot through row r's
+//          block table: CacheRows, attention/decode_attention_cpu.h)
 //   a   = softmax(q . K[r, :p_r + 1] / sqrt(D)) @ V[r, :p_r + 1]     (GQA: a group shares K/V)
 //   s2  = s + a @ o_weight^T
 //   g, u = rms_norm(s2) * post_norm @ gate_up_weight^T
@@ -37,6 +39,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "attention/decode_attention_cpu.h"
 #include "gemv/cpu_gemv_kernels.h"
 
 namespace toyllm {
@@ -48,7 +51,8 @@ struct LayerShape {
     int64_t num_q_heads;   // Hq
     int64_t num_kv_heads;  // Hkv, k_cache.size(2)
     int64_t head_dim;      // D, k_cache.size(3)
-    int64_t max_seq_len;   // k_cache.size(1)
+    int64_t max_seq_len;   // keys a row can hold: k_cache.size(1), times the table's width
+                           // for a paged pool
     int64_t intermediate;  // down_weight.size(1)
 };
 
@@ -74,6 +78,9 @@ GemvWeight gemv_weight(const at::Tensor& t);
 
 // Checks a layer's norms, eps, caches, num_q_heads and weights against `rows` new tokens of
 // width `hidden`, in that order, and returns the layer's shape. Messages start with `op`.
+// block_tables null: contiguous caches [rows, max_seq_len, Hkv, D]; else paged pools
+// [num_blocks, block_size (a power of two), Hkv, D] that the table (checked by the caller:
+// int32 [rows, width]) addresses.
 LayerShape check_layer(const char* op, int64_t rows, int64_t hidden,
                        const at::Tensor& input_norm,      // [hidden]
                        const at::Tensor& qkv_weight,      // [(Hq + 2 Hkv) D, hidden]
@@ -82,9 +89,9 @@ LayerShape check_layer(const char* op, int64_t rows, int64_t hidden,
                        const at::Tensor& gate_up_weight,  // [2 I, hidden]
                        const at::Tensor& down_weight,     // [hidden, I]
                        double eps,
-                       const at::Tensor& k_cache,  // [rows, max_seq_len, Hkv, D]
-                       const at::Tensor& v_cache,  // [rows, max_seq_len, Hkv, D]
-                       int64_t num_q_heads);
+                       const at::Tensor& k_cache,  // [rows, max_seq_len, Hkv, D] or a pool
+                       const at::Tensor& v_cache,  // k_cache's shape
+                       int64_t num_q_heads, const at::Tensor* block_tables);
 
 // positions int32 [rows] on `device` (the CPU), each < max_seq_len (negative: a finished row). On the CPU
 // they can be read for free, so their range is checked, as rope_kv_update does, before anything
@@ -168,9 +175,10 @@ void decode_layer_fp32(const Team& team, const LayerShape& s, const LayerWeightP
                        int64_t cos_row_stride,
                        const float* sin,  // [rows][sin_row_stride], D used per row
                        int64_t sin_row_stride,
-                       float* k_cache,          // [rows, max_seq_len, Hkv, D], written
-                       float* v_cache,          // [rows, max_seq_len, Hkv, D], written
-                       const int32_t* positions,  // [rows]; < 0: a finished row
+                       float* k_cache,  // written at cache_rows.slot(r, positions[r])
+                       float* v_cache,  // the same
+                       const CacheRows& cache_rows,  // where row r's key j sits
+                       const int32_t* positions,     // [rows]; < 0: a finished row
                        float* out_sum,          // [rows, hidden]: s2
                        float* out_down,         // [rows, hidden]: the MLP's output
                        const LayerScratch& scratch);

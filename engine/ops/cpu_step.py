@@ -17,6 +17,12 @@ LayerWeights order), per-layer cache views [rows, max_seq_len, Hkv, D] and int32
 (< 0: a finished row, which writes nothing) -> logits [rows, 1, vocab]. Positions are not
 advanced: the engine does that after the step.
 
+With `block_tables` (int32 [rows, W]) the caches are the paged pools [num_blocks, block_size,
+Hkv, D] of the serving engine (engine/serving.py): row r's key j sits in block
+block_tables[r, j // block_size], as toyllm::paged_decode_attention reads it, and its new K/V go
+to the slot of its position. The arithmetic is the same; the step then gives the bits of the
+serving engine's separate operators (paged_kv_write, paged_decode_attention).
+
 The products' weights (qkv, o, gate_up, down and the head) may also be bf16: each is read as the
 fp32 of its value, so the step gives the fp32 step's bits on those values from half the bytes, and
 a CPU decode step is bound by the bytes it streams. `bf16_if_exact` makes such a copy of a weight
@@ -111,9 +117,10 @@ def cpu_decode_step(
     v_caches: Sequence[Tensor],  # per layer [rows, max_seq_len, Hkv, D], written in place
     positions: Tensor,  # int32 [rows]: where this token's K/V go; < 0: a finished row
     num_q_heads: int,
+    block_tables: Tensor | None = None,  # int32 [rows, W]: the caches are paged pools
 ) -> Tensor:  # logits [rows, 1, vocab]
     """One decode step of the whole model; see the module's docstring. Raises ValueError,
     before anything is written, for arguments it does not take (a token id outside the
-    embedding and a position past a cache's end included)."""
+    embedding, a position past a cache's end and a table entry outside the pool included)."""
     return _op(tokens, embedding, layer_weights, final_norm, head_weight, float(eps), inv_freq,
-               k_caches, v_caches, positions, num_q_heads)
+               k_caches, v_caches, positions, num_q_heads, block_tables)

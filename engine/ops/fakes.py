@@ -60,7 +60,7 @@ def _paged_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tab
 def _cpu_decode_step(tokens: Tensor, embedding: Tensor, layer_weights: list[Tensor],
                      final_norm: Tensor, head_weight: Tensor, eps: float, inv_freq: Tensor,
                      k_caches: list[Tensor], v_caches: list[Tensor], positions: Tensor,
-                     num_q_heads: int) -> Tensor:
+                     num_q_heads: int, block_tables: Tensor | None = None) -> Tensor:
     return embedding.new_empty((*tokens.shape[:1], 1, *head_weight.shape[:1]))  # [rows, 1, V]
 
 
