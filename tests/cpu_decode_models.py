@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from toyllm.engine.forward import layer_weights
 from toyllm.models.config import ModelConfig
 from toyllm.models.llama import build_model
 
@@ -31,6 +32,23 @@ def model_for(name: str, seed: int = 0):
     model = build_model(CONFIGS[name], seed=seed)
     model.init_weights(seed, std=0.2)  # peaked logits: greedy ties are not a coin flip
     return model
+
+
+def step_args_over_random_caches(name: str, rows: int, positions: list[int], seed: int = 0,
+                                 capacity: int = 32) -> list:
+    """toyllm::cpu_decode_step's arguments for model `name` (model_for(name, seed)): random
+    tokens, caches [rows, capacity, Hkv, D] of random keys and values, rows at `positions`."""
+    config = CONFIGS[name]
+    model = model_for(name, seed=seed)
+    g = torch.Generator().manual_seed(seed + rows)
+    shape = (rows, capacity, config.num_kv_heads, config.head_dim)
+    weights = [t.detach() for w in layer_weights(model) for t in vars(w).values()]
+    return [torch.randint(0, config.vocab_size, (rows, 1), generator=g),
+            model.embed_tokens.weight.detach(), weights, model.norm.weight.detach(),
+            model.lm_head.weight.detach(), config.norm_eps, model.inv_freq,
+            [torch.randn(shape, generator=g) for _ in range(config.num_layers)],
+            [torch.randn(shape, generator=g) for _ in range(config.num_layers)],
+            torch.tensor(positions, dtype=torch.int32), config.num_heads]
 
 
 def prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:

@@ -4,31 +4,22 @@ with one line and exit status 2."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from script_modules import ROOT, load_script, script_path
 
 from toyllm.engine.ops import cpu_step
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "bench_serving_cpu.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_serving_cpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = script_path("bench_serving_cpu")
 
 
 def test_the_table_of_a_short_run(capsys, monkeypatch) -> None:
     tables: list[bool] = []  # whether each call of the step was over paged pools
     real = cpu_step._op
     monkeypatch.setattr(cpu_step, "_op", lambda *a: tables.append(a[-1] is not None) or real(*a))
-    assert _module().main(["--rounds", "1", "--new-tokens", "4"]) == 0
+    assert load_script("bench_serving_cpu").main(["--rounds", "1", "--new-tokens", "4"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[1].startswith("| prompts | serving, one-call step | serving, separate ops |")
     rows = [line.split(" | ") for line in lines[3:]]

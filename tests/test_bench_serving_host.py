@@ -3,26 +3,17 @@ each part a time; bad options refused with one line and exit status 2."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from script_modules import load_script, script_path
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "bench_serving_host.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_serving_host", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = script_path("bench_serving_host")
 
 
 def test_both_engines_host_parts_at_full_batch(capsys) -> None:
-    module = _module()
+    module = load_script("bench_serving_host")
     assert module.main(["--requests", "8", "--lens", "4,12", "--rounds", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ["engine", "total", *module.PARTS]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cpu_decode_models import CONFIGS, model_for, prompts
+from cpu_decode_models import CONFIGS, model_for, prompts, step_args_over_random_caches
 from same_bits import assert_same_bits
 
 from toyllm.engine.check.reference import reference_greedy, reference_logits
@@ -184,17 +184,7 @@ def separate_step(args: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
 @pytest.mark.parametrize("rows, positions", [(1, [9]), (4, [5, 17, -1, 11]), (2, [4, 30])],
                          ids=["one_row", "ragged4_finished", "ragged2"])
 def test_the_operator_gives_the_bits_of_the_separate_ops(name, rows, positions):
-    config = CONFIGS[name]
-    model = model_for(name)
-    g = torch.Generator().manual_seed(rows)
-    shape = (rows, 32, config.num_kv_heads, config.head_dim)
-    args = [torch.randint(0, config.vocab_size, (rows, 1), generator=g),
-            model.embed_tokens.weight.detach(),
-            [t.detach() for w in layer_weights(model) for t in vars(w).values()],
-            model.norm.weight.detach(), model.lm_head.weight.detach(), config.norm_eps,
-            model.inv_freq, [torch.randn(shape, generator=g) for _ in range(config.num_layers)],
-            [torch.randn(shape, generator=g) for _ in range(config.num_layers)],
-            torch.tensor(positions, dtype=torch.int32), config.num_heads]
+    args = step_args_over_random_caches(name, rows, positions)
     want_logits, want_caches = separate_step(args)
     got = OPS.cpu_decode_step(*args)
     assert_same_bits(got, want_logits)

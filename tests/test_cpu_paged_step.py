@@ -20,32 +20,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cpu_decode_models import CONFIGS, model_for, prompts
+from cpu_decode_models import CONFIGS, model_for, prompts, step_args_over_random_caches
 from same_bits import assert_same_bits
 
 from toyllm.engine.check.reference import reference_greedy
-from toyllm.engine.forward import layer_weights
 from toyllm.engine.ops import cpu_step
 from toyllm.engine.sampling import SamplingParams
 from toyllm.engine.serving import ServingEngine
 from toyllm.engine.settings import Fusion, Settings
 
 OPS = torch.ops.toyllm
-
-
-def contiguous_args(name: str, rows: int, positions: list[int], seed: int = 0) -> list:
-    """cpu_decode_step's arguments over contiguous caches [rows, 32, Hkv, D] of random keys."""
-    config = CONFIGS[name]
-    model = model_for(name, seed=seed)
-    g = torch.Generator().manual_seed(seed + rows)
-    shape = (rows, 32, config.num_kv_heads, config.head_dim)
-    return [torch.randint(0, config.vocab_size, (rows, 1), generator=g),
-            model.embed_tokens.weight.detach(),
-            [t.detach() for w in layer_weights(model) for t in vars(w).values()],
-            model.norm.weight.detach(), model.lm_head.weight.detach(), config.norm_eps,
-            model.inv_freq, [torch.randn(shape, generator=g) for _ in range(config.num_layers)],
-            [torch.randn(shape, generator=g) for _ in range(config.num_layers)],
-            torch.tensor(positions, dtype=torch.int32), config.num_heads]
 
 
 def paged_copy(caches: list[torch.Tensor], block_size: int, spare: int = 3,
@@ -81,7 +65,7 @@ K, V, POSITIONS = 7, 8, 9
                          ids=["one_row", "ragged4_finished", "ragged2"])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 def test_paged_pools_give_the_bits_of_contiguous_caches(name, rows, positions, block_size):
-    args = contiguous_args(name, rows, positions)
+    args = step_args_over_random_caches(name, rows, positions)
     k_pools, table = paged_copy(args[K], block_size, seed=1)
     v_pools, _ = paged_copy(args[V], block_size, seed=1)  # the same shuffle
     untouched = [p.clone() for p in k_pools + v_pools]
@@ -186,7 +170,7 @@ def test_greedy_through_the_paged_step_equals_the_no_cache_reference(monkeypatch
 
 
 def _bad_cases():
-    args = contiguous_args("gqa_hd6", 2, [3, 7])
+    args = step_args_over_random_caches("gqa_hd6", 2, [3, 7])
     k_pools, table = paged_copy(args[K], 4)
     v_pools, _ = paged_copy(args[V], 4)
     good = [*args[:K], k_pools, v_pools, *args[K + 2:]]
@@ -234,7 +218,7 @@ def test_bad_tables_and_pools_are_refused_before_anything_is_written(message, ca
 
 
 def test_opcheck_accepts_the_operator_with_tables():
-    args = contiguous_args("gqa_hd6", 2, [3, 7])
+    args = step_args_over_random_caches("gqa_hd6", 2, [3, 7])
     k_pools, table = paged_copy(args[K], 4)
     v_pools, _ = paged_copy(args[V], 4)
     torch.library.opcheck(OPS.cpu_decode_step.default,

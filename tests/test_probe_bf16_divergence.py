@@ -5,40 +5,31 @@ point planted in the engine at the first point it touches, and bad arguments exi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+from script_modules import ROOT, load_script, script_path
 from torch import Tensor
 
 from toyllm.engine.check.cases import BASE_CASES
 from toyllm.engine.check.harness import decode_steps
 from toyllm.models import layer_math
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "probe_bf16_divergence.py"
+SCRIPT = script_path("probe_bf16_divergence")
 GQA_RAGGED = next(c for c in BASE_CASES if c.name == "gqa-ragged")
-
-
-def load_probe() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("probe_bf16_divergence", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def probe(device: str, new_tokens: int = 5) -> dict[str, Any]:
     """The probe's result for the check's gqa-ragged case in bf16 (fewer decode steps)."""
     case = replace(GQA_RAGGED, device=device, dtype="bf16", new_tokens=new_tokens)
-    return load_probe().probe_case(case, None, None, pad=0, nudge_fraction=1e-3)
+    return load_script("probe_bf16_divergence").probe_case(case, None, None, pad=0,
+                                                           nudge_fraction=1e-3)
 
 
 def points(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -49,7 +40,7 @@ def test_cpu_probe_reports_every_point_and_the_input_norms_same_bits() -> None:
     result = probe("cpu")
     by_point = points(result)
     # every point of both layers, then the final norm and the logits
-    assert list(by_point)[:9] == [f"L0.{p}" for p in load_probe().POINTS]
+    assert list(by_point)[:9] == [f"L0.{p}" for p in load_script("probe_bf16_divergence").POINTS]
     assert list(by_point)[-2:] == ["norm", "logits"]
     # the input norm is the same torch code on both paths: the same bits
     assert by_point["L0.norm1"]["differing"] == 0.0

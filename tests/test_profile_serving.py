@@ -3,28 +3,19 @@ refused with one line and exit status 2 (the CUDA run is the lead's: docs/SERVIN
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from script_modules import ROOT, load_script, script_path
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "profile_serving.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("profile_serving", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = script_path("profile_serving")
 
 
 def test_the_tables_of_a_small_run(capsys) -> None:
-    rc = _module().main(["--requests", "6", "--prompt-lens", "20,60", "--output-lens", "3,8",
-                         "--token-budget", "64", "--profile-steps", "6", "--top", "5"])
+    rc = load_script("profile_serving").main([
+        "--requests", "6", "--prompt-lens", "20,60", "--output-lens", "3,8", "--token-budget",
+        "64", "--profile-steps", "6", "--top", "5"])
     out = capsys.readouterr().out
     assert rc == 0
     timed = out.split("== timed run")[1].split("== profiled run")[0]
