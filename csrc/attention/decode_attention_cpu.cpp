@@ -81,8 +81,9 @@ using DotFn = float (*)(const float*, const float*, int64_t);
 using AxpyFn = void (*)(float, const float*, float*, int64_t);
 
 // The query heads [h0, h1) of sequence b with len >= 1 keys, key by key: each key's row of
-// the cache (all its KV heads, contiguous; rows.slot says where) is read once, front to back, for all the heads, so
-// the K and V caches stream through in order (a head at a time would stride through them).
+// the cache (all its KV heads, contiguous; rows.slot says where) is read once, front to back,
+// for all the heads, so the K and V caches stream through in order (a head at a time would
+// stride through them).
 // Each head's sums run in key order exactly as a head at a time would: scores[h][j] =
 // dot(q_h, k_j) * scale, the running maximum, p = exp(score - max), total += p and acc +=
 // p * v_j. scores: (h1 - h0) * len floats, acc: (h1 - h0) * head_dim, best and total: h1 - h0.

@@ -55,11 +55,12 @@ constexpr int64_t kAttentionGrainProducts = int64_t{1} << 15;
 // @ V[b, :lens[b]] over the keys of its KV head h / (Hq / Hkv) (GQA), with a running maximum
 // for the softmax; a sequence with lens[b] == 0 gets zeros. Keys and values past lens[b] are
 // never read. `longest` is the largest lens[b] (each lens[b] in [0, max_seq_len], checked by
-// the caller; paged: every table entry below lens[b] in range). The (sequence, head) pairs are split over ATen's threads when there is enough
-// work; a thread walks its heads of a sequence key by key, so the caches stream through in
-// order. Each pair's sums run in one order whatever the split, with dot8's bits for q . k
-// (AVX2 where the CPU has it, the same bits); keys whose softmax weight is under FLT_MIN are
-// skipped (they would add nothing visible: see decode_attention_cpu.cpp).
+// the caller; paged: every table entry below lens[b] in range). The (sequence, head) pairs are
+// split over ATen's threads when there is enough work; a thread walks its heads of a sequence
+// key by key, so the caches stream through in order. Each pair's sums run in one order whatever
+// the split, with dot8's bits for q . k (AVX2 where the CPU has it, the same bits); keys whose
+// softmax weight is under FLT_MIN are skipped (they would add nothing visible: see
+// decode_attention_cpu.cpp).
 void decode_attention_fp32_cpu(const float* q,        // [batch, Hq, D], contiguous
                                const float* k_cache,  // keys at rows.slot(b, j), contiguous
                                const float* v_cache,  // values at the same slots

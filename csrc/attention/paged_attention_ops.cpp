@@ -3,7 +3,8 @@
 // blocks, read in place through its row of the block table (GQA-aware; no gather into a
 // contiguous copy). Key j of row b is at pool slot block_tables[b, j / block_size] * block_size
 // + j % block_size. CPU, fp32: decode_attention's loop (decode_attention_cpu.h), through the
-// table; fp16/bf16: a loop in fp32 per (row, KV head), its query heads sharing each K/V read. CUDA: decode_attention's flash-decoding kernels, reading each key row through the table.
+// table; fp16/bf16: a loop in fp32 per (row, KV head), its query heads sharing each K/V read.
+// CUDA: decode_attention's flash-decoding kernels, reading each key row through the table.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,7 +13,6 @@
 #include <cmath>
 #include <limits>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "attention/decode_attention_args.h"
@@ -74,17 +74,13 @@ void check_paged_decode_attention_args(const at::Tensor& q, const at::Tensor& k_
     check_contiguous(kNames.op, "seq_lens", seq_lens);
 }
 
-// A K or V row as floats: the row itself for fp32, else converted into `buf`.
+// A K or V row of fp16 / bf16 values as floats, converted into `buf`.
 template <typename T>
 inline const float* row_as_float(const T* row, int64_t n, float* buf) {
-    if constexpr (std::is_same_v<T, float>) {
-        return row;
-    } else {
-        for (int64_t d = 0; d < n; ++d) {
-            buf[d] = static_cast<float>(row[d]);
-        }
-        return buf;
+    for (int64_t d = 0; d < n; ++d) {
+        buf[d] = static_cast<float>(row[d]);
     }
+    return buf;
 }
 
 // One (row b, KV head) pair at a time, split over threads (at::parallel_for) when there is enough

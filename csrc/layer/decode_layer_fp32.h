@@ -93,9 +93,9 @@ LayerShape check_layer(const char* op, int64_t rows, int64_t hidden,
                        const at::Tensor& v_cache,  // k_cache's shape
                        int64_t num_q_heads, const at::Tensor* block_tables);
 
-// positions int32 [rows] on `device` (the CPU), each < max_seq_len (negative: a finished row). On the CPU
-// they can be read for free, so their range is checked, as rope_kv_update does, before anything
-// is written.
+// positions int32 [rows] on `device` (the CPU), each < max_seq_len (negative: a finished row).
+// On the CPU they can be read for free, so their range is checked, as rope_kv_update does, before
+// anything is written.
 void check_positions_fit(const char* op, const at::Tensor& positions, int64_t rows,
                          const char* rows_why, const at::Device& device, const char* device_why,
                          int64_t max_seq_len);

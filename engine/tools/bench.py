@@ -90,8 +90,10 @@ def copy_bandwidth(device: torch.device) -> float:
 
 def weight_read_bandwidth(nbytes: int, device: torch.device) -> float:
     """Bytes/s of reading `nbytes` of fp32 with all threads (torch.sum, a streaming reduction),
-    the buffer read over and over so that it sits where a decode step's weights sit: the median
-    of 7 rounds of at least ~50 ms each, after a warm-up (the machine may be shared)."""
+    the buffer read over and over so that it sits where a decode step's weights sit: the fastest
+    of 7 rounds of at least ~50 ms each, after a warm-up. A ceiling is the best the machine did:
+    on a shared machine a round whose threads lost a core waits at torch.sum's barrier for a
+    time slice, and a median of such rounds put the roofline below the decode it bounds."""
     buffer = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=device).uniform_()
     for _ in range(3):
         buffer.sum()
@@ -107,7 +109,7 @@ def weight_read_bandwidth(nbytes: int, device: torch.device) -> float:
             buffer.sum()
         sync(device)
         rounds.append((time.perf_counter() - t0) / reps)
-    return buffer.numel() * 4 / sorted(rounds)[len(rounds) // 2]
+    return buffer.numel() * 4 / min(rounds)
 
 
 def weight_bytes(model: Transformer) -> int:
