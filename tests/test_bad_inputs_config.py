@@ -77,8 +77,8 @@ def test_a_mutated_config_json_never_coerces_types(tmp_path: Path, key: str, val
                  "intermediate_size", "max_seq_len", "bos_id", "eos_id", "head_dim"):
         assert type(getattr(config, name)) is int, name
     for name in ("rope_theta", "norm_eps"):
-        value = getattr(config, name)
-        assert type(value) in (int, float) and math.isfinite(value) and value > 0, name
+        number = getattr(config, name)  # not `value`: the mutated value is asserted below
+        assert type(number) in (int, float) and math.isfinite(number) and number > 0, name
     if key == "tie_word_embeddings":
         assert value is config.tie_embeddings
     if key in ("rope_theta", "rms_norm_eps"):
