@@ -347,9 +347,10 @@ class EngineForward:
         where the operator does not take it: more rows than its products take, or a padding
         row (no keys: the operator's finished rows attend over key 0)."""
         rows = step.num_decode
-        flat = tokens.reshape(rows, 1) if tokens.numel() == rows else tokens
-        if (tokens.numel() != rows or not cpu_step.applies(flat)
-                or not bool(step.decode_lens.min() > 0)):
+        if tokens.numel() != rows:
+            return None
+        flat = tokens.reshape(rows, 1)
+        if not cpu_step.applies(flat) or not bool(step.decode_lens.min() > 0):
             return None
         embedding, final_norm, head, inv_freq = self._step_head
         positions = step.decode_lens - 1  # int32: keys 0..position

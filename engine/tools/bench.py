@@ -112,12 +112,14 @@ def weight_read_bandwidth(nbytes: int, device: torch.device) -> float:
     return buffer.numel() * 4 / min(rounds)
 
 
-def weight_bytes(model: Transformer) -> int:
+def weight_bytes(model: Transformer, matrices_in_bf16: bool = False) -> int:
+    """The bytes of the model's weights, each storage once; `matrices_in_bf16`: every matrix
+    counted in bf16 (what the step of bf16_valued_copy's model reads)."""
     seen, total = set(), 0
     for p in model.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
+            total += p.numel() * (2 if matrices_in_bf16 and p.dim() == 2 else p.element_size())
     return total
 
 
@@ -136,16 +138,6 @@ def bf16_valued_copy(model: Transformer) -> Transformer | None:
         for p in rounded.parameters():
             p.copy_(p.bfloat16().float())
     return rounded
-
-
-def narrowed_bytes(model: Transformer) -> int:
-    """The weight bytes with every matrix counted in bf16 (what bf16_valued_copy's step reads)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * (2 if p.dim() == 2 else p.element_size())
-    return total
 
 
 def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -322,8 +314,11 @@ def bench_model(
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     group.append(Row(name, label, batch, ctx, 0.0, 0.0, note=repr(exc)[:120]))
                     continue
-                row_roof = roof if timed is model else (  # its step reads the matrices in bf16
-                    bandwidth / (narrowed_bytes(timed) + batch * avg_ctx * kv_token) * batch)
+                row_roof = roof  # the bf16-valued row's step reads the matrices in bf16
+                if timed is not model:
+                    step_bytes = (weight_bytes(timed, matrices_in_bf16=True)
+                                  + batch * avg_ctx * kv_token)
+                    row_roof = bandwidth / step_bytes * batch
                 row = Row(name, label, batch, ctx, tps, ms, row_roof, tps / row_roof)
                 if on_gpu:
                     peak = torch.cuda.max_memory_allocated(device)
